@@ -1,0 +1,1 @@
+"""Embedding shard service: sharded fbgemm TBE tables behind gRPC."""

@@ -1,0 +1,155 @@
+"""Checkpoints of a shard's weights and optimizer state: atomic, checksummed, verified on restore.
+
+Layout of a checkpoint directory: data files named `<step>-<token>-slice<i>.<kind>.bin` (raw
+little-endian float32) and `manifest.json`. The manifest is the commit point: it is written to a temp
+file, fsynced and renamed over the old one after every data file it names is durable, so a reader
+sees either the old checkpoint or the new one, never a mix. Files the new manifest does not name are
+removed afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedding_service.errors import data_loss, precondition
+from embedding_service.tables import ShardTables, SliceState
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes | memoryview) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _slice_entry(sl: SliceState) -> dict:
+    s = sl.slice
+    return {"index": sl.index, "table": s.table, "row_offset": s.row_offset, "num_rows": s.num_rows,
+            "col_offset": s.col_offset, "num_cols": s.num_cols, "optimizer": sl.optimizer_name}
+
+
+def _tensors(sl: SliceState) -> list[tuple[str, torch.Tensor]]:
+    return [("weights", sl.weights)] + [(f"state{k}", t) for k, t in enumerate(sl.states)]
+
+
+@dataclass
+class CheckpointResult:
+    manifest_path: Path
+    bytes_written: int
+
+
+def save(tables: ShardTables, directory: str | Path, *, shard_id: int, plan_version: int,
+         step: int) -> CheckpointResult:
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    entries, written = [], 0
+    for sl in tables.slices:
+        entry = _slice_entry(sl)
+        entry["files"] = []
+        for kind, t in _tensors(sl):
+            arr = t.detach().cpu().contiguous().numpy()
+            name = f"{step}-{token}-slice{sl.index}.{kind}.bin"
+            with open(root / name, "wb") as f:
+                f.write(memoryview(arr).cast("B"))
+                f.flush()
+                os.fsync(f.fileno())
+            digest = hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
+            entry["files"].append({"name": name, "kind": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                                   "bytes": arr.nbytes, "sha256": digest})
+            written += arr.nbytes
+        entries.append(entry)
+    manifest = {"format_version": FORMAT_VERSION, "shard_id": shard_id, "plan_version": plan_version,
+                "step": step, "slices": entries}
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    write_file_atomic(root / MANIFEST, body)
+    _fsync_dir(root)
+    keep = {f["name"] for e in entries for f in e["files"]} | {MANIFEST}
+    for p in root.iterdir():
+        if p.name not in keep and p.name.endswith(".bin"):
+            p.unlink(missing_ok=True)
+    return CheckpointResult(root / MANIFEST, written + len(body))
+
+
+@dataclass
+class LoadedCheckpoint:
+    step: int
+    bytes_read: int
+    tensors: dict[int, list[torch.Tensor]]  # slice index -> [weights, state0, ...]
+
+
+def load_verified(tables: ShardTables, directory: str | Path) -> LoadedCheckpoint:
+    """Reads and verifies everything before any live tensor is touched."""
+    root = Path(directory)
+    path = root / MANIFEST
+    if not path.exists():
+        raise precondition(f"directory: no {MANIFEST} in {root}")
+    try:
+        manifest = json.loads(path.read_bytes())
+        entries = manifest["slices"]
+        step = int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise data_loss(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise data_loss(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    if len(entries) != len(tables.slices):
+        raise precondition(f"checkpoint holds {len(entries)} slices, this shard {len(tables.slices)}")
+    loaded: dict[int, list[torch.Tensor]] = {}
+    read = 0
+    for sl, entry in zip(tables.slices, entries, strict=True):
+        want = _slice_entry(sl)
+        got = {k: entry.get(k) for k in want}
+        if got != want:
+            raise precondition(f"slice {sl.index} (table {sl.slice.table!r}): checkpoint has {got}, shard has {want}")
+        live = _tensors(sl)
+        files = entry.get("files", [])
+        if [f.get("kind") for f in files] != [k for k, _ in live]:
+            raise data_loss(f"slice {sl.index} (table {sl.slice.table!r}): files {[f.get('kind') for f in files]} "
+                            f"do not match {[k for k, _ in live]}")
+        out = []
+        for f, (kind, t) in zip(files, live, strict=True):
+            fpath = root / f["name"]
+            if list(f["shape"]) != list(t.shape) or f["dtype"] != str(t.detach().cpu().numpy().dtype):
+                raise precondition(f"{fpath.name}: {f['dtype']} {f['shape']} does not fit {kind} of table "
+                                   f"{sl.slice.table!r} {list(t.shape)}")
+            try:
+                raw = np.fromfile(fpath, dtype=np.uint8)
+            except FileNotFoundError:
+                raise data_loss(f"{fpath.name}: missing (table {sl.slice.table!r} {kind})") from None
+            if raw.nbytes != f["bytes"]:
+                raise data_loss(f"{fpath.name}: {raw.nbytes} bytes, manifest says {f['bytes']} "
+                                f"(table {sl.slice.table!r} {kind}; truncated?)")
+            if hashlib.sha256(raw).hexdigest() != f["sha256"]:
+                raise data_loss(f"{fpath.name}: sha256 mismatch (table {sl.slice.table!r} {kind}; corrupt)")
+            out.append(torch.from_numpy(raw.view(np.dtype(f["dtype"])).reshape(f["shape"])))
+            read += raw.nbytes
+        loaded[sl.index] = out
+    return LoadedCheckpoint(step, read, loaded)
+
+
+def apply(tables: ShardTables, ckpt: LoadedCheckpoint) -> None:
+    with torch.no_grad():
+        for sl in tables.slices:
+            for (_, live), new in zip(_tensors(sl), ckpt.tensors[sl.index], strict=True):
+                live.copy_(new)

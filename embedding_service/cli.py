@@ -1,0 +1,117 @@
+"""`embedding-shard`: serve a shard, or inspect a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from embedding_service.config import ShardConfig, SyncMode
+
+
+def _table_arg(spec: str) -> dict:
+    parts = spec.split(":")
+    if len(parts) < 3:
+        raise argparse.ArgumentTypeError(f"--table {spec!r}: expected NAME:ROWS:DIM[:OPTIMIZER[:LR]]")
+    name, rows, dim = parts[0], int(parts[1]), int(parts[2])
+    opt = {"type": parts[3] if len(parts) > 3 else "exact_rowwise_adagrad",
+           "learning_rate": float(parts[4]) if len(parts) > 4 else 0.01}
+    return {"name": name, "num_rows": rows, "dim": dim, "features": [name], "optimizer": opt}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="embedding-shard",
+        description="Embedding shard service: holds table slices in fbgemm TBE modules and serves pooled "
+                    "lookups and fused optimizer updates over gRPC.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start a shard server (prints one JSON line with the bound ports)",
+                       description="Start a shard. Give --config (YAML or JSON: tables, slices, mode, server) "
+                                   "or --table flags; flags override the file.")
+    s.add_argument("--config", help="shard config file (YAML or JSON)")
+    s.add_argument("--table", action="append", type=_table_arg, default=[],
+                   help="NAME:ROWS:DIM[:OPTIMIZER[:LR]], a whole table whose one feature is NAME (repeatable)")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="gRPC port (0 picks a free one)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks; -1 disables)")
+    s.add_argument("--device", choices=["cpu", "cuda"])
+    s.add_argument("--mode", choices=[m.value for m in SyncMode])
+    s.add_argument("--num-trainers", type=int, help="trainers per step (sync mode merges their updates)")
+    s.add_argument("--staleness", type=int, help="async mode: steps a trainer may run ahead of its updates")
+    s.add_argument("--plan-version", type=int)
+    s.add_argument("--shard-id", type=int)
+    s.add_argument("--seed", type=int, help="initialisation seed (same seed, same tables whatever the sharding)")
+    s.add_argument("--clamp-ids", action="store_true", help="clamp out-of-range ids instead of rejecting them")
+    s.add_argument("--max-message-mb", type=int, help="largest gRPC message accepted or sent")
+    s.add_argument("--log-level", default="INFO")
+    i = sub.add_parser("info", help="print a running shard's slices, memory and counters")
+    i.add_argument("address", help="HOST:PORT")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ShardConfig:
+    raw: dict = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            raw = json.load(f) if args.config.endswith(".json") else yaml.safe_load(f)
+    if args.table:
+        raw["tables"] = args.table
+        raw.pop("slices", None)
+    if not raw.get("tables"):
+        raise SystemExit("embedding-shard serve: no tables; give --config or --table")
+    server = dict(raw.get("server") or {})
+    for key, val in (("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port)):
+        if val is not None:
+            server[key] = None if (key == "metrics_port" and val < 0) else val
+    if args.max_message_mb:
+        server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
+    raw["server"] = server
+    for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed"):
+        val = getattr(args, key)
+        if val is not None:
+            raw[key] = val
+    if args.clamp_ids:
+        raw["clamp_ids"] = True
+    return ShardConfig.from_dict(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            config = config_from_args(args)
+        except (ValueError, OSError) as e:
+            print(f"embedding-shard serve: {e}", file=sys.stderr)
+            return 2
+        from embedding_service.server import serve_forever
+
+        return serve_forever(config)
+    from google.protobuf import json_format
+
+    from embedding_service.client import ShardClient
+
+    with ShardClient(args.address) as client:
+        info = client.info()
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True)))
+        return 0
+    print(f"shard {info.shard_id}  plan v{info.plan_version}  {info.device}  {info.mode} x{info.num_trainers}")
+    print(f"weights {info.weight_bytes / 2**20:.1f} MiB  optimizer {info.optimizer_bytes / 2**20:.1f} MiB  "
+          f"resident {info.resident_bytes / 2**20:.1f} MiB")
+    print(f"lookups {info.lookups}  updates {info.updates}  rows looked up {info.rows_looked_up}  "
+          f"rows updated {info.rows_updated}  applied step {info.applied_step}")
+    for s in info.slices:
+        sl = s.slice
+        print(f"  [{s.index}] {sl.table:<16} rows {sl.row_offset}+{sl.num_rows}  cols {sl.col_offset}+{sl.num_cols}"
+              f"  {s.optimizer:<22} features {','.join(s.features)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Shard configuration: which slices this shard holds, how it trains them, and how it serves."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from protos import common_pb2
+
+# fbgemm-gpu's CPU build implements only these fused optimizers; the rest exist on CUDA alone.
+CPU_OPTIMIZERS = frozenset(
+    {common_pb2.EXACT_SGD, common_pb2.EXACT_ADAGRAD, common_pb2.EXACT_ROWWISE_ADAGRAD}
+)
+
+
+class SyncMode(enum.Enum):
+    """SYNC merges every trainer's update of a step into one; ASYNC applies each as it arrives."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port and report it
+    metrics_port: int | None = 0  # None: no Prometheus endpoint
+    max_message_bytes: int = 256 * 1024 * 1024
+    workers: int = 16
+
+
+@dataclass
+class ShardConfig:
+    assignment: common_pb2.ShardAssignment
+    device: str = "cpu"
+    mode: SyncMode = SyncMode.SYNC
+    num_trainers: int = 1
+    # ASYNC only: a trainer's lookup of step s waits for its update of step s-1-staleness.
+    staleness: int = 0
+    handle_ttl_s: float = 120.0
+    wait_timeout_s: float = 60.0
+    clamp_ids: bool = False
+    seed: int = 0
+    export_chunk_bytes: int = 4 * 1024 * 1024
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        validate_assignment(self.assignment)
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
+        if self.num_trainers < 1:
+            raise ValueError(f"num_trainers: must be >= 1, got {self.num_trainers}")
+        if self.staleness < 0:
+            raise ValueError(f"staleness: must be >= 0, got {self.staleness}")
+        if self.device == "cpu":
+            for t in self.assignment.tables:
+                if t.optimizer.type not in CPU_OPTIMIZERS and t.optimizer.type != 0:
+                    name = common_pb2.OptimizerType.Name(t.optimizer.type)
+                    raise ValueError(
+                        f"table {t.name!r}: optimizer {name} is not supported in CPU mode by fbgemm "
+                        "(CUDA only); use EXACT_SGD, EXACT_ADAGRAD or EXACT_ROWWISE_ADAGRAD, or device: cuda"
+                    )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ShardConfig:
+        raw = dict(raw)
+        assignment = assignment_from_dict(raw)
+        server = ServerConfig(**raw.pop("server", {}) or {})
+        for key in ("shard_id", "plan_version", "tables", "slices"):
+            raw.pop(key, None)
+        if "mode" in raw:
+            raw["mode"] = SyncMode(str(raw["mode"]).lower())
+        known = {f for f in cls.__dataclass_fields__ if f not in ("assignment", "server")}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown shard config keys: {sorted(unknown)}")
+        return cls(assignment=assignment, server=server, **raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShardConfig:
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(raw)
+
+
+def _enum_value(enum_type, value: Any, what: str) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return enum_type.Value(str(value).upper())
+    except ValueError:
+        raise ValueError(f"{what}: unknown value {value!r}; expected one of {list(enum_type.keys())}") from None
+
+
+def assignment_from_dict(raw: dict[str, Any]) -> common_pb2.ShardAssignment:
+    """YAML-friendly form: lower-case enum names; `slices` omitted means every table whole."""
+    a = common_pb2.ShardAssignment(shard_id=int(raw.get("shard_id", 0)),
+                                   plan_version=int(raw.get("plan_version", 0)))
+    for t in raw.get("tables", []):
+        t = dict(t)
+        opt = dict(t.pop("optimizer", {}) or {})
+        if "type" in opt:
+            opt["type"] = _enum_value(common_pb2.OptimizerType, opt["type"], f"table {t.get('name')}.optimizer.type")
+        if "pooling" in t:
+            t["pooling"] = _enum_value(common_pb2.PoolingMode, t["pooling"], f"table {t.get('name')}.pooling")
+        table = a.tables.add()
+        json_format.ParseDict(t, table)
+        json_format.ParseDict(opt, table.optimizer)
+    slices = raw.get("slices")
+    if slices is None:
+        for t in a.tables:
+            a.slices.add(table=t.name, row_offset=0, num_rows=t.num_rows, col_offset=0, num_cols=t.dim,
+                         sharding_type=common_pb2.TABLE_WISE)
+    else:
+        for s in slices:
+            s = dict(s)
+            if "sharding_type" in s:
+                s["sharding_type"] = _enum_value(common_pb2.ShardingType, s["sharding_type"], "slice.sharding_type")
+            json_format.ParseDict(s, a.slices.add())
+    return a
+
+
+def validate_assignment(a: common_pb2.ShardAssignment) -> None:
+    """Refuses an assignment whose slices do not fit their tables, naming the table."""
+    tables = {}
+    features: dict[str, str] = {}
+    for t in a.tables:
+        if not t.name:
+            raise ValueError("table without a name")
+        if t.name in tables:
+            raise ValueError(f"table {t.name!r} configured twice")
+        if t.num_rows <= 0 or t.dim <= 0:
+            raise ValueError(f"table {t.name!r}: num_rows and dim must be positive")
+        if not t.features:
+            raise ValueError(f"table {t.name!r}: no features look it up")
+        for f in t.features:
+            if f in features:
+                raise ValueError(f"feature {f!r} maps to both {features[f]!r} and {t.name!r}")
+            features[f] = t.name
+        tables[t.name] = t
+    if not a.slices:
+        raise ValueError("assignment holds no slices")
+    for i, s in enumerate(a.slices):
+        t = tables.get(s.table)
+        if t is None:
+            raise ValueError(f"slice {i}: unknown table {s.table!r}")
+        if s.num_rows <= 0 or s.row_offset < 0 or s.row_offset + s.num_rows > t.num_rows:
+            raise ValueError(
+                f"slice {i} of table {s.table!r}: rows [{s.row_offset}, {s.row_offset + s.num_rows}) "
+                f"outside [0, {t.num_rows})"
+            )
+        if s.num_cols <= 0 or s.col_offset < 0 or s.col_offset + s.num_cols > t.dim:
+            raise ValueError(
+                f"slice {i} of table {s.table!r}: columns [{s.col_offset}, {s.col_offset + s.num_cols}) "
+                f"outside [0, {t.dim})"
+            )

@@ -1,0 +1,32 @@
+"""Prometheus metrics of one shard server (own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass
+class ShardMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("shard_requests", "RPCs handled, by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("shard_request_seconds", "RPC latency", ["method"], registry=r,
+                                 buckets=LATENCY_BUCKETS)
+        self.rows_looked_up = Counter("shard_rows_looked_up", "ids looked up (pooled lookups)", registry=r)
+        self.rows_updated = Counter("shard_rows_updated", "ids whose rows received gradients", registry=r)
+        self.weight_bytes = Gauge("shard_weight_bytes", "bytes of embedding weights held", registry=r)
+        self.optimizer_bytes = Gauge("shard_optimizer_bytes", "bytes of optimizer state held", registry=r)
+        self.pending_handles = Gauge("shard_pending_handles", "lookup handles awaiting their update", registry=r)
+        self.applied_step = Gauge("shard_applied_step", "last step whose update was applied", registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])

@@ -1,0 +1,90 @@
+"""Builds and runs a shard gRPC server: servicer, health, reflection, metrics, SIGTERM handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from embedding_service.config import ShardConfig
+from embedding_service.metrics import ShardMetrics
+from embedding_service.servicer import ShardServicer
+from protos import embedding_shard_pb2, embedding_shard_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+@dataclass
+class RunningShard:
+    server: grpc.Server
+    servicer: ShardServicer
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stops accepting, lets in-flight RPCs finish (up to `grace` seconds)."""
+        self.health.enter_graceful_shutdown()
+        done = self.server.stop(grace)  # rejects new RPCs from here on
+        self.servicer.steps.shutdown()  # requests blocked on other trainers fail now, not at the grace end
+        done.wait()
+
+
+def start(config: ShardConfig) -> RunningShard:
+    servicer = ShardServicer(config, ShardMetrics())
+    opts = config.server
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers),
+                         options=channel_options(opts.max_message_bytes))
+    embedding_shard_pb2_grpc.add_EmbeddingShardServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+    if port == 0:
+        raise OSError(f"could not bind {opts.host}:{opts.port}")
+    metrics_port = None
+    if opts.metrics_port is not None:
+        metrics_port = servicer.metrics.serve(opts.host, opts.metrics_port)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningShard(server, servicer, health_servicer, port, metrics_port)
+
+
+def serve_forever(config: ShardConfig) -> int:
+    """Runs until SIGTERM/SIGINT, then drains and exits 0. Announces the bound ports as one JSON line."""
+    shard = start(config)
+    info = {"event": "serving", "service": SERVICE_NAME, "host": config.server.host, "port": shard.port,
+            "metrics_port": shard.metrics_port, "shard_id": config.assignment.shard_id,
+            "plan_version": config.assignment.plan_version, "slices": len(config.assignment.slices),
+            "weight_bytes": shard.servicer.tables.weight_bytes,
+            "optimizer_bytes": shard.servicer.tables.optimizer_bytes}
+    print(json.dumps(info), flush=True)
+    log.info("shard %d serving on %s:%d", config.assignment.shard_id, config.server.host, shard.port)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal %d: draining", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    shard.stop(grace=30.0)
+    log.info("shard %d stopped", config.assignment.shard_id)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,238 @@
+"""The EmbeddingShard gRPC servicer: decode, validate, run, encode. State lives in tables/steps."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from embedding_service import checkpoint
+from embedding_service.config import ShardConfig
+from embedding_service.errors import ShardError, data_loss, invalid, precondition
+from embedding_service.metrics import ShardMetrics
+from embedding_service.steps import StepScheduler
+from embedding_service.tables import ShardTables
+from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_WIRE_OUT = {0: torch.float32, common_pb2.FLOAT32: torch.float32, common_pb2.FLOAT16: torch.float16,
+             common_pb2.BFLOAT16: torch.bfloat16}
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> tuple[str, grpc.StatusCode, str]:
+    if isinstance(err, ShardError):
+        return err.code.name, err.code, err.message
+    if isinstance(err, codec.CodecError):
+        return "INVALID_ARGUMENT", grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    log.exception("%s failed", method)
+    return "INTERNAL", grpc.StatusCode.INTERNAL, f"{method}: internal error: {err}"
+
+
+def rpc(method):
+    """Metrics + error mapping for unary and client-streaming methods."""
+
+    @functools.wraps(method)
+    def wrapper(self: ShardServicer, request, context):
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            code, status, message = _abort(context, e, method.__name__)
+            context.abort(status, message)
+        finally:
+            self.metrics.requests.labels(method.__name__, code).inc()
+            self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+def stream_rpc(method):
+    """The same for server-streaming methods (generators)."""
+
+    @functools.wraps(method)
+    def wrapper(self: ShardServicer, request, context):
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            yield from method(self, request, context)
+        except Exception as e:
+            code, status, message = _abort(context, e, method.__name__)
+            context.abort(status, message)
+        finally:
+            self.metrics.requests.labels(method.__name__, code).inc()
+            self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
+    def __init__(self, config: ShardConfig, metrics: ShardMetrics | None = None) -> None:
+        self.config = config
+        self.assignment = config.assignment
+        self.plan_version = config.assignment.plan_version
+        self.tables = ShardTables(config.assignment, device=config.device, seed=config.seed,
+                                  clamp_ids=config.clamp_ids)
+        self.steps = StepScheduler(self.tables, config.mode, config.num_trainers, config.staleness,
+                                   config.handle_ttl_s, config.wait_timeout_s)
+        self.metrics = metrics or ShardMetrics()
+        self.metrics.weight_bytes.set(self.tables.weight_bytes)
+        self.metrics.optimizer_bytes.set(self.tables.optimizer_bytes)
+
+    def _check_version(self, version: int) -> None:
+        if version != self.plan_version:
+            raise precondition(f"plan_version {version} does not match this shard's plan version {self.plan_version}")
+
+    # -- training path ------------------------------------------------------------------------
+    @rpc
+    def Lookup(self, request: embedding_shard_pb2.LookupRequest, context) -> embedding_shard_pb2.LookupResponse:
+        self._check_version(request.plan_version)
+        out_dtype = _WIRE_OUT.get(request.output_dtype)
+        if out_dtype is None:
+            raise invalid(f"output_dtype: {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
+        refs = [(f.feature, f.slice if f.HasField("slice") else None) for f in request.features]
+        lengths = codec.decode(request.lengths, "lengths")
+        values = codec.decode(request.values, "values")
+        weights = codec.decode(request.weights, "weights") if request.HasField("weights") else None
+        batch = self.tables.prepare(refs, request.batch_size, lengths, values, weights)
+        handle, emb = self.steps.lookup(batch, request.trainer_id, request.step, request.no_grad)
+        self.metrics.rows_looked_up.inc(batch.num_ids)
+        self.metrics.pending_handles.set(len(self.steps.handles))
+        resp = embedding_shard_pb2.LookupResponse(handle=handle, dims=batch.dims)
+        codec.encode(emb.detach().to(out_dtype), resp.embeddings)
+        return resp
+
+    @rpc
+    def Update(self, request: embedding_shard_pb2.UpdateRequest, context) -> embedding_shard_pb2.UpdateResponse:
+        self._check_version(request.plan_version)
+        handle = self.steps.handle(request.handle)
+        grad = self.tables.check_grad(codec.decode(request.grad, "grad"), handle.batch)
+        step, merged = self.steps.update(request.handle, grad)
+        self.metrics.rows_updated.inc(handle.batch.num_ids)
+        self.metrics.pending_handles.set(len(self.steps.handles))
+        self.metrics.applied_step.set(self.steps.applied_step)
+        return embedding_shard_pb2.UpdateResponse(applied_step=step, merged_trainers=merged)
+
+    @rpc
+    def LookupRows(self, request: embedding_shard_pb2.LookupRowsRequest, context):
+        self._check_version(request.plan_version)
+        ref = request.table
+        sl = self.tables.slice_for_table(ref.feature, ref.slice if ref.HasField("slice") else None)
+        ids = codec.decode(request.ids, "ids")
+        with self.steps.cond:
+            rows = self.tables.lookup_rows(sl, ids)
+        return embedding_shard_pb2.LookupRowsResponse(rows=codec.encode(rows))
+
+    # -- state --------------------------------------------------------------------------------
+    @rpc
+    def Checkpoint(self, request: embedding_shard_pb2.CheckpointRequest, context):
+        self._check_version(request.plan_version)
+        if not request.directory:
+            raise invalid("directory: empty")
+        with self.steps.cond:
+            if self.steps.handles:
+                log.warning("checkpoint with %d lookups awaiting updates; it holds the applied state",
+                            len(self.steps.handles))
+            res = checkpoint.save(self.tables, request.directory, shard_id=self.assignment.shard_id,
+                                  plan_version=self.plan_version, step=request.step)
+        log.info("checkpoint of step %d to %s (%d bytes)", request.step, request.directory, res.bytes_written)
+        return embedding_shard_pb2.CheckpointResponse(manifest_path=str(res.manifest_path),
+                                                      bytes_written=res.bytes_written)
+
+    @rpc
+    def Restore(self, request: embedding_shard_pb2.RestoreRequest, context):
+        self._check_version(request.plan_version)
+        if not request.directory:
+            raise invalid("directory: empty")
+        loaded = checkpoint.load_verified(self.tables, request.directory)  # verified before touching state
+        with self.steps.cond:
+            checkpoint.apply(self.tables, loaded)
+            self.steps.reset(loaded.step)
+        log.info("restored step %d from %s", loaded.step, request.directory)
+        return embedding_shard_pb2.RestoreResponse(step=loaded.step, bytes_read=loaded.bytes_read)
+
+    @stream_rpc
+    def ExportRows(self, request: embedding_shard_pb2.ExportRowsRequest,
+                   context) -> Iterator[embedding_shard_pb2.RowChunk]:
+        self._check_version(request.plan_version)
+        sl = self.tables.slice_at(request.slice)
+        start, end = request.row_start, request.row_end
+        if not 0 <= start < end <= sl.slice.num_rows:
+            raise invalid(f"row_start/row_end: [{start}, {end}) is not a non-empty range inside slice "
+                          f"{sl.index} of table {sl.table.name!r} [0, {sl.slice.num_rows})")
+        row_bytes = sl.weights.shape[1] * 4 + sum(s[0].numel() * 4 for s in sl.states)
+        chunk = request.chunk_rows or max(1, self.config.export_chunk_bytes // row_bytes)
+        for r0 in range(start, end, chunk):
+            r1 = min(r0 + chunk, end)
+            with self.steps.cond:
+                w = sl.weights[r0:r1].detach().cpu().clone()
+                states = [s[r0:r1].detach().cpu().clone() for s in sl.states]
+            msg = embedding_shard_pb2.RowChunk(plan_version=self.plan_version, table=sl.table.name,
+                                               slice=sl.index, row_start=r0)
+            codec.encode(w, msg.weights)
+            for s in states:
+                codec.encode(s, msg.optimizer_state.add())
+            msg.sha256 = chunk_digest(msg)
+            yield msg
+
+    @rpc
+    def ImportRows(self, request_iterator: Iterator[embedding_shard_pb2.RowChunk], context):
+        staged = []
+        rows = 0
+        sl = None
+        for i, chunk in enumerate(request_iterator):
+            self._check_version(chunk.plan_version)
+            if sl is None:
+                sl = self.tables.slice_at(chunk.slice)
+            if chunk.slice != sl.index or chunk.table != sl.table.name:
+                raise invalid(f"chunk {i}: table {chunk.table!r} slice {chunk.slice} differs from the first chunk's "
+                              f"table {sl.table.name!r} slice {sl.index}")
+            if chunk_digest(chunk) != chunk.sha256:
+                raise data_loss(f"chunk {i} (table {chunk.table!r}, row_start {chunk.row_start}): sha256 mismatch")
+            w = codec.decode(chunk.weights, f"chunk {i} weights")
+            states = [codec.decode(s, f"chunk {i} optimizer_state[{k}]") for k, s in enumerate(chunk.optimizer_state)]
+            self.tables.check_rows(sl, chunk.row_start, w, states)
+            staged.append((chunk.row_start, w, states))
+            rows += w.shape[0]
+        if sl is None:
+            raise invalid("ImportRows: empty stream")
+        with self.steps.cond:  # every chunk verified: apply all or nothing
+            for row_start, w, states in staged:
+                self.tables.write_rows(sl, row_start, w, states)
+        log.info("imported %d rows into table %s slice %d", rows, sl.table.name, sl.index)
+        return embedding_shard_pb2.ImportRowsResponse(rows=rows, chunks=len(staged))
+
+    @rpc
+    def Info(self, request, context) -> embedding_shard_pb2.InfoResponse:
+        c = self.steps.counters
+        resp = embedding_shard_pb2.InfoResponse(
+            shard_id=self.assignment.shard_id, plan_version=self.plan_version, device=str(self.tables.device),
+            mode=self.config.mode.value, num_trainers=self.config.num_trainers,
+            weight_bytes=self.tables.weight_bytes, optimizer_bytes=self.tables.optimizer_bytes,
+            resident_bytes=resident_bytes(), lookups=c.lookups, updates=c.updates,
+            rows_looked_up=c.rows_looked_up, rows_updated=c.rows_updated, applied_step=self.steps.applied_step)
+        for sl in self.tables.slices:
+            resp.slices.add(index=sl.index, slice=sl.slice, features=sl.features,
+                            weight_bytes=sl.weights.numel() * 4,
+                            optimizer_bytes=sum(s.numel() * s.element_size() for s in sl.states),
+                            optimizer=sl.optimizer_name)
+        return resp
+
+
+def chunk_digest(chunk: embedding_shard_pb2.RowChunk) -> bytes:
+    h = hashlib.sha256(chunk.weights.data)
+    for s in chunk.optimizer_state:
+        h.update(s.data)
+    return h.digest()

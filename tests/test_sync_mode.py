@@ -1,0 +1,132 @@
+"""Sync mode: two trainers' steps merge into one update that equals one TBE on the global batch."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    ComputeDevice,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
+
+from embedding_service.config import assignment_from_dict
+from embedding_service.tables import initial_rows
+
+TABLES = [{"name": f"t{i}", "num_rows": rows, "dim": 8, "features": [f"f{i}"],
+           "optimizer": {"type": "exact_rowwise_adagrad", "learning_rate": 0.1}}
+          for i, rows in enumerate([50, 200, 7])]
+FEATURES = ["f0", "f1", "f2"]
+
+
+def in_process_tbe(config: dict) -> SplitTableBatchedEmbeddingBagsCodegen:
+    a = assignment_from_dict(config)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(t.num_rows, t.dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for t in a.tables],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
+    for t, w in zip(a.tables, tbe.split_embedding_weights(), strict=True):
+        w.detach().copy_(initial_rows(t, config["seed"], 0, t.num_rows, 0, t.dim))
+    return tbe
+
+
+def batch(gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(0, 4, (len(FEATURES), b), generator=gen)
+    values = torch.cat([torch.randint(0, t["num_rows"], (int(n),), generator=gen)
+                        for t, n in zip(TABLES, lengths.sum(1), strict=True)])
+    return lengths, values
+
+
+def global_batch(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenates trainers' batches per feature, the layout one TBE sees for the global batch."""
+    lengths = torch.cat([p[0] for p in parts], dim=1)
+    values = []
+    for f in range(len(FEATURES)):
+        for lens, vals in parts:
+            offs = [0, *torch.cumsum(lens.sum(1), 0).tolist()]
+            values.append(vals[offs[f] : offs[f + 1]])
+    return lengths, torch.cat(values)
+
+
+def test_two_trainers_sync_equals_one_tbe_on_global_batch(shard_factory):
+    config = {"seed": 5, "mode": "sync", "num_trainers": 2, "tables": TABLES}
+    _, c0 = shard_factory(config)
+    c1 = type(c0)(c0.address)
+    clients = [c0, c1]
+    tbe = in_process_tbe(config)
+    gen = torch.Generator().manual_seed(2)
+    sizes = [6, 10]  # trainers may differ in batch size
+    for step in range(5):
+        parts = [batch(gen, b) for b in sizes]
+        grads = [torch.randn(b, 24, generator=gen) for b in sizes]
+        results: dict[int, object] = {}
+
+        def trainer(i: int, step=step, parts=parts, grads=grads, results=results) -> None:
+            lens, vals = parts[i]
+            res = clients[i].lookup(FEATURES, sizes[i], lens.flatten(), vals, trainer_id=i, step=step)
+            upd = clients[i].update(res.handle, grads[i])
+            results[i] = (res, upd)
+
+        threads = [threading.Thread(target=trainer, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert set(results) == {0, 1}
+        lengths, values = global_batch(parts)
+        out = tbe(values, torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.flatten()))
+        torch.testing.assert_close(results[0][0].embeddings, out[: sizes[0]].detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(results[1][0].embeddings, out[sizes[0] :].detach(), atol=1e-6, rtol=0)
+        assert results[0][1].merged_trainers == 2 and results[1][1].applied_step == step
+        out.backward(torch.cat(grads))
+    for i, (t, w) in enumerate(zip(TABLES, tbe.split_embedding_weights(), strict=True)):
+        got = c0.lookup_rows(f"t{i}", torch.arange(t["num_rows"]))
+        torch.testing.assert_close(got, w.detach(), atol=1e-6, rtol=0)
+    c1.close()
+
+
+def test_sync_orders_steps_and_rejects_replays(shard_factory):
+    config = {"seed": 5, "mode": "sync", "num_trainers": 1, "wait_timeout_s": 1.0, "tables": TABLES}
+    _, c = shard_factory(config)
+    gen = torch.Generator().manual_seed(4)
+    lens, vals = batch(gen, 4)
+    first = c.lookup(FEATURES, 4, lens.flatten(), vals, step=0)
+    # step 1 must wait for step 0's update: with no update it times out, naming the step
+    with pytest.raises(grpc.RpcError) as e:
+        c.lookup(FEATURES, 4, lens.flatten(), vals, step=1)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "step 0" in e.value.details()
+    pending = c.lookup_async(FEATURES, 4, lens.flatten(), vals, step=1)  # served once step 0 is applied
+    c.update(first.handle, torch.ones(4, 24))
+    second = pending.result(30)
+    assert second.handle.startswith("t0-s1")
+    with pytest.raises(grpc.RpcError) as e:
+        c.update(first.handle, torch.ones(4, 24))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    c.update(second.handle, torch.ones(4, 24))
+    with pytest.raises(grpc.RpcError) as e:
+        c.lookup(FEATURES, 4, lens.flatten(), vals, step=1)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already applied" in e.value.details()
+
+
+def test_async_mode_applies_each_update_with_bounded_staleness(shard_factory):
+    config = {"seed": 5, "mode": "async", "num_trainers": 2, "staleness": 1, "wait_timeout_s": 1.0,
+              "tables": TABLES}
+    _, c = shard_factory(config)
+    gen = torch.Generator().manual_seed(8)
+    lens, vals = batch(gen, 4)
+    before = c.lookup(FEATURES, 4, lens.flatten(), vals, no_grad=True).embeddings
+    h0 = c.lookup(FEATURES, 4, lens.flatten(), vals, trainer_id=0, step=0)
+    h1 = c.lookup(FEATURES, 4, lens.flatten(), vals, trainer_id=0, step=1)  # staleness 1: allowed
+    with pytest.raises(grpc.RpcError) as e:  # step 2 would be 2 ahead of the unapplied step 0
+        c.lookup(FEATURES, 4, lens.flatten(), vals, trainer_id=0, step=2)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    other = c.lookup(FEATURES, 4, lens.flatten(), vals, trainer_id=1, step=0)  # other trainers unaffected
+    assert c.update(h0.handle, torch.ones(4, 24)).merged_trainers == 1  # applied alone, at once
+    after = c.lookup(FEATURES, 4, lens.flatten(), vals, no_grad=True).embeddings
+    assert not torch.equal(before, after)
+    c.update(h1.handle, torch.ones(4, 24))
+    c.update(other.handle, torch.ones(4, 24))
+    assert c.info().updates == 3
