@@ -10,34 +10,34 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.server import channel_options
-from protos import codec, embedding_shard_pb2, embedding_shard_pb2_grpc
+from protos import codec, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
 
 FeatureSpec = str | tuple[str, int]
+
+
+_SERVICE = "/" + embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
+_GRAD_FIELD = embedding_shard_pb2.UpdateRequest.DESCRIPTOR.fields_by_name["grad"].number
+_EMB = frozenset({embedding_shard_pb2.LookupResponse.DESCRIPTOR.fields_by_name["embeddings"].number})
 
 
 @dataclass
 class LookupResult:
     handle: str
-    embeddings: torch.Tensor  # [B, sum(dims)] float32 (read-only view when the wire was float32)
+    # [B, sum(dims)] float32. With a float32 wire it aliases the response buffer: treat it as read-only.
+    embeddings: torch.Tensor
     dims: list[int]
 
     def split(self) -> list[torch.Tensor]:
         return list(torch.split(self.embeddings, self.dims, dim=1))
 
 
-def _lookup_result(resp: embedding_shard_pb2.LookupResponse) -> LookupResult:
-    emb = codec.decode(resp.embeddings, "embeddings")
+def _lookup_result(raw: bytes) -> LookupResult:
+    resp, tensors = wire.decode(raw, embedding_shard_pb2.LookupResponse, _EMB)
+    view = tensors.get(next(iter(_EMB)))
+    emb = codec.decode(view, "embeddings") if view is not None else torch.empty(0, 0)
     if emb.dtype != torch.float32:
         emb = emb.float()
     return LookupResult(resp.handle, emb, list(resp.dims))
-
-
-class _Future:
-    def __init__(self, fut: grpc.Future, convert) -> None:
-        self._fut, self._convert = fut, convert
-
-    def result(self, timeout: float | None = None):
-        return self._convert(self._fut.result(timeout))
 
 
 class ShardClient:
@@ -48,6 +48,10 @@ class ShardClient:
         self.timeout = timeout
         self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self.stub = embedding_shard_pb2_grpc.EmbeddingShardStub(self.channel)
+        # the hot RPCs send pre-framed bytes and parse responses without copying tensors (protos.wire)
+        self._lookup = self.channel.unary_unary(f"{_SERVICE}/Lookup", response_deserializer=_lookup_result)
+        self._update = self.channel.unary_unary(
+            f"{_SERVICE}/Update", response_deserializer=embedding_shard_pb2.UpdateResponse.FromString)
 
     def __enter__(self) -> ShardClient:
         return self
@@ -66,10 +70,10 @@ class ShardClient:
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout).status
 
     # -- training path ------------------------------------------------------------------------
-    def lookup_request(self, features: Sequence[FeatureSpec], batch_size: int, lengths: torch.Tensor,
-                       values: torch.Tensor, weights: torch.Tensor | None = None, *, trainer_id: int = 0,
-                       step: int = 0, no_grad: bool = False, wire_dtype: torch.dtype = torch.float32,
-                       plan_version: int | None = None) -> embedding_shard_pb2.LookupRequest:
+    def _lookup_parts(self, features: Sequence[FeatureSpec], batch_size: int, lengths: torch.Tensor,
+                      values: torch.Tensor, weights: torch.Tensor | None = None, *, trainer_id: int = 0,
+                      step: int = 0, no_grad: bool = False, wire_dtype: torch.dtype = torch.float32,
+                      plan_version: int | None = None) -> tuple[embedding_shard_pb2.LookupRequest, dict]:
         req = embedding_shard_pb2.LookupRequest(
             plan_version=self.plan_version if plan_version is None else plan_version,
             trainer_id=trainer_id, step=step, no_grad=no_grad, batch_size=batch_size,
@@ -79,18 +83,28 @@ class ShardClient:
                 req.features.add(feature=f[0], slice=f[1])
             else:
                 req.features.add(feature=f)
-        codec.encode(lengths, req.lengths)
-        codec.encode(values, req.values)
+        tensors = {"lengths": lengths, "values": values}
         if weights is not None:
-            codec.encode(weights, req.weights)
+            tensors["weights"] = weights
+        return req, tensors
+
+    def lookup_request(self, *args, **kwargs) -> embedding_shard_pb2.LookupRequest:
+        """The request as a protobuf message (for tools and tests that call `stub` directly)."""
+        req, tensors = self._lookup_parts(*args, **kwargs)
+        for name, t in tensors.items():
+            codec.encode(t, getattr(req, name))
         return req
 
-    def lookup(self, *args, **kwargs) -> LookupResult:
-        return _lookup_result(self.stub.Lookup(self.lookup_request(*args, **kwargs), timeout=self.timeout))
+    def _lookup_bytes(self, *args, **kwargs) -> bytes:
+        req, tensors = self._lookup_parts(*args, **kwargs)
+        return wire.encode(req, {req.DESCRIPTOR.fields_by_name[n].number: t for n, t in tensors.items()})
 
-    def lookup_async(self, *args, **kwargs) -> _Future:
-        return _Future(self.stub.Lookup.future(self.lookup_request(*args, **kwargs), timeout=self.timeout),
-                       _lookup_result)
+    def lookup(self, *args, **kwargs) -> LookupResult:
+        return self._lookup(self._lookup_bytes(*args, **kwargs), timeout=self.timeout)
+
+    def lookup_async(self, *args, **kwargs) -> grpc.Future:
+        """Returns a future whose `result()` is a LookupResult."""
+        return self._lookup.future(self._lookup_bytes(*args, **kwargs), timeout=self.timeout)
 
     def update_request(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype = torch.float32,
                        plan_version: int | None = None) -> embedding_shard_pb2.UpdateRequest:
@@ -99,13 +113,19 @@ class ShardClient:
         codec.encode(grad.to(wire_dtype), req.grad)
         return req
 
+    def _update_bytes(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype,
+                      plan_version: int | None) -> bytes:
+        req = embedding_shard_pb2.UpdateRequest(
+            plan_version=self.plan_version if plan_version is None else plan_version, handle=handle)
+        return wire.encode(req, {_GRAD_FIELD: grad.to(wire_dtype)})
+
     def update(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype = torch.float32,
                plan_version: int | None = None) -> embedding_shard_pb2.UpdateResponse:
-        return self.stub.Update(self.update_request(handle, grad, wire_dtype, plan_version), timeout=self.timeout)
+        return self._update(self._update_bytes(handle, grad, wire_dtype, plan_version), timeout=self.timeout)
 
-    def update_async(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype = torch.float32) -> _Future:
-        return _Future(self.stub.Update.future(self.update_request(handle, grad, wire_dtype), timeout=self.timeout),
-                       lambda r: r)
+    def update_async(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype = torch.float32,
+                     plan_version: int | None = None) -> grpc.Future:
+        return self._update.future(self._update_bytes(handle, grad, wire_dtype, plan_version), timeout=self.timeout)
 
     # -- rows and state -----------------------------------------------------------------------
     def lookup_rows(self, table: str, ids: torch.Tensor, slice: int | None = None) -> torch.Tensor:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from embedding_service.allocator import release_free_memory, tune_allocator
 from embedding_service.config import ShardConfig
 from embedding_service.metrics import ShardMetrics
-from embedding_service.servicer import ShardServicer
-from protos import embedding_shard_pb2, embedding_shard_pb2_grpc
+from embedding_service.servicer import ShardServicer, add_to_server
+from protos import embedding_shard_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
@@ -49,7 +52,7 @@ def start(config: ShardConfig) -> RunningShard:
     opts = config.server
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers),
                          options=channel_options(opts.max_message_bytes))
-    embedding_shard_pb2_grpc.add_EmbeddingShardServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -65,9 +68,11 @@ def start(config: ShardConfig) -> RunningShard:
     return RunningShard(server, servicer, health_servicer, port, metrics_port)
 
 
-def serve_forever(config: ShardConfig) -> int:
+def serve_forever(config: ShardConfig) -> NoReturn:
     """Runs until SIGTERM/SIGINT, then drains and exits 0. Announces the bound ports as one JSON line."""
+    tune_allocator()
     shard = start(config)
+    release_free_memory()
     info = {"event": "serving", "service": SERVICE_NAME, "host": config.server.host, "port": shard.port,
             "metrics_port": shard.metrics_port, "shard_id": config.assignment.shard_id,
             "plan_version": config.assignment.plan_version, "slices": len(config.assignment.slices),
@@ -83,8 +88,12 @@ def serve_forever(config: ShardConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
     shard.stop(grace=30.0)
     log.info("shard %d stopped", config.assignment.shard_id)
     sys.stdout.flush()
-    return 0
+    logging.shutdown()
+    # Everything is drained; skip the interpreter's join of idle gRPC/OpenMP worker threads, which
+    # can block exit indefinitely.
+    os._exit(0)

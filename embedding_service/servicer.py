@@ -8,9 +8,11 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError, Message
 
 from embedding_service import checkpoint
 from embedding_service.config import ShardConfig
@@ -18,10 +20,11 @@ from embedding_service.errors import ShardError, data_loss, invalid, preconditio
 from embedding_service.metrics import ShardMetrics
 from embedding_service.steps import StepScheduler
 from embedding_service.tables import ShardTables
-from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc
+from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
 
 log = logging.getLogger(__name__)
 
+_EMBEDDINGS_FIELD = embedding_shard_pb2.LookupResponse.DESCRIPTOR.fields_by_name["embeddings"].number
 _WIRE_OUT = {0: torch.float32, common_pb2.FLOAT32: torch.float32, common_pb2.FLOAT16: torch.float16,
              common_pb2.BFLOAT16: torch.bfloat16}
 
@@ -78,6 +81,41 @@ def stream_rpc(method):
     return wrapper
 
 
+@dataclass
+class Framed:
+    """A hot request as `wire.decode` left it: small fields parsed, tensors as views into the buffer."""
+
+    msg: Message
+    tensors: dict[int, wire.TensorView]
+    error: str | None = None
+
+    def tensor(self, name: str, required: bool = True) -> torch.Tensor | None:
+        field = self.msg.DESCRIPTOR.fields_by_name[name].number
+        view = self.tensors.get(field)
+        if view is None:
+            if required:
+                raise invalid(f"{name}: missing")
+            return None
+        return codec.decode(view, name)
+
+
+def framed_parser(message_type: type[Message], *tensor_fields: str):
+    fields = frozenset(message_type.DESCRIPTOR.fields_by_name[f].number for f in tensor_fields)
+
+    def parse(raw: bytes) -> Framed:
+        try:
+            msg, tensors = wire.decode(raw, message_type, fields)
+        except DecodeError as e:  # reported by the handler as INVALID_ARGUMENT, not as a transport error
+            return Framed(message_type(), {}, f"malformed {message_type.DESCRIPTOR.name}: {e}")
+        return Framed(msg, tensors)
+
+    return parse
+
+
+def serialize_response(resp: Message | bytes) -> bytes:
+    return resp if isinstance(resp, bytes) else resp.SerializeToString()
+
+
 class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     def __init__(self, config: ShardConfig, metrics: ShardMetrics | None = None) -> None:
         self.config = config
@@ -97,28 +135,31 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     # -- training path ------------------------------------------------------------------------
     @rpc
-    def Lookup(self, request: embedding_shard_pb2.LookupRequest, context) -> embedding_shard_pb2.LookupResponse:
+    def Lookup(self, framed: Framed, context) -> bytes:
+        if framed.error:
+            raise invalid(framed.error)
+        request: embedding_shard_pb2.LookupRequest = framed.msg
         self._check_version(request.plan_version)
         out_dtype = _WIRE_OUT.get(request.output_dtype)
         if out_dtype is None:
             raise invalid(f"output_dtype: {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
         refs = [(f.feature, f.slice if f.HasField("slice") else None) for f in request.features]
-        lengths = codec.decode(request.lengths, "lengths")
-        values = codec.decode(request.values, "values")
-        weights = codec.decode(request.weights, "weights") if request.HasField("weights") else None
-        batch = self.tables.prepare(refs, request.batch_size, lengths, values, weights)
+        batch = self.tables.prepare(refs, request.batch_size, framed.tensor("lengths"), framed.tensor("values"),
+                                    framed.tensor("weights", required=False))
         handle, emb = self.steps.lookup(batch, request.trainer_id, request.step, request.no_grad)
         self.metrics.rows_looked_up.inc(batch.num_ids)
         self.metrics.pending_handles.set(len(self.steps.handles))
         resp = embedding_shard_pb2.LookupResponse(handle=handle, dims=batch.dims)
-        codec.encode(emb.detach().to(out_dtype), resp.embeddings)
-        return resp
+        return wire.encode(resp, {_EMBEDDINGS_FIELD: emb.detach().to(out_dtype)})
 
     @rpc
-    def Update(self, request: embedding_shard_pb2.UpdateRequest, context) -> embedding_shard_pb2.UpdateResponse:
+    def Update(self, framed: Framed, context) -> embedding_shard_pb2.UpdateResponse:
+        if framed.error:
+            raise invalid(framed.error)
+        request: embedding_shard_pb2.UpdateRequest = framed.msg
         self._check_version(request.plan_version)
         handle = self.steps.handle(request.handle)
-        grad = self.tables.check_grad(codec.decode(request.grad, "grad"), handle.batch)
+        grad = self.tables.check_grad(framed.tensor("grad"), handle.batch)
         step, merged = self.steps.update(request.handle, grad)
         self.metrics.rows_updated.inc(handle.batch.num_ids)
         self.metrics.pending_handles.set(len(self.steps.handles))
@@ -236,3 +277,30 @@ def chunk_digest(chunk: embedding_shard_pb2.RowChunk) -> bytes:
     for s in chunk.optimizer_state:
         h.update(s.data)
     return h.digest()
+
+
+def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
+    """Registers the service; Lookup and Update use the copy-free framing of `protos.wire`."""
+    pb = embedding_shard_pb2
+
+    def std(fn, req, resp, kind=grpc.unary_unary_rpc_method_handler):
+        return kind(fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+
+    handlers = {
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            servicer.Lookup, request_deserializer=framed_parser(pb.LookupRequest, "lengths", "values", "weights"),
+            response_serializer=serialize_response),
+        "Update": grpc.unary_unary_rpc_method_handler(
+            servicer.Update, request_deserializer=framed_parser(pb.UpdateRequest, "grad"),
+            response_serializer=pb.UpdateResponse.SerializeToString),
+        "LookupRows": std(servicer.LookupRows, pb.LookupRowsRequest, pb.LookupRowsResponse),
+        "Checkpoint": std(servicer.Checkpoint, pb.CheckpointRequest, pb.CheckpointResponse),
+        "Restore": std(servicer.Restore, pb.RestoreRequest, pb.RestoreResponse),
+        "ExportRows": std(servicer.ExportRows, pb.ExportRowsRequest, pb.RowChunk,
+                          grpc.unary_stream_rpc_method_handler),
+        "ImportRows": std(servicer.ImportRows, pb.RowChunk, pb.ImportRowsResponse,
+                          grpc.stream_unary_rpc_method_handler),
+        "Info": std(servicer.Info, pb.InfoRequest, pb.InfoResponse),
+    }
+    name = pb.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

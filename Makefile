@@ -1,0 +1,26 @@
+# Two entry points, each self-contained on a fresh machine with Python 3.11:
+#   make demo   - the local cluster demo (for now: one shard process driven over gRPC)
+#   make test   - ruff, then the test suite (real processes on loopback)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m deploy.local.demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+bench: install
+	$(PY) -m benchmarks.shard_throughput
