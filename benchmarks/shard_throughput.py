@@ -45,6 +45,7 @@ def in_process_rate(table_defs, batches, grads, steps: int) -> float:
             [(t["num_rows"], t["dim"], EmbeddingLocation.HOST, ComputeDevice.CPU) for t in table_defs],
             optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01)
     b = batches[0][0].numel() // len(table_defs)
+    torch.set_num_threads(CORES)  # the in-process limit gets every core
     start = time.perf_counter()
     for i in range(steps):
         lengths, values = batches[i % len(batches)]
@@ -54,6 +55,7 @@ def in_process_rate(table_defs, batches, grads, steps: int) -> float:
 
 
 _TBE = None
+CORES = torch.get_num_threads()
 
 
 def client_loop(address: str, trainer: int, batch_size: int, pooling: int, steps: int, wire: str,
@@ -68,6 +70,9 @@ def client_loop(address: str, trainer: int, batch_size: int, pooling: int, steps
     feats = criteo.features()
     dtype = WIRE[wire]
     lat: list[float] = []
+    # The client only encodes and converts; one intra-op thread keeps its idle OpenMP threads from
+    # spinning on the cores the shard needs.
+    torch.set_num_threads(1)
     with ShardClient(address) as client:
         client.wait_ready()
 
@@ -102,7 +107,6 @@ def _worker(args, queue) -> None:
     from embedding_service.allocator import tune_allocator
 
     tune_allocator()
-    torch.set_num_threads(1)
     queue.put(client_loop(*args))
 
 
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pipeline", action="store_true", help="one request in flight per client")
     p.add_argument("--int64-ids", action="store_true", help="send ids as int64 (default int32: every table fits)")
     p.add_argument("--skip-2sync", action="store_true")
+    p.add_argument("--compute-threads", type=int, default=None, help="shard TBE threads (default: cores - 1)")
     args = p.parse_args(argv)
 
     from embedding_service.allocator import tune_allocator
@@ -128,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     table_defs = criteo.tables(cap=args.row_cap)
     id_dtype = torch.int64 if args.int64_ids else torch.int32
     work = tempfile.mkdtemp(prefix="bench-shard-")
-    shards = {"grpc_1": launch({"tables": table_defs, "mode": "sync", "num_trainers": 1}, workdir=f"{work}/one")}
+    common = {"tables": table_defs, "mode": "sync", "compute_threads": args.compute_threads}
+    shards = {"grpc_1": launch({**common, "num_trainers": 1}, workdir=f"{work}/one")}
     if not args.skip_2sync:
-        shards["grpc_2sync"] = launch({"tables": table_defs, "mode": "sync", "num_trainers": 2},
-                                      workdir=f"{work}/two")
+        shards["grpc_2sync"] = launch({**common, "num_trainers": 2}, workdir=f"{work}/two")
     ctx = mp.get_context("spawn")
     step_counter = {name: 0 for name in shards}
     try:

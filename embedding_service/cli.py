@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--staleness", type=int, help="async mode: steps a trainer may run ahead of its updates")
     s.add_argument("--plan-version", type=int)
     s.add_argument("--shard-id", type=int)
+    s.add_argument("--compute-threads", type=int, help="TBE kernel threads (default: all cores but one)")
     s.add_argument("--seed", type=int, help="initialisation seed (same seed, same tables whatever the sharding)")
     s.add_argument("--clamp-ids", action="store_true", help="clamp out-of-range ids instead of rejecting them")
     s.add_argument("--max-message-mb", type=int, help="largest gRPC message accepted or sent")
@@ -70,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     if args.max_message_mb:
         server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
     raw["server"] = server
-    for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed"):
+    for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads"):
         val = getattr(args, key)
         if val is not None:
             raw[key] = val

@@ -48,6 +48,9 @@ class ShardConfig:
     clamp_ids: bool = False
     seed: int = 0
     export_chunk_bytes: int = 4 * 1024 * 1024
+    # Intra-op threads for the TBE kernels; None: all cores but one, which is left to gRPC's I/O
+    # (on 2 cores a single kernel thread gives the fastest steps: gRPC then never waits for a core).
+    compute_threads: int | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

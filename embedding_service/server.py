@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -48,6 +49,7 @@ class RunningShard:
 
 
 def start(config: ShardConfig) -> RunningShard:
+    torch.set_num_threads(config.compute_threads or max(1, (os.cpu_count() or 2) - 1))
     servicer = ShardServicer(config, ShardMetrics())
     opts = config.server
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers),

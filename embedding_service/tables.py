@@ -366,16 +366,32 @@ class ShardTables:
         grad_ctx = torch.enable_grad() if requires_grad else torch.no_grad()
         with grad_ctx:
             if self._is_fast(batches):
+                # The request already has the TBE's layout: no regrouping, and each trainer's
+                # embeddings are a contiguous row range of the output.
                 g = first.slots[0].group
                 grp = self.groups[g]
-                indices = first.values.to(self.device)
-                lengths = first.lengths.view(-1).to(device=self.device, dtype=indices.dtype)
-                weights = first.weights if grp.pooling == PoolingMode.SUM else None
+                if len(batches) == 1:
+                    values, lengths, weights = first.values, first.lengths.view(-1), first.weights
+                else:  # feature-major over the global batch: feature f of every trainer, then f+1
+                    idx_dtype = torch.int32 if all(b.values.dtype == torch.int32 for b in batches) else torch.int64
+                    values = torch.cat([b.values[b.value_offsets[f] : b.value_offsets[f + 1]].to(idx_dtype)
+                                        for f in range(len(first.slots)) for b in batches])
+                    lengths = torch.cat([b.lengths for b in batches], dim=1).view(-1)
+                    weights = None
+                    if any(b.weights is not None for b in batches):
+                        weights = torch.cat([
+                            (b.weights[b.value_offsets[f] : b.value_offsets[f + 1]] if b.weights is not None
+                             else torch.ones(b.value_offsets[f + 1] - b.value_offsets[f]))
+                            for f in range(len(first.slots)) for b in batches])
+                indices = values.to(self.device)
+                lengths = lengths.to(device=self.device, dtype=indices.dtype)
+                if grp.pooling != PoolingMode.SUM:
+                    weights = None
                 out = grp.tbe(indices, torch.ops.fbgemm.asynchronous_complete_cumsum(lengths),
                               per_sample_weights=_to(weights, self.device))
                 result.outputs[g] = out
                 result.fast = True
-                result.embeddings = [out]
+                result.embeddings = [out[offs[i] : offs[i + 1]] for i in range(len(batches))]
                 return result
             for g in sorted({s.group for s in first.slots}):
                 result.outputs[g] = self._group_forward(g, batches, offs, total_b)
@@ -390,12 +406,12 @@ class ShardTables:
         return result
 
     def _is_fast(self, batches: list[PreparedBatch]) -> bool:
-        if len(batches) != 1:
-            return False
+        """Every batch names exactly one group's slices, in TBE order, one feature per slice."""
         slots = batches[0].slots
         grp = self.groups[slots[0].group]
-        return (grp.replicas == 1 and len(slots) == len(grp.slices)
-                and all(s.group == slots[0].group and s.position == p for p, s in enumerate(slots)))
+        aligned = (grp.replicas == 1 and len(slots) == len(grp.slices)
+                   and all(s.group == slots[0].group and s.position == p for p, s in enumerate(slots)))
+        return aligned and all(b.slots == slots for b in batches[1:])
 
     def _group_forward(self, g: int, batches: list[PreparedBatch], offs: list[int], total_b: int) -> torch.Tensor:
         grp = self.groups[g]
@@ -429,7 +445,8 @@ class ShardTables:
     def backward(self, fwd: ForwardResult, grads: list[torch.Tensor]) -> None:
         """Runs the TBE backward: fbgemm applies the fused optimizer to the touched rows in place."""
         if fwd.fast:
-            torch.autograd.backward([fwd.outputs[next(iter(fwd.outputs))]], [grads[0]])
+            grad = grads[0] if len(grads) == 1 else torch.cat(grads)
+            torch.autograd.backward([fwd.outputs[next(iter(fwd.outputs))]], [grad])
             return
         group_grads = {}
         for g, out in fwd.outputs.items():

@@ -16,27 +16,72 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 
 from embedding_service.config import assignment_from_dict
 from embedding_service.tables import initial_rows
+from tests import reference
 
 TABLES = [{"name": f"t{i}", "num_rows": rows, "dim": 8, "features": [f"f{i}"],
            "optimizer": {"type": "exact_rowwise_adagrad", "learning_rate": 0.1}}
           for i, rows in enumerate([50, 200, 7])]
 FEATURES = ["f0", "f1", "f2"]
+# f3 shares t0 with f0: the shard widens the batch instead of mapping two features to one table.
+# fbgemm's CPU TBE is no reference for that: row-wise Adagrad fails on shared tables, and exact Adagrad
+# updates each feature's occurrences of a row separately instead of summing them first (as the CUDA
+# kernels and this shard do); so this layout is checked against the float64 torch reference.
+SHARED = [dict(t, features=t["features"] + (["f3"] if t["name"] == "t0" else []),
+               optimizer={"type": "exact_adagrad", "learning_rate": 0.1}) for t in TABLES]
+LAYOUTS = {"one_feature_per_table": (TABLES, FEATURES, [0, 1, 2]),
+           "shared_table": (SHARED, [*FEATURES, "f3"], [0, 1, 2, 0])}
 
 
-def in_process_tbe(config: dict) -> SplitTableBatchedEmbeddingBagsCodegen:
-    a = assignment_from_dict(config)
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(t.num_rows, t.dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for t in a.tables],
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
-    for t, w in zip(a.tables, tbe.split_embedding_weights(), strict=True):
-        w.detach().copy_(initial_rows(t, config["seed"], 0, t.num_rows, 0, t.dim))
-    return tbe
+class InProcessTBE:
+    """One fbgemm TBE over the global batch (one feature per table)."""
+
+    def __init__(self, config: dict) -> None:
+        a = assignment_from_dict(config)
+        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(t.num_rows, t.dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for t in a.tables],
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
+        for t, w in zip(a.tables, self.tbe.split_embedding_weights(), strict=True):
+            w.detach().copy_(initial_rows(t, config["seed"], 0, t.num_rows, 0, t.dim))
+
+    def step(self, lengths: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        out = self.tbe(values, torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.flatten()))
+        out.backward(grad)
+        return out.detach()
+
+    def weights(self) -> list[torch.Tensor]:
+        return [w.detach() for w in self.tbe.split_embedding_weights()]
 
 
-def batch(gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.randint(0, 4, (len(FEATURES), b), generator=gen)
-    values = torch.cat([torch.randint(0, t["num_rows"], (int(n),), generator=gen)
-                        for t, n in zip(TABLES, lengths.sum(1), strict=True)])
+class TorchReference:
+    """Exact Adagrad in float64 over the global batch, with shared tables."""
+
+    def __init__(self, config: dict, table_map: list[int]) -> None:
+        a = assignment_from_dict(config)
+        self.refs = [reference.RefTable(initial_rows(t, config["seed"], 0, t.num_rows, 0, t.dim),
+                                        "exact_adagrad", 0.1) for t in a.tables]
+        self.table_map = table_map
+
+    def step(self, lengths: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        offs = [0, *torch.cumsum(lengths.sum(1), 0).tolist()]
+        outs, per_table = [], {}
+        for f, t in enumerate(self.table_map):
+            ids, ref = values[offs[f] : offs[f + 1]], self.refs[t]
+            outs.append(reference.pooled(ref, lengths[f], ids, None))
+            g = reference.row_grads(ref, lengths[f], ids, None, grad[:, 8 * f : 8 * f + 8])
+            per_table.setdefault(t, []).append((ids, g))
+        for t, parts in per_table.items():
+            reference.apply(self.refs[t], torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return torch.cat(outs, dim=1).float()
+
+    def weights(self) -> list[torch.Tensor]:
+        return [r.weights.float() for r in self.refs]
+
+
+def batch(gen: torch.Generator, b: int, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = rows or [t["num_rows"] for t in TABLES]
+    lengths = torch.randint(0, 4, (len(rows), b), generator=gen)
+    values = torch.cat([torch.randint(0, r, (int(n),), generator=gen)
+                        for r, n in zip(rows, lengths.sum(1), strict=True)])
     return lengths, values
 
 
@@ -44,29 +89,32 @@ def global_batch(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     """Concatenates trainers' batches per feature, the layout one TBE sees for the global batch."""
     lengths = torch.cat([p[0] for p in parts], dim=1)
     values = []
-    for f in range(len(FEATURES)):
+    for f in range(lengths.shape[0]):
         for lens, vals in parts:
             offs = [0, *torch.cumsum(lens.sum(1), 0).tolist()]
             values.append(vals[offs[f] : offs[f + 1]])
     return lengths, torch.cat(values)
 
 
-def test_two_trainers_sync_equals_one_tbe_on_global_batch(shard_factory):
-    config = {"seed": 5, "mode": "sync", "num_trainers": 2, "tables": TABLES}
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_trainers_sync_equals_one_tbe_on_global_batch(shard_factory, layout):
+    tables, features, table_map = LAYOUTS[layout]
+    config = {"seed": 5, "mode": "sync", "num_trainers": 2, "tables": tables}
     _, c0 = shard_factory(config)
     c1 = type(c0)(c0.address)
     clients = [c0, c1]
-    tbe = in_process_tbe(config)
+    ref = InProcessTBE(config) if layout == "one_feature_per_table" else TorchReference(config, table_map)
+    rows = [tables[t]["num_rows"] for t in table_map]
     gen = torch.Generator().manual_seed(2)
     sizes = [6, 10]  # trainers may differ in batch size
     for step in range(5):
-        parts = [batch(gen, b) for b in sizes]
-        grads = [torch.randn(b, 24, generator=gen) for b in sizes]
+        parts = [batch(gen, b, rows) for b in sizes]
+        grads = [torch.randn(b, 8 * len(features), generator=gen) for b in sizes]
         results: dict[int, object] = {}
 
         def trainer(i: int, step=step, parts=parts, grads=grads, results=results) -> None:
             lens, vals = parts[i]
-            res = clients[i].lookup(FEATURES, sizes[i], lens.flatten(), vals, trainer_id=i, step=step)
+            res = clients[i].lookup(features, sizes[i], lens.flatten(), vals, trainer_id=i, step=step)
             upd = clients[i].update(res.handle, grads[i])
             results[i] = (res, upd)
 
@@ -77,14 +125,13 @@ def test_two_trainers_sync_equals_one_tbe_on_global_batch(shard_factory):
             t.join(60)
         assert set(results) == {0, 1}
         lengths, values = global_batch(parts)
-        out = tbe(values, torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.flatten()))
-        torch.testing.assert_close(results[0][0].embeddings, out[: sizes[0]].detach(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(results[1][0].embeddings, out[sizes[0] :].detach(), atol=1e-6, rtol=0)
+        out = ref.step(lengths, values, torch.cat(grads))
+        torch.testing.assert_close(results[0][0].embeddings, out[: sizes[0]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(results[1][0].embeddings, out[sizes[0] :], atol=1e-6, rtol=0)
         assert results[0][1].merged_trainers == 2 and results[1][1].applied_step == step
-        out.backward(torch.cat(grads))
-    for i, (t, w) in enumerate(zip(TABLES, tbe.split_embedding_weights(), strict=True)):
+    for i, (t, w) in enumerate(zip(tables, ref.weights(), strict=True)):
         got = c0.lookup_rows(f"t{i}", torch.arange(t["num_rows"]))
-        torch.testing.assert_close(got, w.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, w, atol=1e-6, rtol=0)
     c1.close()
 
 
