@@ -186,3 +186,14 @@ def test_bad_wire_dtype_and_rows(shard):
     with expect(grpc.StatusCode.INVALID_ARGUMENT, "row_start", "users"):
         shard.import_rows([bad_chunk])
     assert_still_serving(shard, before)
+
+
+def test_malformed_protobuf_bytes(shard):
+    before = weights_of(shard)
+    raw_lookup = shard.channel.unary_unary("/recsys.v1.EmbeddingShard/Lookup")
+    with expect(grpc.StatusCode.INVALID_ARGUMENT, "malformed LookupRequest"):
+        raw_lookup(b"\xff" * 12)
+    raw_update = shard.channel.unary_unary("/recsys.v1.EmbeddingShard/Update")
+    with expect(grpc.StatusCode.INVALID_ARGUMENT, "malformed UpdateRequest"):
+        raw_update(b"\x1a\x05ab")
+    assert_still_serving(shard, before)
