@@ -57,7 +57,7 @@ def test_truncated_messages_raise_decode_error(cut):
     msg, tensors = sample_request()
     raw = wire.encode(msg, tensors)
     with pytest.raises((DecodeError, codec.CodecError)):
-        small, views = wire.decode(raw[:-cut], embedding_shard_pb2.LookupRequest, FIELDS)
+        _, views = wire.decode(raw[:-cut], embedding_shard_pb2.LookupRequest, FIELDS)
         for v in views.values():
             codec.decode(v)
 
