@@ -59,8 +59,9 @@ CORES = torch.get_num_threads()
 
 
 def client_loop(address: str, trainer: int, batch_size: int, pooling: int, steps: int, wire: str,
-                pipelined: bool, first_step: int, id_dtype: torch.dtype) -> tuple[float, list[float]]:
-    """Runs `steps` lookup/update steps; returns (samples/s, lookup latencies in seconds)."""
+                pipelined: bool, first_step: int, id_dtype: torch.dtype, warmup: int = 5) -> tuple[float, list[float]]:
+    """Runs `warmup` + `steps` lookup/update steps; returns (samples/s, lookup latencies in seconds)
+    over the last `steps`."""
     from embedding_service.client import ShardClient
 
     table_defs = criteo.tables()
@@ -81,14 +82,18 @@ def client_loop(address: str, trainer: int, batch_size: int, pooling: int, steps
             return client.lookup_async(feats, batch_size, lengths, values, trainer_id=trainer, step=step,
                                        wire_dtype=dtype)
 
+        end_step = first_step + warmup + steps
         start = time.perf_counter()
         t0 = time.perf_counter()
         pending = lookup(first_step)
-        for s in range(first_step, first_step + steps):
+        for s in range(first_step, end_step):
+            if s == first_step + warmup:
+                start = time.perf_counter()
+                lat.clear()
             res = pending.result()
             lat.append(time.perf_counter() - t0)
             upd = client.update_async(res.handle, grad, wire_dtype=dtype)
-            if pipelined and s + 1 < first_step + steps:
+            if pipelined and s + 1 < end_step:
                 # the request for step s+1 travels while step s's update is applied; the shard
                 # serves it only after that update (sync ordering), so results do not change
                 t0 = time.perf_counter()
@@ -96,7 +101,7 @@ def client_loop(address: str, trainer: int, batch_size: int, pooling: int, steps
                 upd.result()
             else:
                 upd.result()
-                if s + 1 < first_step + steps:
+                if s + 1 < end_step:
                     t0 = time.perf_counter()
                     pending = lookup(s + 1)
         elapsed = time.perf_counter() - start
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pooling", type=int, nargs="+", default=[1, 20])
     p.add_argument("--wire", nargs="+", default=["fp32", "fp16"], choices=list(WIRE))
     p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=20, help="steps per measurement")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (after 5 warm-up steps)")
     p.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported")
     p.add_argument("--row-cap", type=int, default=criteo.ROW_CAP)
     p.add_argument("--no-pipeline", action="store_true", help="one request in flight per client")
@@ -139,14 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         shards["grpc_2sync"] = launch({**common, "num_trainers": 2}, workdir=f"{work}/two")
     ctx = mp.get_context("spawn")
     step_counter = {name: 0 for name in shards}
+    # the fixed cost of a shard process (interpreter, torch, fbgemm, gRPC) with a one-row table
+    empty = launch({"tables": criteo.tables(cap=1)[:1]}, workdir=f"{work}/empty")
+    with ShardClient(empty.address) as c:
+        baseline = c.info().resident_bytes
+    empty.terminate()
+
+    def memory(record: str, name: str, info) -> None:
+        model = info.weight_bytes + info.optimizer_bytes
+        emit({"bench": record, "shard": name, "weight_bytes": info.weight_bytes,
+              "optimizer_bytes": info.optimizer_bytes, "resident_bytes": info.resident_bytes,
+              "empty_shard_resident_bytes": baseline, "ratio": round(info.resident_bytes / model, 4),
+              "ratio_above_empty_shard": round((info.resident_bytes - baseline) / model, 4), "target": 1.15})
+
     try:
         for name, proc in shards.items():
             with ShardClient(proc.address) as c:
-                info = c.info()
-            model = info.weight_bytes + info.optimizer_bytes
-            emit({"bench": "shard_memory", "shard": name, "weight_bytes": info.weight_bytes,
-                  "optimizer_bytes": info.optimizer_bytes, "resident_bytes": info.resident_bytes,
-                  "ratio": round(info.resident_bytes / model, 4), "target": 1.15})
+                memory("shard_memory", name, c.info())
         for pooling in args.pooling:
             gen = torch.Generator().manual_seed(pooling)
             batches = [criteo.batch(gen, args.batch, pooling, table_defs) for _ in range(4)]
@@ -159,16 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                 for wire in args.wire:
                     key = f"grpc_1/{wire}"
                     start = step_counter["grpc_1"]
-                    step_counter["grpc_1"] += args.steps + 2
-                    client_loop(shards["grpc_1"].address, 0, args.batch, pooling, 2, wire, False, start, id_dtype)
+                    step_counter["grpc_1"] += args.steps + 5
                     rate, lat = client_loop(shards["grpc_1"].address, 0, args.batch, pooling, args.steps, wire,
-                                            not args.no_pipeline, start + 2, id_dtype)
+                                            not args.no_pipeline, start, id_dtype)
                     rates.setdefault(key, []).append(rate)
                     lats.setdefault(key, []).extend(lat)
                     if "grpc_2sync" in shards:
                         key = f"grpc_2sync/{wire}"
                         start = step_counter["grpc_2sync"]
-                        step_counter["grpc_2sync"] += args.steps
+                        step_counter["grpc_2sync"] += args.steps + 5
                         queue = ctx.Queue()
                         workers = [ctx.Process(target=_worker, args=(
                             (shards["grpc_2sync"].address, t, args.batch // 2, pooling, args.steps, wire,
@@ -194,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 emit(rec)
         for name, proc in shards.items():
             with ShardClient(proc.address) as c:
-                info = c.info()
-            emit({"bench": "shard_memory_after", "shard": name, "resident_bytes": info.resident_bytes,
-                  "ratio": round(info.resident_bytes / (info.weight_bytes + info.optimizer_bytes), 4)})
+                memory("shard_memory_after", name, c.info())
     finally:
         for proc in shards.values():
             proc.terminate()
