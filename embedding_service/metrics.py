@@ -19,6 +19,8 @@ class ShardMetrics:
                                 ["method", "code"], registry=r)
         self.latency = Histogram("shard_request_seconds", "RPC latency", ["method"], registry=r,
                                  buckets=LATENCY_BUCKETS)
+        self.compute = Histogram("shard_compute_seconds", "TBE kernel time by phase", ["phase"], registry=r,
+                                 buckets=LATENCY_BUCKETS)
         self.rows_looked_up = Counter("shard_rows_looked_up", "ids looked up (pooled lookups)", registry=r)
         self.rows_updated = Counter("shard_rows_updated", "ids whose rows received gradients", registry=r)
         self.weight_bytes = Gauge("shard_weight_bytes", "bytes of embedding weights held", registry=r)

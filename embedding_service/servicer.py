@@ -126,6 +126,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.steps = StepScheduler(self.tables, config.mode, config.num_trainers, config.staleness,
                                    config.handle_ttl_s, config.wait_timeout_s)
         self.metrics = metrics or ShardMetrics()
+        self.tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
         self.metrics.weight_bytes.set(self.tables.weight_bytes)
         self.metrics.optimizer_bytes.set(self.tables.optimizer_bytes)
 

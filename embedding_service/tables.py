@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -156,6 +158,7 @@ class ShardTables:
             raise ValueError("device: cuda requested but torch.cuda.is_available() is False")
         self.clamp_ids = clamp_ids
         self.seed = seed
+        self.on_compute: Callable[[str, float], None] | None = None  # (phase, seconds) for metrics
         self.tables = {t.name: t for t in assignment.tables}
         self.slices: list[SliceState] = []
         self.groups: list[TBEGroup] = []
@@ -356,6 +359,20 @@ class ShardTables:
     # -- compute ------------------------------------------------------------------------------
     def forward(self, batches: list[PreparedBatch], requires_grad: bool) -> ForwardResult:
         """One TBE call per group over all batches (concatenated along the batch)."""
+        start = time.perf_counter()
+        result = self._forward(batches, requires_grad)
+        if self.on_compute is not None:
+            self.on_compute("forward", time.perf_counter() - start)
+        return result
+
+    def backward(self, fwd: ForwardResult, grads: list[torch.Tensor]) -> None:
+        """Runs the TBE backward: fbgemm applies the fused optimizer to the touched rows in place."""
+        start = time.perf_counter()
+        self._backward(fwd, grads)
+        if self.on_compute is not None:
+            self.on_compute("backward", time.perf_counter() - start)
+
+    def _forward(self, batches: list[PreparedBatch], requires_grad: bool) -> ForwardResult:
         sizes = [b.batch_size for b in batches]
         offs = [0]
         for n in sizes:
@@ -442,8 +459,7 @@ class ShardTables:
         return grp.tbe(indices.to(self.device), offsets.to(self.device),
                        per_sample_weights=_to(weights, self.device))
 
-    def backward(self, fwd: ForwardResult, grads: list[torch.Tensor]) -> None:
-        """Runs the TBE backward: fbgemm applies the fused optimizer to the touched rows in place."""
+    def _backward(self, fwd: ForwardResult, grads: list[torch.Tensor]) -> None:
         if fwd.fast:
             grad = grads[0] if len(grads) == 1 else torch.cat(grads)
             torch.autograd.backward([fwd.outputs[next(iter(fwd.outputs))]], [grad])

@@ -47,6 +47,8 @@ def test_health_reflection_metrics_and_info(shard_factory):
     assert "shard_rows_looked_up_total 6.0" in body and "shard_rows_updated_total 6.0" in body
     assert 'shard_request_seconds_count{method="Update"} 1.0' in body
     assert "shard_weight_bytes 2048.0" in body
+    assert 'shard_compute_seconds_count{phase="forward"} 1.0' in body
+    assert 'shard_compute_seconds_count{phase="backward"} 1.0' in body
 
     out = run_cli("info", proc.address, "--json")
     assert out.returncode == 0, out.stderr
