@@ -140,3 +140,25 @@ class ShardAssignment(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableConfig]
     slices: _containers.RepeatedCompositeFieldContainer[TableSlice]
     def __init__(self, plan_version: _Optional[int] = ..., shard_id: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableConfig, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[TableSlice, _Mapping]]] = ...) -> None: ...
+
+class PlacedSlice(_message.Message):
+    __slots__ = ("slice", "shard")
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    slice: TableSlice
+    shard: int
+    def __init__(self, slice: _Optional[_Union[TableSlice, _Mapping]] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class ShardingPlan(_message.Message):
+    __slots__ = ("version", "num_shards", "tables", "slices", "data_parallel")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    num_shards: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableConfig]
+    slices: _containers.RepeatedCompositeFieldContainer[PlacedSlice]
+    data_parallel: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableConfig, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[PlacedSlice, _Mapping]]] = ..., data_parallel: _Optional[_Iterable[str]] = ...) -> None: ...

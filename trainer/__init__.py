@@ -1,0 +1,1 @@
+"""Trainers: data, the DLRM dense model, routing ids and gradients to the shard services."""
