@@ -1,0 +1,114 @@
+"""Sync training with 2 trainers x 2 shards (table-, row-, column- and table-row-wise) equals one
+process training the same dense model on the global batch with one in-process TBE."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from google.protobuf import json_format
+
+from embedding_service.client import ShardClient
+from embedding_service.config import assignment_from_dict
+from embedding_service.process import launch
+from embedding_service.tables import ShardTables
+from protos import codec, common_pb2
+from trainer.config import ModelConfig
+from trainer.data import SyntheticData
+from trainer.model import DenseDLRM
+from trainer.plan import assignment, dump_plan, simple_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "tiny.yaml"
+STEPS, BATCH, SEED = 20, 32, 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(model_cfg: ModelConfig):
+    """One process, global batch: every table whole in one in-process TBE set, the same dense model."""
+    tables = ShardTables(assignment_from_dict({"tables": [
+        {"name": t.name, "num_rows": t.num_rows, "dim": t.dim, "features": list(t.features),
+         "optimizer": {"type": common_pb2.OptimizerType.Name(t.optimizer.type).lower(),
+                       "learning_rate": t.optimizer.learning_rate}} for t in model_cfg.tables]}), seed=SEED)
+    model = DenseDLRM(model_cfg, seed=SEED)
+    opt = torch.optim.SGD(model.parameters(), lr=model_cfg.dense_lr)
+    feats = [(f.name, None) for f in model_cfg.features]
+    for batch in SyntheticData(model_cfg, seed=SEED).batches(BATCH, STEPS):
+        sp = batch.sparse
+        prepared = tables.prepare(feats, BATCH, sp.lengths, sp.values, sp.weights)
+        fwd = tables.forward([prepared], requires_grad=True)
+        emb = fwd.embeddings[0].detach().requires_grad_()
+        loss = F.binary_cross_entropy_with_logits(model(batch.dense, emb), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        tables.backward(fwd, [emb.grad])
+        opt.step()
+    return tables, model
+
+
+def test_two_trainers_two_shards_equal_single_process(tmp_path):
+    model_cfg = ModelConfig.load(CONFIG)
+    plan = simple_plan(model_cfg, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE,
+                                            "cities": common_pb2.TABLE_ROW_WISE})
+    (tmp_path / "plan.json").write_text(dump_plan(plan))
+    shards = []
+    try:
+        for s in range(2):
+            a = assignment(plan, s)
+            cfg = {"seed": SEED, "mode": "sync", "num_trainers": 2, "plan_version": plan.version, "shard_id": s,
+                   "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
+                   "slices": [json_format.MessageToDict(sl, preserving_proto_field_name=True,
+                                                        always_print_fields_with_no_presence=True) for sl in a.slices]}
+            shards.append(launch(cfg, workdir=tmp_path / f"shard{s}"))
+        port = free_port()
+        procs = []
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       PYTHONPATH=str(ROOT))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "trainer.cli", "train", "--config", str(CONFIG), "--plan",
+                 str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards), "--steps", str(STEPS),
+                 "--batch-size", str(BATCH), "--seed", str(SEED), "--out", str(tmp_path / "out"), "--json"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+        ref_tables, ref_model = reference(model_cfg)
+
+        dense = torch.load(tmp_path / "out" / "dense.pt")
+        for name, value in ref_model.state_dict().items():
+            torch.testing.assert_close(dense[name], value, atol=1e-5, rtol=0, msg=name)
+        # every slice of every shard equals the same rows and columns of the reference tables
+        for s, proc in enumerate(shards):
+            with ShardClient(proc.address, plan_version=plan.version) as client:
+                for idx, sl in enumerate(assignment(plan, s).slices):
+                    ref = next(r for r in ref_tables.slices if r.slice.table == sl.table)
+                    w, states = [], []
+                    for chunk in client.export_rows(idx, 0, sl.num_rows):
+                        w.append(codec.decode(chunk.weights).clone())
+                        states.append([codec.decode(x).clone() for x in chunk.optimizer_state])
+                    rows = slice(sl.row_offset, sl.row_offset + sl.num_rows)
+                    cols = slice(sl.col_offset, sl.col_offset + sl.num_cols)
+                    torch.testing.assert_close(torch.cat(w), ref.weights.detach()[rows, cols], atol=1e-5, rtol=0,
+                                               msg=f"{sl.table} weights")
+                    for k, live in enumerate(ref.states):
+                        got = torch.cat([st[k] for st in states])
+                        want = live.detach()[rows] if live.dim() == 1 else live.detach()[rows, cols]
+                        torch.testing.assert_close(got.view(want.shape), want, atol=1e-5, rtol=0,
+                                                   msg=f"{sl.table} state")
+        assert not torch.equal(ref_tables.slices[0].weights, ShardTables(
+            assignment_from_dict({"tables": [{"name": "users", "num_rows": 200, "dim": 8, "features": ["user"]}]}),
+            seed=SEED).slices[0].weights)  # training moved the weights
+    finally:
+        for s in shards:
+            s.kill()

@@ -1,0 +1,82 @@
+"""The sync training step against the shard services (non-pipelined reference loop).
+
+Each trainer takes its part of the global batch, routes ids to the shards, runs the dense model on
+the reassembled pooled embeddings, and pushes the embedding gradients back. Dense gradients are
+averaged by DDP; embedding gradients are scaled by 1/world so that the shard's merged update (the sum
+over trainers) is the gradient of the global mean loss, exactly as one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from protos import common_pb2
+from trainer.config import ModelConfig
+from trainer.model import DenseDLRM
+from trainer.router import Router
+from trainer.transport import GrpcTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    logits: torch.Tensor
+
+
+class ShardedTrainer:
+    def __init__(self, model_config: ModelConfig, plan: common_pb2.ShardingPlan, addresses: list[str], *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, wire_dtype: torch.dtype = torch.float32) -> None:
+        if len(addresses) != plan.num_shards:
+            raise ValueError(f"--shards: the plan (version {plan.version}) has {plan.num_shards} shards, "
+                             f"got {len(addresses)} addresses")
+        self.config = model_config
+        self.rank, self.world_size = rank, world_size
+        self.router = Router(plan, model_config)
+        self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=rank, wire_dtype=wire_dtype)
+        self.model = DenseDLRM(model_config, seed=seed)
+        self.dense = DistributedDataParallel(self.model) if world_size > 1 else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def lookup(self, sparse, step: int, no_grad: bool = False):
+        requests = self.router.input_dist(sparse.keys, sparse.lengths, sparse.values, sparse.weights)
+        results = self.transport.lookup(requests, step, no_grad=no_grad)
+        emb = self.router.output_dist({s: r.embeddings for s, r in results.items()})
+        return emb, {s: r.handle for s, r in results.items()}
+
+    def train_step(self, batch, step: int) -> StepResult:
+        emb, handles = self.lookup(batch.sparse, step)
+        emb.requires_grad_()
+        logits = self.dense(batch.dense, emb)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = self.router.grad_dist(emb.grad / self.world_size)
+        pending = self.transport.update_async(handles, grads, step)
+        self.optimizer.step()
+        for p in pending.values():
+            p.result()
+        return StepResult(step, float(loss.detach()), logits.detach())
+
+    @torch.no_grad()
+    def predict(self, batch, step: int) -> torch.Tensor:
+        emb, _ = self.lookup(batch.sparse, step, no_grad=True)
+        return torch.sigmoid(self.model(batch.dense, emb))
+
+
+def init_distributed(world_size: int) -> None:
+    """torchrun-compatible env:// rendezvous; gloo on CPU, NCCL when CUDA is present."""
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        log.info("rank %d of %d joined", dist.get_rank(), dist.get_world_size())
