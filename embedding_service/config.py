@@ -32,7 +32,7 @@ class ServerConfig:
     port: int = 0  # 0: pick a free port and report it
     metrics_port: int | None = 0  # None: no Prometheus endpoint
     max_message_bytes: int = 256 * 1024 * 1024
-    workers: int = 16
+    workers: int = 0  # 0: enough for every trainer's pipelined lookup and update on top of a base of 16
 
 
 @dataclass

@@ -52,7 +52,8 @@ def start(config: ShardConfig) -> RunningShard:
     torch.set_num_threads(config.compute_threads or max(1, (os.cpu_count() or 2) - 1))
     servicer = ShardServicer(config, ShardMetrics())
     opts = config.server
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers),
+    workers = opts.workers or 16 + 4 * config.num_trainers
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=channel_options(opts.max_message_bytes))
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -9,6 +9,7 @@ over trainers) is the gradient of the global mean loss, exactly as one process o
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from protos import common_pb2
+from trainer.batch import Batch, SparseBatch
 from trainer.config import ModelConfig
 from trainer.model import DenseDLRM
 from trainer.router import Router
-from trainer.transport import GrpcTransport
+from trainer.transport import GrpcTransport, Pending
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +51,65 @@ class ShardedTrainer:
     def close(self) -> None:
         self.transport.close()
 
-    def lookup(self, sparse, step: int, no_grad: bool = False):
+    def send_lookup(self, sparse: SparseBatch, step: int, no_grad: bool = False) -> dict[int, Pending]:
+        """input_dist and the fan-out; the results are gathered by `gather`."""
         requests = self.router.input_dist(sparse.keys, sparse.lengths, sparse.values, sparse.weights)
-        results = self.transport.lookup(requests, step, no_grad=no_grad)
+        return self.transport.lookup_async(requests, step, no_grad=no_grad)
+
+    def gather(self, pending: dict[int, Pending]) -> tuple[torch.Tensor, dict[int, str]]:
+        """output_dist: the pooled [B, F * D] and the shards' handles."""
+        results = {s: p.result() for s, p in pending.items()}
         emb = self.router.output_dist({s: r.embeddings for s, r in results.items()})
         return emb, {s: r.handle for s, r in results.items()}
 
-    def train_step(self, batch, step: int) -> StepResult:
-        emb, handles = self.lookup(batch.sparse, step)
+    def lookup(self, sparse: SparseBatch, step: int, no_grad: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
+        return self.gather(self.send_lookup(sparse, step, no_grad))
+
+    def _dense_step(self, batch: Batch, step: int, emb: torch.Tensor,
+                    handles: dict[int, str]) -> tuple[StepResult, dict[int, Pending]]:
         emb.requires_grad_()
         logits = self.dense(batch.dense, emb)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = self.router.grad_dist(emb.grad / self.world_size)
-        pending = self.transport.update_async(handles, grads, step)
+        updates = self.transport.update_async(handles, grads, step)
         self.optimizer.step()
-        for p in pending.values():
+        return StepResult(step, float(loss.detach()), logits.detach()), updates
+
+    def train_step(self, batch: Batch, step: int) -> StepResult:
+        """One non-pipelined step: lookup, dense forward/backward, update (waited for)."""
+        emb, handles = self.lookup(batch.sparse, step)
+        result, updates = self._dense_step(batch, step, emb, handles)
+        for p in updates.values():
             p.result()
-        return StepResult(step, float(loss.detach()), logits.detach())
+        return result
+
+    def train(self, batches: Iterable[Batch], first_step: int = 0, pipelined: bool = True) -> Iterator[StepResult]:
+        """Steps over `batches` (this trainer's parts). Pipelined, the lookup of batch i+1 is sent before
+        the dense work of batch i; in sync mode the shard serves it only after update i is applied, so
+        the results equal the non-pipelined loop's."""
+        it = iter(batches)
+        batch = next(it, None)
+        step = first_step
+        pending = self.send_lookup(batch.sparse, step) if batch is not None else {}
+        updates: dict[int, Pending] = {}
+        while batch is not None:
+            emb, handles = self.gather(pending)
+            for p in updates.values():  # the previous step's updates (applied before this lookup was served)
+                p.result()
+            nxt = next(it, None)
+            if pipelined and nxt is not None:
+                pending = self.send_lookup(nxt.sparse, step + 1)
+            result, updates = self._dense_step(batch, step, emb, handles)
+            if not pipelined or nxt is None:
+                for p in updates.values():
+                    p.result()
+                updates = {}
+                if nxt is not None:
+                    pending = self.send_lookup(nxt.sparse, step + 1)
+            yield result
+            batch, step = nxt, step + 1
 
     @torch.no_grad()
     def predict(self, batch, step: int) -> torch.Tensor:
