@@ -1,10 +1,12 @@
-"""The local demo: start an embedding shard process, train its tables through gRPC, report figures.
+"""The local demo: shard services and a DLRM trainer as local processes, with what they measured.
 
-    python -m deploy.local.demo [--steps 60] [--row-cap 100000] [--wire fp16] [--json]
+    python -m deploy.local.demo [--steps 60] [--row-cap 100000] [--wire fp16] [--train-steps 800] [--json]
 
-It launches `embedding-shard serve` as a child process (Criteo-Kaggle-shaped tables, row-wise
-Adagrad), drives pipelined Lookup/Update steps against it with a progress bar, checkpoints, kills and
-restarts the shard, restores, verifies the weights survived, and prints what it measured.
+Part 1 launches `embedding-shard serve` (Criteo-Kaggle-shaped tables, row-wise Adagrad), drives
+pipelined Lookup/Update steps against it, checkpoints, kills -9 and restarts the shard, restores, and
+verifies the weights survived. Part 2 shards the tiny DLRM config over two shard processes (row-wise,
+column-wise and table-wise tables), trains it on synthetic teacher data through them (pipelined,
+sync), and compares its held-out AUC with the teacher's, the best reachable.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pooling", type=int, default=1)
     p.add_argument("--row-cap", type=int, default=100_000, help="rows per table at most (benchmarks use 500000)")
     p.add_argument("--wire", choices=list(WIRE), default="fp16", help="dtype of embeddings/gradients on the wire")
+    p.add_argument("--train-steps", type=int, default=800, help="DLRM training steps (part 2; 0 skips it)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = p.parse_args(argv)
     tune_allocator()
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             summary["restored_identical"] = bool(torch.equal(client.lookup_rows("t2", torch.arange(1000)), probe))
     finally:
         shard.terminate()
+    if args.train_steps:
+        summary.update(train_dlrm(args.train_steps, work, quiet=args.json))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -99,6 +104,51 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in summary.items():
             print(f"{k:<{width}}  {v}")
     return 0 if summary.get("restored_identical") else 1
+
+
+def train_dlrm(steps: int, work: Path, quiet: bool, batch_size: int = 256) -> dict:
+    """Part 2: the tiny DLRM trained through two shard processes; held-out AUC against the teacher's."""
+    from google.protobuf import json_format
+
+    from protos import common_pb2
+    from trainer.config import ModelConfig
+    from trainer.data import HELDOUT, SyntheticData, auc
+    from trainer.plan import assignment, simple_plan
+    from trainer.train import ShardedTrainer
+
+    model = ModelConfig.load(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    plan = simple_plan(model, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE})
+    shards = []
+    try:
+        for s in range(2):
+            a = assignment(plan, s)
+            shards.append(launch({
+                "seed": 1, "mode": "sync", "num_trainers": 1, "plan_version": plan.version, "shard_id": s,
+                "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
+                "slices": [json_format.MessageToDict(x, preserving_proto_field_name=True,
+                                                     always_print_fields_with_no_presence=True) for x in a.slices]},
+                workdir=work / f"dlrm-shard{s}"))
+        trainer = ShardedTrainer(model, plan, [s.address for s in shards], seed=1)
+        data = SyntheticData(model, seed=1)
+        start = time.perf_counter()
+        bar = tqdm(total=steps, desc="DLRM through 2 shards", unit="step", disable=quiet)
+        for res in trainer.train(data.batches(batch_size, steps)):
+            bar.update(1)
+            if res.step % 50 == 0:
+                bar.set_postfix(loss=f"{res.loss:.4f}")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        scores, labels = [], []
+        for b in data.batches(2048, 4, stream=HELDOUT):
+            scores.append(trainer.predict(b, steps))
+            labels.append(b.labels)
+        trainer.close()
+        return {"dlrm_train_steps": steps, "dlrm_samples_per_s": round(steps * batch_size / elapsed),
+                "dlrm_heldout_auc": round(auc(torch.cat(scores), torch.cat(labels)), 4),
+                "teacher_heldout_auc": round(data.teacher_auc(8192), 4)}
+    finally:
+        for s in shards:
+            s.terminate()
 
 
 if __name__ == "__main__":
