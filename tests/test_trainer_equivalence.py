@@ -56,33 +56,46 @@ def reference(model_cfg: ModelConfig):
     return tables, model
 
 
-def test_two_trainers_two_shards_equal_single_process(tmp_path):
-    model_cfg = ModelConfig.load(CONFIG)
-    plan = simple_plan(model_cfg, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE,
-                                            "cities": common_pb2.TABLE_ROW_WISE})
-    (tmp_path / "plan.json").write_text(dump_plan(plan))
+MODEL = ModelConfig.load(CONFIG)
+PLAN = simple_plan(MODEL, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE,
+                                    "cities": common_pb2.TABLE_ROW_WISE})
+
+
+def start_shards(tmp_path: Path, name: str) -> list:
     shards = []
+    for s in range(2):
+        a = assignment(PLAN, s)
+        cfg = {"seed": SEED, "mode": "sync", "num_trainers": 2, "plan_version": PLAN.version, "shard_id": s,
+               "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
+               "slices": [json_format.MessageToDict(sl, preserving_proto_field_name=True,
+                                                    always_print_fields_with_no_presence=True) for sl in a.slices]}
+        shards.append(launch(cfg, workdir=tmp_path / f"{name}{s}"))
+    return shards
+
+
+def run_trainers(tmp_path: Path, shards: list, *extra: str) -> None:
+    """Two trainer processes (torchrun-style env, gloo), to completion."""
+    (tmp_path / "plan.json").write_text(dump_plan(PLAN))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "trainer.cli", "train", "--config", str(CONFIG), "--plan",
+             str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards),
+             "--batch-size", str(BATCH), "--seed", str(SEED), "--out", str(tmp_path / "out"), "--json", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+
+def test_two_trainers_two_shards_equal_single_process(tmp_path):
+    model_cfg, plan = MODEL, PLAN
+    shards = start_shards(tmp_path, "shard")
     try:
-        for s in range(2):
-            a = assignment(plan, s)
-            cfg = {"seed": SEED, "mode": "sync", "num_trainers": 2, "plan_version": plan.version, "shard_id": s,
-                   "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-                   "slices": [json_format.MessageToDict(sl, preserving_proto_field_name=True,
-                                                        always_print_fields_with_no_presence=True) for sl in a.slices]}
-            shards.append(launch(cfg, workdir=tmp_path / f"shard{s}"))
-        port = free_port()
-        procs = []
-        for rank in range(2):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       PYTHONPATH=str(ROOT))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "trainer.cli", "train", "--config", str(CONFIG), "--plan",
-                 str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards), "--steps", str(STEPS),
-                 "--batch-size", str(BATCH), "--seed", str(SEED), "--out", str(tmp_path / "out"), "--json"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
+        run_trainers(tmp_path, shards, "--steps", str(STEPS))
         ref_tables, ref_model = reference(model_cfg)
 
         dense = torch.load(tmp_path / "out" / "dense.pt")
@@ -109,6 +122,35 @@ def test_two_trainers_two_shards_equal_single_process(tmp_path):
         assert not torch.equal(ref_tables.slices[0].weights, ShardTables(
             assignment_from_dict({"tables": [{"name": "users", "num_rows": 200, "dim": 8, "features": ["user"]}]}),
             seed=SEED).slices[0].weights)  # training moved the weights
+    finally:
+        for s in shards:
+            s.kill()
+
+
+def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path):
+    """Stop after 12 steps (checkpoints every 6), kill -9 the shards, resume on new ones to step 20."""
+    ckpt = str(tmp_path / "ckpt")
+    shards = start_shards(tmp_path, "first")
+    try:
+        run_trainers(tmp_path, shards, "--steps", "12", "--checkpoint-dir", ckpt, "--checkpoint-every", "6")
+    finally:
+        for s in shards:
+            s.kill()
+    assert (tmp_path / "ckpt" / "LATEST").read_text() == "step-11"
+    shards = start_shards(tmp_path, "resumed")
+    try:
+        run_trainers(tmp_path, shards, "--steps", str(STEPS), "--checkpoint-dir", ckpt, "--resume")
+        ref_tables, ref_model = reference(MODEL)
+        dense = torch.load(tmp_path / "out" / "dense.pt")
+        for name, value in ref_model.state_dict().items():
+            torch.testing.assert_close(dense[name], value, atol=1e-5, rtol=0, msg=name)
+        with ShardClient(shards[0].address, plan_version=PLAN.version) as client:
+            sl = assignment(PLAN, 0).slices[0]
+            assert client.info().applied_step == STEPS - 1
+            got = client.lookup_rows(sl.table, torch.arange(sl.num_rows), slice=0)
+        ref = next(r for r in ref_tables.slices if r.slice.table == sl.table).weights.detach()
+        torch.testing.assert_close(got, ref[sl.row_offset : sl.row_offset + sl.num_rows,
+                                             sl.col_offset : sl.col_offset + sl.num_cols], atol=1e-5, rtol=0)
     finally:
         for s in shards:
             s.kill()

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+log = logging.getLogger("trainer")
 WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -34,11 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="dense init and data seed")
     t.add_argument("--wire", choices=list(WIRE), default="fp32", help="embedding/gradient dtype on the wire")
     t.add_argument("--out", help="directory for the final dense state (rank 0)")
+    t.add_argument("--checkpoint-dir", help="consistent checkpoints (dense + every shard) go here")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (and on SIGTERM)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    t.add_argument("--no-pipeline", action="store_true", help="wait for each step's updates before the next lookup")
     t.add_argument("--json", action="store_true", help="one JSON line per logged step instead of a progress bar")
     return p
 
 
 def train(args: argparse.Namespace) -> int:
+    from trainer import checkpoint
     from trainer.config import ModelConfig
     from trainer.data import SyntheticData
     from trainer.plan import load_plan
@@ -50,6 +57,8 @@ def train(args: argparse.Namespace) -> int:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by WORLD_SIZE {world}")
     if args.data != "synthetic":
         raise SystemExit(f"--data {args.data!r}: only 'synthetic' is wired into `trainer train` so far")
+    if args.resume and not args.checkpoint_dir:
+        raise SystemExit("--resume needs --checkpoint-dir")
     model_cfg = ModelConfig.load(args.config)
     plan = load_plan(args.plan)
     init_distributed(world)
@@ -57,16 +66,45 @@ def train(args: argparse.Namespace) -> int:
                              wire_dtype=WIRE[args.wire])
     data = SyntheticData(model_cfg, seed=args.seed)
     sizes = [args.batch_size // world] * world
-    bar = tqdm(total=args.steps, desc=f"trainer {rank}", unit="step", disable=args.json or rank != 0)
+    first_step, position = args.first_step, 0
+    if args.resume:
+        path = checkpoint.latest(args.checkpoint_dir)
+        if rank == 0:
+            resumed = checkpoint.restore(trainer, path)  # verifies, restores the shards and the dense state
+        if world > 1:
+            torch.distributed.barrier()
+            if rank != 0:
+                resumed = checkpoint.load_dense(trainer, path)
+        first_step, position = resumed.step + 1, resumed.data_position
+        log.info("resumed from %s at step %d (data position %d)", path, first_step, position)
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True))
+    remaining = args.steps - (first_step - args.first_step)
+    bar = tqdm(total=remaining, desc=f"trainer {rank}", unit="step", disable=args.json or rank != 0)
     start = time.perf_counter()
-    loss = float("nan")
-    for i, batch in enumerate(data.batches(args.batch_size, args.steps, start=args.first_step)):
-        res = trainer.train_step(batch.split(sizes)[rank], args.first_step + i)
-        loss = res.loss
+    loss, done = float("nan"), 0
+    local = (b.split(sizes)[rank] for b in data.batches(args.batch_size, remaining, start=position))
+    for res in trainer.train(local, first_step=first_step, pipelined=not args.no_pipeline):
+        loss, done = res.loss, done + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if args.json and rank == 0:
             print(json.dumps({"step": res.step, "loss": loss}), flush=True)
+        halt = _agreed(stop["requested"], world)
+        periodic = args.checkpoint_every and (res.step + 1 - args.first_step) % args.checkpoint_every == 0
+        if args.checkpoint_dir and (periodic or halt):
+            trainer.wait_updates()  # sync mode: every trainer's update of this step is applied
+            if world > 1:
+                torch.distributed.barrier()
+            if rank == 0:
+                saved = checkpoint.save(trainer, args.checkpoint_dir, res.step, position + done)
+                log.info("checkpoint of step %d: %s", res.step, saved)
+            if world > 1:
+                torch.distributed.barrier()
+        if halt:
+            log.info("SIGTERM: stopped after step %d", res.step)
+            break
+    trainer.wait_updates()
     bar.close()
     elapsed = time.perf_counter() - start
     if rank == 0 and args.out:
@@ -74,10 +112,19 @@ def train(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer.model.state_dict(), out / "dense.pt")
     if rank == 0:
-        print(json.dumps({"event": "done", "steps": args.steps, "loss": loss,
-                          "samples_per_s": round(args.steps * args.batch_size / elapsed, 1)}), flush=True)
+        print(json.dumps({"event": "done", "steps": done, "last_step": first_step + done - 1, "loss": loss,
+                          "samples_per_s": round(done * args.batch_size / max(elapsed, 1e-9), 1)}), flush=True)
     trainer.close()
     return 0
+
+
+def _agreed(flag: bool, world: int) -> bool:
+    """True on every rank once any rank saw the flag, so all stop at the same step boundary."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t)
+    return bool(t.item())
 
 
 def main(argv: list[str] | None = None) -> int:

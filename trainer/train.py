@@ -47,6 +47,7 @@ class ShardedTrainer:
         self.model = DenseDLRM(model_config, seed=seed)
         self.dense = DistributedDataParallel(self.model) if world_size > 1 else self.model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr)
+        self._updates: dict[int, Pending] = {}  # the last step's updates, still in flight when pipelined
 
     def close(self) -> None:
         self.transport.close()
@@ -93,23 +94,25 @@ class ShardedTrainer:
         batch = next(it, None)
         step = first_step
         pending = self.send_lookup(batch.sparse, step) if batch is not None else {}
-        updates: dict[int, Pending] = {}
         while batch is not None:
             emb, handles = self.gather(pending)
-            for p in updates.values():  # the previous step's updates (applied before this lookup was served)
-                p.result()
+            self.wait_updates()  # the previous step's (applied before this lookup was served)
             nxt = next(it, None)
             if pipelined and nxt is not None:
                 pending = self.send_lookup(nxt.sparse, step + 1)
-            result, updates = self._dense_step(batch, step, emb, handles)
+            result, self._updates = self._dense_step(batch, step, emb, handles)
             if not pipelined or nxt is None:
-                for p in updates.values():
-                    p.result()
-                updates = {}
+                self.wait_updates()
                 if nxt is not None:
                     pending = self.send_lookup(nxt.sparse, step + 1)
             yield result
             batch, step = nxt, step + 1
+
+    def wait_updates(self) -> None:
+        """Blocks until this trainer's last updates are applied (in sync mode: everyone's)."""
+        updates, self._updates = self._updates, {}
+        for p in updates.values():
+            p.result()
 
     @torch.no_grad()
     def predict(self, batch, step: int) -> torch.Tensor:
