@@ -95,8 +95,10 @@ class ShardedTrainer:
         step = first_step
         pending = self.send_lookup(batch.sparse, step) if batch is not None else {}
         while batch is not None:
+            # the previous step's updates first: the shard serves this lookup only after applying them,
+            # so this costs no overlap, and a failed update is reported instead of stalling the lookup
+            self.wait_updates()
             emb, handles = self.gather(pending)
-            self.wait_updates()  # the previous step's (applied before this lookup was served)
             nxt = next(it, None)
             if pipelined and nxt is not None:
                 pending = self.send_lookup(nxt.sparse, step + 1)
