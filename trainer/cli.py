@@ -40,7 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (and on SIGTERM)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     t.add_argument("--no-pipeline", action="store_true", help="wait for each step's updates before the next lookup")
+    t.add_argument("--logdir", help="TensorBoard logs (rank 0): loss, samples/s, held-out AUC and NE")
+    t.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (and at the end)")
+    t.add_argument("--eval-batches", type=int, default=4, help="held-out batches of --batch-size per evaluation")
     t.add_argument("--json", action="store_true", help="one JSON line per logged step instead of a progress bar")
+    e = sub.add_parser("evaluate", help="held-out AUC / NE of a trained model (shards + a dense state file)",
+                       description="Looks up the held-out synthetic batches through the shards (no updates) and "
+                                   "scores them with the dense state; prints AUC, NE and the teacher's AUC.")
+    e.add_argument("--config", required=True)
+    e.add_argument("--plan", required=True)
+    e.add_argument("--shards", required=True)
+    e.add_argument("--dense", required=True, help="dense.pt from `train --out` or a checkpoint's dense.pt")
+    e.add_argument("--seed", type=int, default=0, help="the training data seed (the teacher)")
+    e.add_argument("--batches", type=int, default=4)
+    e.add_argument("--batch-size", type=int, default=2048)
+    e.add_argument("--json", action="store_true")
     return p
 
 
@@ -77,6 +91,11 @@ def train(args: argparse.Namespace) -> int:
                 resumed = checkpoint.load_dense(trainer, path)
         first_step, position = resumed.step + 1, resumed.data_position
         log.info("resumed from %s at step %d (data position %d)", path, first_step, position)
+    writer = None
+    if args.logdir and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.logdir)
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True))
     remaining = args.steps - (first_step - args.first_step)
@@ -90,6 +109,11 @@ def train(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{loss:.4f}")
         if args.json and rank == 0:
             print(json.dumps({"step": res.step, "loss": loss}), flush=True)
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, res.step)
+            writer.add_scalar("train/samples_per_s", done * args.batch_size / (time.perf_counter() - start), res.step)
+        if args.eval_every and done % args.eval_every == 0:
+            _evaluate(trainer, data, args, res.step, writer, rank)
         halt = _agreed(stop["requested"], world)
         periodic = args.checkpoint_every and (res.step + 1 - args.first_step) % args.checkpoint_every == 0
         if args.checkpoint_dir and (periodic or halt):
@@ -106,6 +130,10 @@ def train(args: argparse.Namespace) -> int:
             break
     trainer.wait_updates()
     bar.close()
+    if args.eval_every and done % args.eval_every:
+        _evaluate(trainer, data, args, first_step + done - 1, writer, rank)
+    if writer is not None:
+        writer.close()
     elapsed = time.perf_counter() - start
     if rank == 0 and args.out:
         out = Path(args.out)
@@ -115,6 +143,43 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "done", "steps": done, "last_step": first_step + done - 1, "loss": loss,
                           "samples_per_s": round(done * args.batch_size / max(elapsed, 1e-9), 1)}), flush=True)
     trainer.close()
+    return 0
+
+
+def _evaluate(trainer, data, args, step: int, writer, rank: int) -> None:
+    from trainer.data import HELDOUT
+    from trainer.train import evaluate
+
+    trainer.wait_updates()
+    metrics = evaluate(trainer, data.batches(args.batch_size, args.eval_batches, stream=HELDOUT))
+    if rank == 0:
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"heldout/{k}", v, step)
+        log.info("step %d held-out %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if args.json:
+            print(json.dumps({"step": step, "heldout": metrics}), flush=True)
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from trainer.config import ModelConfig
+    from trainer.data import HELDOUT, SyntheticData
+    from trainer.plan import load_plan
+    from trainer.train import ShardedTrainer, evaluate
+
+    model_cfg = ModelConfig.load(args.config)
+    trainer = ShardedTrainer(model_cfg, load_plan(args.plan), args.shards.split(","))
+    state = torch.load(args.dense)
+    trainer.model.load_state_dict(state.get("model", state))
+    data = SyntheticData(model_cfg, seed=args.seed)
+    metrics = evaluate(trainer, data.batches(args.batch_size, args.batches, stream=HELDOUT))
+    metrics["teacher_auc"] = data.teacher_auc(args.batch_size * args.batches, args.batch_size)
+    trainer.close()
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:<12} {v:.4f}")
     return 0
 
 
@@ -130,7 +195,7 @@ def _agreed(flag: bool, world: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return train(args)
+    return train(args) if args.command == "train" else evaluate_cmd(args)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,19 @@ class ShardedTrainer:
         return torch.sigmoid(self.model(batch.dense, emb))
 
 
+def evaluate(trainer: ShardedTrainer, batches: Iterable[Batch]) -> dict[str, float]:
+    """Held-out AUC, normalized entropy and log loss of the current model (no updates, no step order)."""
+    from trainer.data import auc, normalized_entropy
+
+    probs, labels = [], []
+    for b in batches:
+        probs.append(trainer.predict(b, 0))
+        labels.append(b.labels)
+    p, y = torch.cat(probs), torch.cat(labels)
+    return {"auc": auc(p, y), "ne": normalized_entropy(p, y),
+            "logloss": float(F.binary_cross_entropy(p.double().clamp(1e-7, 1 - 1e-7), y.double()))}
+
+
 def init_distributed(world_size: int) -> None:
     """torchrun-compatible env:// rendezvous; gloo on CPU, NCCL when CUDA is present."""
     if world_size > 1 and not dist.is_initialized():

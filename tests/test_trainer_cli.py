@@ -1,0 +1,55 @@
+"""`trainer train` / `trainer evaluate` as a user runs them: progress, TensorBoard, held-out metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from embedding_service.process import launch
+from tests.test_trainer_pipeline import PLAN, shard_config
+from trainer.plan import dump_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_train_logs_and_evaluate(tmp_path):
+    (tmp_path / "plan.json").write_text(dump_plan(PLAN))
+    shards = [launch(shard_config(s), workdir=tmp_path / f"s{s}") for s in range(2)]
+    try:
+        common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--plan", str(tmp_path / "plan.json"),
+                  "--shards", ",".join(s.address for s in shards), "--seed", "1"]
+        out = cli("train", *common, "--steps", "60", "--batch-size", "128", "--logdir", str(tmp_path / "tb"),
+                  "--eval-every", "30", "--out", str(tmp_path / "out"), "--json")
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = [json.loads(x) for x in out.stdout.splitlines()]
+        assert [x["step"] for x in lines if "loss" in x and "event" not in x] == list(range(60))
+        evals = [x for x in lines if "heldout" in x]
+        assert [x["step"] for x in evals] == [29, 59] and 0.5 < evals[-1]["heldout"]["auc"] <= 1
+        assert lines[-1]["event"] == "done" and lines[-1]["steps"] == 60
+        acc = EventAccumulator(str(tmp_path / "tb"))
+        acc.Reload()
+        assert len(acc.Scalars("train/loss")) == 60 and len(acc.Scalars("heldout/auc")) == 2
+
+        ev = cli("evaluate", *common, "--dense", str(tmp_path / "out" / "dense.pt"), "--batch-size", "128",
+                 "--json")
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        metrics = json.loads(ev.stdout)
+        assert abs(metrics["auc"] - evals[-1]["heldout"]["auc"]) < 1e-9  # same shards, same dense state
+        assert 0.5 < metrics["teacher_auc"] < 1 and metrics["ne"] > 0
+    finally:
+        for s in shards:
+            s.kill()
+
+    bad = cli("train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--plan", str(tmp_path / "plan.json"),
+              "--shards", "127.0.0.1:1", "--steps", "1")
+    assert bad.returncode != 0 and "has 2 shards, got 1" in bad.stderr
