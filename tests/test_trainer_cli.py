@@ -46,6 +46,15 @@ def test_train_logs_and_evaluate(tmp_path):
         metrics = json.loads(ev.stdout)
         assert abs(metrics["auc"] - evals[-1]["heldout"]["auc"]) < 1e-9  # same shards, same dense state
         assert 0.5 < metrics["teacher_auc"] < 1 and metrics["ne"] > 0
+        # the same job on Criteo TSV input (tiny config: its 5 features read C1..C5, 4 dense read I1..I4)
+        tsv = tmp_path / "day.tsv"
+        rows = ["\t".join([str(i % 2), *[str(i * j % 97) for j in range(13)],
+                            *[f"{i * 7919 + j:x}" for j in range(26)]]) for i in range(300)]
+        tsv.write_text("\n".join(rows) + "\n")
+        crit = cli("train", *common, "--steps", "4", "--first-step", "1000", "--batch-size", "64",
+                   "--data", f"criteo:{tsv}", "--json")
+        assert crit.returncode == 0, crit.stderr[-3000:]
+        assert json.loads(crit.stdout.splitlines()[-1])["steps"] == 4
     finally:
         for s in shards:
             s.kill()

@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="model YAML (tables, dense architecture)")
     t.add_argument("--plan", required=True, help="sharding plan JSON (ShardingPlan)")
     t.add_argument("--shards", required=True, help="comma-separated HOST:PORT of shard 0, 1, ...")
-    t.add_argument("--data", default="synthetic", help="synthetic (teacher DLRM with Zipf ids)")
+    t.add_argument("--data", default="synthetic",
+                   help="synthetic (teacher DLRM, Zipf ids) or criteo:PATH[,PATH...] (Criteo TSV files)")
+    t.add_argument("--strict", action="store_true", help="criteo: fail on the first malformed line")
+    t.add_argument("--data-workers", type=int, default=0, help="criteo: parser processes")
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=256, help="global batch size (split over trainers)")
     t.add_argument("--first-step", type=int, default=0, help="step number of the first step")
@@ -69,8 +72,10 @@ def train(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by WORLD_SIZE {world}")
-    if args.data != "synthetic":
-        raise SystemExit(f"--data {args.data!r}: only 'synthetic' is wired into `trainer train` so far")
+    if args.data != "synthetic" and not args.data.startswith("criteo:"):
+        raise SystemExit(f"--data {args.data!r}: expected synthetic or criteo:PATH[,PATH...]")
+    if args.data != "synthetic" and args.eval_every:
+        raise SystemExit("--eval-every: held-out evaluation needs --data synthetic (the teacher's held-out stream)")
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("--resume needs --checkpoint-dir")
     model_cfg = ModelConfig.load(args.config)
@@ -102,7 +107,17 @@ def train(args: argparse.Namespace) -> int:
     bar = tqdm(total=remaining, desc=f"trainer {rank}", unit="step", disable=args.json or rank != 0)
     start = time.perf_counter()
     loss, done = float("nan"), 0
-    local = (b.split(sizes)[rank] for b in data.batches(args.batch_size, remaining, start=position))
+    if args.data == "synthetic":
+        source = data.batches(args.batch_size, remaining, start=position)
+    else:
+        from itertools import islice
+
+        from trainer.criteo import CriteoReader
+
+        reader = CriteoReader(args.data.removeprefix("criteo:").split(","), model_cfg, args.batch_size,
+                              strict=args.strict, num_workers=args.data_workers, skip_batches=position)
+        source = (b for b in islice(reader, remaining) if b.batch_size == args.batch_size)  # whole batches only
+    local = (b.split(sizes)[rank] for b in source)
     for res in trainer.train(local, first_step=first_step, pipelined=not args.no_pipeline):
         loss, done = res.loss, done + 1
         bar.update(1)
