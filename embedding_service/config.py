@@ -51,6 +51,10 @@ class ShardConfig:
     # Intra-op threads for the TBE kernels; None: all cores but one, which is left to gRPC's I/O
     # (on 2 cores a single kernel thread gives the fastest steps: gRPC then never waits for a core).
     compute_threads: int | None = None
+    # Collective transport: this shard's rank in the job's torch.distributed group (trainers are ranks
+    # 0..num_trainers-1) and the group's size; MASTER_ADDR/MASTER_PORT come from the environment.
+    collective_rank: int | None = None
+    collective_world_size: int | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +63,11 @@ class ShardConfig:
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
         if self.num_trainers < 1:
             raise ValueError(f"num_trainers: must be >= 1, got {self.num_trainers}")
+        if self.collective_rank is not None:
+            world = self.collective_world_size or 0
+            if not self.num_trainers <= self.collective_rank < world:
+                raise ValueError(f"collective_rank: {self.collective_rank} must be in [num_trainers "
+                                 f"{self.num_trainers}, collective_world_size {world})")
         if self.staleness < 0:
             raise ValueError(f"staleness: must be >= 0, got {self.staleness}")
         if self.device == "cpu":

@@ -81,6 +81,12 @@ def serve_forever(config: ShardConfig) -> NoReturn:
             "plan_version": config.assignment.plan_version, "slices": len(config.assignment.slices),
             "weight_bytes": shard.servicer.tables.weight_bytes,
             "optimizer_bytes": shard.servicer.tables.optimizer_bytes}
+    if config.collective_rank is not None:
+        from embedding_service.collective import CollectiveLoop
+
+        CollectiveLoop(shard.servicer.tables, shard.servicer.steps, config.collective_rank,
+                       config.collective_world_size or 0, config.num_trainers).start()
+        info["collective_rank"] = config.collective_rank
     print(json.dumps(info), flush=True)
     log.info("shard %d serving on %s:%d", config.assignment.shard_id, config.server.host, shard.port)
     stop = threading.Event()

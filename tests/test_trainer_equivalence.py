@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from google.protobuf import json_format
@@ -61,7 +62,8 @@ PLAN = simple_plan(MODEL, 2, kinds={"users": common_pb2.ROW_WISE, "items": commo
                                     "cities": common_pb2.TABLE_ROW_WISE})
 
 
-def start_shards(tmp_path: Path, name: str) -> list:
+def start_shards(tmp_path: Path, name: str, collective_port: int | None = None) -> list:
+    """Two shard processes; with `collective_port` they also join the job's group as ranks 2 and 3."""
     shards = []
     for s in range(2):
         a = assignment(PLAN, s)
@@ -69,14 +71,18 @@ def start_shards(tmp_path: Path, name: str) -> list:
                "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
                "slices": [json_format.MessageToDict(sl, preserving_proto_field_name=True,
                                                     always_print_fields_with_no_presence=True) for sl in a.slices]}
-        shards.append(launch(cfg, workdir=tmp_path / f"{name}{s}"))
+        env = None
+        if collective_port is not None:
+            cfg.update(collective_rank=2 + s, collective_world_size=4)
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(collective_port))
+        shards.append(launch(cfg, workdir=tmp_path / f"{name}{s}", env=env))
     return shards
 
 
-def run_trainers(tmp_path: Path, shards: list, *extra: str) -> None:
+def run_trainers(tmp_path: Path, shards: list, *extra: str, port: int | None = None) -> None:
     """Two trainer processes (torchrun-style env, gloo), to completion."""
     (tmp_path / "plan.json").write_text(dump_plan(PLAN))
-    port = free_port()
+    port = port or free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -91,11 +97,21 @@ def run_trainers(tmp_path: Path, shards: list, *extra: str) -> None:
         assert p.returncode == 0, err[-3000:]
 
 
-def test_two_trainers_two_shards_equal_single_process(tmp_path):
+@pytest.mark.parametrize("transport", ["grpc", "collective"])
+def test_two_trainers_two_shards_equal_single_process(tmp_path, transport):
     model_cfg, plan = MODEL, PLAN
-    shards = start_shards(tmp_path, "shard")
+    port = free_port() if transport == "collective" else None
+    shards = start_shards(tmp_path, "shard", collective_port=port)
     try:
-        run_trainers(tmp_path, shards, "--steps", str(STEPS))
+        run_trainers(tmp_path, shards, "--steps", str(STEPS), "--transport", transport, port=port)
+        for s in shards:
+            with ShardClient(s.address, plan_version=plan.version) as client:
+                info = client.info()
+            assert info.applied_step == STEPS - 1
+            if transport == "collective":  # every step went through all-to-all, none through Lookup RPCs
+                assert info.lookups == 0 and f"trainers stopped after {STEPS} steps" in s.log_tail()
+            else:
+                assert info.lookups == 2 * STEPS
         ref_tables, ref_model = reference(model_cfg)
 
         dense = torch.load(tmp_path / "out" / "dense.pt")

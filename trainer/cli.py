@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shards", required=True, help="comma-separated HOST:PORT of shard 0, 1, ...")
     t.add_argument("--data", default="synthetic",
                    help="synthetic (teacher DLRM, Zipf ids) or criteo:PATH[,PATH...] (Criteo TSV files)")
+    t.add_argument("--transport", choices=["grpc", "collective"], default="grpc",
+                   help="grpc: fan-out RPCs (across hosts); collective: all-to-all in one torch.distributed group "
+                        "with the shards (started with collective_rank = WORLD_SIZE + shard id)")
     t.add_argument("--strict", action="store_true", help="criteo: fail on the first malformed line")
     t.add_argument("--data-workers", type=int, default=0, help="criteo: parser processes")
     t.add_argument("--steps", type=int, default=100)
@@ -80,9 +83,10 @@ def train(args: argparse.Namespace) -> int:
         raise SystemExit("--resume needs --checkpoint-dir")
     model_cfg = ModelConfig.load(args.config)
     plan = load_plan(args.plan)
-    init_distributed(world)
+    collective = args.transport == "collective"
+    group = init_distributed(rank, world, plan.num_shards if collective else 0)
     trainer = ShardedTrainer(model_cfg, plan, args.shards.split(","), rank=rank, world_size=world, seed=args.seed,
-                             wire_dtype=WIRE[args.wire])
+                             wire_dtype=WIRE[args.wire], transport=args.transport, trainer_group=group)
     data = SyntheticData(model_cfg, seed=args.seed)
     sizes = [args.batch_size // world] * world
     first_step, position = args.first_step, 0
@@ -91,7 +95,7 @@ def train(args: argparse.Namespace) -> int:
         if rank == 0:
             resumed = checkpoint.restore(trainer, path)  # verifies, restores the shards and the dense state
         if world > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=group)
             if rank != 0:
                 resumed = checkpoint.load_dense(trainer, path)
         first_step, position = resumed.step + 1, resumed.data_position
@@ -129,17 +133,17 @@ def train(args: argparse.Namespace) -> int:
             writer.add_scalar("train/samples_per_s", done * args.batch_size / (time.perf_counter() - start), res.step)
         if args.eval_every and done % args.eval_every == 0:
             _evaluate(trainer, data, args, res.step, writer, rank)
-        halt = _agreed(stop["requested"], world)
+        halt = _agreed(stop["requested"], world, group)
         periodic = args.checkpoint_every and (res.step + 1 - args.first_step) % args.checkpoint_every == 0
         if args.checkpoint_dir and (periodic or halt):
             trainer.wait_updates()  # sync mode: every trainer's update of this step is applied
             if world > 1:
-                torch.distributed.barrier()
+                torch.distributed.barrier(group=group)
             if rank == 0:
                 saved = checkpoint.save(trainer, args.checkpoint_dir, res.step, position + done)
                 log.info("checkpoint of step %d: %s", res.step, saved)
             if world > 1:
-                torch.distributed.barrier()
+                torch.distributed.barrier(group=group)
         if halt:
             log.info("SIGTERM: stopped after step %d", res.step)
             break
@@ -198,12 +202,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agreed(flag: bool, world: int) -> bool:
+def _agreed(flag: bool, world: int, group=None) -> bool:
     """True on every rank once any rank saw the flag, so all stop at the same step boundary."""
     if world == 1:
         return flag
     t = torch.tensor([int(flag)])
-    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t, group=group)
     return bool(t.item())
 
 

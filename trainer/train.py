@@ -22,7 +22,7 @@ from trainer.batch import Batch, SparseBatch
 from trainer.config import ModelConfig
 from trainer.model import DenseDLRM
 from trainer.router import Router
-from trainer.transport import GrpcTransport, Pending
+from trainer.transport import CollectiveTransport, GrpcTransport, Pending
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +36,38 @@ class StepResult:
 
 class ShardedTrainer:
     def __init__(self, model_config: ModelConfig, plan: common_pb2.ShardingPlan, addresses: list[str], *,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, wire_dtype: torch.dtype = torch.float32) -> None:
+                 rank: int = 0, world_size: int = 1, seed: int = 0, wire_dtype: torch.dtype = torch.float32,
+                 transport: str = "grpc", trainer_group: dist.ProcessGroup | None = None) -> None:
         if len(addresses) != plan.num_shards:
             raise ValueError(f"--shards: the plan (version {plan.version}) has {plan.num_shards} shards, "
                              f"got {len(addresses)} addresses")
         self.config = model_config
         self.rank, self.world_size = rank, world_size
         self.router = Router(plan, model_config)
+        # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
         self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=rank, wire_dtype=wire_dtype)
+        if transport == "collective":
+            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(world_size, plan.num_shards)
+        elif transport == "grpc":
+            self.data = self.transport
+        else:
+            raise ValueError(f"transport: expected 'grpc' or 'collective', got {transport!r}")
         self.model = DenseDLRM(model_config, seed=seed)
-        self.dense = DistributedDataParallel(self.model) if world_size > 1 else self.model
+        self.dense = (DistributedDataParallel(self.model, process_group=trainer_group) if world_size > 1
+                      else self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr)
         self._updates: dict[int, Pending] = {}  # the last step's updates, still in flight when pipelined
 
     def close(self) -> None:
+        if isinstance(self.data, CollectiveTransport):
+            self.data.stop()
         self.transport.close()
 
     def send_lookup(self, sparse: SparseBatch, step: int, no_grad: bool = False) -> dict[int, Pending]:
         """input_dist and the fan-out; the results are gathered by `gather`."""
         requests = self.router.input_dist(sparse.keys, sparse.lengths, sparse.values, sparse.weights)
-        return self.transport.lookup_async(requests, step, no_grad=no_grad)
+        plane = self.transport if no_grad else self.data
+        return plane.lookup_async(requests, step, no_grad=no_grad)
 
     def gather(self, pending: dict[int, Pending]) -> tuple[torch.Tensor, dict[int, str]]:
         """output_dist: the pooled [B, F * D] and the shards' handles."""
@@ -74,7 +86,7 @@ class ShardedTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = self.router.grad_dist(emb.grad / self.world_size)
-        updates = self.transport.update_async(handles, grads, step)
+        updates = self.data.update_async(handles, grads, step)
         self.optimizer.step()
         return StepResult(step, float(loss.detach()), logits.detach()), updates
 
@@ -90,6 +102,7 @@ class ShardedTrainer:
         """Steps over `batches` (this trainer's parts). Pipelined, the lookup of batch i+1 is sent before
         the dense work of batch i; in sync mode the shard serves it only after update i is applied, so
         the results equal the non-pipelined loop's."""
+        pipelined = pipelined and not isinstance(self.data, CollectiveTransport)  # its exchanges are in step order
         it = iter(batches)
         batch = next(it, None)
         step = first_step
@@ -135,8 +148,17 @@ def evaluate(trainer: ShardedTrainer, batches: Iterable[Batch]) -> dict[str, flo
             "logloss": float(F.binary_cross_entropy(p.double().clamp(1e-7, 1 - 1e-7), y.double()))}
 
 
-def init_distributed(world_size: int) -> None:
-    """torchrun-compatible env:// rendezvous; gloo on CPU, NCCL when CUDA is present."""
+def init_distributed(rank: int, world_size: int, num_shards: int = 0) -> dist.ProcessGroup | None:
+    """torchrun-compatible env:// rendezvous (gloo on CPU, NCCL with CUDA). For the collective transport
+    (`num_shards` > 0) the shards join the same group as ranks world_size.. and the trainers get a
+    subgroup of their own for DDP; every rank creates it, in the same order."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if num_shards:
+        dist.init_process_group(backend, rank=rank, world_size=world_size + num_shards)
+        group = dist.new_group(list(range(world_size)))
+        log.info("rank %d of %d trainers joined the collective group with %d shards", rank, world_size, num_shards)
+        return group
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
         log.info("rank %d of %d joined", dist.get_rank(), dist.get_world_size())
+    return None

@@ -1,0 +1,113 @@
+"""The shard's side of the collective transport: trainers and shards in one torch.distributed group.
+
+Ranks 0..T-1 are trainers, T..T+S-1 shards (gloo on CPU, NCCL on GPU; env:// rendezvous). Every step
+all ranks run the same sequence of `all_to_all_single` calls (like TorchRec's KJTAllToAll and
+PooledEmbeddingsAllToAll), with the shards' rows of each exchange empty where they only receive:
+
+  1. header  int64 [3] per pair: number of lengths, number of ids, step (-1 on every trainer: stop)
+  2. lengths int64, 3. ids int64   trainers -> shards (feature-major over `canonical_features`)
+  4. pooled embeddings float32 [B_t, sum(d)]   shards -> trainers
+  5. gradients of 4                            trainers -> shards
+
+The shard merges the T trainers' batches into ONE forward and ONE backward, exactly as sync mode does
+over gRPC, so both transports give the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+import torch.distributed as dist
+
+from embedding_service.steps import StepScheduler
+from embedding_service.tables import ShardTables
+
+log = logging.getLogger(__name__)
+
+
+def canonical_features(tables: ShardTables) -> list[tuple[str, int]]:
+    """The (feature, slice) order of this shard's part of every exchange: tables in assignment order,
+    each table's features in order, its slices by (column, row). The trainer's router uses the same."""
+    refs = []
+    for name, table in tables.tables.items():
+        idxs = sorted((i for i, s in enumerate(tables.slices) if s.slice.table == name),
+                      key=lambda i: (tables.slices[i].slice.col_offset, tables.slices[i].slice.row_offset))
+        refs += [(f, i) for f in table.features for i in idxs]
+    return refs
+
+
+def init_group(rank: int, world_size: int, num_trainers: int) -> dist.ProcessGroup | None:
+    """Joins the job's group; returns the trainers' subgroup (every rank must create it)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
+    return dist.new_group(list(range(num_trainers)))
+
+
+class CollectiveLoop:
+    """Serves the collective protocol on a thread beside the gRPC server (which keeps health, Info,
+    Checkpoint and the rest)."""
+
+    def __init__(self, tables: ShardTables, steps: StepScheduler, rank: int, world_size: int,
+                 num_trainers: int) -> None:
+        self.tables, self.sched, self.lock = tables, steps, steps.cond
+        self.rank, self.world, self.num_trainers = rank, world_size, num_trainers
+        self.refs = canonical_features(tables)
+        self.dims = [tables.resolve(f, s).dim for f, s in self.refs]
+        self.steps = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="collective", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _a2a(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+             dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(sum(recv_splits), dtype=dtype)
+        dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits)
+        return out
+
+    def _run(self) -> None:
+        try:
+            init_group(self.rank, self.world, self.num_trainers)
+            log.info("collective: rank %d of %d joined (%d trainers)", self.rank, self.world, self.num_trainers)
+            self._loop()
+        except BaseException as e:  # a broken group cannot be recovered: report and stop serving it
+            self.error = e
+            log.exception("collective loop failed")
+
+    def _loop(self) -> None:
+        w, t = self.world, self.num_trainers
+        zeros = [0] * w
+        while True:
+            header = self._a2a(torch.zeros(3 * w, dtype=torch.int64), [3] * w, [3] * w, torch.int64).view(w, 3)
+            if int(header[:t, 2].max()) < 0:
+                log.info("collective: trainers stopped after %d steps", self.steps)
+                return
+            n_len = header[:, 0].tolist()
+            n_ids = header[:, 1].tolist()
+            step = int(header[0, 2])
+            lengths = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_len, torch.int64)
+            values = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_ids, torch.int64)
+            batches = []
+            lo, vo = 0, 0
+            for r in range(t):
+                b = n_len[r] // len(self.refs)
+                batches.append(self.tables.prepare(self.refs, b, lengths[lo : lo + n_len[r]],
+                                                   values[vo : vo + n_ids[r]], None))
+                lo, vo = lo + n_len[r], vo + n_ids[r]
+            with self.lock:
+                fwd = self.tables.forward(batches, requires_grad=True)
+            width = sum(self.dims)
+            sizes = [b.batch_size * width for b in batches] + [0] * (w - t)
+            emb = torch.cat([e.detach().reshape(-1) for e in fwd.embeddings])
+            self._a2a(emb, sizes, zeros, torch.float32)
+            grads = self._a2a(torch.empty(0), zeros, sizes, torch.float32)
+            parts = torch.split(grads, sizes[:t])
+            g = [p.view(b.batch_size, width) for p, b in zip(parts, batches, strict=True)]
+            with self.lock:
+                self.tables.backward(fwd, [self.tables.check_grad(x, b) for x, b in zip(g, batches, strict=True)])
+                self.sched.applied_step = step
+            self.steps += 1
+            log.debug("collective step %d applied", step)
