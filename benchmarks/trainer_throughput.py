@@ -1,8 +1,9 @@
 """DLRM training throughput: in-process fbgemm TBE (the limit) against 1 trainer + 2 shard processes.
 
 Prints one JSON line per result; variants measured round by round, medians reported:
-  in_process   - one process: fbgemm SplitTableBatchedEmbeddingBagsCodegen + the dense DLRM
-  grpc_2shards - one trainer, the tables table-wise over two shard processes, pipelined, sync mode
+  in_process         - one process: fbgemm SplitTableBatchedEmbeddingBagsCodegen + the dense DLRM
+  grpc_2shards       - one trainer, tables table-wise over two shard processes, gRPC, pipelined, sync
+  collective_2shards - the same over all_to_all_single in one gloo group with the shards (float32)
 
     python -m benchmarks.trainer_throughput --pooling 1 20 --wire fp32 fp16 --rounds 3
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -65,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dense-lr", type=float, default=0.005,
+    p.add_argument("--no-collective", action="store_true", help="skip the collective transport")
+    p.add_argument("--dense-lr", type=float, default=0.001,
                    help="the config's 0.1 diverges to NaN at pooling 20 (the shards then refuse the gradients)")
+    p.add_argument("--embedding-lr", type=float, default=0.01)
     args = p.parse_args(argv)
 
     from embedding_service.allocator import tune_allocator
@@ -74,25 +79,43 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import ModelConfig
     from trainer.data import SyntheticData
     from trainer.plan import assignment, simple_plan
-    from trainer.train import ShardedTrainer
+    from trainer.train import ShardedTrainer, init_distributed
 
     tune_allocator()
     model_cfg = ModelConfig.load(args.config)
     model_cfg.dense_lr = args.dense_lr
+    for t in model_cfg.tables:
+        t.optimizer.learning_rate = args.embedding_lr
     plan = simple_plan(model_cfg, 2)
     work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
-    shards = []
-    for s in range(2):
-        a = assignment(plan, s)
-        shards.append(launch({
-            "mode": "sync", "num_trainers": 1, "plan_version": plan.version, "shard_id": s,
-            "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-            "slices": [json_format.MessageToDict(x, preserving_proto_field_name=True,
-                                                 always_print_fields_with_no_presence=True) for x in a.slices]},
-            workdir=work / f"shard{s}"))
+
+    def start_shards(name: str, collective: bool) -> list:
+        out = []
+        for s in range(2):
+            a = assignment(plan, s)
+            cfg = {"mode": "sync", "num_trainers": 1, "plan_version": plan.version, "shard_id": s,
+                   "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
+                   "slices": [json_format.MessageToDict(x, preserving_proto_field_name=True,
+                                                        always_print_fields_with_no_presence=True)
+                              for x in a.slices]}
+            if collective:
+                cfg.update(collective_rank=1 + s, collective_world_size=3)
+            out.append(launch(cfg, workdir=work / f"{name}{s}", env=dict(os.environ)))
+        return out
+
+    shards = start_shards("grpc", False)
     local = InProcess(model_cfg)
-    trainers = {w: ShardedTrainer(model_cfg, plan, [s.address for s in shards], wire_dtype=WIRE[w])
+    trainers = {f"grpc_2shards/{w}": ShardedTrainer(model_cfg, plan, [s.address for s in shards], wire_dtype=WIRE[w])
                 for w in args.wire}
+    if not args.no_collective:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+        coll = start_shards("collective", True)
+        shards += coll
+        init_distributed(0, 1, num_shards=2)
+        trainers["collective_2shards/fp32"] = ShardedTrainer(model_cfg, plan, [s.address for s in coll],
+                                                             transport="collective")
     step = 0
     try:
         for pooling in args.pooling:
@@ -106,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.steps):
                     local.step(batches[i % 4])
                 rates.setdefault("in_process", []).append(args.steps * args.batch / (time.perf_counter() - t0))
-                for wire, trainer in trainers.items():
+                for key, trainer in trainers.items():
                     feed = (batches[i % 4] for i in range(args.steps + 3))
                     it = trainer.train(feed, first_step=step)
                     for _ in range(3):
@@ -114,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     for _ in it:
                         pass
-                    rates.setdefault(f"grpc_2shards/{wire}", []).append(
+                    rates.setdefault(key, []).append(
                         args.steps * args.batch / (time.perf_counter() - t0))
                     step += args.steps + 3
             base = statistics.median(rates["in_process"])
