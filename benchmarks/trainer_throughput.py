@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from google.protobuf import json_format
 
 ROOT = Path(__file__).resolve().parent.parent
 WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from embedding_service.process import launch
     from trainer.config import ModelConfig
     from trainer.data import SyntheticData
-    from trainer.plan import assignment, simple_plan
+    from trainer.plan import shard_config, simple_plan
     from trainer.train import ShardedTrainer, init_distributed
 
     tune_allocator()
@@ -92,14 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     def start_shards(name: str, collective: bool) -> list:
         out = []
         for s in range(2):
-            a = assignment(plan, s)
-            cfg = {"mode": "sync", "num_trainers": 1, "plan_version": plan.version, "shard_id": s,
-                   "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-                   "slices": [json_format.MessageToDict(x, preserving_proto_field_name=True,
-                                                        always_print_fields_with_no_presence=True)
-                              for x in a.slices]}
-            if collective:
-                cfg.update(collective_rank=1 + s, collective_world_size=3)
+            cfg = shard_config(plan, s, collective=collective)
             out.append(launch(cfg, workdir=work / f"{name}{s}", env=dict(os.environ)))
         return out
 

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from embedding_service.process import launch
 from tests.test_trainer_pipeline import PLAN, shard_config
-from trainer.plan import dump_plan
+from trainer.plan import dump_plan, load_plan
+from trainer.plan import shard_config as plan_shard_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_plan_and_shard_config_commands(tmp_path):
+    out = cli("plan", "--config", str(ROOT / "configs" / "tiny.yaml"), "--shards", "2", "--kind", "users=row_wise",
+              "--kind", "items=column_wise")
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "plan.json").write_text(out.stdout)
+    assert load_plan(tmp_path / "plan.json") == PLAN
+    sc = cli("shard-config", "--plan", str(tmp_path / "plan.json"), "--shard", "1", "--num-trainers", "2",
+             "--collective")
+    cfg = json.loads(sc.stdout)
+    assert cfg == plan_shard_config(PLAN, 1, num_trainers=2, collective=True)
+    assert (cfg["collective_rank"], cfg["collective_world_size"]) == (3, 4)
+    bad = cli("plan", "--config", str(ROOT / "configs" / "tiny.yaml"), "--shards", "2", "--kind", "users=diagonal")
+    assert bad.returncode != 0 and "users=diagonal" in bad.stderr
 
 
 def test_train_logs_and_evaluate(tmp_path):

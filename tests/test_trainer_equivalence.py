@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from google.protobuf import json_format
 
 from embedding_service.client import ShardClient
 from embedding_service.config import assignment_from_dict
@@ -22,7 +21,7 @@ from protos import codec, common_pb2
 from trainer.config import ModelConfig
 from trainer.data import SyntheticData
 from trainer.model import DenseDLRM
-from trainer.plan import assignment, dump_plan, simple_plan
+from trainer.plan import assignment, dump_plan, shard_config, simple_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -66,14 +65,9 @@ def start_shards(tmp_path: Path, name: str, collective_port: int | None = None) 
     """Two shard processes; with `collective_port` they also join the job's group as ranks 2 and 3."""
     shards = []
     for s in range(2):
-        a = assignment(PLAN, s)
-        cfg = {"seed": SEED, "mode": "sync", "num_trainers": 2, "plan_version": PLAN.version, "shard_id": s,
-               "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-               "slices": [json_format.MessageToDict(sl, preserving_proto_field_name=True,
-                                                    always_print_fields_with_no_presence=True) for sl in a.slices]}
+        cfg = shard_config(PLAN, s, num_trainers=2, seed=SEED, collective=collective_port is not None)
         env = None
         if collective_port is not None:
-            cfg.update(collective_rank=2 + s, collective_world_size=4)
             env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(collective_port))
         shards.append(launch(cfg, workdir=tmp_path / f"{name}{s}", env=env))
     return shards

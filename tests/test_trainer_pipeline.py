@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from google.protobuf import json_format
 
 from embedding_service.client import ShardClient
 from embedding_service.process import launch
@@ -14,6 +13,7 @@ from protos import common_pb2
 from trainer.config import ModelConfig
 from trainer.data import SyntheticData
 from trainer.plan import assignment, simple_plan
+from trainer.plan import shard_config as plan_shard_config
 from trainer.train import ShardedTrainer
 from trainer.transport import GrpcTransport, ShardUnavailable
 
@@ -22,12 +22,8 @@ MODEL = ModelConfig.load(ROOT / "configs" / "tiny.yaml")
 PLAN = simple_plan(MODEL, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE})
 
 
-def shard_config(shard: int, num_trainers: int = 1) -> dict:
-    a = assignment(PLAN, shard)
-    return {"seed": 1, "mode": "sync", "num_trainers": num_trainers, "plan_version": PLAN.version, "shard_id": shard,
-            "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-            "slices": [json_format.MessageToDict(s, preserving_proto_field_name=True,
-                                                 always_print_fields_with_no_presence=True) for s in a.slices]}
+def shard_config(shard: int) -> dict:
+    return plan_shard_config(PLAN, shard, seed=1)
 
 
 def run(tmp_path: Path, name: str, pipelined: bool) -> tuple[dict, list[torch.Tensor], list[float]]:

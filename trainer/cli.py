@@ -50,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (and at the end)")
     t.add_argument("--eval-batches", type=int, default=4, help="held-out batches of --batch-size per evaluation")
     t.add_argument("--json", action="store_true", help="one JSON line per logged step instead of a progress bar")
+    pl = sub.add_parser("plan", help="write a simple sharding plan (JSON) for a model config",
+                        description="Table-wise round robin by default; --kind TABLE=row_wise|column_wise|"
+                                    "table_row_wise|data_parallel changes one table. (The coordinator's planner "
+                                    "balances by cost.)")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--shards", type=int, required=True, help="number of shards")
+    pl.add_argument("--kind", action="append", default=[], help="TABLE=SHARDING_TYPE (repeatable)")
+    pl.add_argument("--version", type=int, default=1)
+    sc = sub.add_parser("shard-config", help="the config of one shard of a plan (JSON for `embedding-shard serve`)")
+    sc.add_argument("--plan", required=True)
+    sc.add_argument("--shard", type=int, required=True)
+    sc.add_argument("--num-trainers", type=int, default=1)
+    sc.add_argument("--mode", choices=["sync", "async"], default="sync")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--collective", action="store_true",
+                    help="join the trainers' group as rank num_trainers + shard (collective transport)")
     e = sub.add_parser("evaluate", help="held-out AUC / NE of a trained model (shards + a dense state file)",
                        description="Looks up the held-out synthetic batches through the shards (no updates) and "
                                    "scores them with the dense state; prints AUC, NE and the teacher's AUC.")
@@ -202,6 +218,34 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_cmd(args: argparse.Namespace) -> int:
+    from protos import common_pb2
+    from trainer.config import ModelConfig
+    from trainer.plan import dump_plan, simple_plan
+
+    kinds = {}
+    for spec in args.kind:
+        table, _, kind = spec.partition("=")
+        try:
+            kinds[table] = common_pb2.ShardingType.Value(kind.upper())
+        except ValueError:
+            raise SystemExit(f"--kind {spec!r}: expected TABLE=table_wise|row_wise|column_wise|table_row_wise|"
+                             "data_parallel") from None
+    print(dump_plan(simple_plan(ModelConfig.load(args.config), args.shards, args.version, kinds)))
+    return 0
+
+
+def shard_config_cmd(args: argparse.Namespace) -> int:
+    from trainer.plan import load_plan, shard_config
+
+    plan = load_plan(args.plan)
+    if not 0 <= args.shard < plan.num_shards:
+        raise SystemExit(f"--shard {args.shard}: the plan has shards 0..{plan.num_shards - 1}")
+    print(json.dumps(shard_config(plan, args.shard, num_trainers=args.num_trainers, mode=args.mode, seed=args.seed,
+                                  collective=args.collective), indent=1))
+    return 0
+
+
 def _agreed(flag: bool, world: int, group=None) -> bool:
     """True on every rank once any rank saw the flag, so all stop at the same step boundary."""
     if world == 1:
@@ -214,7 +258,8 @@ def _agreed(flag: bool, world: int, group=None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return train(args) if args.command == "train" else evaluate_cmd(args)
+    commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

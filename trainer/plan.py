@@ -151,3 +151,18 @@ def simple_plan(model: ModelConfig, num_shards: int, version: int = 1,
             plan.slices.add(shard=shard, slice=common_pb2.TableSlice(
                 table=t.name, row_offset=r0, num_rows=nr, col_offset=c0, num_cols=nc, sharding_type=kind))
     return plan
+
+
+def shard_config(plan: common_pb2.ShardingPlan, shard: int, *, num_trainers: int = 1, mode: str = "sync",
+                 seed: int = 0, collective: bool = False, **extra) -> dict:
+    """The `embedding-shard serve` config (JSON-ready) of one shard of a plan."""
+    a = assignment(plan, shard)
+    cfg = {"shard_id": shard, "plan_version": plan.version, "mode": mode, "num_trainers": num_trainers,
+           "seed": seed,
+           "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
+           "slices": [json_format.MessageToDict(s, preserving_proto_field_name=True,
+                                                always_print_fields_with_no_presence=True) for s in a.slices]}
+    if collective:
+        cfg.update(collective_rank=num_trainers + shard, collective_world_size=num_trainers + plan.num_shards)
+    cfg.update(extra)
+    return cfg

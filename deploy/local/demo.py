@@ -108,12 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_dlrm(steps: int, work: Path, quiet: bool, batch_size: int = 256) -> dict:
     """Part 2: the tiny DLRM trained through two shard processes; held-out AUC against the teacher's."""
-    from google.protobuf import json_format
-
     from protos import common_pb2
     from trainer.config import ModelConfig
     from trainer.data import HELDOUT, SyntheticData, auc
-    from trainer.plan import assignment, simple_plan
+    from trainer.plan import shard_config, simple_plan
     from trainer.train import ShardedTrainer
 
     model = ModelConfig.load(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
@@ -121,13 +119,7 @@ def train_dlrm(steps: int, work: Path, quiet: bool, batch_size: int = 256) -> di
     shards = []
     try:
         for s in range(2):
-            a = assignment(plan, s)
-            shards.append(launch({
-                "seed": 1, "mode": "sync", "num_trainers": 1, "plan_version": plan.version, "shard_id": s,
-                "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-                "slices": [json_format.MessageToDict(x, preserving_proto_field_name=True,
-                                                     always_print_fields_with_no_presence=True) for x in a.slices]},
-                workdir=work / f"dlrm-shard{s}"))
+            shards.append(launch(shard_config(plan, s, seed=1), workdir=work / f"dlrm-shard{s}"))
         trainer = ShardedTrainer(model, plan, [s.address for s in shards], seed=1)
         data = SyntheticData(model, seed=1)
         start = time.perf_counter()
