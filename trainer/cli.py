@@ -178,6 +178,10 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "done", "steps": done, "last_step": first_step + done - 1, "loss": loss,
                           "samples_per_s": round(done * args.batch_size / max(elapsed, 1e-9), 1)}), flush=True)
     trainer.close()
+    if torch.distributed.is_initialized():
+        # an orderly teardown: a process group left to the interpreter's exit can abort in its destructor
+        torch.distributed.barrier(group=group)
+        torch.distributed.destroy_process_group()
     return 0
 
 
