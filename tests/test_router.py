@@ -128,3 +128,11 @@ def test_invalid_plans_are_refused_naming_the_table(mutate, message):
     mutate(plan)
     with pytest.raises(PlanError, match=message):
         validate_plan(plan, MODEL)
+
+
+def test_router_rejects_out_of_range_ids():
+    router = Router(PLANS["mixed"](), MODEL)
+    lengths = torch.ones(len(MODEL.features), dtype=torch.int64)
+    values = torch.tensor([5, 7, 499, 500, 3])  # one id per feature; city has 40 rows
+    with pytest.raises(ValueError, match=r"feature 'city': id 500 outside its table's rows \[0, 40\)"):
+        router.input_dist([f.name for f in MODEL.features], lengths, values)

@@ -61,6 +61,7 @@ class Router:
         self.plan = plan
         self.dim = model.embedding_dim
         self.features = [f.name for f in model.features]
+        self.rows = [f.num_rows for f in model.features]
         self.num_shards = plan.num_shards
         table_of = {f.name: f.table for f in model.features}
         slice_pos: dict[int, int] = {}
@@ -115,6 +116,11 @@ class Router:
         parts: dict[Route, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for fi in range(n_feat):
             vals = values[offs[fi] : offs[fi + 1]]
+            if vals.numel():  # a bad id fails here, naming it, not inside a shard or a collective
+                lo, hi = (int(x) for x in torch.aminmax(vals))
+                if lo < 0 or hi >= self.rows[fi]:
+                    raise ValueError(f"feature {keys[fi]!r}: id {lo if lo < 0 else hi} outside its table's "
+                                     f"rows [0, {self.rows[fi]})")
             wts = None if weights is None else weights[offs[fi] : offs[fi + 1]]
             for tile in self.tiles[fi]:
                 if len(tile.routes) == 1:
