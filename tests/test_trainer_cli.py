@@ -78,3 +78,27 @@ def test_train_logs_and_evaluate(tmp_path):
     bad = cli("train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--plan", str(tmp_path / "plan.json"),
               "--shards", "127.0.0.1:1", "--steps", "1")
     assert bad.returncode != 0 and "has 2 shards, got 1" in bad.stderr
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_zero(tmp_path):
+    import signal
+
+    (tmp_path / "plan.json").write_text(dump_plan(PLAN))
+    shards = [launch(shard_config(s), workdir=tmp_path / f"s{s}") for s in range(2)]
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+             "--plan", str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards),
+             "--steps", "100000", "--batch-size", "64", "--checkpoint-dir", str(tmp_path / "ckpt"), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        first = json.loads(proc.stdout.readline())  # training is under way
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        done = json.loads(out.splitlines()[-1])
+        assert done["event"] == "done" and first["step"] <= done["last_step"] < 100000
+        manifest = json.loads((tmp_path / "ckpt" / f"step-{done['last_step']}" / "manifest.json").read_text())
+        assert manifest["step"] == done["last_step"] and manifest["data_position"] == done["last_step"] + 1
+    finally:
+        for s in shards:
+            s.kill()
