@@ -58,7 +58,7 @@ def reference(model_cfg: ModelConfig):
 
 MODEL = ModelConfig.load(CONFIG)
 PLAN = simple_plan(MODEL, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE,
-                                    "cities": common_pb2.TABLE_ROW_WISE})
+                                    "cities": common_pb2.TABLE_ROW_WISE, "hours": common_pb2.DATA_PARALLEL})
 
 
 def start_shards(tmp_path: Path, name: str, collective_port: int | None = None) -> list:
@@ -111,6 +111,10 @@ def test_two_trainers_two_shards_equal_single_process(tmp_path, transport):
         dense = torch.load(tmp_path / "out" / "dense.pt")
         for name, value in ref_model.state_dict().items():
             torch.testing.assert_close(dense[name], value, atol=1e-5, rtol=0, msg=name)
+        # the data-parallel table, replicated in the trainers, trained as the in-process TBE trained it
+        local = torch.load(tmp_path / "out" / "local.pt")
+        hours = next(r for r in ref_tables.slices if r.slice.table == "hours").weights.detach()
+        torch.testing.assert_close(local["bags.hours.weight"], hours, atol=1e-5, rtol=0)
         # every slice of every shard equals the same rows and columns of the reference tables
         for s, proc in enumerate(shards):
             with ShardClient(proc.address, plan_version=plan.version) as client:

@@ -1,10 +1,10 @@
 """Consistent checkpoints of a training job: dense state and every shard at the same step.
 
-Layout: `<dir>/step-<s>/` holds `dense.pt` (model + optimizer), `shard-<i>/` (each shard's own
-checkpoint, written by the shard) and `manifest.json` (step, data position, plan version, sha256 of
-dense.pt and of every shard manifest). The step directory is built under a temporary name and renamed
-into place; `<dir>/LATEST` (written atomically) names the newest complete one. Restore verifies every
-checksum before it touches a shard or the model.
+Layout: `<dir>/step-<s>/` holds `dense.pt` (dense model, data-parallel tables, optimizers),
+`shard-<i>/` (each shard's own checkpoint, written by the shard) and `manifest.json` (step, data
+position, plan version, sha256 of dense.pt and of every shard manifest). The step directory is built
+under a temporary name and renamed into place; `<dir>/LATEST` (written atomically) names the newest
+complete one. Restore verifies every checksum before it touches a shard or the model.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def save(trainer: ShardedTrainer, root: str | Path, step: int, data_position: in
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, tmp / "dense.pt")
+    torch.save({"model": trainer.replicated.state_dict(), "optimizer": trainer.optimizer.state_dict()},
+               tmp / "dense.pt")
     shards = {}
     for i, client in enumerate(trainer.transport.clients):
         client.checkpoint(str(tmp / f"shard-{i}"), step=step)
@@ -99,6 +100,6 @@ def load_dense(trainer: ShardedTrainer, path: str | Path) -> Resumed:
     if _sha256(path / "dense.pt") != manifest["dense_sha256"]:
         raise CheckpointError(f"{path / 'dense.pt'}: sha256 mismatch")
     state = torch.load(path / "dense.pt")
-    trainer.model.load_state_dict(state["model"])
+    trainer.replicated.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     return Resumed(manifest["step"], manifest["data_position"])

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", required=True)
     e.add_argument("--plan", required=True)
     e.add_argument("--shards", required=True)
-    e.add_argument("--dense", required=True, help="dense.pt from `train --out` or a checkpoint's dense.pt")
+    e.add_argument("--dense", required=True, help="dense.pt from `train --out` (local.pt beside it is read too) "
+                                                  "or a checkpoint's dense.pt")
     e.add_argument("--seed", type=int, default=0, help="the training data seed (the teacher)")
     e.add_argument("--batches", type=int, default=4)
     e.add_argument("--batch-size", type=int, default=2048)
@@ -174,6 +175,8 @@ def train(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer.model.state_dict(), out / "dense.pt")
+        if trainer.local is not None:
+            torch.save(trainer.local.state_dict(), out / "local.pt")
     if rank == 0:
         print(json.dumps({"event": "done", "steps": done, "last_step": first_step + done - 1, "loss": loss,
                           "samples_per_s": round(done * args.batch_size / max(elapsed, 1e-9), 1)}), flush=True)
@@ -209,7 +212,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig.load(args.config)
     trainer = ShardedTrainer(model_cfg, load_plan(args.plan), args.shards.split(","))
     state = torch.load(args.dense)
-    trainer.model.load_state_dict(state.get("model", state))
+    if "model" in state:  # a checkpoint's dense.pt: dense model and data-parallel tables
+        trainer.replicated.load_state_dict(state["model"])
+    else:  # `train --out`: dense.pt, and local.pt beside it when the plan has data-parallel tables
+        trainer.model.load_state_dict(state)
+        if trainer.local is not None:
+            trainer.local.load_state_dict(torch.load(Path(args.dense).with_name("local.pt")))
     data = SyntheticData(model_cfg, seed=args.seed)
     metrics = evaluate(trainer, data.batches(args.batch_size, args.batches, stream=HELDOUT))
     metrics["teacher_auc"] = data.teacher_auc(args.batch_size * args.batches, args.batch_size)

@@ -16,7 +16,7 @@ import torch
 
 from protos import common_pb2
 from trainer.config import ModelConfig
-from trainer.plan import PlanError, assignment, validate_plan
+from trainer.plan import assignment, validate_plan
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,7 @@ class _Tile:
 
 class Router:
     def __init__(self, plan: common_pb2.ShardingPlan, model: ModelConfig) -> None:
-        validate_plan(plan, model)
-        if plan.data_parallel:
-            raise PlanError(f"tables {list(plan.data_parallel)}: data_parallel tables are not supported by the "
-                            "trainer yet; shard them")
+        validate_plan(plan, model)  # data_parallel tables have no slices: their features get no routes
         self.plan = plan
         self.dim = model.embedding_dim
         self.features = [f.name for f in model.features]

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from protos import common_pb2
 from trainer.batch import Batch, SparseBatch
 from trainer.config import ModelConfig
+from trainer.local import LocalTables, MultiOptimizer, Replicated
 from trainer.model import DenseDLRM
 from trainer.router import Router
 from trainer.transport import CollectiveTransport, GrpcTransport, Pending
@@ -53,9 +54,12 @@ class ShardedTrainer:
         else:
             raise ValueError(f"transport: expected 'grpc' or 'collective', got {transport!r}")
         self.model = DenseDLRM(model_config, seed=seed)
-        self.dense = (DistributedDataParallel(self.model, process_group=trainer_group) if world_size > 1
-                      else self.model)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr)
+        self.local = LocalTables(model_config, list(plan.data_parallel), seed=seed) if plan.data_parallel else None
+        self.replicated = Replicated(self.model, self.local)
+        self.dense = (DistributedDataParallel(self.replicated, process_group=trainer_group) if world_size > 1
+                      else self.replicated)
+        self.optimizer = MultiOptimizer([torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr),
+                                         *(self.local.optimizers() if self.local else [])])
         self._updates: dict[int, Pending] = {}  # the last step's updates, still in flight when pipelined
 
     def close(self) -> None:
@@ -81,7 +85,7 @@ class ShardedTrainer:
     def _dense_step(self, batch: Batch, step: int, emb: torch.Tensor,
                     handles: dict[int, str]) -> tuple[StepResult, dict[int, Pending]]:
         emb.requires_grad_()
-        logits = self.dense(batch.dense, emb)
+        logits = self.dense(batch.dense, emb, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,7 +136,7 @@ class ShardedTrainer:
     @torch.no_grad()
     def predict(self, batch, step: int) -> torch.Tensor:
         emb, _ = self.lookup(batch.sparse, step, no_grad=True)
-        return torch.sigmoid(self.model(batch.dense, emb))
+        return torch.sigmoid(self.replicated(batch.dense, emb, batch.sparse))
 
 
 def evaluate(trainer: ShardedTrainer, batches: Iterable[Batch]) -> dict[str, float]:
