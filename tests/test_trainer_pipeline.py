@@ -66,3 +66,27 @@ def test_unreachable_shard_names_shard_and_plan_version():
 def test_plan_and_shard_count_must_match():
     with pytest.raises(ValueError, match=r"plan .* has 2 shards, got 1"):
         ShardedTrainer(MODEL, PLAN, ["127.0.0.1:1"])
+
+
+def test_bounded_staleness_runs_ahead_and_trains(tmp_path):
+    shards = [launch(plan_shard_config(PLAN, s, seed=1, mode="async", staleness=2), workdir=tmp_path / f"a{s}")
+              for s in range(2)]
+    sync = [launch(plan_shard_config(PLAN, s, seed=1), workdir=tmp_path / f"s{s}") for s in range(2)]
+    try:
+        trainer = ShardedTrainer(MODEL, PLAN, [s.address for s in shards], seed=1)
+        seen = []
+        for r in trainer.train(SyntheticData(MODEL, seed=1).batches(64, 40), staleness=2):
+            seen.append(len(trainer._inflight))
+            last = r
+        assert max(seen) == 3  # at each yield: this step's updates and the 2 before it were still in flight
+        assert last.step == 39 and not trainer._inflight
+        for s in shards:
+            with ShardClient(s.address, plan_version=PLAN.version) as c:
+                assert c.info().updates == 40
+        trainer.close()
+        with pytest.raises(ValueError, match=r"shard 0 .* runs sync mode"):
+            next(ShardedTrainer(MODEL, PLAN, [s.address for s in sync], seed=1).train(
+                SyntheticData(MODEL, seed=1).batches(64, 1), staleness=1))
+    finally:
+        for s in shards + sync:
+            s.kill()

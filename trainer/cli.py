@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", help="consistent checkpoints (dense + every shard) go here")
     t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (and on SIGTERM)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    t.add_argument("--async-staleness", type=int, default=0, metavar="K",
+                   help="bounded-staleness training: lookups may run K steps ahead of this trainer's applied "
+                        "updates (shards in async mode, staleness >= K); 0 is sync")
     t.add_argument("--no-pipeline", action="store_true", help="wait for each step's updates before the next lookup")
     t.add_argument("--logdir", help="TensorBoard logs (rank 0): loss, samples/s, held-out AUC and NE")
     t.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (and at the end)")
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--shard", type=int, required=True)
     sc.add_argument("--num-trainers", type=int, default=1)
     sc.add_argument("--mode", choices=["sync", "async"], default="sync")
+    sc.add_argument("--staleness", type=int, default=0, help="async mode: steps a trainer's lookups may run ahead")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--collective", action="store_true",
                     help="join the trainers' group as rank num_trainers + shard (collective transport)")
@@ -101,6 +105,8 @@ def train(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig.load(args.config)
     plan = load_plan(args.plan)
     collective = args.transport == "collective"
+    if args.async_staleness < 0:
+        raise SystemExit("--async-staleness: must be >= 0")
     group = init_distributed(rank, world, plan.num_shards if collective else 0)
     trainer = ShardedTrainer(model_cfg, plan, args.shards.split(","), rank=rank, world_size=world, seed=args.seed,
                              wire_dtype=WIRE[args.wire], transport=args.transport, trainer_group=group)
@@ -139,7 +145,8 @@ def train(args: argparse.Namespace) -> int:
                               strict=args.strict, num_workers=args.data_workers, skip_batches=position)
         source = (b for b in islice(reader, remaining) if b.batch_size == args.batch_size)  # whole batches only
     local = (b.split(sizes)[rank] for b in source)
-    for res in trainer.train(local, first_step=first_step, pipelined=not args.no_pipeline):
+    for res in trainer.train(local, first_step=first_step, pipelined=not args.no_pipeline,
+                             staleness=args.async_staleness):
         loss, done = res.loss, done + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -254,7 +261,8 @@ def shard_config_cmd(args: argparse.Namespace) -> int:
     if not 0 <= args.shard < plan.num_shards:
         raise SystemExit(f"--shard {args.shard}: the plan has shards 0..{plan.num_shards - 1}")
     print(json.dumps(shard_config(plan, args.shard, num_trainers=args.num_trainers, mode=args.mode, seed=args.seed,
-                                  collective=args.collective), indent=1))
+                                  collective=args.collective,
+                                  **({"staleness": args.staleness} if args.staleness else {})), indent=1))
     return 0
 
 

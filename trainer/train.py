@@ -8,6 +8,7 @@ over trainers) is the gradient of the global mean loss, exactly as one process o
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class ShardedTrainer:
                       else self.replicated)
         self.optimizer = MultiOptimizer([torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr),
                                          *(self.local.optimizers() if self.local else [])])
-        self._updates: dict[int, Pending] = {}  # the last step's updates, still in flight when pipelined
+        self._inflight: collections.deque[dict[int, Pending]] = collections.deque()  # updates not yet waited for
 
     def close(self) -> None:
         if isinstance(self.data, CollectiveTransport):
@@ -102,24 +103,36 @@ class ShardedTrainer:
             p.result()
         return result
 
-    def train(self, batches: Iterable[Batch], first_step: int = 0, pipelined: bool = True) -> Iterator[StepResult]:
+    def train(self, batches: Iterable[Batch], first_step: int = 0, pipelined: bool = True,
+              staleness: int = 0) -> Iterator[StepResult]:
         """Steps over `batches` (this trainer's parts). Pipelined, the lookup of batch i+1 is sent before
         the dense work of batch i; in sync mode the shard serves it only after update i is applied, so
-        the results equal the non-pipelined loop's."""
+        the results equal the non-pipelined loop's. `staleness` K > 0 (async shards only) lets up to K
+        steps' updates still be in flight when a lookup is gathered: bounded-staleness training."""
+        if staleness and isinstance(self.data, CollectiveTransport):
+            raise ValueError("staleness: the collective transport is synchronous")
+        if staleness:
+            for shard, client in enumerate(self.transport.clients):
+                mode = client.info().mode
+                if mode != "async":
+                    raise ValueError(f"staleness {staleness}: shard {shard} at {client.address} runs {mode} mode; "
+                                     "bounded staleness needs shards started with mode async")
         pipelined = pipelined and not isinstance(self.data, CollectiveTransport)  # its exchanges are in step order
         it = iter(batches)
         batch = next(it, None)
         step = first_step
         pending = self.send_lookup(batch.sparse, step) if batch is not None else {}
         while batch is not None:
-            # the previous step's updates first: the shard serves this lookup only after applying them,
-            # so this costs no overlap, and a failed update is reported instead of stalling the lookup
-            self.wait_updates()
+            # earlier steps' updates first: the shard serves this lookup only after applying them (all
+            # but the last `staleness`), so this costs no overlap, and a failed update is reported
+            # instead of stalling the lookup
+            self.wait_updates(keep=staleness)
             emb, handles = self.gather(pending)
             nxt = next(it, None)
             if pipelined and nxt is not None:
                 pending = self.send_lookup(nxt.sparse, step + 1)
-            result, self._updates = self._dense_step(batch, step, emb, handles)
+            result, updates = self._dense_step(batch, step, emb, handles)
+            self._inflight.append(updates)
             if not pipelined or nxt is None:
                 self.wait_updates()
                 if nxt is not None:
@@ -127,11 +140,12 @@ class ShardedTrainer:
             yield result
             batch, step = nxt, step + 1
 
-    def wait_updates(self) -> None:
-        """Blocks until this trainer's last updates are applied (in sync mode: everyone's)."""
-        updates, self._updates = self._updates, {}
-        for p in updates.values():
-            p.result()
+    def wait_updates(self, keep: int = 0) -> None:
+        """Blocks until all but the last `keep` steps' updates of this trainer are applied (in sync mode:
+        every trainer's)."""
+        while len(self._inflight) > keep:
+            for p in self._inflight.popleft().values():
+                p.result()
 
     @torch.no_grad()
     def predict(self, batch, step: int) -> torch.Tensor:
