@@ -1,13 +1,18 @@
 """The shard's side of the collective transport: trainers and shards in one torch.distributed group.
 
-Ranks 0..T-1 are trainers, T..T+S-1 shards (gloo on CPU, NCCL on GPU; env:// rendezvous). Every step
-all ranks run the same sequence of `all_to_all_single` calls (like TorchRec's KJTAllToAll and
-PooledEmbeddingsAllToAll), with the shards' rows of each exchange empty where they only receive:
+Ranks 0..T-1 are trainers, T..T+S-1 shards (gloo on CPU, NCCL on GPU; env:// rendezvous). All ranks
+run the same sequence of `all_to_all_single` calls (like TorchRec's KJTAllToAll and
+PooledEmbeddingsAllToAll), the shards' rows empty where they only receive. One round:
 
-  1. header  int64 [3] per pair: number of lengths, number of ids, step (-1 on every trainer: stop)
-  2. lengths int64, 3. ids int64   trainers -> shards (feature-major over `canonical_features`)
-  4. pooled embeddings float32 [B_t, sum(d)]   shards -> trainers
-  5. gradients of 4                            trainers -> shards
+  1. header  int64 [3] per pair: number of lengths, number of ids, and the step of the NEXT batch, or
+     PAUSE (no next batch: the trainers' loop ends) or STOP (the job ends)
+  2. lengths int64, 3. ids int64 of the next batch   trainers -> shards (feature-major, `canonical_features`)
+  4. gradients of the current batch's embeddings     trainers -> shards (when a batch is current)
+  5. pooled embeddings float32 [B_t, sum(d)] of the next batch   shards -> trainers
+
+So the ids of batch i+1 travel (and are validated) before the gradients of batch i: a trainer can send
+them before its dense forward/backward of batch i (the pipeline) without changing any result, since
+the forward of i+1 still runs after the backward of i.
 
 The shard merges the T trainers' batches into ONE forward and ONE backward, exactly as sync mode does
 over gRPC, so both transports give the same model.
@@ -23,6 +28,7 @@ import torch.distributed as dist
 
 from embedding_service.steps import StepScheduler
 from embedding_service.tables import ShardTables
+from protos.collective import PAUSE, STOP
 
 log = logging.getLogger(__name__)
 
@@ -80,34 +86,40 @@ class CollectiveLoop:
     def _loop(self) -> None:
         w, t = self.world, self.num_trainers
         zeros = [0] * w
+        width = sum(self.dims)
+        current = None  # (step, forward result, batches) awaiting its gradients
         while True:
             header = self._a2a(torch.zeros(3 * w, dtype=torch.int64), [3] * w, [3] * w, torch.int64).view(w, 3)
-            if int(header[:t, 2].max()) < 0:
+            code = int(header[:t, 2].min())
+            if code == STOP:
                 log.info("collective: trainers stopped after %d steps", self.steps)
                 return
-            n_len = header[:, 0].tolist()
-            n_ids = header[:, 1].tolist()
-            step = int(header[0, 2])
-            lengths = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_len, torch.int64)
-            values = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_ids, torch.int64)
-            batches = []
-            lo, vo = 0, 0
-            for r in range(t):
-                b = n_len[r] // len(self.refs)
-                batches.append(self.tables.prepare(self.refs, b, lengths[lo : lo + n_len[r]],
-                                                   values[vo : vo + n_ids[r]], None))
-                lo, vo = lo + n_len[r], vo + n_ids[r]
-            with self.lock:
-                fwd = self.tables.forward(batches, requires_grad=True)
-            width = sum(self.dims)
-            sizes = [b.batch_size * width for b in batches] + [0] * (w - t)
-            emb = torch.cat([e.detach().reshape(-1) for e in fwd.embeddings])
-            self._a2a(emb, sizes, zeros, torch.float32)
-            grads = self._a2a(torch.empty(0), zeros, sizes, torch.float32)
-            parts = torch.split(grads, sizes[:t])
-            g = [p.view(b.batch_size, width) for p, b in zip(parts, batches, strict=True)]
-            with self.lock:
-                self.tables.backward(fwd, [self.tables.check_grad(x, b) for x, b in zip(g, batches, strict=True)])
-                self.sched.applied_step = step
-            self.steps += 1
-            log.debug("collective step %d applied", step)
+            nxt = None
+            if code != PAUSE:
+                n_len, n_ids = header[:, 0].tolist(), header[:, 1].tolist()
+                lengths = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_len, torch.int64)
+                values = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_ids, torch.int64)
+                batches, lo, vo = [], 0, 0
+                for r in range(t):  # validated while the trainers still run the previous step's dense part
+                    batches.append(self.tables.prepare(self.refs, n_len[r] // len(self.refs),
+                                                       lengths[lo : lo + n_len[r]], values[vo : vo + n_ids[r]], None))
+                    lo, vo = lo + n_len[r], vo + n_ids[r]
+                nxt = (code, batches)
+            if current is not None:
+                step, fwd, batches = current
+                sizes = [b.batch_size * width for b in batches] + [0] * (w - t)
+                grads = torch.split(self._a2a(torch.empty(0), zeros, sizes, torch.float32), sizes[:t])
+                g = [self.tables.check_grad(p.view(b.batch_size, width), b)
+                     for p, b in zip(grads, batches, strict=True)]
+                with self.lock:
+                    self.tables.backward(fwd, g)
+                    self.sched.applied_step = step
+                self.steps += 1
+                current = None
+            if nxt is not None:
+                step, batches = nxt
+                with self.lock:
+                    fwd = self.tables.forward(batches, requires_grad=True)
+                sizes = [b.batch_size * width for b in batches] + [0] * (w - t)
+                self._a2a(torch.cat([e.detach().reshape(-1) for e in fwd.embeddings]), sizes, zeros, torch.float32)
+                current = (step, fwd, batches)

@@ -91,13 +91,14 @@ def run_trainers(tmp_path: Path, shards: list, *extra: str, port: int | None = N
         assert p.returncode == 0, err[-3000:]
 
 
-@pytest.mark.parametrize("transport", ["grpc", "collective"])
-def test_two_trainers_two_shards_equal_single_process(tmp_path, transport):
+@pytest.mark.parametrize("transport, pipeline", [("grpc", True), ("collective", True), ("collective", False)])
+def test_two_trainers_two_shards_equal_single_process(tmp_path, transport, pipeline):
     model_cfg, plan = MODEL, PLAN
     port = free_port() if transport == "collective" else None
     shards = start_shards(tmp_path, "shard", collective_port=port)
     try:
-        run_trainers(tmp_path, shards, "--steps", str(STEPS), "--transport", transport, port=port)
+        flags = ["--steps", str(STEPS), "--transport", transport, *([] if pipeline else ["--no-pipeline"])]
+        run_trainers(tmp_path, shards, *flags, port=port)
         for s in shards:
             with ShardClient(s.address, plan_version=plan.version) as client:
                 info = client.info()

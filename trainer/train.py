@@ -83,25 +83,52 @@ class ShardedTrainer:
     def lookup(self, sparse: SparseBatch, step: int, no_grad: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
         return self.gather(self.send_lookup(sparse, step, no_grad))
 
-    def _dense_step(self, batch: Batch, step: int, emb: torch.Tensor,
-                    handles: dict[int, str]) -> tuple[StepResult, dict[int, Pending]]:
+    def _dense_backward(self, batch: Batch, step: int, emb: torch.Tensor) -> tuple[StepResult, dict[int, torch.Tensor]]:
+        """Dense forward/backward and optimizer step; returns the embedding gradients per shard."""
         emb.requires_grad_()
         logits = self.dense(batch.dense, emb, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = self.router.grad_dist(emb.grad / self.world_size)
-        updates = self.data.update_async(handles, grads, step)
         self.optimizer.step()
-        return StepResult(step, float(loss.detach()), logits.detach()), updates
+        return StepResult(step, float(loss.detach()), logits.detach()), grads
 
-    def train_step(self, batch: Batch, step: int) -> StepResult:
-        """One non-pipelined step: lookup, dense forward/backward, update (waited for)."""
-        emb, handles = self.lookup(batch.sparse, step)
-        result, updates = self._dense_step(batch, step, emb, handles)
-        for p in updates.values():
-            p.result()
-        return result
+    def _dense_step(self, batch: Batch, step: int, emb: torch.Tensor,
+                    handles: dict[int, str]) -> tuple[StepResult, dict[int, Pending]]:
+        result, grads = self._dense_backward(batch, step, emb)
+        return result, self.data.update_async(handles, grads, step)
+
+    def _train_collective(self, batches: Iterable[Batch], first_step: int, pipelined: bool) -> Iterator[StepResult]:
+        """The loop over the collective transport: per round, the next batch's ids (before the dense
+        work when pipelined), this batch's gradients, the next batch's embeddings."""
+        data = self.data
+        assert isinstance(data, CollectiveTransport)
+
+        def route(b: Batch) -> dict:
+            sp = b.sparse
+            return self.router.input_dist(sp.keys, sp.lengths, sp.values, sp.weights)
+
+        it = iter(batches)
+        batch = next(it, None)
+        if batch is None:
+            return
+        step = first_step
+        sent = data.send_ids(route(batch), step)
+        results = data.recv_embeddings(sent)
+        while batch is not None:
+            emb = self.router.output_dist({s: r.embeddings for s, r in results.items()})
+            nxt = next(it, None)
+            if pipelined:
+                sent = data.send_ids(route(nxt) if nxt is not None else None, step + 1)
+            result, grads = self._dense_backward(batch, step, emb)
+            if not pipelined:
+                sent = data.send_ids(route(nxt) if nxt is not None else None, step + 1)
+            data.send_grads(grads)
+            if nxt is not None:
+                results = data.recv_embeddings(sent)
+            yield result
+            batch, step = nxt, step + 1
 
     def train(self, batches: Iterable[Batch], first_step: int = 0, pipelined: bool = True,
               staleness: int = 0) -> Iterator[StepResult]:
@@ -117,7 +144,9 @@ class ShardedTrainer:
                 if mode != "async":
                     raise ValueError(f"staleness {staleness}: shard {shard} at {client.address} runs {mode} mode; "
                                      "bounded staleness needs shards started with mode async")
-        pipelined = pipelined and not isinstance(self.data, CollectiveTransport)  # its exchanges are in step order
+        if isinstance(self.data, CollectiveTransport):
+            yield from self._train_collective(batches, first_step, pipelined)
+            return
         it = iter(batches)
         batch = next(it, None)
         step = first_step

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from embedding_service.client import LookupResult, ShardClient
+from protos.collective import PAUSE, STOP
 from trainer.router import ShardRequest
 
 log = logging.getLogger(__name__)
@@ -102,25 +102,14 @@ class Pending:
         return self.transport._retry(self.shard, self.what, call)
 
 
-@dataclass
-class _Done:
-    """A finished exchange, shaped like `Pending` for the training loop."""
-
-    value: object = None
-
-    def result(self):
-        return self.value
-
-
 class CollectiveTransport:
     """Ids, embeddings and gradients through `all_to_all_single` in the job's torch.distributed group
-    (see embedding_service/collective.py for the protocol). Trainers are ranks 0..T-1, shard s is rank
-    T+s. Exchanges are blocking and in step order, so the loop runs non-pipelined on this transport."""
+    (protocol: embedding_service/collective.py). Trainers are ranks 0..T-1, shard s is rank T+s.
+    The ids of the next batch are exchanged before the gradients of the current one."""
 
     def __init__(self, num_trainers: int, num_shards: int) -> None:
         self.trainers, self.shards = num_trainers, num_shards
         self.world = num_trainers + num_shards
-        self.dims: dict[int, int] = {}
 
     def _a2a(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
              dtype: torch.dtype) -> torch.Tensor:
@@ -128,36 +117,45 @@ class CollectiveTransport:
         dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits)
         return out
 
-    def _shard_splits(self, per_shard: dict[int, int]) -> list[int]:
+    def _to_shards(self, per_shard: dict[int, int]) -> list[int]:
         return [0] * self.trainers + [per_shard.get(s, 0) for s in range(self.shards)]
 
-    def lookup_async(self, requests: dict[int, ShardRequest], step: int, no_grad: bool = False) -> dict[int, _Done]:
-        if no_grad:
-            raise ValueError("collective transport: evaluation lookups go over gRPC")
+    def _header(self, code: int, requests: dict[int, ShardRequest] | None = None) -> None:
         header = torch.zeros(self.world, 3, dtype=torch.int64)
-        for s, req in requests.items():
-            header[self.trainers + s] = torch.tensor([req.lengths.numel(), req.values.numel(), step])
+        header[self.trainers :, 2] = code
+        for s, req in (requests or {}).items():
+            header[self.trainers + s, :2] = torch.tensor([req.lengths.numel(), req.values.numel()])
         self._a2a(header.flatten(), [3] * self.world, [3] * self.world, torch.int64)
-        order = sorted(requests)
-        self._a2a(torch.cat([requests[s].lengths.to(torch.int64) for s in order]),
-                  self._shard_splits({s: requests[s].lengths.numel() for s in order}), [0] * self.world, torch.int64)
-        self._a2a(torch.cat([requests[s].values.to(torch.int64) for s in order]),
-                  self._shard_splits({s: requests[s].values.numel() for s in order}), [0] * self.world, torch.int64)
-        batch = {s: requests[s].lengths.numel() // len(requests[s].features) for s in order}
-        sizes = {s: batch[s] * sum(requests[s].dims) for s in order}
-        emb = self._a2a(torch.empty(0), [0] * self.world, self._shard_splits(sizes), torch.float32)
-        parts = torch.split(emb, [sizes[s] for s in order])
-        return {s: _Done(LookupResult("", p.view(batch[s], -1), list(requests[s].dims)))
-                for s, p in zip(order, parts, strict=True)}
 
-    def update_async(self, handles: dict[int, str], grads: dict[int, torch.Tensor], step: int) -> dict[int, _Done]:
+    def send_ids(self, requests: dict[int, ShardRequest] | None, step: int) -> dict[int, ShardRequest] | None:
+        """Round part 1-3: the next batch's ids, or PAUSE when there is none."""
+        if requests is None:
+            self._header(PAUSE)
+            return None
+        self._header(step, requests)
+        order = sorted(requests)
+        for field in ("lengths", "values"):
+            parts = [getattr(requests[s], field).to(torch.int64) for s in order]
+            self._a2a(torch.cat(parts), self._to_shards({s: p.numel() for s, p in zip(order, parts, strict=True)}),
+                      [0] * self.world, torch.int64)
+        return requests
+
+    def send_grads(self, grads: dict[int, torch.Tensor]) -> None:
+        """Round part 4: the current batch's gradients."""
         order = sorted(grads)
         self._a2a(torch.cat([grads[s].reshape(-1).float() for s in order]),
-                  self._shard_splits({s: grads[s].numel() for s in order}), [0] * self.world, torch.float32)
-        return {s: _Done() for s in order}
+                  self._to_shards({s: grads[s].numel() for s in order}), [0] * self.world, torch.float32)
+
+    def recv_embeddings(self, requests: dict[int, ShardRequest]) -> dict[int, LookupResult]:
+        """Round part 5: the pooled embeddings of the batch whose ids were sent."""
+        order = sorted(requests)
+        batch = {s: requests[s].lengths.numel() // len(requests[s].features) for s in order}
+        sizes = {s: batch[s] * sum(requests[s].dims) for s in order}
+        emb = self._a2a(torch.empty(0), [0] * self.world, self._to_shards(sizes), torch.float32)
+        parts = torch.split(emb, [sizes[s] for s in order])
+        return {s: LookupResult("", p.view(batch[s], -1), list(requests[s].dims))
+                for s, p in zip(order, parts, strict=True)}
 
     def stop(self) -> None:
-        """Tells the shards' collective loops that the job is over."""
-        header = torch.zeros(self.world, 3, dtype=torch.int64)
-        header[self.trainers :, 2] = -1
-        self._a2a(header.flatten(), [3] * self.world, [3] * self.world, torch.int64)
+        """Ends the shards' collective loops (after a PAUSE: no batch is current)."""
+        self._header(STOP)
