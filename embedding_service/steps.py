@@ -62,7 +62,6 @@ class Counters:
     updates: int = 0
     rows_looked_up: int = 0
     rows_updated: int = 0
-    applied_updates: int = 0
 
 
 class StepScheduler:
@@ -203,7 +202,6 @@ class StepScheduler:
         if self.mode is SyncMode.SYNC:
             self.current = None
         self.applied_step = max(self.applied_step, group.step)
-        self.counters.applied_updates += 1
         self.cond.notify_all()
 
     def _register(self, group: StepGroup, trainer: int) -> str:

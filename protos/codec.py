@@ -23,8 +23,6 @@ _TO_TORCH: dict[int, torch.dtype] = {
 }
 _TO_PROTO: dict[torch.dtype, int] = {v: k for k, v in _TO_TORCH.items()}
 
-WIRE_FLOAT_DTYPES = (common_pb2.FLOAT32, common_pb2.FLOAT16, common_pb2.BFLOAT16)
-
 
 class CodecError(ValueError):
     """A Tensor message that cannot be decoded; the message names the field."""

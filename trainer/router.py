@@ -16,7 +16,7 @@ import torch
 
 from protos import common_pb2
 from trainer.config import ModelConfig
-from trainer.plan import assignment, validate_plan
+from trainer.plan import validate_plan
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,6 @@ class Router:
                 col += r.num_cols
         max_rows = max(r.num_rows for routes in self.shard_routes.values() for r in routes)
         self.id_dtype = torch.int32 if max_rows < 2**31 else torch.int64
-
-    def assignment(self, shard: int) -> common_pb2.ShardAssignment:
-        return assignment(self.plan, shard)
-
-    @property
-    def shards(self) -> list[int]:
-        return [s for s, routes in self.shard_routes.items() if routes]
 
     def input_dist(self, keys: list[str], lengths: torch.Tensor, values: torch.Tensor,
                    weights: torch.Tensor | None = None) -> dict[int, ShardRequest]:
