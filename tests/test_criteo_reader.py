@@ -72,3 +72,22 @@ def test_workers_and_skip_give_the_same_batches(tsv):
         assert torch.equal(a.sparse.values, b.sparse.values) and torch.equal(a.dense, b.dense)
     assert torch.equal(skipped[0].sparse.values, plain[2].sparse.values)
     assert sum(b.batch_size for b in skipped) == 2 * 43 - 16
+
+
+def test_every_categorical_column_is_checked_and_crlf_is_accepted(tmp_path):
+    rng = random.Random(1)
+    good = line(rng).rstrip("\n")
+    cols = good.split("\t")
+    cols[-1] = ""  # an empty last column, then a Windows line end
+    crlf = "\t".join(cols) + "\r\n"
+    bad_unused = good.split("\t")
+    bad_unused[-1] = "0x1f"  # prefixed hex in C26, a column a 5-feature model does not read
+    path = tmp_path / "mixed.tsv"
+    path.write_text(crlf + "\t".join(bad_unused) + "\n")
+    tiny = ModelConfig.from_dict({
+        "dense": {"dense_features": 13, "bottom_mlp": [16, 8], "top_mlp": [16, 1]},
+        "tables": [{"name": f"t{i}", "num_rows": 100, "dim": 8, "features": [f"c{i}"]} for i in range(5)]})
+    for config in (CONFIG, tiny):
+        reader = CriteoReader([path], config, batch_size=4)
+        assert sum(b.batch_size for b in reader) == 1
+        assert dict(reader.stats.reasons) == {"non-hex categorical value": 1}

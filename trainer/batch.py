@@ -20,7 +20,9 @@ class SparseBatch:
     def __post_init__(self) -> None:
         if not self.keys:
             raise ValueError("keys: empty")
-        if self.lengths.dim() != 1 or self.lengths.numel() % len(self.keys):
+        if self.lengths.dim() != 1:
+            raise ValueError(f"lengths: expected 1-D [len(keys) * batch], got shape {list(self.lengths.shape)}")
+        if self.lengths.numel() % len(self.keys):
             raise ValueError(f"lengths: {self.lengths.numel()} entries do not split over {len(self.keys)} keys")
         if int(self.lengths.sum()) != self.values.numel():
             raise ValueError(f"lengths add up to {int(self.lengths.sum())} but values holds {self.values.numel()}")

@@ -24,6 +24,7 @@ from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
 NUM_DENSE, NUM_CATEGORICAL = 13, 26
+_HEX = frozenset("0123456789abcdefABCDEF")  # int(x, 16) alone would also take "0x", signs, "_" and spaces
 
 
 @dataclass
@@ -47,7 +48,7 @@ def parse_chunk(args: tuple[list[tuple[str, int, str]], list[int], int]) -> Pars
     out = Parsed([], [], [], [])
     n_cat = len(rows)
     for path, lineno, text in lines:
-        cols = text.rstrip("\n").split("\t")
+        cols = text.rstrip("\r\n").split("\t")
         if len(cols) != 1 + NUM_DENSE + NUM_CATEGORICAL:
             out.bad.append((f"{len(cols)} columns, expected {1 + NUM_DENSE + NUM_CATEGORICAL}", path, lineno))
             continue
@@ -59,12 +60,11 @@ def parse_chunk(args: tuple[list[tuple[str, int, str]], list[int], int]) -> Pars
         except ValueError:
             out.bad.append(("non-integer dense value", path, lineno))
             continue
-        try:
-            cats = [int(x, 16) % r if x else 0 for x, r in zip(cols[1 + NUM_DENSE : 1 + NUM_DENSE + n_cat], rows,
-                                                                strict=True)]
-        except ValueError:
+        categorical = cols[1 + NUM_DENSE :]
+        if not all(_HEX.issuperset(x) for x in categorical):  # every column, whether the model reads it or not
             out.bad.append(("non-hex categorical value", path, lineno))
             continue
+        cats = [int(x, 16) % r if x else 0 for x, r in zip(categorical[:n_cat], rows, strict=True)]
         out.labels.append(float(cols[0]))
         out.dense.append(dense[:dense_width] + [0.0] * (dense_width - NUM_DENSE))
         out.cats.append(cats)
