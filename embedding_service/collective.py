@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from embedding_service.steps import StepScheduler
 from embedding_service.tables import ShardTables
-from protos.collective import PAUSE, STOP
+from protos.collective import PAUSE, STOP, exchange
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,6 @@ class CollectiveLoop:
     def start(self) -> None:
         self.thread.start()
 
-    def _a2a(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-             dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(sum(recv_splits), dtype=dtype)
-        dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits)
-        return out
-
     def _run(self) -> None:
         try:
             init_group(self.rank, self.world, self.num_trainers)
@@ -89,7 +83,7 @@ class CollectiveLoop:
         width = sum(self.dims)
         current = None  # (step, forward result, batches) awaiting its gradients
         while True:
-            header = self._a2a(torch.zeros(3 * w, dtype=torch.int64), [3] * w, [3] * w, torch.int64).view(w, 3)
+            header = exchange(torch.zeros(3 * w, dtype=torch.int64), [3] * w, [3] * w, torch.int64).view(w, 3)
             code = int(header[:t, 2].min())
             if code == STOP:
                 log.info("collective: trainers stopped after %d steps", self.steps)
@@ -97,8 +91,8 @@ class CollectiveLoop:
             nxt = None
             if code != PAUSE:
                 n_len, n_ids = header[:, 0].tolist(), header[:, 1].tolist()
-                lengths = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_len, torch.int64)
-                values = self._a2a(torch.empty(0, dtype=torch.int64), zeros, n_ids, torch.int64)
+                lengths = exchange(torch.empty(0, dtype=torch.int64), zeros, n_len, torch.int64)
+                values = exchange(torch.empty(0, dtype=torch.int64), zeros, n_ids, torch.int64)
                 batches, lo, vo = [], 0, 0
                 for r in range(t):  # validated while the trainers still run the previous step's dense part
                     batches.append(self.tables.prepare(self.refs, n_len[r] // len(self.refs),
@@ -108,7 +102,7 @@ class CollectiveLoop:
             if current is not None:
                 step, fwd, batches = current
                 sizes = [b.batch_size * width for b in batches] + [0] * (w - t)
-                grads = torch.split(self._a2a(torch.empty(0), zeros, sizes, torch.float32), sizes[:t])
+                grads = torch.split(exchange(torch.empty(0), zeros, sizes, torch.float32), sizes[:t])
                 g = [self.tables.check_grad(p.view(b.batch_size, width), b)
                      for p, b in zip(grads, batches, strict=True)]
                 with self.lock:
@@ -121,5 +115,5 @@ class CollectiveLoop:
                 with self.lock:
                     fwd = self.tables.forward(batches, requires_grad=True)
                 sizes = [b.batch_size * width for b in batches] + [0] * (w - t)
-                self._a2a(torch.cat([e.detach().reshape(-1) for e in fwd.embeddings]), sizes, zeros, torch.float32)
+                exchange(torch.cat([e.detach().reshape(-1) for e in fwd.embeddings]), sizes, zeros, torch.float32)
                 current = (step, fwd, batches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -34,49 +35,49 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> tuple[str, grpc.StatusCode, str]:
+def _status(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, ShardError):
-        return err.code.name, err.code, err.message
+        return err.code, err.message
     if isinstance(err, codec.CodecError):
-        return "INVALID_ARGUMENT", grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
     log.exception("%s failed", method)
-    return "INTERNAL", grpc.StatusCode.INTERNAL, f"{method}: internal error: {err}"
+    return grpc.StatusCode.INTERNAL, f"{method}: internal error: {err}"
+
+
+@contextlib.contextmanager
+def _served(servicer: ShardServicer, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Metrics and error mapping around one RPC: an exception becomes a precise status."""
+    start = time.perf_counter()
+    code = "OK"
+    try:
+        yield
+    except Exception as e:
+        status, message = _status(e, method)
+        code = status.name
+        context.abort(status, message)
+    finally:
+        servicer.metrics.requests.labels(method, code).inc()
+        servicer.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
 
 def rpc(method):
-    """Metrics + error mapping for unary and client-streaming methods."""
+    """For unary and client-streaming methods."""
 
     @functools.wraps(method)
     def wrapper(self: ShardServicer, request, context):
-        start = time.perf_counter()
-        code = "OK"
-        try:
+        with _served(self, method.__name__, context):
             return method(self, request, context)
-        except Exception as e:
-            code, status, message = _abort(context, e, method.__name__)
-            context.abort(status, message)
-        finally:
-            self.metrics.requests.labels(method.__name__, code).inc()
-            self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - start)
 
     return wrapper
 
 
 def stream_rpc(method):
-    """The same for server-streaming methods (generators)."""
+    """For server-streaming methods (generators)."""
 
     @functools.wraps(method)
     def wrapper(self: ShardServicer, request, context):
-        start = time.perf_counter()
-        code = "OK"
-        try:
+        with _served(self, method.__name__, context):
             yield from method(self, request, context)
-        except Exception as e:
-            code, status, message = _abort(context, e, method.__name__)
-            context.abort(status, message)
-        finally:
-            self.metrics.requests.labels(method.__name__, code).inc()
-            self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - start)
 
     return wrapper
 

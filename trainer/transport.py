@@ -9,10 +9,9 @@ from typing import TypeVar
 
 import grpc
 import torch
-import torch.distributed as dist
 
 from embedding_service.client import LookupResult, ShardClient
-from protos.collective import PAUSE, STOP
+from protos.collective import PAUSE, STOP, exchange
 from trainer.router import ShardRequest
 
 log = logging.getLogger(__name__)
@@ -111,12 +110,6 @@ class CollectiveTransport:
         self.trainers, self.shards = num_trainers, num_shards
         self.world = num_trainers + num_shards
 
-    def _a2a(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-             dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(sum(recv_splits), dtype=dtype)
-        dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits)
-        return out
-
     def _to_shards(self, per_shard: dict[int, int]) -> list[int]:
         return [0] * self.trainers + [per_shard.get(s, 0) for s in range(self.shards)]
 
@@ -125,7 +118,7 @@ class CollectiveTransport:
         header[self.trainers :, 2] = code
         for s, req in (requests or {}).items():
             header[self.trainers + s, :2] = torch.tensor([req.lengths.numel(), req.values.numel()])
-        self._a2a(header.flatten(), [3] * self.world, [3] * self.world, torch.int64)
+        exchange(header.flatten(), [3] * self.world, [3] * self.world, torch.int64)
 
     def send_ids(self, requests: dict[int, ShardRequest] | None, step: int) -> dict[int, ShardRequest] | None:
         """Round part 1-3: the next batch's ids, or PAUSE when there is none."""
@@ -136,14 +129,14 @@ class CollectiveTransport:
         order = sorted(requests)
         for field in ("lengths", "values"):
             parts = [getattr(requests[s], field).to(torch.int64) for s in order]
-            self._a2a(torch.cat(parts), self._to_shards({s: p.numel() for s, p in zip(order, parts, strict=True)}),
+            exchange(torch.cat(parts), self._to_shards({s: p.numel() for s, p in zip(order, parts, strict=True)}),
                       [0] * self.world, torch.int64)
         return requests
 
     def send_grads(self, grads: dict[int, torch.Tensor]) -> None:
         """Round part 4: the current batch's gradients."""
         order = sorted(grads)
-        self._a2a(torch.cat([grads[s].reshape(-1).float() for s in order]),
+        exchange(torch.cat([grads[s].reshape(-1).float() for s in order]),
                   self._to_shards({s: grads[s].numel() for s in order}), [0] * self.world, torch.float32)
 
     def recv_embeddings(self, requests: dict[int, ShardRequest]) -> dict[int, LookupResult]:
@@ -151,7 +144,7 @@ class CollectiveTransport:
         order = sorted(requests)
         batch = {s: requests[s].lengths.numel() // len(requests[s].features) for s in order}
         sizes = {s: batch[s] * sum(requests[s].dims) for s in order}
-        emb = self._a2a(torch.empty(0), [0] * self.world, self._to_shards(sizes), torch.float32)
+        emb = exchange(torch.empty(0), [0] * self.world, self._to_shards(sizes), torch.float32)
         parts = torch.split(emb, [sizes[s] for s in order])
         return {s: LookupResult("", p.view(batch[s], -1), list(requests[s].dims))
                 for s, p in zip(order, parts, strict=True)}
