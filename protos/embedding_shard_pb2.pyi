@@ -178,7 +178,7 @@ class SliceInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., slice: _Optional[_Union[_common_pb2.TableSlice, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ..., weight_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("shard_id", "plan_version", "device", "mode", "num_trainers", "slices", "weight_bytes", "optimizer_bytes", "resident_bytes", "lookups", "updates", "rows_looked_up", "rows_updated", "applied_step")
+    __slots__ = ("shard_id", "plan_version", "device", "mode", "num_trainers", "slices", "weight_bytes", "optimizer_bytes", "resident_bytes", "lookups", "updates", "rows_looked_up", "rows_updated", "applied_step", "staged_version")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class InfoResponse(_message.Message):
     ROWS_LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
     ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGED_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     plan_version: int
     device: str
@@ -207,4 +208,85 @@ class InfoResponse(_message.Message):
     rows_looked_up: int
     rows_updated: int
     applied_step: int
-    def __init__(self, shard_id: _Optional[int] = ..., plan_version: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., num_trainers: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., updates: _Optional[int] = ..., rows_looked_up: _Optional[int] = ..., rows_updated: _Optional[int] = ..., applied_step: _Optional[int] = ...) -> None: ...
+    staged_version: int
+    def __init__(self, shard_id: _Optional[int] = ..., plan_version: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., num_trainers: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., updates: _Optional[int] = ..., rows_looked_up: _Optional[int] = ..., rows_updated: _Optional[int] = ..., applied_step: _Optional[int] = ..., staged_version: _Optional[int] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ("assignment",)
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    assignment: _common_pb2.ShardAssignment
+    def __init__(self, assignment: _Optional[_Union[_common_pb2.ShardAssignment, _Mapping]] = ...) -> None: ...
+
+class PrepareResponse(_message.Message):
+    __slots__ = ("weight_bytes", "optimizer_bytes")
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    weight_bytes: int
+    optimizer_bytes: int
+    def __init__(self, weight_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ...) -> None: ...
+
+class PullRowsRequest(_message.Message):
+    __slots__ = ("plan_version", "source", "source_plan_version", "source_slice", "row_start", "row_end", "src_col_start", "num_cols", "dest_slice", "dest_row_start", "dest_col_start", "chunk_rows")
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SLICE_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_END_FIELD_NUMBER: _ClassVar[int]
+    SRC_COL_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_COLS_FIELD_NUMBER: _ClassVar[int]
+    DEST_SLICE_FIELD_NUMBER: _ClassVar[int]
+    DEST_ROW_START_FIELD_NUMBER: _ClassVar[int]
+    DEST_COL_START_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    source: str
+    source_plan_version: int
+    source_slice: int
+    row_start: int
+    row_end: int
+    src_col_start: int
+    num_cols: int
+    dest_slice: int
+    dest_row_start: int
+    dest_col_start: int
+    chunk_rows: int
+    def __init__(self, plan_version: _Optional[int] = ..., source: _Optional[str] = ..., source_plan_version: _Optional[int] = ..., source_slice: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., src_col_start: _Optional[int] = ..., num_cols: _Optional[int] = ..., dest_slice: _Optional[int] = ..., dest_row_start: _Optional[int] = ..., dest_col_start: _Optional[int] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+
+class PullRowsResponse(_message.Message):
+    __slots__ = ("rows", "chunks", "bytes", "sha256")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    chunks: int
+    bytes: int
+    sha256: bytes
+    def __init__(self, rows: _Optional[int] = ..., chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("plan_version", "applied_step")
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    applied_step: int
+    def __init__(self, plan_version: _Optional[int] = ..., applied_step: _Optional[int] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("plan_version",)
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    def __init__(self, plan_version: _Optional[int] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("plan_version",)
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    def __init__(self, plan_version: _Optional[int] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...

@@ -74,6 +74,26 @@ class EmbeddingShardStub:
                 request_serializer=protos_dot_embedding__shard__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protos_dot_embedding__shard__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/recsys.v1.EmbeddingShard/Prepare',
+                request_serializer=protos_dot_embedding__shard__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=protos_dot_embedding__shard__pb2.PrepareResponse.FromString,
+                _registered_method=True)
+        self.PullRows = channel.unary_unary(
+                '/recsys.v1.EmbeddingShard/PullRows',
+                request_serializer=protos_dot_embedding__shard__pb2.PullRowsRequest.SerializeToString,
+                response_deserializer=protos_dot_embedding__shard__pb2.PullRowsResponse.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/recsys.v1.EmbeddingShard/Commit',
+                request_serializer=protos_dot_embedding__shard__pb2.CommitRequest.SerializeToString,
+                response_deserializer=protos_dot_embedding__shard__pb2.CommitResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/recsys.v1.EmbeddingShard/Abort',
+                request_serializer=protos_dot_embedding__shard__pb2.AbortRequest.SerializeToString,
+                response_deserializer=protos_dot_embedding__shard__pb2.AbortResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingShardServicer:
@@ -132,6 +152,32 @@ class EmbeddingShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """Re-sharding: stage a new plan's assignment beside the live one (seeded initial rows), fill it
+        with rows pulled shard-to-shard, then flip to it (Commit) or drop it (Abort).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullRows(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +220,26 @@ def add_EmbeddingShardServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protos_dot_embedding__shard__pb2.InfoRequest.FromString,
                     response_serializer=protos_dot_embedding__shard__pb2.InfoResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=protos_dot_embedding__shard__pb2.PrepareRequest.FromString,
+                    response_serializer=protos_dot_embedding__shard__pb2.PrepareResponse.SerializeToString,
+            ),
+            'PullRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullRows,
+                    request_deserializer=protos_dot_embedding__shard__pb2.PullRowsRequest.FromString,
+                    response_serializer=protos_dot_embedding__shard__pb2.PullRowsResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=protos_dot_embedding__shard__pb2.CommitRequest.FromString,
+                    response_serializer=protos_dot_embedding__shard__pb2.CommitResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=protos_dot_embedding__shard__pb2.AbortRequest.FromString,
+                    response_serializer=protos_dot_embedding__shard__pb2.AbortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +458,114 @@ class EmbeddingShard:
             '/recsys.v1.EmbeddingShard/Info',
             protos_dot_embedding__shard__pb2.InfoRequest.SerializeToString,
             protos_dot_embedding__shard__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.EmbeddingShard/Prepare',
+            protos_dot_embedding__shard__pb2.PrepareRequest.SerializeToString,
+            protos_dot_embedding__shard__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.EmbeddingShard/PullRows',
+            protos_dot_embedding__shard__pb2.PullRowsRequest.SerializeToString,
+            protos_dot_embedding__shard__pb2.PullRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.EmbeddingShard/Commit',
+            protos_dot_embedding__shard__pb2.CommitRequest.SerializeToString,
+            protos_dot_embedding__shard__pb2.CommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.EmbeddingShard/Abort',
+            protos_dot_embedding__shard__pb2.AbortRequest.SerializeToString,
+            protos_dot_embedding__shard__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""Coordinator: sharding planner, versioned plans in Redis, membership, plan rollouts, recovery."""

@@ -1,0 +1,1 @@
+"""Inference gateway: quantized packaged DLRM models served over gRPC with dynamic batching."""
