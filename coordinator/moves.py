@@ -97,3 +97,27 @@ def compute_moves(old: common_pb2.ShardingPlan, new: common_pb2.ShardingPlan) ->
                                   dest_shard=dest, dest_slice=j, dest_row_start=r0 - d.row_offset,
                                   dest_col_start=c0 - d.col_offset, bytes=(r1 - r0) * row_bytes(table, c1 - c0)))
     return moves
+
+
+def shard_assignment(plan: common_pb2.ShardingPlan, shard: int) -> common_pb2.ShardAssignment:
+    """What one shard holds under a plan (empty when the plan gives it nothing)."""
+    a = common_pb2.ShardAssignment(plan_version=plan.version, shard_id=shard)
+    names = set()
+    for ps in plan.slices:
+        if ps.shard == shard:
+            a.slices.add().CopyFrom(ps.slice)
+            names.add(ps.slice.table)
+    a.tables.extend(t for t in plan.tables if t.name in names)
+    return a
+
+
+def split_moves(moves: list[Move], max_rows: int) -> list[Move]:
+    """Cuts moves into pieces of at most `max_rows` rows (progress, rate limiting, smaller retries)."""
+    out = []
+    for m in moves:
+        for r0 in range(m.row_start, m.row_end, max_rows):
+            r1 = min(r0 + max_rows, m.row_end)
+            out.append(Move(m.table, m.source_shard, m.source_slice, r0, r1, m.src_col_start, m.num_cols, m.dest_shard,
+                            m.dest_slice, m.dest_row_start + (r0 - m.row_start), m.dest_col_start,
+                            m.bytes * (r1 - r0) // m.rows))
+    return out
