@@ -16,7 +16,7 @@ only on the inputs (ties break by table order and shard id).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.cost import CostModel, ShardCapacity, format_bytes
@@ -157,8 +157,13 @@ def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[ShardCapacity], cost: CostModel, *,
             version: int = 1, data_parallel_max_bytes: int = 64 * 1024, column_wise_min_dim: int = 256,
-            balance_target: float = 1.05, max_splits: int = 64) -> common_pb2.ShardingPlan:
+            balance_target: float = 1.05, max_splits: int = 64,
+            data_parallel: Collection[str] | None = None) -> common_pb2.ShardingPlan:
     """A plan for `tables` over the shards of `capacities` (ids 0..N-1); PlanningError says why none exists.
+
+    `data_parallel` names the tables kept in the trainers instead of those of at most
+    `data_parallel_max_bytes` (a re-plan passes the current plan's list: a live rollout cannot move a
+    table between the trainers and the shards).
 
     `max_splits` bounds the local search's extra splits: each one adds wire bytes, so the search only
     splits while that lowers the most loaded shard.
@@ -166,7 +171,13 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
     caps = _check_capacities(capacities)
     n = len(caps)
     _check_tables(tables)
-    dp = [i for i, t in enumerate(tables) if cost.table_bytes(t) <= data_parallel_max_bytes]
+    if data_parallel is None:
+        dp = [i for i, t in enumerate(tables) if cost.table_bytes(t) <= data_parallel_max_bytes]
+    else:
+        unknown = sorted(set(data_parallel) - {t.name for t in tables})
+        if unknown:
+            raise PlanningError(f"data_parallel: unknown tables {unknown}")
+        dp = [i for i, t in enumerate(tables) if t.name in set(data_parallel)]
     sharded = [i for i in range(len(tables)) if i not in set(dp)]
     _check_storage(tables, sharded, caps, cost)
 
