@@ -16,7 +16,7 @@ only on the inputs (ties break by table order and shard id).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.cost import CostModel, ShardCapacity, format_bytes
@@ -140,19 +140,57 @@ class _State:
         self.put(cell, min(options, key=lambda s: (self.used[s] - self.capacity[s], self.load[s], s)))
         return True
 
-    def key(self) -> tuple[float, float]:
-        return max(self.load), sum(x * x for x in self.load)
+    def place_making_room(self, cell: _Cell, limit: float) -> bool:
+        """Onto the least-loaded shard that stays under `limit`, first moving one of its cells to another
+        shard under `limit` if that is what makes room (the light shards are often full of cold tables)."""
+        n = len(self.load)
+        for d in sorted(range(n), key=lambda s: (self.load[s], s)):
+            if self.load[d] + cell.cost >= limit * (1 - _EPS):
+                break
+            if cell.table in self.holds[d]:
+                continue
+            if self.fits(cell, d):
+                self.put(cell, d)
+                return True
+            mine = sorted((x for xs in self.cells.values() for x in xs if x.shard == d and x is not cell),
+                          key=lambda x: (x.cost, -x.bytes, x.table, x.col_offset, x.row_offset))
+            for x in mine:
+                if self.used[d] - x.bytes + cell.bytes > self.capacity[d] or x.table == cell.table:
+                    continue
+                for e in sorted(range(n), key=lambda s: (self.load[s], s)):
+                    if e != d and self.fits(x, e) and self.load[e] + x.cost < limit * (1 - _EPS):
+                        self.take(x)
+                        self.put(x, e)
+                        self.put(cell, d)
+                        return True
+        return self.place_least_loaded(cell)
+
+    def key(self) -> list[float]:
+        return sorted(self.load, reverse=True)
 
     def balance(self) -> float:
         mean = sum(self.load) / len(self.load)
         return max(self.load) / mean if mean > 0 else 1.0
 
 
-def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Lower max load, or the same max with a lower sum of squares (a step towards lowering it)."""
+def _leximax_better(a: list[float], b: list[float]) -> bool:
+    """Leximax: a lower most-loaded shard, or the same and a lower second, and so on. Unlike the max
+    alone, this accepts a split that unloads one of several equally loaded shards, a step towards
+    unloading them all; unlike a sum of squares, it does not count the split's extra wire bytes against it."""
+    for x, y in zip(a, b, strict=True):
+        if x < y * (1 - _EPS):
+            return True
+        if x > y * (1 + _EPS):
+            return False
+    return False
+
+
+def _squares_better(a: list[float], b: list[float]) -> bool:
+    """A lower most-loaded shard, or the same and a lower sum of squares: prefers splits that spread
+    evenly without adding wire bytes."""
     if a[0] < b[0] * (1 - _EPS):
         return True
-    return a[0] <= b[0] * (1 + _EPS) and a[1] < b[1] * (1 - _EPS)
+    return a[0] <= b[0] * (1 + _EPS) and sum(x * x for x in a) < sum(y * y for y in b) * (1 - _EPS)
 
 
 def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[ShardCapacity], cost: CostModel, *,
@@ -190,16 +228,28 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
         rows = min(t.num_rows, max(1, math.ceil(t.num_rows * row_bytes(t, widest) / max(caps))))
         layouts[i] = (cols, rows)
 
-    state = _greedy(tables, sharded, layouts, caps, cost)
-    _improve(state)
+    start = _greedy(tables, layouts, caps, cost)
+    _improve(start)
+    # Searches that judge a split differently and that do or do not re-place every table after one; the
+    # lowest most-loaded shard wins (leximax on ties). Each is a few milliseconds on hundreds of slices.
+    results = [_search(tables, layouts, start, cost, balance_target, max_splits, better, replace_all)
+               for better in (_leximax_better, _squares_better) for replace_all in (False, True)]
+    layouts, state = min(results, key=lambda r: (r[1].key()[0], r[1].key()))
+    return _to_plan(tables, dp, layouts, state, n, version)
+
+
+def _search(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], state: _State,
+            cost: CostModel, balance_target: float, max_splits: int,
+            better: Callable[[list[float], list[float]], bool],
+            replace_all: bool) -> tuple[dict[int, tuple[int, int]], _State]:
     for _ in range(max_splits):
         if state.balance() <= balance_target:
             break
-        better = _split_once(tables, layouts, state, cost)
-        if better is None:
+        found = _split_once(tables, layouts, state, cost, better, replace_all)
+        if found is None:
             break
-        layouts, state = better
-    return _to_plan(tables, dp, layouts, state, n, version)
+        layouts, state = found
+    return layouts, state
 
 
 def _check_capacities(capacities: Sequence[ShardCapacity]) -> list[int]:
@@ -262,34 +312,44 @@ def _cells(tables: Sequence[common_pb2.TableConfig], i: int, layout: tuple[int, 
     return out
 
 
-def _greedy(tables: Sequence[common_pb2.TableConfig], sharded: list[int], layouts: dict[int, tuple[int, int]],
-            caps: list[int], cost: CostModel) -> _State:
+def _place_all(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], caps: list[int],
+               cost: CostModel) -> tuple[_State | None, _Cell | None]:
     """Costliest cells first onto the least-loaded shard with room; when memory is too tight for that, largest
-    cells first onto the shard with the most room (first fit decreasing); when that fails too, the table
-    with a cell that fits nowhere gets one more row split and placement starts again."""
+    cells first onto the shard with the most room (first fit decreasing). Returns the placement, or None
+    and a cell that fitted nowhere."""
+    stuck = None
+    for memory_first in (False, True):
+        state = _State.empty(caps)
+        for i in sorted(layouts):
+            state.cells[i] = _cells(tables, i, layouts[i], cost)
+        cells = [c for i in sorted(layouts) for c in state.cells[i]]
+        if memory_first:
+            cells.sort(key=lambda c: (-c.bytes, -c.cost, c.table, c.col_offset, c.row_offset))
+            stuck = next((c for c in cells if not state.place_most_free(c)), None)
+        else:
+            cells.sort(key=lambda c: (-c.cost, -c.bytes, c.table, c.col_offset, c.row_offset))
+            stuck = next((c for c in cells if not state.place_least_loaded(c)), None)
+        if stuck is None:
+            return state, None
+    return None, stuck
+
+
+def _greedy(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], caps: list[int],
+            cost: CostModel) -> _State:
+    """`_place_all`; a table with a cell that fits nowhere gets one more row split and placement starts again."""
     n = len(caps)
     while True:
-        for memory_first in (False, True):
-            state = _State.empty(caps)
-            for i in sharded:
-                state.cells[i] = _cells(tables, i, layouts[i], cost)
-            cells = [c for i in sharded for c in state.cells[i]]
-            if memory_first:
-                cells.sort(key=lambda c: (-c.bytes, -c.cost, c.table, c.col_offset, c.row_offset))
-                stuck = next((c for c in cells if not state.place_most_free(c)), None)
-            else:
-                cells.sort(key=lambda c: (-c.cost, -c.bytes, c.table, c.col_offset, c.row_offset))
-                stuck = next((c for c in cells if not state.place_least_loaded(c)), None)
-            if stuck is None:
-                return state
+        state, stuck = _place_all(tables, layouts, caps, cost)
+        if state is not None:
+            return state
+        assert stuck is not None
         t = tables[stuck.table]
         cols, rows = layouts[stuck.table]
         if cols * (rows + 1) > n or rows + 1 > t.num_rows:
-            free = max(cap - used for cap, used in zip(caps, state.used, strict=True))
             raise PlanningError(
                 f"table {t.name!r} ({format_bytes(cost.table_bytes(t))}) does not fit: split into {cols * rows} "
                 f"slices on distinct shards, a slice of {format_bytes(stuck.bytes)} finds no shard with room "
-                f"(the most free is {format_bytes(free)} after placing the larger slices)")
+                "after placing the larger slices")
         layouts[stuck.table] = (cols, rows + 1)
 
 
@@ -340,29 +400,46 @@ def _swap(state: _State, src: int, top: float, mine: list[_Cell]) -> bool:
 
 
 def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], state: _State,
-                cost: CostModel) -> tuple[dict[int, tuple[int, int]], _State] | None:
-    """Try more row or column parts for each table on the most loaded shard; keep the best result (after
+                cost: CostModel, better: Callable[[list[float], list[float]], bool], replace_all: bool,
+                ) -> tuple[dict[int, tuple[int, int]], _State] | None:
+    """Try more row or column parts for each table on the most loaded shards; keep the best result (after
     moves and swaps) if it beats the current placement."""
     n = len(state.load)
-    src = max(range(n), key=lambda s: (state.load[s], -s))
-    candidates = sorted({c.table for cs in state.cells.values() for c in cs if c.shard == src},
-                        key=lambda i: (-max(c.cost for c in state.cells[i] if c.shard == src), i))
+    top = max(state.load)
+    tops = {s for s in range(n) if state.load[s] >= top * (1 - _EPS)}  # all of them, as ties are common
+    candidates = sorted({c.table for cs in state.cells.values() for c in cs if c.shard in tops},
+                        key=lambda i: (-max(c.cost for c in state.cells[i] if c.shard in tops), i))
     best: tuple[dict[int, tuple[int, int]], _State] | None = None
     for i in candidates:
         cols, rows = layouts[i]
         more_rows = [(cols, r) for r in range(rows + 1, min(n // cols, tables[i].num_rows) + 1)]
         more_cols = [(c, rows) for c in range(cols + 1, min(n // rows, _max_col_parts(tables[i])) + 1)]
         for layout in more_rows + more_cols:
-            trial = state.copy()
-            for c in trial.cells[i]:
-                trial.take(c)
-            trial.cells[i] = _cells(tables, i, layout, cost)
-            if not all(trial.place_least_loaded(c) for c in sorted(trial.cells[i], key=lambda c: -c.cost)):
-                continue
-            _improve(trial)
-            if _better(trial.key(), (best[1] if best else state).key()):
-                best = ({**layouts, i: layout}, trial)
+            new_layouts = {**layouts, i: layout}
+            trials = [_replace_table(tables, i, layout, state, cost)]
+            if replace_all:
+                trials.append(_place_all(tables, new_layouts, state.capacity, cost)[0])
+            for trial in trials:
+                if trial is None:
+                    continue
+                _improve(trial)
+                if better(trial.key(), (best[1] if best else state).key()):
+                    best = (new_layouts, trial)
     return best
+
+
+def _replace_table(tables: Sequence[common_pb2.TableConfig], i: int, layout: tuple[int, int], state: _State,
+                   cost: CostModel) -> _State | None:
+    """`state` with table i's cells replaced by those of `layout`, placed onto the least-loaded shards (making
+    room there if needed); None when one finds no room (a fresh placement of every table may still find some)."""
+    trial = state.copy()
+    limit = max(state.load)
+    for c in trial.cells[i]:
+        trial.take(c)
+    trial.cells[i] = _cells(tables, i, layout, cost)
+    ok = all(trial.place_making_room(c, limit)
+             for c in sorted(trial.cells[i], key=lambda c: (-c.cost, c.row_offset, c.col_offset)))
+    return trial if ok else None
 
 
 def _sharding_type(layout: tuple[int, int], n: int) -> int:
