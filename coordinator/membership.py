@@ -1,0 +1,101 @@
+"""Who is in the job: shards and trainers register, heartbeat within a lease, or count as dead.
+
+Stored in Redis (one hash per kind, `{ns}:members:{KIND}`: id -> serialized coordinator_pb2.Member)
+so a restarted or second coordinator sees the same members. Liveness is computed on read from
+`last_seen` and the lease, with `clock` injectable for tests; nothing has to sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+
+from protos import coordinator_pb2
+
+KINDS = (coordinator_pb2.SHARD, coordinator_pb2.TRAINER)
+
+
+def _kind_name(kind: int, what: str = "kind") -> str:
+    if kind not in KINDS:
+        raise ValueError(f"{what}: expected SHARD or TRAINER, got {kind}")
+    return coordinator_pb2.MemberKind.Name(kind)
+
+
+class Membership:
+    def __init__(self, redis_client: redis.Redis, namespace: str = "recsys", lease_s: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"lease_s: must be > 0, got {lease_s}")
+        self.redis = redis_client
+        self.namespace = namespace
+        self.lease_s = lease_s
+        self.clock = clock
+
+    def _key(self, kind: int, what: str = "kind") -> str:
+        return f"{self.namespace}:members:{_kind_name(kind, what)}"
+
+    def register(self, member: coordinator_pb2.Member) -> None:
+        """Stores the member as ALIVE, seen now; a new `instance` (a restarted process) replaces the old one."""
+        key = self._key(member.kind, "member.kind")
+        if member.id < 0:
+            raise ValueError(f"member.id: must be >= 0, got {member.id}")
+        if not member.instance:
+            raise ValueError("member.instance: required (unique per process)")
+        if member.kind == coordinator_pb2.SHARD and not member.address:
+            raise ValueError(f"member.address: required for shard {member.id} (HOST:PORT of its gRPC server)")
+        record = coordinator_pb2.Member()
+        record.CopyFrom(member)
+        record.state = coordinator_pb2.ALIVE
+        record.last_seen = self.clock()
+        self.redis.hset(key, str(member.id), record.SerializeToString())
+
+    def heartbeat(self, kind: int, id: int, instance: str, plan_version: int, step: int) -> bool:
+        """Renews the lease. False when the member is unknown, another instance holds its id, or its
+        lease already ran out (the coordinator may have acted on its death): the caller registers again."""
+        key = self._key(kind)
+        field = str(id)
+
+        def txn(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.hget(key, field)
+            if raw is None:
+                return False
+            record = coordinator_pb2.Member.FromString(raw)
+            now = self.clock()
+            if record.instance != instance or now - record.last_seen > self.lease_s:
+                return False
+            record.last_seen = now
+            record.plan_version = plan_version
+            record.step = step
+            record.state = coordinator_pb2.ALIVE
+            pipe.multi()
+            pipe.hset(key, field, record.SerializeToString())
+            return True
+
+        return self.redis.transaction(txn, key, value_from_callable=True)
+
+    def get(self, kind: int, id: int) -> coordinator_pb2.Member | None:
+        raw = self.redis.hget(self._key(kind), str(id))
+        return self._with_state(raw) if raw is not None else None
+
+    def members(self, kind: int | None = None) -> list[coordinator_pb2.Member]:
+        """Every registered member (of one kind, or all), by kind then id, with its state as of now."""
+        out = []
+        for k in KINDS if kind is None else (kind,):
+            raws = self.redis.hvals(self._key(k))
+            out.extend(self._with_state(r) for r in raws)
+        return sorted(out, key=lambda m: (m.kind, m.id))
+
+    def alive(self, kind: int) -> dict[int, coordinator_pb2.Member]:
+        return {m.id: m for m in self.members(kind) if m.state == coordinator_pb2.ALIVE}
+
+    def remove(self, kind: int, id: int) -> bool:
+        """Forgets a member (it left on purpose); True if it was registered."""
+        return bool(self.redis.hdel(self._key(kind), str(id)))
+
+    def _with_state(self, raw: bytes) -> coordinator_pb2.Member:
+        m = coordinator_pb2.Member.FromString(raw)
+        dead = self.clock() - m.last_seen > self.lease_s
+        m.state = coordinator_pb2.DEAD if dead else coordinator_pb2.ALIVE
+        return m

