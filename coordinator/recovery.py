@@ -8,6 +8,7 @@ model an uninterrupted run would have.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ class JobSupervisor:
         self.poll_s, self.max_restarts, self.wait_s = poll_s, max_restarts, wait_s
         self.recovered: list[int] = []
         self.restarts = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ends `run` (from another thread) at its next poll."""
+        self._stop.set()
 
     def dead_shards(self) -> list[int]:
         """Shards the current plan needs whose member missed its lease (or never registered)."""
@@ -48,7 +54,7 @@ class JobSupervisor:
 
     def run(self, resume: bool = False) -> JobResult:
         self.trainers.start(resume=resume)
-        while True:
+        while not self._stop.is_set():
             code = self.trainers.poll()
             dead = self.dead_shards()
             if dead:
@@ -62,6 +68,7 @@ class JobSupervisor:
                     raise JobFailed(f"trainers exited with code {code}, every shard alive:\n"
                                     f"{self.trainers.stderr_tail()}")
             time.sleep(self.poll_s)
+        raise JobFailed("stopped")
 
     def _recover(self, dead: list[int]) -> None:
         if self.restarts >= self.max_restarts:

@@ -122,10 +122,10 @@ class EmbeddedRedis:
         last: Exception | None = None
         for _ in range(start_attempts if port == 0 else 1):
             self.port = port or free_port()
-            config = {"port": str(self.port), "bind": "127.0.0.1",
-                      "appendonly": "yes" if persist else "no"}
-            if not persist:
-                config["save"] = '""'
+            # durability comes from the append-only file; no RDB snapshots (membership heartbeats write
+            # often, and a failed background save would stop every write)
+            config = {"port": str(self.port), "bind": "127.0.0.1", "appendonly": "yes" if persist else "no",
+                      "save": '""', "stop-writes-on-bgsave-error": "no"}
             if password:
                 config["requirepass"] = password
             try:

@@ -31,7 +31,7 @@ class Job:
         self.tmp = tmp_path
         plan_path = tmp_path / "plan1.json"
         plan_path.write_text(dump_plan(PLAN1))
-        args = ["--lease-s", "1.5", *(["--initial-plan", str(plan_path)] if initial else []), *coordinator_args]
+        args = ["--lease-s", "4", *(["--initial-plan", str(plan_path)] if initial else []), *coordinator_args]
         self.coordinator: CoordinatorProcess = launch(args, workdir=tmp_path / "coordinator")
         self.client = CoordinatorClient(self.coordinator.address, token=self.coordinator.token)
         self.shards = LocalShards(self.coordinator.address, tmp_path, num_trainers=2, seed=SEED)
@@ -63,8 +63,9 @@ class Job:
             steps = [m.step for m in self.client.members() if m.kind == pb.TRAINER and m.state == pb.ALIVE]
             if len(steps) == 2 and min(steps) >= step:
                 return min(steps)
-            assert self.trainers is None or self.trainers.poll() is None, self.trainers.stderr_tail()
-            assert time.monotonic() < deadline, f"trainers did not reach step {step}: {steps}"
+            if time.monotonic() > deadline:
+                tail = self.trainers.stderr_tail() if self.trainers is not None else ""
+                raise AssertionError(f"trainers did not reach step {step}: {steps}\n{tail}")
             time.sleep(0.02)
 
     def wait_trainers(self, timeout: float = 300.0) -> None:

@@ -86,10 +86,14 @@ def test_shard_killed_during_training_recovers_from_the_checkpoint(job_factory, 
     result = {}
     runner = threading.Thread(target=lambda: result.update(r=supervisor.run()))
     runner.start()
-    job.wait_step(100)
-    job.shards.procs[1].kill()  # kill -9 during training
-    runner.join(timeout=300)
-    assert not runner.is_alive()
+    try:
+        job.wait_step(100)
+        job.shards.procs[1].kill()  # kill -9 during training
+        runner.join(timeout=300)
+        assert not runner.is_alive()
+    finally:
+        supervisor.stop()
+        runner.join(timeout=30)
     assert result["r"].restarts == 1 and result["r"].recovered_shards == [1]
     assert (ckpt / "LATEST").exists()
     assert_equals_reference(job, steps)
