@@ -336,21 +336,33 @@ def _place_all(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tupl
 
 def _greedy(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], caps: list[int],
             cost: CostModel) -> _State:
-    """`_place_all`; a table with a cell that fits nowhere gets one more row split and placement starts again."""
+    """`_place_all`; when a cell fits nowhere its table gets one more row split (or, when it is split over as
+    many shards as it can be, the table with the largest slices does) and placement starts again."""
     n = len(caps)
+
+    def can_grow(i: int) -> bool:
+        cols, rows = layouts[i]
+        return cols * (rows + 1) <= n and rows + 1 <= tables[i].num_rows
+
     while True:
         state, stuck = _place_all(tables, layouts, caps, cost)
         if state is not None:
             return state
         assert stuck is not None
-        t = tables[stuck.table]
-        cols, rows = layouts[stuck.table]
-        if cols * (rows + 1) > n or rows + 1 > t.num_rows:
-            raise PlanningError(
-                f"table {t.name!r} ({format_bytes(cost.table_bytes(t))}) does not fit: split into {cols * rows} "
-                f"slices on distinct shards, a slice of {format_bytes(stuck.bytes)} finds no shard with room "
-                "after placing the larger slices")
-        layouts[stuck.table] = (cols, rows + 1)
+        if can_grow(stuck.table):
+            grow = stuck.table
+        else:
+            sizes = {i: max(c.bytes for c in _cells(tables, i, layouts[i], cost)) for i in layouts if can_grow(i)}
+            if not sizes:
+                t = tables[stuck.table]
+                cols, rows = layouts[stuck.table]
+                raise PlanningError(
+                    f"table {t.name!r} ({format_bytes(cost.table_bytes(t))}) does not fit: split into {cols * rows} "
+                    f"slices on distinct shards, a slice of {format_bytes(stuck.bytes)} finds no shard with room "
+                    "after placing the larger slices")
+            grow = min(sizes, key=lambda i: (-sizes[i], i))
+        cols, rows = layouts[grow]
+        layouts[grow] = (cols, rows + 1)
 
 
 def _improve(state: _State, max_rounds: int = 10_000) -> None:
