@@ -225,7 +225,7 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
         cols = min(n, _max_col_parts(t), math.ceil(t.dim / max(1, column_wise_min_dim // 2))) \
             if t.dim >= column_wise_min_dim else 1
         widest = split_range(t.dim, cols, 4)[0][1]
-        rows = min(t.num_rows, max(1, math.ceil(t.num_rows * row_bytes(t, widest) / max(caps))))
+        rows = min(t.num_rows, n // cols, max(1, math.ceil(t.num_rows * row_bytes(t, widest) / max(caps))))
         layouts[i] = (cols, rows)
 
     start = _greedy(tables, layouts, caps, cost)
