@@ -137,6 +137,21 @@ def test_hot_table_is_spread_row_wise_to_fix_imbalance():
     assert plan_cost(plan, cm).max_cost < 0.7 * plan_cost(whole, cm).max_cost
 
 
+def test_exact_rowwise_optimizers_keeps_their_columns_together():
+    cm = CostModel()
+    tables = [table("wide_rowwise", 2_000, dim=512),
+              table("wide_adagrad", 2_000, dim=512, opt=common_pb2.EXACT_ADAGRAD),
+              *[table(f"t{i}", 3_000) for i in range(6)]]
+    caps = equal_caps(4, 10**9)
+    plan = propose(tables, caps, cm, exact_rowwise_optimizers=True)
+    check_valid(plan, tables, caps, cm)
+    column_split = {ps.slice.table for ps in plan.slices if ps.slice.num_cols < 512 and ps.slice.table.startswith("w")}
+    assert column_split == {"wide_adagrad"}
+    assert not any(ps.slice.num_cols < 64 for ps in plan.slices if ps.slice.table.startswith("t"))
+    loose = propose(tables, caps, cm)
+    assert {ps.slice.table for ps in loose.slices if ps.slice.num_cols < 512} >= {"wide_rowwise", "wide_adagrad"}
+
+
 def test_wide_and_huge_table_gets_a_valid_grid():
     cm = CostModel()
     t = table("grid", 40_000, dim=512)
