@@ -24,6 +24,8 @@ from coordinator.moves import row_bytes
 from protos import common_pb2
 
 _EPS = 1e-9
+# Optimizers whose state or update couples a row's columns: a column slice of them is not the same math.
+_ROWWISE_STATE = {common_pb2.EXACT_ROWWISE_ADAGRAD, common_pb2.PARTIAL_ROWWISE_ADAM, common_pb2.LAMB}
 
 
 class PlanningError(ValueError):
@@ -196,7 +198,8 @@ def _squares_better(a: list[float], b: list[float]) -> bool:
 def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[ShardCapacity], cost: CostModel, *,
             version: int = 1, data_parallel_max_bytes: int = 64 * 1024, column_wise_min_dim: int = 256,
             balance_target: float = 1.05, max_splits: int = 64,
-            data_parallel: Collection[str] | None = None) -> common_pb2.ShardingPlan:
+            data_parallel: Collection[str] | None = None,
+            exact_rowwise_optimizers: bool = False) -> common_pb2.ShardingPlan:
     """A plan for `tables` over the shards of `capacities` (ids 0..N-1); PlanningError says why none exists.
 
     `data_parallel` names the tables kept in the trainers instead of those of at most
@@ -205,6 +208,12 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
 
     `max_splits` bounds the local search's extra splits: each one adds wire bytes, so the search only
     splits while that lowers the most loaded shard.
+
+    A column slice of a table whose optimizer keeps per-row state (row-wise Adagrad, partial row-wise
+    Adam, LAMB's per-row trust ratio) keeps that state over its own columns only, so training no longer
+    equals one TBE to float tolerance. TorchRec's column-wise sharding accepts that difference and so does
+    the default here; `exact_rowwise_optimizers=True` never cuts such tables into columns (they are then
+    balanced by moves and row splits only, which on the pooling-1 Criteo tables cannot reach 1.05).
     """
     caps = _check_capacities(capacities)
     n = len(caps)
@@ -219,37 +228,51 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
     sharded = [i for i in range(len(tables)) if i not in set(dp)]
     _check_storage(tables, sharded, caps, cost)
 
+    max_cols = {i: 1 if tables[i].optimizer.type in _ROWWISE_STATE and exact_rowwise_optimizers
+                else _max_col_parts(tables[i]) for i in sharded}
     layouts: dict[int, tuple[int, int]] = {}
     for i in sharded:
         t = tables[i]
-        cols = min(n, _max_col_parts(t), math.ceil(t.dim / max(1, column_wise_min_dim // 2))) \
+        cols = min(n, max_cols[i], math.ceil(t.dim / max(1, column_wise_min_dim // 2))) \
             if t.dim >= column_wise_min_dim else 1
         widest = split_range(t.dim, cols, 4)[0][1]
-        rows = min(t.num_rows, max(1, math.ceil(t.num_rows * row_bytes(t, widest) / max(caps))))
+        rows = min(t.num_rows, n // cols, max(1, math.ceil(t.num_rows * row_bytes(t, widest) / max(caps))))
         layouts[i] = (cols, rows)
 
     start = _greedy(tables, layouts, caps, cost)
     _improve(start)
     # Searches that judge a split differently and that do or do not re-place every table after one; the
-    # lowest most-loaded shard wins (leximax on ties). Each is a few milliseconds on hundreds of slices.
-    results = [_search(tables, layouts, start, cost, balance_target, max_splits, better, replace_all)
+    # lowest most-loaded shard wins, then the least total cost. Each is milliseconds on hundreds of slices.
+    results = [_search(tables, layouts, max_cols, start, cost, balance_target, max_splits, better, replace_all)
                for better in (_leximax_better, _squares_better) for replace_all in (False, True)]
-    layouts, state = min(results, key=lambda r: (r[1].key()[0], r[1].key()))
+    layouts, state = min(results, key=lambda r: _worth(r[1]))
     return _to_plan(tables, dp, layouts, state, n, version)
 
 
-def _search(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], state: _State,
+def _search(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], max_cols: dict[int, int],
+            state: _State,
             cost: CostModel, balance_target: float, max_splits: int,
             better: Callable[[list[float], list[float]], bool],
             replace_all: bool) -> tuple[dict[int, tuple[int, int]], _State]:
+    """Split while the balance misses the target and a split helps by `better`; return the best placement
+    seen by `_worth`, so stepping-stone splits that never lowered the most loaded shard are undone."""
+    best = (layouts, state)
     for _ in range(max_splits):
         if state.balance() <= balance_target:
             break
-        found = _split_once(tables, layouts, state, cost, better, replace_all)
+        found = _split_once(tables, layouts, max_cols, state, cost, better, replace_all)
         if found is None:
             break
         layouts, state = found
-    return layouts, state
+        if _worth(state) < _worth(best[1]):
+            best = (layouts, state)
+    return best
+
+
+def _worth(state: _State) -> tuple[float, float]:
+    """The most loaded shard (rounded to a part in 1e9 so float noise ties), then the total cost: of two
+    plans with the same bottleneck the one doing less work is better, whatever its max / mean says."""
+    return round(max(state.load) * 1e9) / 1e9, sum(state.load)
 
 
 def _check_capacities(capacities: Sequence[ShardCapacity]) -> list[int]:
@@ -336,21 +359,33 @@ def _place_all(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tupl
 
 def _greedy(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], caps: list[int],
             cost: CostModel) -> _State:
-    """`_place_all`; a table with a cell that fits nowhere gets one more row split and placement starts again."""
+    """`_place_all`; when a cell fits nowhere its table gets one more row split (or, when it is split over as
+    many shards as it can be, the table with the largest slices does) and placement starts again."""
     n = len(caps)
+
+    def can_grow(i: int) -> bool:
+        cols, rows = layouts[i]
+        return cols * (rows + 1) <= n and rows + 1 <= tables[i].num_rows
+
     while True:
         state, stuck = _place_all(tables, layouts, caps, cost)
         if state is not None:
             return state
         assert stuck is not None
-        t = tables[stuck.table]
-        cols, rows = layouts[stuck.table]
-        if cols * (rows + 1) > n or rows + 1 > t.num_rows:
-            raise PlanningError(
-                f"table {t.name!r} ({format_bytes(cost.table_bytes(t))}) does not fit: split into {cols * rows} "
-                f"slices on distinct shards, a slice of {format_bytes(stuck.bytes)} finds no shard with room "
-                "after placing the larger slices")
-        layouts[stuck.table] = (cols, rows + 1)
+        if can_grow(stuck.table):
+            grow = stuck.table
+        else:
+            sizes = {i: max(c.bytes for c in _cells(tables, i, layouts[i], cost)) for i in layouts if can_grow(i)}
+            if not sizes:
+                t = tables[stuck.table]
+                cols, rows = layouts[stuck.table]
+                raise PlanningError(
+                    f"table {t.name!r} ({format_bytes(cost.table_bytes(t))}) does not fit: split into {cols * rows} "
+                    f"slices on distinct shards, a slice of {format_bytes(stuck.bytes)} finds no shard with room "
+                    "after placing the larger slices")
+            grow = min(sizes, key=lambda i: (-sizes[i], i))
+        cols, rows = layouts[grow]
+        layouts[grow] = (cols, rows + 1)
 
 
 def _improve(state: _State, max_rounds: int = 10_000) -> None:
@@ -399,7 +434,8 @@ def _swap(state: _State, src: int, top: float, mine: list[_Cell]) -> bool:
     return False
 
 
-def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], state: _State,
+def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]],
+                max_cols: dict[int, int], state: _State,
                 cost: CostModel, better: Callable[[list[float], list[float]], bool], replace_all: bool,
                 ) -> tuple[dict[int, tuple[int, int]], _State] | None:
     """Try more row or column parts for each table on the most loaded shards; keep the best result (after
@@ -413,7 +449,7 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
     for i in candidates:
         cols, rows = layouts[i]
         more_rows = [(cols, r) for r in range(rows + 1, min(n // cols, tables[i].num_rows) + 1)]
-        more_cols = [(c, rows) for c in range(cols + 1, min(n // rows, _max_col_parts(tables[i])) + 1)]
+        more_cols = [(c, rows) for c in range(cols + 1, min(n // rows, max_cols[i]) + 1)]
         for layout in more_rows + more_cols:
             new_layouts = {**layouts, i: layout}
             trials = [_replace_table(tables, i, layout, state, cost)]

@@ -59,12 +59,13 @@ def plan_violations(plan: common_pb2.ShardingPlan, *, model_tables: Sequence[com
         if s.num_rows <= 0 or s.num_cols <= 0:
             out.append(f"slice {i} of table {s.table!r}: empty ({s.num_rows} rows x {s.num_cols} columns)")
             continue
-        if s.row_offset < 0 or s.row_offset + s.num_rows > t.num_rows or s.col_offset < 0 \
+        if s.row_offset < 0 or s.col_offset < 0 or s.row_offset + s.num_rows > t.num_rows \
                 or s.col_offset + s.num_cols > t.dim:
             out.append(f"slice {i} of table {s.table!r}: rows [{s.row_offset}, {s.row_offset + s.num_rows}) "
                        f"x columns [{s.col_offset}, {s.col_offset + s.num_cols}) outside the table's "
                        f"{t.num_rows} x {t.dim}")
-            continue
+            if s.row_offset < 0 or s.col_offset < 0:
+                continue  # a slice running past the end still covers what it covers
         by_table.setdefault(s.table, []).append(s)
 
     for name, t in tables.items():
