@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pooling", action="append", default=[], metavar="TABLE=F",
                     help="mean ids per sample of a table's features (default 1; repeatable)")
     pr.add_argument("--version", type=int, default=1)
+    pr.add_argument("--data-parallel-max-kb", type=float, default=64.0,
+                    help="tables at most this big stay in the trainers (data_parallel); 0 keeps all in shards")
+    pr.add_argument("--exact-optimizers", action="store_true",
+                    help="never split the columns of tables with row-wise optimizer state (row-wise Adagrad): "
+                         "column slices keep one accumulator per slice, as in TorchRec, which is not the "
+                         "single-table optimizer; balance may be worse")
     for name, helptext in (("show", "a plan as a table: sharding, owners, bytes and cost per shard, balance"),
                            ("diff", "rows and bytes that would move from the live (or --against) plan")):
         c = plan.add_parser(name, help=helptext)
@@ -188,7 +194,9 @@ def propose(args: argparse.Namespace) -> int:
         capacity = 2 * total // args.shards + 1
     try:
         plan = plan_tables(model.tables, [ShardCapacity(i, capacity) for i in range(args.shards)], cost,
-                           version=args.version)
+                           version=args.version, data_parallel=model.data_parallel or None,
+                           data_parallel_max_bytes=int(args.data_parallel_max_kb * 1024),
+                           exact_rowwise_optimizers=args.exact_optimizers)
     except PlanningError as e:
         print(f"coordinator plan propose: {e}", file=sys.stderr)
         return 2

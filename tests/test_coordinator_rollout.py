@@ -38,7 +38,8 @@ def test_rollout_2_to_3_shards_then_rollback_equals_training_without(job_factory
     p = final(job.client.apply(PLAN2, base_version=1, author="test", reason="2 -> 3 shards, items row-wise"))
     assert p.phase == pb.DONE, p.message
     assert (p.from_version, p.to_version) == (1, 2)
-    assert p.rows_done == 200 + 500 + 40 + 24 and p.bytes_done > 0  # every row copied; items partly moved
+    assert p.rows_done == 200 + 500 + 40 + 24  # every row copied: 397 between shards, 367 locally
+    assert p.bytes_done == p.bytes_total == 23520  # what `coordinator plan diff` predicts
     assert 40 <= p.fence_step < steps - 1 and p.pause_s > 0
     assert job.client.get_plan()[0].plan.num_shards == 3
     job.wait_step(p.fence_step + 30)
