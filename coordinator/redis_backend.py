@@ -165,9 +165,9 @@ class EmbeddedRedis:
             conn.send_command("SHUTDOWN")
             conn.read_response()
         deadline = time.monotonic() + 10.0
-        while _running(self.pid) and time.monotonic() < deadline:
+        while process_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _running(self.pid):
+        if process_alive(self.pid):
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
         server.connection_pool.disconnect()
@@ -186,7 +186,8 @@ class EmbeddedRedis:
         self.close()
 
 
-def _running(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting for its reaper counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"
