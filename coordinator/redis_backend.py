@@ -68,6 +68,12 @@ def connect(url: str, password: str | None = None, *, timeout_s: float = 5.0) ->
     return client
 
 
+def require_bytes(client: redis.Redis, who: str) -> None:
+    """Protobuf records need raw bytes back: refuse a client that decodes responses to str."""
+    if client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError(f"{who}: redis client must not set decode_responses (records are protobuf bytes)")
+
+
 def connect_from_env(environ: Mapping[str, str] | None = None) -> redis.Redis:
     """`connect` with the URL and password from RECSYS_REDIS_URL / RECSYS_REDIS_PASSWORD."""
     env = os.environ if environ is None else environ
