@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import redis
 
+from coordinator.redis_backend import require_bytes
 from protos import coordinator_pb2
 
 KINDS = (coordinator_pb2.SHARD, coordinator_pb2.TRAINER)
@@ -24,10 +25,13 @@ def _kind_name(kind: int, what: str = "kind") -> str:
 
 
 class Membership:
+    """Members by kind and id, shared by every coordinator replica through Redis; thread-safe."""
+
     def __init__(self, redis_client: redis.Redis, namespace: str = "recsys", lease_s: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         if lease_s <= 0:
             raise ValueError(f"lease_s: must be > 0, got {lease_s}")
+        require_bytes(redis_client, "Membership")
         self.redis = redis_client
         self.namespace = namespace
         self.lease_s = lease_s

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from coordinator.redis_backend import require_bytes
 from protos import common_pb2, coordinator_pb2
 
 T = TypeVar("T")
@@ -70,12 +71,19 @@ def _in_progress(claim: RolloutClaim) -> str:
 
 
 class PlanStore:
+    """The coordinator's only writer of plans: every coordinator replica shares one through Redis.
+
+    redis_client must return bytes (the default; `redis_backend.connect` gives one). Thread-safe: each
+    call runs its own transaction on the client's connection pool.
+    """
+
     def __init__(self, redis_client: redis.Redis, namespace: str = "recsys", lock_ttl_s: float = 120.0,
                  clock: Callable[[], float] = time.time) -> None:
         if not namespace:
             raise ValueError("namespace: empty")
         if lock_ttl_s <= 0:
             raise ValueError(f"lock_ttl_s: must be > 0, got {lock_ttl_s}")
+        require_bytes(redis_client, "PlanStore")
         self.redis = redis_client
         self.namespace = namespace
         self.lock_ttl_s = lock_ttl_s

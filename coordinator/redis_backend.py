@@ -68,6 +68,12 @@ def connect(url: str, password: str | None = None, *, timeout_s: float = 5.0) ->
     return client
 
 
+def require_bytes(client: redis.Redis, who: str) -> None:
+    """Protobuf records need raw bytes back: refuse a client that decodes responses to str."""
+    if client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError(f"{who}: redis client must not set decode_responses (records are protobuf bytes)")
+
+
 def connect_from_env(environ: Mapping[str, str] | None = None) -> redis.Redis:
     """`connect` with the URL and password from RECSYS_REDIS_URL / RECSYS_REDIS_PASSWORD."""
     env = os.environ if environ is None else environ
@@ -165,9 +171,9 @@ class EmbeddedRedis:
             conn.send_command("SHUTDOWN")
             conn.read_response()
         deadline = time.monotonic() + 10.0
-        while _running(self.pid) and time.monotonic() < deadline:
+        while process_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _running(self.pid):
+        if process_alive(self.pid):
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
         server.connection_pool.disconnect()
@@ -186,7 +192,8 @@ class EmbeddedRedis:
         self.close()
 
 
-def _running(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting for its reaper counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"

@@ -50,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--coordinator", help="HOST:PORT of the coordinator: register and heartbeat there")
     s.add_argument("--advertise", help="HOST:PORT others reach this shard at (default: the bound address)")
     s.add_argument("--capacity-mb", type=int, help="memory offered for weights + optimizer state (planning)")
+    s.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS only (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
     s.add_argument("--log-level", default="INFO")
     i = sub.add_parser("info", help="print a running shard's slices, memory and counters")
     i.add_argument("address", help="HOST:PORT")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--tls-ca", help="PEM CA certificate: connect over TLS, verifying the server against it")
     return p
 
 
@@ -72,7 +75,8 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     elif "tables" not in raw:  # `tables: []` in a config file is a standby shard too
         raise SystemExit("embedding-shard serve: no tables; give --config or --table (or --standby)")
     server = dict(raw.get("server") or {})
-    for key, val in (("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port)):
+    for key, val in (("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port),
+                     ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)):
         if val is not None:
             server[key] = None if (key == "metrics_port" and val < 0) else val
     if args.max_message_mb:
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from embedding_service.client import ShardClient
 
-    with ShardClient(args.address) as client:
+    with ShardClient(args.address, tls_ca=args.tls_ca) as client:
         info = client.info()
     if args.json:
         print(json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True)))

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.server import channel_options
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
+from protos.security import open_channel
 
 FeatureSpec = str | tuple[str, int]
 
@@ -42,11 +43,11 @@ def _lookup_result(raw: bytes) -> LookupResult:
 
 class ShardClient:
     def __init__(self, address: str, *, plan_version: int = 0, max_message_bytes: int = 256 * 1024 * 1024,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, tls_ca: str | None = None) -> None:
         self.address = address
         self.plan_version = plan_version
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.channel = open_channel(address, tls_ca=tls_ca, options=channel_options(max_message_bytes))
         self.stub = embedding_shard_pb2_grpc.EmbeddingShardStub(self.channel)
         # the hot RPCs send pre-framed bytes and parse responses without copying tensors (protos.wire)
         self._lookup = self.channel.unary_unary(f"{_SERVICE}/Lookup", response_deserializer=_lookup_result)

@@ -12,6 +12,7 @@ import yaml
 from google.protobuf import json_format
 
 from protos import common_pb2
+from protos.security import TlsConfig
 
 # fbgemm-gpu's CPU build implements only these fused optimizers; the rest exist on CUDA alone.
 CPU_OPTIMIZERS = frozenset(
@@ -33,6 +34,11 @@ class ServerConfig:
     metrics_port: int | None = 0  # None: no Prometheus endpoint
     max_message_bytes: int = 256 * 1024 * 1024
     workers: int = 0  # 0: enough for every trainer's pipelined lookup and update on top of a base of 16
+    tls_cert: str | None = None  # PEM paths; both set: serve TLS only
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        TlsConfig.from_paths(self.tls_cert, self.tls_key)  # both or neither
 
 
 @dataclass

@@ -22,6 +22,7 @@ from embedding_service.config import ShardConfig
 from embedding_service.metrics import ShardMetrics
 from embedding_service.servicer import ShardServicer, add_to_server
 from protos import embedding_shard_pb2
+from protos.security import TlsConfig, bind
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
@@ -59,9 +60,7 @@ def start(config: ShardConfig) -> RunningShard:
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{opts.host}:{opts.port}")
-    if port == 0:
-        raise OSError(f"could not bind {opts.host}:{opts.port}")
+    port = bind(server, f"{opts.host}:{opts.port}", TlsConfig.from_paths(opts.tls_cert, opts.tls_key))
     metrics_port = None
     if opts.metrics_port is not None:
         metrics_port = servicer.metrics.serve(opts.host, opts.metrics_port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import redis
 
 from coordinator.membership import Membership
 from coordinator.redis_backend import EmbeddedRedis
@@ -120,4 +121,6 @@ def test_bad_members_refused_naming_the_field(members):
         members.register(pb.Member(id=0, instance="a"))
     with pytest.raises(ValueError, match="lease_s: must be > 0"):
         Membership(members.redis, lease_s=0)
+    with pytest.raises(ValueError, match="Membership: redis client must not set decode_responses"):
+        Membership(redis.Redis.from_url("redis://127.0.0.1:1/0", decode_responses=True))
     assert members.members() == []

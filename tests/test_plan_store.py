@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from coordinator.plan_store import PlanConflict, PlanNotFound, PlanStore
-from coordinator.redis_backend import EmbeddedRedis, RedisUnavailable, connect
+from coordinator.redis_backend import EmbeddedRedis, RedisUnavailable, connect, process_alive
 from protos import common_pb2
 
 ROUNDS = 20
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeClock:
@@ -174,8 +181,6 @@ def test_refresh_extends_the_lock(store, clock):
 
 def test_expired_lock_with_real_ttl(server, ns):
     """Without an injected clock the Redis TTL and the stored expiry agree."""
-    import time
-
     store = PlanStore(server.client(), namespace=ns, lock_ttl_s=0.2)
     store.initialize(plan(1), "alice", "first")
     lost = store.begin_rollout(plan(2), 1, "bob", "x")
@@ -305,3 +310,34 @@ def test_two_processes_race_exactly_one_wins(server, ns):
     assert store.current_version() == 1 + ROUNDS
     assert [e["outcome"] for e in store.rollout_log(limit=0)] == ["done"] * ROUNDS
 
+
+
+# -- the embedded server ----------------------------------------------------------------------------
+
+def test_embedded_redis_keeps_plans_across_restarts(tmp_path):
+    with EmbeddedRedis(tmp_path) as first:
+        PlanStore(first.client()).initialize(plan(1), "alice", "first")
+        pid = first.pid
+    assert not process_alive(pid), "close() stops redis-server"
+    with EmbeddedRedis(tmp_path) as second:
+        assert second.pid != pid
+        assert PlanStore(second.client()).current().author == "alice"
+
+
+def test_embedded_redis_dies_with_its_creator(tmp_path):
+    code = ("import json, sys, time; from coordinator.redis_backend import EmbeddedRedis; "
+            f"r = EmbeddedRedis({str(tmp_path)!r}); print(json.dumps([r.url, r.pid]), flush=True); time.sleep(120)")
+    creator = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        url, pid = json.loads(creator.stdout.readline())
+        assert connect(url).ping()
+    finally:
+        creator.kill()  # SIGKILL: no atexit, no close()
+        creator.wait(10)
+    deadline = time.monotonic() + 10
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(pid), "the watchdog stops redis-server once its creator is gone"
+    with pytest.raises(RedisUnavailable, match="is unreachable"):
+        connect(url, timeout_s=1.0)

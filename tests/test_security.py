@@ -1,0 +1,142 @@
+"""TLS on a real shard process and bearer tokens on a real gRPC server (generated Coordinator service)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from embedding_service.client import ShardClient
+from embedding_service.config import ServerConfig
+from protos import coordinator_pb2, coordinator_pb2_grpc
+from protos.security import BearerTokenInterceptor, TlsConfig, bearer_metadata, bind, open_channel
+
+TABLES = [{"name": "t", "num_rows": 64, "dim": 8, "features": ["f"],
+           "optimizer": {"type": "exact_sgd", "learning_rate": 0.1}}]
+APPLY = "/recsys.v1.Coordinator/ApplyPlan"
+STATUS = "/recsys.v1.Coordinator/RolloutStatus"
+TOKEN = "s3cret-admin-token"
+
+
+def _self_signed(directory: Path, name: str) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("certs")
+    cert, key = _self_signed(d, "server")
+    other_ca, _ = _self_signed(d, "other")
+    return {"cert": cert, "key": key, "ca": cert, "other_ca": other_ca}
+
+
+def test_shard_serves_tls_only(shard_factory, certs):
+    proc, _ = shard_factory({"tables": TABLES, "shard_id": 3},
+                            extra_args=["--tls-cert", certs["cert"], "--tls-key", certs["key"]])
+    with ShardClient(proc.address, tls_ca=certs["ca"], timeout=20) as tls_client:
+        info = tls_client.info()
+        assert info.shard_id == 3 and info.slices[0].slice.table == "t"
+    with ShardClient(proc.address, timeout=3) as plain, pytest.raises(grpc.RpcError) as e:
+        plain.info()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with ShardClient(proc.address, tls_ca=certs["other_ca"], timeout=3) as untrusted, \
+            pytest.raises(grpc.RpcError) as e:
+        untrusted.info()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, "a server the CA did not sign is not trusted"
+
+
+def test_tls_config_needs_both_paths(certs, tmp_path):
+    with pytest.raises(ValueError, match="tls_key: required when tls_cert is given"):
+        ServerConfig(tls_cert=certs["cert"])
+    with pytest.raises(ValueError, match="tls_cert: required when tls_key is given"):
+        ServerConfig(tls_key=certs["key"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    with pytest.raises(OSError, match=r"tls cert '.*missing\.pem'"):
+        bind(server, "127.0.0.1:0", TlsConfig(str(tmp_path / "missing.pem"), certs["key"]))
+
+
+class _Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
+    """Implements only the two RPCs the test calls: one unary and open, one streaming and protected."""
+
+    def RolloutStatus(self, request, context):
+        return coordinator_pb2.RolloutProgress(phase=coordinator_pb2.IDLE)
+
+    def ApplyPlan(self, request, context):
+        for phase in (coordinator_pb2.VALIDATING, coordinator_pb2.DONE):
+            yield coordinator_pb2.RolloutProgress(rollout_id="r-1", phase=phase, to_version=2)
+
+
+@pytest.fixture(scope="module")
+def coordinator_address(certs):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         interceptors=[BearerTokenInterceptor(TOKEN, {APPLY})])
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_Coordinator(), server)
+    port = bind(server, "127.0.0.1:0", TlsConfig(certs["cert"], certs["key"]))
+    server.start()
+    yield f"localhost:{port}"
+    server.stop(None)
+
+
+@pytest.fixture
+def stub(coordinator_address, certs):
+    channel = open_channel(coordinator_address, tls_ca=certs["ca"])
+    yield coordinator_pb2_grpc.CoordinatorStub(channel)
+    channel.close()
+
+
+def _apply(stub, metadata=None) -> list[int]:
+    return [p.phase for p in stub.ApplyPlan(coordinator_pb2.ApplyPlanRequest(author="a"), metadata=metadata,
+                                            timeout=10)]
+
+
+def test_protected_method_without_token_is_unauthenticated(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        _apply(stub)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert e.value.details() == f"missing bearer token for {APPLY}"
+    with pytest.raises(grpc.RpcError) as e:
+        _apply(stub, metadata=(("authorization", f"Basic {TOKEN}"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, "only the Bearer scheme counts"
+
+
+def test_protected_method_with_wrong_token_is_denied(stub):
+    for wrong in ("nope", TOKEN[:-1], TOKEN + "x"):
+        with pytest.raises(grpc.RpcError) as e:
+            _apply(stub, metadata=bearer_metadata(wrong))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.details() == f"wrong bearer token for {APPLY}"
+
+
+def test_right_token_passes_and_open_methods_need_none(stub):
+    assert _apply(stub, metadata=bearer_metadata(TOKEN)) == [coordinator_pb2.VALIDATING, coordinator_pb2.DONE]
+    assert stub.RolloutStatus(coordinator_pb2.RolloutStatusRequest(), timeout=10).phase == coordinator_pb2.IDLE
+
+
+def test_interceptor_refuses_bad_configuration():
+    with pytest.raises(ValueError, match="token: empty"):
+        BearerTokenInterceptor("", {APPLY})
+    with pytest.raises(ValueError, match="protected: 'ApplyPlan' is not a full method name"):
+        BearerTokenInterceptor(TOKEN, {"ApplyPlan"})
