@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="write the admin token here (mode 0600)")
     s.add_argument("--tls-cert", help="PEM certificate: serve over TLS")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-ca", help="PEM of the CA of the shards' certificates (when they serve TLS)")
     s.add_argument("--initial-plan", help="plan JSON stored as version 1 when the store holds none")
     s.add_argument("--rate-limit-mbps", type=float, default=0.0, help="cap on migration bandwidth, MB/s (0: none)")
     s.add_argument("--rows-per-pull", type=int, default=262144, help="rows per PullRows call during a migration")
@@ -139,7 +140,7 @@ def serve(args: argparse.Namespace) -> int:
         lease_s=args.lease_s, admin_token=args.admin_token, token_file=args.token_file,
         tls=TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None, initial_plan=args.initial_plan,
         rollout=RolloutSettings(fence_timeout_s=args.fence_timeout_s, rows_per_pull=args.rows_per_pull,
-                                rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6))
+                                rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6, tls_ca=args.tls_ca))
     return serve_forever(config)
 
 

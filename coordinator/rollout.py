@@ -46,6 +46,7 @@ class RolloutSettings:
     pull_workers: int = 4
     rows_per_pull: int = 262144
     rate_limit_bytes_per_s: float = 0.0  # 0: unlimited; bounds the network share a migration takes
+    tls_ca: str | None = None  # CA of the shards' TLS certificates
 
 
 class RolloutEngine:
@@ -153,7 +154,8 @@ class RolloutEngine:
             if missing:
                 raise RolloutFailed(f"shards {missing} are not registered and alive")
             clients = {i: ShardClient(shards[i].address, plan_version=claim.from_version,
-                                      timeout=self.settings.rpc_timeout_s) for i in sorted(ids)}
+                                      timeout=self.settings.rpc_timeout_s, tls_ca=self.settings.tls_ca)
+                       for i in sorted(ids)}
             if current is None and step < 0:
                 step = -1
             elif step < 0:  # no trainers: the shards' applied step is the boundary

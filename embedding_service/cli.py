@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--capacity-mb", type=int, help="memory offered for weights + optimizer state (planning)")
     s.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS only (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-ca", help="PEM of the CA of the TLS servers this shard calls (coordinator, peer shards)")
     s.add_argument("--log-level", default="INFO")
     i = sub.add_parser("info", help="print a running shard's slices, memory and counters")
     i.add_argument("address", help="HOST:PORT")
@@ -83,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
     raw["server"] = server
     for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads",
-                "coordinator", "advertise"):
+                "coordinator", "advertise", "tls_ca"):
         val = getattr(args, key)
         if val is not None:
             raw[key] = val

@@ -66,6 +66,8 @@ class ShardConfig:
     coordinator: str | None = None
     advertise: str | None = None
     capacity_bytes: int = 0
+    # CA (PEM) of the TLS servers this shard calls: the coordinator and the shards it pulls rows from
+    tls_ca: str | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

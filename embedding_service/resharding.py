@@ -81,14 +81,14 @@ def _absorb(h: hashlib._Hash, result: PullResult, w: torch.Tensor, states: list[
 
 
 def pull_remote(req: embedding_shard_pb2.PullRowsRequest, dest_tables: ShardTables, dest: SliceState,
-                max_message_bytes: int) -> PullResult:
+                max_message_bytes: int, tls_ca: str | None = None) -> PullResult:
     """Streams the rows from the source shard's ExportRows into the staged slice, chunk by chunk."""
     from embedding_service.client import ShardClient  # the client imports the server module
 
     check_pull(req, dest, None)
     h, result = hashlib.sha256(), PullResult()
     client = ShardClient(req.source, plan_version=req.source_plan_version, max_message_bytes=max_message_bytes,
-                         timeout=600.0)
+                         timeout=600.0, tls_ca=tls_ca)
     try:
         chunks: Iterable[embedding_shard_pb2.RowChunk] = client.export_rows(
             req.source_slice, req.row_start, req.row_end, req.chunk_rows)

@@ -302,7 +302,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         staged = self._staged(request.plan_version)
         dest = staged.tables.slice_at(request.dest_slice)
         if request.source:
-            res = pull_remote(request, staged.tables, dest, self.config.server.max_message_bytes)
+            res = pull_remote(request, staged.tables, dest, self.config.server.max_message_bytes, self.config.tls_ca)
         else:
             self._check_version(request.source_plan_version)
             with self.steps.cond:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 
 from protos import coordinator_pb2, coordinator_pb2_grpc
+from protos.security import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class MemberAgent:
         if not self.member.instance:
             self.member.instance = uuid.uuid4().hex
         self.state = state
-        self.channel = channel or grpc.insecure_channel(coordinator)
+        self.channel = channel or open_channel(coordinator)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.coordinator = coordinator
         self.interval_s = 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -140,3 +141,30 @@ def test_interceptor_refuses_bad_configuration():
         BearerTokenInterceptor("", {APPLY})
     with pytest.raises(ValueError, match="protected: 'ApplyPlan' is not a full method name"):
         BearerTokenInterceptor(TOKEN, {"ApplyPlan"})
+
+
+def test_coordinator_and_its_members_speak_tls(certs, tmp_path):
+    """The real coordinator over TLS: a TLS client and a TLS shard member work, a plaintext client fails."""
+    from coordinator.client import CoordinatorClient
+    from coordinator.launcher import shard_config
+    from coordinator.process import launch as launch_coordinator
+    from embedding_service.process import launch as launch_shard
+
+    coord = launch_coordinator(["--tls-cert", certs["cert"], "--tls-key", certs["key"]], workdir=tmp_path / "c")
+    shard = None
+    try:
+        assert coord.announced["tls"] is True
+        shard = launch_shard(shard_config(None, 0, coordinator=coord.address, num_trainers=1, tls_ca=certs["cert"]),
+                             workdir=tmp_path / "s")
+        with CoordinatorClient(coord.address, tls_ca=certs["cert"]) as c:
+            deadline = time.monotonic() + 30
+            while not [m for m in c.members() if m.kind == coordinator_pb2.SHARD]:
+                assert time.monotonic() < deadline, "the TLS shard did not register"
+                time.sleep(0.1)
+        with CoordinatorClient(coord.address, timeout=3) as plain, pytest.raises(grpc.RpcError) as e:
+            plain.members()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if shard is not None:
+            shard.kill()
+        coord.kill()

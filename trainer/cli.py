@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--transport", choices=["grpc", "collective"], default="grpc",
                    help="grpc: fan-out RPCs (across hosts); collective: all-to-all in one torch.distributed group "
                         "with the shards (started with collective_rank = WORLD_SIZE + shard id)")
+    t.add_argument("--tls-ca", help="PEM of the CA that signed the shards' and the coordinator's certificates (TLS)")
     t.add_argument("--strict", action="store_true", help="criteo: fail on the first malformed line")
     t.add_argument("--data-workers", type=int, default=0, help="criteo: parser processes")
     t.add_argument("--steps", type=int, default=100)
@@ -114,7 +115,7 @@ def train(args: argparse.Namespace) -> int:
             raise SystemExit("--coordinator: live re-sharding needs --transport grpc")
         from trainer.coordination import PlanFollower
 
-        follower = PlanFollower(args.coordinator, rank).start()
+        follower = PlanFollower(args.coordinator, rank, tls_ca=args.tls_ca).start()
         plan, shards = follower.current_plan()
     elif not (args.plan and args.shards):
         raise SystemExit("give --plan and --shards, or --coordinator")
@@ -125,7 +126,8 @@ def train(args: argparse.Namespace) -> int:
         raise SystemExit("--async-staleness: must be >= 0")
     group = init_distributed(rank, world, plan.num_shards if collective else 0)
     trainer = ShardedTrainer(model_cfg, plan, shards, rank=rank, world_size=world, seed=args.seed,
-                             wire_dtype=WIRE[args.wire], transport=args.transport, trainer_group=group)
+                             wire_dtype=WIRE[args.wire], transport=args.transport, trainer_group=group,
+                             tls_ca=args.tls_ca)
     data = SyntheticData(model_cfg, seed=args.seed)
     sizes = [args.batch_size // world] * world
     first_step, position = args.first_step, 0
