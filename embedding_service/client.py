@@ -41,6 +41,14 @@ def _lookup_result(raw: bytes) -> LookupResult:
     return LookupResult(resp.handle, emb, list(resp.dims))
 
 
+_CHUNK_WEIGHTS = frozenset({embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["weights"].number})
+_CHUNK_STATES = frozenset({embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["optimizer_state"].number})
+
+
+def _row_chunk(raw: bytes) -> tuple[embedding_shard_pb2.RowChunk, dict]:
+    return wire.decode(raw, embedding_shard_pb2.RowChunk, _CHUNK_WEIGHTS, _CHUNK_STATES)
+
+
 class ShardClient:
     def __init__(self, address: str, *, plan_version: int = 0, max_message_bytes: int = 256 * 1024 * 1024,
                  timeout: float = 120.0, tls_ca: str | None = None) -> None:
@@ -149,6 +157,16 @@ class ShardClient:
         return self.stub.ExportRows(embedding_shard_pb2.ExportRowsRequest(
             plan_version=self.plan_version, slice=slice, row_start=row_start, row_end=row_end,
             chunk_rows=chunk_rows), timeout=self.timeout)
+
+    def export_rows_framed(self, slice: int, row_start: int, row_end: int, chunk_rows: int = 0
+                           ) -> Iterator[tuple[embedding_shard_pb2.RowChunk, dict]]:
+        """ExportRows with CRC-32 checksums, parsed without copies: (chunk fields, {field: TensorView(s)})."""
+        call = self.channel.unary_stream(f"{_SERVICE}/ExportRows",
+                                         request_serializer=embedding_shard_pb2.ExportRowsRequest.SerializeToString,
+                                         response_deserializer=_row_chunk)
+        return call(embedding_shard_pb2.ExportRowsRequest(plan_version=self.plan_version, slice=slice,
+                                                          row_start=row_start, row_end=row_end, chunk_rows=chunk_rows,
+                                                          crc32=True), timeout=self.timeout)
 
     def import_rows(self, chunks: Iterable[embedding_shard_pb2.RowChunk]) -> embedding_shard_pb2.ImportRowsResponse:
         return self.stub.ImportRows(iter(chunks), timeout=self.timeout)

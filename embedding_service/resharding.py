@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+import zlib
 from dataclasses import dataclass
 
 import grpc
@@ -21,6 +21,8 @@ from embedding_service.tables import ShardTables, SliceState
 from protos import codec, common_pb2, embedding_shard_pb2
 
 log = logging.getLogger(__name__)
+_WEIGHTS = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["weights"].number
+_STATES = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["optimizer_state"].number
 
 
 @dataclass
@@ -42,6 +44,30 @@ def chunk_digest(chunk: embedding_shard_pb2.RowChunk) -> bytes:
     for s in chunk.optimizer_state:
         h.update(s.data)
     return h.digest()
+
+
+def data_crc32(parts) -> int:
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return crc
+
+
+def tensors_crc32(tensors: list[torch.Tensor]) -> int:
+    return data_crc32(memoryview(t.contiguous().numpy()).cast("B") for t in tensors)
+
+
+def verify_chunk(chunk: embedding_shard_pb2.RowChunk, i: int) -> None:
+    """A chunk carries a SHA-256 or a CRC-32 of its data; either must match."""
+    where = f"chunk {i} (table {chunk.table!r}, row_start {chunk.row_start})"
+    if chunk.sha256:
+        if chunk_digest(chunk) != chunk.sha256:
+            raise data_loss(f"{where}: sha256 mismatch")
+    elif chunk.HasField("crc32"):
+        if data_crc32([chunk.weights.data, *(s.data for s in chunk.optimizer_state)]) != chunk.crc32:
+            raise data_loss(f"{where}: crc32 mismatch")
+    else:
+        raise invalid(f"{where}: no checksum (sha256 or crc32)")
 
 
 def check_pull(req: embedding_shard_pb2.PullRowsRequest, dest: SliceState, src_cols: int | None) -> int:
@@ -71,15 +97,6 @@ def _cut(req: embedding_shard_pb2.PullRowsRequest, cols: int, weights: torch.Ten
     return w, [s[:, c0 : c0 + cols] if s.dim() == 2 else s for s in states]
 
 
-def _absorb(h: hashlib._Hash, result: PullResult, w: torch.Tensor, states: list[torch.Tensor]) -> None:
-    for t in (w, *states):
-        data = t.contiguous().numpy().tobytes()
-        h.update(data)
-        result.bytes += len(data)
-    result.rows += w.shape[0]
-    result.chunks += 1
-
-
 def pull_remote(req: embedding_shard_pb2.PullRowsRequest, dest_tables: ShardTables, dest: SliceState,
                 max_message_bytes: int, tls_ca: str | None = None) -> PullResult:
     """Streams the rows from the source shard's ExportRows into the staged slice, chunk by chunk."""
@@ -90,22 +107,29 @@ def pull_remote(req: embedding_shard_pb2.PullRowsRequest, dest_tables: ShardTabl
     client = ShardClient(req.source, plan_version=req.source_plan_version, max_message_bytes=max_message_bytes,
                          timeout=600.0, tls_ca=tls_ca)
     try:
-        chunks: Iterable[embedding_shard_pb2.RowChunk] = client.export_rows(
-            req.source_slice, req.row_start, req.row_end, req.chunk_rows)
-        for i, chunk in enumerate(chunks):
-            if chunk_digest(chunk) != chunk.sha256:
+        chunks = client.export_rows_framed(req.source_slice, req.row_start, req.row_end, req.chunk_rows)
+        for i, (chunk, views) in enumerate(chunks):
+            wview = views.get(_WEIGHTS)
+            if wview is None:
+                raise data_loss(f"chunk {i} from {req.source}: no weights")
+            sviews = views.get(_STATES, [])
+            if data_crc32([wview.data, *(v.data for v in sviews)]) != chunk.crc32:
                 raise data_loss(f"chunk {i} from {req.source} (table {chunk.table!r}, row_start {chunk.row_start}): "
-                                "sha256 mismatch")
+                                "crc32 mismatch")
             if chunk.table != dest.table.name:
                 raise invalid(f"source slice {req.source_slice} at {req.source} holds table {chunk.table!r}, "
                               f"dest slice {dest.index} holds {dest.table.name!r}")
-            weights = codec.decode(chunk.weights, f"chunk {i} weights")
-            states = [codec.decode(s, f"chunk {i} optimizer_state[{k}]") for k, s in enumerate(chunk.optimizer_state)]
+            weights = codec.decode(wview, f"chunk {i} weights")
+            states = [codec.decode(v, f"chunk {i} optimizer_state[{k}]") for k, v in enumerate(sviews)]
             cols = check_pull(req, dest, weights.shape[1])
             w, st = _cut(req, cols, weights, states)
+            # rows of a live shard, checksummed on the way: no NaN scan (it would cost a third of the pull)
             dest_tables.write_block(dest, req.dest_row_start + chunk.row_start - req.row_start, req.dest_col_start,
-                                    w, st)
-            _absorb(h, result, w, st)
+                                    w, st, check_finite=False)
+            h.update(chunk.crc32.to_bytes(4, "little"))
+            result.rows += w.shape[0]
+            result.chunks += 1
+            result.bytes += len(wview.data) + sum(len(v.data) for v in sviews)
     except grpc.RpcError as e:  # the source failed or vanished: the pull fails, nothing is committed
         code = e.code() if e.code() not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
         raise ShardError(code, f"pull from {req.source} (slice {req.source_slice}): {e.details()}") from None
@@ -130,10 +154,9 @@ def pull_local(req: embedding_shard_pb2.PullRowsRequest, live: ShardTables, dest
     w, st = _cut(req, cols, src.weights[req.row_start : req.row_end].detach().cpu(),
                  [s[req.row_start : req.row_end].detach().cpu() for s in src.states])
     dest_tables.write_block(dest, req.dest_row_start, req.dest_col_start, w, st)
-    h, result = hashlib.sha256(), PullResult()
-    _absorb(h, result, w, st)
-    result.sha256 = h.digest()
-    return result
+    crc = tensors_crc32([w, *st])
+    return PullResult(rows=w.shape[0], chunks=1, bytes=sum(t.numel() * t.element_size() for t in (w, *st)),
+                      sha256=hashlib.sha256(crc.to_bytes(4, "little")).digest())
 
 
 def stage(assignment: common_pb2.ShardAssignment, live_version: int, shard_id: int, *, device: str, seed: int,

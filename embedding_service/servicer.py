@@ -17,9 +17,17 @@ from google.protobuf.message import DecodeError, Message
 
 from embedding_service import checkpoint
 from embedding_service.config import ShardConfig
-from embedding_service.errors import ShardError, data_loss, invalid, precondition
+from embedding_service.errors import ShardError, invalid, precondition
 from embedding_service.metrics import ShardMetrics
-from embedding_service.resharding import Staged, chunk_digest, pull_local, pull_remote, stage
+from embedding_service.resharding import (
+    Staged,
+    chunk_digest,
+    pull_local,
+    pull_remote,
+    stage,
+    tensors_crc32,
+    verify_chunk,
+)
 from embedding_service.steps import StepScheduler
 from embedding_service.tables import ShardTables
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
@@ -27,6 +35,8 @@ from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_g
 log = logging.getLogger(__name__)
 
 _EMBEDDINGS_FIELD = embedding_shard_pb2.LookupResponse.DESCRIPTOR.fields_by_name["embeddings"].number
+_WEIGHTS_FIELD = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["weights"].number
+_STATE_FIELD = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["optimizer_state"].number
 _WIRE_OUT = {0: torch.float32, common_pb2.FLOAT32: torch.float32, common_pb2.FLOAT16: torch.float16,
              common_pb2.BFLOAT16: torch.bfloat16}
 
@@ -223,6 +233,13 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         chunk = request.chunk_rows or max(1, self.config.export_chunk_bytes // row_bytes)
         for r0 in range(start, end, chunk):
             r1 = min(r0 + chunk, end)
+            if request.crc32:  # framed by hand: one copy, straight from the live rows, under the lock
+                with self.steps.cond:
+                    parts = [sl.weights[r0:r1].detach().cpu(), *(s[r0:r1].detach().cpu() for s in sl.states)]
+                    head = embedding_shard_pb2.RowChunk(plan_version=self.plan_version, table=sl.table.name,
+                                                        slice=sl.index, row_start=r0, crc32=tensors_crc32(parts))
+                    yield wire.encode(head, [(_WEIGHTS_FIELD, parts[0]), *((_STATE_FIELD, s) for s in parts[1:])])
+                continue
             with self.steps.cond:
                 w = sl.weights[r0:r1].detach().cpu().clone()
                 states = [s[r0:r1].detach().cpu().clone() for s in sl.states]
@@ -246,8 +263,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             if chunk.slice != sl.index or chunk.table != sl.table.name:
                 raise invalid(f"chunk {i}: table {chunk.table!r} slice {chunk.slice} differs from the first chunk's "
                               f"table {sl.table.name!r} slice {sl.index}")
-            if chunk_digest(chunk) != chunk.sha256:
-                raise data_loss(f"chunk {i} (table {chunk.table!r}, row_start {chunk.row_start}): sha256 mismatch")
+            verify_chunk(chunk, i)
             w = codec.decode(chunk.weights, f"chunk {i} weights")
             states = [codec.decode(s, f"chunk {i} optimizer_state[{k}]") for k, s in enumerate(chunk.optimizer_state)]
             self.tables.check_rows(sl, chunk.row_start, w, states)
@@ -365,8 +381,9 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         "LookupRows": std(servicer.LookupRows, pb.LookupRowsRequest, pb.LookupRowsResponse),
         "Checkpoint": std(servicer.Checkpoint, pb.CheckpointRequest, pb.CheckpointResponse),
         "Restore": std(servicer.Restore, pb.RestoreRequest, pb.RestoreResponse),
-        "ExportRows": std(servicer.ExportRows, pb.ExportRowsRequest, pb.RowChunk,
-                          grpc.unary_stream_rpc_method_handler),
+        "ExportRows": grpc.unary_stream_rpc_method_handler(
+            servicer.ExportRows, request_deserializer=pb.ExportRowsRequest.FromString,
+            response_serializer=serialize_response),
         "ImportRows": std(servicer.ImportRows, pb.RowChunk, pb.ImportRowsResponse,
                           grpc.stream_unary_rpc_method_handler),
         "Info": std(servicer.Info, pb.InfoRequest, pb.InfoResponse),

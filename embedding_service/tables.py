@@ -501,7 +501,7 @@ class ShardTables:
                 live[row_start : row_start + n].copy_(new.view(live[row_start : row_start + n].shape))
 
     def write_block(self, sl: SliceState, row_start: int, col_start: int, weights: torch.Tensor,
-                    states: list[torch.Tensor]) -> None:
+                    states: list[torch.Tensor], check_finite: bool = True) -> None:
         """Copies a rectangle of rows into a slice (re-sharding). Element-wise optimizer state follows the
         columns; row-wise state ([rows]) is copied whole, as a column-split TBE would keep it per slice."""
         n, c = weights.shape
@@ -511,7 +511,7 @@ class ShardTables:
         if len(states) != len(sl.states):
             raise precondition(f"optimizer_state: table {sl.table.name!r} uses {sl.optimizer_name} with "
                                f"{len(sl.states)} state tensors, got {len(states)}")
-        if not bool(torch.isfinite(weights).all()):
+        if check_finite and not bool(torch.isfinite(weights).all()):
             raise invalid(f"weights: NaN or Inf in rows for table {sl.table.name!r}")
         with torch.no_grad():
             sl.weights[row_start : row_start + n, col_start : col_start + c].copy_(weights)

@@ -118,21 +118,23 @@ class RestoreResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., bytes_read: _Optional[int] = ...) -> None: ...
 
 class ExportRowsRequest(_message.Message):
-    __slots__ = ("plan_version", "slice", "row_start", "row_end", "chunk_rows")
+    __slots__ = ("plan_version", "slice", "row_start", "row_end", "chunk_rows", "crc32")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SLICE_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_END_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     slice: int
     row_start: int
     row_end: int
     chunk_rows: int
-    def __init__(self, plan_version: _Optional[int] = ..., slice: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+    crc32: bool
+    def __init__(self, plan_version: _Optional[int] = ..., slice: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., chunk_rows: _Optional[int] = ..., crc32: _Optional[bool] = ...) -> None: ...
 
 class RowChunk(_message.Message):
-    __slots__ = ("plan_version", "table", "slice", "row_start", "weights", "optimizer_state", "sha256")
+    __slots__ = ("plan_version", "table", "slice", "row_start", "weights", "optimizer_state", "sha256", "crc32")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     SLICE_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class RowChunk(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     table: str
     slice: int
@@ -147,7 +150,8 @@ class RowChunk(_message.Message):
     weights: _common_pb2.Tensor
     optimizer_state: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
     sha256: bytes
-    def __init__(self, plan_version: _Optional[int] = ..., table: _Optional[str] = ..., slice: _Optional[int] = ..., row_start: _Optional[int] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., optimizer_state: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    crc32: int
+    def __init__(self, plan_version: _Optional[int] = ..., table: _Optional[str] = ..., slice: _Optional[int] = ..., row_start: _Optional[int] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., optimizer_state: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., sha256: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class ImportRowsResponse(_message.Message):
     __slots__ = ("rows", "chunks")

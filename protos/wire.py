@@ -75,10 +75,11 @@ def tensor_field(field: int, t: torch.Tensor) -> list[bytes | memoryview]:
     return [_varint(field << 3 | _WT_LEN) + _varint(len(inner) + arr.nbytes) + inner, data]
 
 
-def encode(msg: Message, tensors: dict[int, torch.Tensor]) -> bytes:
-    """`msg` (tensor fields left unset) plus the tensors, as one serialized message."""
+def encode(msg: Message, tensors: dict[int, torch.Tensor] | list[tuple[int, torch.Tensor]]) -> bytes:
+    """`msg` (tensor fields left unset) plus the tensors, as one serialized message (a list of
+    (field, tensor) pairs may repeat a field)."""
     parts: list[bytes | memoryview] = [msg.SerializeToString()]
-    for field, t in tensors.items():
+    for field, t in (tensors.items() if isinstance(tensors, dict) else tensors):
         parts.extend(tensor_field(field, t))
     return b"".join(parts)
 
@@ -115,9 +116,10 @@ def _parse_tensor(buf: memoryview) -> TensorView:
     return TensorView(dtype, shape, data)
 
 
-def decode(raw: bytes, message_type: type[Message],
-           tensor_fields: frozenset[int]) -> tuple[Message, dict[int, TensorView]]:
-    """Parses `raw`; tensor fields come back as views into it, the rest as a `message_type`."""
+def decode(raw: bytes, message_type: type[Message], tensor_fields: frozenset[int],
+           repeated: frozenset[int] = frozenset()) -> tuple[Message, dict[int, TensorView | list[TensorView]]]:
+    """Parses `raw`; tensor fields come back as views into it (a list for `repeated` fields), the rest
+    as a `message_type`."""
     buf = memoryview(raw)
     pos, rest, tensors = 0, [], {}
     while pos < len(buf):
@@ -130,6 +132,10 @@ def decode(raw: bytes, message_type: type[Message],
             n, pos = _read_varint(buf, pos)
             if pos + n > len(buf):
                 raise DecodeError("truncated length-delimited field")
+            if field in repeated:
+                tensors.setdefault(field, []).append(_parse_tensor(buf[pos : pos + n]))
+                pos += n
+                continue
             if field in tensor_fields:
                 tensors[field] = _parse_tensor(buf[pos : pos + n])
                 pos += n
