@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-message-mb", type=int, help="largest gRPC message accepted or sent")
     s.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS only (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--standby", action="store_true",
+                   help="start holding nothing (plan version 0); the coordinator rolls a plan out to it")
+    s.add_argument("--coordinator", help="HOST:PORT of the coordinator: register and heartbeat there")
+    s.add_argument("--advertise", help="HOST:PORT others reach this shard at (default: the bound address)")
+    s.add_argument("--capacity-mb", type=int, help="memory offered for weights + optimizer state (planning)")
     s.add_argument("--log-level", default="INFO")
     i = sub.add_parser("info", help="print a running shard's slices, memory and counters")
     i.add_argument("address", help="HOST:PORT")
@@ -65,8 +70,10 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     if args.table:
         raw["tables"] = args.table
         raw.pop("slices", None)
-    if not raw.get("tables"):
-        raise SystemExit("embedding-shard serve: no tables; give --config or --table")
+    if args.standby:
+        raw["tables"], raw["slices"] = [], []
+    elif "tables" not in raw:  # `tables: []` in a config file is a standby shard too
+        raise SystemExit("embedding-shard serve: no tables; give --config or --table (or --standby)")
     server = dict(raw.get("server") or {})
     for key, val in (("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port),
                      ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)):
@@ -75,10 +82,13 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     if args.max_message_mb:
         server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
     raw["server"] = server
-    for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads"):
+    for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads",
+                "coordinator", "advertise"):
         val = getattr(args, key)
         if val is not None:
             raw[key] = val
+    if args.capacity_mb is not None:
+        raw["capacity_bytes"] = args.capacity_mb * 1024 * 1024
     if args.clamp_ids:
         raw["clamp_ids"] = True
     return ShardConfig.from_dict(raw)

@@ -10,7 +10,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_service.server import channel_options
-from protos import codec, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
+from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
 from protos.security import open_channel
 
 FeatureSpec = str | tuple[str, int]
@@ -155,6 +155,21 @@ class ShardClient:
 
     def info(self) -> embedding_shard_pb2.InfoResponse:
         return self.stub.Info(embedding_shard_pb2.InfoRequest(), timeout=self.timeout)
+
+    # -- re-sharding (driven by the coordinator) ----------------------------------------------
+    def prepare(self, assignment: common_pb2.ShardAssignment) -> embedding_shard_pb2.PrepareResponse:
+        return self.stub.Prepare(embedding_shard_pb2.PrepareRequest(assignment=assignment), timeout=self.timeout)
+
+    def pull_rows(self, request: embedding_shard_pb2.PullRowsRequest,
+                  timeout: float | None = None) -> embedding_shard_pb2.PullRowsResponse:
+        return self.stub.PullRows(request, timeout=timeout or self.timeout)
+
+    def commit(self, plan_version: int, applied_step: int) -> embedding_shard_pb2.CommitResponse:
+        return self.stub.Commit(embedding_shard_pb2.CommitRequest(plan_version=plan_version,
+                                                                  applied_step=applied_step), timeout=self.timeout)
+
+    def abort(self, plan_version: int) -> embedding_shard_pb2.AbortResponse:
+        return self.stub.Abort(embedding_shard_pb2.AbortRequest(plan_version=plan_version), timeout=self.timeout)
 
 
 def migrate_rows(src: ShardClient, dst: ShardClient, *, src_slice: int, row_start: int, row_end: int,

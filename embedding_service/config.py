@@ -61,6 +61,11 @@ class ShardConfig:
     # 0..num_trainers-1) and the group's size; MASTER_ADDR/MASTER_PORT come from the environment.
     collective_rank: int | None = None
     collective_world_size: int | None = None
+    # Membership: register with the coordinator at this address and heartbeat; others reach this shard at
+    # `advertise` (default: the bound host:port); `capacity_bytes` is offered to the planner (0: unknown).
+    coordinator: str | None = None
+    advertise: str | None = None
+    capacity_bytes: int = 0
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
@@ -164,8 +169,6 @@ def validate_assignment(a: common_pb2.ShardAssignment) -> None:
                 raise ValueError(f"feature {f!r} maps to both {features[f]!r} and {t.name!r}")
             features[f] = t.name
         tables[t.name] = t
-    if not a.slices:
-        raise ValueError("assignment holds no slices")
     for i, s in enumerate(a.slices):
         t = tables.get(s.table)
         if t is None:

@@ -26,6 +26,10 @@ class ShardMetrics:
         self.weight_bytes = Gauge("shard_weight_bytes", "bytes of embedding weights held", registry=r)
         self.optimizer_bytes = Gauge("shard_optimizer_bytes", "bytes of optimizer state held", registry=r)
         self.pending_handles = Gauge("shard_pending_handles", "lookup handles awaiting their update", registry=r)
+        self.rows_migrated = Counter("shard_rows_migrated", "rows pulled into a staged plan", registry=r)
+        self.bytes_migrated = Counter("shard_bytes_migrated", "bytes (weights + optimizer state) pulled into a staged "
+                                      "plan", registry=r)
+        self.plan_version = Gauge("shard_plan_version", "the live plan version", registry=r)
         self.applied_step = Gauge("shard_applied_step", "last step whose update was applied", registry=r)
 
     def serve(self, host: str, port: int) -> int:

@@ -86,6 +86,18 @@ def serve_forever(config: ShardConfig) -> NoReturn:
         CollectiveLoop(shard.servicer.tables, shard.servicer.steps, config.collective_rank,
                        config.collective_world_size or 0, config.num_trainers).start()
         info["collective_rank"] = config.collective_rank
+    agent = None
+    if config.coordinator:
+        from protos import coordinator_pb2
+        from protos.member_agent import MemberAgent
+
+        servicer = shard.servicer
+        member = coordinator_pb2.Member(
+            kind=coordinator_pb2.SHARD, id=config.assignment.shard_id, device=config.device,
+            address=config.advertise or f"{config.server.host}:{shard.port}", capacity_bytes=config.capacity_bytes)
+        agent = MemberAgent(config.coordinator, member,
+                            lambda: (servicer.plan_version, servicer.steps.applied_step)).start()
+        info["coordinator"] = config.coordinator
     print(json.dumps(info), flush=True)
     log.info("shard %d serving on %s:%d", config.assignment.shard_id, config.server.host, shard.port)
     stop = threading.Event()
@@ -98,6 +110,8 @@ def serve_forever(config: ShardConfig) -> NoReturn:
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
         pass
+    if agent is not None:
+        agent.stop()
     shard.stop(grace=30.0)
     log.info("shard %d stopped", config.assignment.shard_id)
     sys.stdout.flush()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from embedding_service import checkpoint
 from embedding_service.config import ShardConfig
 from embedding_service.errors import ShardError, data_loss, invalid, precondition
 from embedding_service.metrics import ShardMetrics
+from embedding_service.resharding import Staged, chunk_digest, pull_local, pull_remote, stage
 from embedding_service.steps import StepScheduler
 from embedding_service.tables import ShardTables
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
@@ -130,6 +131,9 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
         self.metrics.weight_bytes.set(self.tables.weight_bytes)
         self.metrics.optimizer_bytes.set(self.tables.optimizer_bytes)
+        self.metrics.plan_version.set(self.plan_version)
+        self.staged: Staged | None = None
+        self._reshard = threading.Lock()  # one Prepare / Commit / Abort at a time
 
     def _check_version(self, version: int) -> None:
         if version != self.plan_version:
@@ -265,7 +269,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             mode=self.config.mode.value, num_trainers=self.config.num_trainers,
             weight_bytes=self.tables.weight_bytes, optimizer_bytes=self.tables.optimizer_bytes,
             resident_bytes=resident_bytes(), lookups=c.lookups, updates=c.updates,
-            rows_looked_up=c.rows_looked_up, rows_updated=c.rows_updated, applied_step=self.steps.applied_step)
+            rows_looked_up=c.rows_looked_up, rows_updated=c.rows_updated, applied_step=self.steps.applied_step,
+            staged_version=self.staged.assignment.plan_version if self.staged else 0)
         for sl in self.tables.slices:
             resp.slices.add(index=sl.index, slice=sl.slice, features=sl.features,
                             weight_bytes=sl.weights.numel() * 4,
@@ -273,12 +278,74 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
                             optimizer=sl.optimizer_name)
         return resp
 
+    # -- re-sharding --------------------------------------------------------------------------
+    @rpc
+    def Prepare(self, request: embedding_shard_pb2.PrepareRequest, context) -> embedding_shard_pb2.PrepareResponse:
+        if self.config.collective_rank is not None:
+            raise precondition("Prepare: this shard serves the collective transport; re-sharding needs gRPC")
+        staged = stage(request.assignment, self.plan_version, self.assignment.shard_id, device=self.config.device,
+                       seed=self.config.seed, clamp_ids=self.config.clamp_ids)
+        with self._reshard:
+            self.staged = staged  # replaces an earlier staged plan (a retried rollout)
+        return embedding_shard_pb2.PrepareResponse(weight_bytes=staged.tables.weight_bytes,
+                                                   optimizer_bytes=staged.tables.optimizer_bytes)
 
-def chunk_digest(chunk: embedding_shard_pb2.RowChunk) -> bytes:
-    h = hashlib.sha256(chunk.weights.data)
-    for s in chunk.optimizer_state:
-        h.update(s.data)
-    return h.digest()
+    def _staged(self, version: int) -> Staged:
+        staged = self.staged
+        if staged is None or staged.assignment.plan_version != version:
+            have = staged.assignment.plan_version if staged else "none"
+            raise precondition(f"plan_version {version}: not staged here (staged: {have}); call Prepare first")
+        return staged
+
+    @rpc
+    def PullRows(self, request: embedding_shard_pb2.PullRowsRequest, context) -> embedding_shard_pb2.PullRowsResponse:
+        staged = self._staged(request.plan_version)
+        dest = staged.tables.slice_at(request.dest_slice)
+        if request.source:
+            res = pull_remote(request, staged.tables, dest, self.config.server.max_message_bytes)
+        else:
+            self._check_version(request.source_plan_version)
+            with self.steps.cond:
+                res = pull_local(request, self.tables, staged.tables, dest)
+        self.metrics.rows_migrated.inc(res.rows)
+        self.metrics.bytes_migrated.inc(res.bytes)
+        return embedding_shard_pb2.PullRowsResponse(rows=res.rows, chunks=res.chunks, bytes=res.bytes,
+                                                    sha256=res.sha256)
+
+    @rpc
+    def Commit(self, request: embedding_shard_pb2.CommitRequest, context) -> embedding_shard_pb2.CommitResponse:
+        with self._reshard:
+            if request.plan_version == self.plan_version and self.staged is None:
+                return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)  # a retried commit
+            staged = self._staged(request.plan_version)
+            steps = StepScheduler(staged.tables, self.config.mode, self.config.num_trainers, self.config.staleness,
+                                  self.config.handle_ttl_s, self.config.wait_timeout_s)
+            steps.applied_step = request.applied_step
+            old = self.steps
+            with old.cond:  # no request is inside the old tables while they are swapped out
+                self.tables, self.steps, self.assignment = staged.tables, steps, staged.assignment
+                self.plan_version = staged.assignment.plan_version
+                self.staged = None
+                old.shutdown()  # anything still waiting on the old plan fails (UNAVAILABLE) instead of hanging
+        self.tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
+        self.metrics.weight_bytes.set(self.tables.weight_bytes)
+        self.metrics.optimizer_bytes.set(self.tables.optimizer_bytes)
+        self.metrics.applied_step.set(request.applied_step)
+        self.metrics.plan_version.set(self.plan_version)
+        log.info("plan version %d live: %d slices, next step %d", self.plan_version, len(self.assignment.slices),
+                 request.applied_step + 1)
+        return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)
+
+    @rpc
+    def Abort(self, request: embedding_shard_pb2.AbortRequest, context) -> embedding_shard_pb2.AbortResponse:
+        with self._reshard:
+            staged = self.staged
+            dropped = staged is not None and staged.assignment.plan_version == request.plan_version
+            if dropped:
+                self.staged = None
+        if dropped:
+            log.info("dropped staged plan version %d", request.plan_version)
+        return embedding_shard_pb2.AbortResponse(dropped=dropped)
 
 
 def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
@@ -303,6 +370,10 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         "ImportRows": std(servicer.ImportRows, pb.RowChunk, pb.ImportRowsResponse,
                           grpc.stream_unary_rpc_method_handler),
         "Info": std(servicer.Info, pb.InfoRequest, pb.InfoResponse),
+        "Prepare": std(servicer.Prepare, pb.PrepareRequest, pb.PrepareResponse),
+        "PullRows": std(servicer.PullRows, pb.PullRowsRequest, pb.PullRowsResponse),
+        "Commit": std(servicer.Commit, pb.CommitRequest, pb.CommitResponse),
+        "Abort": std(servicer.Abort, pb.AbortRequest, pb.AbortResponse),
     }
     name = pb.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

@@ -500,6 +500,27 @@ class ShardTables:
             for live, new in zip(sl.states, states, strict=True):
                 live[row_start : row_start + n].copy_(new.view(live[row_start : row_start + n].shape))
 
+    def write_block(self, sl: SliceState, row_start: int, col_start: int, weights: torch.Tensor,
+                    states: list[torch.Tensor]) -> None:
+        """Copies a rectangle of rows into a slice (re-sharding). Element-wise optimizer state follows the
+        columns; row-wise state ([rows]) is copied whole, as a column-split TBE would keep it per slice."""
+        n, c = weights.shape
+        if row_start < 0 or row_start + n > sl.slice.num_rows or col_start < 0 or col_start + c > sl.slice.num_cols:
+            raise invalid(f"dest rows [{row_start}, {row_start + n}) cols [{col_start}, {col_start + c}) outside "
+                          f"slice {sl.index} of table {sl.table.name!r} [{sl.slice.num_rows} x {sl.slice.num_cols}]")
+        if len(states) != len(sl.states):
+            raise precondition(f"optimizer_state: table {sl.table.name!r} uses {sl.optimizer_name} with "
+                               f"{len(sl.states)} state tensors, got {len(states)}")
+        if not bool(torch.isfinite(weights).all()):
+            raise invalid(f"weights: NaN or Inf in rows for table {sl.table.name!r}")
+        with torch.no_grad():
+            sl.weights[row_start : row_start + n, col_start : col_start + c].copy_(weights)
+            for live, new in zip(sl.states, states, strict=True):
+                block = live[row_start : row_start + n]
+                if live.dim() == 2:
+                    block = block[:, col_start : col_start + c]
+                block.copy_(new.reshape(block.shape))
+
     def check_rows(self, sl: SliceState, row_start: int, weights: torch.Tensor, states: list[torch.Tensor]) -> None:
         n = weights.shape[0] if weights.dim() == 2 else -1
         if weights.dim() != 2 or weights.shape[1] != sl.slice.num_cols or weights.dtype != torch.float32:

@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference(model_cfg: ModelConfig):
+def reference(model_cfg: ModelConfig, steps: int = STEPS, batch_size: int = BATCH):
     """One process, global batch: every table whole in one in-process TBE set, the same dense model."""
     tables = ShardTables(assignment_from_dict({"tables": [
         {"name": t.name, "num_rows": t.num_rows, "dim": t.dim, "features": list(t.features),
@@ -43,9 +43,9 @@ def reference(model_cfg: ModelConfig):
     model = DenseDLRM(model_cfg, seed=SEED)
     opt = torch.optim.SGD(model.parameters(), lr=model_cfg.dense_lr)
     feats = [(f.name, None) for f in model_cfg.features]
-    for batch in SyntheticData(model_cfg, seed=SEED).batches(BATCH, STEPS):
+    for batch in SyntheticData(model_cfg, seed=SEED).batches(batch_size, steps):
         sp = batch.sparse
-        prepared = tables.prepare(feats, BATCH, sp.lengths, sp.values, sp.weights)
+        prepared = tables.prepare(feats, batch_size, sp.lengths, sp.values, sp.weights)
         fwd = tables.forward([prepared], requires_grad=True)
         emb = fwd.embeddings[0].detach().requires_grad_()
         loss = F.binary_cross_entropy_with_logits(model(batch.dense, emb), batch.labels)

@@ -27,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "all-reduced (DDP, gloo on CPU); the shards merge the trainers' embedding "
                                    "updates of a step into one.")
     t.add_argument("--config", required=True, help="model YAML (tables, dense architecture)")
-    t.add_argument("--plan", required=True, help="sharding plan JSON (ShardingPlan)")
-    t.add_argument("--shards", required=True, help="comma-separated HOST:PORT of shard 0, 1, ...")
+    t.add_argument("--plan", help="sharding plan JSON (ShardingPlan); not with --coordinator")
+    t.add_argument("--shards", help="comma-separated HOST:PORT of shard 0, 1, ...; not with --coordinator")
+    t.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="take the plan and the shard addresses from the coordinator, register there, and follow "
+                        "its rollouts (live re-sharding: fence at a step boundary, continue on the new plan)")
     t.add_argument("--data", default="synthetic",
                    help="synthetic (teacher DLRM, Zipf ids) or criteo:PATH[,PATH...] (Criteo TSV files)")
     t.add_argument("--transport", choices=["grpc", "collective"], default="grpc",
@@ -103,12 +106,25 @@ def train(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("--resume needs --checkpoint-dir")
     model_cfg = ModelConfig.load(args.config)
-    plan = load_plan(args.plan)
+    follower = None
+    if args.coordinator:
+        if args.plan or args.shards:
+            raise SystemExit("--coordinator gives the plan and the shards: drop --plan and --shards")
+        if args.transport == "collective":
+            raise SystemExit("--coordinator: live re-sharding needs --transport grpc")
+        from trainer.coordination import PlanFollower
+
+        follower = PlanFollower(args.coordinator, rank).start()
+        plan, shards = follower.current_plan()
+    elif not (args.plan and args.shards):
+        raise SystemExit("give --plan and --shards, or --coordinator")
+    else:
+        plan, shards = load_plan(args.plan), args.shards.split(",")
     collective = args.transport == "collective"
     if args.async_staleness < 0:
         raise SystemExit("--async-staleness: must be >= 0")
     group = init_distributed(rank, world, plan.num_shards if collective else 0)
-    trainer = ShardedTrainer(model_cfg, plan, args.shards.split(","), rank=rank, world_size=world, seed=args.seed,
+    trainer = ShardedTrainer(model_cfg, plan, shards, rank=rank, world_size=world, seed=args.seed,
                              wire_dtype=WIRE[args.wire], transport=args.transport, trainer_group=group)
     data = SyntheticData(model_cfg, seed=args.seed)
     sizes = [args.batch_size // world] * world
@@ -157,7 +173,9 @@ def train(args: argparse.Namespace) -> int:
             writer.add_scalar("train/samples_per_s", done * args.batch_size / (time.perf_counter() - start), res.step)
         if args.eval_every and done % args.eval_every == 0:
             _evaluate(trainer, data, args, res.step, writer, rank)
-        halt = _agreed(stop["requested"], world, group)
+        if follower is not None:
+            follower.step = res.step
+        halt, fence = _agreed([stop["requested"], follower is not None and follower.fence_pending], world, group)
         periodic = args.checkpoint_every and (res.step + 1 - args.first_step) % args.checkpoint_every == 0
         if args.checkpoint_dir and (periodic or halt):
             trainer.wait_updates()  # sync mode: every trainer's update of this step is applied
@@ -171,6 +189,12 @@ def train(args: argparse.Namespace) -> int:
         if halt:
             log.info("SIGTERM: stopped after step %d", res.step)
             break
+        if fence:
+            trainer.fence()
+            resumed = follower.fence(res.step)
+            if resumed.plan_version != trainer.router.plan.version:
+                trainer.switch_plan(*follower.current_plan(resumed.plan_version))
+            bar.set_description(f"trainer {rank} plan v{trainer.router.plan.version}")
     trainer.wait_updates()
     bar.close()
     if args.eval_every and done % args.eval_every:
@@ -188,6 +212,8 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "done", "steps": done, "last_step": first_step + done - 1, "loss": loss,
                           "samples_per_s": round(done * args.batch_size / max(elapsed, 1e-9), 1)}), flush=True)
     trainer.close()
+    if follower is not None:
+        follower.close()
     if torch.distributed.is_initialized():
         # an orderly teardown: a process group left to the interpreter's exit can abort in its destructor
         torch.distributed.barrier(group=group)
@@ -266,13 +292,13 @@ def shard_config_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agreed(flag: bool, world: int, group=None) -> bool:
-    """True on every rank once any rank saw the flag, so all stop at the same step boundary."""
+def _agreed(flags: list[bool], world: int, group=None) -> list[bool]:
+    """Each flag true on every rank once any rank saw it, so all stop at the same step boundary."""
     if world == 1:
-        return flag
-    t = torch.tensor([int(flag)])
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(f) for f in flags])
     torch.distributed.all_reduce(t, group=group)
-    return bool(t.item())
+    return [bool(x) for x in t.tolist()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,15 +45,8 @@ class ShardedTrainer:
                              f"got {len(addresses)} addresses")
         self.config = model_config
         self.rank, self.world_size = rank, world_size
-        self.router = Router(plan, model_config)
-        # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
-        self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=rank, wire_dtype=wire_dtype)
-        if transport == "collective":
-            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(world_size, plan.num_shards)
-        elif transport == "grpc":
-            self.data = self.transport
-        else:
-            raise ValueError(f"transport: expected 'grpc' or 'collective', got {transport!r}")
+        self.wire_dtype = wire_dtype
+        self._connect(plan, addresses, transport)
         self.model = DenseDLRM(model_config, seed=seed)
         self.local = LocalTables(model_config, list(plan.data_parallel), seed=seed) if plan.data_parallel else None
         self.replicated = Replicated(self.model, self.local)
@@ -62,6 +55,42 @@ class ShardedTrainer:
         self.optimizer = MultiOptimizer([torch.optim.SGD(self.model.parameters(), lr=model_config.dense_lr),
                                          *(self.local.optimizers() if self.local else [])])
         self._inflight: collections.deque[dict[int, Pending]] = collections.deque()  # updates not yet waited for
+        # the pipelined lookup of the next step: in flight, or gathered at a fence (kept if the plan stays)
+        self._ahead: dict[int, Pending] | None = None
+        self._ahead_result: tuple[torch.Tensor, dict[int, str]] | None = None
+
+    def _connect(self, plan: common_pb2.ShardingPlan, addresses: list[str], transport: str) -> None:
+        self.router = Router(plan, self.config)
+        # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
+        self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=self.rank,
+                                       wire_dtype=self.wire_dtype)
+        if transport == "collective":
+            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(self.world_size, plan.num_shards)
+        elif transport == "grpc":
+            self.data = self.transport
+        else:
+            raise ValueError(f"transport: expected 'grpc' or 'collective', got {transport!r}")
+
+    def fence(self) -> None:
+        """Stops at a step boundary for a rollout: every update applied, the next lookup gathered."""
+        self.wait_updates()
+        if self._ahead is not None:
+            self._ahead_result = self.gather(self._ahead)
+            self._ahead = None
+
+    def switch_plan(self, plan: common_pb2.ShardingPlan, addresses: list[str]) -> None:
+        """After a rollout: route by the new plan; the lookup gathered at the fence is sent again."""
+        if isinstance(self.data, CollectiveTransport):
+            raise ValueError("live re-sharding needs the gRPC transport")
+        if len(addresses) != plan.num_shards:
+            raise ValueError(f"plan version {plan.version} has {plan.num_shards} shards, "
+                             f"got {len(addresses)} addresses")
+        if sorted(plan.data_parallel) != sorted(self.router.plan.data_parallel):
+            raise ValueError("a rollout cannot change which tables are data_parallel")
+        self.transport.close()
+        self._connect(plan, addresses, "grpc")
+        self._ahead_result = None
+        log.info("trainer %d now on plan version %d (%d shards)", self.rank, plan.version, plan.num_shards)
 
     def close(self) -> None:
         if isinstance(self.data, CollectiveTransport):
@@ -150,22 +179,28 @@ class ShardedTrainer:
         it = iter(batches)
         batch = next(it, None)
         step = first_step
-        pending = self.send_lookup(batch.sparse, step) if batch is not None else {}
+        self._ahead = self.send_lookup(batch.sparse, step) if batch is not None else None
         while batch is not None:
             # earlier steps' updates first: the shard serves this lookup only after applying them (all
             # but the last `staleness`), so this costs no overlap, and a failed update is reported
             # instead of stalling the lookup
             self.wait_updates(keep=staleness)
-            emb, handles = self.gather(pending)
+            if self._ahead_result is not None:  # gathered at a fence, the plan unchanged
+                (emb, handles), self._ahead_result = self._ahead_result, None
+            else:
+                if self._ahead is None:  # dropped by a plan switch: look it up under the new plan
+                    self._ahead = self.send_lookup(batch.sparse, step)
+                emb, handles = self.gather(self._ahead)
+            self._ahead = None
             nxt = next(it, None)
             if pipelined and nxt is not None:
-                pending = self.send_lookup(nxt.sparse, step + 1)
+                self._ahead = self.send_lookup(nxt.sparse, step + 1)
             result, updates = self._dense_step(batch, step, emb, handles)
             self._inflight.append(updates)
             if not pipelined or nxt is None:
                 self.wait_updates()
                 if nxt is not None:
-                    pending = self.send_lookup(nxt.sparse, step + 1)
+                    self._ahead = self.send_lookup(nxt.sparse, step + 1)
             yield result
             batch, step = nxt, step + 1
 

@@ -1,0 +1,112 @@
+"""Local-process launchers for a job's shards and trainers (the embedded default; on Kubernetes the
+StatefulSet and Job controllers play this part and the supervisor only decides what to restart)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from coordinator.moves import shard_assignment
+from embedding_service.process import ShardProcess, launch
+from protos import common_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard_config(plan: common_pb2.ShardingPlan | None, shard: int, *, coordinator: str, num_trainers: int,
+                 seed: int = 0, **extra) -> dict:
+    """The serve config of one shard: its slices of `plan` (None: standby, holding nothing)."""
+    from google.protobuf import json_format
+
+    a = shard_assignment(plan, shard) if plan is not None else common_pb2.ShardAssignment(shard_id=shard)
+    return {"shard_id": shard, "plan_version": a.plan_version, "num_trainers": num_trainers, "seed": seed,
+            "coordinator": coordinator,
+            "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
+            "slices": [json_format.MessageToDict(s, preserving_proto_field_name=True,
+                                                 always_print_fields_with_no_presence=True) for s in a.slices],
+            **extra}
+
+
+class LocalShards:
+    def __init__(self, coordinator: str, workdir: Path, *, num_trainers: int, seed: int = 0, **extra) -> None:
+        self.coordinator, self.workdir = coordinator, Path(workdir)
+        self.num_trainers, self.seed, self.extra = num_trainers, seed, extra
+        self.procs: dict[int, ShardProcess] = {}
+        self._starts = 0
+
+    def start(self, shard: int, plan: common_pb2.ShardingPlan | None) -> ShardProcess:
+        """(Re)starts shard `shard` holding its slices of `plan` (seeded rows; a restore fills them)."""
+        old = self.procs.pop(shard, None)
+        if old is not None:
+            old.kill()
+        self._starts += 1
+        cfg = shard_config(plan, shard, coordinator=self.coordinator, num_trainers=self.num_trainers, seed=self.seed,
+                           **self.extra)
+        proc = launch(cfg, workdir=self.workdir / f"shard-{shard}-{self._starts}")
+        self.procs[shard] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+        self.procs.clear()
+
+
+class LocalTrainers:
+    """`num_trainers` trainer processes with torchrun's environment contract (RANK, WORLD_SIZE, MASTER_*)."""
+
+    def __init__(self, coordinator: str, config: str | Path, num_trainers: int, train_args: list[str],
+                 workdir: Path) -> None:
+        self.coordinator, self.config, self.num_trainers = coordinator, str(config), num_trainers
+        self.train_args, self.workdir = list(train_args), Path(workdir)
+        self.procs: list[subprocess.Popen] = []
+        self._runs = 0
+
+    def start(self, resume: bool) -> None:
+        self.stop()
+        self._runs += 1
+        port = free_port()
+        run_dir = self.workdir / f"trainers-{self._runs}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for rank in range(self.num_trainers):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.num_trainers), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+            cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", self.config, "--coordinator",
+                   self.coordinator, *self.train_args, *(["--resume"] if resume else [])]
+            with open(run_dir / f"rank{rank}.out", "wb") as out, open(run_dir / f"rank{rank}.err", "wb") as err:
+                self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True))
+
+    def poll(self) -> int | None:
+        """None while any trainer runs; then the worst exit code."""
+        codes = [p.poll() for p in self.procs]
+        if any(c is None for c in codes):
+            return None
+        return max((abs(c) for c in codes), default=0)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait(30)
+        self.procs = []
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        run_dir = self.workdir / f"trainers-{self._runs}"
+        return "\n".join((run_dir / f"rank{r}.err").read_text()[-chars:] for r in range(self.num_trainers)
+                         if (run_dir / f"rank{r}.err").exists())
+
+    def stdout(self, rank: int = 0) -> str:
+        path = self.workdir / f"trainers-{self._runs}" / f"rank{rank}.out"
+        return path.read_text() if path.exists() else ""

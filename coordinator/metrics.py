@@ -1,0 +1,33 @@
+"""Prometheus metrics of the coordinator (own registry)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from embedding_service.metrics import LATENCY_BUCKETS
+
+
+@dataclass
+class CoordinatorMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("coordinator_requests", "RPCs handled, by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("coordinator_request_seconds", "RPC latency (streams: until closed)", ["method"],
+                                 registry=r, buckets=LATENCY_BUCKETS)
+        self.members = Gauge("coordinator_members", "registered members by kind and state", ["kind", "state"],
+                             registry=r)
+        self.plan_version = Gauge("coordinator_plan_version", "the current plan version", registry=r)
+        self.rollouts = Counter("coordinator_rollouts", "finished rollouts by outcome", ["outcome"], registry=r)
+        self.rollout_pause = Histogram("coordinator_rollout_pause_seconds", "how long trainers were fenced",
+                                       registry=r, buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 120.0))
+        self.migrated_bytes = Counter("coordinator_migrated_bytes", "bytes moved shard-to-shard by rollouts",
+                                      registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])

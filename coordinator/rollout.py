@@ -1,0 +1,292 @@
+"""Live plan rollout: fence the trainers, stage the new plan on every shard, pull rows shard-to-shard,
+flip the plan version, resume the trainers. Any failure before the flip aborts: the old plan stays
+current and complete (the shards only drop what they staged), and the trainers resume on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.membership import Membership
+from coordinator.moves import Move, MoveError, compute_moves, shard_assignment, split_moves
+from coordinator.plan_store import PlanConflict, PlanStore, RolloutClaim
+from coordinator.validation import plan_violations
+from embedding_service.client import ShardClient
+from protos import common_pb2, coordinator_pb2, embedding_shard_pb2
+
+log = logging.getLogger(__name__)
+pb = coordinator_pb2
+TERMINAL = (pb.DONE, pb.ABORTED)
+
+
+class RolloutRefused(Exception):
+    """Refused before anything started; `code` is the gRPC status the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class RolloutFailed(Exception):
+    """A step of a started rollout failed; the rollout aborts with this reason."""
+
+
+@dataclass
+class RolloutSettings:
+    fence_timeout_s: float = 120.0
+    rpc_timeout_s: float = 600.0
+    pull_workers: int = 4
+    rows_per_pull: int = 262144
+    rate_limit_bytes_per_s: float = 0.0  # 0: unlimited; bounds the network share a migration takes
+
+
+class RolloutEngine:
+    def __init__(self, store: PlanStore, membership: Membership, events, settings: RolloutSettings | None = None,
+                 on_finish=None) -> None:
+        self.store, self.membership, self.events = store, membership, events
+        self.settings = settings or RolloutSettings()
+        self.on_finish = on_finish  # (progress) -> None, for metrics
+        self._lock = threading.Condition()
+        self.progress = pb.RolloutProgress(phase=pb.IDLE)
+        self._fenced: dict[int, int] = {}
+        self._watchers: list[queue.Queue] = []
+        self._thread: threading.Thread | None = None
+
+    # -- starting -----------------------------------------------------------------------------
+    def validate(self, plan: common_pb2.ShardingPlan, current: pb.PlanRecord | None) -> list[str]:
+        alive = {m.id: m.capacity_bytes for m in self.membership.alive(pb.SHARD).values()}
+        tables = list(current.plan.tables) if current is not None else None
+        return plan_violations(plan, model_tables=tables, alive_shards=alive)
+
+    def start(self, plan: common_pb2.ShardingPlan, base_version: int, author: str, reason: str) -> str:
+        current = self.store.current()
+        violations = self.validate(plan, current)
+        if violations:
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "plan refused: " + "; ".join(violations))
+        try:
+            moves = compute_moves(current.plan, plan) if current is not None else []
+        except MoveError as e:
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, f"plan refused: {e}") from None
+        try:
+            claim = self.store.begin_rollout(plan, base_version, author, reason)
+        except PlanConflict as e:
+            raise RolloutRefused(grpc.StatusCode.ABORTED, f"conflict: {e}") from None
+        target = common_pb2.ShardingPlan()
+        target.CopyFrom(plan)
+        target.version = claim.to_version
+        with self._lock:
+            self._fenced = {}
+            self.progress = pb.RolloutProgress(rollout_id=claim.rollout_id, phase=pb.FENCING,
+                                               from_version=claim.from_version, to_version=claim.to_version,
+                                               bytes_total=sum(m.bytes for m in moves if not m.local),
+                                               rows_total=sum(m.rows for m in moves))
+        self._thread = threading.Thread(target=self._run, args=(claim, current, target, moves),
+                                        name=f"rollout-{claim.to_version}", daemon=True)
+        self._thread.start()
+        log.info("rollout %s: version %d -> %d by %s (%s): %d moves", claim.rollout_id, claim.from_version,
+                 claim.to_version, author, reason, len(moves))
+        return claim.rollout_id
+
+    # -- observing ----------------------------------------------------------------------------
+    def snapshot(self) -> pb.RolloutProgress:
+        with self._lock:
+            p = pb.RolloutProgress()
+            p.CopyFrom(self.progress)
+            return p
+
+    def watch(self, rollout_id: str, is_active=lambda: True) -> Iterator[pb.RolloutProgress]:
+        """Progress of one rollout until it is DONE or ABORTED."""
+        last = None
+        while is_active():
+            with self._lock:
+                if self.progress.rollout_id != rollout_id:
+                    return
+                if last is not None and self.progress == last:
+                    self._lock.wait(timeout=0.5)
+                snap = pb.RolloutProgress()
+                snap.CopyFrom(self.progress)
+            if snap != last:
+                yield snap
+                last = snap
+            if snap.phase in TERMINAL:
+                return
+
+    def _update(self, **fields) -> None:
+        with self._lock:
+            for k, v in fields.items():
+                setattr(self.progress, k, v)
+            self._lock.notify_all()
+
+    def report_fenced(self, trainer_id: int, rollout_id: str, step: int) -> None:
+        with self._lock:
+            if self.progress.rollout_id != rollout_id or self.progress.phase != pb.FENCING:
+                phase = pb.RolloutPhase.Name(self.progress.phase)
+                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"rollout_id {rollout_id!r}: not fencing (current rollout "
+                                     f"{self.progress.rollout_id!r}, phase {phase})")
+            self._fenced[trainer_id] = step
+            self._lock.notify_all()
+
+    # -- running ------------------------------------------------------------------------------
+    def _run(self, claim: RolloutClaim, current: pb.PlanRecord | None, plan: common_pb2.ShardingPlan,
+             moves: list[Move]) -> None:
+        fenced_at = time.monotonic()
+        clients: dict[int, ShardClient] = {}
+        staged = False
+        try:
+            self.events.publish(pb.PlanEvent(kind=pb.FENCE, plan_version=claim.from_version,
+                                             rollout_id=claim.rollout_id, target_version=claim.to_version))
+            step = self._await_fence(claim)
+            self._update(phase=pb.PREPARING, fence_step=step, pause_s=time.monotonic() - fenced_at)
+            shards = self.membership.alive(pb.SHARD)
+            ids = set(range(plan.num_shards)) | (set(range(current.plan.num_shards)) if current else set())
+            missing = sorted(i for i in ids if i not in shards)
+            if missing:
+                raise RolloutFailed(f"shards {missing} are not registered and alive")
+            clients = {i: ShardClient(shards[i].address, plan_version=claim.from_version,
+                                      timeout=self.settings.rpc_timeout_s) for i in sorted(ids)}
+            if current is None and step < 0:
+                step = -1
+            elif step < 0:  # no trainers: the shards' applied step is the boundary
+                step = max(c.info().applied_step for i, c in clients.items() if i < current.plan.num_shards)
+                self._update(fence_step=step)
+            staged = True
+            self._parallel({i: (lambda c=c, i=i: c.prepare(shard_assignment(plan, i))) for i, c in clients.items()},
+                           "Prepare")
+            self._update(phase=pb.MIGRATING, pause_s=time.monotonic() - fenced_at)
+            self._migrate(claim, plan, moves, clients, shards, fenced_at)
+            self._update(phase=pb.COMMITTING, pause_s=time.monotonic() - fenced_at)
+            self.store.commit_rollout(claim)  # the flip: from here on the new plan is current
+        except Exception as e:
+            why = str(e) if isinstance(e, RolloutFailed | PlanConflict) else f"{type(e).__name__}: {e}"
+            log.error("rollout %s aborted: %s", claim.rollout_id, why)
+            if staged:
+                for i, c in clients.items():
+                    try:
+                        c.abort(claim.to_version)
+                    except grpc.RpcError as err:
+                        log.warning("abort on shard %d: %s", i, err.details())
+            try:
+                self.store.abort_rollout(claim, why)
+            except Exception as err:  # the lock may have expired; the current plan is unchanged either way
+                log.warning("abort_rollout: %s", err)
+            self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.from_version,
+                                             rollout_id=claim.rollout_id))
+            self._finish(phase=pb.ABORTED, message=why, pause_s=time.monotonic() - fenced_at)
+            self._close(clients)
+            return
+        errors = self._parallel({i: (lambda c=c: c.commit(claim.to_version, step)) for i, c in clients.items()},
+                                "Commit", raise_first=False)
+        self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.to_version, rollout_id=claim.rollout_id))
+        message = "; ".join(errors)  # a shard that failed to flip needs recovery (restart from checkpoint)
+        self._finish(phase=pb.DONE, message=message, pause_s=time.monotonic() - fenced_at)
+        self._close(clients)
+        log.info("rollout %s done: version %d live, trainers paused %.3f s", claim.rollout_id, claim.to_version,
+                 self.progress.pause_s)
+
+    def _finish(self, **fields) -> None:
+        self._update(**fields)
+        if self.on_finish is not None:
+            self.on_finish(self.snapshot())
+
+    @staticmethod
+    def _close(clients: dict[int, ShardClient]) -> None:
+        for c in clients.values():
+            c.close()
+
+    def _await_fence(self, claim: RolloutClaim) -> int:
+        """Waits until every alive trainer stopped at the same step boundary; -1 when no trainer runs."""
+        deadline = time.monotonic() + self.settings.fence_timeout_s
+        with self._lock:
+            while True:
+                trainers = set(self.membership.alive(pb.TRAINER))
+                waiting = trainers - set(self._fenced)
+                if not waiting:
+                    break
+                if time.monotonic() > deadline:
+                    raise RolloutFailed(f"trainers {sorted(waiting)} did not fence within "
+                                        f"{self.settings.fence_timeout_s:.0f} s")
+                self._lock.wait(timeout=0.2)
+            steps = {self._fenced[t] for t in trainers}
+        if len(steps) > 1:
+            raise RolloutFailed(f"trainers fenced at different steps {sorted(steps)}")
+        return steps.pop() if steps else -1
+
+    def _migrate(self, claim: RolloutClaim, plan: common_pb2.ShardingPlan, moves: list[Move],
+                 clients: dict[int, ShardClient], shards: dict[int, pb.Member], fenced_at: float) -> None:
+        s = self.settings
+        pieces = split_moves(moves, s.rows_per_pull)
+        started = time.monotonic()
+        done_bytes = done_rows = 0
+        last_refresh = time.monotonic()
+
+        def pull(m: Move) -> Move:
+            req = embedding_shard_pb2.PullRowsRequest(
+                plan_version=claim.to_version, source="" if m.local else shards[m.source_shard].address,
+                source_plan_version=claim.from_version, source_slice=m.source_slice, row_start=m.row_start,
+                row_end=m.row_end, src_col_start=m.src_col_start, num_cols=m.num_cols, dest_slice=m.dest_slice,
+                dest_row_start=m.dest_row_start, dest_col_start=m.dest_col_start)
+            resp = clients[m.dest_shard].pull_rows(req)
+            if resp.rows != m.rows:
+                raise RolloutFailed(f"table {m.table!r}: shard {m.dest_shard} pulled {resp.rows} of {m.rows} rows")
+            return m
+
+        pending: set = set()
+        submitted_bytes = 0
+
+        def drain(block: bool) -> None:
+            nonlocal done_bytes, done_rows, last_refresh
+            finished, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for f in finished:
+                pending.discard(f)
+                try:
+                    m = f.result()
+                except grpc.RpcError as e:
+                    raise RolloutFailed(f"migration failed: {e.code().name}: {e.details()}") from None
+                done_rows += m.rows
+                done_bytes += 0 if m.local else m.bytes
+                self._update(bytes_done=done_bytes, rows_done=done_rows, pause_s=time.monotonic() - fenced_at)
+            if time.monotonic() - last_refresh > 5:
+                self.store.refresh(claim)
+                last_refresh = time.monotonic()
+
+        with ThreadPoolExecutor(max_workers=s.pull_workers) as pool:
+            try:
+                for m in pieces:
+                    if s.rate_limit_bytes_per_s and not m.local:  # pace pulls to the byte budget
+                        due = started + submitted_bytes / s.rate_limit_bytes_per_s
+                        while time.monotonic() < due:
+                            drain(False)
+                            time.sleep(min(0.05, max(0.0, due - time.monotonic())))
+                        submitted_bytes += m.bytes
+                    while len(pending) >= 2 * s.pull_workers:
+                        drain(True)
+                    pending.add(pool.submit(pull, m))
+                    drain(False)
+                while pending:
+                    drain(True)
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    def _parallel(self, calls: dict, what: str, raise_first: bool = True) -> list[str]:
+        errors = []
+        with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+            futures = {pool.submit(fn): i for i, fn in calls.items()}
+            for f in as_completed(futures):
+                try:
+                    f.result()
+                except grpc.RpcError as e:
+                    errors.append(f"{what} on shard {futures[f]}: {e.code().name}: {e.details()}")
+        if errors and raise_first:
+            raise RolloutFailed("; ".join(sorted(errors)))
+        return errors

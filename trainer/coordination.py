@@ -1,0 +1,96 @@
+"""A trainer's link to the coordinator: membership, the current plan, and fences around rollouts.
+
+The coordinator announces a rollout with FENCE on the WatchPlan stream. Every trainer stops at the same
+step boundary (they agree through an all-reduce at each step), drains its updates, reports where it
+stopped, and waits for RESUME, which names the plan version to continue with: the new one, or the old
+one when the rollout aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from coordinator.client import CoordinatorClient
+from protos import common_pb2, coordinator_pb2
+from protos.member_agent import MemberAgent
+
+log = logging.getLogger(__name__)
+pb = coordinator_pb2
+
+
+class PlanFollower:
+    def __init__(self, address: str, rank: int, *, tls_ca: str | None = None, wait_s: float = 60.0) -> None:
+        self.address, self.rank = address, rank
+        self.client = CoordinatorClient(address, tls_ca=tls_ca)
+        self.plan_version, self.step = 0, -1
+        self._cond = threading.Condition()
+        self._fence: pb.PlanEvent | None = None
+        self._resumed: dict[str, pb.PlanEvent] = {}
+        self._closed = False
+        self._stream = None
+        self.wait_s = wait_s
+        self.agent = MemberAgent(address, pb.Member(kind=pb.TRAINER, id=rank),
+                                 lambda: (self.plan_version, self.step), channel=self.client.channel)
+        self._thread = threading.Thread(target=self._watch, name="plan-watch", daemon=True)
+
+    def start(self) -> PlanFollower:
+        self._thread.start()
+        self.agent.start(wait_s=self.wait_s)
+        return self
+
+    def current_plan(self, version: int = 0) -> tuple[common_pb2.ShardingPlan, list[str]]:
+        record, _ = self.client.get_plan(version)
+        addresses = self.client.shard_addresses(record.plan, wait_s=self.wait_s)
+        self.plan_version = record.plan.version
+        return record.plan, addresses
+
+    @property
+    def fence_pending(self) -> bool:
+        with self._cond:
+            return self._fence is not None
+
+    def fence(self, step: int, timeout_s: float = 3600.0) -> pb.PlanEvent:
+        """Reports this trainer stopped after `step` and blocks until the rollout resumes it."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._fence is not None, timeout=60):
+                raise RuntimeError("fence: no FENCE event from the coordinator")
+            rollout = self._fence.rollout_id
+        self.step = step
+        self.client.report_fenced(self.rank, rollout, step)
+        log.info("trainer %d fenced after step %d for rollout %s", self.rank, step, rollout)
+        with self._cond:
+            if not self._cond.wait_for(lambda: rollout in self._resumed, timeout=timeout_s):
+                raise RuntimeError(f"rollout {rollout}: no RESUME within {timeout_s:.0f} s")
+            return self._resumed.pop(rollout)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            self._stream.cancel()
+        self.agent.stop()  # closes the channel it shares with the client
+
+    def _watch(self) -> None:
+        backoff = 0.2
+        while not self._closed:
+            try:
+                self._stream = self.client.watch_plan(self.rank)
+                for event in self._stream:
+                    backoff = 0.2
+                    with self._cond:
+                        if event.kind == pb.FENCE:
+                            self._fence = event
+                        elif event.kind == pb.RESUME:
+                            if self._fence is not None and self._fence.rollout_id == event.rollout_id:
+                                self._fence = None
+                            self._resumed[event.rollout_id] = event
+                        self._cond.notify_all()
+            except grpc.RpcError as e:
+                if self._closed:
+                    return
+                log.warning("plan watch on %s: %s; reconnecting", self.address, e.details())
+            time.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
