@@ -86,7 +86,7 @@ class RolloutEngine:
         target.version = claim.to_version
         with self._lock:
             self._fenced = {}
-            self.progress = pb.RolloutProgress(rollout_id=claim.rollout_id, phase=pb.FENCING,
+            self.progress = pb.RolloutProgress(rollout_id=claim.rollout_id, phase=pb.VALIDATING,
                                                from_version=claim.from_version, to_version=claim.to_version,
                                                bytes_total=sum(m.bytes for m in moves if not m.local),
                                                rows_total=sum(m.rows for m in moves))
@@ -140,14 +140,12 @@ class RolloutEngine:
     # -- running ------------------------------------------------------------------------------
     def _run(self, claim: RolloutClaim, current: pb.PlanRecord | None, plan: common_pb2.ShardingPlan,
              moves: list[Move]) -> None:
-        fenced_at = time.monotonic()
+        fenced_at = None
         clients: dict[int, ShardClient] = {}
         staged = False
         try:
-            self.events.publish(pb.PlanEvent(kind=pb.FENCE, plan_version=claim.from_version,
-                                             rollout_id=claim.rollout_id, target_version=claim.to_version))
-            step = self._await_fence(claim)
-            self._update(phase=pb.PREPARING, fence_step=step, pause_s=time.monotonic() - fenced_at)
+            # staging allocates and seeds the new slices: done while the trainers still train
+            self._update(phase=pb.PREPARING)
             shards = self.membership.alive(pb.SHARD)
             ids = set(range(plan.num_shards)) | (set(range(current.plan.num_shards)) if current else set())
             missing = sorted(i for i in ids if i not in shards)
@@ -156,15 +154,17 @@ class RolloutEngine:
             clients = {i: ShardClient(shards[i].address, plan_version=claim.from_version,
                                       timeout=self.settings.rpc_timeout_s, tls_ca=self.settings.tls_ca)
                        for i in sorted(ids)}
-            if current is None and step < 0:
-                step = -1
-            elif step < 0:  # no trainers: the shards' applied step is the boundary
-                step = max(c.info().applied_step for i, c in clients.items() if i < current.plan.num_shards)
-                self._update(fence_step=step)
             staged = True
             self._parallel({i: (lambda c=c, i=i: c.prepare(shard_assignment(plan, i))) for i, c in clients.items()},
                            "Prepare")
-            self._update(phase=pb.MIGRATING, pause_s=time.monotonic() - fenced_at)
+            self._update(phase=pb.FENCING)
+            fenced_at = time.monotonic()
+            self.events.publish(pb.PlanEvent(kind=pb.FENCE, plan_version=claim.from_version,
+                                             rollout_id=claim.rollout_id, target_version=claim.to_version))
+            step = self._await_fence(claim)
+            if step < 0 and current is not None:  # no trainers: the shards' applied step is the boundary
+                step = max(c.info().applied_step for i, c in clients.items() if i < current.plan.num_shards)
+            self._update(phase=pb.MIGRATING, fence_step=step, pause_s=time.monotonic() - fenced_at)
             self._migrate(claim, plan, moves, clients, shards, fenced_at)
             self._update(phase=pb.COMMITTING, pause_s=time.monotonic() - fenced_at)
             self.store.commit_rollout(claim)  # the flip: from here on the new plan is current
@@ -183,7 +183,8 @@ class RolloutEngine:
                 log.warning("abort_rollout: %s", err)
             self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.from_version,
                                              rollout_id=claim.rollout_id))
-            self._finish(phase=pb.ABORTED, message=why, pause_s=time.monotonic() - fenced_at)
+            self._finish(phase=pb.ABORTED, message=why,
+                         pause_s=time.monotonic() - fenced_at if fenced_at is not None else 0.0)
             self._close(clients)
             return
         errors = self._parallel({i: (lambda c=c: c.commit(claim.to_version, step)) for i, c in clients.items()},

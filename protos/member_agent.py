@@ -51,7 +51,7 @@ class MemberAgent:
         version, step = self.state()
         self.member.plan_version, self.member.step = version, step
         resp = self.stub.Register(coordinator_pb2.RegisterRequest(member=self.member), timeout=5)
-        self.interval_s = max(0.05, resp.lease_ms / 1000 / 3)
+        self.interval_s = min(0.5, max(0.05, resp.lease_ms / 1000 / 3))  # steps reach the coordinator soon
         self.registered.set()
         log.info("registered with the coordinator at %s as %s %d (lease %d ms)", self.coordinator,
                  coordinator_pb2.MemberKind.Name(self.member.kind), self.member.id, resp.lease_ms)
