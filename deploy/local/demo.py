@@ -6,7 +6,9 @@ Part 1 launches `embedding-shard serve` (Criteo-Kaggle-shaped tables, row-wise A
 pipelined Lookup/Update steps against it, checkpoints, kills -9 and restarts the shard, restores, and
 verifies the weights survived. Part 2 shards the tiny DLRM config over two shard processes (row-wise,
 column-wise and table-wise tables), trains it on synthetic teacher data through them (pipelined,
-sync), and compares its held-out AUC with the teacher's, the best reachable.
+sync), and compares its held-out AUC with the teacher's, the best reachable. Part 3 runs the job under
+the coordinator (Redis, membership) with two trainer processes and re-shards it live from 2 to 3
+shards a third of the way in (deploy/local/demo_reshard.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row-cap", type=int, default=100_000, help="rows per table at most (benchmarks use 500000)")
     p.add_argument("--wire", choices=list(WIRE), default="fp16", help="dtype of embeddings/gradients on the wire")
     p.add_argument("--train-steps", type=int, default=800, help="DLRM training steps (part 2; 0 skips it)")
+    p.add_argument("--job-steps", type=int, default=600,
+                   help="part 3: steps of the coordinated job re-sharded live at a third (0 skips it)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = p.parse_args(argv)
     tune_allocator()
@@ -97,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         shard.terminate()
     if args.train_steps:
         summary.update(train_dlrm(args.train_steps, work, quiet=args.json))
+    if args.job_steps:
+        from deploy.local.demo_reshard import run_reshard_demo
+
+        job = run_reshard_demo(work / "job", steps=args.job_steps, quiet=args.json)
+        checkpoint, config = job.pop("checkpoint"), job.pop("config")
+        summary.update(job)
+        summary["job_checkpoint"] = checkpoint
     if args.json:
         print(json.dumps(summary))
     else:
