@@ -180,14 +180,7 @@ def train(args: argparse.Namespace) -> int:
         halt, fence = _agreed([stop["requested"], follower is not None and follower.fence_pending], world, group)
         periodic = args.checkpoint_every and (res.step + 1 - args.first_step) % args.checkpoint_every == 0
         if args.checkpoint_dir and (periodic or halt):
-            trainer.wait_updates()  # sync mode: every trainer's update of this step is applied
-            if world > 1:
-                torch.distributed.barrier(group=group)
-            if rank == 0:
-                saved = checkpoint.save(trainer, args.checkpoint_dir, res.step, position + done)
-                log.info("checkpoint of step %d: %s", res.step, saved)
-            if world > 1:
-                torch.distributed.barrier(group=group)
+            _checkpoint(trainer, args.checkpoint_dir, res.step, position + done, rank, world, group)
         if halt:
             log.info("SIGTERM: stopped after step %d", res.step)
             break
@@ -196,6 +189,8 @@ def train(args: argparse.Namespace) -> int:
             resumed = follower.fence(res.step)
             if resumed.plan_version != trainer.router.plan.version:
                 trainer.switch_plan(*follower.current_plan(resumed.plan_version))
+                if args.checkpoint_dir:  # older checkpoints hold the old plan's slices: recovery needs a new one
+                    _checkpoint(trainer, args.checkpoint_dir, res.step, position + done, rank, world, group)
             bar.set_description(f"trainer {rank} plan v{trainer.router.plan.version}")
     trainer.wait_updates()
     bar.close()
@@ -292,6 +287,20 @@ def shard_config_cmd(args: argparse.Namespace) -> int:
                                   collective=args.collective,
                                   **({"staleness": args.staleness} if args.staleness else {})), indent=1))
     return 0
+
+
+def _checkpoint(trainer, root: str, step: int, data_position: int, rank: int, world: int, group) -> None:
+    """A consistent cut at a step boundary: every trainer's update of `step` applied, then rank 0 saves."""
+    from trainer import checkpoint
+
+    trainer.wait_updates()  # sync mode: every trainer's update of this step is applied
+    if world > 1:
+        torch.distributed.barrier(group=group)
+    if rank == 0:
+        saved = checkpoint.save(trainer, root, step, data_position)
+        log.info("checkpoint of step %d: %s", step, saved)
+    if world > 1:
+        torch.distributed.barrier(group=group)
 
 
 def _agreed(flags: list[bool], world: int, group=None) -> list[bool]:
