@@ -359,7 +359,7 @@ def job(args: argparse.Namespace) -> int:
                 plan = _load_plan(args.plan)
                 for i in range(plan.num_shards):
                     shards.start(i, None)  # standby: the first rollout initialises them
-                c.shard_addresses(plan, wait_s=60)  # every shard registered
+                c.wait_shards(list(range(plan.num_shards)), wait_s=120)
                 done = final(c.apply(plan, author="coordinator job", reason="initial plan"))
                 if done.phase != pb.DONE:
                     raise SystemExit(f"initial plan: {done.message}") from None

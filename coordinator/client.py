@@ -48,6 +48,20 @@ class CoordinatorClient:
                                    "are not registered and alive")
             time.sleep(0.2)
 
+    def wait_shards(self, ids: list[int], wait_s: float) -> dict[int, pb.Member]:
+        """Waits until every shard in `ids` is registered and alive; returns their members."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            alive = {m.id: m for m in self.members() if m.kind == pb.SHARD and m.state == pb.ALIVE}
+            missing = [i for i in ids if i not in alive]
+            if not missing:
+                return alive
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"coordinator {self.address}: shards {missing} did not register within {wait_s} s")
+            time.sleep(0.2)
+
     def watch_plan(self, trainer_id: int = 0) -> Iterator[pb.PlanEvent]:
         return self.stub.WatchPlan(pb.WatchPlanRequest(trainer_id=trainer_id))
 
