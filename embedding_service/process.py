@@ -52,20 +52,16 @@ class ShardProcess:
         self.proc.wait(30)
 
 
-def launch(config: dict, *, workdir: str | Path | None = None, extra_args: list[str] | None = None,
-           timeout: float = 180.0, env: dict[str, str] | None = None) -> ShardProcess:
-    wd = Path(workdir or tempfile.mkdtemp(prefix="shard-"))
-    wd.mkdir(parents=True, exist_ok=True)
-    cfg = wd / "shard.json"
-    cfg.write_text(json.dumps(config))
-    out_path, err_path = wd / "stdout.log", wd / "stderr.log"
+def start_announced(args: list[str], workdir: Path, *, what: str, timeout: float,
+                    env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """Runs `python -m ARGS` with the repository on PYTHONPATH and waits for its `{"event": "serving"}`
+    line on stdout (every server of the project announces its bound ports that way)."""
+    out_path, err_path = workdir / "stdout.log", workdir / "stderr.log"
     root = Path(__file__).resolve().parent.parent
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), child_env.get("PYTHONPATH")]))
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "embedding_service.cli", "serve", "--config", str(cfg), *(extra_args or [])],
-            stdout=out, stderr=err, env=child_env)
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=err, env=child_env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in out_path.read_text().splitlines():
@@ -74,9 +70,20 @@ def launch(config: dict, *, workdir: str | Path | None = None, extra_args: list[
             except ValueError:
                 continue
             if msg.get("event") == "serving":
-                return ShardProcess(proc, int(msg["port"]), msg.get("metrics_port"), msg, wd, cfg)
+                return proc, msg
         if proc.poll() is not None:
-            raise RuntimeError(f"shard exited with code {proc.returncode}: {err_path.read_text()[-4000:]}")
+            raise RuntimeError(f"{what} exited with code {proc.returncode}: {err_path.read_text()[-4000:]}")
         time.sleep(0.05)
     proc.kill()
-    raise TimeoutError(f"shard did not announce its port within {timeout}s: {err_path.read_text()[-4000:]}")
+    raise TimeoutError(f"{what} did not announce its port within {timeout}s: {err_path.read_text()[-4000:]}")
+
+
+def launch(config: dict, *, workdir: str | Path | None = None, extra_args: list[str] | None = None,
+           timeout: float = 180.0, env: dict[str, str] | None = None) -> ShardProcess:
+    wd = Path(workdir or tempfile.mkdtemp(prefix="shard-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    cfg = wd / "shard.json"
+    cfg.write_text(json.dumps(config))
+    proc, msg = start_announced(["embedding_service.cli", "serve", "--config", str(cfg), *(extra_args or [])], wd,
+                                what="shard", timeout=timeout, env=env)
+    return ShardProcess(proc, int(msg["port"]), msg.get("metrics_port"), msg, wd, cfg)

@@ -31,7 +31,7 @@ def job_factory(tmp_path):
 
 
 def test_rollout_2_to_3_shards_then_rollback_equals_training_without(job_factory):
-    steps = 240
+    steps = 400
     job = job_factory()
     job.train(steps)
     job.wait_step(40)
@@ -59,7 +59,7 @@ def test_rollout_2_to_3_shards_then_rollback_equals_training_without(job_factory
 
 
 def test_shard_killed_mid_rollout_aborts_and_training_continues_on_the_old_plan(job_factory):
-    steps = 160
+    steps = 240
     job = job_factory("--rate-limit-mbps", "0.01", "--rows-per-pull", "8")
     job.train(steps)
     job.wait_step(20)
@@ -79,7 +79,7 @@ def test_shard_killed_mid_rollout_aborts_and_training_continues_on_the_old_plan(
 
 
 def test_shard_killed_during_training_recovers_from_the_checkpoint(job_factory, tmp_path):
-    steps = 200
+    steps = 300
     job = job_factory(standby=0)
     ckpt = tmp_path / "ckpt"
     trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40", start=False)
