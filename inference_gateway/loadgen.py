@@ -1,0 +1,86 @@
+"""Closed- and open-loop load against a gateway from one asyncio loop (benchmarks, demo).
+
+Requests are serialized once up front and sent as raw bytes through a generic unary call, so the
+client spends its CPU on the wire, not on protobuf; the open loop counts latency from each request's
+scheduled send time, so a slow server cannot hide queueing (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+
+METHOD = "/recsys.v1.InferenceGateway/Predict"
+
+
+def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) -> dict:
+    a = np.asarray(lat) * 1000 if lat else np.zeros(1)
+    return {"requests_per_s": round(len(lat) / elapsed, 1), "samples_per_s": round(len(lat) * batch / elapsed, 1),
+            "ok": len(lat), "errors": dict(errors), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2), "p999_ms": round(float(np.percentile(a, 99.9)), 2)}
+
+
+async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(METHOD)
+        lat: list[float] = []
+        errors: dict[str, int] = {}
+        stop = time.perf_counter() + seconds
+
+        async def worker(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    await call(pool[i % len(pool)], timeout=10)
+                    lat.append(time.perf_counter() - t0)
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                i += concurrency
+
+        await asyncio.gather(*[worker(k) for k in range(min(concurrency, 8))])  # warm-up
+        lat.clear()
+        errors.clear()
+        stop = time.perf_counter() + seconds
+        start = time.perf_counter()
+        await asyncio.gather(*[worker(k) for k in range(concurrency)])
+        return stats(lat, errors, time.perf_counter() - start, batch)
+
+
+async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float, batch: int) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(METHOD)
+        lat: list[float] = []
+        reject_lat: list[float] = []
+        errors: dict[str, int] = {}
+
+        async def one(i: int, scheduled: float) -> None:
+            try:
+                await call(pool[i % len(pool)], timeout=10)
+                lat.append(time.perf_counter() - scheduled)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    reject_lat.append(time.perf_counter() - scheduled)
+
+        tasks = []
+        start = time.perf_counter()
+        total = int(rate * seconds)
+        for i in range(total):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(i, scheduled)))
+        sent_for = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+        out = stats(lat, errors, time.perf_counter() - start, batch)
+        out["offered_per_s"] = round(rate, 1)
+        out["achieved_send_rate"] = round(total / sent_for, 1)
+        if reject_lat:
+            out["reject_p99_ms"] = round(float(np.percentile(np.asarray(reject_lat) * 1000, 99)), 2)
+        out["rejected_share"] = round(errors.get("RESOURCE_EXHAUSTED", 0) / max(total, 1), 3)
+        return out
