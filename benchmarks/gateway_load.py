@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from inference_gateway.client import build_request
-from inference_gateway.loadgen import closed_loop, open_loop
+from inference_gateway.loadgen import closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch
@@ -70,12 +70,12 @@ def samples(cfg: ModelConfig, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 def request_pool(cfg: ModelConfig, batch: int, count: int) -> list[bytes]:
-    return [build_request(*samples(cfg, batch, i)).SerializeToString() for i in range(count)]
+    return [build_request(*samples(cfg, batch, i), request_id=str(i)).SerializeToString() for i in range(count)]
 
 
-def in_process(pkg: Path, cfg: ModelConfig, batch: int, seconds: float) -> float:
-    """Samples/s of the package's model on one thread, batch by batch (the limit a server approaches)."""
-    torch.set_num_threads(1)
+def in_process(pkg: Path, cfg: ModelConfig, batch: int, seconds: float, threads: int = 1) -> float:
+    """Samples/s of the package's model, batch by batch (the limit a server approaches)."""
+    torch.set_num_threads(threads)
     model = ServingModel(load_package(pkg))
     dense, lengths, values = (torch.from_numpy(a) for a in samples(cfg, batch, 0))
     for _ in range(5):
@@ -87,6 +87,11 @@ def in_process(pkg: Path, cfg: ModelConfig, batch: int, seconds: float) -> float
     return n * batch / (time.perf_counter() - start)
 
 
+def _load() -> float:
+    """1-minute load average: other work on the machine shows up here (this box has 2 cores)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtypes", default="fp32,int8,int4")
@@ -94,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="W1 closed-loop clients")
     p.add_argument("--w2-concurrency", type=int, default=4, help="W2 closed-loop clients")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
-    p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 1024",
+    p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")
+    p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
+                   "--max-concurrent-rpcs 128",
                    help="extra `inference-gateway serve` flags")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,w1,half,overload,w2")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,w1,half,overload,stream,w2")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(args.workdir)
@@ -108,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "server": args.server_args}
     for q in dtypes:
         pkg = load_package(pkgs[q])
-        base = {**common, "dtype": q, "table_bytes": pkg.table_bytes}
+        base = {**common, "dtype": q, "table_bytes": pkg.table_bytes,
+                "float32_table_bytes": sum(t["float32_bytes"] for t in pkg.manifest["tables"])}
         del pkg
         limits = {}
         if "inprocess" not in skip:
-            for b in (64, 256):
-                limits[b] = in_process(pkgs[q], cfg, b, args.seconds / 2)
-                emit({**base, "bench": "in_process", "batch": b, "samples_per_s": round(limits[b], 1)})
+            for b, threads in ((64, 1), (256, 1)):
+                limits[b, threads] = in_process(pkgs[q], cfg, b, args.seconds / 2, threads)
+                emit({**base, "bench": "in_process", "batch": b, "threads": threads,
+                      "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
         gw = launch(["--model", str(pkgs[q]), "--metrics-port", "-1", *args.server_args.split()],
                     workdir=workdir / f"gw-{q}")
         try:
@@ -122,19 +131,24 @@ def main(argv: list[str] | None = None) -> int:
             if "w1" not in skip:
                 r = asyncio.run(closed_loop(gw.address, w1, args.concurrency, args.seconds, 1))
                 peak = r["requests_per_s"]
-                emit({**base, "bench": "W1_closed", "concurrency": args.concurrency, **r})
+                emit({**base, "bench": "W1_closed", "concurrency": args.concurrency, **r, "loadavg": _load()})
             if peak and "half" not in skip:
                 r = asyncio.run(open_loop(gw.address, w1, peak / 2, args.seconds, 1))
-                emit({**base, "bench": "W1_open_half_max", **r})
+                emit({**base, "bench": "W1_open_half_max", **r, "loadavg": _load()})
             if peak and "overload" not in skip:
                 r = asyncio.run(open_loop(gw.address, w1, peak * 2, args.seconds, 1))
-                emit({**base, "bench": "W1_open_2x_overload", **r})
+                emit({**base, "bench": "W1_open_2x_overload", **r, "loadavg": _load()})
+            if "stream" not in skip:
+                depth = max(1, args.concurrency // args.streams)
+                r = asyncio.run(stream_closed_loop(gw.address, w1, args.streams, depth, args.seconds, 1))
+                emit({**base, "bench": "W1_stream_closed", "concurrency": args.streams * depth,
+                      "streams": args.streams, **r, "loadavg": _load()})
             if "w2" not in skip:
                 r = asyncio.run(closed_loop(gw.address, w2, args.w2_concurrency, args.seconds, 256))
                 rec = {**base, "bench": "W2_closed", "concurrency": args.w2_concurrency, "candidates": 256, **r}
-                if 256 in limits:
-                    rec["vs_in_process_256"] = round(r["samples_per_s"] / limits[256], 3)
-                emit(rec)
+                if (256, 1) in limits:  # the server runs 2 workers of one kernel thread each
+                    rec["vs_in_process_256"] = round(r["samples_per_s"] / limits[256, 1], 3)
+                emit({**rec, "loadavg": _load()})
         finally:
             gw.terminate()
     return 0

@@ -27,11 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
     s.add_argument("--max-queue", type=int, default=4096, help="samples queued per model version before "
                    "RESOURCE_EXHAUSTED")
+    s.add_argument("--max-concurrent-rpcs", type=int, default=0, help="RPCs in flight before gRPC answers "
+                   "RESOURCE_EXHAUSTED itself (cheap overload refusal); 0: unbounded")
     s.add_argument("--workers", type=int, default=2, help="batching worker threads per model version")
     s.add_argument("--max-request-samples", type=int, default=4096, help="larger requests: RESOURCE_EXHAUSTED")
     s.add_argument("--max-request-ids", type=int, default=1 << 20, help="ids per request before RESOURCE_EXHAUSTED")
     s.add_argument("--access-log", action="store_true", help="one JSON line per request on the "
                    "inference_gateway.access logger (stderr)")
+    s.add_argument("--switch-interval-ms", type=float, default=0.0,
+                   help="Python GIL switch interval (0: the interpreter default, 5 ms)")
     s.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -72,7 +76,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
         limits=Limits(args.max_request_samples, args.max_request_ids),
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
-        access_log=args.access_log)
+        access_log=args.access_log, switch_interval_s=args.switch_interval_ms / 1000 or None,
+        max_concurrent_rpcs=args.max_concurrent_rpcs)
     serve_forever(config)
     return 0
 

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 METHOD = "/recsys.v1.InferenceGateway/Predict"
+STREAM_METHOD = "/recsys.v1.InferenceGateway/PredictStream"
 
 
 def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) -> dict:
@@ -28,7 +29,7 @@ async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds
         call = channel.unary_unary(METHOD)
         lat: list[float] = []
         errors: dict[str, int] = {}
-        stop = time.perf_counter() + seconds
+        stop = time.perf_counter() + min(1.0, seconds)  # warm-up first
 
         async def worker(k: int) -> None:
             i = k
@@ -84,3 +85,57 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
             out["reject_p99_ms"] = round(float(np.percentile(np.asarray(reject_lat) * 1000, 99)), 2)
         out["rejected_share"] = round(errors.get("RESOURCE_EXHAUSTED", 0) / max(total, 1), 3)
         return out
+
+
+async def stream_closed_loop(address: str, pool: list[bytes], streams: int, depth: int, seconds: float,
+                             batch: int) -> dict:
+    """`streams` PredictStream calls, each keeping `depth` requests in flight (concurrency streams x depth).
+
+    Pool entries must carry distinct request_ids (responses may come back in any order)."""
+    from protos import inference_pb2
+
+    ids = [inference_pb2.PredictRequest.FromString(b).request_id for b in pool]
+    if len(set(ids)) != len(ids):
+        raise ValueError("pool: request_ids must be distinct")
+    async with grpc.aio.insecure_channel(address) as channel:
+        lat: list[float] = []
+        errors: dict[str, int] = {}
+        measuring = {"on": False}
+        stop = time.perf_counter() + seconds + min(1.0, seconds)
+        warm_until = stop - seconds
+
+        async def one_stream(k: int) -> None:
+            call = channel.stream_stream(STREAM_METHOD)()
+            credits = asyncio.Semaphore(depth)
+            sent: dict[str, float] = {}
+
+            async def writer() -> None:
+                i = k
+                while time.perf_counter() < stop:
+                    await credits.acquire()
+                    j = i % len(pool)
+                    while ids[j] in sent:  # still in flight on this stream
+                        i += 1
+                        j = i % len(pool)
+                    sent[ids[j]] = time.perf_counter()
+                    await call.write(pool[j])
+                    i += streams
+                await call.done_writing()
+
+            w = asyncio.ensure_future(writer())
+            async for raw in call:
+                resp = inference_pb2.PredictResponse.FromString(raw)
+                t0 = sent.pop(resp.request_id)
+                now = time.perf_counter()
+                if now >= warm_until:
+                    measuring["on"] = True
+                    if resp.error.code:
+                        name = grpc.StatusCode.__members__.get(str(resp.error.code), resp.error.code)
+                        errors[str(name)] = errors.get(str(name), 0) + 1
+                    else:
+                        lat.append(now - t0)
+                credits.release()
+            await w
+
+        await asyncio.gather(*[one_stream(k) for k in range(streams)])
+        return stats(lat, errors, seconds, batch)

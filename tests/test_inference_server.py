@@ -269,14 +269,14 @@ def test_hot_swap_under_load_fails_no_request(pkgs, tmp_path):
 
 
 def test_overload_is_refused_fast_and_expired_requests_are_dropped(pkgs, tmp_path):
-    gw = launch(["--model", str(pkgs["v1"]), "--max-wait-ms", "300", "--max-batch-size", "100000", "--max-queue",
+    gw = launch(["--model", str(pkgs["v1"]), "--max-wait-ms", "1000", "--max-batch-size", "100000", "--max-queue",
                  "16", "--workers", "1"], workdir=tmp_path / "gw")
     try:
         with GatewayClient(gw.address) as client:
             with pytest.raises(grpc.RpcError) as e:
-                client.predict(*batch(1), timeout=0.05)
+                client.predict(*batch(1), timeout=0.3)  # queued, waits 1 s for its batch to fill
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.5)
+            time.sleep(1.0)
             assert metric(gw, 'gateway_rejects_total{reason="deadline"}') == 1  # dropped before compute
             assert metric(gw, "gateway_batch_samples_count") == 0
             start = time.perf_counter()
@@ -287,9 +287,9 @@ def test_overload_is_refused_fast_and_expired_requests_are_dropped(pkgs, tmp_pat
             ok = [i for i, f in enumerate(futures) if f.exception() is None]
             rejected = [i for i, f in enumerate(futures) if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
             assert len(ok) == 16 and len(rejected) == 24
-            # the rejected are answered at once; the accepted wait for their batch (max wait 300 ms)
+            # the rejected are answered at once; the accepted wait for their batch (max wait 1 s)
             assert max(finished[i] for i in rejected) < min(finished[i] for i in ok)
-            assert max(finished[i] for i in rejected) < 0.25
+            assert max(finished[i] for i in rejected) < 0.8
             assert "queue full" in next(f for f in futures if f.exception() is not None).details()
             assert metric(gw, 'gateway_rejects_total{reason="queue_full"}') == 24
     finally:
