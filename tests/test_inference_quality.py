@@ -8,6 +8,7 @@ and exported with `trainer export` at FP32, INT8 and INT4.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,21 @@ def test_export_refuses_a_corrupt_checkpoint(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"weights\.bin: size or sha256 mismatch"):
         trainer_main(["export", "--checkpoint", str(ckpt), "--config", str(packages["fp32"].path.parent / "model.yaml"),
                       "--out", str(tmp_path / "out")])
+
+
+
+def test_serving_demo_exports_serves_swaps_and_measures(trained, tmp_path):
+    import subprocess
+    import sys
+
+    root = trained[2]["fp32"].path.parent
+    out = subprocess.run([sys.executable, "-m", "deploy.local.demo_serving", "--checkpoint", str(root / "ckpt"),
+                          "--config", str(root / "model.yaml"), "--workdir", str(tmp_path), "--seconds", "0.5",
+                          "--concurrency", "8", "--json"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["exit_code"] == 0 and result["step"] == STEPS - 1
+    assert result["load"]["ok"] > 0 and not result["load"]["errors"]
+    assert not result["hot_swap"]["errors"] and result["hot_swap"]["models"] == ["dlrm v2"]
+    assert abs(result["served_auc_int8"] - result["served_auc_fp32"]) <= 0.002

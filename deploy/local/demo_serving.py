@@ -2,11 +2,11 @@
 
     python -m deploy.local.demo_serving [--steps 300] [--seconds 3] [--json]
 
-Standalone it first trains the tiny DLRM through two shard processes and checkpoints it; the main
-demo calls `run_serving_demo` with its own checkpoint instead. Exports the checkpoint at INT8 (and
-FP32 for comparison), starts `inference-gateway serve`, checks the served held-out AUC against the
-FP32 package, hot-swaps to a second version under load, and measures one-sample requests at
-concurrency 32.
+Standalone it first trains the tiny DLRM through two shard processes and checkpoints it (or serves
+`--checkpoint DIR --config YAML`); the main demo calls `run_serving_demo` with its own checkpoint.
+Exports the checkpoint at INT8 (and FP32 for comparison), starts `inference-gateway serve`,
+checks the served held-out AUC, hot-swaps to a second version under load, and measures one-sample
+requests at concurrency 32.
 """
 
 from __future__ import annotations
@@ -133,13 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="seconds of load")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--workdir", help="default: a temporary directory")
+    p.add_argument("--checkpoint", help="serve this job checkpoint instead of training one (needs --config)")
+    p.add_argument("--config", help="the model YAML of --checkpoint")
+    p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed of --checkpoint's job")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="serving-demo-"))
-    ckpt, config_path = train_checkpoint(work, args.steps)
+    if bool(args.checkpoint) != bool(args.config):
+        raise SystemExit("--checkpoint and --config go together")
+    if args.checkpoint:
+        ckpt, config_path = Path(args.checkpoint), Path(args.config)
+    else:
+        ckpt, config_path = train_checkpoint(work, args.steps)
     result = run_serving_demo(ckpt, None, config_path, work / "serving", seconds=args.seconds,
-                              concurrency=args.concurrency, quiet=args.json)
+                              concurrency=args.concurrency, data_seed=args.data_seed, quiet=args.json)
     if args.json:
         print(json.dumps(result))
     ok = result["exit_code"] == 0 and not result["load"]["errors"] and not result["hot_swap"]["errors"]
