@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "RESOURCE_EXHAUSTED")
     s.add_argument("--max-concurrent-rpcs", type=int, default=0, help="RPCs in flight before gRPC answers "
                    "RESOURCE_EXHAUSTED itself (cheap overload refusal); 0: unbounded")
+    s.add_argument("--max-pending-rpcs", type=int, default=0, help="RPCs waiting for the event loop before "
+                   "gRPC refuses more (0: gRPC's default)")
     s.add_argument("--workers", type=int, default=2, help="batching worker threads per model version")
     s.add_argument("--max-request-samples", type=int, default=4096, help="larger requests: RESOURCE_EXHAUSTED")
     s.add_argument("--max-request-ids", type=int, default=1 << 20, help="ids per request before RESOURCE_EXHAUSTED")
@@ -77,7 +79,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         limits=Limits(args.max_request_samples, args.max_request_ids),
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
         access_log=args.access_log, switch_interval_s=args.switch_interval_ms / 1000 or None,
-        max_concurrent_rpcs=args.max_concurrent_rpcs)
+        max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs)
     serve_forever(config)
     return 0
 

@@ -41,6 +41,7 @@ class GatewayConfig:
     # 5 ms adds that much to a batch that is ready while the loop is busy decoding requests)
     switch_interval_s: float | None = None
     max_concurrent_rpcs: int = 0  # 0: unbounded
+    max_pending_rpcs: int = 0  # 0: gRPC's default
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -60,8 +61,13 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     # past max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED before any Python runs: the cheap
     # refusal that keeps accepted requests fast when the event loop, not the queue, is the bottleneck
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes),
-                             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    options = channel_options(config.max_message_bytes)
+    if config.max_pending_rpcs:
+        # RPCs gRPC accepted but the event loop has not picked up yet: past this they are refused
+        # instead of waiting (gRPC's own default lets 1000 wait, then cancels them late)
+        options += [("grpc.server.max_pending_requests", config.max_pending_rpcs),
+                    ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs)]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -167,6 +167,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {e}")
         except RequestError as e:
             await context.abort(e.code, e.message)
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. device: cuda on a host without one
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"path: {request.path}: cannot serve it "
+                                                                     f"({type(e).__name__}: {e})")
         return self._info(loaded)
 
     def _info(self, loaded: LoadedModel) -> inference_pb2.ModelInfo:
