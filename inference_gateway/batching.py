@@ -127,7 +127,8 @@ class Batcher:
             if not items:
                 continue
             now = time.monotonic()
-            live = [it for it in items if it.deadline is None or it.deadline > now]
+            # a request whose client left (its future cancelled) is dropped like an expired one
+            live = [it for it in items if (it.deadline is None or it.deadline > now) and not _cancelled(it.token)]
             if len(live) < len(items):
                 expired = [it for it in items if it not in live]
                 if self.on_expired:
@@ -164,3 +165,8 @@ class Batcher:
         scores = self.model.scores(torch.from_numpy(np.ascontiguousarray(dense)), torch.from_numpy(lengths),
                                    torch.from_numpy(values))
         return scores.numpy()
+
+
+def _cancelled(token: Any) -> bool:
+    cancelled = getattr(token, "cancelled", None)
+    return bool(cancelled()) if callable(cancelled) else False

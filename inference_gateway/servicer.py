@@ -8,6 +8,7 @@ on). Nothing a request does changes server state unless it is a model-management
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -57,8 +58,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         self.loop.call_soon_threadsafe(_resolve, results)
 
     # -- prediction ------------------------------------------------------------------------------
-    async def _predict(self, req: inference_pb2.PredictRequest,
-                       deadline: float | None) -> inference_pb2.PredictResponse:
+    def _submit(self, req: inference_pb2.PredictRequest,
+                deadline: float | None) -> tuple[LoadedModel, asyncio.Future]:
+        """Resolve, validate and queue; the future completes with the scores (or an error)."""
         loaded = self.registry.resolve(req.model, req.version)
         decoded = decode(req, loaded.model, self.limits)
         fut = self.loop.create_future()
@@ -68,13 +70,19 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
             self.metrics.rejects.labels("queue_full").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {loaded.model.name} "
                                                                    f"v{loaded.model.version}: {e}") from None
-        try:
-            scores = await fut
-        except Expired:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued; dropped "
-                                                                  "before compute") from None
-        except Exception as e:
-            raise RequestError(grpc.StatusCode.INTERNAL, f"scoring failed: {type(e).__name__}: {e}") from None
+        return loaded, fut
+
+    @staticmethod
+    def _response(req: inference_pb2.PredictRequest, loaded: LoadedModel,
+                  fut: asyncio.Future) -> inference_pb2.PredictResponse:
+        """The response of a completed future; RequestError for what failed after queueing."""
+        exc = fut.exception()
+        if isinstance(exc, Expired):
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued; dropped before "
+                                                                  "compute")
+        if exc is not None:
+            raise RequestError(grpc.StatusCode.INTERNAL, f"scoring failed: {type(exc).__name__}: {exc}")
+        scores = fut.result()
         return inference_pb2.PredictResponse(
             scores=common_pb2.Tensor(dtype=common_pb2.FLOAT32, shape=[len(scores)], data=scores.tobytes()),
             model=loaded.model.name, version=loaded.model.version, request_id=req.request_id)
@@ -100,7 +108,10 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            resp = await self._predict(request, deadline)
+            loaded, fut = self._submit(request, deadline)
+            with contextlib.suppress(Exception):  # read by _response; a client that leaves cancels `fut`
+                await fut
+            resp = self._response(request, loaded, fut)
         except RequestError as e:
             self._record("Predict", start, e.code, request, message=e.message)
             context.set_code(e.code)
@@ -110,32 +121,48 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         return resp
 
     async def PredictStream(self, request_iterator, context):
+        """Each message is queued as it arrives and answered when its batch is done (no task per message);
+        a bad message gets a response with `error` set and the stream goes on."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         out: asyncio.Queue = asyncio.Queue()
+        state = {"in_flight": 0, "reading": True}
 
-        async def one(req) -> None:
-            start = time.perf_counter()
+        def answer(req, start: float, loaded: LoadedModel | None, fut: asyncio.Future | None,
+                   error: RequestError | None = None) -> None:
             try:
-                resp = await self._predict(req, deadline)
+                if error is not None:
+                    raise error
+                resp = self._response(req, loaded, fut)
                 self._record("PredictStream", start, OK, req, resp)
             except RequestError as e:
                 self._record("PredictStream", start, e.code, req, message=e.message)
                 resp = inference_pb2.PredictResponse(request_id=req.request_id, error=inference_pb2.Status(
                     code=e.code.value[0], message=e.message))
-            await out.put(resp)
+            state["in_flight"] -= 1
+            out.put_nowait(resp)
+            if not state["reading"] and state["in_flight"] == 0:
+                out.put_nowait(None)
 
         async def read() -> None:
-            tasks = []
             async for req in request_iterator:
-                tasks.append(asyncio.ensure_future(one(req)))
-            await asyncio.gather(*tasks)
-            await out.put(None)
+                start = time.perf_counter()
+                state["in_flight"] += 1
+                try:
+                    loaded, fut = self._submit(req, deadline)
+                except RequestError as e:
+                    answer(req, start, None, None, e)
+                    continue
+                fut.add_done_callback(lambda f, req=req, start=start, loaded=loaded: answer(req, start, loaded, f))
+            state["reading"] = False
+            if state["in_flight"] == 0:
+                out.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:
             while (resp := await out.get()) is not None:
                 yield resp
+            await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
 
