@@ -40,7 +40,7 @@ CONFIG = {
 MODEL = ModelConfig.from_dict(CONFIG)
 PLAN = simple_plan(MODEL, 2, kinds={"users": common_pb2.ROW_WISE, "items": common_pb2.COLUMN_WISE,
                                     "cities": common_pb2.DATA_PARALLEL})
-STEPS, BATCH = 300, 512
+STEPS, BATCH = 200, 512
 
 
 @pytest.fixture(scope="module")
