@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
     p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")
     p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
-                   "--max-concurrent-rpcs 128",
+                   "--max-concurrent-rpcs 128 --max-pending-rpcs 128",
                    help="extra `inference-gateway serve` flags")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,w1,half,overload,stream,w2")
     args = p.parse_args(argv)

@@ -64,7 +64,8 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
                 lat.append(time.perf_counter() - scheduled)
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # refusals: ours (RESOURCE_EXHAUSTED) and gRPC's own of RPCs past --max-pending-rpcs (CANCELLED)
+                if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
                     reject_lat.append(time.perf_counter() - scheduled)
 
         tasks = []
@@ -83,7 +84,7 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
         out["achieved_send_rate"] = round(total / sent_for, 1)
         if reject_lat:
             out["reject_p99_ms"] = round(float(np.percentile(np.asarray(reject_lat) * 1000, 99)), 2)
-        out["rejected_share"] = round(errors.get("RESOURCE_EXHAUSTED", 0) / max(total, 1), 3)
+        out["rejected_share"] = round(len(reject_lat) / max(total, 1), 3)
         return out
 
 
