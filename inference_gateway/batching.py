@@ -83,9 +83,13 @@ class Batcher:
             if self._samples + b > self.config.max_queue_samples and self._queue:
                 raise Overloaded(f"queue full: {self._samples} samples queued, max_queue_samples "
                                  f"{self.config.max_queue_samples}")
+            first = not self._queue
             self._queue.append(item)
             self._samples += b
-            self._cond.notify()
+            # wake a worker only when it has something new to act on: a first request (its wait starts
+            # now) or a full batch; a notify per request hands the GIL to a worker that just waits again
+            if first or self._samples >= self.config.max_batch_size:
+                self._cond.notify()
 
     def close(self, timeout: float | None = None) -> None:
         """Stops taking requests; the workers finish every queued one, then exit."""
