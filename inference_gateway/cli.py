@@ -36,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-ids", type=int, default=1 << 20, help="ids per request before RESOURCE_EXHAUSTED")
     s.add_argument("--access-log", action="store_true", help="one JSON line per request on the "
                    "inference_gateway.access logger (stderr)")
-    s.add_argument("--switch-interval-ms", type=float, default=0.0,
-                   help="Python GIL switch interval (0: the interpreter default, 5 ms)")
     s.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -78,7 +76,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
         limits=Limits(args.max_request_samples, args.max_request_ids),
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
-        access_log=args.access_log, switch_interval_s=args.switch_interval_ms / 1000 or None,
+        access_log=args.access_log,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs)
     serve_forever(config)
     return 0

@@ -37,9 +37,6 @@ class GatewayConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     access_log: bool = False
     grace_s: float = 10.0
-    # how often the event loop thread must offer the GIL to the batching workers (Python's default
-    # 5 ms adds that much to a batch that is ready while the loop is busy decoding requests)
-    switch_interval_s: float | None = None
     max_concurrent_rpcs: int = 0  # 0: unbounded
     max_pending_rpcs: int = 0  # 0: gRPC's default
 
@@ -53,8 +50,6 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     """Serves until `stop` is set (or SIGTERM/SIGINT), then drains: health NOT_SERVING, no new RPCs,
     in-flight ones finish within the grace period, every queued request is answered."""
     torch.set_num_threads(1)
-    if config.switch_interval_s:
-        sys.setswitchinterval(config.switch_interval_s)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
