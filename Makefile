@@ -25,3 +25,4 @@ test: install
 bench: install
 	$(PY) -m benchmarks.shard_throughput
 	$(PY) -m benchmarks.trainer_throughput
+	$(PY) -m benchmarks.gateway_load

@@ -86,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=4)
     e.add_argument("--batch-size", type=int, default=2048)
     e.add_argument("--json", action="store_true")
+    x = sub.add_parser("export", help="a checkpoint -> a quantized, self-contained model package for the gateway",
+                       description="Reassembles every table from the checkpoint's shard slices (and dense.pt's "
+                                   "data-parallel tables), quantizes them row-wise (fbgemm), scripts the dense arch "
+                                   "and writes a checksummed package directory for `inference-gateway serve`.")
+    x.add_argument("--checkpoint", required=True, help="checkpoint root (uses LATEST) or one step-<s> directory")
+    x.add_argument("--config", required=True, help="the model YAML the job trained")
+    x.add_argument("--out", required=True, help="package directory to write (atomically)")
+    x.add_argument("--quantize", default="fp32", help="table dtype for every table: fp32|fp16|int8|int4|int2")
+    x.add_argument("--table-dtype", action="append", default=[], metavar="TABLE=DTYPE", help="one table's dtype")
+    x.add_argument("--dense-quantize", choices=["none", "int8"], default="none",
+                   help="int8: dynamic int8 quantization of the dense Linear layers")
+    x.add_argument("--out-of-range", choices=["error", "zero"], default="error",
+                   help="ids outside a table: INVALID_ARGUMENT (error) or a zero row (zero)")
+    x.add_argument("--name", default="dlrm", help="model name the gateway serves it under")
+    x.add_argument("--version", type=int, default=1, help="model version (>= 1)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.add_argument("--json", action="store_true")
     return p
 
 
@@ -260,6 +277,35 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.package import PackageError, load_package
+    from inference_gateway.quantize import DenseQuantization
+    from trainer.config import ModelConfig
+    from trainer.export import ExportError, export_package, read_checkpoint, table_dtypes
+
+    try:
+        config = ModelConfig.load(args.config)
+        model = read_checkpoint(args.checkpoint, config)
+        out = export_package(model, args.out, dtypes=table_dtypes(config, args.quantize, args.table_dtype),
+                             name=args.name, version=args.version,
+                             dense_quantization=DenseQuantization(args.dense_quantize),
+                             out_of_range=args.out_of_range, overwrite=args.force,
+                             source={"checkpoint": str(Path(args.checkpoint).resolve())})
+        pkg = load_package(out)  # what the gateway will read: verified before we report success
+    except (ExportError, PackageError, ValueError) as e:
+        raise SystemExit(f"export: {e}") from None
+    float_bytes = sum(t["float32_bytes"] for t in pkg.manifest["tables"])
+    info = {"event": "exported", "out": str(out), "name": pkg.name, "version": pkg.version, "step": model.step,
+            "table_bytes": pkg.table_bytes, "float32_table_bytes": float_bytes,
+            "ratio": round(pkg.table_bytes / float_bytes, 4)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:<20} {v}")
+    return 0
+
+
 def plan_cmd(args: argparse.Namespace) -> int:
     from protos import common_pb2
     from trainer.config import ModelConfig
@@ -315,7 +361,8 @@ def _agreed(flags: list[bool], world: int, group=None) -> list[bool]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd}
+    commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd,
+                "export": export_cmd}
     return commands[args.command](args)
 
 

@@ -1,0 +1,158 @@
+"""Load generator for the inference gateway on the Criteo-Kaggle model (JSON lines, one per result).
+
+For each table dtype (FP32, INT8, INT4): the in-process batched limit of the same package, then a
+real gateway process driven over gRPC from this process (async, pre-serialized requests):
+  W1 one sample per request: closed loop at concurrency C; open loop at half the measured maximum;
+     open loop at 2x the maximum (overload: accepted requests' latency, rejected share and speed).
+  W2 one user x 256 candidate items per request: closed loop; samples/s against the in-process limit.
+Latencies of the open loops count from each request's scheduled send time (no coordinated omission).
+
+    python -m benchmarks.gateway_load [--dtypes fp32,int8,int4] [--seconds 5] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference_gateway.client import build_request
+from inference_gateway.loadgen import closed_loop, open_loop, stream_closed_loop
+from inference_gateway.model import ServingModel
+from inference_gateway.package import load_package
+from inference_gateway.process import launch
+from trainer.config import ModelConfig
+from trainer.export import ExportedModel, export_package, table_dtypes
+from trainer.model import DenseDLRM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def criteo_model() -> ExportedModel:
+    cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
+    g = torch.Generator().manual_seed(0)
+    tables = {}
+    for t in cfg.tables:
+        bound = (1.0 / t.num_rows) ** 0.5
+        tables[t.name] = torch.empty(t.num_rows, t.dim).uniform_(-bound, bound, generator=g)
+    return ExportedModel(cfg, DenseDLRM(cfg), tables, step=0)
+
+
+def packages(workdir: Path, dtypes: list[str]) -> dict[str, Path]:
+    out, model = {}, None
+    for q in dtypes:
+        path = workdir / f"criteo-{q}.pkg"
+        if not (path / "manifest.json").exists():
+            model = model or criteo_model()
+            export_package(model, path, dtypes=table_dtypes(model.config, q, []), overwrite=True)
+        out[q] = path
+    return out
+
+
+def samples(cfg: ModelConfig, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n samples, pooling factor 1, ids uniform per table (no cache helps)."""
+    g = np.random.default_rng(seed)
+    dense = g.standard_normal((n, cfg.dense_features), dtype=np.float32)
+    lengths = np.ones(len(cfg.features) * n, dtype=np.int64)
+    values = np.concatenate([g.integers(0, f.num_rows, n) for f in cfg.features]).astype(np.int64)
+    return dense, lengths, values
+
+
+def request_pool(cfg: ModelConfig, batch: int, count: int) -> list[bytes]:
+    return [build_request(*samples(cfg, batch, i), request_id=str(i)).SerializeToString() for i in range(count)]
+
+
+def in_process(pkg: Path, cfg: ModelConfig, batch: int, seconds: float, threads: int = 1) -> float:
+    """Samples/s of the package's model, batch by batch (the limit a server approaches)."""
+    torch.set_num_threads(threads)
+    model = ServingModel(load_package(pkg))
+    dense, lengths, values = (torch.from_numpy(a) for a in samples(cfg, batch, 0))
+    for _ in range(5):
+        model.scores(dense, lengths, values)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.scores(dense, lengths, values)
+        n += 1
+    return n * batch / (time.perf_counter() - start)
+
+
+def _load() -> float:
+    """1-minute load average: other work on the machine shows up here (this box has 2 cores)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtypes", default="fp32,int8,int4")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=64, help="W1 closed-loop clients")
+    p.add_argument("--w2-concurrency", type=int, default=4, help="W2 closed-loop clients")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
+    p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")
+    p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
+                   "--max-concurrent-rpcs 128 --max-pending-rpcs 128",
+                   help="extra `inference-gateway serve` flags")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,w1,half,overload,stream,w2")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dtypes = args.dtypes.split(",")
+    pkgs = packages(workdir, dtypes)
+    cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
+    w1, w2 = request_pool(cfg, 1, 512), request_pool(cfg, 256, 16)
+    common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "server": args.server_args}
+    for q in dtypes:
+        pkg = load_package(pkgs[q])
+        base = {**common, "dtype": q, "table_bytes": pkg.table_bytes,
+                "float32_table_bytes": sum(t["float32_bytes"] for t in pkg.manifest["tables"])}
+        del pkg
+        limits = {}
+        if "inprocess" not in skip:
+            for b, threads in ((64, 1), (256, 1)):
+                limits[b, threads] = in_process(pkgs[q], cfg, b, args.seconds / 2, threads)
+                emit({**base, "bench": "in_process", "batch": b, "threads": threads,
+                      "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
+        gw = launch(["--model", str(pkgs[q]), "--metrics-port", "-1", *args.server_args.split()],
+                    workdir=workdir / f"gw-{q}")
+        try:
+            peak = None
+            if "w1" not in skip:
+                r = asyncio.run(closed_loop(gw.address, w1, args.concurrency, args.seconds, 1))
+                peak = r["requests_per_s"]
+                emit({**base, "bench": "W1_closed", "concurrency": args.concurrency, **r, "loadavg": _load()})
+            if peak and "half" not in skip:
+                r = asyncio.run(open_loop(gw.address, w1, peak / 2, args.seconds, 1))
+                emit({**base, "bench": "W1_open_half_max", **r, "loadavg": _load()})
+            if peak and "overload" not in skip:
+                r = asyncio.run(open_loop(gw.address, w1, peak * 2, args.seconds, 1))
+                emit({**base, "bench": "W1_open_2x_overload", **r, "loadavg": _load()})
+            if "stream" not in skip:
+                depth = max(1, args.concurrency // args.streams)
+                r = asyncio.run(stream_closed_loop(gw.address, w1, args.streams, depth, args.seconds, 1))
+                emit({**base, "bench": "W1_stream_closed", "concurrency": args.streams * depth,
+                      "streams": args.streams, **r, "loadavg": _load()})
+            if "w2" not in skip:
+                r = asyncio.run(closed_loop(gw.address, w2, args.w2_concurrency, args.seconds, 256))
+                rec = {**base, "bench": "W2_closed", "concurrency": args.w2_concurrency, "candidates": 256, **r}
+                if (256, 1) in limits:  # the server runs 2 workers of one kernel thread each
+                    rec["vs_in_process_256"] = round(r["samples_per_s"] / limits[256, 1], 3)
+                emit({**rec, "loadavg": _load()})
+        finally:
+            gw.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""`inference-gateway`: serve model packages over gRPC, send predictions, manage loaded models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("inference_gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inference-gateway", description="Serve quantized DLRM packages "
+                                "(from `trainer export`) over gRPC with dynamic batching.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve packages; prints one JSON line with the bound ports",
+                       description="Health is NOT_SERVING until a model is loaded; SIGTERM drains and exits 0.")
+    s.add_argument("--model", action="append", default=[], help="package directory (repeatable; the first "
+                   "loaded version of each name is its default)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0 picks a free port (announced)")
+    s.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; -1 disables")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (TBE and dense arch)")
+    s.add_argument("--max-batch-size", type=int, default=256, help="samples per merged batch")
+    s.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
+    s.add_argument("--max-queue", type=int, default=4096, help="samples queued per model version before "
+                   "RESOURCE_EXHAUSTED")
+    s.add_argument("--max-concurrent-rpcs", type=int, default=0, help="RPCs in flight before gRPC answers "
+                   "RESOURCE_EXHAUSTED itself (cheap overload refusal); 0: unbounded")
+    s.add_argument("--max-pending-rpcs", type=int, default=0, help="RPCs waiting for the event loop before "
+                   "gRPC refuses more (0: gRPC's default)")
+    s.add_argument("--workers", type=int, default=2, help="batching worker threads per model version")
+    s.add_argument("--max-request-samples", type=int, default=4096, help="larger requests: RESOURCE_EXHAUSTED")
+    s.add_argument("--max-request-ids", type=int, default=1 << 20, help="ids per request before RESOURCE_EXHAUSTED")
+    s.add_argument("--access-log", action="store_true", help="one JSON line per request on the "
+                   "inference_gateway.access logger (stderr)")
+    s.add_argument("--log-level", default="INFO")
+    pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
+                        description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
+                                    '"model"?, "version"?, "request_id"?}.')
+    pr.add_argument("--address", required=True, help="HOST:PORT")
+    pr.add_argument("--file", required=True, help="requests.jsonl ('-' for stdin)")
+    pr.add_argument("--timeout", type=float, default=30.0)
+    pr.add_argument("--json", action="store_true", help="one JSON line per request")
+    ls = sub.add_parser("models", help="list loaded models and their default versions")
+    ls.add_argument("--address", required=True)
+    ls.add_argument("--json", action="store_true")
+    ld = sub.add_parser("load", help="load a package into a running gateway")
+    ld.add_argument("--address", required=True)
+    ld.add_argument("--path", required=True, help="package directory on the gateway's filesystem")
+    ld.add_argument("--name", default="")
+    ld.add_argument("--version", type=int, default=0)
+    ld.add_argument("--default", action="store_true", help="make it the default version")
+    ld.add_argument("--json", action="store_true")
+    ul = sub.add_parser("unload", help="unload one version (queued requests are answered first)")
+    ul.add_argument("--address", required=True)
+    ul.add_argument("--name", required=True)
+    ul.add_argument("--version", type=int, required=True)
+    sd = sub.add_parser("set-default", help="switch the default version (hot swap)")
+    sd.add_argument("--address", required=True)
+    sd.add_argument("--name", required=True)
+    sd.add_argument("--version", type=int, required=True)
+    sd.add_argument("--json", action="store_true")
+    return p
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.batching import BatchingConfig
+    from inference_gateway.requests import Limits
+    from inference_gateway.server import GatewayConfig, serve_forever
+
+    config = GatewayConfig(
+        models=args.model, host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
+        limits=Limits(args.max_request_samples, args.max_request_ids),
+        batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
+        access_log=args.access_log,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs)
+    serve_forever(config)
+    return 0
+
+
+def _info_dict(info) -> dict:
+    return {"name": info.name, "version": info.version, "default": info.is_default, "path": info.path,
+            "table_bytes": info.table_bytes, "table_dtypes": dict(info.table_dtypes),
+            "dense_quantization": info.dense_quantization}
+
+
+def predict_cmd(args: argparse.Namespace) -> int:
+    import grpc
+
+    from inference_gateway.client import GatewayClient, request_from_json, scores_of
+
+    stream = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115 - closed below
+    failures = 0
+    with GatewayClient(args.address) as client:
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                req = request_from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{args.file}:{n}: {e}") from None
+            start = time.perf_counter()
+            try:
+                resp = client.predict_request(req, timeout=args.timeout)
+                out = {"line": n, "request_id": resp.request_id, "model": resp.model, "version": resp.version,
+                       "scores": [round(float(x), 6) for x in scores_of(resp)]}
+            except grpc.RpcError as e:
+                failures += 1
+                out = {"line": n, "error": e.code().name, "message": e.details()}
+            out["ms"] = round((time.perf_counter() - start) * 1000, 3)
+            if args.json:
+                print(json.dumps(out), flush=True)
+            elif "error" in out:
+                print(f"line {n}: {out['error']}: {out['message']}", flush=True)
+            else:
+                print(f"line {n}: " + " ".join(f"{s:.6f}" for s in out["scores"]), flush=True)
+    if stream is not sys.stdin:
+        stream.close()
+    return 1 if failures else 0
+
+
+def models_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.client import GatewayClient
+
+    with GatewayClient(args.address) as client:
+        infos = [_info_dict(i) for i in client.list_models()]
+    if args.json:
+        print(json.dumps(infos))
+    else:
+        for i in infos:
+            print(f"{i['name']} v{i['version']}{' (default)' if i['default'] else ''}  {i['table_bytes']} table bytes"
+                  f"  {i['path']}")
+    return 0
+
+
+def _manage(args: argparse.Namespace) -> int:
+    import grpc
+
+    from inference_gateway.client import GatewayClient
+
+    with GatewayClient(args.address) as client:
+        try:
+            if args.command == "load":
+                info = _info_dict(client.load_model(args.path, args.name, args.version, args.default))
+            elif args.command == "unload":
+                client.unload_model(args.name, args.version)
+                info = {"name": args.name, "version": args.version, "unloaded": True}
+            else:
+                info = _info_dict(client.set_default_version(args.name, args.version))
+        except grpc.RpcError as e:
+            raise SystemExit(f"{args.command}: {e.code().name}: {e.details()}") from None
+    print(json.dumps(info) if getattr(args, "json", False) else " ".join(f"{k}={v}" for k, v in info.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"serve": serve_cmd, "predict": predict_cmd, "models": models_cmd, "load": _manage,
+                "unload": _manage, "set-default": _manage}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

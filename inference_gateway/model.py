@@ -1,0 +1,56 @@
+"""A loaded package ready to score: quantized lookups in one IntNBit TBE, then the TorchScript dense arch.
+
+Inputs are the merged batch of many requests, already validated and in package feature order:
+dense [B, dense_features] float32, lengths [F * B] feature-major, values (ids), so one TBE call and one
+dense forward serve every request of the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+from inference_gateway.package import Package
+
+
+class ServingModel:
+    def __init__(self, package: Package, device: str = "cpu") -> None:
+        self.package = package
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda requested but torch.cuda.is_available() is False")
+        self.name, self.version = package.name, package.version
+        self.features = [f.name for f in package.features]
+        self.feature_index = {n: i for i, n in enumerate(self.features)}
+        self.dense_features = package.dense_features
+        tables = list(package.tables.values())
+        position = {t.name: i for i, t in enumerate(tables)}
+        # rows of the table each feature looks up, in feature order (validation bounds)
+        self.rows_per_feature = np.array([package.tables[f.table].num_rows for f in package.features], dtype=np.int64)
+        loc = EmbeddingLocation.DEVICE if self.device.type == "cuda" else EmbeddingLocation.HOST
+        pooling = PoolingMode.MEAN if tables[0].pooling == "mean" else PoolingMode.SUM
+        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            [(t.name, t.num_rows, t.dim, t.dtype.sparse_type, loc) for t in tables],
+            feature_table_map=[position[f.table] for f in package.features],
+            pooling_mode=pooling, device=self.device, output_dtype=SparseType.FP32,
+            bounds_check_mode=BoundsCheckMode.NONE)  # ids are checked per request before they get here
+        self.tbe.initialize_weights()
+        with torch.no_grad():
+            for t, (dest, _) in zip(tables, self.tbe.split_embedding_weights(split_scale_shifts=False), strict=True):
+                dest[:, : t.row_bytes].copy_(package.rows[t.name])
+        self.dense = package.dense.to(self.device)
+        self.table_bytes = package.table_bytes
+
+    @torch.inference_mode()
+    def scores(self, dense: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """P(click) [B] for a validated batch (lengths feature-major over the package's features)."""
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        if values.dtype != torch.int64:
+            values = values.long()
+        dev = self.device
+        emb = self.tbe(values.to(dev), offsets.to(dev))
+        return torch.sigmoid(self.dense(dense.to(dev), emb)).cpu()

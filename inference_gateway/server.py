@@ -1,0 +1,101 @@
+"""Builds and runs the gateway: grpc.aio server, health (NOT_SERVING until a model is loaded),
+reflection, Prometheus metrics, SIGTERM drain, and one JSON line announcing the bound ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from inference_gateway.batching import BatchingConfig
+from inference_gateway.metrics import GatewayMetrics
+from inference_gateway.requests import Limits
+from inference_gateway.servicer import SERVICE_NAME, GatewayServicer
+from protos import inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    models: list[str] = field(default_factory=list)  # package directories loaded at start
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    device: str = "cpu"
+    max_message_bytes: int = 64 << 20
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    access_log: bool = False
+    grace_s: float = 10.0
+    max_concurrent_rpcs: int = 0  # 0: unbounded
+    max_pending_rpcs: int = 0  # 0: gRPC's default
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
+    """Serves until `stop` is set (or SIGTERM/SIGINT), then drains: health NOT_SERVING, no new RPCs,
+    in-flight ones finish within the grace period, every queued request is answered."""
+    torch.set_num_threads(1)
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # past max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED before any Python runs: the cheap
+    # refusal that keeps accepted requests fast when the event loop, not the queue, is the bottleneck
+    options = channel_options(config.max_message_bytes)
+    if config.max_pending_rpcs:
+        # RPCs gRPC accepted but the event loop has not picked up yet: past this they are refused
+        # instead of waiting (gRPC's own default lets 1000 wait, then cancels them late)
+        options += [("grpc.server.max_pending_requests", config.max_pending_rpcs),
+                    ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs)]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics = GatewayMetrics()
+    servicer = GatewayServicer(limits=config.limits, batching=config.batching, metrics=metrics,
+                               health_servicer=health_servicer, device=config.device, access_log=config.access_log)
+    servicer.loop = loop
+    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    metrics_port = metrics.serve(config.host, config.metrics_port) if config.metrics_port is not None else None
+    await server.start()
+    for path in config.models:
+        await servicer.load(path)
+    print(json.dumps({"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": port,
+                      "metrics_port": metrics_port, "pid": os.getpid(),
+                      "models": [{"name": i.name, "version": i.version, "table_bytes": i.table_bytes}
+                                 for i in servicer.registry.infos()]}), flush=True)
+    log.info("gateway serving on %s:%d", config.host, port)
+    await stop.wait()
+    log.info("draining")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    for loaded in servicer.registry.all_loaded():
+        await asyncio.to_thread(loaded.batcher.close, config.grace_s)
+    log.info("gateway stopped")
+
+
+def serve_forever(config: GatewayConfig) -> None:
+    asyncio.run(run(config))
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(0)  # drained; skip joining idle gRPC/OpenMP threads at interpreter exit
