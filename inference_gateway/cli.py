@@ -36,19 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-ids", type=int, default=1 << 20, help="ids per request before RESOURCE_EXHAUSTED")
     s.add_argument("--access-log", action="store_true", help="one JSON line per request on the "
                    "inference_gateway.access logger (stderr)")
+    s.add_argument("--tls-cert", help="PEM certificate: serve TLS only (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
     s.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
                                     '"model"?, "version"?, "request_id"?}.')
     pr.add_argument("--address", required=True, help="HOST:PORT")
+    pr.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
     pr.add_argument("--file", required=True, help="requests.jsonl ('-' for stdin)")
     pr.add_argument("--timeout", type=float, default=30.0)
     pr.add_argument("--json", action="store_true", help="one JSON line per request")
     ls = sub.add_parser("models", help="list loaded models and their default versions")
     ls.add_argument("--address", required=True)
+    ls.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
     ls.add_argument("--json", action="store_true")
     ld = sub.add_parser("load", help="load a package into a running gateway")
     ld.add_argument("--address", required=True)
+    ld.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
     ld.add_argument("--path", required=True, help="package directory on the gateway's filesystem")
     ld.add_argument("--name", default="")
     ld.add_argument("--version", type=int, default=0)
@@ -56,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--json", action="store_true")
     ul = sub.add_parser("unload", help="unload one version (queued requests are answered first)")
     ul.add_argument("--address", required=True)
+    ul.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
     ul.add_argument("--name", required=True)
     ul.add_argument("--version", type=int, required=True)
     sd = sub.add_parser("set-default", help="switch the default version (hot swap)")
     sd.add_argument("--address", required=True)
+    sd.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
     sd.add_argument("--name", required=True)
     sd.add_argument("--version", type=int, required=True)
     sd.add_argument("--json", action="store_true")
@@ -70,6 +77,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.batching import BatchingConfig
     from inference_gateway.requests import Limits
     from inference_gateway.server import GatewayConfig, serve_forever
+    from protos.security import TlsConfig
 
     config = GatewayConfig(
         models=args.model, host=args.host, port=args.port,
@@ -77,7 +85,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
         limits=Limits(args.max_request_samples, args.max_request_ids),
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
         access_log=args.access_log,
-        max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs)
+        max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs,
+        tls=TlsConfig.from_paths(args.tls_cert, args.tls_key))
     serve_forever(config)
     return 0
 
@@ -95,7 +104,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
 
     stream = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115 - closed below
     failures = 0
-    with GatewayClient(args.address) as client:
+    with GatewayClient(args.address, tls_ca=args.tls_ca) as client:
         for n, line in enumerate(stream, 1):
             if not line.strip():
                 continue
@@ -126,7 +135,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
 def models_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.client import GatewayClient
 
-    with GatewayClient(args.address) as client:
+    with GatewayClient(args.address, tls_ca=args.tls_ca) as client:
         infos = [_info_dict(i) for i in client.list_models()]
     if args.json:
         print(json.dumps(infos))
@@ -142,7 +151,7 @@ def _manage(args: argparse.Namespace) -> int:
 
     from inference_gateway.client import GatewayClient
 
-    with GatewayClient(args.address) as client:
+    with GatewayClient(args.address, tls_ca=args.tls_ca) as client:
         try:
             if args.command == "load":
                 info = _info_dict(client.load_model(args.path, args.name, args.version, args.default))

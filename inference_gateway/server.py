@@ -21,6 +21,7 @@ from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.requests import Limits
 from inference_gateway.servicer import SERVICE_NAME, GatewayServicer
 from protos import inference_pb2_grpc
+from protos.security import TlsConfig, bind
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class GatewayConfig:
     grace_s: float = 10.0
     max_concurrent_rpcs: int = 0  # 0: unbounded
     max_pending_rpcs: int = 0  # 0: gRPC's default
+    tls: TlsConfig | None = None
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -73,15 +75,13 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}", config.tls)
     metrics_port = metrics.serve(config.host, config.metrics_port) if config.metrics_port is not None else None
     await server.start()
     for path in config.models:
         await servicer.load(path)
     print(json.dumps({"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": port,
-                      "metrics_port": metrics_port, "pid": os.getpid(),
+                      "metrics_port": metrics_port, "pid": os.getpid(), "tls": config.tls is not None,
                       "models": [{"name": i.name, "version": i.version, "table_bytes": i.table_bytes}
                                  for i in servicer.registry.infos()]}), flush=True)
     log.info("gateway serving on %s:%d", config.host, port)

@@ -294,3 +294,17 @@ def test_overload_is_refused_fast_and_expired_requests_are_dropped(pkgs, tmp_pat
             assert metric(gw, 'gateway_rejects_total{reason="queue_full"}') == 24
     finally:
         gw.kill()
+
+
+def test_gateway_serves_tls_only(pkgs, tmp_path, certs):
+    gw = launch(["--model", str(pkgs["v1"]), "--tls-cert", certs["cert"], "--tls-key", certs["key"]],
+                workdir=tmp_path / "gw")
+    try:
+        assert gw.announced["tls"] is True
+        with GatewayClient(gw.address, tls_ca=certs["ca"]) as client:
+            assert len(client.predict(*batch(3))) == 3
+        with GatewayClient(gw.address) as plain, pytest.raises(grpc.RpcError) as e:
+            plain.predict(*batch(1), timeout=3)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        gw.kill()
