@@ -8,7 +8,9 @@ verifies the weights survived. Part 2 shards the tiny DLRM config over two shard
 column-wise and table-wise tables), trains it on synthetic teacher data through them (pipelined,
 sync), and compares its held-out AUC with the teacher's, the best reachable. Part 3 runs the job under
 the coordinator (Redis, membership) with two trainer processes and re-shards it live from 2 to 3
-shards a third of the way in (deploy/local/demo_reshard.py).
+shards a third of the way in (deploy/local/demo_reshard.py). Part 4 exports that job's last checkpoint
+as a quantized package, serves it with `inference-gateway serve`, and measures QPS and latency under
+load (deploy/local/demo_serving.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=800, help="DLRM training steps (part 2; 0 skips it)")
     p.add_argument("--job-steps", type=int, default=600,
                    help="part 3: steps of the coordinated job re-sharded live at a third (0 skips it)")
+    p.add_argument("--serve-seconds", type=float, default=3.0,
+                   help="part 4: export the job's checkpoint (INT8), serve it, drive load this long (0 skips it)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = p.parse_args(argv)
     tune_allocator()
@@ -108,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, config = job.pop("checkpoint"), job.pop("config")
         summary.update(job)
         summary["job_checkpoint"] = checkpoint
+        if args.serve_seconds:
+            from deploy.local.demo_serving import run_serving_demo
+
+            served = run_serving_demo(Path(checkpoint), None, Path(config), work / "serving",
+                                      seconds=args.serve_seconds, data_seed=1, quiet=args.json)
+            summary.update({f"serve_{k}" if not k.startswith("serve") else k: v for k, v in served.items()})
     if args.json:
         print(json.dumps(summary))
     else:
