@@ -5,6 +5,7 @@ real gateway process driven over gRPC from this process (async, pre-serialized r
   W1 one sample per request: closed loop at concurrency C; open loop at half the measured maximum;
      open loop at 2x the maximum (overload: accepted requests' latency, rejected share and speed).
   W2 one user x 256 candidate items per request: closed loop; samples/s against the in-process limit.
+First, the W1 ceiling: the same client against a Predict that does no work at all (Python gRPC alone).
 Latencies of the open loops count from each request's scheduled send time (no coordinated omission).
 
     python -m benchmarks.gateway_load [--dtypes fp32,int8,int4] [--seconds 5] [--concurrency 64]
@@ -92,6 +93,36 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+async def _echo_server() -> None:
+    """The same Predict method answering an empty response without any work: what Python gRPC alone
+    sustains with this client on this machine (the ceiling any Python gateway's W1 can reach)."""
+    import grpc
+
+    async def predict(request: bytes, context) -> bytes:
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "recsys.v1.InferenceGateway", {"Predict": grpc.unary_unary_rpc_method_handler(
+            predict, request_deserializer=lambda b: b, response_serializer=lambda b: b)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"event": "serving", "port": port}), flush=True)
+    await server.wait_for_termination()
+
+
+def echo_ceiling(pool: list[bytes], concurrency: int, seconds: float, workdir: Path) -> dict:
+    from embedding_service.process import start_announced
+
+    proc, msg = start_announced(["benchmarks.gateway_load", "--echo-server"], workdir, what="echo server",
+                                timeout=60)
+    try:
+        return asyncio.run(closed_loop(f"127.0.0.1:{msg['port']}", pool, concurrency, seconds, 1))
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtypes", default="fp32,int8,int4")
@@ -103,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
                    "--max-concurrent-rpcs 128 --max-pending-rpcs 128",
                    help="extra `inference-gateway serve` flags")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,w1,half,overload,stream,w2")
+    p.add_argument("--skip", default="",
+                   help="comma-separated phases to skip: echo,inprocess,w1,half,overload,stream,w2")
+    p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.echo_server:
+        asyncio.run(_echo_server())
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
     w1, w2 = request_pool(cfg, 1, 512), request_pool(cfg, 256, 16)
     common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "server": args.server_args}
+    if "echo" not in skip:
+        r = echo_ceiling(w1, args.concurrency, args.seconds, workdir)
+        emit({**common, "bench": "W1_echo_ceiling", "concurrency": args.concurrency, **r, "loadavg": _load()})
     for q in dtypes:
         pkg = load_package(pkgs[q])
         base = {**common, "dtype": q, "table_bytes": pkg.table_bytes,
