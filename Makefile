@@ -1,5 +1,5 @@
 # Two entry points, each self-contained on a fresh machine with Python 3.11:
-#   make demo   - the local cluster demo (shard processes, a DLRM trained through them)
+#   make demo   - the local cluster demo (shards, a DLRM trained through them, a live re-shard, serving)
 #   make test   - ruff, then the test suite (real processes on loopback)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -25,4 +25,6 @@ test: install
 bench: install
 	$(PY) -m benchmarks.shard_throughput
 	$(PY) -m benchmarks.trainer_throughput
+	$(PY) -m benchmarks.planner_balance
+	$(PY) -m benchmarks.migration
 	$(PY) -m benchmarks.gateway_load
