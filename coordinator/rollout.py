@@ -6,7 +6,6 @@ current and complete (the shards only drop what they staged), and the trainers r
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -58,8 +57,6 @@ class RolloutEngine:
         self._lock = threading.Condition()
         self.progress = pb.RolloutProgress(phase=pb.IDLE)
         self._fenced: dict[int, int] = {}
-        self._watchers: list[queue.Queue] = []
-        self._thread: threading.Thread | None = None
 
     # -- starting -----------------------------------------------------------------------------
     def validate(self, plan: common_pb2.ShardingPlan, current: pb.PlanRecord | None) -> list[str]:
@@ -90,9 +87,8 @@ class RolloutEngine:
                                                from_version=claim.from_version, to_version=claim.to_version,
                                                bytes_total=sum(m.bytes for m in moves if not m.local),
                                                rows_total=sum(m.rows for m in moves))
-        self._thread = threading.Thread(target=self._run, args=(claim, current, target, moves),
-                                        name=f"rollout-{claim.to_version}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, args=(claim, current, target, moves), name=f"rollout-{claim.to_version}",
+                         daemon=True).start()
         log.info("rollout %s: version %d -> %d by %s (%s): %d moves", claim.rollout_id, claim.from_version,
                  claim.to_version, author, reason, len(moves))
         return claim.rollout_id
@@ -113,8 +109,7 @@ class RolloutEngine:
                     return
                 if last is not None and self.progress == last:
                     self._lock.wait(timeout=0.5)
-                snap = pb.RolloutProgress()
-                snap.CopyFrom(self.progress)
+                snap = self.snapshot()
             if snap != last:
                 yield snap
                 last = snap
@@ -165,7 +160,7 @@ class RolloutEngine:
             if step < 0 and current is not None:  # no trainers: the shards' applied step is the boundary
                 step = max(c.info().applied_step for i, c in clients.items() if i < current.plan.num_shards)
             self._update(phase=pb.MIGRATING, fence_step=step, pause_s=time.monotonic() - fenced_at)
-            self._migrate(claim, plan, moves, clients, shards, fenced_at)
+            self._migrate(claim, moves, clients, shards, fenced_at)
             self._update(phase=pb.COMMITTING, pause_s=time.monotonic() - fenced_at)
             self.store.commit_rollout(claim)  # the flip: from here on the new plan is current
         except Exception as e:
@@ -224,7 +219,7 @@ class RolloutEngine:
             raise RolloutFailed(f"trainers fenced at different steps {sorted(steps)}")
         return steps.pop() if steps else -1
 
-    def _migrate(self, claim: RolloutClaim, plan: common_pb2.ShardingPlan, moves: list[Move],
+    def _migrate(self, claim: RolloutClaim, moves: list[Move],
                  clients: dict[int, ShardClient], shards: dict[int, pb.Member], fenced_at: float) -> None:
         s = self.settings
         pieces = split_moves(moves, s.rows_per_pull)

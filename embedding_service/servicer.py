@@ -131,19 +131,24 @@ def serialize_response(resp: Message | bytes) -> bytes:
 class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     def __init__(self, config: ShardConfig, metrics: ShardMetrics | None = None) -> None:
         self.config = config
-        self.assignment = config.assignment
-        self.plan_version = config.assignment.plan_version
-        self.tables = ShardTables(config.assignment, device=config.device, seed=config.seed,
-                                  clamp_ids=config.clamp_ids)
-        self.steps = StepScheduler(self.tables, config.mode, config.num_trainers, config.staleness,
-                                   config.handle_ttl_s, config.wait_timeout_s)
         self.metrics = metrics or ShardMetrics()
-        self.tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
-        self.metrics.weight_bytes.set(self.tables.weight_bytes)
-        self.metrics.optimizer_bytes.set(self.tables.optimizer_bytes)
-        self.metrics.plan_version.set(self.plan_version)
+        self._go_live(config.assignment, ShardTables(config.assignment, device=config.device, seed=config.seed,
+                                                     clamp_ids=config.clamp_ids), applied_step=-1)
         self.staged: Staged | None = None
         self._reshard = threading.Lock()  # one Prepare / Commit / Abort at a time
+
+    def _go_live(self, assignment: common_pb2.ShardAssignment, tables: ShardTables, applied_step: int) -> None:
+        """Serves `tables` under `assignment`'s plan version from now on (start, and every Commit)."""
+        steps = StepScheduler(tables, self.config.mode, self.config.num_trainers, self.config.staleness,
+                              self.config.handle_ttl_s, self.config.wait_timeout_s)
+        steps.applied_step = applied_step
+        tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
+        self.tables, self.steps, self.assignment = tables, steps, assignment
+        self.plan_version = assignment.plan_version
+        self.metrics.weight_bytes.set(tables.weight_bytes)
+        self.metrics.optimizer_bytes.set(tables.optimizer_bytes)
+        self.metrics.plan_version.set(self.plan_version)
+        self.metrics.applied_step.set(applied_step)
 
     def _check_version(self, version: int) -> None:
         if version != self.plan_version:
@@ -334,20 +339,11 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             if request.plan_version == self.plan_version and self.staged is None:
                 return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)  # a retried commit
             staged = self._staged(request.plan_version)
-            steps = StepScheduler(staged.tables, self.config.mode, self.config.num_trainers, self.config.staleness,
-                                  self.config.handle_ttl_s, self.config.wait_timeout_s)
-            steps.applied_step = request.applied_step
             old = self.steps
             with old.cond:  # no request is inside the old tables while they are swapped out
-                self.tables, self.steps, self.assignment = staged.tables, steps, staged.assignment
-                self.plan_version = staged.assignment.plan_version
+                self._go_live(staged.assignment, staged.tables, request.applied_step)
                 self.staged = None
                 old.shutdown()  # anything still waiting on the old plan fails (UNAVAILABLE) instead of hanging
-        self.tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
-        self.metrics.weight_bytes.set(self.tables.weight_bytes)
-        self.metrics.optimizer_bytes.set(self.tables.optimizer_bytes)
-        self.metrics.applied_step.set(request.applied_step)
-        self.metrics.plan_version.set(self.plan_version)
         log.info("plan version %d live: %d slices, next step %d", self.plan_version, len(self.assignment.slices),
                  request.applied_step + 1)
         return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)
