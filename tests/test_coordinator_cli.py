@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from protos import coordinator_pb2
@@ -134,3 +135,32 @@ def test_invalid_plans_are_refused_with_the_reason(job, tmp_path):
         assert job.client.history().current_version == 1  # nothing changed
     finally:
         small.kill()
+
+
+def test_bad_requests_get_precise_statuses_and_change_nothing(job):
+    from protos import coordinator_pb2_grpc
+
+    stub = coordinator_pb2_grpc.CoordinatorStub(job.client.channel)
+    cases = [
+        (stub.Register, pb.RegisterRequest(member=pb.Member(kind=pb.SHARD, id=7, instance="x")),
+         grpc.StatusCode.INVALID_ARGUMENT, "member.address"),
+        (stub.Register, pb.RegisterRequest(member=pb.Member(kind=0, id=1, instance="x")),
+         grpc.StatusCode.INVALID_ARGUMENT, "member.kind"),
+        (stub.Register, pb.RegisterRequest(member=pb.Member(kind=pb.TRAINER, id=-1, instance="x")),
+         grpc.StatusCode.INVALID_ARGUMENT, "member.id"),
+        (stub.GetPlan, pb.GetPlanRequest(version=42), grpc.StatusCode.NOT_FOUND, "42"),
+        (stub.ReportFenced, pb.ReportFencedRequest(trainer_id=0, rollout_id="nope", step=3),
+         grpc.StatusCode.FAILED_PRECONDITION, "rollout_id"),
+    ]
+    for call, request, code, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            call(request, timeout=10)
+        assert e.value.code() == code and needle in e.value.details(), (request, e.value.details())
+    with pytest.raises(grpc.RpcError) as e:  # a plan without tables, with the token
+        list(job.client.apply(pb.PlanRecord().plan))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "plan" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # rollback with nothing to roll back to
+        list(job.client.rollback())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "previous version" in e.value.details()
+    assert job.client.history().current_version == 1
+    assert sorted(m.id for m in job.client.members() if m.kind == pb.SHARD) == [0, 1, 2]
