@@ -98,6 +98,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return pb.HeartbeatResponse(known=known, plan_version=self.store.current_version())
 
     @rpc
+    def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        member = self.membership.get(request.kind, request.id)
+        removed = member is not None and member.instance == request.instance
+        if removed:
+            self.membership.remove(request.kind, request.id)
+            log.info("%s %d left", pb.MemberKind.Name(request.kind), request.id)
+            self._count_members()
+        return pb.LeaveResponse(removed=removed)
+
+    @rpc
     def ListMembers(self, request, context) -> pb.ListMembersResponse:
         members = self.membership.members()
         self._count_members(members)

@@ -118,6 +118,22 @@ class HeartbeatResponse(_message.Message):
     plan_version: int
     def __init__(self, known: _Optional[bool] = ..., plan_version: _Optional[int] = ...) -> None: ...
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("kind", "id", "instance")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    kind: MemberKind
+    id: int
+    instance: str
+    def __init__(self, kind: _Optional[_Union[MemberKind, str]] = ..., id: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+
 class ListMembersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

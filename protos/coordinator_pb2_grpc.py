@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.ListMembersRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.ListMembersResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/recsys.v1.Coordinator/Leave',
+                request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.LeaveResponse.FromString,
+                _registered_method=True)
         self.GetPlan = channel.unary_unary(
                 '/recsys.v1.Coordinator/GetPlan',
                 request_serializer=protos_dot_coordinator__pb2.GetPlanRequest.SerializeToString,
@@ -109,6 +114,13 @@ class CoordinatorServicer:
 
     def ListMembers(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """A member that stops on purpose leaves at once instead of waiting out its lease.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -183,6 +195,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListMembers,
                     request_deserializer=protos_dot_coordinator__pb2.ListMembersRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=protos_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.LeaveResponse.SerializeToString,
             ),
             'GetPlan': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlan,
@@ -306,6 +323,33 @@ class Coordinator:
             '/recsys.v1.Coordinator/ListMembers',
             protos_dot_coordinator__pb2.ListMembersRequest.SerializeToString,
             protos_dot_coordinator__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Coordinator/Leave',
+            protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            protos_dot_coordinator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,9 +42,16 @@ class MemberAgent:
             raise TimeoutError(f"could not register with the coordinator at {self.coordinator} within {wait_s}s")
         return self
 
-    def stop(self) -> None:
+    def stop(self, leave: bool = True) -> None:
+        """Stops heartbeating; `leave` removes the membership at once (an orderly exit, not a death)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        if leave and self.registered.is_set():
+            try:
+                self.stub.Leave(coordinator_pb2.LeaveRequest(kind=self.member.kind, id=self.member.id,
+                                                             instance=self.member.instance), timeout=5)
+            except grpc.RpcError as e:
+                log.warning("leaving the coordinator at %s: %s", self.coordinator, e.details())
         self.channel.close()
 
     def _register(self) -> None:

@@ -47,6 +47,7 @@ def test_rollout_2_to_3_shards_then_rollback_equals_training_without(job_factory
     assert back.phase == pb.DONE, back.message
     assert (back.from_version, back.to_version) == (2, 3) and p.fence_step < back.fence_step < steps - 1
     job.wait_trainers()
+    assert not [m for m in job.client.members() if m.kind == pb.TRAINER]  # finished trainers left at once
     assert_equals_reference(job, steps)
     history = job.client.history()
     assert history.current_version == 3
