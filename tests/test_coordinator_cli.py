@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -164,3 +165,32 @@ def test_bad_requests_get_precise_statuses_and_change_nothing(job):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "previous version" in e.value.details()
     assert job.client.history().current_version == 1
     assert sorted(m.id for m in job.client.members() if m.kind == pb.SHARD) == [0, 1, 2]
+
+
+def test_a_trainer_that_does_not_fence_aborts_the_rollout(tmp_path):
+    """A registered trainer that never stops: the rollout aborts after --fence-timeout-s, the plan stays,
+    and the trainer, stopping late, is resumed on the old plan at once instead of hanging."""
+    from coordinator.client import final
+    from trainer.coordination import PlanFollower
+
+    job = Job(tmp_path, "--fence-timeout-s", "2", standby=1)
+    follower = PlanFollower(job.coordinator.address, rank=0).start()
+    try:
+        plan, addresses = follower.current_plan()
+        assert plan.version == 1 and len(addresses) == 2
+        p = final(job.client.apply(PLAN2, base_version=1, author="test"))
+        assert p.phase == pb.ABORTED and "trainers [0] did not fence within 2 s" in p.message
+        assert job.client.history().current_version == 1
+        assert not follower.fence_pending  # FENCE and RESUME both came: nothing left to do
+        second = job.client.apply(PLAN2, base_version=1, author="test")  # a second try: leave it fencing
+        deadline = time.monotonic() + 10
+        while not follower.fence_pending:
+            assert time.monotonic() < deadline, "no FENCE reached the trainer"
+            time.sleep(0.05)
+        time.sleep(2.5)  # ... until it times out
+        resumed = follower.fence(step=5, timeout_s=30)
+        assert resumed.kind == pb.RESUME and resumed.plan_version == 1
+        assert final(second).phase == pb.ABORTED
+    finally:
+        follower.close()
+        job.close()

@@ -8,6 +8,7 @@ one when the rollout aborted.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -28,8 +29,9 @@ class PlanFollower:
         self.client = CoordinatorClient(address, tls_ca=tls_ca)
         self.plan_version, self.step = 0, -1
         self._cond = threading.Condition()
-        self._fence: pb.PlanEvent | None = None
+        self._fences: collections.deque[str] = collections.deque()  # FENCEd rollouts not yet handled here
         self._resumed: dict[str, pb.PlanEvent] = {}
+        self._seen: set[str] = set()  # every FENCEd rollout (a reconnected stream replays the open one)
         self._closed = False
         self._stream = None
         self.wait_s = wait_s
@@ -50,17 +52,28 @@ class PlanFollower:
 
     @property
     def fence_pending(self) -> bool:
+        """A rollout asked the trainers to stop and has not resumed them yet."""
         with self._cond:
-            return self._fence is not None
+            while self._fences and self._fences[0] in self._resumed:  # fenced and resumed (aborted) meanwhile
+                self._resumed.pop(self._fences.popleft())
+            return bool(self._fences)
 
     def fence(self, step: int, timeout_s: float = 3600.0) -> pb.PlanEvent:
-        """Reports this trainer stopped after `step` and blocks until the rollout resumes it."""
+        """Reports this trainer stopped after `step` and blocks until the rollout resumes it. (Another
+        trainer may have seen the FENCE first: all stop at the same step, so this one waits for it.)"""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._fence is not None, timeout=60):
+            if not self._cond.wait_for(lambda: self._fences, timeout=60):
                 raise RuntimeError("fence: no FENCE event from the coordinator")
-            rollout = self._fence.rollout_id
+            rollout = self._fences.popleft()
+            if rollout in self._resumed:  # it already ended (aborted) before this trainer stopped
+                return self._resumed.pop(rollout)
         self.step = step
-        self.client.report_fenced(self.rank, rollout, step)
+        try:
+            self.client.report_fenced(self.rank, rollout, step)
+        except grpc.RpcError as e:  # the rollout moved on (aborted by a timeout): its RESUME follows
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.warning("rollout %s no longer fencing: %s", rollout, e.details())
         log.info("trainer %d fenced after step %d for rollout %s", self.rank, step, rollout)
         with self._cond:
             if not self._cond.wait_for(lambda: rollout in self._resumed, timeout=timeout_s):
@@ -81,11 +94,10 @@ class PlanFollower:
                 for event in self._stream:
                     backoff = 0.2
                     with self._cond:
-                        if event.kind == pb.FENCE:
-                            self._fence = event
+                        if event.kind == pb.FENCE and event.rollout_id not in self._seen:
+                            self._seen.add(event.rollout_id)
+                            self._fences.append(event.rollout_id)
                         elif event.kind == pb.RESUME:
-                            if self._fence is not None and self._fence.rollout_id == event.rollout_id:
-                                self._fence = None
                             self._resumed[event.rollout_id] = event
                         self._cond.notify_all()
             except grpc.RpcError as e:
