@@ -160,7 +160,7 @@ class ShardClient:
 
     def export_rows_framed(self, slice: int, row_start: int, row_end: int, chunk_rows: int = 0
                            ) -> Iterator[tuple[embedding_shard_pb2.RowChunk, dict]]:
-        """ExportRows with CRC-32 checksums, parsed without copies: (chunk fields, {field: TensorView(s)})."""
+        """ExportRows with CRC-32C checksums, parsed without copies: (chunk fields, {field: TensorView(s)})."""
         call = self.channel.unary_stream(f"{_SERVICE}/ExportRows",
                                          request_serializer=embedding_shard_pb2.ExportRowsRequest.SerializeToString,
                                          response_deserializer=_row_chunk)

@@ -91,3 +91,33 @@ server: {port: 0, metrics_port: null}
     with pytest.raises(ValueError, match="feature 'f' maps to both"):
         ShardConfig.from_dict({"tables": [{"name": "t", "num_rows": 1, "dim": 1, "features": ["f"]},
                                           {"name": "u", "num_rows": 1, "dim": 1, "features": ["f"]}]})
+
+
+def test_row_chunks_are_verified_by_sha256_or_crc32c():
+    import grpc
+    import pytest
+    import torch
+
+    from embedding_service.errors import ShardError
+    from embedding_service.resharding import chunk_digest, data_crc32, verify_chunk
+    from protos import codec, embedding_shard_pb2
+
+    chunk = embedding_shard_pb2.RowChunk(table="t", row_start=0)
+    codec.encode(torch.arange(12, dtype=torch.float32).view(3, 4), chunk.weights)
+    codec.encode(torch.ones(3), chunk.optimizer_state.add())
+    with pytest.raises(ShardError) as e:
+        verify_chunk(chunk, 0)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no checksum" in e.value.message
+    chunk.crc32 = data_crc32([chunk.weights.data, chunk.optimizer_state[0].data])
+    verify_chunk(chunk, 0)
+    chunk.crc32 ^= 1
+    with pytest.raises(ShardError) as e:
+        verify_chunk(chunk, 3)
+    assert e.value.code == grpc.StatusCode.DATA_LOSS and "chunk 3" in e.value.message and "crc32" in e.value.message
+    chunk.ClearField("crc32")
+    chunk.sha256 = chunk_digest(chunk)
+    verify_chunk(chunk, 0)
+    chunk.weights.data = chunk.weights.data[:-1] + b"\x00"
+    with pytest.raises(ShardError) as e:
+        verify_chunk(chunk, 0)
+    assert e.value.code == grpc.StatusCode.DATA_LOSS and "sha256" in e.value.message
