@@ -2,7 +2,7 @@
 
 The coordinator prepares the new plan's assignment on every shard beside the live one (seeded initial
 rows, so untouched rows equal a fresh table's), asks each destination to pull its rows straight from
-the source shards (every chunk's sha256 checked), and then commits: the staged tables become the live
+the source shards (every chunk's CRC-32C checked), and then commits: the staged tables become the live
 ones in one swap. Until then the live plan is untouched, so an abort only drops the staged tables.
 """
 
