@@ -9,22 +9,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
 @dataclass
-class ShardProcess:
+class ServerProcess:
+    """A server of the project running as a child process (shard, coordinator, gateway), as announced."""
+
     proc: subprocess.Popen
-    port: int
-    metrics_port: int | None
     announced: dict
     workdir: Path
-    config_path: Path
-    log_path: Path = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.log_path = self.workdir / "stderr.log"
+    @property
+    def port(self) -> int:
+        return int(self.announced["port"])
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.announced.get("metrics_port")
 
     @property
     def address(self) -> str:
@@ -33,6 +36,10 @@ class ShardProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "stderr.log"
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -50,6 +57,11 @@ class ShardProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(30)
+
+
+@dataclass
+class ShardProcess(ServerProcess):
+    config_path: Path
 
 
 def start_announced(args: list[str], workdir: Path, *, what: str, timeout: float,
@@ -86,4 +98,4 @@ def launch(config: dict, *, workdir: str | Path | None = None, extra_args: list[
     cfg.write_text(json.dumps(config))
     proc, msg = start_announced(["embedding_service.cli", "serve", "--config", str(cfg), *(extra_args or [])], wd,
                                 what="shard", timeout=timeout, env=env)
-    return ShardProcess(proc, int(msg["port"]), msg.get("metrics_port"), msg, wd, cfg)
+    return ShardProcess(proc, msg, wd, cfg)

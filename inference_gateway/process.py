@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedding_service.process import start_announced
+from embedding_service.process import ServerProcess, start_announced
 
 
 @dataclass
-class GatewayProcess:
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int | None
-    announced: dict
-    workdir: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "stderr.log"
-
+class GatewayProcess(ServerProcess):
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait: the gateway drains and exits 0."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
+        return self.log_tail(chars=1 << 30)
 
 
 def launch(args: list[str], *, workdir: str | Path | None = None, timeout: float = 120.0,
@@ -52,4 +22,4 @@ def launch(args: list[str], *, workdir: str | Path | None = None, timeout: float
     wd.mkdir(parents=True, exist_ok=True)
     proc, msg = start_announced(["inference_gateway.cli", "serve", *args], wd, what="gateway", timeout=timeout,
                                 env=env)
-    return GatewayProcess(proc, int(msg["port"]), msg.get("metrics_port"), msg, wd)
+    return GatewayProcess(proc, msg, wd)
