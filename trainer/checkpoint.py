@@ -27,7 +27,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt; names the file."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,9 +53,9 @@ def save(trainer: ShardedTrainer, root: str | Path, step: int, data_position: in
     shards = {}
     for i, client in enumerate(trainer.transport.clients):
         client.checkpoint(str(tmp / f"shard-{i}"), step=step)
-        shards[str(i)] = _sha256(tmp / f"shard-{i}" / "manifest.json")
+        shards[str(i)] = file_sha256(tmp / f"shard-{i}" / "manifest.json")
     manifest = {"step": step, "data_position": data_position, "plan_version": trainer.router.plan.version,
-                "num_shards": len(trainer.transport.clients), "dense_sha256": _sha256(tmp / "dense.pt"),
+                "num_shards": len(trainer.transport.clients), "dense_sha256": file_sha256(tmp / "dense.pt"),
                 "shard_manifest_sha256": shards}
     write_file_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     shutil.rmtree(final, ignore_errors=True)
@@ -83,10 +83,10 @@ def restore(trainer: ShardedTrainer, path: str | Path) -> Resumed:
     if manifest["plan_version"] != trainer.router.plan.version:
         raise CheckpointError(f"{path}: written under plan version {manifest['plan_version']}, "
                               f"the job runs {trainer.router.plan.version}")
-    if _sha256(path / "dense.pt") != manifest["dense_sha256"]:
+    if file_sha256(path / "dense.pt") != manifest["dense_sha256"]:
         raise CheckpointError(f"{path / 'dense.pt'}: sha256 mismatch")
     for i, digest in manifest["shard_manifest_sha256"].items():
-        if _sha256(path / f"shard-{i}" / "manifest.json") != digest:
+        if file_sha256(path / f"shard-{i}" / "manifest.json") != digest:
             raise CheckpointError(f"{path / f'shard-{i}' / 'manifest.json'}: sha256 mismatch")
     for i, client in enumerate(trainer.transport.clients):
         client.restore(str(path / f"shard-{i}"))
@@ -97,7 +97,7 @@ def load_dense(trainer: ShardedTrainer, path: str | Path) -> Resumed:
     """The dense part alone (trainers other than rank 0, once rank 0 restored the shards)."""
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
-    if _sha256(path / "dense.pt") != manifest["dense_sha256"]:
+    if file_sha256(path / "dense.pt") != manifest["dense_sha256"]:
         raise CheckpointError(f"{path / 'dense.pt'}: sha256 mismatch")
     state = torch.load(path / "dense.pt")
     trainer.replicated.load_state_dict(state["model"])

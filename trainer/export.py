@@ -37,14 +37,6 @@ class ExportedModel:
     step: int
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _step_dir(path: Path) -> Path:
     if (path / checkpoint.MANIFEST).exists() and (path / "dense.pt").exists():
         return path
@@ -61,7 +53,7 @@ def read_checkpoint(path: str | Path, config: ModelConfig) -> ExportedModel:
         manifest = json.loads((step_dir / checkpoint.MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{step_dir / checkpoint.MANIFEST}: unreadable ({e})") from None
-    if _sha256(step_dir / "dense.pt") != manifest["dense_sha256"]:
+    if checkpoint.file_sha256(step_dir / "dense.pt") != manifest["dense_sha256"]:
         raise ExportError(f"{step_dir / 'dense.pt'}: sha256 mismatch")
     state = torch.load(step_dir / "dense.pt", weights_only=True)["model"]
     dense = DenseDLRM(config)
@@ -82,7 +74,7 @@ def read_checkpoint(path: str | Path, config: ModelConfig) -> ExportedModel:
             coverage[t.name] = torch.zeros(t.num_rows, t.dim, dtype=torch.int32)
     for i, digest in manifest["shard_manifest_sha256"].items():
         shard_dir = step_dir / f"shard-{i}"
-        if _sha256(shard_dir / "manifest.json") != digest:
+        if checkpoint.file_sha256(shard_dir / "manifest.json") != digest:
             raise ExportError(f"{shard_dir / 'manifest.json'}: sha256 mismatch")
         _read_shard(shard_dir, config, tables, coverage)
     for name, cov in coverage.items():
