@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -35,23 +36,11 @@ class CoordinatorClient:
 
     def shard_addresses(self, plan: common_pb2.ShardingPlan, wait_s: float = 0.0) -> list[str]:
         """The live address of every shard a plan names, in shard order; waits up to `wait_s` for all."""
-        import time
-
-        deadline = time.monotonic() + wait_s
-        while True:
-            _, addresses = self.get_plan(plan.version)
-            missing = [i for i in range(plan.num_shards) if i not in addresses]
-            if not missing:
-                return [addresses[i] for i in range(plan.num_shards)]
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"coordinator {self.address}: shards {missing} of plan version {plan.version} "
-                                   "are not registered and alive")
-            time.sleep(0.2)
+        alive = self.wait_shards(list(range(plan.num_shards)), wait_s)
+        return [alive[i].address for i in range(plan.num_shards)]
 
     def wait_shards(self, ids: list[int], wait_s: float) -> dict[int, pb.Member]:
         """Waits until every shard in `ids` is registered and alive; returns their members."""
-        import time
-
         deadline = time.monotonic() + wait_s
         while True:
             alive = {m.id: m for m in self.members() if m.kind == pb.SHARD and m.state == pb.ALIVE}

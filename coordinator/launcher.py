@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coordinator.moves import shard_assignment
 from embedding_service.process import ShardProcess, launch
 from protos import common_pb2
+from trainer.plan import shard_config as plan_shard_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,16 +25,12 @@ def free_port() -> int:
 
 def shard_config(plan: common_pb2.ShardingPlan | None, shard: int, *, coordinator: str, num_trainers: int,
                  seed: int = 0, **extra) -> dict:
-    """The serve config of one shard: its slices of `plan` (None: standby, holding nothing)."""
-    from google.protobuf import json_format
-
-    a = shard_assignment(plan, shard) if plan is not None else common_pb2.ShardAssignment(shard_id=shard)
-    return {"shard_id": shard, "plan_version": a.plan_version, "num_trainers": num_trainers, "seed": seed,
-            "coordinator": coordinator,
-            "tables": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in a.tables],
-            "slices": [json_format.MessageToDict(s, preserving_proto_field_name=True,
-                                                 always_print_fields_with_no_presence=True) for s in a.slices],
-            **extra}
+    """The serve config of one shard registered with `coordinator`: its slices of `plan` (None: standby,
+    holding nothing until a rollout gives it slices)."""
+    if plan is None:
+        return {"shard_id": shard, "plan_version": 0, "num_trainers": num_trainers, "seed": seed,
+                "coordinator": coordinator, "tables": [], "slices": [], **extra}
+    return plan_shard_config(plan, shard, num_trainers=num_trainers, seed=seed, coordinator=coordinator, **extra)
 
 
 class LocalShards:

@@ -99,18 +99,6 @@ def compute_moves(old: common_pb2.ShardingPlan, new: common_pb2.ShardingPlan) ->
     return moves
 
 
-def shard_assignment(plan: common_pb2.ShardingPlan, shard: int) -> common_pb2.ShardAssignment:
-    """What one shard holds under a plan (empty when the plan gives it nothing)."""
-    a = common_pb2.ShardAssignment(plan_version=plan.version, shard_id=shard)
-    names = set()
-    for ps in plan.slices:
-        if ps.shard == shard:
-            a.slices.add().CopyFrom(ps.slice)
-            names.add(ps.slice.table)
-    a.tables.extend(t for t in plan.tables if t.name in names)
-    return a
-
-
 def split_moves(moves: list[Move], max_rows: int) -> list[Move]:
     """Cuts moves into pieces of at most `max_rows` rows (progress, rate limiting, smaller retries)."""
     out = []

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.membership import Membership
-from coordinator.moves import Move, MoveError, compute_moves, shard_assignment, split_moves
+from coordinator.moves import Move, MoveError, compute_moves, split_moves
 from coordinator.plan_store import PlanConflict, PlanStore, RolloutClaim
 from coordinator.validation import plan_violations
 from embedding_service.client import ShardClient
 from protos import common_pb2, coordinator_pb2, embedding_shard_pb2
+from trainer.plan import assignment
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2
@@ -150,7 +151,7 @@ class RolloutEngine:
                                       timeout=self.settings.rpc_timeout_s, tls_ca=self.settings.tls_ca)
                        for i in sorted(ids)}
             staged = True
-            self._parallel({i: (lambda c=c, i=i: c.prepare(shard_assignment(plan, i))) for i, c in clients.items()},
+            self._parallel({i: (lambda c=c, i=i: c.prepare(assignment(plan, i))) for i, c in clients.items()},
                            "Prepare")
             self._update(phase=pb.FENCING)
             fenced_at = time.monotonic()

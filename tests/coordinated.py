@@ -10,12 +10,11 @@ import torch
 
 from coordinator.client import CoordinatorClient
 from coordinator.launcher import LocalShards, LocalTrainers
-from coordinator.moves import shard_assignment
 from coordinator.process import CoordinatorProcess, launch
 from embedding_service.client import ShardClient
 from protos import codec, common_pb2, coordinator_pb2
 from tests.test_trainer_equivalence import CONFIG, MODEL, SEED, reference
-from trainer.plan import dump_plan, simple_plan
+from trainer.plan import assignment, dump_plan, simple_plan
 
 pb = coordinator_pb2
 BATCH = 32
@@ -40,13 +39,7 @@ class Job:
             self.shards.start(i, PLAN1 if initial else None)
         for i in range(PLAN1.num_shards, PLAN1.num_shards + standby):
             self.shards.start(i, None)
-        self.wait_members(pb.SHARD, PLAN1.num_shards + standby)
-
-    def wait_members(self, kind: int, n: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while sum(1 for m in self.client.members() if m.kind == kind and m.state == pb.ALIVE) < n:
-            assert time.monotonic() < deadline, f"{n} members of kind {kind} did not register"
-            time.sleep(0.1)
+        self.client.wait_shards(list(range(PLAN1.num_shards + standby)), wait_s=60)
 
     def train(self, steps: int, *extra: str, start: bool = True) -> LocalTrainers:
         self.trainers = LocalTrainers(self.coordinator.address, CONFIG, 2,
@@ -91,7 +84,7 @@ def gather_tables(plan: common_pb2.ShardingPlan, addresses: list[str]) -> dict[s
         out[t.name] = (torch.full((t.num_rows, t.dim), float("nan")), [])
     for shard, address in enumerate(addresses):
         with ShardClient(address, plan_version=plan.version) as c:
-            for idx, sl in enumerate(shard_assignment(plan, shard).slices):
+            for idx, sl in enumerate(assignment(plan, shard).slices):
                 w, states = [], []
                 for chunk in c.export_rows(idx, 0, sl.num_rows):
                     w.append(codec.decode(chunk.weights).clone())
