@@ -1,6 +1,6 @@
 # Two entry points, each self-contained on a fresh machine with Python 3.11:
 #   make demo   - the local cluster demo (shards, a DLRM trained through them, a live re-shard, serving)
-#   make test   - ruff, then the test suite (real processes on loopback)
+#   make test   - ruff and lint-imports (the dependency rules), then the test suite (real processes on loopback)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +19,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

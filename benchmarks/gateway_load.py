@@ -29,7 +29,7 @@ from inference_gateway.loadgen import closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch
-from trainer.config import ModelConfig
+from protos.model_config import ModelConfig
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM
 
@@ -112,7 +112,7 @@ async def _echo_server() -> None:
 
 
 def echo_ceiling(pool: list[bytes], concurrency: int, seconds: float, workdir: Path) -> dict:
-    from embedding_service.process import start_announced
+    from protos.process import start_announced
 
     proc, msg = start_announced(["benchmarks.gateway_load", "--echo-server"], workdir, what="echo server",
                                 timeout=60)

@@ -73,9 +73,9 @@ def table(rows: int, dim: int) -> dict:
 
 def migration(args: argparse.Namespace) -> None:
     from embedding_service.client import ShardClient
-    from embedding_service.config import assignment_from_dict
     from embedding_service.process import launch
     from protos import embedding_shard_pb2
+    from protos.plan import assignment_from_dict
 
     work = Path(tempfile.mkdtemp(prefix="bench-migration-"))
     src = launch({"shard_id": 0, "plan_version": 1, "tables": [table(args.rows, args.dim)]}, workdir=work / "src")
@@ -122,8 +122,8 @@ def pause(args: argparse.Namespace) -> None:
     from coordinator.launcher import LocalShards, LocalTrainers
     from coordinator.process import launch
     from protos import common_pb2, coordinator_pb2
-    from trainer.config import ModelConfig
-    from trainer.plan import dump_plan, simple_plan
+    from protos.model_config import ModelConfig
+    from protos.plan import dump_plan, simple_plan
 
     work = Path(tempfile.mkdtemp(prefix="bench-pause-"))
     cfg = {"dense": {"dense_features": 13, "bottom_mlp": [64, args.dim], "top_mlp": [64, 1], "dense_lr": 0.01},

@@ -16,11 +16,11 @@ import json
 import time
 from collections import Counter
 
-from coordinator.cost import SHARDING_TYPE_NAMES, CostModel, ShardCapacity
+from coordinator.cost import CostModel, ShardCapacity
 from coordinator.planner import plan_cost, propose
 from coordinator.validation import plan_violations
-from trainer.config import ModelConfig
-from trainer.plan import validate_plan
+from protos.model_config import ModelConfig
+from protos.plan import sharding_type_name, validate_plan
 
 HOT = {"t2": 100.0, "t9": 100.0, "t14": 100.0, "t20": 100.0}
 # case -> (capacity as a multiple of each shard's share of the bytes, pooling factors, exact_rowwise_optimizers)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             violations = plan_violations(plan, model_tables=model.tables,
                                          alive_shards={c.shard: c.memory_bytes for c in caps}, cost=cost)
             pc = plan_cost(plan, cost)
-            kinds = Counter(SHARDING_TYPE_NAMES[ps.slice.sharding_type] for ps in plan.slices)
+            kinds = Counter(sharding_type_name(ps.slice.sharding_type) for ps in plan.slices)
             print(json.dumps({
                 "benchmark": "planner_balance", "config": args.config, "case": case, "shards": n,
                 "capacity_bytes": caps[0].memory_bytes, "capacity_x_share": headroom, "exact_rowwise_optimizers": exact,

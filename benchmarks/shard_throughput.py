@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks import criteo
+from trainer import criteo_kaggle as criteo
 
 WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

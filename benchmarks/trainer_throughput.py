@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from embedding_service.allocator import tune_allocator
     from embedding_service.process import launch
-    from trainer.config import ModelConfig
+    from protos.model_config import ModelConfig
+    from protos.plan import shard_config, simple_plan
     from trainer.data import SyntheticData
-    from trainer.plan import shard_config, simple_plan
     from trainer.train import ShardedTrainer, init_distributed
 
     tune_allocator()

@@ -146,12 +146,12 @@ def serve(args: argparse.Namespace) -> int:
 
 # -- plans ---------------------------------------------------------------------------------------
 def _load_plan(path: str):
-    from protos import common_pb2
+    from protos.plan import PlanError, load_plan
 
     try:
-        return json_format.Parse(Path(path).read_text(), common_pb2.ShardingPlan())
-    except (OSError, json_format.ParseError) as e:
-        raise SystemExit(f"{path}: not a readable plan: {e}") from None
+        return load_plan(path)
+    except PlanError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _dump(msg) -> dict:
@@ -175,7 +175,7 @@ def propose(args: argparse.Namespace) -> int:
     from coordinator.cost import CostModel, ShardCapacity
     from coordinator.planner import PlanningError
     from coordinator.planner import propose as plan_tables
-    from trainer.config import ModelConfig
+    from protos.model_config import ModelConfig
 
     model = ModelConfig.load(args.config)
     pooling = {}
@@ -337,51 +337,22 @@ def members(args: argparse.Namespace) -> int:
 
 
 def job(args: argparse.Namespace) -> int:
-    from coordinator.client import final
-    from coordinator.launcher import LocalShards, LocalTrainers
-    from coordinator.recovery import JobFailed, JobSupervisor
-    from protos import coordinator_pb2 as pb
+    from coordinator.recovery import JobFailed, LocalJob
 
     train_args = [a for a in args.train_args if a != "--"]
-    if args.checkpoint_dir:
-        train_args += ["--checkpoint-dir", args.checkpoint_dir]
-    workdir = Path(args.workdir)
+    local = LocalJob(coordinator=args.coordinator, config=args.config, trainers=args.trainers, train_args=train_args,
+                     workdir=Path(args.workdir), checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+                     max_restarts=args.max_restarts,
+                     initial_plan=_load_plan(args.plan) if args.plan else None)
     with _client(args, admin=True) as c:
-        shards = LocalShards(args.coordinator, workdir, num_trainers=args.trainers, seed=args.seed)
         try:
-            try:
-                plan = c.get_plan()[0].plan
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                if not args.plan:
-                    raise SystemExit("the coordinator holds no plan yet: give --plan") from None
-                plan = _load_plan(args.plan)
-                for i in range(plan.num_shards):
-                    shards.start(i, None)  # standby: the first rollout initialises them
-                c.wait_shards(list(range(plan.num_shards)), wait_s=120)
-                done = final(c.apply(plan, author="coordinator job", reason="initial plan"))
-                if done.phase != pb.DONE:
-                    raise SystemExit(f"initial plan: {done.message}") from None
-                plan = c.get_plan()[0].plan
-            else:
-                for i in range(plan.num_shards):
-                    shards.start(i, plan)
-            trainers = LocalTrainers(args.coordinator, args.config, args.trainers, train_args, workdir)
-            supervisor = JobSupervisor(c, shards, trainers, checkpoint_dir=args.checkpoint_dir,
-                                       max_restarts=args.max_restarts)
-            try:
-                result = supervisor.run()
-            except JobFailed as e:
-                print(f"coordinator job: {e}", file=sys.stderr)
-                return 1
-            finally:
-                trainers.stop()
-            summary = {"event": "done", "restarts": result.restarts, "recovered_shards": result.recovered_shards}
-            print(json.dumps(summary) if args.json else f"job done: {result.restarts} restarts")
-            return 0
-        finally:
-            shards.stop_all()
+            result = local.run(c)
+        except JobFailed as e:
+            print(f"coordinator job: {e}", file=sys.stderr)
+            return 1
+    summary = {"event": "done", "restarts": result.restarts, "recovered_shards": result.recovered_shards}
+    print(json.dumps(summary) if args.json else f"job done: {result.restarts} restarts")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import grpc
 
 from protos import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from protos.security import bearer_metadata, open_channel
+from protos.channels import open_channel
+from protos.security import bearer_metadata
 
 pb = coordinator_pb2
 

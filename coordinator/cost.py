@@ -19,17 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from coordinator.moves import row_bytes
 from protos import common_pb2
-
-SHARDING_TYPE_NAMES = {
-    common_pb2.DATA_PARALLEL: "data_parallel",
-    common_pb2.TABLE_WISE: "table_wise",
-    common_pb2.ROW_WISE: "row_wise",
-    common_pb2.COLUMN_WISE: "column_wise",
-    common_pb2.TABLE_ROW_WISE: "table_row_wise",
-    common_pb2.SHARDING_TYPE_UNSPECIFIED: "unspecified",
-}
+from protos.plan import row_bytes
 
 
 def format_bytes(n: float) -> str:

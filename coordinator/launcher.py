@@ -5,50 +5,33 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from embedding_service.process import ShardProcess, launch
 from protos import common_pb2
-from trainer.plan import shard_config as plan_shard_config
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def shard_config(plan: common_pb2.ShardingPlan | None, shard: int, *, coordinator: str, num_trainers: int,
-                 seed: int = 0, **extra) -> dict:
-    """The serve config of one shard registered with `coordinator`: its slices of `plan` (None: standby,
-    holding nothing until a rollout gives it slices)."""
-    if plan is None:
-        return {"shard_id": shard, "plan_version": 0, "num_trainers": num_trainers, "seed": seed,
-                "coordinator": coordinator, "tables": [], "slices": [], **extra}
-    return plan_shard_config(plan, shard, num_trainers=num_trainers, seed=seed, coordinator=coordinator, **extra)
+from protos.plan import shard_config
+from protos.process import ServerProcess, child_env, free_port, launch_with_config
 
 
 class LocalShards:
     def __init__(self, coordinator: str, workdir: Path, *, num_trainers: int, seed: int = 0, **extra) -> None:
         self.coordinator, self.workdir = coordinator, Path(workdir)
         self.num_trainers, self.seed, self.extra = num_trainers, seed, extra
-        self.procs: dict[int, ShardProcess] = {}
+        self.procs: dict[int, ServerProcess] = {}
         self._starts = 0
 
-    def start(self, shard: int, plan: common_pb2.ShardingPlan | None) -> ShardProcess:
-        """(Re)starts shard `shard` holding its slices of `plan` (seeded rows; a restore fills them)."""
+    def start(self, shard: int, plan: common_pb2.ShardingPlan | None) -> ServerProcess:
+        """(Re)starts shard `shard` holding its slices of `plan` (seeded rows; a restore fills them), or on
+        standby holding nothing when `plan` is None, registered with the coordinator."""
         old = self.procs.pop(shard, None)
         if old is not None:
             old.kill()
         self._starts += 1
         cfg = shard_config(plan, shard, coordinator=self.coordinator, num_trainers=self.num_trainers, seed=self.seed,
                            **self.extra)
-        proc = launch(cfg, workdir=self.workdir / f"shard-{shard}-{self._starts}")
+        proc = launch_with_config("embedding_service.cli", cfg, what="shard",
+                                  workdir=self.workdir / f"shard-{shard}-{self._starts}")
         self.procs[shard] = proc
         return proc
 
@@ -75,9 +58,8 @@ class LocalTrainers:
         run_dir = self.workdir / f"trainers-{self._runs}"
         run_dir.mkdir(parents=True, exist_ok=True)
         for rank in range(self.num_trainers):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.num_trainers), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+            env = child_env(dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.num_trainers), LOCAL_RANK=str(rank),
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
             cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", self.config, "--coordinator",
                    self.coordinator, *self.train_args, *(["--resume"] if resume else [])]
             with open(run_dir / f"rank{rank}.out", "wb") as out, open(run_dir / f"rank{rank}.err", "wb") as err:

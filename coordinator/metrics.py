@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from embedding_service.metrics import LATENCY_BUCKETS
+from protos.metrics import LATENCY_BUCKETS, serve_metrics
 
 
 @dataclass
@@ -29,5 +29,5 @@ class CoordinatorMetrics:
                                       registry=r)
 
     def serve(self, host: str, port: int) -> int:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_address[1])
+        """Starts the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
+        return serve_metrics(self.registry, host, port)

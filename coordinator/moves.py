@@ -10,24 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from protos import common_pb2
-
-# Optimizer state bytes per row: a [rows] tensor (row-wise), a [rows, cols] one, or none.
-_ROWWISE_STATE = {common_pb2.EXACT_ROWWISE_ADAGRAD}
-_ELEMENTWISE_STATE = {common_pb2.EXACT_ADAGRAD: 1, common_pb2.ADAM: 2, common_pb2.LAMB: 2,
-                      common_pb2.PARTIAL_ROWWISE_ADAM: 1}
+from protos.plan import row_bytes, shard_slices
 
 
 class MoveError(ValueError):
     """Two plans no row migration can connect; the message names the table."""
-
-
-def row_bytes(table: common_pb2.TableConfig, num_cols: int) -> int:
-    """Bytes of one row of a slice: float32 weights plus its optimizer state."""
-    opt = table.optimizer.type or common_pb2.EXACT_SGD
-    state = 4 if opt in _ROWWISE_STATE else 4 * num_cols * _ELEMENTWISE_STATE.get(opt, 0)
-    if opt == common_pb2.PARTIAL_ROWWISE_ADAM:
-        state += 4
-    return 4 * num_cols + state
 
 
 @dataclass(frozen=True)
@@ -55,14 +42,6 @@ class Move:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rows": self.rows, "local": self.local}
-
-
-def shard_slices(plan: common_pb2.ShardingPlan) -> dict[int, list[common_pb2.TableSlice]]:
-    """Each shard's slices in plan order: a slice's position is its index in the shard's assignment."""
-    out: dict[int, list[common_pb2.TableSlice]] = {s: [] for s in range(plan.num_shards)}
-    for ps in plan.slices:
-        out.setdefault(ps.shard, []).append(ps.slice)
-    return out
 
 
 def compute_moves(old: common_pb2.ShardingPlan, new: common_pb2.ShardingPlan) -> list[Move]:

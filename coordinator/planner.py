@@ -20,8 +20,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.cost import CostModel, ShardCapacity, format_bytes
-from coordinator.moves import row_bytes
 from protos import common_pb2
+from protos.plan import row_bytes, split_range
 
 _EPS = 1e-9
 # Optimizers whose state or update couples a row's columns: a column slice of them is not the same math.
@@ -63,20 +63,6 @@ def plan_cost(plan: common_pb2.ShardingPlan, cost: CostModel) -> PlanCost:
         c = cost.slice_cost(t, ps.slice)
         out.shard_bytes[ps.shard] += c.storage_bytes
         out.shard_cost[ps.shard] += c.cost
-    return out
-
-
-def split_range(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
-    """`parts` contiguous (offset, size) ranges tiling [0, total); sizes are multiples of `align` where
-    `total` is (TBE rows of 4-aligned widths stay vectorizable) and differ by at most one step."""
-    if align > 1 and (total % align or total // align < parts):
-        align = 1
-    base, extra = divmod(total // align, parts)
-    out, at = [], 0
-    for i in range(parts):
-        n = (base + (1 if i < extra else 0)) * align
-        out.append((at, n))
-        at += n
     return out
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedding_service.process import ServerProcess, start_announced
+from protos.process import ServerProcess, start_announced, workdir_for
 
 
 @dataclass
@@ -17,8 +16,7 @@ class CoordinatorProcess(ServerProcess):
 
 def launch(args: list[str] | None = None, *, workdir: str | Path | None = None, token: str = "test-admin-token",
            timeout: float = 60.0) -> CoordinatorProcess:
-    wd = Path(workdir or tempfile.mkdtemp(prefix="coordinator-"))
-    wd.mkdir(parents=True, exist_ok=True)
+    wd = workdir_for(workdir, "coordinator-")
     env = dict(os.environ, RECSYS_ADMIN_TOKEN=token)
     proc, msg = start_announced(["coordinator.cli", "serve", "--data-dir", str(wd / "redis"), *(args or [])], wd,
                                 what="coordinator", timeout=timeout, env=env)

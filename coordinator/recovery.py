@@ -1,8 +1,13 @@
-"""Recovery: when a shard of the current plan dies during training, restart the job from the last
-consistent checkpoint. The trainers stop, a replacement shard starts with the plan's slices, and the
-trainers start again with --resume: rank 0 restores every shard (the survivors rewind too) and the
-dense state, and the data stream continues where the checkpoint left it, so the run ends with the
-model an uninterrupted run would have.
+"""A job run as local processes, and its recovery.
+
+When a shard of the current plan dies during training, the job restarts from the last consistent
+checkpoint: the trainers stop, a replacement shard starts with the plan's slices, and the trainers
+start again with --resume. Rank 0 restores every shard (the survivors rewind too) and the dense state,
+and the data stream continues where the checkpoint left it, so the run ends with the model an
+uninterrupted run would have.
+
+`LocalJob` is what `coordinator job` runs: it brings the shards up (with the live plan's slices, or on
+standby with an initial plan rolled out to them), then supervises the trainers until they finish.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.client import CoordinatorClient
+import grpc
+
+from coordinator.client import CoordinatorClient, final
 from coordinator.launcher import LocalShards, LocalTrainers
-from protos import coordinator_pb2
+from protos import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2
@@ -90,3 +97,55 @@ class JobSupervisor:
         log.info("replacement shards registered; trainers resume from %s",
                  "the last checkpoint" if has_checkpoint else "step 0")
         self.trainers.start(resume=has_checkpoint)
+
+
+@dataclass
+class LocalJob:
+    """A training job of local shard and trainer processes under one coordinator (the embedded default)."""
+
+    coordinator: str
+    config: str
+    trainers: int
+    train_args: list[str] = field(default_factory=list)
+    workdir: Path = Path("runs/job")
+    checkpoint_dir: str | None = None
+    seed: int = 0
+    max_restarts: int = 3
+    initial_plan: common_pb2.ShardingPlan | None = None  # for a coordinator that holds no plan yet
+    wait_s: float = 120.0
+
+    def run(self, client: CoordinatorClient) -> JobResult:
+        """Runs the job to its end (JobFailed when it cannot finish); every process stops before return."""
+        shards = LocalShards(self.coordinator, self.workdir, num_trainers=self.trainers, seed=self.seed)
+        train_args = [*self.train_args, *(["--checkpoint-dir", self.checkpoint_dir] if self.checkpoint_dir else [])]
+        trainers = LocalTrainers(self.coordinator, self.config, self.trainers, train_args, self.workdir)
+        try:
+            self.start_shards(client, shards)
+            supervisor = JobSupervisor(client, shards, trainers, checkpoint_dir=self.checkpoint_dir,
+                                       max_restarts=self.max_restarts, wait_s=self.wait_s)
+            return supervisor.run()
+        finally:
+            trainers.stop()
+            shards.stop_all()
+
+    def start_shards(self, client: CoordinatorClient, shards: LocalShards) -> common_pb2.ShardingPlan:
+        """The live plan's shards with their slices; with no live plan, standby shards that the initial
+        plan is then rolled out to (so its first version is applied like any other)."""
+        try:
+            plan = client.get_plan()[0].plan
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            if self.initial_plan is None:
+                raise JobFailed("the coordinator holds no plan yet: give --plan") from None
+            plan = self.initial_plan
+            for i in range(plan.num_shards):
+                shards.start(i, None)  # standby: the first rollout initialises them
+            client.wait_shards(list(range(plan.num_shards)), wait_s=self.wait_s)
+            done = final(client.apply(plan, author="coordinator job", reason="initial plan"))
+            if done.phase != pb.DONE:
+                raise JobFailed(f"initial plan: {done.message}") from None
+            return client.get_plan()[0].plan
+        for i in range(plan.num_shards):
+            shards.start(i, plan)
+        return plan

@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from protos.process import free_port
 
 ENV_URL = "RECSYS_REDIS_URL"
 ENV_PASSWORD = "RECSYS_REDIS_PASSWORD"
@@ -81,12 +82,6 @@ def connect_from_env(environ: Mapping[str, str] | None = None) -> redis.Redis:
     if not url:
         raise ValueError(f"{ENV_URL}: not set")
     return connect(url, env.get(ENV_PASSWORD) or None)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # Runs in its own small process: waits for the creator to die (it is then re-parented), then stops

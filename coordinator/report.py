@@ -12,16 +12,17 @@ from collections.abc import Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.cost import SHARDING_TYPE_NAMES, CostModel, ShardCapacity, format_bytes
-from coordinator.moves import compute_moves, row_bytes
+from coordinator.cost import CostModel, ShardCapacity, format_bytes
+from coordinator.moves import compute_moves
 from coordinator.planner import plan_cost
 from protos import common_pb2
+from protos.plan import row_bytes, sharding_type_name
 
 
 def _kind(plan: common_pb2.ShardingPlan, name: str, slices: list[common_pb2.PlacedSlice]) -> str:
     if name in plan.data_parallel:
         return "data_parallel"
-    kinds = sorted({SHARDING_TYPE_NAMES.get(ps.slice.sharding_type, "unspecified") for ps in slices})
+    kinds = sorted({sharding_type_name(ps.slice.sharding_type) for ps in slices})
     return "+".join(kinds) if kinds else "none"
 
 

@@ -20,7 +20,7 @@ from coordinator.plan_store import PlanConflict, PlanStore, RolloutClaim
 from coordinator.validation import plan_violations
 from embedding_service.client import ShardClient
 from protos import common_pb2, coordinator_pb2, embedding_shard_pb2
-from trainer.plan import assignment
+from protos.plan import assignment
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2

@@ -9,38 +9,24 @@ removed afterwards.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from embedding_service.errors import data_loss, precondition
+from embedding_service.errors import ShardError, data_loss, precondition
 from embedding_service.tables import ShardTables, SliceState
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from protos.shard_checkpoint import (
+    MANIFEST,
+    CheckpointFormatError,
+    Problem,
+    file_entry,
+    read_array,
+    read_manifest,
+    write_manifest,
+)
 
 
 def _slice_entry(sl: SliceState) -> dict:
@@ -75,21 +61,15 @@ def save(tables: ShardTables, directory: str | Path, *, shard_id: int, plan_vers
                 f.write(memoryview(arr).cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
-            digest = hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
-            entry["files"].append({"name": name, "kind": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                                   "bytes": arr.nbytes, "sha256": digest})
+            entry["files"].append(file_entry(name, kind, arr))
             written += arr.nbytes
         entries.append(entry)
-    manifest = {"format_version": FORMAT_VERSION, "shard_id": shard_id, "plan_version": plan_version,
-                "step": step, "slices": entries}
-    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    write_file_atomic(root / MANIFEST, body)
-    _fsync_dir(root)
+    written += write_manifest(root, shard_id=shard_id, plan_version=plan_version, step=step, slices=entries)
     keep = {f["name"] for e in entries for f in e["files"]} | {MANIFEST}
     for p in root.iterdir():
         if p.name not in keep and p.name.endswith(".bin"):
             p.unlink(missing_ok=True)
-    return CheckpointResult(root / MANIFEST, written + len(body))
+    return CheckpointResult(root / MANIFEST, written)
 
 
 @dataclass
@@ -99,20 +79,21 @@ class LoadedCheckpoint:
     tensors: dict[int, list[torch.Tensor]]  # slice index -> [weights, state0, ...]
 
 
+def _status(e: CheckpointFormatError) -> ShardError:
+    """A directory without a checkpoint is the caller's mistake; a damaged one is lost data."""
+    if e.problem == Problem.NO_MANIFEST:
+        return precondition(f"directory: {e}")
+    return data_loss(str(e))
+
+
 def load_verified(tables: ShardTables, directory: str | Path) -> LoadedCheckpoint:
     """Reads and verifies everything before any live tensor is touched."""
     root = Path(directory)
-    path = root / MANIFEST
-    if not path.exists():
-        raise precondition(f"directory: no {MANIFEST} in {root}")
     try:
-        manifest = json.loads(path.read_bytes())
-        entries = manifest["slices"]
-        step = int(manifest["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise data_loss(f"{path}: corrupt manifest ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise data_loss(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+        manifest = read_manifest(root)
+    except CheckpointFormatError as e:
+        raise _status(e) from None
+    entries = manifest["slices"]
     if len(entries) != len(tables.slices):
         raise precondition(f"checkpoint holds {len(entries)} slices, this shard {len(tables.slices)}")
     loaded: dict[int, list[torch.Tensor]] = {}
@@ -129,23 +110,17 @@ def load_verified(tables: ShardTables, directory: str | Path) -> LoadedCheckpoin
                             f"do not match {[k for k, _ in live]}")
         out = []
         for f, (kind, t) in zip(files, live, strict=True):
-            fpath = root / f["name"]
             if list(f["shape"]) != list(t.shape) or f["dtype"] != str(t.detach().cpu().numpy().dtype):
-                raise precondition(f"{fpath.name}: {f['dtype']} {f['shape']} does not fit {kind} of table "
+                raise precondition(f"{f['name']}: {f['dtype']} {f['shape']} does not fit {kind} of table "
                                    f"{sl.slice.table!r} {list(t.shape)}")
             try:
-                raw = np.fromfile(fpath, dtype=np.uint8)
-            except FileNotFoundError:
-                raise data_loss(f"{fpath.name}: missing (table {sl.slice.table!r} {kind})") from None
-            if raw.nbytes != f["bytes"]:
-                raise data_loss(f"{fpath.name}: {raw.nbytes} bytes, manifest says {f['bytes']} "
-                                f"(table {sl.slice.table!r} {kind}; truncated?)")
-            if hashlib.sha256(raw).hexdigest() != f["sha256"]:
-                raise data_loss(f"{fpath.name}: sha256 mismatch (table {sl.slice.table!r} {kind}; corrupt)")
-            out.append(torch.from_numpy(raw.view(np.dtype(f["dtype"])).reshape(f["shape"])))
-            read += raw.nbytes
+                arr = read_array(root, f, f"table {sl.slice.table!r} {kind}")
+            except CheckpointFormatError as e:
+                raise _status(e) from None
+            out.append(torch.from_numpy(arr))
+            read += arr.nbytes
         loaded[sl.index] = out
-    return LoadedCheckpoint(step, read, loaded)
+    return LoadedCheckpoint(step=int(manifest["step"]), bytes_read=read, tensors=loaded)
 
 
 def apply(tables: ShardTables, ckpt: LoadedCheckpoint) -> None:

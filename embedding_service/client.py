@@ -9,9 +9,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_service.server import channel_options
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
-from protos.security import open_channel
+from protos.channels import open_channel
 
 FeatureSpec = str | tuple[str, int]
 
@@ -55,7 +54,7 @@ class ShardClient:
         self.address = address
         self.plan_version = plan_version
         self.timeout = timeout
-        self.channel = open_channel(address, tls_ca=tls_ca, options=channel_options(max_message_bytes))
+        self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes)
         self.stub = embedding_shard_pb2_grpc.EmbeddingShardStub(self.channel)
         # the hot RPCs send pre-framed bytes and parse responses without copying tensors (protos.wire)
         self._lookup = self.channel.unary_unary(f"{_SERVICE}/Lookup", response_deserializer=_lookup_result)

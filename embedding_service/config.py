@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from google.protobuf import json_format
 
 from protos import common_pb2
+from protos.plan import assignment_from_dict, validate_assignment
 from protos.security import TlsConfig
 
 # fbgemm-gpu's CPU build implements only these fused optimizers; the rest exist on CUDA alone.
@@ -114,74 +114,3 @@ class ShardConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         return cls.from_dict(raw)
-
-
-def _enum_value(enum_type, value: Any, what: str) -> int:
-    if isinstance(value, int):
-        return value
-    try:
-        return enum_type.Value(str(value).upper())
-    except ValueError:
-        raise ValueError(f"{what}: unknown value {value!r}; expected one of {list(enum_type.keys())}") from None
-
-
-def assignment_from_dict(raw: dict[str, Any]) -> common_pb2.ShardAssignment:
-    """YAML-friendly form: lower-case enum names; `slices` omitted means every table whole."""
-    a = common_pb2.ShardAssignment(shard_id=int(raw.get("shard_id", 0)),
-                                   plan_version=int(raw.get("plan_version", 0)))
-    for t in raw.get("tables", []):
-        t = dict(t)
-        opt = dict(t.pop("optimizer", {}) or {})
-        if "type" in opt:
-            opt["type"] = _enum_value(common_pb2.OptimizerType, opt["type"], f"table {t.get('name')}.optimizer.type")
-        if "pooling" in t:
-            t["pooling"] = _enum_value(common_pb2.PoolingMode, t["pooling"], f"table {t.get('name')}.pooling")
-        table = a.tables.add()
-        json_format.ParseDict(t, table)
-        json_format.ParseDict(opt, table.optimizer)
-    slices = raw.get("slices")
-    if slices is None:
-        for t in a.tables:
-            a.slices.add(table=t.name, row_offset=0, num_rows=t.num_rows, col_offset=0, num_cols=t.dim,
-                         sharding_type=common_pb2.TABLE_WISE)
-    else:
-        for s in slices:
-            s = dict(s)
-            if "sharding_type" in s:
-                s["sharding_type"] = _enum_value(common_pb2.ShardingType, s["sharding_type"], "slice.sharding_type")
-            json_format.ParseDict(s, a.slices.add())
-    return a
-
-
-def validate_assignment(a: common_pb2.ShardAssignment) -> None:
-    """Refuses an assignment whose slices do not fit their tables, naming the table."""
-    tables = {}
-    features: dict[str, str] = {}
-    for t in a.tables:
-        if not t.name:
-            raise ValueError("table without a name")
-        if t.name in tables:
-            raise ValueError(f"table {t.name!r} configured twice")
-        if t.num_rows <= 0 or t.dim <= 0:
-            raise ValueError(f"table {t.name!r}: num_rows and dim must be positive")
-        if not t.features:
-            raise ValueError(f"table {t.name!r}: no features look it up")
-        for f in t.features:
-            if f in features:
-                raise ValueError(f"feature {f!r} maps to both {features[f]!r} and {t.name!r}")
-            features[f] = t.name
-        tables[t.name] = t
-    for i, s in enumerate(a.slices):
-        t = tables.get(s.table)
-        if t is None:
-            raise ValueError(f"slice {i}: unknown table {s.table!r}")
-        if s.num_rows <= 0 or s.row_offset < 0 or s.row_offset + s.num_rows > t.num_rows:
-            raise ValueError(
-                f"slice {i} of table {s.table!r}: rows [{s.row_offset}, {s.row_offset + s.num_rows}) "
-                f"outside [0, {t.num_rows})"
-            )
-        if s.num_cols <= 0 or s.col_offset < 0 or s.col_offset + s.num_cols > t.dim:
-            raise ValueError(
-                f"slice {i} of table {s.table!r}: columns [{s.col_offset}, {s.col_offset + s.num_cols}) "
-                f"outside [0, {t.dim})"
-            )

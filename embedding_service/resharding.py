@@ -16,9 +16,11 @@ import crc32c
 import grpc
 import torch
 
+from embedding_service.client import ShardClient
 from embedding_service.errors import ShardError, data_loss, invalid, precondition
 from embedding_service.tables import ShardTables, SliceState
 from protos import codec, common_pb2, embedding_shard_pb2
+from protos.plan import validate_assignment
 
 log = logging.getLogger(__name__)
 _WEIGHTS = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["weights"].number
@@ -101,8 +103,6 @@ def _cut(req: embedding_shard_pb2.PullRowsRequest, cols: int, weights: torch.Ten
 def pull_remote(req: embedding_shard_pb2.PullRowsRequest, dest_tables: ShardTables, dest: SliceState,
                 max_message_bytes: int, tls_ca: str | None = None) -> PullResult:
     """Streams the rows from the source shard's ExportRows into the staged slice, chunk by chunk."""
-    from embedding_service.client import ShardClient  # the client imports the server module
-
     check_pull(req, dest, None)
     h, result = hashlib.sha256(), PullResult()
     client = ShardClient(req.source, plan_version=req.source_plan_version, max_message_bytes=max_message_bytes,
@@ -162,8 +162,6 @@ def pull_local(req: embedding_shard_pb2.PullRowsRequest, live: ShardTables, dest
 
 def stage(assignment: common_pb2.ShardAssignment, live_version: int, shard_id: int, *, device: str, seed: int,
           clamp_ids: bool) -> Staged:
-    from embedding_service.config import validate_assignment
-
     if assignment.plan_version <= live_version:
         raise precondition(f"assignment.plan_version {assignment.plan_version}: must be newer than the live "
                            f"version {live_version}")

@@ -22,15 +22,11 @@ from embedding_service.config import ShardConfig
 from embedding_service.metrics import ShardMetrics
 from embedding_service.servicer import ShardServicer, add_to_server
 from protos import embedding_shard_pb2
+from protos.channels import channel_options, open_channel
 from protos.security import TlsConfig, bind
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 @dataclass
@@ -95,8 +91,6 @@ def serve_forever(config: ShardConfig) -> NoReturn:
         member = coordinator_pb2.Member(
             kind=coordinator_pb2.SHARD, id=config.assignment.shard_id, device=config.device,
             address=config.advertise or f"{config.server.host}:{shard.port}", capacity_bytes=config.capacity_bytes)
-        from protos.security import open_channel
-
         agent = MemberAgent(config.coordinator, member, lambda: (servicer.plan_version, servicer.steps.applied_step),
                             channel=open_channel(config.coordinator, tls_ca=config.tls_ca)).start()
         info["coordinator"] = config.coordinator

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
-from protos.security import open_channel
+from protos.channels import open_channel
 
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -61,9 +61,7 @@ def scores_of(resp: inference_pb2.PredictResponse) -> np.ndarray:
 class GatewayClient:
     def __init__(self, address: str, max_message_bytes: int = MAX_MESSAGE_BYTES, tls_ca: str | None = None) -> None:
         self.address = address
-        self.channel = open_channel(address, tls_ca=tls_ca, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes)
         self.stub = inference_pb2_grpc.InferenceGatewayStub(self.channel)
 
     def __enter__(self) -> GatewayClient:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from inference_gateway.quantize import DenseQuantization, TableDType, quantize_table, row_bytes
+from protos.durable import fsync_dir
 
 FORMAT = "recsys-ps-model"
 FORMAT_VERSION = 1
@@ -103,14 +104,6 @@ def _write(path: Path, data: bytes | memoryview) -> dict[str, Any]:
     return {"sha256": _sha256(data), "bytes": len(memoryview(data).cast("B"))}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def script_dense(dense: torch.nn.Module, quantization: DenseQuantization) -> torch.jit.ScriptModule:
     """TorchScript of the dense arch (after dynamic int8 quantization of its Linear layers if asked)."""
     import copy
@@ -159,7 +152,7 @@ def write_package(out: str | Path, *, name: str, version: int, dense: torch.nn.M
             specs.append({"name": tname, "num_rows": int(weights.shape[0]), "dim": table_dims[tname],
                           "dtype": dtype.value, "pooling": pooling[tname], "file": rel, "row_bytes": int(rows.shape[1]),
                           "float32_bytes": int(weights.shape[0]) * table_dims[tname] * 4})
-        _fsync_dir(tmp / "tables")
+        fsync_dir(tmp / "tables")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
             "torch": torch.__version__.split("+")[0],
@@ -175,7 +168,7 @@ def write_package(out: str | Path, *, name: str, version: int, dense: torch.nn.M
             "files": files,
         }
         _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
             out.rename(old)
@@ -183,7 +176,7 @@ def write_package(out: str | Path, *, name: str, version: int, dense: torch.nn.M
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-        _fsync_dir(out.parent.resolve())
+        fsync_dir(out.parent.resolve())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedding_service.process import ServerProcess, start_announced
+from protos.process import ServerProcess, start_announced, workdir_for
 
 
 @dataclass
@@ -18,8 +17,7 @@ class GatewayProcess(ServerProcess):
 def launch(args: list[str], *, workdir: str | Path | None = None, timeout: float = 120.0,
            env: dict[str, str] | None = None) -> GatewayProcess:
     """`inference-gateway serve ARGS` (port 0 unless given) as a child; returns once it announced."""
-    wd = Path(workdir or tempfile.mkdtemp(prefix="gateway-"))
-    wd.mkdir(parents=True, exist_ok=True)
+    wd = workdir_for(workdir, "gateway-")
     proc, msg = start_announced(["inference_gateway.cli", "serve", *args], wd, what="gateway", timeout=timeout,
                                 env=env)
     return GatewayProcess(proc, msg, wd)

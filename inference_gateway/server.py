@@ -21,6 +21,7 @@ from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.requests import Limits
 from inference_gateway.servicer import SERVICE_NAME, GatewayServicer
 from protos import inference_pb2_grpc
+from protos.channels import channel_options
 from protos.security import TlsConfig, bind
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,6 @@ class GatewayConfig:
     max_concurrent_rpcs: int = 0  # 0: unbounded
     max_pending_rpcs: int = 0  # 0: gRPC's default
     tls: TlsConfig | None = None
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:

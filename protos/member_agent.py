@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 
 from protos import coordinator_pb2, coordinator_pb2_grpc
-from protos.security import open_channel
+from protos.channels import open_channel
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """TLS and bearer tokens, the same way for every server and client of the project.
 
 Servers bind through `bind` (TLS when a certificate is configured, plaintext otherwise, as on
-loopback); clients open channels through `open_channel` (TLS when given the CA that signed the
-server's certificate). Admin RPCs (ApplyPlan, Rollback, ...) additionally require a bearer token,
+loopback); clients open channels through `protos.channels.open_channel` (TLS when given the CA that
+signed the server's certificate). Admin RPCs (ApplyPlan, Rollback, ...) additionally require a bearer token,
 checked by `BearerTokenInterceptor` in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ import grpc
 AUTHORIZATION = "authorization"
 
 
-def _read(path: str, what: str) -> bytes:
+def read_pem(path: str, what: str) -> bytes:
+    """The bytes of a PEM file; an unreadable one is an OSError naming `what` and the path."""
     try:
         return Path(path).read_bytes()
     except OSError as e:
@@ -34,7 +35,7 @@ class TlsConfig:
     key: str
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(_read(self.key, "tls key"), _read(self.cert, "tls cert"))])
+        return grpc.ssl_server_credentials([(read_pem(self.key, "tls key"), read_pem(self.cert, "tls cert"))])
 
     @classmethod
     def from_paths(cls, cert: str | None, key: str | None) -> TlsConfig | None:
@@ -57,15 +58,6 @@ def bind(server: grpc.Server, address: str, tls: TlsConfig | None) -> int:
     if port == 0:
         raise OSError(f"could not bind {address}")
     return port
-
-
-def open_channel(address: str, *, tls_ca: str | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
-    """A TLS channel verified against the CA in `tls_ca` (PEM path), or a plaintext one without it."""
-    if tls_ca is None:
-        return grpc.insecure_channel(address, options=options)
-    creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "tls ca"))
-    return grpc.secure_channel(address, creds, options=options)
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -14,14 +14,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from embedding_service.client import ShardClient
-from embedding_service.process import ShardProcess, launch
+from embedding_service.process import launch
+from protos.process import ServerProcess
 
 
 @pytest.fixture
 def shard_factory(tmp_path):
-    started: list[tuple[ShardProcess, ShardClient]] = []
+    started: list[tuple[ServerProcess, ShardClient]] = []
 
-    def start(config: dict, name: str = "shard", **kwargs) -> tuple[ShardProcess, ShardClient]:
+    def start(config: dict, name: str = "shard", **kwargs) -> tuple[ServerProcess, ShardClient]:
         proc = launch(config, workdir=tmp_path / f"{name}-{len(started)}", **kwargs)
         client = ShardClient(proc.address, plan_version=config.get("plan_version", 0))
         started.append((proc, client))

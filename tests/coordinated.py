@@ -13,8 +13,8 @@ from coordinator.launcher import LocalShards, LocalTrainers
 from coordinator.process import CoordinatorProcess, launch
 from embedding_service.client import ShardClient
 from protos import codec, common_pb2, coordinator_pb2
+from protos.plan import assignment, dump_plan, simple_plan
 from tests.test_trainer_equivalence import CONFIG, MODEL, SEED, reference
-from trainer.plan import assignment, dump_plan, simple_plan
 
 pb = coordinator_pb2
 BATCH = 32

@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from protos import coordinator_pb2
+from protos.plan import dump_plan
 from tests.coordinated import PLAN1, PLAN2, Job
 from tests.test_trainer_equivalence import CONFIG, ROOT
-from trainer.plan import dump_plan
 
 pb = coordinator_pb2
 
@@ -118,8 +118,8 @@ def test_invalid_plans_are_refused_with_the_reason(job, tmp_path):
              "dead": (dead_owner, "shard 3"), "capacity": (over_capacity, "capacity")}
     job.shards.start(2, None)  # replace the standby shard by one that offers 1 kB
     job.shards.procs[2].kill()
-    from coordinator.launcher import shard_config
     from embedding_service.process import launch
+    from protos.plan import shard_config
 
     small = launch(shard_config(None, 2, coordinator=job.coordinator.address, num_trainers=2, capacity_bytes=1024),
                    workdir=tmp_path / "small")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from trainer.config import ModelConfig
+from protos.model_config import ModelConfig
 from trainer.criteo import CriteoReader
 
 CONFIG = ModelConfig.from_dict({

@@ -17,11 +17,11 @@ from embedding_service.process import launch
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from protos import common_pb2
+from protos.model_config import ModelConfig
+from protos.plan import shard_config, simple_plan
 from trainer import checkpoint
 from trainer.cli import main as trainer_main
-from trainer.config import ModelConfig
 from trainer.data import HELDOUT, SyntheticData, auc
-from trainer.plan import shard_config, simple_plan
 from trainer.train import ShardedTrainer
 
 CONFIG = {

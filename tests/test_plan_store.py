@@ -202,7 +202,7 @@ def test_bad_requests_name_the_field(store):
 
 
 def test_connect_names_the_url_when_unreachable():
-    from coordinator.redis_backend import free_port
+    from protos.process import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(RedisUnavailable, match=f"Redis at {url} is unreachable"):

@@ -10,12 +10,12 @@ import pytest
 
 from coordinator.cost import CostModel, ShardCapacity
 from coordinator.moves import MoveError, row_bytes
-from coordinator.planner import PlanningError, plan_cost, propose, split_range
+from coordinator.planner import PlanningError, plan_cost, propose
 from coordinator.report import plan_diff, plan_summary, render_diff, render_summary
 from coordinator.validation import plan_violations
 from protos import common_pb2
-from trainer.config import ModelConfig
-from trainer.plan import simple_plan, validate_plan
+from protos.model_config import ModelConfig
+from protos.plan import simple_plan, split_range, validate_plan
 
 CRITEO = ModelConfig.load("configs/criteo_kaggle.yaml")
 ADAGRAD = common_pb2.OptimizerConfig(type=common_pb2.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)

@@ -15,7 +15,7 @@ pb = embedding_shard_pb2
 
 def assignment(version: int, shard: int, slices: list[tuple[str, int, int, int, int]]) -> common_pb2.ShardAssignment:
     """slices: (table, row_offset, num_rows, col_offset, num_cols)."""
-    from embedding_service.config import assignment_from_dict
+    from protos.plan import assignment_from_dict
 
     names = {s[0] for s in slices}
     a = assignment_from_dict({"shard_id": shard, "plan_version": version,

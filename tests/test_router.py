@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from protos import common_pb2
-from trainer.config import ModelConfig
-from trainer.plan import PlanError, assignment, dump_plan, load_plan, simple_plan, validate_plan
+from protos.model_config import ModelConfig
+from protos.plan import PlanError, assignment, dump_plan, load_plan, simple_plan, validate_plan
 from trainer.router import Router
 
 ROOT = Path(__file__).resolve().parent.parent

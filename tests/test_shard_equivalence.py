@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedding_service.config import assignment_from_dict
-from embedding_service.tables import initial_rows
+from protos.plan import assignment_from_dict
+from protos.table_init import initial_rows
 from tests import reference
 
 LR = 0.05

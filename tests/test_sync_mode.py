@@ -14,8 +14,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 
-from embedding_service.config import assignment_from_dict
-from embedding_service.tables import initial_rows
+from protos.plan import assignment_from_dict
+from protos.table_init import initial_rows
 from tests import reference
 
 TABLES = [{"name": f"t{i}", "num_rows": rows, "dim": 8, "features": [f"f{i}"],

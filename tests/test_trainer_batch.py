@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from protos.model_config import ModelConfig
 from trainer.batch import SparseBatch
-from trainer.config import ModelConfig
 from trainer.data import SyntheticData, auc, normalized_entropy
 
 MODEL = ModelConfig.load(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")

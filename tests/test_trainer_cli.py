@@ -11,9 +11,9 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from embedding_service.process import launch
+from protos.plan import dump_plan, load_plan
+from protos.plan import shard_config as plan_shard_config
 from tests.test_trainer_pipeline import PLAN, shard_config
-from trainer.plan import dump_plan, load_plan
-from trainer.plan import shard_config as plan_shard_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

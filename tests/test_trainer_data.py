@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from protos.model_config import ModelConfig
 from trainer.batch import Batch, SparseBatch
-from trainer.config import ModelConfig
 from trainer.criteo import CriteoReader
 from trainer.data import HELDOUT, SyntheticData, auc, normalized_entropy
 

@@ -4,7 +4,6 @@ process training the same dense model on the global batch with one in-process TB
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from embedding_service.client import ShardClient
-from embedding_service.config import assignment_from_dict
 from embedding_service.process import launch
 from embedding_service.tables import ShardTables
 from protos import codec, common_pb2
-from trainer.config import ModelConfig
+from protos.model_config import ModelConfig
+from protos.plan import assignment, assignment_from_dict, dump_plan, shard_config, simple_plan
+from protos.process import free_port
 from trainer.data import SyntheticData
 from trainer.model import DenseDLRM
-from trainer.plan import assignment, dump_plan, shard_config, simple_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tiny.yaml"
 STEPS, BATCH, SEED = 20, 32, 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference(model_cfg: ModelConfig, steps: int = STEPS, batch_size: int = BATCH):

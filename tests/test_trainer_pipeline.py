@@ -10,10 +10,10 @@ import torch
 from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from protos import common_pb2
-from trainer.config import ModelConfig
+from protos.model_config import ModelConfig
+from protos.plan import assignment, simple_plan
+from protos.plan import shard_config as plan_shard_config
 from trainer.data import SyntheticData
-from trainer.plan import assignment, simple_plan
-from trainer.plan import shard_config as plan_shard_config
 from trainer.train import ShardedTrainer
 from trainer.transport import GrpcTransport, ShardUnavailable
 

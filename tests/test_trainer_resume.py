@@ -8,10 +8,10 @@ import torch
 
 from embedding_service.client import ShardClient
 from embedding_service.process import launch
+from protos.plan import assignment
 from tests.test_trainer_pipeline import MODEL, PLAN, shard_config
 from trainer import checkpoint
 from trainer.data import SyntheticData
-from trainer.plan import assignment
 from trainer.train import ShardedTrainer
 
 STEPS, CUT, BATCH = 16, 7, 16

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedding_service.config import ShardConfig, assignment_from_dict
+from embedding_service.config import ShardConfig
 from embedding_service.errors import ShardError
-from embedding_service.tables import ShardTables, initial_rows
+from embedding_service.tables import ShardTables
 from protos import codec, common_pb2
+from protos.plan import assignment_from_dict
+from protos.table_init import initial_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,6 @@ complete one. Restore verifies every checksum before it touches a shard or the m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from embedding_service.checkpoint import write_file_atomic
+from protos.durable import file_sha256, write_file_atomic
 from trainer.train import ShardedTrainer
 
 MANIFEST = "manifest.json"
@@ -25,14 +24,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt; names the file."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -6,16 +6,10 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
-log = logging.getLogger("trainer")
-WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=256, help="global batch size (split over trainers)")
     t.add_argument("--first-step", type=int, default=0, help="step number of the first step")
     t.add_argument("--seed", type=int, default=0, help="dense init and data seed")
-    t.add_argument("--wire", choices=list(WIRE), default="fp32", help="embedding/gradient dtype on the wire")
+    t.add_argument("--wire", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="embedding/gradient dtype on the wire")
     t.add_argument("--out", help="directory for the final dense state (rank 0)")
     t.add_argument("--checkpoint-dir", help="consistent checkpoints (dense + every shard) go here")
     t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (and on SIGTERM)")
@@ -107,153 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> int:
-    from trainer import checkpoint
-    from trainer.config import ModelConfig
-    from trainer.data import SyntheticData
-    from trainer.plan import load_plan
-    from trainer.train import ShardedTrainer, init_distributed
+    from trainer.job import JobError, JobSettings, TrainingJob
 
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by WORLD_SIZE {world}")
-    if args.data != "synthetic" and not args.data.startswith("criteo:"):
-        raise SystemExit(f"--data {args.data!r}: expected synthetic or criteo:PATH[,PATH...]")
-    if args.data != "synthetic" and args.eval_every:
-        raise SystemExit("--eval-every: held-out evaluation needs --data synthetic (the teacher's held-out stream)")
-    if args.resume and not args.checkpoint_dir:
-        raise SystemExit("--resume needs --checkpoint-dir")
-    model_cfg = ModelConfig.load(args.config)
-    follower = None
-    if args.coordinator:
-        if args.plan or args.shards:
-            raise SystemExit("--coordinator gives the plan and the shards: drop --plan and --shards")
-        if args.transport == "collective":
-            raise SystemExit("--coordinator: live re-sharding needs --transport grpc")
-        from trainer.coordination import PlanFollower
-
-        follower = PlanFollower(args.coordinator, rank, tls_ca=args.tls_ca).start()
-        plan, shards = follower.current_plan()
-    elif not (args.plan and args.shards):
-        raise SystemExit("give --plan and --shards, or --coordinator")
-    else:
-        plan, shards = load_plan(args.plan), args.shards.split(",")
-    collective = args.transport == "collective"
-    if args.async_staleness < 0:
-        raise SystemExit("--async-staleness: must be >= 0")
-    group = init_distributed(rank, world, plan.num_shards if collective else 0)
-    trainer = ShardedTrainer(model_cfg, plan, shards, rank=rank, world_size=world, seed=args.seed,
-                             wire_dtype=WIRE[args.wire], transport=args.transport, trainer_group=group,
-                             tls_ca=args.tls_ca)
-    data = SyntheticData(model_cfg, seed=args.seed)
-    sizes = [args.batch_size // world] * world
-    first_step, position = args.first_step, 0
-    if args.resume:
-        path = checkpoint.latest(args.checkpoint_dir)
-        if rank == 0:
-            resumed = checkpoint.restore(trainer, path)  # verifies, restores the shards and the dense state
-        if world > 1:
-            torch.distributed.barrier(group=group)
-            if rank != 0:
-                resumed = checkpoint.load_dense(trainer, path)
-        first_step, position = resumed.step + 1, resumed.data_position
-        log.info("resumed from %s at step %d (data position %d)", path, first_step, position)
-    writer = None
-    if args.logdir and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(args.logdir)
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True))
-    remaining = args.steps - (first_step - args.first_step)
-    bar = tqdm(total=remaining, desc=f"trainer {rank}", unit="step", disable=args.json or rank != 0)
-    start = time.perf_counter()
-    loss, done = float("nan"), 0
-    if args.data == "synthetic":
-        source = data.batches(args.batch_size, remaining, start=position)
-    else:
-        from itertools import islice
-
-        from trainer.criteo import CriteoReader
-
-        reader = CriteoReader(args.data.removeprefix("criteo:").split(","), model_cfg, args.batch_size,
-                              strict=args.strict, num_workers=args.data_workers, skip_batches=position)
-        source = (b for b in islice(reader, remaining) if b.batch_size == args.batch_size)  # whole batches only
-    local = (b.split(sizes)[rank] for b in source)
-    for res in trainer.train(local, first_step=first_step, pipelined=not args.no_pipeline,
-                             staleness=args.async_staleness):
-        loss, done = res.loss, done + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if args.json and rank == 0:
-            print(json.dumps({"step": res.step, "loss": loss}), flush=True)
-        if writer is not None:
-            writer.add_scalar("train/loss", loss, res.step)
-            writer.add_scalar("train/samples_per_s", done * args.batch_size / (time.perf_counter() - start), res.step)
-        if args.eval_every and done % args.eval_every == 0:
-            _evaluate(trainer, data, args, res.step, writer, rank)
-        if follower is not None:
-            follower.step = res.step
-        halt, fence = _agreed([stop["requested"], follower is not None and follower.fence_pending], world, group)
-        periodic = args.checkpoint_every and (res.step + 1 - args.first_step) % args.checkpoint_every == 0
-        if args.checkpoint_dir and (periodic or halt):
-            _checkpoint(trainer, args.checkpoint_dir, res.step, position + done, rank, world, group)
-        if halt:
-            log.info("SIGTERM: stopped after step %d", res.step)
-            break
-        if fence:
-            trainer.fence()
-            resumed = follower.fence(res.step)
-            if resumed.plan_version != trainer.router.plan.version:
-                trainer.switch_plan(*follower.current_plan(resumed.plan_version))
-                if args.checkpoint_dir:  # older checkpoints hold the old plan's slices: recovery needs a new one
-                    _checkpoint(trainer, args.checkpoint_dir, res.step, position + done, rank, world, group)
-            bar.set_description(f"trainer {rank} plan v{trainer.router.plan.version}")
-    trainer.wait_updates()
-    bar.close()
-    if args.eval_every and done % args.eval_every:
-        _evaluate(trainer, data, args, first_step + done - 1, writer, rank)
-    if writer is not None:
-        writer.close()
-    elapsed = time.perf_counter() - start
-    if rank == 0 and args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(trainer.model.state_dict(), out / "dense.pt")
-        if trainer.local is not None:
-            torch.save(trainer.local.state_dict(), out / "local.pt")
-    if rank == 0:
-        print(json.dumps({"event": "done", "steps": done, "last_step": first_step + done - 1, "loss": loss,
-                          "samples_per_s": round(done * args.batch_size / max(elapsed, 1e-9), 1)}), flush=True)
-    trainer.close()
-    if follower is not None:
-        follower.close()
-    if torch.distributed.is_initialized():
-        # an orderly teardown: a process group left to the interpreter's exit can abort in its destructor
-        torch.distributed.barrier(group=group)
-        torch.distributed.destroy_process_group()
+    settings = JobSettings(
+        config=args.config, plan=args.plan, shards=args.shards.split(",") if args.shards else None,
+        coordinator=args.coordinator, data=args.data, transport=args.transport, tls_ca=args.tls_ca,
+        strict=args.strict, data_workers=args.data_workers, steps=args.steps, batch_size=args.batch_size,
+        first_step=args.first_step, seed=args.seed, wire=args.wire, out=args.out, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, async_staleness=args.async_staleness,
+        pipelined=not args.no_pipeline, logdir=args.logdir, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, json=args.json,
+        rank=int(os.environ.get("RANK", "0")), world=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        result = TrainingJob(settings).run()
+    except JobError as e:
+        raise SystemExit(str(e)) from None
+    if settings.rank == 0:
+        print(json.dumps({"event": "done", "steps": result.steps, "last_step": result.last_step, "loss": result.loss,
+                          "samples_per_s": result.samples_per_s}), flush=True)
     return 0
 
 
-def _evaluate(trainer, data, args, step: int, writer, rank: int) -> None:
-    from trainer.data import HELDOUT
-    from trainer.train import evaluate
-
-    trainer.wait_updates()
-    metrics = evaluate(trainer, data.batches(args.batch_size, args.eval_batches, stream=HELDOUT))
-    if rank == 0:
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(f"heldout/{k}", v, step)
-        log.info("step %d held-out %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if args.json:
-            print(json.dumps({"step": step, "heldout": metrics}), flush=True)
-
-
 def evaluate_cmd(args: argparse.Namespace) -> int:
-    from trainer.config import ModelConfig
+    from protos.model_config import ModelConfig
+    from protos.plan import load_plan
     from trainer.data import HELDOUT, SyntheticData
-    from trainer.plan import load_plan
     from trainer.train import ShardedTrainer, evaluate
 
     model_cfg = ModelConfig.load(args.config)
@@ -280,7 +153,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 def export_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.package import PackageError, load_package
     from inference_gateway.quantize import DenseQuantization
-    from trainer.config import ModelConfig
+    from protos.model_config import ModelConfig
     from trainer.export import ExportError, export_package, read_checkpoint, table_dtypes
 
     try:
@@ -308,8 +181,8 @@ def export_cmd(args: argparse.Namespace) -> int:
 
 def plan_cmd(args: argparse.Namespace) -> int:
     from protos import common_pb2
-    from trainer.config import ModelConfig
-    from trainer.plan import dump_plan, simple_plan
+    from protos.model_config import ModelConfig
+    from protos.plan import dump_plan, simple_plan
 
     kinds = {}
     for spec in args.kind:
@@ -324,7 +197,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
 
 
 def shard_config_cmd(args: argparse.Namespace) -> int:
-    from trainer.plan import load_plan, shard_config
+    from protos.plan import load_plan, shard_config
 
     plan = load_plan(args.plan)
     if not 0 <= args.shard < plan.num_shards:
@@ -333,29 +206,6 @@ def shard_config_cmd(args: argparse.Namespace) -> int:
                                   collective=args.collective,
                                   **({"staleness": args.staleness} if args.staleness else {})), indent=1))
     return 0
-
-
-def _checkpoint(trainer, root: str, step: int, data_position: int, rank: int, world: int, group) -> None:
-    """A consistent cut at a step boundary: every trainer's update of `step` applied, then rank 0 saves."""
-    from trainer import checkpoint
-
-    trainer.wait_updates()  # sync mode: every trainer's update of this step is applied
-    if world > 1:
-        torch.distributed.barrier(group=group)
-    if rank == 0:
-        saved = checkpoint.save(trainer, root, step, data_position)
-        log.info("checkpoint of step %d: %s", step, saved)
-    if world > 1:
-        torch.distributed.barrier(group=group)
-
-
-def _agreed(flags: list[bool], world: int, group=None) -> list[bool]:
-    """Each flag true on every rank once any rank saw it, so all stop at the same step boundary."""
-    if world == 1:
-        return [bool(f) for f in flags]
-    t = torch.tensor([int(f) for f in flags])
-    torch.distributed.all_reduce(t, group=group)
-    return [bool(x) for x in t.tolist()]
 
 
 def main(argv: list[str] | None = None) -> int:

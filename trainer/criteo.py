@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from protos.model_config import ModelConfig
 from trainer.batch import Batch, SparseBatch
-from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
 NUM_DENSE, NUM_CATEGORICAL = 13, 26

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from protos.model_config import ModelConfig
 from trainer.batch import Batch, SparseBatch
-from trainer.config import ModelConfig
 
 TRAIN, HELDOUT = 0, 1
 

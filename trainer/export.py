@@ -8,18 +8,19 @@ the checkpoint's checksums before it is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inference_gateway.package import FeatureSpec, write_package
 from inference_gateway.quantize import DenseQuantization, TableDType, pooling_name
+from protos.durable import file_sha256
+from protos.model_config import ModelConfig
+from protos.shard_checkpoint import MANIFEST as SHARD_MANIFEST
+from protos.shard_checkpoint import CheckpointFormatError, Problem, read_array, read_manifest
 from trainer import checkpoint
-from trainer.config import ModelConfig
 from trainer.model import DenseDLRM
 
 
@@ -53,7 +54,7 @@ def read_checkpoint(path: str | Path, config: ModelConfig) -> ExportedModel:
         manifest = json.loads((step_dir / checkpoint.MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{step_dir / checkpoint.MANIFEST}: unreadable ({e})") from None
-    if checkpoint.file_sha256(step_dir / "dense.pt") != manifest["dense_sha256"]:
+    if file_sha256(step_dir / "dense.pt") != manifest["dense_sha256"]:
         raise ExportError(f"{step_dir / 'dense.pt'}: sha256 mismatch")
     state = torch.load(step_dir / "dense.pt", weights_only=True)["model"]
     dense = DenseDLRM(config)
@@ -74,8 +75,8 @@ def read_checkpoint(path: str | Path, config: ModelConfig) -> ExportedModel:
             coverage[t.name] = torch.zeros(t.num_rows, t.dim, dtype=torch.int32)
     for i, digest in manifest["shard_manifest_sha256"].items():
         shard_dir = step_dir / f"shard-{i}"
-        if checkpoint.file_sha256(shard_dir / "manifest.json") != digest:
-            raise ExportError(f"{shard_dir / 'manifest.json'}: sha256 mismatch")
+        if file_sha256(shard_dir / SHARD_MANIFEST) != digest:
+            raise ExportError(f"{shard_dir / SHARD_MANIFEST}: sha256 mismatch")
         _read_shard(shard_dir, config, tables, coverage)
     for name, cov in coverage.items():
         if not bool((cov == 1).all()):
@@ -87,7 +88,10 @@ def read_checkpoint(path: str | Path, config: ModelConfig) -> ExportedModel:
 
 def _read_shard(shard_dir: Path, config: ModelConfig, tables: dict[str, torch.Tensor],
                 coverage: dict[str, torch.Tensor]) -> None:
-    shard_manifest = json.loads((shard_dir / "manifest.json").read_text())
+    try:
+        shard_manifest = read_manifest(shard_dir)
+    except CheckpointFormatError as e:
+        raise ExportError(str(e)) from None
     for entry in shard_manifest["slices"]:
         name = entry["table"]
         if name not in tables:
@@ -97,13 +101,12 @@ def _read_shard(shard_dir: Path, config: ModelConfig, tables: dict[str, torch.Te
             raise ExportError(f"{shard_dir}: slice {entry['index']} of table {name!r} has no weights file")
         fpath = shard_dir / weights["name"]
         try:
-            raw = np.fromfile(fpath, dtype=np.uint8)
-        except FileNotFoundError:
-            raise ExportError(f"{fpath}: missing (table {name!r})") from None
-        if raw.nbytes != weights["bytes"] or hashlib.sha256(raw).hexdigest() != weights["sha256"]:
-            raise ExportError(f"{fpath}: size or sha256 mismatch (table {name!r}; corrupt)")
+            block = torch.from_numpy(read_array(shard_dir, weights, f"table {name!r}"))
+        except CheckpointFormatError as e:
+            if e.problem == Problem.MISSING_FILE:
+                raise ExportError(f"{fpath}: missing (table {name!r})") from None
+            raise ExportError(f"{fpath}: size or sha256 mismatch (table {name!r}; corrupt)") from None
         r0, nr, c0, nc = entry["row_offset"], entry["num_rows"], entry["col_offset"], entry["num_cols"]
-        block = torch.from_numpy(raw.view(np.dtype(weights["dtype"])).reshape(weights["shape"]))
         table = tables[name]
         if list(block.shape) != [nr, nc] or r0 + nr > table.shape[0] or c0 + nc > table.shape[1]:
             raise ExportError(f"{fpath}: slice rows {r0}+{nr} cols {c0}+{nc} ({list(block.shape)}) does not fit "

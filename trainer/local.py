@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from embedding_service.tables import initial_rows
 from protos import common_pb2
+from protos.model_config import ModelConfig
+from protos.table_init import initial_rows
 from trainer.batch import SparseBatch
-from trainer.config import ModelConfig
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
+from protos.model_config import ModelConfig
 
 
 def mlp(sizes: list[int], final_relu: bool) -> nn.Sequential:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from protos import common_pb2
-from trainer.config import ModelConfig
-from trainer.plan import validate_plan
+from protos.model_config import ModelConfig
+from protos.plan import placements, validate_plan
 
 
 @dataclass(frozen=True)
@@ -61,20 +61,16 @@ class Router:
         self.rows = [f.num_rows for f in model.features]
         self.num_shards = plan.num_shards
         table_of = {f.name: f.table for f in model.features}
-        slice_pos: dict[int, int] = {}
-        counters = [0] * plan.num_shards
-        for i, ps in enumerate(plan.slices):
-            slice_pos[i] = counters[ps.shard]
-            counters[ps.shard] += 1
+        placed = placements(plan)
         self.tiles: list[list[_Tile]] = []
         self.shard_routes: dict[int, list[Route]] = {s: [] for s in range(plan.num_shards)}
         for fi, f in enumerate(self.features):
             groups: dict[tuple[int, int], list[Route]] = {}
-            for i, ps in enumerate(plan.slices):
-                s = ps.slice
+            for p in placed:
+                s = p.slice
                 if s.table != table_of[f]:
                     continue
-                r = Route(f, fi, s.table, ps.shard, slice_pos[i], s.row_offset, s.num_rows, s.col_offset, s.num_cols)
+                r = Route(f, fi, s.table, p.shard, p.index, s.row_offset, s.num_rows, s.col_offset, s.num_cols)
                 groups.setdefault((s.col_offset, s.num_cols), []).append(r)
             tiles = []
             for (c0, nc), routes in sorted(groups.items()):

@@ -1,9 +1,12 @@
-"""The sync training step against the shard services (non-pipelined reference loop).
+"""The training step against the shard services, and the loop over steps (pipelined by default).
 
 Each trainer takes its part of the global batch, routes ids to the shards, runs the dense model on
 the reassembled pooled embeddings, and pushes the embedding gradients back. Dense gradients are
 averaged by DDP; embedding gradients are scaled by 1/world so that the shard's merged update (the sum
 over trainers) is the gradient of the global mean loss, exactly as one process on the global batch.
+The pipelined loop sends batch i+1's ids before batch i's dense work and gives the same results as
+waiting for each step's updates; what happens between steps (checkpoints, SIGTERM, rollouts) is the
+job's (`trainer.job`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from protos import common_pb2
+from protos.model_config import ModelConfig
 from trainer.batch import Batch, SparseBatch
-from trainer.config import ModelConfig
 from trainer.local import LocalTables, MultiOptimizer, Replicated
 from trainer.model import DenseDLRM
 from trainer.router import Router

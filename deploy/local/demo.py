@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import criteo
 from embedding_service.allocator import tune_allocator
 from embedding_service.client import ShardClient
 from embedding_service.process import launch
+from trainer import criteo_kaggle as criteo
 
 WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 def train_dlrm(steps: int, work: Path, quiet: bool, batch_size: int = 256) -> dict:
     """Part 2: the tiny DLRM trained through two shard processes; held-out AUC against the teacher's."""
     from protos import common_pb2
-    from trainer.config import ModelConfig
+    from protos.model_config import ModelConfig
+    from protos.plan import shard_config, simple_plan
     from trainer.data import HELDOUT, SyntheticData, auc
-    from trainer.plan import shard_config, simple_plan
     from trainer.train import ShardedTrainer
 
     model = ModelConfig.load(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")

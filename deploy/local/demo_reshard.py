@@ -25,9 +25,9 @@ def run_reshard_demo(work: Path, *, steps: int = 600, batch_size: int = 256, qui
     from coordinator.planner import plan_cost, propose
     from coordinator.process import launch
     from protos import common_pb2, coordinator_pb2
-    from trainer.config import ModelConfig
+    from protos.model_config import ModelConfig
+    from protos.plan import dump_plan, simple_plan
     from trainer.data import SyntheticData
-    from trainer.plan import dump_plan, simple_plan
 
     pb = coordinator_pb2
     config = ROOT / "configs" / "tiny.yaml"

@@ -26,7 +26,7 @@ import torch
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.loadgen import closed_loop
 from inference_gateway.process import launch
-from trainer.config import ModelConfig
+from protos.model_config import ModelConfig
 from trainer.data import HELDOUT, SyntheticData, auc
 from trainer.export import export_package, read_checkpoint, table_dtypes
 
@@ -106,8 +106,8 @@ def train_checkpoint(work: Path, steps: int) -> tuple[Path, Path]:
     """The tiny DLRM trained through two shard processes and checkpointed (standalone runs)."""
     from embedding_service.process import launch as launch_shard
     from protos import common_pb2
+    from protos.plan import shard_config, simple_plan
     from trainer import checkpoint
-    from trainer.plan import shard_config, simple_plan
     from trainer.train import ShardedTrainer
 
     config_path = ROOT / "configs" / "tiny.yaml"

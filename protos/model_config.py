@@ -1,4 +1,4 @@
-"""Model configuration: embedding tables and the dense DLRM architecture, loaded from YAML."""
+"""The model configuration every component reads: embedding tables and the dense DLRM architecture (YAML)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from embedding_service.config import assignment_from_dict, validate_assignment
 from protos import common_pb2
+from protos.plan import assignment_from_dict, validate_assignment
 
 
 @dataclass(frozen=True)
