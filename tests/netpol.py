@@ -61,8 +61,11 @@ class PolicySet:
         return (pod.namespace is not None and policy["metadata"].get("namespace") == pod.namespace
                 and selector_matches(policy["spec"].get("podSelector"), pod.labels))
 
-    def allowed(self, src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP") -> bool:
-        return (self._direction_allows(src, "Egress", "egress", "to", peer=dst, dst=dst, port=port, protocol=protocol)
+    def allowed(self, src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP", *,
+                egress: bool = True) -> bool:
+        """Both ends must allow; egress=False asks the destination's ingress side alone."""
+        return ((not egress or self._direction_allows(src, "Egress", "egress", "to", peer=dst, dst=dst, port=port,
+                                                      protocol=protocol))
                 and self._direction_allows(dst, "Ingress", "ingress", "from", peer=src, dst=dst, port=port,
                                            protocol=protocol))
 

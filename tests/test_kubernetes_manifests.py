@@ -381,16 +381,17 @@ def _pods(overlay: str) -> dict[str, Endpoint]:
     return pods
 
 
-def _open_paths(overlay: str) -> set[tuple[str, str, int]]:
+def _open_paths(overlay: str, egress: bool = True) -> set[tuple[str, str, int]]:
     """Every (source, destination, port) the policies allow, over every pod, its bound ports and one
-    ephemeral port, from every pod, the outside and the monitoring namespace."""
+    ephemeral port, from every pod, the outside and the monitoring namespace (egress=False: what the
+    destinations' ingress rules alone allow)."""
     policies = PolicySet(objects(overlay, "NetworkPolicy"))
     pods = _pods(overlay)
     sources = [*pods.values(), OUTSIDE, MONITORING]
     paths = set()
     for dst in pods.values():
         for port in {*dst.ports.values(), EPHEMERAL_PORT}:
-            paths |= {(src.name, dst.name, port) for src in sources if policies.allowed(src, dst, port)}
+            paths |= {(src.name, dst.name, port) for src in sources if policies.allowed(src, dst, port, egress=egress)}
     return paths
 
 
@@ -432,6 +433,9 @@ def test_network_policies_allow_exactly_the_paths_the_system_uses(overlay):
     opened = _open_paths(overlay)
     assert opened - expected == set(), f"{overlay}: open but not needed"
     assert expected - opened == set(), f"{overlay}: needed but closed"
+    # each side holds on its own: ingress alone opens nothing more, except the public gateway port
+    public = {(p.name, "inference-gateway", 50052) for p in pods.values()}
+    assert _open_paths(overlay, egress=False) == expected | public, f"{overlay}: ingress rules alone"
     for name in ("trainer", "inference-gateway", "embedding-shard"):  # spelled out: the forbidden ones
         assert not policies.allowed(pods[name], pods["redis"], 6379)
     assert not policies.allowed(OUTSIDE, pods["embedding-shard"], 50051)
