@@ -426,6 +426,22 @@ def test_network_policies_allow_exactly_the_paths_the_system_uses(overlay):
                 if "podSelector" in peer and "namespaceSelector" not in peer:
                     assert any(selector_matches(peer["podSelector"], p.labels) for p in pods.values()), \
                         f"{policy['metadata']['name']}: a peer selects no pod"
+    # every port a policy names is bound: by a pod it selects (ingress) or by a pod of its peers (egress)
+    bound = {name: {p for w in workloads(overlay) if component(w) == name for c in containers(w, init=False)
+                    for p in bound_ports(c)} for name in pods}
+    for policy in objects(overlay, "NetworkPolicy"):
+        selected = [p for p in pods.values() if policies.selects(policy, p)]
+        for direction, key in (("ingress", None), ("egress", "to")):
+            for rule in policy["spec"].get(direction) or []:
+                targets = selected if key is None else [
+                    p for p in pods.values() for peer in rule.get(key) or []
+                    if "podSelector" in peer and selector_matches(peer["podSelector"], p.labels)]
+                if not targets:  # egress to DNS or to the API server's addresses: not our pods
+                    continue
+                for entry in rule.get("ports") or []:
+                    port = entry["port"]
+                    assert any((t.ports.get(port) if isinstance(port, str) else port) in bound[t.name]
+                               for t in targets), f"{policy['metadata']['name']} {direction}: port {port} unbound"
     expected = set(BASE_PATHS)
     if overlay == "gpu":  # one torch.distributed group: trainers and shards on every port
         group = ("trainer", "embedding-shard")
