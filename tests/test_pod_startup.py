@@ -128,3 +128,33 @@ def test_shard_id_from_statefulset_hostname(monkeypatch, tmp_path):
     monkeypatch.setenv("HOSTNAME", "shard")
     with pytest.raises(ValueError, match="does not end in -N"):
         config_from_args(shard_parser().parse_args(["serve", "--standby", "--shard-id-from-hostname"]))
+
+
+def test_a_restarted_trainer_pod_resumes_only_when_a_checkpoint_exists(tmp_path):
+    """The Job's pods run one command for the first start and every restart: --resume-if-present starts
+    fresh on an empty checkpoint directory and resumes from LATEST once there is one."""
+    from embedding_service.process import launch
+    from tests.test_trainer_pipeline import PLAN, ROOT, shard_config
+    from trainer.plan import dump_plan
+
+    (tmp_path / "plan.json").write_text(dump_plan(PLAN))
+    shards = [launch(shard_config(s), workdir=tmp_path / f"shard{s}") for s in range(2)]
+    try:
+        def train(steps: int) -> dict:
+            out = subprocess.run(
+                [sys.executable, "-m", "trainer.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                 "--plan", str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards),
+                 "--steps", str(steps), "--batch-size", "16", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                 "--checkpoint-every", "3", "--resume-if-present", "--json"],
+                capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr[-3000:]
+            return [json.loads(ln) for ln in out.stdout.splitlines() if '"event"' in ln][-1]
+
+        first = train(3)  # nothing to resume: starts at step 0, checkpoints step 2
+        assert (first["steps"], first["last_step"]) == (3, 2)
+        assert (tmp_path / "ckpt" / "LATEST").read_text() == "step-2"
+        again = train(5)  # the "restarted pod": resumes after step 2 and runs the rest
+        assert (again["steps"], again["last_step"]) == (2, 4)
+    finally:
+        for s in shards:
+            s.kill()
