@@ -158,3 +158,39 @@ def test_a_restarted_trainer_pod_resumes_only_when_a_checkpoint_exists(tmp_path)
     finally:
         for s in shards:
             s.kill()
+
+
+JOIN_GROUP = """
+import sys, torch, torch.distributed as dist
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+print("sum", t.item(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_process_outside_torchrun_joins_its_group_through_master_addr_and_port(tmp_path):
+    """The gpu overlay's collective shards are not started by torchrun: they join the trainers' group
+    with MASTER_ADDR / MASTER_PORT set to torchrun's --master-addr / --master-port (the store torchrun's
+    static rendezvous hosts on node rank 0). Shown with gloo on loopback: rank 0 under torchrun, rank 1
+    outside it, one all_reduce."""
+    import os
+
+    script = tmp_path / "join.py"
+    script.write_text(JOIN_GROUP)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "TORCHELASTIC"))}
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=1", "--node-rank=0",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0", str(script), "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        outside = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True, timeout=120,
+                                 env=dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+        out, err = torchrun.communicate(timeout=120)
+    finally:
+        torchrun.kill()
+    assert outside.returncode == 0 and torchrun.returncode == 0, outside.stderr[-2000:] + err[-2000:]
+    assert "sum 3.0" in outside.stdout and "sum 3.0" in out
