@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["cpu", "gpu", "dev"]
 OLDEST_VERSION = "1.27.0"  # grpc probes are GA from 1.27
-WORKLOADS = ("Deployment", "StatefulSet", "Job")
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
 OUR_COMMANDS = {"embedding-shard", "trainer", "coordinator", "inference-gateway", "torchrun"}
 PACKAGES = ("protos", "embedding_service", "trainer", "coordinator", "inference_gateway")
 # kubelet expands $(VAR) in command/args from the container's env; sample values for parsing
@@ -83,12 +83,18 @@ def workloads(overlay: str) -> list[dict[str, Any]]:
     return [d for d in render(overlay) if d["kind"] in WORKLOADS]
 
 
+def template(workload: dict[str, Any]) -> dict[str, Any]:
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]
+    return workload["spec"]["template"]
+
+
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
-    return workload["spec"]["template"]["spec"]
+    return template(workload)["spec"]
 
 
 def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
-    return workload["spec"]["template"]["metadata"].get("labels", {})
+    return template(workload)["metadata"].get("labels", {})
 
 
 def containers(workload: dict[str, Any], init: bool = True) -> list[dict[str, Any]]:
@@ -242,11 +248,11 @@ def test_every_declared_probed_served_and_scraped_port_is_bound(overlay):
                 for kind in ("grpc", "tcpSocket", "httpGet"):
                     if kind in spec:
                         assert resolve_port(spec[kind]["port"], c) in bound, f"{where} {probe}"
-        annotations = w["spec"]["template"]["metadata"].get("annotations") or {}
+        annotations = template(w)["metadata"].get("annotations") or {}
         if annotations.get("prometheus.io/scrape") == "true":
             metrics = {parse_container(c).args.metrics_port for c in containers(w, init=False) if is_ours(c)}
             assert int(annotations["prometheus.io/port"]) in metrics, w["metadata"]["name"]
-        elif is_ours(containers(w, init=False)[0]) and component(w) != "trainer":
+        elif is_ours(containers(w, init=False)[0]) and component(w) not in ("trainer", "model-export"):
             pytest.fail(f"{w['metadata']['name']}: exports metrics but has no prometheus.io annotations")
     for svc in objects(overlay, "Service"):
         selected = [w for w in workloads(overlay) if selector_matches({"matchLabels": svc["spec"]["selector"]},
@@ -585,6 +591,31 @@ def test_addresses_in_arguments_name_services_and_ports_that_exist(overlay):
     assert one(overlay, "PersistentVolumeClaim", claims["trainer"])
 
 
+def _claim_at(workload: dict, path: str) -> str | None:
+    """The PersistentVolumeClaim mounted over `path` in the workload's main containers."""
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    for c in containers(workload, init=False):
+        for m in c["volumeMounts"]:
+            claim = volumes[m["name"]].get("persistentVolumeClaim")
+            if claim and (path + "/").startswith(m["mountPath"].rstrip("/") + "/"):
+                return claim["claimName"]
+    return None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_export_writes_the_package_the_gateways_load(overlay):
+    export, gateway = workload_of(overlay, "model-export"), workload_of(overlay, "inference-gateway")
+    run = parse_container(containers(workload_of(overlay, "trainer"), init=False)[0]).args
+    out = parse_container(containers(export)[0]).args
+    served = parse_container(containers(gateway)[0]).args
+    assert out.command == "export" and served.model == [out.out]
+    assert _claim_at(export, out.out) == _claim_at(gateway, served.model[0]) is not None
+    assert _claim_at(export, out.checkpoint) == _claim_at(workload_of(overlay, "trainer"), run.checkpoint_dir)
+    assert out.config == run.config and _mounted_file(overlay, export, out.config) == \
+        _mounted_file(overlay, workload_of(overlay, "trainer"), run.config)
+    assert export["spec"]["suspend"] is True  # run by hand (or unsuspended) once a checkpoint exists
+
+
 def _mounted_file(overlay: str, workload: dict, path: str) -> str:
     """The content of the ConfigMap key mounted at `path` in the workload (fails when nothing is)."""
     volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
@@ -717,7 +748,8 @@ def test_overlay_specifics(overlay):
     else:
         assert images.pop().endswith("-cpu") and not any(gpus.values())
     if overlay == "dev":
-        assert all(w["spec"].get("replicas", w["spec"].get("completions")) == 1 for w in workloads(overlay))
+        assert all(w["spec"].get("replicas", w["spec"].get("completions")) == 1
+                   for w in workloads(overlay) if w["kind"] != "CronJob")
 
 
 # -- 5. the image ---------------------------------------------------------------------------------
