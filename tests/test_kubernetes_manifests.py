@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -789,6 +790,14 @@ def test_dockerfile_copies_existing_paths_and_pins_the_projects_versions():
     # the rest of the dependencies come from pyproject.toml itself, so they cannot drift
     assert 'tomllib.load(open("pyproject.toml"' in text and "pip install -r /tmp/requirements.txt" in text
     assert "COPY pyproject.toml" in text and "pip install --no-deps ." in text
+    # run the Dockerfile's own extraction: with the two ARG pins it installs exactly pyproject's dependencies
+    (run,) = [i for i in instructions if "tomllib" in i]
+    extract = re.search(r"python (-c '.*?') > /tmp/requirements\.txt", run).group(1)
+    out = subprocess.run(["sh", "-c", f"{shlex.quote(sys.executable)} {extract}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    installed = {*out.stdout.split(), f"torch=={args['TORCH_VERSION']}", f"fbgemm-gpu-cpu=={args['FBGEMM_VERSION']}"}
+    assert installed == {d.replace(" ", "") for d in project["dependencies"]}
     assert re.search(r"^USER (\d+)", "\n".join(instructions), re.M).group(1) != "0"
     for name in ("git", ".venv"):
         assert _dockerignored(name if name != "git" else ".git")
