@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--staleness", type=int, help="async mode: steps a trainer may run ahead of its updates")
     s.add_argument("--plan-version", type=int)
     s.add_argument("--shard-id", type=int)
+    s.add_argument("--shard-id-from-hostname", action="store_true",
+                   help="shard id = the trailing -N of $HOSTNAME (a StatefulSet pod's ordinal); a {shard_id} in "
+                        "--config's path is filled in with it")
     s.add_argument("--compute-threads", type=int, help="TBE kernel threads (default: all cores but one)")
     s.add_argument("--seed", type=int, help="initialisation seed (same seed, same tables whatever the sharding)")
     s.add_argument("--clamp-ids", action="store_true", help="clamp out-of-range ids instead of rejecting them")
@@ -63,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ShardConfig:
     raw: dict = {}
+    if args.shard_id_from_hostname:
+        from embedding_service.identity import ordinal_from_hostname
+
+        if args.shard_id is not None:
+            raise ValueError("--shard-id and --shard-id-from-hostname: give one")
+        args.shard_id = ordinal_from_hostname()
+        if args.config:
+            args.config = args.config.replace("{shard_id}", str(args.shard_id))
     if args.config:
         import yaml
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", help="consistent checkpoints (dense + every shard) go here")
     t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (and on SIGTERM)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    t.add_argument("--resume-if-present", action="store_true",
+                   help="--resume when --checkpoint-dir holds a complete checkpoint, else start fresh (a restarted "
+                        "Kubernetes pod runs the same command as the first one)")
     t.add_argument("--async-staleness", type=int, default=0, metavar="K",
                    help="bounded-staleness training: lookups may run K steps ahead of this trainer's applied "
                         "updates (shards in async mode, staleness >= K); 0 is sync")
@@ -81,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=4)
     e.add_argument("--batch-size", type=int, default=2048)
     e.add_argument("--json", action="store_true")
+    w = sub.add_parser("wait-rendezvous", help="wait for index 0's DNS name and port and for the coordinator",
+                       description="Run before torchrun in a pod of an Indexed Job: rank > 0 waits until the "
+                                   "master's name resolves AND its rendezvous port accepts a TCP connect (DNS of "
+                                   "a headless Service resolves before the port listens); every rank waits for "
+                                   "the coordinator's port. Exits 1 with the step it is stuck on at --timeout-s.")
+    w.add_argument("--host", required=True, help="DNS name of index 0 (e.g. trainer-0.trainer)")
+    w.add_argument("--port", type=int, required=True, help="index 0's rendezvous port (torchrun --master-port)")
+    w.add_argument("--rank", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
+                   help="this pod's node rank (default: env JOB_COMPLETION_INDEX, set by an Indexed Job)")
+    w.add_argument("--coordinator", metavar="HOST:PORT", help="also wait until the coordinator accepts connections")
+    w.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long (exit 1)")
     x = sub.add_parser("export", help="a checkpoint -> a quantized, self-contained model package for the gateway",
                        description="Reassembles every table from the checkpoint's shard slices (and dense.pt's "
                                    "data-parallel tables), quantizes them row-wise (fbgemm), scripts the dense arch "
@@ -109,7 +123,8 @@ def train(args: argparse.Namespace) -> int:
         coordinator=args.coordinator, data=args.data, transport=args.transport, tls_ca=args.tls_ca,
         strict=args.strict, data_workers=args.data_workers, steps=args.steps, batch_size=args.batch_size,
         first_step=args.first_step, seed=args.seed, wire=args.wire, out=args.out, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, async_staleness=args.async_staleness,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, resume_if_present=args.resume_if_present,
+        async_staleness=args.async_staleness,
         pipelined=not args.no_pipeline, logdir=args.logdir, eval_every=args.eval_every,
         eval_batches=args.eval_batches, json=args.json,
         rank=int(os.environ.get("RANK", "0")), world=int(os.environ.get("WORLD_SIZE", "1")))
@@ -208,11 +223,25 @@ def shard_config_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def wait_rendezvous_cmd(args: argparse.Namespace) -> int:
+    from trainer.rendezvous import Endpoint, RendezvousTimeout, parse_endpoint, wait_rendezvous
+
+    try:
+        coordinator = parse_endpoint(args.coordinator) if args.coordinator else None
+        wait_rendezvous(Endpoint(args.host, args.port), args.rank, coordinator, args.timeout_s)
+    except (ValueError, RendezvousTimeout) as e:
+        print(f"trainer wait-rendezvous: {e}", file=sys.stderr)
+        return 1
+    print(f"rendezvous reachable: {args.host}:{args.port}"
+          + (f" and coordinator {args.coordinator}" if args.coordinator else ""), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd,
-                "export": export_cmd}
+                "export": export_cmd, "wait-rendezvous": wait_rendezvous_cmd}
     return commands[args.command](args)
 
 

@@ -58,6 +58,7 @@ class JobSettings:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    resume_if_present: bool = False  # resume when the checkpoint dir holds one (a restarted pod), else start
     async_staleness: int = 0
     pipelined: bool = True
     logdir: str | None = None
@@ -75,7 +76,7 @@ class JobSettings:
             raise JobError(f"--data {self.data!r}: expected synthetic or criteo:PATH[,PATH...]")
         if self.data != "synthetic" and self.eval_every:
             raise JobError("--eval-every: held-out evaluation needs --data synthetic (the teacher's held-out stream)")
-        if self.resume and not self.checkpoint_dir:
+        if (self.resume or self.resume_if_present) and not self.checkpoint_dir:
             raise JobError("--resume needs --checkpoint-dir")
         if self.wire not in WIRE:
             raise JobError(f"--wire {self.wire!r}: expected one of {list(WIRE)}")
@@ -186,7 +187,8 @@ class TrainingJob:
     def _resume(self) -> tuple[int, int]:
         """(first step, data position): from the newest checkpoint with --resume, else from the start."""
         s = self.s
-        if not s.resume:
+        # LATEST is written last, so it names a complete checkpoint
+        if not (s.resume or (s.resume_if_present and (Path(s.checkpoint_dir) / "LATEST").is_file())):
             return s.first_step, 0
         path = checkpoint.latest(s.checkpoint_dir)
         resumed: Any = None

