@@ -42,7 +42,7 @@ class LossCause(enum.Enum):
     LEASE = "missed its lease"
     UNREGISTERED = "is not registered"
     POD = "lost its pod"
-    REPLACED = "was replaced by a new process on standby"
+    REPLACED = "is a process on standby (a new or restarted pod) that the plan gives slices"
 
 
 class Stage(enum.Enum):
@@ -57,6 +57,7 @@ class LostShard:
     since: float
     trainers: dict[int, str]  # trainer id -> instance alive when the loss was seen
     instance: str = ""  # the shard process that was lost ("" when none was registered)
+    pod_uid: str = ""  # LossCause.POD: the pod that went away or became unready
     stage: Stage = Stage.WAITING_REPLACEMENT
     logged: set[str] = field(default_factory=set)  # messages already logged for this loss
 
@@ -100,14 +101,18 @@ class ClusterRecovery:
         """From the pod watcher: a deleted or unready pod of a plan shard is a loss before any lease runs out."""
         if kind != "DELETED" and pod.ready and not pod.deleting:
             return
+        if kind != "DELETED" and self.clock() - self.started_at < self.startup_grace_s:
+            return  # pods still coming up with the job
         record = self.store.current()
         if record is None or pod.shard_id not in {ps.shard for ps in record.plan.slices}:
             return
         member = self.membership.get(pb.SHARD, pod.shard_id)
         with self._lock:
             if pod.shard_id not in self.lost:
-                self._lose(pod.shard_id, LossCause.POD, self._alive_trainers(), member.instance if member else "",
-                           f"pod {pod.name} {kind.lower()} ({pod.phase}{', terminating' if pod.deleting else ''})")
+                state = f"{pod.phase}, terminating" if pod.deleting else pod.phase
+                lost = self._lose(pod.shard_id, LossCause.POD, self._alive_trainers(),
+                                  member.instance if member else "", f"pod {pod.name} {kind.lower()} ({state})")
+                lost.pod_uid = pod.uid
 
     def _alive_trainers(self) -> dict[int, str]:
         return {m.id: m.instance for m in self.membership.members(pb.TRAINER) if m.state == pb.ALIVE}
@@ -116,9 +121,13 @@ class ClusterRecovery:
               detail: str = "") -> LostShard:
         lost = LostShard(shard, cause, self.clock(), trainers, instance)
         self.lost[shard] = lost
-        log.warning("shard %d %s%s: the job goes back to its last consistent checkpoint (trainers %s exit and are "
-                    "restarted by their Job with --resume)", shard, cause.value, f" ({detail})" if detail else "",
-                    sorted(trainers) or "none")
+        if trainers:
+            log.warning("shard %d %s%s: the job goes back to its last consistent checkpoint (trainers %s exit and "
+                        "are restarted by their Job with --resume)", shard, cause.value,
+                        f" ({detail})" if detail else "", sorted(trainers))
+        else:  # also how standby shards of a fresh cluster get the initial plan (serve --initial-plan)
+            log.warning("shard %d %s%s: it gets its slices once it registers on standby", shard, cause.value,
+                        f" ({detail})" if detail else "")
         return lost
 
     def check(self) -> list[int]:
@@ -148,7 +157,7 @@ class ClusterRecovery:
                                    m.instance if m is not None else "")
                     continue
                 if m.plan_version == plan.version:
-                    if lost is not None and lost.cause == LossCause.POD and not self._pod_ready(sid):
+                    if lost is not None and lost.cause == LossCause.POD and not self._pod_back(lost):
                         continue  # the lost process's lease has not run out yet: wait for its replacement
                     if lost is not None:
                         log.info("shard %d is serving plan version %d again", sid, plan.version)
@@ -193,9 +202,10 @@ class ClusterRecovery:
                     lost.shard_id, member.address, plan.version, self.clock() - lost.since)
         return True
 
-    def _pod_ready(self, shard: int) -> bool:
-        pod = self.pods().get(shard) if self.pods is not None else None
-        return pod is not None and pod.ready and not pod.deleting
+    def _pod_back(self, lost: LostShard) -> bool:
+        """The very pod that became unready is Ready again (a flap): its process kept its state."""
+        pod = self.pods().get(lost.shard_id) if self.pods is not None else None
+        return pod is not None and pod.uid == lost.pod_uid and pod.ready and not pod.deleting
 
     @staticmethod
     def _once(lost: LostShard | None, key: str, msg: str, *args, level: int = logging.WARNING) -> None:

@@ -299,3 +299,24 @@ def test_a_restarted_shard_pod_gets_its_slices_once_the_old_trainers_are_gone(do
     finally:
         trainer.stop()
         job.close()
+
+
+def test_standby_shard_pods_of_a_fresh_cluster_get_the_initial_plan(double, tmp_path):
+    """In the cluster every shard pod starts `--standby`; the coordinator's --initial-plan reaches them the
+    same way a replaced pod gets its slices back."""
+    from tests.coordinated import PLAN1, Job
+    from trainer.plan import dump_plan
+
+    plan_path = tmp_path / "initial.json"
+    plan_path.write_text(dump_plan(PLAN1))
+    job = Job(tmp_path, *_kube_args(double, tmp_path), "--initial-plan", str(plan_path), standby=0, initial=False)
+    try:
+        for shard in (0, 1):
+            wait_until(lambda s=shard: (m := _shard(job, s)) is not None and m.plan_version == 1, timeout=30,
+                       what=f"shard {shard} to serve the initial plan")
+        _, addresses = job.client.get_plan()
+        for shard in (0, 1):
+            with ShardClient(addresses[shard], plan_version=1) as c:
+                assert len(c.info().slices) == sum(1 for ps in PLAN1.slices if ps.shard == shard)
+    finally:
+        job.close()
