@@ -320,3 +320,30 @@ def test_standby_shard_pods_of_a_fresh_cluster_get_the_initial_plan(double, tmp_
                 assert len(c.info().slices) == sum(1 for ps in PLAN1.slices if ps.shard == shard)
     finally:
         job.close()
+
+
+def test_a_shard_pod_killed_mid_training_and_the_job_resumes_from_its_checkpoint(double, tmp_path):
+    """The whole Kubernetes recovery: shard 1's pod dies while two trainers train; the trainers fail on
+    their own (no process of ours stops them); the StatefulSet restarts the pod on standby; the coordinator
+    gives it its slices once the old trainers are gone; the trainers' Job restarts them with --resume
+    (played here by starting them again); the run ends with the model an uninterrupted run has."""
+    from tests.coordinated import Job, assert_equals_reference
+
+    steps = 120
+    job = Job(tmp_path, *_kube_args(double, tmp_path), standby=0)
+    try:
+        trainers = job.train(steps, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "10")
+        job.wait_step(25)
+        double.delete_pod(1)
+        job.shards.start(1, None)  # kills shard 1 and starts its replacement on standby
+        double.add_pod(1)
+        wait_until(lambda: trainers.poll() is not None, timeout=120, what="the trainers to fail by themselves")
+        assert trainers.poll() != 0, "the trainers cannot finish without shard 1's rows"
+        wait_until(lambda: (m := _shard(job, 1)) is not None and m.plan_version == 1, timeout=60,
+                   what="the replacement to get its slices")
+        trainers.start(resume=True)  # what the Indexed Job does with a failed trainer pod
+        job.wait_trainers()
+        assert_equals_reference(job, steps)
+        assert "shard 1 recovered" in job.coordinator.log_tail(50000)
+    finally:
+        job.close()
