@@ -207,7 +207,10 @@ class RolloutEngine:
     def _scale_up(self, plan: common_pb2.ShardingPlan) -> int | None:
         """More shards than run now: scale up, then wait for the new ones to register on standby. Returns the
         replica count before scaling (None: nothing scaled), so an abort can give the new shards back."""
-        have = self.scaler.replicas() if self.scaler.elastic else None
+        try:
+            have = self.scaler.replicas() if self.scaler.elastic else None
+        except ScalingError as e:
+            raise RolloutFailed(str(e)) from None
         if have is None or have >= plan.num_shards:
             return None
         what = self.scaler.describe()
@@ -229,7 +232,11 @@ class RolloutEngine:
 
     def _scale_in(self, plan: common_pb2.ShardingPlan) -> None:
         """After a committed rollout: removes the highest ordinals, which the new plan gives nothing."""
-        have = self.scaler.replicas() if self.scaler.elastic else None
+        try:
+            have = self.scaler.replicas() if self.scaler.elastic else None
+        except ScalingError as e:
+            log.error("plan version %d is live, but scaling in was not possible: %s", plan.version, e)
+            return
         if have is None:
             return
         keep = max([plan.num_shards, *(ps.shard + 1 for ps in plan.slices)])

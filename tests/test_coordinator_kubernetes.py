@@ -347,3 +347,23 @@ def test_a_shard_pod_killed_mid_training_and_the_job_resumes_from_its_checkpoint
         assert "shard 1 recovered" in job.coordinator.log_tail(50000)
     finally:
         job.close()
+
+
+def test_coordinator_starts_and_serves_while_the_api_server_is_down(double, tmp_path):
+    from coordinator.client import CoordinatorClient
+    from coordinator.process import launch
+
+    args = list(_kube_args(double, tmp_path))
+    double.stop()
+    proc = launch(args, workdir=tmp_path / "coordinator")
+    try:
+        with CoordinatorClient(proc.address) as c:
+            assert c.members() == []  # serving, not crashed
+        wait_until(lambda: "API server unreachable" in proc.log_tail(20000), what="the outage in the log")
+        double.start()
+        wait_until(lambda: "listed 2 shard pods" in proc.log_tail(20000), timeout=30, what="discovery after the outage")
+        log = proc.log_tail(20000)
+        assert log.count("API server unreachable") == 1, log  # logged once, however often retried
+        assert proc.proc.poll() is None
+    finally:
+        proc.kill()
