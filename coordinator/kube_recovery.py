@@ -168,6 +168,8 @@ class ClusterRecovery:
                                "left alone (restart its pod to recover it)", sid, m.plan_version, plan.version)
                     continue
                 if lost is None:
+                    if self._live_version(m.address) == plan.version:
+                        continue  # a heartbeat from before the shard's last Commit: it serves the plan
                     lost = self._lose(sid, LossCause.REPLACED, trainers, m.instance)
                 if self._install_when_trainers_gone(lost, plan, m, trainers):
                     done.append(sid)
@@ -186,8 +188,11 @@ class ClusterRecovery:
                            lost.shard_id, running, self.clock() - lost.since, level=logging.ERROR)
             return False
         try:
-            with ShardClient(member.address, plan_version=0, timeout=30, tls_ca=self.tls_ca) as c:
-                live = c.info().plan_version
+            live = self._live_version(member.address, raise_errors=True)
+            if live not in (0, plan.version):
+                self._once(lost, f"live{live}", "shard %d at %s serves plan version %d, neither standby nor the "
+                           "current %d: left alone", lost.shard_id, member.address, live, plan.version)
+                return False
             if live == 0:
                 self.rollouts.install(plan, lost.shard_id, member.address)
         except grpc.RpcError as e:
@@ -201,6 +206,16 @@ class ClusterRecovery:
                     "trainers restore every shard from the last consistent checkpoint (%.1f s after the loss)",
                     lost.shard_id, member.address, plan.version, self.clock() - lost.since)
         return True
+
+    def _live_version(self, address: str, raise_errors: bool = False) -> int | None:
+        """The plan version the shard itself serves (membership lags by a heartbeat); None if it does not answer."""
+        try:
+            with ShardClient(address, plan_version=0, timeout=10, tls_ca=self.tls_ca) as c:
+                return c.info().plan_version
+        except grpc.RpcError:
+            if raise_errors:
+                raise
+            return None
 
     def _pod_back(self, lost: LostShard) -> bool:
         """The very pod that became unready is Ready again (a flap): its process kept its state."""
