@@ -62,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-selector", default="app.kubernetes.io/component=embedding-shard",
                    help="label selector of the shard pods")
     s.add_argument("--log-level", default="INFO")
+    k = s.add_argument_group(
+        "Kubernetes", "run the job through the Kubernetes API: discover the shard pods, scale the shard StatefulSet "
+                      "when a plan needs more or fewer shards, and bring a restarted shard pod back to the last "
+                      "consistent checkpoint. Needs get/list/watch on pods and get/patch on statefulsets/scale.")
+    k.add_argument("--kubernetes", action="store_true",
+                   help="enable the above (in-cluster config from the pod's ServiceAccount, or --kubeconfig)")
+    k.add_argument("--kube-namespace", metavar="NS",
+                   help="namespace of the shard pods and StatefulSet (default: env POD_NAMESPACE, else the "
+                        "namespace of the pod's ServiceAccount)")
+    k.add_argument("--shard-statefulset", default="embedding-shard", metavar="NAME",
+                   help="the shard StatefulSet, scaled through its scale subresource; its pods are NAME-<ordinal> "
+                        "and the ordinal is the shard id (default: %(default)s)")
+    k.add_argument("--shard-selector", default="app.kubernetes.io/component=embedding-shard", metavar="LABELSELECTOR",
+                   help="label selector of the shard pods to watch (default: %(default)s)")
+    k.add_argument("--kubeconfig", metavar="PATH",
+                   help="kubeconfig file instead of the in-cluster config (running outside the cluster, tests)")
 
     plan = sub.add_parser("plan", help="propose, inspect and roll out sharding plans").add_subparsers(
         dest="plan_command", required=True)
@@ -138,18 +154,35 @@ def serve(args: argparse.Namespace) -> int:
     from coordinator.server import CoordinatorConfig, serve_forever
     from protos.security import TlsConfig
 
+    # force: an import above (torch / fbgemm) already gave the root logger a handler, which would keep
+    # basicConfig from applying the level and format (the coordinator logged nothing below WARNING)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    kube = None
+    if args.kubernetes:
+        from coordinator.kubernetes import KubeSettings, default_namespace
+
+        namespace = args.kube_namespace or default_namespace()
+        if not namespace:
+            raise SystemExit("--kubernetes: no namespace; give --kube-namespace, or set POD_NAMESPACE (downward API)")
+        kube = KubeSettings(namespace=namespace, statefulset=args.shard_statefulset, selector=args.shard_selector,
+                            kubeconfig=args.kubeconfig)
+    elif args.kubeconfig or args.kube_namespace:
+        raise SystemExit("--kubeconfig / --kube-namespace need --kubernetes")
     config = CoordinatorConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         redis_url=args.redis, redis_password=args.redis_password, data_dir=args.data_dir, namespace=args.namespace,
         lease_s=args.lease_s, admin_token=args.admin_token, token_file=args.token_file,
         tls=TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None, initial_plan=args.initial_plan,
         rollout=RolloutSettings(fence_timeout_s=args.fence_timeout_s, rows_per_pull=args.rows_per_pull,
-                                rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6, tls_ca=args.tls_ca))
-    return serve_forever(config)
+                                rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6, tls_ca=args.tls_ca),
+        kubernetes=kube)
+    try:
+        return serve_forever(config)
+    except ValueError as e:  # a kubeconfig that cannot be read, or --kubernetes outside a pod
+        raise SystemExit(f"coordinator serve: {e}") from None
 
 
 # -- plans ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import grpc
 from coordinator.membership import Membership
 from coordinator.moves import Move, MoveError, compute_moves, split_moves
 from coordinator.plan_store import PlanConflict, PlanStore, RolloutClaim
+from coordinator.scaling import FixedShards, ScalingError, ShardScaler
 from coordinator.validation import plan_violations
 from embedding_service.client import ShardClient
 from protos import common_pb2, coordinator_pb2, embedding_shard_pb2
@@ -47,12 +48,14 @@ class RolloutSettings:
     rows_per_pull: int = 262144
     rate_limit_bytes_per_s: float = 0.0  # 0: unlimited; bounds the network share a migration takes
     tls_ca: str | None = None  # CA of the shards' TLS certificates
+    shard_wait_s: float = 300.0  # after scaling up: how long new shards may take to register on standby
 
 
 class RolloutEngine:
     def __init__(self, store: PlanStore, membership: Membership, events, settings: RolloutSettings | None = None,
-                 on_finish=None) -> None:
+                 on_finish=None, scaler: ShardScaler | None = None) -> None:
         self.store, self.membership, self.events = store, membership, events
+        self.scaler: ShardScaler = scaler or FixedShards()  # local default: nothing scales
         self.settings = settings or RolloutSettings()
         self.on_finish = on_finish  # (progress) -> None, for metrics
         self._lock = threading.Condition()
@@ -62,6 +65,8 @@ class RolloutEngine:
     # -- starting -----------------------------------------------------------------------------
     def validate(self, plan: common_pb2.ShardingPlan, current: pb.PlanRecord | None) -> list[str]:
         alive = {m.id: m.capacity_bytes for m in self.membership.alive(pb.SHARD).values()}
+        if self.scaler.elastic:  # shards the rollout will scale up to: capacity unknown (0) until they register
+            alive.update({i: 0 for i in range(plan.num_shards) if i not in alive})
         tables = list(current.plan.tables) if current is not None else None
         return plan_violations(plan, model_tables=tables, alive_shards=alive)
 
@@ -139,9 +144,11 @@ class RolloutEngine:
         fenced_at = None
         clients: dict[int, ShardClient] = {}
         staged = False
+        scaled_from = None
         try:
             # staging allocates and seeds the new slices: done while the trainers still train
             self._update(phase=pb.PREPARING)
+            scaled_from = self._scale_up(plan)
             shards = self.membership.alive(pb.SHARD)
             ids = set(range(plan.num_shards)) | (set(range(current.plan.num_shards)) if current else set())
             missing = sorted(i for i in ids if i not in shards)
@@ -179,6 +186,8 @@ class RolloutEngine:
                 log.warning("abort_rollout: %s", err)
             self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.from_version,
                                              rollout_id=claim.rollout_id))
+            if scaled_from is not None:  # the shards it added own nothing: give them back
+                self._scale(scaled_from, "the rollout aborted")
             self._finish(phase=pb.ABORTED, message=why,
                          pause_s=time.monotonic() - fenced_at if fenced_at is not None else 0.0)
             self._close(clients)
@@ -187,10 +196,75 @@ class RolloutEngine:
                                 "Commit", raise_first=False)
         self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.to_version, rollout_id=claim.rollout_id))
         message = "; ".join(errors)  # a shard that failed to flip needs recovery (restart from checkpoint)
+        if not errors:
+            self._scale_in(plan)
         self._finish(phase=pb.DONE, message=message, pause_s=time.monotonic() - fenced_at)
         self._close(clients)
         log.info("rollout %s done: version %d live, trainers paused %.3f s", claim.rollout_id, claim.to_version,
                  self.progress.pause_s)
+
+    # -- shards a plan needs (ShardScaler) ----------------------------------------------------
+    def _scale_up(self, plan: common_pb2.ShardingPlan) -> int | None:
+        """More shards than run now: scale up, then wait for the new ones to register on standby. Returns the
+        replica count before scaling (None: nothing scaled), so an abort can give the new shards back."""
+        try:
+            have = self.scaler.replicas() if self.scaler.elastic else None
+        except ScalingError as e:
+            raise RolloutFailed(str(e)) from None
+        if have is None or have >= plan.num_shards:
+            return None
+        what = self.scaler.describe()
+        self._update(message=f"scaling {what} from {have} to {plan.num_shards} shards")
+        self._scale(plan.num_shards, f"plan version {plan.version} needs {plan.num_shards} shards", fail=True)
+        wanted = list(range(plan.num_shards))
+        deadline = time.monotonic() + self.settings.shard_wait_s
+        while True:
+            missing = [i for i in wanted if i not in self.membership.alive(pb.SHARD)]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise RolloutFailed(f"scaled {what} to {plan.num_shards}, but shards {missing} did not register "
+                                    f"within {self.settings.shard_wait_s:.0f} s")
+            self._update(message=f"scaled {what} to {plan.num_shards}: waiting for shards {missing} to register")
+            time.sleep(0.2)
+        self._update(message="")
+        return have
+
+    def _scale_in(self, plan: common_pb2.ShardingPlan) -> None:
+        """After a committed rollout: removes the highest ordinals, which the new plan gives nothing."""
+        try:
+            have = self.scaler.replicas() if self.scaler.elastic else None
+        except ScalingError as e:
+            log.error("plan version %d is live, but scaling in was not possible: %s", plan.version, e)
+            return
+        if have is None:
+            return
+        keep = max([plan.num_shards, *(ps.shard + 1 for ps in plan.slices)])
+        if keep < have:
+            self._scale(keep, f"plan version {plan.version} needs only {keep} shards; shards "
+                              f"{list(range(keep, have))} own nothing")
+
+    def _scale(self, replicas: int, why: str, fail: bool = False) -> None:
+        log.info("scaling %s to %d shards: %s", self.scaler.describe(), replicas, why)
+        try:
+            self.scaler.scale_to(replicas)
+        except ScalingError as e:
+            if fail:
+                raise RolloutFailed(str(e)) from None
+            log.error("%s", e)  # the plan is live either way; spare shards only cost resources
+
+    def busy(self) -> bool:
+        """A rollout is running (recovery keeps out of its way)."""
+        with self._lock:
+            return self.progress.phase not in (pb.IDLE, *TERMINAL)
+
+    def install(self, plan: common_pb2.ShardingPlan, shard: int, address: str) -> None:
+        """Gives a standby shard (plan version 0: a replacement pod) its slices of the live `plan`, seeded;
+        the trainers' resume restores them from the checkpoint."""
+        with ShardClient(address, plan_version=0, timeout=self.settings.rpc_timeout_s,
+                         tls_ca=self.settings.tls_ca) as c:
+            c.prepare(assignment(plan, shard))
+            c.commit(plan.version, -1)
 
     def _finish(self, **fields) -> None:
         self._update(**fields)

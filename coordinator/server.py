@@ -12,7 +12,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +26,10 @@ from coordinator.rollout import RolloutSettings
 from coordinator.service import CoordinatorServicer
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.security import BearerTokenInterceptor, TlsConfig, bind
+
+if TYPE_CHECKING:
+    from coordinator.cluster import KubeCluster
+    from coordinator.kubernetes import KubeSettings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -47,6 +51,7 @@ class CoordinatorConfig:
     tls: TlsConfig | None = None
     initial_plan: str | None = None  # stored as version 1 when the store holds no plan
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    kubernetes: KubeSettings | None = None  # serve --kubernetes: watch shard pods, scale, recover
 
 
 @dataclass
@@ -59,9 +64,12 @@ class RunningCoordinator:
     token: str
     redis_url: str
     embedded: EmbeddedRedis | None
+    cluster: KubeCluster | None = None
 
     def stop(self, grace: float = 10.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.servicer.events.close()
         self.server.stop(grace).wait()
         if self.embedded is not None:
@@ -69,6 +77,11 @@ class RunningCoordinator:
 
 
 def start(config: CoordinatorConfig) -> RunningCoordinator:
+    cluster = None
+    if config.kubernetes is not None:  # first: a bad kubeconfig fails before anything is started
+        from coordinator.cluster import KubeCluster
+
+        cluster = KubeCluster.connect(config.kubernetes)
     embedded = None
     if config.redis_url:
         redis_client, url = connect(config.redis_url, config.redis_password), config.redis_url
@@ -90,7 +103,10 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
         os.chmod(tmp, 0o600)
         tmp.rename(path)
     metrics = CoordinatorMetrics()
-    servicer = CoordinatorServicer(store, membership, metrics, config.rollout)
+    servicer = CoordinatorServicer(store, membership, metrics, config.rollout,
+                                   scaler=cluster.scaler if cluster is not None else None)
+    if cluster is not None:
+        cluster.start(store, membership, servicer.rollouts, tls_ca=config.rollout.tls_ca)
     metrics.plan_version.set(store.current_version())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
                          interceptors=[BearerTokenInterceptor(token, set(ADMIN_METHODS))],
@@ -105,7 +121,7 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningCoordinator(server, servicer, health_servicer, port, metrics_port, token, url, embedded)
+    return RunningCoordinator(server, servicer, health_servicer, port, metrics_port, token, url, embedded, cluster)
 
 
 def serve_forever(config: CoordinatorConfig) -> NoReturn:
@@ -113,6 +129,9 @@ def serve_forever(config: CoordinatorConfig) -> NoReturn:
     info = {"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": running.port,
             "metrics_port": running.metrics_port, "redis": running.redis_url,
             "plan_version": running.servicer.store.current_version(), "tls": config.tls is not None}
+    if config.kubernetes is not None:
+        k = config.kubernetes
+        info["kubernetes"] = {"namespace": k.namespace, "statefulset": k.statefulset, "selector": k.selector}
     if not config.admin_token and not config.token_file:
         info["admin_token"] = running.token  # generated: the operator needs it for apply / rollback
     print(json.dumps(info), flush=True)

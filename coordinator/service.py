@@ -15,6 +15,7 @@ from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan_store import PlanNotFound, PlanStore
 from coordinator.rollout import RolloutEngine, RolloutRefused, RolloutSettings
+from coordinator.scaling import ShardScaler
 from protos import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,12 @@ def stream_rpc(method):
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, store: PlanStore, membership: Membership, metrics: CoordinatorMetrics | None = None,
-                 settings: RolloutSettings | None = None) -> None:
+                 settings: RolloutSettings | None = None, scaler: ShardScaler | None = None) -> None:
         self.store, self.membership = store, membership
         self.metrics = metrics or CoordinatorMetrics()
         self.events = PlanEvents()
-        self.rollouts = RolloutEngine(store, membership, self.events, settings, on_finish=self._rollout_finished)
+        self.rollouts = RolloutEngine(store, membership, self.events, settings, on_finish=self._rollout_finished,
+                                      scaler=scaler)
 
     def _rollout_finished(self, progress: pb.RolloutProgress) -> None:
         self.metrics.rollouts.labels(pb.RolloutPhase.Name(progress.phase)).inc()
