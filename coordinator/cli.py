@@ -53,14 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows-per-pull", type=int, default=262144, help="rows per PullRows call during a migration")
     s.add_argument("--fence-timeout-s", type=float, default=120.0,
                    help="abort a rollout when the trainers have not fenced by then")
-    # Kubernetes mode (issue 10). Declared here so the manifests parse; the behaviour is the coordinator's
-    # Kubernetes client (another change), which reconciles these with its own definitions.
-    s.add_argument("--kubernetes", action="store_true",
-                   help="run in a cluster: watch shard pods, scale the shard StatefulSet through its scale subresource")
-    s.add_argument("--kube-namespace", help="namespace of the shard pods and StatefulSet (default: the pod's own)")
-    s.add_argument("--shard-statefulset", default="embedding-shard", help="name of the shard StatefulSet")
-    s.add_argument("--shard-selector", default="app.kubernetes.io/component=embedding-shard",
-                   help="label selector of the shard pods")
     s.add_argument("--log-level", default="INFO")
     k = s.add_argument_group(
         "Kubernetes", "run the job through the Kubernetes API: discover the shard pods, scale the shard StatefulSet "

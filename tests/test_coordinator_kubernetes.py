@@ -31,7 +31,7 @@ from coordinator.kubernetes import (
 from coordinator.scaling import FixedShards, ScalingError
 from embedding_service.client import ShardClient
 from protos import coordinator_pb2, coordinator_pb2_grpc
-from protos.security import open_channel
+from protos.channels import open_channel
 from tests.kube_api_double import KubeApiDouble
 
 pb = coordinator_pb2
@@ -304,8 +304,8 @@ def test_a_restarted_shard_pod_gets_its_slices_once_the_old_trainers_are_gone(do
 def test_standby_shard_pods_of_a_fresh_cluster_get_the_initial_plan(double, tmp_path):
     """In the cluster every shard pod starts `--standby`; the coordinator's --initial-plan reaches them the
     same way a replaced pod gets its slices back."""
+    from protos.plan import dump_plan
     from tests.coordinated import PLAN1, Job
-    from trainer.plan import dump_plan
 
     plan_path = tmp_path / "initial.json"
     plan_path.write_text(dump_plan(PLAN1))
