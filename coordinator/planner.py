@@ -15,6 +15,7 @@ only on the inputs (ties break by table order and shard id).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -26,8 +27,9 @@ from protos import common_pb2
 
 _EPS = 1e-9
 # Search bounds (see `propose`): candidate splits per search step, in all, and seconds of local search.
-_STEP_TRIALS = 512
+_STEP_WORK = 8192  # trials x shards: every candidate split is tried up to 512 trials at 16 shards
 DEFAULT_MAX_TRIALS = 20_000
+_REPLACE_ALL_MAX_WORK = 8192  # cells x shards
 DEFAULT_TIME_BUDGET_S = 6.0
 # Optimizers whose state or update couples a row's columns: a column slice of them is not the same math.
 _ROWWISE_STATE = {common_pb2.EXACT_ROWWISE_ADAGRAD, common_pb2.PARTIAL_ROWWISE_ADAM, common_pb2.LAMB}
@@ -207,10 +209,22 @@ class _State:
         self.put(cell, min(options, key=lambda s: (self.used[s] - self.capacity[s], self.load[s], s)))
         return True
 
-    def place_making_room(self, cell: _Cell, limit: float) -> bool:
+    def place_making_room(self, cell: _Cell, limit: float, order: list[int] | None = None) -> bool:
         """Onto the least-loaded shard that stays under `limit`, first moving one of its cells to another
-        shard under `limit` if that is what makes room (the light shards are often full of cold tables)."""
-        order = self.by_load()
+        shard under `limit` if that is what makes room (the light shards are often full of cold tables).
+
+        `order`: the shards by (load, id), kept sorted here as loads change, so placing the many cells of
+        one table sorts the shards once rather than once per cell."""
+        if order is None:
+            order = self.by_load()
+        mark = self.mark()
+        ok = self._place_making_room(cell, limit, order)
+        for s in {op[2] for op in self.journal[mark:]}:
+            order.remove(s)
+            bisect.insort(order, s, key=lambda s: (self.load[s], s))
+        return ok
+
+    def _place_making_room(self, cell: _Cell, limit: float, order: list[int]) -> bool:
         bound = limit * (1 - _EPS)
         for d in order:
             if self.load[d] + cell.cost >= bound:
@@ -340,7 +354,10 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
     start.commit()
     # Searches that judge a split differently and that do or do not re-place every table after one; the
     # lowest most-loaded shard wins, then the least total cost. Each gets an even share of the budget left.
-    modes = [(better, replace_all) for better in (_leximax_better, _squares_better) for replace_all in (False, True)]
+    # A fresh placement of every table per trial costs cells x shards; past a few dozen of each it is skipped.
+    cells = sum(r * c for r, c in layouts.values())
+    modes = [(better, replace_all) for better in (_leximax_better, _squares_better) for replace_all in (False, True)
+             if not replace_all or cells * n <= _REPLACE_ALL_MAX_WORK]
     results = [_search(tables, layouts, max_cols, start.copy(), cost, balance_target, max_splits, better, replace_all,
                        budget.share(len(modes) - k))
                for k, (better, replace_all) in enumerate(modes)]
@@ -354,15 +371,24 @@ def _search(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[i
             better: Callable[[list[float], list[float]], bool],
             replace_all: bool, budget: _Budget) -> tuple[dict[int, tuple[int, int]], _State]:
     """Split while the balance misses the target and a split helps by `better`; return the best placement
-    seen by `_worth`, so stepping-stone splits that never lowered the most loaded shard are undone."""
+    seen by `_worth`, so stepping-stone splits that never lowered the most loaded shard are undone.
+
+    At scale (see `_split_once`) a split that unloads one of several equally most-loaded shards does not
+    count against `max_splits`: hundreds of tables of one cost over hundreds of shards leave dozens of such
+    ties, each needing its own split; `budget` bounds those."""
     best = (layouts, state.copy())
-    for _ in range(max_splits):
+    hints: dict[tuple, tuple[int, int]] = {}
+    splits = 0
+    while splits < max_splits:
         if state.balance() <= balance_target or budget.trials <= 0:
             break
-        found = _split_once(tables, layouts, max_cols, state, cost, better, replace_all, budget)
+        top = max(state.load)
+        found = _split_once(tables, layouts, max_cols, state, cost, better, replace_all, budget, hints=hints)
         if found is None:
             break
-        layouts, state = found
+        layouts, state, large = found
+        if not large or max(state.load) < top * (1 - _EPS):
+            splits += 1
         if _worth(state) < _worth(best[1]):
             best = (layouts, state.copy())
     return best
@@ -559,16 +585,19 @@ def _spread(lo: int, hi: int, dense: bool) -> list[int]:
 def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]],
                 max_cols: dict[int, int], state: _State,
                 cost: CostModel, better: Callable[[list[float], list[float]], bool], replace_all: bool,
-                budget: _Budget, step_trials: int = _STEP_TRIALS,
-                ) -> tuple[dict[int, tuple[int, int]], _State] | None:
+                budget: _Budget, step_work: int = _STEP_WORK, hints: dict[tuple, tuple[int, int]] | None = None,
+                ) -> tuple[dict[int, tuple[int, int]], _State, bool] | None:
     """Try more row or column parts for each table on the most loaded shards; keep the best result (after
     moves and swaps) if it beats the current placement.
 
-    Every candidate is tried while they number at most `step_trials` (the case up to a few dozen tables and
-    shards). Beyond that, tables whose cells cost the same on equally loaded shards are tried once (with
-    hundreds of equal tables most ties are such twins), split counts are spread (`_spread`), and the
-    costliest candidates come first up to `step_trials`. `budget` may stop the step early; the best trial
-    so far is then its result."""
+    Every candidate is tried while trials x shards is at most `step_work` (a trial's placement and moves
+    grow with the shards; this covers a few dozen tables over 16 shards). Beyond that, tables whose cells
+    cost the same on equally loaded shards are tried once (with hundreds of equal tables most ties are such
+    twins), split counts are spread (`_spread`), candidates go costliest first and the step ends with the
+    first that has an improving split, after at most `step_work / shards` trials. `hints` remembers the
+    split that won for a table shape (layout and cell costs) and tries it first for the next such table;
+    when it improves the step ends there. `budget` may stop the step early; the best trial so far is
+    then its result. Returns the layouts, the placement and whether the step was such a large one."""
     n = len(state.load)
     top = max(state.load)
     tops = [s for s in range(n) if state.load[s] >= top * (1 - _EPS)]  # all of them, as ties are common
@@ -584,23 +613,38 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
         return more_rows + more_cols
 
     trials = [(i, layout) for i in candidates for layout in options(i, True)]
-    if len(trials) > step_trials:
+    step_trials = max(16, step_work // n)
+    large = len(trials) > step_trials
+    hints = {} if hints is None else hints
+    hinted: set[tuple[int, tuple[int, int]]] = set()
+
+    def shape(i: int) -> tuple:
+        return layouts[i], tuple(sorted(round(c.cost * 1e12) for c in state.cells[i]))
+
+    if large:
         seen: set[tuple] = set()
         trials = []
         for i in candidates:
-            twin = (layouts[i], tuple(sorted((round(c.cost * 1e12), round(state.load[c.shard] * 1e12))
-                                             for c in state.cells[i])))
+            twin = (shape(i), tuple(sorted(round(state.load[c.shard] * 1e12) for c in state.cells[i])))
             if twin in seen:
                 continue
             seen.add(twin)
-            trials += [(i, layout) for layout in options(i, False)]
+            mine = options(i, False)
+            hint = hints.get(shape(i))
+            if hint is not None and hint in mine:
+                hinted.add((i, hint))
+                mine = [hint, *(x for x in mine if x != hint)]
+            trials += [(i, layout) for layout in mine]
         trials = trials[:step_trials]
 
     state.commit()
     base_key = state.key()
     best_key: list[float] | None = None
     best: tuple[dict[int, tuple[int, int]], list[_Op] | _State] | None = None
-    for i, layout in trials:
+    won_by_hint = False
+    for k, (i, layout) in enumerate(trials):
+        if large and best is not None and (won_by_hint or trials[k - 1][0] != i):
+            break  # the best split of the costliest table that has one: first improvement, not best of all
         if not budget.spend():
             break
         new_layouts = {**layouts, i: layout}
@@ -610,6 +654,7 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
             if better(key, best_key or base_key):
                 best_key = key
                 best = (new_layouts, state.undo(0))
+                won_by_hint = (i, layout) in hinted
             else:
                 state.undo(0)
         else:
@@ -625,12 +670,15 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
     if best is None:
         return None
     new_layouts, found = best
+    if large:
+        changed = next(i for i in new_layouts if new_layouts[i] != layouts[i])
+        hints[shape(changed)] = new_layouts[changed]
     if isinstance(found, _State):
         found.commit()
-        return new_layouts, found
+        return new_layouts, found, large
     state.redo(found)
     state.commit()
-    return new_layouts, state
+    return new_layouts, state, large
 
 
 def _replace_table(tables: Sequence[common_pb2.TableConfig], i: int, layout: tuple[int, int], state: _State,
@@ -642,7 +690,8 @@ def _replace_table(tables: Sequence[common_pb2.TableConfig], i: int, layout: tup
     for c in state.cells[i]:
         state.take(c)
     state.set_cells(i, _cells(tables, i, layout, cost))
-    return all(state.place_making_room(c, limit)
+    order = state.by_load()
+    return all(state.place_making_room(c, limit, order)
                for c in sorted(state.cells[i], key=lambda c: (-c.cost, c.row_offset, c.col_offset)))
 
 
