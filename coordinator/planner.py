@@ -27,9 +27,10 @@ from protos import common_pb2
 
 _EPS = 1e-9
 # Search bounds (see `propose`): candidate splits per search step, in all, and seconds of local search.
-_STEP_WORK = 8192  # trials x shards: every candidate split is tried up to 512 trials at 16 shards
+_STEP_WORK = 512 * 16 * 16  # trials x shards^2: every candidate split is tried up to 512 trials at 16 shards
 DEFAULT_MAX_TRIALS = 20_000
 _REPLACE_ALL_MAX_WORK = 8192  # cells x shards
+_WIDE_STEP = 16  # step work when a step found nothing
 DEFAULT_TIME_BUDGET_S = 6.0
 # Optimizers whose state or update couples a row's columns: a column slice of them is not the same math.
 _ROWWISE_STATE = {common_pb2.EXACT_ROWWISE_ADAGRAD, common_pb2.PARTIAL_ROWWISE_ADAM, common_pb2.LAMB}
@@ -380,10 +381,13 @@ def _search(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[i
     hints: dict[tuple, tuple[int, int]] = {}
     splits = 0
     while splits < max_splits:
-        if state.balance() <= balance_target or budget.trials <= 0:
-            break
+        if best[1].balance() <= balance_target or budget.trials <= 0:
+            break  # the best by `_worth`: a split that only adds work can lift the mean to the target
         top = max(state.load)
         found = _split_once(tables, layouts, max_cols, state, cost, better, replace_all, budget, hints=hints)
+        if found is None:  # before giving up, a wider step: more candidates and split counts
+            found = _split_once(tables, layouts, max_cols, state, cost, better, replace_all, budget, hints=hints,
+                                step_work=_STEP_WORK * _WIDE_STEP)
         if found is None:
             break
         layouts, state, large = found
@@ -590,11 +594,12 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
     """Try more row or column parts for each table on the most loaded shards; keep the best result (after
     moves and swaps) if it beats the current placement.
 
-    Every candidate is tried while trials x shards is at most `step_work` (a trial's placement and moves
-    grow with the shards; this covers a few dozen tables over 16 shards). Beyond that, tables whose cells
+    Every candidate is tried while trials x shards^2 is at most `step_work` (a trial's placement and
+    moves grow with the shards, and so do the cells to place; this covers a few dozen tables over 16
+    shards). Beyond that, tables whose cells
     cost the same on equally loaded shards are tried once (with hundreds of equal tables most ties are such
     twins), split counts are spread (`_spread`), candidates go costliest first and the step ends with the
-    first that has an improving split, after at most `step_work / shards` trials. `hints` remembers the
+    first that has an improving split, after at most `step_work / shards^2` trials (16 at least). `hints` remembers the
     split that won for a table shape (layout and cell costs) and tries it first for the next such table;
     when it improves the step ends there. `budget` may stop the step early; the best trial so far is
     then its result. Returns the layouts, the placement and whether the step was such a large one."""
@@ -613,7 +618,7 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
         return more_rows + more_cols
 
     trials = [(i, layout) for i in candidates for layout in options(i, True)]
-    step_trials = max(16, step_work // n)
+    step_trials = max(16, step_work // (n * n))
     large = len(trials) > step_trials
     hints = {} if hints is None else hints
     hinted: set[tuple[int, tuple[int, int]]] = set()
@@ -659,7 +664,7 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
                 state.undo(0)
         else:
             state.undo(0)
-        if replace_all:
+        if replace_all and len(state.on) * sum(map(len, state.on)) <= _REPLACE_ALL_MAX_WORK:
             trial = _place_all(tables, new_layouts, state.capacity, cost)[0]
             if trial is not None:
                 _improve(trial)
