@@ -294,10 +294,15 @@ class _Budget:
         return True
 
     def share(self, parts: int) -> _Budget:
-        """An even part of what is left, for one of `parts` searches run one after another (what a
-        search does not use goes to the next)."""
+        """An even part of what is left (rounded up) for one of `parts` searches run one after another;
+        what a search does not use goes to the next."""
         left = max(0.0, self.deadline - time.perf_counter())
-        return _Budget(trials=self.trials // parts, deadline=time.perf_counter() + left / parts)
+        part = _Budget(trials=-(-self.trials // parts), deadline=time.perf_counter() + left / parts)
+        self.trials -= part.trials
+        return part
+
+    def give_back(self, part: _Budget) -> None:
+        self.trials += part.trials
 
 
 def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[ShardCapacity], cost: CostModel, *,
@@ -359,9 +364,12 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
     cells = sum(r * c for r, c in layouts.values())
     modes = [(better, replace_all) for better in (_leximax_better, _squares_better) for replace_all in (False, True)
              if not replace_all or cells * n <= _REPLACE_ALL_MAX_WORK]
-    results = [_search(tables, layouts, max_cols, start.copy(), cost, balance_target, max_splits, better, replace_all,
-                       budget.share(len(modes) - k))
-               for k, (better, replace_all) in enumerate(modes)]
+    results = []
+    for k, (better, replace_all) in enumerate(modes):
+        part = budget.share(len(modes) - k)
+        results.append(_search(tables, layouts, max_cols, start.copy(), cost, balance_target, max_splits, better,
+                               replace_all, part))
+        budget.give_back(part)
     layouts, state = min(results, key=lambda r: _worth(r[1]))
     return _to_plan(tables, dp, layouts, state, n, version)
 
@@ -534,7 +542,7 @@ def _move(state: _State, src: int, top: float, mine: list[_Cell], order: list[in
     bound = top * (1 - _EPS)
     for dst in order:
         if state.load[dst] >= bound:
-            break  # every cell costs something, and the shards after this one are loaded more
+            break  # costs are never negative, and the shards after this one are loaded more
         for c in mine:
             if state.load[dst] + c.cost < bound and state.fits(c, dst):
                 state.take(c)
@@ -594,15 +602,15 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
     """Try more row or column parts for each table on the most loaded shards; keep the best result (after
     moves and swaps) if it beats the current placement.
 
-    Every candidate is tried while trials x shards^2 is at most `step_work` (a trial's placement and
-    moves grow with the shards, and so do the cells to place; this covers a few dozen tables over 16
-    shards). Beyond that, tables whose cells
-    cost the same on equally loaded shards are tried once (with hundreds of equal tables most ties are such
-    twins), split counts are spread (`_spread`), candidates go costliest first and the step ends with the
-    first that has an improving split, after at most `step_work / shards^2` trials (16 at least). `hints` remembers the
-    split that won for a table shape (layout and cell costs) and tries it first for the next such table;
-    when it improves the step ends there. `budget` may stop the step early; the best trial so far is
-    then its result. Returns the layouts, the placement and whether the step was such a large one."""
+    Every candidate is tried while trials x shards^2 is at most `step_work` (a trial's placement and moves
+    grow with the shards, and so do the cells to place; this covers a few dozen tables over 16 shards).
+    Beyond that (a "large" step), tables whose cells cost the same on equally loaded shards are tried once
+    (with hundreds of equal tables most ties are such twins), split counts are spread (`_spread`), the
+    candidates go costliest first, and the step ends with the first one that has an improving split,
+    after at most `step_work / shards^2` trials (16 at least). `hints` remembers the split that won a
+    large step for a table shape (layout and cell costs) and tries it first for the next table of that
+    shape, ending the step when it improves. `budget` may stop a step early; its best trial so far is
+    then the result. Returns the layouts, the placement and whether the step was large."""
     n = len(state.load)
     top = max(state.load)
     tops = [s for s in range(n) if state.load[s] >= top * (1 - _EPS)]  # all of them, as ties are common
