@@ -30,7 +30,7 @@ _EPS = 1e-9
 _STEP_WORK = 512 * 16 * 16  # trials x shards^2: every candidate split is tried up to 512 trials at 16 shards
 DEFAULT_MAX_TRIALS = 20_000
 _REPLACE_ALL_MAX_WORK = 8192  # cells x shards
-_WIDE_STEP = 16  # step work when a step found nothing
+_WIDE_STEP = 4  # step work, times _STEP_WORK, when a step found nothing
 DEFAULT_TIME_BUDGET_S = 6.0
 # Optimizers whose state or update couples a row's columns: a column slice of them is not the same math.
 _ROWWISE_STATE = {common_pb2.EXACT_ROWWISE_ADAGRAD, common_pb2.PARTIAL_ROWWISE_ADAM, common_pb2.LAMB}
