@@ -10,7 +10,13 @@ Each table gets a layout, a grid of `col_parts` x `row_parts` slices on distinct
 Placement is greedy (costliest slice first onto the least-loaded shard with room), then a local search
 moves and swaps slices off the most loaded shard and splits its tables further until max/mean cost is
 within `balance_target` or nothing improves. Memory is a hard constraint throughout; the result depends
-only on the inputs (ties break by table order and shard id).
+only on the inputs (ties break by table order and shard id) unless the search's time budget runs out.
+
+The search's cost is bounded: a candidate split is applied to one placement and undone from a journal
+(not tried on a copy of every table's cells), each step's candidates are capped by a work estimate (twin
+tables tried once, split counts spread at scale), and a trial count and a wall-clock budget end the
+search with the best valid plan found so far. 2,000 tables over 256 shards plan in under a second or
+two (`python -m benchmarks.planner_scale`).
 """
 
 from __future__ import annotations
