@@ -192,7 +192,7 @@ def propose(args: argparse.Namespace) -> int:
         elif isinstance(e, OSError) and e.strerror:
             detail = e.strerror
         else:
-            detail = " ".join(str(e).split())
+            detail = " ".join(str(e).split()).removeprefix(f"{args.config}: ")
         print(f"coordinator plan propose: {args.config}: {detail}", file=sys.stderr)
         return 2
     pooling = {}

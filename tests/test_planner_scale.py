@@ -120,8 +120,11 @@ def test_propose_refuses_a_bad_model_config_in_one_line(tmp_path):
                    "  - {name: b, num_rows: 100, dim: 32, features: [fb]}\n")
     broken = tmp_path / "broken.yaml"
     broken.write_text("tables: [\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- just a list\n")
     cases = [(bad, "tables: the dot interaction needs one embedding dim, got [32, 64]"),
              (broken, "line 2, column 1"),
+             (listed, "list.yaml: expected a mapping at the top level"),
              (tmp_path / "missing.yaml", "No such file or directory")]
     for path, expected in cases:
         r = _propose_cli(path, "--shards", "2")
@@ -130,6 +133,6 @@ def test_propose_refuses_a_bad_model_config_in_one_line(tmp_path):
         assert "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"coordinator plan propose: {path}: "), r.stderr
-        assert expected in lines[0]
+        assert expected in lines[0] and lines[0].count(str(path)) == 1
     r = _propose_cli(ROOT / "configs" / "criteo_kaggle.yaml", "--shards", "0")
     assert r.returncode == 2 and r.stderr.strip() == "coordinator plan propose: --shards 0: must be at least 1"
