@@ -35,7 +35,7 @@ _EPS = 1e-9
 # Search bounds (see `propose`): candidate splits per search step, in all, and seconds of local search.
 _STEP_WORK = 512 * 16 * 16  # trials x shards^2: every candidate split is tried up to 512 trials at 16 shards
 DEFAULT_MAX_TRIALS = 20_000
-_REPLACE_ALL_MAX_WORK = 8192  # cells x shards
+_REPLACE_ALL_MAX_WORK = 2048  # cells x shards
 _WIDE_STEP = 4  # step work, times _STEP_WORK, when a step found nothing
 DEFAULT_TIME_BUDGET_S = 6.0
 # Optimizers whose state or update couples a row's columns: a column slice of them is not the same math.
@@ -371,9 +371,10 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
     modes = [(better, replace_all) for better in (_leximax_better, _squares_better) for replace_all in (False, True)
              if not replace_all or cells * n <= _REPLACE_ALL_MAX_WORK]
     results = []
+    memo = _CellMemo(cost)
     for k, (better, replace_all) in enumerate(modes):
         part = budget.share(len(modes) - k)
-        results.append(_search(tables, layouts, max_cols, start.copy(), cost, balance_target, max_splits, better,
+        results.append(_search(tables, layouts, max_cols, start.copy(), memo, balance_target, max_splits, better,
                                replace_all, part))
         budget.give_back(part)
     layouts, state = min(results, key=lambda r: _worth(r[1]))
@@ -382,7 +383,7 @@ def propose(tables: Sequence[common_pb2.TableConfig], capacities: Sequence[Shard
 
 def _search(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], max_cols: dict[int, int],
             state: _State,
-            cost: CostModel, balance_target: float, max_splits: int,
+            cost: CostModel | _CellMemo, balance_target: float, max_splits: int,
             better: Callable[[list[float], list[float]], bool],
             replace_all: bool, budget: _Budget) -> tuple[dict[int, tuple[int, int]], _State]:
     """Split while the balance misses the target and a split helps by `better`; return the best placement
@@ -467,19 +468,36 @@ def _max_col_parts(t: common_pb2.TableConfig) -> int:
     return t.dim // 4 if t.dim % 4 == 0 and t.dim >= 4 else t.dim
 
 
-def _cells(tables: Sequence[common_pb2.TableConfig], i: int, layout: tuple[int, int], cost: CostModel) -> list[_Cell]:
-    t = tables[i]
-    cols, rows = layout
-    out = []
-    for c0, nc in split_range(t.dim, cols, 4):
-        for r0, nr in split_range(t.num_rows, rows):
-            sc = cost.cell_cost(t, nr, nc)
-            out.append(_Cell(i, r0, nr, c0, nc, sc.cost, sc.storage_bytes))
-    return out
+_Spec = tuple[int, int, int, int, float, int]  # row offset, rows, col offset, cols, cost, bytes
+
+
+class _CellMemo(dict[tuple[int, tuple[int, int]], list[_Spec]]):
+    """Cell shapes and costs by (table, layout): a search re-places every table after each candidate split,
+    and asks for the same cells thousands of times."""
+
+    def __init__(self, cost: CostModel) -> None:
+        super().__init__()
+        self.cost = cost
+
+
+def _cells(tables: Sequence[common_pb2.TableConfig], i: int, layout: tuple[int, int],
+           cost: CostModel | _CellMemo) -> list[_Cell]:
+    specs = cost.get((i, layout)) if isinstance(cost, _CellMemo) else None
+    if specs is None:
+        t = tables[i]
+        model = cost.cost if isinstance(cost, _CellMemo) else cost
+        specs = []
+        for c0, nc in split_range(t.dim, layout[0], 4):
+            for r0, nr in split_range(t.num_rows, layout[1]):
+                sc = model.cell_cost(t, nr, nc)
+                specs.append((r0, nr, c0, nc, sc.cost, sc.storage_bytes))
+        if isinstance(cost, _CellMemo):
+            cost[(i, layout)] = specs
+    return [_Cell(i, *s) for s in specs]
 
 
 def _place_all(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]], caps: list[int],
-               cost: CostModel) -> tuple[_State | None, _Cell | None]:
+               cost: CostModel | _CellMemo) -> tuple[_State | None, _Cell | None]:
     """Costliest cells first onto the least-loaded shard with room; when memory is too tight for that, largest
     cells first onto the shard with the most room (first fit decreasing). Returns the placement, or None
     and a cell that fitted nowhere."""
@@ -602,7 +620,7 @@ def _spread(lo: int, hi: int, dense: bool) -> list[int]:
 
 def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tuple[int, int]],
                 max_cols: dict[int, int], state: _State,
-                cost: CostModel, better: Callable[[list[float], list[float]], bool], replace_all: bool,
+                cost: CostModel | _CellMemo, better: Callable[[list[float], list[float]], bool], replace_all: bool,
                 budget: _Budget, step_work: int = _STEP_WORK, hints: dict[tuple, tuple[int, int]] | None = None,
                 ) -> tuple[dict[int, tuple[int, int]], _State, bool] | None:
     """Try more row or column parts for each table on the most loaded shards; keep the best result (after
@@ -701,7 +719,7 @@ def _split_once(tables: Sequence[common_pb2.TableConfig], layouts: dict[int, tup
 
 
 def _replace_table(tables: Sequence[common_pb2.TableConfig], i: int, layout: tuple[int, int], state: _State,
-                   cost: CostModel) -> bool:
+                   cost: CostModel | _CellMemo) -> bool:
     """Replace table i's cells in `state` by those of `layout`, placed onto the least-loaded shards (making
     room there if needed); False when one finds no room (a fresh placement of every table may still find
     some). Changes `state` in place: the caller undoes it to its mark."""
