@@ -205,12 +205,29 @@ def _client(args: argparse.Namespace, admin: bool = False):
 
 
 def propose(args: argparse.Namespace) -> int:
+    import yaml
+
     from coordinator.cost import CostModel, ShardCapacity
     from coordinator.planner import PlanningError
     from coordinator.planner import propose as plan_tables
     from protos.model_config import ModelConfig
 
-    model = ModelConfig.load(args.config)
+    if args.shards < 1:
+        print(f"coordinator plan propose: --shards {args.shards}: must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        model = ModelConfig.load(args.config)
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError, json_format.ParseError) as e:
+        # The model's own checks name the field ("tables: the dot interaction needs one embedding dim");
+        # an operator wants that line and the file, not a traceback.
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+            detail = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: {e.problem}"
+        elif isinstance(e, OSError) and e.strerror:
+            detail = e.strerror
+        else:
+            detail = " ".join(str(e).split()).removeprefix(f"{args.config}: ")
+        print(f"coordinator plan propose: {args.config}: {detail}", file=sys.stderr)
+        return 2
     pooling = {}
     for spec in args.pooling:
         table, _, value = spec.partition("=")
@@ -222,7 +239,7 @@ def propose(args: argparse.Namespace) -> int:
     if args.capacity_mb:
         capacity = int(args.capacity_mb * 2**20)
     else:
-        from coordinator.moves import row_bytes
+        from protos.plan import row_bytes
 
         total = sum(t.num_rows * row_bytes(t, t.dim) for t in model.tables)
         capacity = 2 * total // args.shards + 1
