@@ -47,6 +47,9 @@ class RolloutSettings:
     rows_per_pull: int = 262144
     rate_limit_bytes_per_s: float = 0.0  # 0: unlimited; bounds the network share a migration takes
     tls_ca: str | None = None  # CA of the shards' TLS certificates
+    tls_cert: str | None = None  # the coordinator's own certificate, presented to shards that require mTLS
+    tls_key: str | None = None
+    shard_token: str | None = None  # the shards' control-plane token (Prepare, PullRows, Commit, Abort)
 
 
 class RolloutEngine:
@@ -148,7 +151,10 @@ class RolloutEngine:
             if missing:
                 raise RolloutFailed(f"shards {missing} are not registered and alive")
             clients = {i: ShardClient(shards[i].address, plan_version=claim.from_version,
-                                      timeout=self.settings.rpc_timeout_s, tls_ca=self.settings.tls_ca)
+                                      timeout=self.settings.rpc_timeout_s, tls_ca=self.settings.tls_ca,
+                                      token=self.settings.shard_token,
+                                      tls_cert=self.settings.tls_cert if self.settings.tls_ca else None,
+                                      tls_key=self.settings.tls_key if self.settings.tls_ca else None)
                        for i in sorted(ids)}
             staged = True
             self._parallel({i: (lambda c=c, i=i: c.prepare(assignment(plan, i))) for i, c in clients.items()},
