@@ -244,3 +244,24 @@ def test_coordinator_mutual_tls_and_a_member_registering_with_its_certificate(sh
             assert 0 in alive
     finally:
         coord.kill()
+
+
+# -- members presenting the token: a rollout with every shard's control plane locked -----------------
+def test_rollout_with_locked_shards_the_coordinator_and_peers_present_the_token(tmp_path, monkeypatch):
+    from coordinator.client import final
+    from tests.coordinated import PLAN2, Job
+
+    monkeypatch.setenv("RECSYS_CONTROL_TOKEN", TOKEN)  # shards require it; coordinator and shards present it
+    job = Job(tmp_path)
+    try:
+        shard0 = job.shards.procs[0]
+        assert shard0.announced["control_token"] is True
+        with ShardClient(shard0.address, timeout=10) as anonymous:
+            assert code_of(lambda: anonymous.abort(2)) == grpc.StatusCode.UNAUTHENTICATED
+        p = final(job.client.apply(PLAN2, base_version=1, author="test", reason="locked shards"))
+        assert p.phase == coordinator_pb2.DONE, p.message  # Prepare / PullRows -> peers' ExportRows / Commit
+        assert job.client.get_plan()[0].plan.num_shards == 3
+        for proc in job.shards.procs.values():
+            assert TOKEN not in proc.log_path.read_text()
+    finally:
+        job.close()
