@@ -175,6 +175,14 @@ def test_gateway_control_plane_and_predict_tokens(store, tmp_path):
         assert right.set_default_version("dlrm", 2).is_default
         right.unload_model("dlrm", 1)
         assert right.predict_request(req).version == 2
+        # the operator's commands carry the token too
+        from inference_gateway.cli import main as gateway_main
+
+        with pytest.raises(SystemExit, match="UNAUTHENTICATED"):
+            gateway_main(["unload", "--address", gw.address, "--name", "dlrm", "--version", "2"])
+        assert gateway_main(["load", "--address", gw.address, "--path", "v1", "--token-file",
+                             token_file(tmp_path, TOKEN)]) == 0
+        assert sorted(m.version for m in anonymous.list_models()) == [1, 2]
         text = metrics_text(gw.metrics_port)
         assert 'rpc_rejected_total{method="/recsys.v1.InferenceGateway/LoadModel",reason="UNAUTHENTICATED"} 1.0' \
             in text
@@ -265,3 +273,41 @@ def test_rollout_with_locked_shards_the_coordinator_and_peers_present_the_token(
             assert TOKEN not in proc.log_path.read_text()
     finally:
         job.close()
+
+
+def test_trainer_presents_the_token_for_its_checkpoints(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from embedding_service.process import launch
+    from protos.plan import dump_plan
+    from tests.test_trainer_pipeline import PLAN, shard_config
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "plan.json").write_text(dump_plan(PLAN))
+    tok = token_file(tmp_path, TOKEN)
+    shards = [launch({**shard_config(s), "token_file": tok}, workdir=tmp_path / f"s{s}") for s in range(2)]
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "trainer.cli", "train", "--config", str(root / "configs" / "tiny.yaml"),
+             "--plan", str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards),
+             "--steps", "4", "--batch-size", "32", "--checkpoint-every", "2", "--json", *extra],
+            capture_output=True, text=True, timeout=300,
+            env={k: v for k, v in dict(os.environ, PYTHONPATH=str(root)).items() if k != "RECSYS_CONTROL_TOKEN"})
+
+    try:
+        ok = train("--checkpoint-dir", str(tmp_path / "ckpt"), "--token-file", tok)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert json.loads(ok.stdout.splitlines()[-1])["event"] == "done"
+        assert (tmp_path / "ckpt" / "LATEST").read_text().strip() == "step-3"
+        assert (tmp_path / "ckpt" / "step-3" / "shard-1" / "manifest.json").exists()
+        refused = train("--checkpoint-dir", str(tmp_path / "ckpt-anonymous"), "--first-step", "4")
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr[-2000:]
+        assert not (tmp_path / "ckpt-anonymous" / "LATEST").exists()
+        assert TOKEN not in ok.stderr + ok.stdout + refused.stderr
+    finally:
+        for s in shards:
+            s.kill()
