@@ -145,6 +145,10 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+    try:
+        shard_token = read_token(args.shard_token_file, CONTROL_TOKEN_ENV, "shard token")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"coordinator serve: {e}") from None
     config = CoordinatorConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         redis_url=args.redis, redis_password=args.redis_password, data_dir=args.data_dir, namespace=args.namespace,
@@ -154,7 +158,7 @@ def serve(args: argparse.Namespace) -> int:
         rollout=RolloutSettings(fence_timeout_s=args.fence_timeout_s, rows_per_pull=args.rows_per_pull,
                                 rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6, tls_ca=args.tls_ca,
                                 tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                shard_token=read_token(args.shard_token_file, CONTROL_TOKEN_ENV)))
+                                shard_token=shard_token))
     return serve_forever(config)
 
 

@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = config_from_args(args)
+            from protos.paths import ensure_root
+            from protos.security import CONTROL_TOKEN_ENV, read_token
+
+            read_token(config.token_file, CONTROL_TOKEN_ENV)  # an unreadable or empty token file stops the start
+            ensure_root(config.checkpoint_root, "checkpoint_root")
         except (ValueError, OSError) as e:
             print(f"embedding-shard serve: {e}", file=sys.stderr)
             return 2

@@ -100,6 +100,12 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.server import GatewayConfig, serve_forever
     from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
+    try:
+        token = read_token(args.token_file, CONTROL_TOKEN_ENV, "token")
+        predict_token = read_token(args.predict_token_file, None, "predict token")
+        tls = TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"inference-gateway serve: {e}") from None
     config = GatewayConfig(
         models=args.model, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
@@ -107,9 +113,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
         access_log=args.access_log,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs,
-        tls=TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca), model_store=args.model_store,
-        token=read_token(args.token_file, CONTROL_TOKEN_ENV, "token"),
-        predict_token=read_token(args.predict_token_file, None, "predict token"))
+        tls=tls, model_store=args.model_store, token=token, predict_token=predict_token)
     serve_forever(config)
     return 0
 

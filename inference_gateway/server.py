@@ -88,8 +88,9 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     port = bind(server, f"{config.host}:{config.port}", config.tls)
     metrics_port = metrics.serve(config.host, config.metrics_port) if config.metrics_port is not None else None
     await server.start()
-    for path in config.models:  # the operator's own flags: absolute paths, or names under the model store
-        await servicer.load(path if os.path.isabs(path) else os.path.join(config.model_store, path))
+    for path in config.models:  # the operator's own flags: a name under the model store, or a path as given
+        in_store = os.path.join(config.model_store, path)
+        await servicer.load(in_store if not os.path.isabs(path) and os.path.isdir(in_store) else path)
     print(json.dumps({"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": port,
                       "metrics_port": metrics_port, "pid": os.getpid(), "tls": config.tls is not None,
                       "mtls": bool(config.tls and config.tls.client_ca), "control_token": bool(config.token),
