@@ -20,6 +20,8 @@ def _add_remote(p: argparse.ArgumentParser, admin: bool = False) -> None:
     p.add_argument("--coordinator", default=os.environ.get("RECSYS_COORDINATOR", "127.0.0.1:50050"),
                    help="HOST:PORT of the coordinator (env RECSYS_COORDINATOR)")
     p.add_argument("--tls-ca", help="PEM of the CA that signed the coordinator's certificate (TLS)")
+    p.add_argument("--tls-cert", help="PEM client certificate, for a coordinator that requires mutual TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     if admin:
         p.add_argument("--token", help=f"admin bearer token (default: env {TOKEN_ENV}, or --token-file)")
         p.add_argument("--token-file", help="file holding the admin token (as written by serve --token-file)")
@@ -44,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lease-s", type=float, default=5.0, help="a member silent this long is marked dead")
     s.add_argument("--admin-token", default=os.environ.get(TOKEN_ENV, ""),
                    help=f"bearer token for apply / rollback (env {TOKEN_ENV}); default: a random one")
-    s.add_argument("--token-file", help="write the admin token here (mode 0600)")
-    s.add_argument("--tls-cert", help="PEM certificate: serve over TLS")
+    s.add_argument("--token-file", help="the admin token: read from this file when it exists, else a random one is "
+                   "written here (mode 0600)")
+    s.add_argument("--tls-cert", help="PEM certificate: serve over TLS (also presented to shards requiring mTLS)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", help="PEM CA of client certificates: mutual TLS, every RPC (Register, "
+                   "Heartbeat too) needs a certificate it signed")
     s.add_argument("--tls-ca", help="PEM of the CA of the shards' certificates (when they serve TLS)")
+    s.add_argument("--shard-token-file", help="the shards' control-plane token, sent with Prepare / PullRows / "
+                   "Commit / Abort during rollouts (default: env RECSYS_CONTROL_TOKEN)")
     s.add_argument("--initial-plan", help="plan JSON stored as version 1 when the store holds none")
     s.add_argument("--rate-limit-mbps", type=float, default=0.0, help="cap on migration bandwidth, MB/s (0: none)")
     s.add_argument("--rows-per-pull", type=int, default=262144, help="rows per PullRows call during a migration")
@@ -150,8 +157,16 @@ def serve(args: argparse.Namespace) -> int:
     # basicConfig from applying the level and format (the coordinator logged nothing below WARNING)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    from protos.security import CONTROL_TOKEN_ENV, read_token
+
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+    try:
+        shard_token = read_token(args.shard_token_file, CONTROL_TOKEN_ENV, "shard token")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"coordinator serve: {e}") from None
     kube = None
     if args.kubernetes:
         from coordinator.kubernetes import KubeSettings, default_namespace
@@ -167,9 +182,12 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         redis_url=args.redis, redis_password=args.redis_password, data_dir=args.data_dir, namespace=args.namespace,
         lease_s=args.lease_s, admin_token=args.admin_token, token_file=args.token_file,
-        tls=TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None, initial_plan=args.initial_plan,
+        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        initial_plan=args.initial_plan,
         rollout=RolloutSettings(fence_timeout_s=args.fence_timeout_s, rows_per_pull=args.rows_per_pull,
-                                rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6, tls_ca=args.tls_ca),
+                                rate_limit_bytes_per_s=args.rate_limit_mbps * 1e6, tls_ca=args.tls_ca,
+                                tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                shard_token=shard_token),
         kubernetes=kube)
     try:
         return serve_forever(config)
@@ -201,7 +219,8 @@ def _client(args: argparse.Namespace, admin: bool = False):
             token = Path(args.token_file).read_text().strip()
         if not token:
             raise SystemExit(f"an admin token is needed: --token, --token-file or env {TOKEN_ENV}")
-    return CoordinatorClient(args.coordinator, token=token, tls_ca=getattr(args, "tls_ca", None))
+    return CoordinatorClient(args.coordinator, token=token, tls_ca=getattr(args, "tls_ca", None),
+                             tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None))
 
 
 def propose(args: argparse.Namespace) -> int:

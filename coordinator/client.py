@@ -16,9 +16,9 @@ pb = coordinator_pb2
 
 class CoordinatorClient:
     def __init__(self, address: str, *, token: str | None = None, tls_ca: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address, self.timeout = address, timeout
-        self.channel = open_channel(address, tls_ca=tls_ca)
+        self.channel = open_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self._auth = bearer_metadata(token) if token else ()
 

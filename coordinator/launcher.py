@@ -15,8 +15,13 @@ from protos.process import ServerProcess, child_env, free_port, launch_with_conf
 
 
 class LocalShards:
-    def __init__(self, coordinator: str, workdir: Path, *, num_trainers: int, seed: int = 0, **extra) -> None:
+    """`checkpoint_root`: where the shards may read and write checkpoints (default: `workdir`, the job's
+    work area); it must contain the trainers' --checkpoint-dir."""
+
+    def __init__(self, coordinator: str, workdir: Path, *, num_trainers: int, seed: int = 0,
+                 checkpoint_root: str | Path | None = None, **extra) -> None:
         self.coordinator, self.workdir = coordinator, Path(workdir)
+        self.checkpoint_root = str(Path(checkpoint_root or workdir).absolute())
         self.num_trainers, self.seed, self.extra = num_trainers, seed, extra
         self.procs: dict[int, ServerProcess] = {}
         self._starts = 0
@@ -29,7 +34,7 @@ class LocalShards:
             old.kill()
         self._starts += 1
         cfg = shard_config(plan, shard, coordinator=self.coordinator, num_trainers=self.num_trainers, seed=self.seed,
-                           **self.extra)
+                           checkpoint_root=self.checkpoint_root, **self.extra)
         proc = launch_with_config("embedding_service.cli", cfg, what="shard",
                                   workdir=self.workdir / f"shard-{shard}-{self._starts}")
         self.procs[shard] = proc

@@ -116,7 +116,8 @@ class LocalJob:
 
     def run(self, client: CoordinatorClient) -> JobResult:
         """Runs the job to its end (JobFailed when it cannot finish); every process stops before return."""
-        shards = LocalShards(self.coordinator, self.workdir, num_trainers=self.trainers, seed=self.seed)
+        shards = LocalShards(self.coordinator, self.workdir, num_trainers=self.trainers, seed=self.seed,
+                             checkpoint_root=self.checkpoint_dir)
         train_args = [*self.train_args, *(["--checkpoint-dir", self.checkpoint_dir] if self.checkpoint_dir else [])]
         trainers = LocalTrainers(self.coordinator, self.config, self.trainers, train_args, self.workdir)
         try:

@@ -49,6 +49,9 @@ class RolloutSettings:
     rate_limit_bytes_per_s: float = 0.0  # 0: unlimited; bounds the network share a migration takes
     tls_ca: str | None = None  # CA of the shards' TLS certificates
     shard_wait_s: float = 300.0  # after scaling up: how long new shards may take to register on standby
+    tls_cert: str | None = None  # the coordinator's own certificate, presented to shards that require mTLS
+    tls_key: str | None = None
+    shard_token: str | None = None  # the shards' control-plane token (Prepare, PullRows, Commit, Abort)
 
 
 class RolloutEngine:
@@ -154,9 +157,7 @@ class RolloutEngine:
             missing = sorted(i for i in ids if i not in shards)
             if missing:
                 raise RolloutFailed(f"shards {missing} are not registered and alive")
-            clients = {i: ShardClient(shards[i].address, plan_version=claim.from_version,
-                                      timeout=self.settings.rpc_timeout_s, tls_ca=self.settings.tls_ca)
-                       for i in sorted(ids)}
+            clients = {i: self._shard_client(shards[i].address, claim.from_version) for i in sorted(ids)}
             staged = True
             self._parallel({i: (lambda c=c, i=i: c.prepare(assignment(plan, i))) for i, c in clients.items()},
                            "Prepare")
@@ -253,6 +254,13 @@ class RolloutEngine:
                 raise RolloutFailed(str(e)) from None
             log.error("%s", e)  # the plan is live either way; spare shards only cost resources
 
+    def _shard_client(self, address: str, plan_version: int) -> ShardClient:
+        """A client carrying the coordinator's control-plane credentials (token; its certificate under mTLS)."""
+        st = self.settings
+        return ShardClient(address, plan_version=plan_version, timeout=st.rpc_timeout_s, tls_ca=st.tls_ca,
+                           token=st.shard_token, tls_cert=st.tls_cert if st.tls_ca else None,
+                           tls_key=st.tls_key if st.tls_ca else None)
+
     def busy(self) -> bool:
         """A rollout is running (recovery keeps out of its way)."""
         with self._lock:
@@ -261,8 +269,7 @@ class RolloutEngine:
     def install(self, plan: common_pb2.ShardingPlan, shard: int, address: str) -> None:
         """Gives a standby shard (plan version 0: a replacement pod) its slices of the live `plan`, seeded;
         the trainers' resume restores them from the checkpoint."""
-        with ShardClient(address, plan_version=0, timeout=self.settings.rpc_timeout_s,
-                         tls_ca=self.settings.tls_ca) as c:
+        with self._shard_client(address, 0) as c:
             c.prepare(assignment(plan, shard))
             c.commit(plan.version, -1)
 

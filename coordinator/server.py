@@ -25,7 +25,8 @@ from coordinator.redis_backend import EmbeddedRedis, connect
 from coordinator.rollout import RolloutSettings
 from coordinator.service import CoordinatorServicer
 from protos import coordinator_pb2, coordinator_pb2_grpc
-from protos.security import BearerTokenInterceptor, TlsConfig, bind
+from protos.rejects import DecodeGuard, Rejects, quiet_grpc_decode_logs
+from protos.security import ControlPlaneAuth, TlsConfig, TokenRule, bind
 
 if TYPE_CHECKING:
     from coordinator.cluster import KubeCluster
@@ -46,7 +47,7 @@ class CoordinatorConfig:
     data_dir: str | None = None
     namespace: str = "recsys"
     lease_s: float = 5.0
-    admin_token: str = ""  # empty: a random one, announced and written to token_file
+    admin_token: str = ""  # empty: read from token_file when it exists, else a random one written there
     token_file: str | None = None
     tls: TlsConfig | None = None
     initial_plan: str | None = None  # stored as version 1 when the store holds no plan
@@ -95,8 +96,8 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
 
         plan = json_format.Parse(Path(config.initial_plan).read_text(), coordinator_pb2.PlanRecord().plan)
         store.initialize(plan, "coordinator", f"initial plan from {config.initial_plan}")
-    token = config.admin_token or secrets.token_urlsafe(24)
-    if config.token_file:
+    token = config.admin_token or _existing_token(config.token_file) or secrets.token_urlsafe(24)
+    if config.token_file and not _existing_token(config.token_file):
         path = Path(config.token_file)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(token)
@@ -108,8 +109,11 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     if cluster is not None:
         cluster.start(store, membership, servicer.rollouts, tls_ca=config.rollout.tls_ca)
     metrics.plan_version.set(store.current_version())
+    rejects = Rejects(metrics.registry, log)
+    quiet_grpc_decode_logs(lambda: rejects.counter.labels("grpc", "undecodable").inc())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                         interceptors=[BearerTokenInterceptor(token, set(ADMIN_METHODS))],
+                         interceptors=[ControlPlaneAuth([TokenRule(token, ADMIN_METHODS)], on_refusal=rejects.refused),
+                                       DecodeGuard(rejects)],
                          options=[("grpc.max_send_message_length", 64 << 20),
                                   ("grpc.max_receive_message_length", 64 << 20)])
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
@@ -124,11 +128,22 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     return RunningCoordinator(server, servicer, health_servicer, port, metrics_port, token, url, embedded, cluster)
 
 
+def _existing_token(path: str | None) -> str | None:
+    """The token an earlier start (or the operator) left in `path`, if any."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def serve_forever(config: CoordinatorConfig) -> NoReturn:
     running = start(config)
     info = {"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": running.port,
             "metrics_port": running.metrics_port, "redis": running.redis_url,
-            "plan_version": running.servicer.store.current_version(), "tls": config.tls is not None}
+            "plan_version": running.servicer.store.current_version(), "tls": config.tls is not None,
+            "mtls": bool(config.tls and config.tls.client_ca)}
     if config.kubernetes is not None:
         k = config.kubernetes
         info["kubernetes"] = {"namespace": k.namespace, "statefulset": k.statefulset, "selector": k.selector}

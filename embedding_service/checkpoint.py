@@ -45,31 +45,61 @@ class CheckpointResult:
     bytes_written: int
 
 
+def _missing_dirs(root: Path) -> list[Path]:
+    """The directories `root.mkdir(parents=True)` would create, deepest first."""
+    out, p = [], root
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
 def save(tables: ShardTables, directory: str | Path, *, shard_id: int, plan_version: int,
          step: int) -> CheckpointResult:
+    """Writes the checkpoint; on any failure (a full disk, a file where a directory is expected) removes
+    every file and directory it created, so the previous checkpoint in `directory` stays the valid one."""
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
+    created = _missing_dirs(root)
     token = secrets.token_hex(4)
-    entries, written = [], 0
-    for sl in tables.slices:
-        entry = _slice_entry(sl)
-        entry["files"] = []
-        for kind, t in _tensors(sl):
-            arr = t.detach().cpu().contiguous().numpy()
-            name = f"{step}-{token}-slice{sl.index}.{kind}.bin"
-            with open(root / name, "wb") as f:
-                f.write(memoryview(arr).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            entry["files"].append(file_entry(name, kind, arr))
-            written += arr.nbytes
-        entries.append(entry)
-    written += write_manifest(root, shard_id=shard_id, plan_version=plan_version, step=step, slices=entries)
+    committed = False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        entries, written = [], 0
+        for sl in tables.slices:
+            entry = _slice_entry(sl)
+            entry["files"] = []
+            for kind, t in _tensors(sl):
+                arr = t.detach().cpu().contiguous().numpy()
+                name = f"{step}-{token}-slice{sl.index}.{kind}.bin"
+                with open(root / name, "wb") as f:
+                    f.write(memoryview(arr).cast("B"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                entry["files"].append(file_entry(name, kind, arr))
+                written += arr.nbytes
+            entries.append(entry)
+        written += write_manifest(root, shard_id=shard_id, plan_version=plan_version, step=step, slices=entries)
+        committed = True
+    finally:
+        if not committed:
+            _undo(root, token, created)
     keep = {f["name"] for e in entries for f in e["files"]} | {MANIFEST}
     for p in root.iterdir():
         if p.name not in keep and p.name.endswith(".bin"):
             p.unlink(missing_ok=True)
     return CheckpointResult(root / MANIFEST, written)
+
+
+def _undo(root: Path, token: str, created: list[Path]) -> None:
+    """Removes the data files of the failed save `token` and the directories it created (best effort)."""
+    if root.is_dir():
+        for p in root.glob(f"*-{token}-slice*.bin"):
+            p.unlink(missing_ok=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 @dataclass

@@ -55,12 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--capacity-mb", type=int, help="memory offered for weights + optimizer state (planning)")
     s.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS only (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    s.add_argument("--tls-ca", help="PEM of the CA of the TLS servers this shard calls (coordinator, peer shards)")
+    s.add_argument("--tls-ca", help="PEM of the CA of the TLS servers this shard calls (coordinator, peer shards); "
+                   "the shard presents its own --tls-cert to them")
+    s.add_argument("--tls-client-ca", help="PEM CA of client certificates: mutual TLS, every RPC needs a client "
+                   "certificate it signed")
+    s.add_argument("--checkpoint-root", help="Checkpoint / Restore read and write only under this directory "
+                   "(default ./checkpoints)")
+    s.add_argument("--token-file", help="control-plane bearer token (default: env RECSYS_CONTROL_TOKEN; none: "
+                   "open unless mTLS); also presented to peer shards")
     s.add_argument("--log-level", default="INFO")
     i = sub.add_parser("info", help="print a running shard's slices, memory and counters")
     i.add_argument("address", help="HOST:PORT")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--tls-ca", help="PEM CA certificate: connect over TLS, verifying the server against it")
+    i.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    i.add_argument("--tls-key", help="PEM private key of --tls-cert")
     return p
 
 
@@ -88,14 +97,14 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         raise SystemExit("embedding-shard serve: no tables; give --config or --table (or --standby)")
     server = dict(raw.get("server") or {})
     for key, val in (("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port),
-                     ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)):
+                     ("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_client_ca", args.tls_client_ca)):
         if val is not None:
             server[key] = None if (key == "metrics_port" and val < 0) else val
     if args.max_message_mb:
         server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
     raw["server"] = server
     for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads",
-                "coordinator", "advertise", "tls_ca"):
+                "coordinator", "advertise", "tls_ca", "checkpoint_root", "token_file"):
         val = getattr(args, key)
         if val is not None:
             raw[key] = val
@@ -113,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = config_from_args(args)
+            from protos.paths import ensure_root
+            from protos.security import CONTROL_TOKEN_ENV, read_token
+
+            read_token(config.token_file, CONTROL_TOKEN_ENV)  # an unreadable or empty token file stops the start
+            ensure_root(config.checkpoint_root, "checkpoint_root")
         except (ValueError, OSError) as e:
             print(f"embedding-shard serve: {e}", file=sys.stderr)
             return 2
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from embedding_service.client import ShardClient
 
-    with ShardClient(args.address, tls_ca=args.tls_ca) as client:
+    with ShardClient(args.address, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         info = client.info()
     if args.json:
         print(json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True)))

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
 from protos.channels import open_channel
+from protos.security import bearer_metadata
 
 FeatureSpec = str | tuple[str, int]
 
@@ -49,12 +50,19 @@ def _row_chunk(raw: bytes) -> tuple[embedding_shard_pb2.RowChunk, dict]:
 
 
 class ShardClient:
+    """`token`: the shard's control-plane bearer token, sent with Checkpoint, Restore, ExportRows,
+    ImportRows, Prepare, PullRows, Commit and Abort (never with the hot Lookup / Update). `tls_cert` /
+    `tls_key`: this client's certificate, for shards that require mutual TLS."""
+
     def __init__(self, address: str, *, plan_version: int = 0, max_message_bytes: int = 256 * 1024 * 1024,
-                 timeout: float = 120.0, tls_ca: str | None = None) -> None:
+                 timeout: float = 120.0, tls_ca: str | None = None, token: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address = address
         self.plan_version = plan_version
         self.timeout = timeout
-        self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes)
+        self._auth = bearer_metadata(token) if token else None
+        self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes,
+                                    tls_cert=tls_cert, tls_key=tls_key)
         self.stub = embedding_shard_pb2_grpc.EmbeddingShardStub(self.channel)
         # the hot RPCs send pre-framed bytes and parse responses without copying tensors (protos.wire)
         self._lookup = self.channel.unary_unary(f"{_SERVICE}/Lookup", response_deserializer=_lookup_result)
@@ -145,17 +153,18 @@ class ShardClient:
 
     def checkpoint(self, directory: str, step: int = 0) -> embedding_shard_pb2.CheckpointResponse:
         return self.stub.Checkpoint(embedding_shard_pb2.CheckpointRequest(
-            plan_version=self.plan_version, directory=str(directory), step=step), timeout=self.timeout)
+            plan_version=self.plan_version, directory=str(directory), step=step), timeout=self.timeout,
+            metadata=self._auth)
 
     def restore(self, directory: str) -> embedding_shard_pb2.RestoreResponse:
         return self.stub.Restore(embedding_shard_pb2.RestoreRequest(
-            plan_version=self.plan_version, directory=str(directory)), timeout=self.timeout)
+            plan_version=self.plan_version, directory=str(directory)), timeout=self.timeout, metadata=self._auth)
 
     def export_rows(self, slice: int, row_start: int, row_end: int,
                     chunk_rows: int = 0) -> Iterator[embedding_shard_pb2.RowChunk]:
         return self.stub.ExportRows(embedding_shard_pb2.ExportRowsRequest(
             plan_version=self.plan_version, slice=slice, row_start=row_start, row_end=row_end,
-            chunk_rows=chunk_rows), timeout=self.timeout)
+            chunk_rows=chunk_rows), timeout=self.timeout, metadata=self._auth)
 
     def export_rows_framed(self, slice: int, row_start: int, row_end: int, chunk_rows: int = 0
                            ) -> Iterator[tuple[embedding_shard_pb2.RowChunk, dict]]:
@@ -165,28 +174,30 @@ class ShardClient:
                                          response_deserializer=_row_chunk)
         return call(embedding_shard_pb2.ExportRowsRequest(plan_version=self.plan_version, slice=slice,
                                                           row_start=row_start, row_end=row_end, chunk_rows=chunk_rows,
-                                                          crc32=True), timeout=self.timeout)
+                                                          crc32=True), timeout=self.timeout, metadata=self._auth)
 
     def import_rows(self, chunks: Iterable[embedding_shard_pb2.RowChunk]) -> embedding_shard_pb2.ImportRowsResponse:
-        return self.stub.ImportRows(iter(chunks), timeout=self.timeout)
+        return self.stub.ImportRows(iter(chunks), timeout=self.timeout, metadata=self._auth)
 
     def info(self) -> embedding_shard_pb2.InfoResponse:
         return self.stub.Info(embedding_shard_pb2.InfoRequest(), timeout=self.timeout)
 
     # -- re-sharding (driven by the coordinator) ----------------------------------------------
     def prepare(self, assignment: common_pb2.ShardAssignment) -> embedding_shard_pb2.PrepareResponse:
-        return self.stub.Prepare(embedding_shard_pb2.PrepareRequest(assignment=assignment), timeout=self.timeout)
+        return self.stub.Prepare(embedding_shard_pb2.PrepareRequest(assignment=assignment),
+                                 timeout=self.timeout, metadata=self._auth)
 
     def pull_rows(self, request: embedding_shard_pb2.PullRowsRequest,
                   timeout: float | None = None) -> embedding_shard_pb2.PullRowsResponse:
-        return self.stub.PullRows(request, timeout=timeout or self.timeout)
+        return self.stub.PullRows(request, timeout=timeout or self.timeout, metadata=self._auth)
 
     def commit(self, plan_version: int, applied_step: int) -> embedding_shard_pb2.CommitResponse:
-        return self.stub.Commit(embedding_shard_pb2.CommitRequest(plan_version=plan_version,
-                                                                  applied_step=applied_step), timeout=self.timeout)
+        return self.stub.Commit(embedding_shard_pb2.CommitRequest(plan_version=plan_version, applied_step=applied_step),
+                                timeout=self.timeout, metadata=self._auth)
 
     def abort(self, plan_version: int) -> embedding_shard_pb2.AbortResponse:
-        return self.stub.Abort(embedding_shard_pb2.AbortRequest(plan_version=plan_version), timeout=self.timeout)
+        return self.stub.Abort(embedding_shard_pb2.AbortRequest(plan_version=plan_version), timeout=self.timeout,
+                               metadata=self._auth)
 
 
 def migrate_rows(src: ShardClient, dst: ShardClient, *, src_slice: int, row_start: int, row_end: int,

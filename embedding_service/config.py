@@ -36,9 +36,11 @@ class ServerConfig:
     workers: int = 0  # 0: enough for every trainer's pipelined lookup and update on top of a base of 16
     tls_cert: str | None = None  # PEM paths; both set: serve TLS only
     tls_key: str | None = None
+    # PEM of the CA that signs client certificates: mutual TLS, every RPC (data plane too) needs one
+    tls_client_ca: str | None = None
 
     def __post_init__(self) -> None:
-        TlsConfig.from_paths(self.tls_cert, self.tls_key)  # both or neither
+        TlsConfig.from_paths(self.tls_cert, self.tls_key, self.tls_client_ca)  # both or neither
 
 
 @dataclass
@@ -68,6 +70,13 @@ class ShardConfig:
     capacity_bytes: int = 0
     # CA (PEM) of the TLS servers this shard calls: the coordinator and the shards it pulls rows from
     tls_ca: str | None = None
+    # Checkpoint and Restore read and write only under this directory (created at start); a request's
+    # `directory` is a name relative to it or an absolute path inside it (protos.paths.confine)
+    checkpoint_root: str = "checkpoints"
+    # the control-plane bearer token (Checkpoint, Restore, ExportRows, ImportRows, Prepare, PullRows,
+    # Commit, Abort) is read from this file, else from env RECSYS_CONTROL_TOKEN; none: the control plane
+    # is open (loopback) unless mutual TLS is on. The shard presents the same token to its peers.
+    token_file: str | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

@@ -101,12 +101,14 @@ def _cut(req: embedding_shard_pb2.PullRowsRequest, cols: int, weights: torch.Ten
 
 
 def pull_remote(req: embedding_shard_pb2.PullRowsRequest, dest_tables: ShardTables, dest: SliceState,
-                max_message_bytes: int, tls_ca: str | None = None) -> PullResult:
+                max_message_bytes: int, tls_ca: str | None = None, *, token: str | None = None,
+                tls_cert: str | None = None, tls_key: str | None = None) -> PullResult:
     """Streams the rows from the source shard's ExportRows into the staged slice, chunk by chunk."""
     check_pull(req, dest, None)
     h, result = hashlib.sha256(), PullResult()
     client = ShardClient(req.source, plan_version=req.source_plan_version, max_message_bytes=max_message_bytes,
-                         timeout=600.0, tls_ca=tls_ca)
+                         timeout=600.0, tls_ca=tls_ca, token=token,
+                         tls_cert=tls_cert if tls_ca else None, tls_key=tls_key if tls_ca else None)
     try:
         chunks = client.export_rows_framed(req.source_slice, req.row_start, req.row_end, req.chunk_rows)
         for i, (chunk, views) in enumerate(chunks):

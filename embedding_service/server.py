@@ -20,10 +20,11 @@ from grpc_reflection.v1alpha import reflection
 from embedding_service.allocator import release_free_memory, tune_allocator
 from embedding_service.config import ShardConfig
 from embedding_service.metrics import ShardMetrics
-from embedding_service.servicer import ShardServicer, add_to_server
+from embedding_service.servicer import CONTROL_PLANE, ShardServicer, add_to_server
 from protos import embedding_shard_pb2
 from protos.channels import channel_options, open_channel
-from protos.security import TlsConfig, bind
+from protos.rejects import DecodeGuard, Rejects, quiet_grpc_decode_logs
+from protos.security import CONTROL_TOKEN_ENV, ControlPlaneAuth, TlsConfig, TokenRule, bind, full_names, read_token
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
@@ -47,16 +48,26 @@ class RunningShard:
 
 def start(config: ShardConfig) -> RunningShard:
     torch.set_num_threads(config.compute_threads or max(1, (os.cpu_count() or 2) - 1))
-    servicer = ShardServicer(config, ShardMetrics())
+    token = read_token(config.token_file, CONTROL_TOKEN_ENV)
+    metrics = ShardMetrics()
+    rejects = Rejects(metrics.registry, log)
+    quiet_grpc_decode_logs(lambda: rejects.counter.labels("grpc", "undecodable").inc())
+    servicer = ShardServicer(config, metrics, rejects=rejects, peer_token=token)
     opts = config.server
     workers = opts.workers or 16 + 4 * config.num_trainers
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+    interceptors: list[grpc.ServerInterceptor] = []
+    if token:
+        interceptors.append(ControlPlaneAuth([TokenRule(token, full_names(SERVICE_NAME, CONTROL_PLANE))],
+                                             on_refusal=rejects.refused))
+    interceptors.append(DecodeGuard(rejects, exempt=full_names(SERVICE_NAME, ("Lookup", "Update"))))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
                          options=channel_options(opts.max_message_bytes))
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = bind(server, f"{opts.host}:{opts.port}", TlsConfig.from_paths(opts.tls_cert, opts.tls_key))
+    port = bind(server, f"{opts.host}:{opts.port}", TlsConfig.from_paths(opts.tls_cert, opts.tls_key,
+                                                                          opts.tls_client_ca))
     metrics_port = None
     if opts.metrics_port is not None:
         metrics_port = servicer.metrics.serve(opts.host, opts.metrics_port)
@@ -74,6 +85,8 @@ def serve_forever(config: ShardConfig) -> NoReturn:
     info = {"event": "serving", "service": SERVICE_NAME, "host": config.server.host, "port": shard.port,
             "metrics_port": shard.metrics_port, "shard_id": config.assignment.shard_id,
             "plan_version": config.assignment.plan_version, "slices": len(config.assignment.slices),
+            "checkpoint_root": str(shard.servicer.checkpoint_root), "mtls": bool(config.server.tls_client_ca),
+            "control_token": bool(read_token(config.token_file, CONTROL_TOKEN_ENV)),
             "weight_bytes": shard.servicer.tables.weight_bytes,
             "optimizer_bytes": shard.servicer.tables.optimizer_bytes}
     if config.collective_rank is not None:
@@ -92,7 +105,9 @@ def serve_forever(config: ShardConfig) -> NoReturn:
             kind=coordinator_pb2.SHARD, id=config.assignment.shard_id, device=config.device,
             address=config.advertise or f"{config.server.host}:{shard.port}", capacity_bytes=config.capacity_bytes)
         agent = MemberAgent(config.coordinator, member, lambda: (servicer.plan_version, servicer.steps.applied_step),
-                            channel=open_channel(config.coordinator, tls_ca=config.tls_ca)).start()
+                            channel=open_channel(config.coordinator, tls_ca=config.tls_ca,
+                                                 tls_cert=config.server.tls_cert if config.tls_ca else None,
+                                                 tls_key=config.server.tls_key if config.tls_ca else None)).start()
         info["coordinator"] = config.coordinator
     print(json.dumps(info), flush=True)
     log.info("shard %d serving on %s:%d", config.assignment.shard_id, config.server.host, shard.port)

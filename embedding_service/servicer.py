@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -31,9 +32,17 @@ from embedding_service.resharding import (
 from embedding_service.steps import StepScheduler
 from embedding_service.tables import ShardTables
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
+from protos.paths import PathRefused, confine, ensure_root, status_of_oserror
+from protos.rejects import UNDECODABLE, Rejects
 
 log = logging.getLogger(__name__)
 
+_SERVICE = embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"].full_name
+# Every RPC that checkpoints, restores, stages, moves or commits rows (DESIGN.md "Planes and credentials").
+# ExportRows is here too: it serves only migrations (PullRows of a peer shard) and streams whole slices
+# with their optimizer state, the model itself. Lookup, Update (the trainers' data plane), LookupRows and
+# Info (reads of single rows and counters) stay data plane.
+CONTROL_PLANE = ("Checkpoint", "Restore", "ExportRows", "ImportRows", "Prepare", "PullRows", "Commit", "Abort")
 _EMBEDDINGS_FIELD = embedding_shard_pb2.LookupResponse.DESCRIPTOR.fields_by_name["embeddings"].number
 _WEIGHTS_FIELD = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["weights"].number
 _STATE_FIELD = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["optimizer_state"].number
@@ -51,6 +60,11 @@ def _status(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
         return err.code, err.message
     if isinstance(err, codec.CodecError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, PathRefused):
+        return err.code, err.message
+    if isinstance(err, OSError):  # a file error outside Checkpoint / Restore's own mapping: still precise
+        refused = status_of_oserror(err, method)
+        return refused.code, refused.message
     log.exception("%s failed", method)
     return grpc.StatusCode.INTERNAL, f"{method}: internal error: {err}"
 
@@ -117,7 +131,7 @@ def framed_parser(message_type: type[Message], *tensor_fields: str):
     def parse(raw: bytes) -> Framed:
         try:
             msg, tensors = wire.decode(raw, message_type, fields)
-        except DecodeError as e:  # reported by the handler as INVALID_ARGUMENT, not as a transport error
+        except (DecodeError, ValueError, IndexError, TypeError) as e:  # INVALID_ARGUMENT from the handler
             return Framed(message_type(), {}, f"malformed {message_type.DESCRIPTOR.name}: {e}")
         return Framed(msg, tensors)
 
@@ -129,9 +143,13 @@ def serialize_response(resp: Message | bytes) -> bytes:
 
 
 class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
-    def __init__(self, config: ShardConfig, metrics: ShardMetrics | None = None) -> None:
+    def __init__(self, config: ShardConfig, metrics: ShardMetrics | None = None, *, rejects: Rejects | None = None,
+                 peer_token: str | None = None) -> None:
         self.config = config
         self.metrics = metrics or ShardMetrics()
+        self.rejects = rejects or Rejects(self.metrics.registry, log)
+        self.peer_token = peer_token  # presented to peer shards' ExportRows during PullRows
+        self.checkpoint_root = ensure_root(config.checkpoint_root, "checkpoint_root")
         self._go_live(config.assignment, ShardTables(config.assignment, device=config.device, seed=config.seed,
                                                      clamp_ids=config.clamp_ids), applied_step=-1)
         self.staged: Staged | None = None
@@ -155,10 +173,18 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             raise precondition(f"plan_version {version} does not match this shard's plan version {self.plan_version}")
 
     # -- training path ------------------------------------------------------------------------
+    def _undecodable(self, method: str, framed: Framed) -> None:
+        if framed.error:
+            self.rejects.reject(f"/{_SERVICE}/{method}", UNDECODABLE, framed.error)
+            raise invalid(framed.error)
+
+    def _directory(self, name: str) -> Path:
+        """The request's `directory` resolved under the checkpoint root (INVALID_ARGUMENT if it escapes)."""
+        return confine(self.checkpoint_root, name, "directory", what="checkpoint root")
+
     @rpc
     def Lookup(self, framed: Framed, context) -> bytes:
-        if framed.error:
-            raise invalid(framed.error)
+        self._undecodable("Lookup", framed)
         request: embedding_shard_pb2.LookupRequest = framed.msg
         self._check_version(request.plan_version)
         out_dtype = _WIRE_OUT.get(request.output_dtype)
@@ -175,8 +201,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def Update(self, framed: Framed, context) -> embedding_shard_pb2.UpdateResponse:
-        if framed.error:
-            raise invalid(framed.error)
+        self._undecodable("Update", framed)
         request: embedding_shard_pb2.UpdateRequest = framed.msg
         self._check_version(request.plan_version)
         handle = self.steps.handle(request.handle)
@@ -201,14 +226,16 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     @rpc
     def Checkpoint(self, request: embedding_shard_pb2.CheckpointRequest, context):
         self._check_version(request.plan_version)
-        if not request.directory:
-            raise invalid("directory: empty")
+        directory = self._directory(request.directory)
         with self.steps.cond:
             if self.steps.handles:
                 log.warning("checkpoint with %d lookups awaiting updates; it holds the applied state",
                             len(self.steps.handles))
-            res = checkpoint.save(self.tables, request.directory, shard_id=self.assignment.shard_id,
-                                  plan_version=self.plan_version, step=request.step)
+            try:
+                res = checkpoint.save(self.tables, directory, shard_id=self.assignment.shard_id,
+                                      plan_version=self.plan_version, step=request.step)
+            except OSError as e:  # save removed what it wrote: the previous checkpoint stands
+                raise status_of_oserror(e, "directory", request.directory) from None
         log.info("checkpoint of step %d to %s (%d bytes)", request.step, request.directory, res.bytes_written)
         return embedding_shard_pb2.CheckpointResponse(manifest_path=str(res.manifest_path),
                                                       bytes_written=res.bytes_written)
@@ -216,9 +243,11 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     @rpc
     def Restore(self, request: embedding_shard_pb2.RestoreRequest, context):
         self._check_version(request.plan_version)
-        if not request.directory:
-            raise invalid("directory: empty")
-        loaded = checkpoint.load_verified(self.tables, request.directory)  # verified before touching state
+        directory = self._directory(request.directory)
+        try:
+            loaded = checkpoint.load_verified(self.tables, directory)  # verified before touching state
+        except OSError as e:
+            raise status_of_oserror(e, "directory", request.directory) from None
         with self.steps.cond:
             checkpoint.apply(self.tables, loaded)
             self.steps.reset(loaded.step)
@@ -323,7 +352,9 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         staged = self._staged(request.plan_version)
         dest = staged.tables.slice_at(request.dest_slice)
         if request.source:
-            res = pull_remote(request, staged.tables, dest, self.config.server.max_message_bytes, self.config.tls_ca)
+            res = pull_remote(request, staged.tables, dest, self.config.server.max_message_bytes, self.config.tls_ca,
+                              token=self.peer_token, tls_cert=self.config.server.tls_cert,
+                              tls_key=self.config.server.tls_key)
         else:
             self._check_version(request.source_plan_version)
             with self.steps.cond:

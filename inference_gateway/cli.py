@@ -38,23 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "inference_gateway.access logger (stderr)")
     s.add_argument("--tls-cert", help="PEM certificate: serve TLS only (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", help="PEM CA of client certificates: mutual TLS, every RPC needs one")
+    s.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here, by name or "
+                   "relative path (default ./model_store); relative --model paths resolve under it")
+    s.add_argument("--token-file", help="control-plane bearer token for load / unload / set-default (default: env "
+                   "RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
+    s.add_argument("--predict-token-file", help="bearer token Predict / PredictStream require (default: open)")
     s.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
                                     '"model"?, "version"?, "request_id"?}.')
     pr.add_argument("--address", required=True, help="HOST:PORT")
     pr.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
+    pr.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    pr.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    pr.add_argument("--token-file", help="bearer token for Predict (a gateway started with --predict-token-file)")
     pr.add_argument("--file", required=True, help="requests.jsonl ('-' for stdin)")
     pr.add_argument("--timeout", type=float, default=30.0)
     pr.add_argument("--json", action="store_true", help="one JSON line per request")
     ls = sub.add_parser("models", help="list loaded models and their default versions")
     ls.add_argument("--address", required=True)
     ls.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
+    ls.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    ls.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ls.add_argument("--token-file", help="control-plane bearer token (default: env RECSYS_CONTROL_TOKEN)")
     ls.add_argument("--json", action="store_true")
     ld = sub.add_parser("load", help="load a package into a running gateway")
     ld.add_argument("--address", required=True)
     ld.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
-    ld.add_argument("--path", required=True, help="package directory on the gateway's filesystem")
+    ld.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    ld.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ld.add_argument("--token-file", help="control-plane bearer token (default: env RECSYS_CONTROL_TOKEN)")
+    ld.add_argument("--path", required=True, help="package name or relative path under the gateway's --model-store")
     ld.add_argument("--name", default="")
     ld.add_argument("--version", type=int, default=0)
     ld.add_argument("--default", action="store_true", help="make it the default version")
@@ -62,11 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     ul = sub.add_parser("unload", help="unload one version (queued requests are answered first)")
     ul.add_argument("--address", required=True)
     ul.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
+    ul.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    ul.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ul.add_argument("--token-file", help="control-plane bearer token (default: env RECSYS_CONTROL_TOKEN)")
     ul.add_argument("--name", required=True)
     ul.add_argument("--version", type=int, required=True)
     sd = sub.add_parser("set-default", help="switch the default version (hot swap)")
     sd.add_argument("--address", required=True)
     sd.add_argument("--tls-ca", help="PEM of the CA that signed the gateway's certificate")
+    sd.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    sd.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sd.add_argument("--token-file", help="control-plane bearer token (default: env RECSYS_CONTROL_TOKEN)")
     sd.add_argument("--name", required=True)
     sd.add_argument("--version", type=int, required=True)
     sd.add_argument("--json", action="store_true")
@@ -77,8 +98,14 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.batching import BatchingConfig
     from inference_gateway.requests import Limits
     from inference_gateway.server import GatewayConfig, serve_forever
-    from protos.security import TlsConfig
+    from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
+    try:
+        token = read_token(args.token_file, CONTROL_TOKEN_ENV, "token")
+        predict_token = read_token(args.predict_token_file, None, "predict token")
+        tls = TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"inference-gateway serve: {e}") from None
     config = GatewayConfig(
         models=args.model, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
@@ -86,9 +113,19 @@ def serve_cmd(args: argparse.Namespace) -> int:
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
         access_log=args.access_log,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs,
-        tls=TlsConfig.from_paths(args.tls_cert, args.tls_key))
+        tls=tls, model_store=args.model_store, token=token, predict_token=predict_token)
     serve_forever(config)
     return 0
+
+
+def _client(args: argparse.Namespace, predict: bool = False):
+    from inference_gateway.client import GatewayClient
+    from protos.security import CONTROL_TOKEN_ENV, read_token
+
+    creds = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    if predict:
+        return GatewayClient(args.address, predict_token=read_token(args.token_file, None, "predict token"), **creds)
+    return GatewayClient(args.address, token=read_token(args.token_file, CONTROL_TOKEN_ENV), **creds)
 
 
 def _info_dict(info) -> dict:
@@ -100,11 +137,11 @@ def _info_dict(info) -> dict:
 def predict_cmd(args: argparse.Namespace) -> int:
     import grpc
 
-    from inference_gateway.client import GatewayClient, request_from_json, scores_of
+    from inference_gateway.client import request_from_json, scores_of
 
     stream = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115 - closed below
     failures = 0
-    with GatewayClient(args.address, tls_ca=args.tls_ca) as client:
+    with _client(args, predict=True) as client:
         for n, line in enumerate(stream, 1):
             if not line.strip():
                 continue
@@ -133,9 +170,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
 
 
 def models_cmd(args: argparse.Namespace) -> int:
-    from inference_gateway.client import GatewayClient
-
-    with GatewayClient(args.address, tls_ca=args.tls_ca) as client:
+    with _client(args) as client:
         infos = [_info_dict(i) for i in client.list_models()]
     if args.json:
         print(json.dumps(infos))
@@ -149,9 +184,7 @@ def models_cmd(args: argparse.Namespace) -> int:
 def _manage(args: argparse.Namespace) -> int:
     import grpc
 
-    from inference_gateway.client import GatewayClient
-
-    with GatewayClient(args.address, tls_ca=args.tls_ca) as client:
+    with _client(args) as client:
         try:
             if args.command == "load":
                 info = _info_dict(client.load_model(args.path, args.name, args.version, args.default))

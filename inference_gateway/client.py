@@ -9,6 +9,7 @@ import numpy as np
 
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from protos.channels import open_channel
+from protos.security import bearer_metadata
 
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -59,9 +60,18 @@ def scores_of(resp: inference_pb2.PredictResponse) -> np.ndarray:
 
 
 class GatewayClient:
-    def __init__(self, address: str, max_message_bytes: int = MAX_MESSAGE_BYTES, tls_ca: str | None = None) -> None:
+    """`token`: the gateway's control-plane token (LoadModel, UnloadModel, SetDefaultVersion);
+    `predict_token`: sent with Predict when the gateway requires one; `tls_cert` / `tls_key`: this
+    client's certificate for a gateway that requires mutual TLS."""
+
+    def __init__(self, address: str, max_message_bytes: int = MAX_MESSAGE_BYTES, tls_ca: str | None = None, *,
+                 token: str | None = None, predict_token: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
         self.address = address
-        self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes)
+        self._auth = bearer_metadata(token) if token else None
+        self._predict_auth = bearer_metadata(predict_token) if predict_token else None
+        self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes, tls_cert=tls_cert,
+                                    tls_key=tls_key)
         self.stub = inference_pb2_grpc.InferenceGatewayStub(self.channel)
 
     def __enter__(self) -> GatewayClient:
@@ -75,11 +85,12 @@ class GatewayClient:
 
     def predict(self, dense: Any, lengths: Any, values: Any, *, timeout: float | None = 30.0,
                 **kwargs: Any) -> np.ndarray:
-        return scores_of(self.stub.Predict(build_request(dense, lengths, values, **kwargs), timeout=timeout))
+        return scores_of(self.stub.Predict(build_request(dense, lengths, values, **kwargs), timeout=timeout,
+                                           metadata=self._predict_auth))
 
     def predict_request(self, req: inference_pb2.PredictRequest,
                         timeout: float | None = 30.0) -> inference_pb2.PredictResponse:
-        return self.stub.Predict(req, timeout=timeout)
+        return self.stub.Predict(req, timeout=timeout, metadata=self._predict_auth)
 
     def list_models(self) -> list[inference_pb2.ModelInfo]:
         return list(self.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30).models)
@@ -87,11 +98,13 @@ class GatewayClient:
     def load_model(self, path: str, name: str = "", version: int = 0,
                    make_default: bool = False) -> inference_pb2.ModelInfo:
         return self.stub.LoadModel(inference_pb2.LoadModelRequest(path=path, name=name, version=version,
-                                                                  make_default=make_default), timeout=300)
+                                                                  make_default=make_default), timeout=300,
+                                   metadata=self._auth)
 
     def unload_model(self, name: str, version: int) -> None:
-        self.stub.UnloadModel(inference_pb2.UnloadModelRequest(name=name, version=version), timeout=300)
+        self.stub.UnloadModel(inference_pb2.UnloadModelRequest(name=name, version=version), timeout=300,
+                              metadata=self._auth)
 
     def set_default_version(self, name: str, version: int) -> inference_pb2.ModelInfo:
         return self.stub.SetDefaultVersion(inference_pb2.SetDefaultVersionRequest(name=name, version=version),
-                                           timeout=30)
+                                           timeout=30, metadata=self._auth)

@@ -19,10 +19,11 @@ from grpc_reflection.v1alpha import reflection
 from inference_gateway.batching import BatchingConfig
 from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.requests import Limits
-from inference_gateway.servicer import SERVICE_NAME, GatewayServicer
+from inference_gateway.servicer import CONTROL_PLANE, PREDICT, SERVICE_NAME, GatewayServicer
 from protos import inference_pb2_grpc
 from protos.channels import channel_options
-from protos.security import TlsConfig, bind
+from protos.rejects import AioDecodeGuard, Rejects, quiet_grpc_decode_logs
+from protos.security import AioControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class GatewayConfig:
     grace_s: float = 10.0
     max_concurrent_rpcs: int = 0  # 0: unbounded
     max_pending_rpcs: int = 0  # 0: gRPC's default
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = None  # with client_ca: mutual TLS, every RPC needs a client certificate
+    model_store: str = "model_store"  # LoadModel: a package name or relative path under it (TorchServe's)
+    token: str | None = None  # control plane (LoadModel, UnloadModel, SetDefaultVersion); None: open unless mTLS
+    predict_token: str | None = None  # Predict / PredictStream; None: open
 
 
 async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
@@ -60,13 +64,23 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
         # instead of waiting (gRPC's own default lets 1000 wait, then cancels them late)
         options += [("grpc.server.max_pending_requests", config.max_pending_rpcs),
                     ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs)]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    metrics = GatewayMetrics()
+    rejects = Rejects(metrics.registry, log)
+    quiet_grpc_decode_logs(lambda: rejects.counter.labels("grpc", "undecodable").inc())
+    rules = [TokenRule(t, full_names(SERVICE_NAME, methods))
+             for t, methods in ((config.token, CONTROL_PLANE), (config.predict_token, PREDICT)) if t]
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if rules:
+        interceptors.append(AioControlPlaneAuth(rules, on_refusal=rejects.refused))
+    interceptors.append(AioDecodeGuard(rejects))
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+                             interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    metrics = GatewayMetrics()
     servicer = GatewayServicer(limits=config.limits, batching=config.batching, metrics=metrics,
-                               health_servicer=health_servicer, device=config.device, access_log=config.access_log)
+                               health_servicer=health_servicer, device=config.device, access_log=config.access_log,
+                               model_store=config.model_store)
     servicer.loop = loop
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -74,10 +88,13 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     port = bind(server, f"{config.host}:{config.port}", config.tls)
     metrics_port = metrics.serve(config.host, config.metrics_port) if config.metrics_port is not None else None
     await server.start()
-    for path in config.models:
-        await servicer.load(path)
+    for path in config.models:  # the operator's own flags: a name under the model store, or a path as given
+        in_store = os.path.join(config.model_store, path)
+        await servicer.load(in_store if not os.path.isabs(path) and os.path.isdir(in_store) else path)
     print(json.dumps({"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": port,
                       "metrics_port": metrics_port, "pid": os.getpid(), "tls": config.tls is not None,
+                      "mtls": bool(config.tls and config.tls.client_ca), "control_token": bool(config.token),
+                      "predict_token": bool(config.predict_token),
                       "models": [{"name": i.name, "version": i.version, "table_bytes": i.table_bytes}
                                  for i in servicer.registry.infos()]}), flush=True)
     log.info("gateway serving on %s:%d", config.host, port)

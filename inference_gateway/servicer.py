@@ -24,17 +24,23 @@ from inference_gateway.package import PackageError
 from inference_gateway.registry import LoadedModel, ModelRegistry
 from inference_gateway.requests import Limits, RequestError, decode
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
+from protos.paths import PathRefused, confine, status_of_oserror
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("inference_gateway.access")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
+# loads a package, unloads or switches a version: a bearer token (--token-file) and/or mTLS
+CONTROL_PLANE = ("LoadModel", "UnloadModel", "SetDefaultVersion")
+PREDICT = ("Predict", "PredictStream")  # open unless --predict-token-file
 OK = grpc.StatusCode.OK
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
     def __init__(self, *, limits: Limits, batching: BatchingConfig, metrics: GatewayMetrics,
-                 health_servicer: health.aio.HealthServicer, device: str = "cpu", access_log: bool = False) -> None:
+                 health_servicer: health.aio.HealthServicer, device: str = "cpu", access_log: bool = False,
+                 model_store: str = "model_store") -> None:
         self.limits, self.metrics, self.health = limits, metrics, health_servicer
+        self.model_store = model_store  # LoadModel reads packages only under it
         self.access_log = access_log
         self.loop: asyncio.AbstractEventLoop | None = None
         self.registry = ModelRegistry(batching, self._deliver, device, make_batcher=self._make_batcher)
@@ -189,12 +195,18 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         if request.version < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: must be >= 0")
         try:
-            loaded = await self.load(request.path, request.name, request.version, request.make_default)
+            path = confine(self.model_store, request.path, "path", what="model store")
+            loaded = await self.load(str(path), request.name, request.version, request.make_default)
+        except PathRefused as e:
+            await context.abort(e.code, e.message)
+        except OSError as e:  # never INTERNAL: a missing package, a full disk, no permission ...
+            refused = status_of_oserror(e, "path", request.path)
+            await context.abort(refused.code, refused.message)
         except PackageError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {e}")
         except RequestError as e:
             await context.abort(e.code, e.message)
-        except (OSError, ValueError, RuntimeError) as e:  # e.g. device: cuda on a host without one
+        except (ValueError, RuntimeError) as e:  # e.g. device: cuda on a host without one
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"path: {request.path}: cannot serve it "
                                                                      f"({type(e).__name__}: {e})")
         return self._info(loaded)

@@ -23,11 +23,20 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 
 def open_channel(address: str, *, tls_ca: str | None = None, max_message_bytes: int | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+                 options: Sequence[tuple[str, Any]] = (), tls_cert: str | None = None,
+                 tls_key: str | None = None) -> grpc.Channel:
     """A TLS channel verified against the CA in `tls_ca` (PEM path), or a plaintext one without it;
+    with `tls_cert` / `tls_key` (PEM paths) the client presents its own certificate (mutual TLS).
     `max_message_bytes` sets both message limits, `options` adds any other channel argument."""
     opts = [*(channel_options(max_message_bytes) if max_message_bytes else []), *options]
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key: both or neither (a client certificate needs its key)")
     if tls_ca is None:
+        if tls_cert:
+            raise ValueError("tls_cert: a client certificate needs TLS; give tls_ca too")
         return grpc.insecure_channel(address, options=opts)
-    creds = grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, "tls ca"))
+    pair = {}
+    if tls_cert and tls_key:
+        pair = {"private_key": read_pem(tls_key, "tls key"), "certificate_chain": read_pem(tls_cert, "tls cert")}
+    creds = grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, "tls ca"), **pair)
     return grpc.secure_channel(address, creds, options=opts)

@@ -1,14 +1,24 @@
-"""TLS and bearer tokens, the same way for every server and client of the project.
+"""TLS, mutual TLS and bearer tokens, the same way for every server and client of the project.
+
+Every server splits its RPCs into a data plane (Lookup, Update, Predict, Register, Heartbeat, reads)
+and a control plane (anything that checkpoints, restores, loads, stages, moves or commits rows, or
+changes a plan or a model version). Control-plane RPCs need a credential:
+
+- a bearer token (`--token-file` or an env var; `authorization: Bearer <token>`), checked by
+  `ControlPlaneAuth` in constant time: missing -> UNAUTHENTICATED, wrong -> PERMISSION_DENIED. A token
+  is never logged, counted or echoed: refusals name the method only;
+- and/or mutual TLS (`TlsConfig.client_ca`): the server requires a client certificate signed by that
+  CA at the handshake, so with mTLS on every RPC, data plane included, is authenticated.
 
 Servers bind through `bind` (TLS when a certificate is configured, plaintext otherwise, as on
 loopback); clients open channels through `protos.channels.open_channel` (TLS when given the CA that
-signed the server's certificate). Admin RPCs (ApplyPlan, Rollback, ...) additionally require a bearer token,
-checked by `BearerTokenInterceptor` in constant time.
+signed the server's certificate, presenting their own certificate when given one).
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +27,7 @@ from typing import Any
 import grpc
 
 AUTHORIZATION = "authorization"
+CONTROL_TOKEN_ENV = "RECSYS_CONTROL_TOKEN"  # the control-plane token of shards and gateways (and their clients)
 
 
 def read_pem(path: str, what: str) -> bytes:
@@ -27,26 +38,50 @@ def read_pem(path: str, what: str) -> bytes:
         raise OSError(f"{what} {path!r}: {e.strerror or e}") from None
 
 
+def read_token(token_file: str | None = None, env: str | None = None, what: str = "token") -> str | None:
+    """The token in `token_file` (stripped), else in the environment variable `env`, else None.
+    An empty or unreadable file is an error naming the file, never the token."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise OSError(f"{what} file {token_file!r}: {e.strerror or e}") from None
+        if not token:
+            raise ValueError(f"{what} file {token_file!r}: empty")
+        return token
+    if env:
+        return os.environ.get(env, "").strip() or None
+    return None
+
+
 @dataclass(frozen=True)
 class TlsConfig:
-    """Paths of the server's PEM certificate (chain) and private key."""
+    """Paths of the server's PEM certificate (chain) and private key, and optionally of the CA that
+    signs client certificates (mutual TLS: a client without such a certificate fails the handshake)."""
 
     cert: str
     key: str
+    client_ca: str | None = None
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(read_pem(self.key, "tls key"), read_pem(self.cert, "tls cert"))])
+        pair = [(read_pem(self.key, "tls key"), read_pem(self.cert, "tls cert"))]
+        if self.client_ca:
+            return grpc.ssl_server_credentials(pair, root_certificates=read_pem(self.client_ca, "tls client ca"),
+                                               require_client_auth=True)
+        return grpc.ssl_server_credentials(pair)
 
     @classmethod
-    def from_paths(cls, cert: str | None, key: str | None) -> TlsConfig | None:
+    def from_paths(cls, cert: str | None, key: str | None, client_ca: str | None = None) -> TlsConfig | None:
         """None when neither is given; both or neither, so a half-configured server never starts plaintext."""
         if not cert and not key:
+            if client_ca:
+                raise ValueError("tls_client_ca: needs tls_cert and tls_key (mutual TLS is TLS)")
             return None
         if not cert:
             raise ValueError("tls_cert: required when tls_key is given")
         if not key:
             raise ValueError("tls_key: required when tls_cert is given")
-        return cls(str(cert), str(key))
+        return cls(str(cert), str(key), str(client_ca) if client_ca else None)
 
 
 def bind(server: grpc.Server, address: str, tls: TlsConfig | None) -> int:
@@ -65,11 +100,18 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {token}"),)
 
 
-def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+            aio: bool = False) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that refuses every call with (code, message)."""
 
     def refuse(_request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
+
+    async def refuse_aio(_request_or_iterator: Any, context: Any) -> Any:
+        await context.abort(code, message)
+
+    if aio:
+        refuse = refuse_aio  # type: ignore[assignment]
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
@@ -102,11 +144,87 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        values = [v for k, v in handler_call_details.invocation_metadata or () if k == AUTHORIZATION]
-        scheme, _, given = (values[0] if values else "").partition(" ")
-        if not values or scheme.lower() != "bearer" or not given:
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, f"missing bearer token for {method}")
-        given_bytes = given.strip().encode() if isinstance(given, str) else given
-        if not hmac.compare_digest(given_bytes, self._token):
-            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"wrong bearer token for {method}")
-        return handler
+        refusal = check_bearer(self._token, handler_call_details)
+        if refusal is None:
+            return handler
+        return _denied(handler, *refusal)
+
+
+def check_bearer(token: bytes, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+    """None when the call carries `authorization: Bearer <token>`; else the refusal (code, message).
+    Constant-time comparison; the message names the method, never what was sent."""
+    method = details.method
+    values = [v for k, v in details.invocation_metadata or () if k == AUTHORIZATION]
+    scheme, _, given = (values[0] if values else "").partition(" ")
+    if not values or scheme.lower() != "bearer" or not given:
+        return grpc.StatusCode.UNAUTHENTICATED, f"missing bearer token for {method}"
+    given_bytes = given.strip().encode() if isinstance(given, str) else given
+    if not hmac.compare_digest(given_bytes, token):
+        return grpc.StatusCode.PERMISSION_DENIED, f"wrong bearer token for {method}"
+    return None
+
+
+Refused = Callable[[str, str], None]  # (method, status name): counts a refusal in a server's metrics
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """Methods (full names) that need `token`."""
+
+    token: str
+    methods: frozenset[str]
+
+
+class ControlPlaneAuth(grpc.ServerInterceptor):
+    """Bearer tokens by method for a thread-pool server: each `TokenRule` protects its methods (the
+    control plane with the control token, Predict with a predict token, ...); other methods pass.
+    `on_refusal(method, code)` counts refusals (the token is never passed to it)."""
+
+    def __init__(self, rules: Iterable[TokenRule], on_refusal: Refused | None = None) -> None:
+        self._rules: dict[str, bytes] = {}
+        for rule in rules:
+            if not rule.token:
+                raise ValueError("token: empty (an empty token would protect nothing)")
+            for method in rule.methods:
+                if not method.startswith("/") or method.count("/") != 2:
+                    raise ValueError(f"protected: {method!r} is not a full method name like '/package.Service/Method'")
+                self._rules[method] = rule.token.encode()
+        self.protected = frozenset(self._rules)
+        self._on_refusal = on_refusal
+
+    def _refusal(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        token = self._rules.get(details.method)
+        if token is None:
+            return None
+        refusal = check_bearer(token, details)
+        if refusal is not None and self._on_refusal is not None:
+            self._on_refusal(details.method, refusal[0].name)
+        return refusal
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        refusal = self._refusal(handler_call_details)
+        return handler if refusal is None else _denied(handler, *refusal)
+
+
+class AioControlPlaneAuth(grpc.aio.ServerInterceptor):
+    """`ControlPlaneAuth` for grpc.aio servers (the gateway)."""
+
+    def __init__(self, rules: Iterable[TokenRule], on_refusal: Refused | None = None) -> None:
+        self._sync = ControlPlaneAuth(rules, on_refusal)
+        self.protected = self._sync.protected
+
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        refusal = self._sync._refusal(handler_call_details)
+        return handler if refusal is None else _denied(handler, *refusal, aio=True)
+
+
+def full_names(service: str, methods: Iterable[str]) -> frozenset[str]:
+    """"/package.Service/Method" for each method of `service` ("package.Service")."""
+    return frozenset(f"/{service}/{m}" for m in methods)

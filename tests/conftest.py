@@ -57,5 +57,7 @@ def _self_signed(directory: Path, name: str) -> tuple[str, str]:
 def certs(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("certs")
     cert, key = _self_signed(d, "server")
-    other_ca, _ = _self_signed(d, "other")
-    return {"cert": cert, "key": key, "ca": cert, "other_ca": other_ca}
+    other_ca, other_key = _self_signed(d, "other")
+    # mutual TLS: "cert"/"key" also serve as the client certificate of the "ca" (it signs itself);
+    # "other_ca"/"other_key" are a client certificate from another CA
+    return {"cert": cert, "key": key, "ca": cert, "other_ca": other_ca, "other_key": other_key}

@@ -172,7 +172,7 @@ def test_bad_wire_dtype_and_rows(shard):
     with expect(grpc.StatusCode.INVALID_ARGUMENT, "nope"):
         shard.lookup_rows("nope", torch.tensor([0]))
     with expect(grpc.StatusCode.FAILED_PRECONDITION, "manifest.json"):
-        shard.restore("/nonexistent-dir")
+        shard.restore("nonexistent-dir")  # inside the checkpoint root; outside it: tests/test_confined_paths.py
     with expect(grpc.StatusCode.INVALID_ARGUMENT, "directory"):
         shard.stub.Checkpoint(embedding_shard_pb2.CheckpointRequest(plan_version=7))
     with expect(grpc.StatusCode.INVALID_ARGUMENT, "empty"):

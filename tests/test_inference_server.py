@@ -197,8 +197,8 @@ def test_cli_predict_from_jsonl(gateway, tmp_path, capsys):
     assert out[1]["error"] == "INVALID_ARGUMENT" and "hour" in out[1]["message"]
 
 
-def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path):
-    gw = launch([], workdir=tmp_path / "gw")
+def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path, tmp_path_factory):
+    gw = launch(["--model-store", str(tmp_path_factory.getbasetemp())], workdir=tmp_path / "gw")
     try:
         with GatewayClient(gw.address) as client:
             health = health_pb2_grpc.HealthStub(client.channel)
@@ -225,8 +225,9 @@ def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path):
         gw.kill()
 
 
-def test_hot_swap_under_load_fails_no_request(pkgs, tmp_path):
-    gw = launch(["--model", str(pkgs["v1"])], workdir=tmp_path / "gw")
+def test_hot_swap_under_load_fails_no_request(pkgs, tmp_path, tmp_path_factory):
+    gw = launch(["--model", str(pkgs["v1"]), "--model-store", str(tmp_path_factory.getbasetemp())],
+                workdir=tmp_path / "gw")
     stop = threading.Event()
     versions: list[int] = []
     failures: list[str] = []

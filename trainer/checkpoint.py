@@ -33,8 +33,9 @@ class Resumed:
 
 
 def save(trainer: ShardedTrainer, root: str | Path, step: int, data_position: int) -> Path:
-    """Call on rank 0 at a step boundary, after every trainer's update of `step` was applied."""
-    root = Path(root)
+    """Call on rank 0 at a step boundary, after every trainer's update of `step` was applied. Shards are
+    sent absolute paths (inside their --checkpoint-root, which must contain `root`)."""
+    root = Path(root).absolute()
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,7 +67,7 @@ def latest(root: str | Path) -> Path:
 
 def restore(trainer: ShardedTrainer, path: str | Path) -> Resumed:
     """Verifies, then restores every shard (each verifies its files too) and the dense state."""
-    path = Path(path)
+    path = Path(path).absolute()
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:

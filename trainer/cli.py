@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grpc: fan-out RPCs (across hosts); collective: all-to-all in one torch.distributed group "
                         "with the shards (started with collective_rank = WORLD_SIZE + shard id)")
     t.add_argument("--tls-ca", help="PEM of the CA that signed the shards' and the coordinator's certificates (TLS)")
+    t.add_argument("--tls-cert", help="PEM certificate this trainer presents (servers that require mutual TLS)")
+    t.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    t.add_argument("--token-file", help="the shards' control-plane token, sent with Checkpoint / Restore "
+                   "(default: env RECSYS_CONTROL_TOKEN)")
     t.add_argument("--strict", action="store_true", help="criteo: fail on the first malformed line")
     t.add_argument("--data-workers", type=int, default=0, help="criteo: parser processes")
     t.add_argument("--steps", type=int, default=100)
@@ -116,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> int:
+    from protos.security import CONTROL_TOKEN_ENV, read_token
     from trainer.job import JobError, JobSettings, TrainingJob
 
     settings = JobSettings(
         config=args.config, plan=args.plan, shards=args.shards.split(",") if args.shards else None,
         coordinator=args.coordinator, data=args.data, transport=args.transport, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, token=read_token(args.token_file, CONTROL_TOKEN_ENV),
         strict=args.strict, data_workers=args.data_workers, steps=args.steps, batch_size=args.batch_size,
         first_step=args.first_step, seed=args.seed, wire=args.wire, out=args.out, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume=args.resume, resume_if_present=args.resume_if_present,

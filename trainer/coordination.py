@@ -24,9 +24,10 @@ pb = coordinator_pb2
 
 
 class PlanFollower:
-    def __init__(self, address: str, rank: int, *, tls_ca: str | None = None, wait_s: float = 60.0) -> None:
+    def __init__(self, address: str, rank: int, *, tls_ca: str | None = None, wait_s: float = 60.0,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address, self.rank = address, rank
-        self.client = CoordinatorClient(address, tls_ca=tls_ca)
+        self.client = CoordinatorClient(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self.plan_version, self.step = 0, -1
         self._cond = threading.Condition()
         self._fences: collections.deque[str] = collections.deque()  # FENCEd rollouts not yet handled here

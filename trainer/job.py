@@ -47,6 +47,9 @@ class JobSettings:
     data: str = "synthetic"  # or criteo:PATH[,PATH...]
     transport: str = "grpc"  # or collective
     tls_ca: str | None = None
+    tls_cert: str | None = None  # this trainer's certificate, for servers that require mutual TLS
+    tls_key: str | None = None
+    token: str | None = None  # the shards' control-plane token (Checkpoint / Restore)
     strict: bool = False
     data_workers: int = 0
     steps: int = 100
@@ -108,7 +111,8 @@ class TrainingJob:
         if settings.coordinator:
             from trainer.coordination import PlanFollower
 
-            self.follower = PlanFollower(settings.coordinator, settings.rank, tls_ca=settings.tls_ca).start()
+            self.follower = PlanFollower(settings.coordinator, settings.rank, tls_ca=settings.tls_ca,
+                                         tls_cert=settings.tls_cert, tls_key=settings.tls_key).start()
             plan, shards = self.follower.current_plan()
         else:
             plan, shards = load_plan(settings.plan), list(settings.shards or [])
@@ -117,7 +121,8 @@ class TrainingJob:
         self.trainer = ShardedTrainer(self.model_cfg, plan, shards, rank=settings.rank, world_size=settings.world,
                                       seed=settings.seed, wire_dtype=WIRE[settings.wire],
                                       transport=settings.transport, trainer_group=self.group,
-                                      tls_ca=settings.tls_ca)
+                                      tls_ca=settings.tls_ca, token=settings.token, tls_cert=settings.tls_cert,
+                                      tls_key=settings.tls_key)
         self.data = SyntheticData(self.model_cfg, seed=settings.seed)
         self.writer = None
         self._stop = False

@@ -52,7 +52,8 @@ def run_serving_demo(checkpoint_dir: Path, plan_path: Path | None, config_path: 
             for v, q in ((1, "int8"), (2, "fp32"))}
     say(f"exported step {model.step} to {', '.join(str(p) for p in pkgs.values())} in "
         f"{time.perf_counter() - t0:.1f}s")
-    gw = launch(["--model", str(pkgs["int8"]), "--max-wait-ms", "1"], workdir=workdir / "gateway")
+    gw = launch(["--model", str(pkgs["int8"]), "--max-wait-ms", "1", "--model-store", str(workdir)],
+                workdir=workdir / "gateway")
     result: dict = {"address": gw.address, "step": model.step}
     try:
         with GatewayClient(gw.address) as client:
