@@ -92,7 +92,10 @@ def serve_forever(config: ShardConfig) -> NoReturn:
             kind=coordinator_pb2.SHARD, id=config.assignment.shard_id, device=config.device,
             address=config.advertise or f"{config.server.host}:{shard.port}", capacity_bytes=config.capacity_bytes)
         agent = MemberAgent(config.coordinator, member, lambda: (servicer.plan_version, servicer.steps.applied_step),
-                            channel=open_channel(config.coordinator, tls_ca=config.tls_ca)).start()
+                            channel=open_channel(config.coordinator, tls_ca=config.tls_ca),
+                            on_fenced=lambda reason: servicer.metrics.fenced.set(1))
+        servicer.member_check = agent.check  # every write asks the agent first: a replaced shard applies none
+        agent.start()
         info["coordinator"] = config.coordinator
     print(json.dumps(info), flush=True)
     log.info("shard %d serving on %s:%d", config.assignment.shard_id, config.server.host, shard.port)

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -136,6 +136,12 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
                                                      clamp_ids=config.clamp_ids), applied_step=-1)
         self.staged: Staged | None = None
         self._reshard = threading.Lock()  # one Prepare / Commit / Abort at a time
+        # Membership fencing: raises (protos.member_agent.Fenced) once the coordinator replaced this shard;
+        # None when the shard runs without a coordinator.
+        self.member_check: Callable[[], None] | None = None
+        # Trainer fencing: the highest epoch seen per trainer id; a lower one is an earlier incarnation.
+        self.trainer_epochs: dict[int, int] = {}
+        self._epochs_lock = threading.Lock()
 
     def _go_live(self, assignment: common_pb2.ShardAssignment, tables: ShardTables, applied_step: int) -> None:
         """Serves `tables` under `assignment`'s plan version from now on (start, and every Commit)."""
@@ -150,6 +156,27 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.metrics.plan_version.set(self.plan_version)
         self.metrics.applied_step.set(applied_step)
 
+    def _check_writable(self, method: str) -> None:
+        """A replaced shard (its membership epoch superseded) applies no write: FAILED_PRECONDITION."""
+        if self.member_check is None:
+            return
+        try:
+            self.member_check()
+        except RuntimeError as e:  # protos.member_agent.Fenced
+            raise precondition(f"{method}: shard {self.assignment.shard_id} {e}") from None
+
+    def _check_trainer_epoch(self, trainer: int, epoch: int) -> None:
+        """A trainer of an earlier incarnation (its epoch lower than one already seen for its id) is refused;
+        epoch 0 (a client without epochs) is accepted as before."""
+        if not epoch:
+            return
+        with self._epochs_lock:
+            latest = self.trainer_epochs.get(trainer, 0)
+            if epoch < latest:
+                raise precondition(f"trainer_epoch: trainer {trainer} epoch {epoch} was superseded by epoch "
+                                   f"{latest}; a trainer of an earlier incarnation must not write")
+            self.trainer_epochs[trainer] = epoch
+
     def _check_version(self, version: int) -> None:
         if version != self.plan_version:
             raise precondition(f"plan_version {version} does not match this shard's plan version {self.plan_version}")
@@ -161,6 +188,9 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             raise invalid(framed.error)
         request: embedding_shard_pb2.LookupRequest = framed.msg
         self._check_version(request.plan_version)
+        if not request.no_grad:  # a lookup with a handle is the first half of a write
+            self._check_writable("Lookup")
+            self._check_trainer_epoch(request.trainer_id, request.trainer_epoch)
         out_dtype = _WIRE_OUT.get(request.output_dtype)
         if out_dtype is None:
             raise invalid(f"output_dtype: {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
@@ -179,7 +209,9 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             raise invalid(framed.error)
         request: embedding_shard_pb2.UpdateRequest = framed.msg
         self._check_version(request.plan_version)
+        self._check_writable("Update")
         handle = self.steps.handle(request.handle)
+        self._check_trainer_epoch(handle.trainer, request.trainer_epoch)
         grad = self.tables.check_grad(framed.tensor("grad"), handle.batch)
         step, merged = self.steps.update(request.handle, grad)
         self.metrics.rows_updated.inc(handle.batch.num_ids)
@@ -201,6 +233,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     @rpc
     def Checkpoint(self, request: embedding_shard_pb2.CheckpointRequest, context):
         self._check_version(request.plan_version)
+        self._check_writable("Checkpoint")
         if not request.directory:
             raise invalid("directory: empty")
         with self.steps.cond:
@@ -216,6 +249,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     @rpc
     def Restore(self, request: embedding_shard_pb2.RestoreRequest, context):
         self._check_version(request.plan_version)
+        self._check_writable("Restore")
         if not request.directory:
             raise invalid("directory: empty")
         loaded = checkpoint.load_verified(self.tables, request.directory)  # verified before touching state
@@ -258,6 +292,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def ImportRows(self, request_iterator: Iterator[embedding_shard_pb2.RowChunk], context):
+        self._check_writable("ImportRows")
         staged = []
         rows = 0
         sl = None
@@ -302,6 +337,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     # -- re-sharding --------------------------------------------------------------------------
     @rpc
     def Prepare(self, request: embedding_shard_pb2.PrepareRequest, context) -> embedding_shard_pb2.PrepareResponse:
+        self._check_writable("Prepare")
         if self.config.collective_rank is not None:
             raise precondition("Prepare: this shard serves the collective transport; re-sharding needs gRPC")
         staged = stage(request.assignment, self.plan_version, self.assignment.shard_id, device=self.config.device,
@@ -320,6 +356,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def PullRows(self, request: embedding_shard_pb2.PullRowsRequest, context) -> embedding_shard_pb2.PullRowsResponse:
+        self._check_writable("PullRows")
         staged = self._staged(request.plan_version)
         dest = staged.tables.slice_at(request.dest_slice)
         if request.source:
@@ -335,6 +372,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def Commit(self, request: embedding_shard_pb2.CommitRequest, context) -> embedding_shard_pb2.CommitResponse:
+        self._check_writable("Commit")
         with self._reshard:
             if request.plan_version == self.plan_version and self.staged is None:
                 return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)  # a retried commit

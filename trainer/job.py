@@ -116,7 +116,8 @@ class TrainingJob:
         self.trainer = ShardedTrainer(self.model_cfg, plan, shards, rank=settings.rank, world_size=settings.world,
                                       seed=settings.seed, wire_dtype=WIRE[settings.wire],
                                       transport=settings.transport, trainer_group=self.group,
-                                      tls_ca=settings.tls_ca)
+                                      tls_ca=settings.tls_ca,
+                                      trainer_epoch=self.follower.agent.epoch if self.follower is not None else 0)
         self.data = SyntheticData(self.model_cfg, seed=settings.seed)
         self.writer = None
         self._stop = False
@@ -165,6 +166,8 @@ class TrainingJob:
         s, follower = self.s, self.follower
         if follower is not None:
             follower.step = step
+            if follower.agent.fenced.is_set():  # a later incarnation of this rank registered: stop, write nothing
+                raise RuntimeError(f"trainer {s.rank}: {follower.agent.fenced_reason}")
         halt, fence = self._agreed([self._stop, follower is not None and follower.fence_pending])
         periodic = s.checkpoint_every and (step + 1 - s.first_step) % s.checkpoint_every == 0
         if s.checkpoint_dir and (periodic or halt):

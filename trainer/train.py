@@ -43,7 +43,8 @@ class ShardedTrainer:
     def __init__(self, model_config: ModelConfig, plan: common_pb2.ShardingPlan, addresses: list[str], *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, wire_dtype: torch.dtype = torch.float32,
                  transport: str = "grpc", trainer_group: dist.ProcessGroup | None = None,
-                 tls_ca: str | None = None) -> None:
+                 tls_ca: str | None = None, trainer_epoch: int = 0) -> None:
+        """`trainer_epoch`: this trainer's membership epoch (coordinated jobs), sent with every write."""
         if len(addresses) != plan.num_shards:
             raise ValueError(f"--shards: the plan (version {plan.version}) has {plan.num_shards} shards, "
                              f"got {len(addresses)} addresses")
@@ -51,6 +52,7 @@ class ShardedTrainer:
         self.rank, self.world_size = rank, world_size
         self.wire_dtype = wire_dtype
         self.tls_ca = tls_ca
+        self.trainer_epoch = trainer_epoch
         self._connect(plan, addresses, transport)
         self.model = DenseDLRM(model_config, seed=seed)
         self.local = LocalTables(model_config, list(plan.data_parallel), seed=seed) if plan.data_parallel else None
@@ -68,7 +70,8 @@ class ShardedTrainer:
         self.router = Router(plan, self.config)
         # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
         self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=self.rank,
-                                       wire_dtype=self.wire_dtype, tls_ca=self.tls_ca)
+                                       wire_dtype=self.wire_dtype, tls_ca=self.tls_ca,
+                                       trainer_epoch=self.trainer_epoch)
         if transport == "collective":
             self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(self.world_size, plan.num_shards)
         elif transport == "grpc":

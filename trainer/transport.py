@@ -25,14 +25,15 @@ class ShardUnavailable(RuntimeError):
 class GrpcTransport:
     def __init__(self, addresses: list[str], *, plan_version: int, trainer_id: int = 0,
                  wire_dtype: torch.dtype = torch.float32, retries: int = 5, backoff_s: float = 0.2,
-                 timeout_s: float = 120.0, tls_ca: str | None = None) -> None:
+                 timeout_s: float = 120.0, tls_ca: str | None = None, trainer_epoch: int = 0) -> None:
         self.addresses = addresses
         self.plan_version = plan_version
         self.trainer_id = trainer_id
         self.wire_dtype = wire_dtype
         self.retries = retries
         self.backoff_s = backoff_s
-        self.clients = [ShardClient(a, plan_version=plan_version, timeout=timeout_s, tls_ca=tls_ca) for a in addresses]
+        self.clients = [ShardClient(a, plan_version=plan_version, timeout=timeout_s, tls_ca=tls_ca,
+                                    trainer_epoch=trainer_epoch) for a in addresses]
 
     def close(self) -> None:
         for c in self.clients:
