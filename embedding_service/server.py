@@ -51,7 +51,8 @@ def start(config: ShardConfig) -> RunningShard:
     opts = config.server
     workers = opts.workers or 16 + 4 * config.num_trainers
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=channel_options(opts.max_message_bytes))
+                         options=channel_options(opts.max_message_bytes),
+                         maximum_concurrent_rpcs=opts.max_concurrent_rpcs or 4 * workers)
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -142,11 +142,13 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         # Trainer fencing: the highest epoch seen per trainer id; a lower one is an earlier incarnation.
         self.trainer_epochs: dict[int, int] = {}
         self._epochs_lock = threading.Lock()
+        self._inflight = 0  # Lookup/Update requests inside the handlers (bounded by max_inflight_lookups)
+        self._inflight_lock = threading.Lock()
 
     def _go_live(self, assignment: common_pb2.ShardAssignment, tables: ShardTables, applied_step: int) -> None:
         """Serves `tables` under `assignment`'s plan version from now on (start, and every Commit)."""
         steps = StepScheduler(tables, self.config.mode, self.config.num_trainers, self.config.staleness,
-                              self.config.handle_ttl_s, self.config.wait_timeout_s)
+                              self.config.handle_ttl_s, self.config.wait_timeout_s, self.config.max_pending_handles)
         steps.applied_step = applied_step
         tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
         self.tables, self.steps, self.assignment = tables, steps, assignment
@@ -155,6 +157,25 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.metrics.optimizer_bytes.set(tables.optimizer_bytes)
         self.metrics.plan_version.set(self.plan_version)
         self.metrics.applied_step.set(applied_step)
+
+    @contextlib.contextmanager
+    def _admitted(self, method: str) -> Iterator[None]:
+        """Bounds the lookups inside the shard: in async mode a lookup may wait for its trainer's earlier
+        update (sync: for the other trainers), and each waiting one holds a worker thread and its decoded ids."""
+        bound = self.config.max_inflight_lookups
+        with self._inflight_lock:
+            if self._inflight >= bound:
+                raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"max_inflight_lookups: {self._inflight} Lookup requests already in flight "
+                                 f"(bound {bound}); {method} refused, retry later")
+            self._inflight += 1
+        self.metrics.inflight_requests.set(self._inflight)
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+            self.metrics.inflight_requests.set(self._inflight)
 
     def _check_writable(self, method: str) -> None:
         """A replaced shard (its membership epoch superseded) applies no write: FAILED_PRECONDITION."""
@@ -184,6 +205,10 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     # -- training path ------------------------------------------------------------------------
     @rpc
     def Lookup(self, framed: Framed, context) -> bytes:
+        with self._admitted("Lookup"):
+            return self._lookup(framed)
+
+    def _lookup(self, framed: Framed) -> bytes:
         if framed.error:
             raise invalid(framed.error)
         request: embedding_shard_pb2.LookupRequest = framed.msg
