@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent-rpcs", type=int,
                    help="RPCs gRPC admits at once, running or queued (default 4 x workers); past it gRPC answers "
                         "RESOURCE_EXHAUSTED")
+    s.add_argument("--collective-timeout-s", type=float,
+                   help="collective transport: no all-to-all waits longer for a peer, a frozen one makes it fail "
+                        "(default 300)")
     s.add_argument("--clamp-ids", action="store_true", help="clamp out-of-range ids instead of rejecting them")
     s.add_argument("--max-message-mb", type=int, help="largest gRPC message accepted or sent")
     s.add_argument("--standby", action="store_true",
@@ -95,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
     raw["server"] = server
     for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads",
-                "coordinator", "advertise", "tls_ca", "max_pending_handles", "max_inflight_lookups"):
+                "coordinator", "advertise", "tls_ca", "max_pending_handles", "max_inflight_lookups",
+                "collective_timeout_s"):
         val = getattr(args, key)
         if val is not None:
             raw[key] = val

@@ -70,6 +70,8 @@ class ShardConfig:
     # 0..num_trainers-1) and the group's size; MASTER_ADDR/MASTER_PORT come from the environment.
     collective_rank: int | None = None
     collective_world_size: int | None = None
+    # No collective waits longer for a peer (a frozen trainer or shard): it raises instead (None: 300 s).
+    collective_timeout_s: float | None = None
     # Membership: register with the coordinator at this address and heartbeat; others reach this shard at
     # `advertise` (default: the bound host:port); `capacity_bytes` is offered to the planner (0: unknown).
     coordinator: str | None = None

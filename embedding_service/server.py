@@ -81,7 +81,7 @@ def serve_forever(config: ShardConfig) -> NoReturn:
         from embedding_service.collective import CollectiveLoop
 
         CollectiveLoop(shard.servicer.tables, shard.servicer.steps, config.collective_rank,
-                       config.collective_world_size or 0, config.num_trainers).start()
+                       config.collective_world_size or 0, config.num_trainers, config.collective_timeout_s).start()
         info["collective_rank"] = config.collective_rank
     agent = None
     if config.coordinator:

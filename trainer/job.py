@@ -46,6 +46,7 @@ class JobSettings:
     coordinator: str | None = None
     data: str = "synthetic"  # or criteo:PATH[,PATH...]
     transport: str = "grpc"  # or collective
+    collective_timeout_s: float | None = None  # collective: no exchange waits longer for a peer (None: 300 s)
     tls_ca: str | None = None
     strict: bool = False
     data_workers: int = 0
@@ -112,7 +113,8 @@ class TrainingJob:
         else:
             plan, shards = load_plan(settings.plan), list(settings.shards or [])
         collective = settings.transport == "collective"
-        self.group = init_distributed(settings.rank, settings.world, plan.num_shards if collective else 0)
+        self.group = init_distributed(settings.rank, settings.world, plan.num_shards if collective else 0,
+                                      settings.collective_timeout_s)
         self.trainer = ShardedTrainer(self.model_cfg, plan, shards, rank=settings.rank, world_size=settings.world,
                                       seed=settings.seed, wire_dtype=WIRE[settings.wire],
                                       transport=settings.transport, trainer_group=self.group,

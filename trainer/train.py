@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from protos import common_pb2
+from protos.collective import timeout as collective_timeout
 from protos.model_config import ModelConfig
 from trainer.batch import Batch, SparseBatch
 from trainer.local import LocalTables, MultiOptimizer, Replicated
@@ -73,7 +74,8 @@ class ShardedTrainer:
                                        wire_dtype=self.wire_dtype, tls_ca=self.tls_ca,
                                        trainer_epoch=self.trainer_epoch)
         if transport == "collective":
-            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(self.world_size, plan.num_shards)
+            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(
+                self.world_size, plan.num_shards, addresses, tls_ca=self.tls_ca)
         elif transport == "grpc":
             self.data = self.transport
         else:
@@ -238,13 +240,16 @@ def evaluate(trainer: ShardedTrainer, batches: Iterable[Batch]) -> dict[str, flo
             "logloss": float(F.binary_cross_entropy(p.double().clamp(1e-7, 1 - 1e-7), y.double()))}
 
 
-def init_distributed(rank: int, world_size: int, num_shards: int = 0) -> dist.ProcessGroup | None:
+def init_distributed(rank: int, world_size: int, num_shards: int = 0,
+                     timeout_s: float | None = None) -> dist.ProcessGroup | None:
     """torchrun-compatible env:// rendezvous (gloo on CPU, NCCL with CUDA). For the collective transport
     (`num_shards` > 0) the shards join the same group as ranks world_size.. and the trainers get a
-    subgroup of their own for DDP; every rank creates it, in the same order."""
+    subgroup of their own for DDP; every rank creates it, in the same order. There `timeout_s` bounds every
+    collective (a frozen shard makes it raise instead of hanging; default 300 s)."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if num_shards:
-        dist.init_process_group(backend, rank=rank, world_size=world_size + num_shards)
+        dist.init_process_group(backend, rank=rank, world_size=world_size + num_shards,
+                                timeout=collective_timeout(timeout_s))
         group = dist.new_group(list(range(world_size)))
         log.info("rank %d of %d trainers joined the collective group with %d shards", rank, world_size, num_shards)
         return group
