@@ -25,6 +25,7 @@ from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.channels import open_channel
 
 log = logging.getLogger(__name__)
+RPC_TIMEOUT_S = 5.0  # one Register / Heartbeat
 
 
 class Fenced(RuntimeError):
@@ -54,6 +55,7 @@ class MemberAgent:
         self._last_ack = 0.0  # monotonic send time of the last heartbeat / registration the coordinator accepted
         self._last_try = 0.0
         self._known = False
+        self._unanswered = 0.0  # send time of the last heartbeat the coordinator did not answer (0: it answered)
         self._beat_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="member-agent", daemon=True)
@@ -85,13 +87,23 @@ class MemberAgent:
 
     def check(self) -> None:
         """Raises `Fenced` if this member was replaced. Called before every write: when the last accepted
-        heartbeat is older than the lease (the process was frozen, or the coordinator unreachable), it
-        heartbeats now (at most once per interval, so an unreachable coordinator does not stall writes)."""
-        if not self.fenced.is_set() and self.lease_s and time.monotonic() - self._last_ack > self.lease_s:
-            with self._beat_lock:  # a heartbeat in flight (the agent's thread woke first) is waited for
+        heartbeat is older than the lease (the process was frozen), it waits for the heartbeat in flight or
+        sends one now, so a write never precedes the coordinator's verdict after a freeze. When the
+        coordinator did not answer the last heartbeat, writes go on without asking (availability while it
+        is down; the agent's thread keeps trying and fences on the first refusal)."""
+        lapsed = self.lease_s and time.monotonic() - self._last_ack > self.lease_s
+        # a heartbeat in flight (the agent's thread woke first) is waited for; a coordinator that did not
+        # answer one sent after the lease lapsed is not waited for again (training goes on while it is down;
+        # one sent before a freeze and timed out during it proves nothing)
+        down = self._unanswered > self._last_ack + self.lease_s
+        if (lapsed and not self.fenced.is_set() and not down
+                and self._beat_lock.acquire(timeout=RPC_TIMEOUT_S)):
+            try:
                 now = time.monotonic()
                 if now - self._last_ack > self.lease_s and now - self._last_try > self.interval_s:
                     self._beat_locked()
+            finally:
+                self._beat_lock.release()
         if self.fenced.is_set():
             raise Fenced(self.fenced_reason)
 
@@ -99,7 +111,8 @@ class MemberAgent:
         version, step = self.state()
         self.member.plan_version, self.member.step = version, step
         sent = time.monotonic()
-        resp = self.stub.Register(coordinator_pb2.RegisterRequest(member=self.member), timeout=5)
+        resp = self.stub.Register(coordinator_pb2.RegisterRequest(member=self.member), timeout=RPC_TIMEOUT_S)
+        self._unanswered = 0.0
         self.interval_s = min(0.5, max(0.05, resp.lease_ms / 1000 / 3))  # steps reach the coordinator soon
         self.lease_s = resp.lease_ms / 1000
         self.member.epoch = resp.epoch
@@ -127,8 +140,8 @@ class MemberAgent:
             sent = time.monotonic()
             resp = self.stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
                 kind=self.member.kind, id=self.member.id, instance=self.member.instance,
-                plan_version=version, step=step, epoch=self.member.epoch), timeout=5)
-            self._known = resp.known
+                plan_version=version, step=step, epoch=self.member.epoch), timeout=RPC_TIMEOUT_S)
+            self._known, self._unanswered = resp.known, 0.0
             if resp.known:
                 self._last_ack = sent
             else:  # the lease lapsed: register again at once (keeping the epoch), or learn it was replaced
@@ -139,6 +152,7 @@ class MemberAgent:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self._fence(e.details() or "refused by the coordinator")
                 return
+            self._unanswered = self._last_try
             log.warning("coordinator at %s: %s", self.coordinator, e.details())
 
     def _fence(self, reason: str) -> None:

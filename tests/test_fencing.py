@@ -148,3 +148,22 @@ def test_shard_refuses_writes_of_an_earlier_trainer_epoch(shard_factory):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "trainer_epoch: trainer 0 epoch 2 was superseded by epoch 3" in err.value.details()
     torch.testing.assert_close(client.lookup_rows("users", torch.arange(100)), before, atol=0, rtol=0)
+
+
+def test_writes_go_on_while_the_coordinator_is_down(tmp_path):
+    """Fencing must not turn a dead coordinator into a stopped job: past the lease, a member asks once,
+    gets no answer, and writes go on (the agent keeps trying in the background)."""
+    coord = launch_coordinator(["--lease-s", "1"], workdir=tmp_path / "coordinator")
+    agent = MemberAgent(coord.address, pb.Member(kind=pb.TRAINER, id=0), lambda: (0, 0)).start(wait_s=30)
+    try:
+        coord.kill()
+        coord.proc.wait(10)
+        time.sleep(1.5)  # the lease lapsed; the agent's heartbeats now fail
+        start = time.monotonic()
+        for _ in range(20):
+            agent.check()
+            time.sleep(0.05)
+        assert time.monotonic() - start < 5.0 and not agent.fenced.is_set()
+    finally:
+        agent.stop(leave=False)
+        coord.kill()
