@@ -167,3 +167,35 @@ def test_writes_go_on_while_the_coordinator_is_down(tmp_path):
     finally:
         agent.stop(leave=False)
         coord.kill()
+
+
+def test_trainer_woken_after_its_replacement_stops(tmp_path):
+    """A trainer process frozen past its lease while a new incarnation of its rank registered: when it
+    wakes, the coordinator refuses its heartbeats and it stops before its next write, naming the epochs."""
+    from tests.coordinated import Job
+
+    job = Job(tmp_path, "--lease-s", "1", standby=0)
+    new = None
+    try:
+        trainers = job.train(100000)
+        job.wait_step(2)
+        old = next(m for m in job.client.members() if m.kind == pb.TRAINER and m.id == 0)
+        pid = trainers.procs[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: next(m for m in job.client.members() if m.kind == pb.TRAINER and m.id == 0).state
+                     == pb.DEAD, "the frozen trainer to miss its lease")
+            new = MemberAgent(job.coordinator.address, pb.Member(kind=pb.TRAINER, id=0), lambda: (1, 0)).start(30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert new.epoch > old.epoch
+        assert trainers.procs[0].wait(60) != 0
+        err = (tmp_path / "trainers-1" / "rank0.err").read_text()
+        assert f"trainer 0: epoch {old.epoch} was superseded by epoch {new.epoch}" in err, err[-3000:]
+        assert "Traceback" not in err.split("trainer 0: epoch")[-1], "a clear error at exit"
+        current = [m for m in job.client.members() if m.kind == pb.TRAINER and m.id == 0]
+        assert [m.instance for m in current] == [new.member.instance]
+    finally:
+        if new is not None:
+            new.stop()
+        job.close()

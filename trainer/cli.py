@@ -117,11 +117,12 @@ def train(args: argparse.Namespace) -> int:
         pipelined=not args.no_pipeline, logdir=args.logdir, eval_every=args.eval_every,
         eval_batches=args.eval_batches, json=args.json,
         rank=int(os.environ.get("RANK", "0")), world=int(os.environ.get("WORLD_SIZE", "1")))
+    from protos.member_agent import Fenced
     from trainer.transport import CollectiveError
 
     try:
         result = TrainingJob(settings).run()
-    except (JobError, CollectiveError) as e:
+    except (JobError, CollectiveError, Fenced) as e:
         raise SystemExit(str(e)) from None
     if settings.rank == 0:
         print(json.dumps({"event": "done", "steps": result.steps, "last_step": result.last_step, "loss": result.loss,

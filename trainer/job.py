@@ -119,7 +119,8 @@ class TrainingJob:
                                       seed=settings.seed, wire_dtype=WIRE[settings.wire],
                                       transport=settings.transport, trainer_group=self.group,
                                       tls_ca=settings.tls_ca,
-                                      trainer_epoch=self.follower.agent.epoch if self.follower is not None else 0)
+                                      trainer_epoch=self.follower.agent.epoch if self.follower is not None else 0,
+                                      member_check=self.follower.agent.check if self.follower is not None else None)
         self.data = SyntheticData(self.model_cfg, seed=settings.seed)
         self.writer = None
         self._stop = False
@@ -168,8 +169,7 @@ class TrainingJob:
         s, follower = self.s, self.follower
         if follower is not None:
             follower.step = step
-            if follower.agent.fenced.is_set():  # a later incarnation of this rank registered: stop, write nothing
-                raise RuntimeError(f"trainer {s.rank}: {follower.agent.fenced_reason}")
+            follower.agent.check()  # Fenced once a later incarnation of this rank registered: stop, write nothing
         halt, fence = self._agreed([self._stop, follower is not None and follower.fence_pending])
         periodic = s.checkpoint_every and (step + 1 - s.first_step) % s.checkpoint_every == 0
         if s.checkpoint_dir and (periodic or halt):

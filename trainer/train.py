@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +44,10 @@ class ShardedTrainer:
     def __init__(self, model_config: ModelConfig, plan: common_pb2.ShardingPlan, addresses: list[str], *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, wire_dtype: torch.dtype = torch.float32,
                  transport: str = "grpc", trainer_group: dist.ProcessGroup | None = None,
-                 tls_ca: str | None = None, trainer_epoch: int = 0) -> None:
-        """`trainer_epoch`: this trainer's membership epoch (coordinated jobs), sent with every write."""
+                 tls_ca: str | None = None, trainer_epoch: int = 0,
+                 member_check: Callable[[], None] | None = None) -> None:
+        """`trainer_epoch`: this trainer's membership epoch (coordinated jobs), sent with every write;
+        `member_check` raises once the coordinator replaced this trainer (checked before every write)."""
         if len(addresses) != plan.num_shards:
             raise ValueError(f"--shards: the plan (version {plan.version}) has {plan.num_shards} shards, "
                              f"got {len(addresses)} addresses")
@@ -54,6 +56,7 @@ class ShardedTrainer:
         self.wire_dtype = wire_dtype
         self.tls_ca = tls_ca
         self.trainer_epoch = trainer_epoch
+        self.member_check = member_check
         self._connect(plan, addresses, transport)
         self.model = DenseDLRM(model_config, seed=seed)
         self.local = LocalTables(model_config, list(plan.data_parallel), seed=seed) if plan.data_parallel else None
@@ -72,7 +75,7 @@ class ShardedTrainer:
         # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
         self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=self.rank,
                                        wire_dtype=self.wire_dtype, tls_ca=self.tls_ca,
-                                       trainer_epoch=self.trainer_epoch)
+                                       trainer_epoch=self.trainer_epoch, member_check=self.member_check)
         if transport == "collective":
             self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(
                 self.world_size, plan.num_shards, addresses, tls_ca=self.tls_ca)

@@ -25,12 +25,16 @@ class ShardUnavailable(RuntimeError):
 class GrpcTransport:
     def __init__(self, addresses: list[str], *, plan_version: int, trainer_id: int = 0,
                  wire_dtype: torch.dtype = torch.float32, retries: int = 5, backoff_s: float = 0.2,
-                 timeout_s: float = 120.0, tls_ca: str | None = None, trainer_epoch: int = 0) -> None:
+                 timeout_s: float = 120.0, tls_ca: str | None = None, trainer_epoch: int = 0,
+                 member_check: Callable[[], None] | None = None) -> None:
+        """`member_check` raises once the coordinator replaced this trainer (its epoch superseded): called
+        before every lookup and update, so a trainer woken after its replacement sends no write."""
         self.addresses = addresses
         self.plan_version = plan_version
         self.trainer_id = trainer_id
         self.wire_dtype = wire_dtype
         self.retries = retries
+        self.member_check = member_check
         self.backoff_s = backoff_s
         self.clients = [ShardClient(a, plan_version=plan_version, timeout=timeout_s, tls_ca=tls_ca,
                                     trainer_epoch=trainer_epoch) for a in addresses]
@@ -61,6 +65,8 @@ class GrpcTransport:
     def lookup_async(self, requests: dict[int, ShardRequest], step: int,
                      no_grad: bool = False) -> dict[int, Pending]:
         """Sends every shard its request at once; `Pending.result()` gathers, resending if unreachable."""
+        if self.member_check is not None and not no_grad:
+            self.member_check()
         out = {}
         for shard, req in requests.items():
             batch = req.lengths.numel() // len(req.features)
@@ -77,6 +83,8 @@ class GrpcTransport:
         return {s: p.result() for s, p in self.lookup_async(requests, step, no_grad).items()}
 
     def update_async(self, handles: dict[int, str], grads: dict[int, torch.Tensor], step: int) -> dict[int, Pending]:
+        if self.member_check is not None:
+            self.member_check()
         out = {}
         for shard in handles:
             def send(shard=shard) -> grpc.Future:
