@@ -193,10 +193,16 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             return
         with self._epochs_lock:
             latest = self.trainer_epochs.get(trainer, 0)
-            if epoch < latest:
-                raise precondition(f"trainer_epoch: trainer {trainer} epoch {epoch} was superseded by epoch "
-                                   f"{latest}; a trainer of an earlier incarnation must not write")
-            self.trainer_epochs[trainer] = epoch
+        if epoch < latest:
+            raise precondition(f"trainer_epoch: trainer {trainer} epoch {epoch} was superseded by epoch "
+                               f"{latest}; a trainer of an earlier incarnation must not write")
+
+    def _saw_trainer_epoch(self, trainer: int, epoch: int) -> None:
+        """Recorded only once a request succeeded (bad input changes nothing), for trainer ids in range
+        (the map stays bounded by num_trainers)."""
+        if epoch and 0 <= trainer < self.config.num_trainers:
+            with self._epochs_lock:
+                self.trainer_epochs[trainer] = max(epoch, self.trainer_epochs.get(trainer, 0))
 
     def _check_version(self, version: int) -> None:
         if version != self.plan_version:
@@ -223,6 +229,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         batch = self.tables.prepare(refs, request.batch_size, framed.tensor("lengths"), framed.tensor("values"),
                                     framed.tensor("weights", required=False))
         handle, emb = self.steps.lookup(batch, request.trainer_id, request.step, request.no_grad)
+        if not request.no_grad:
+            self._saw_trainer_epoch(request.trainer_id, request.trainer_epoch)
         self.metrics.rows_looked_up.inc(batch.num_ids)
         self.metrics.pending_handles.set(len(self.steps.handles))
         resp = embedding_shard_pb2.LookupResponse(handle=handle, dims=batch.dims)
@@ -239,6 +247,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self._check_trainer_epoch(handle.trainer, request.trainer_epoch)
         grad = self.tables.check_grad(framed.tensor("grad"), handle.batch)
         step, merged = self.steps.update(request.handle, grad)
+        self._saw_trainer_epoch(handle.trainer, request.trainer_epoch)
         self.metrics.rows_updated.inc(handle.batch.num_ids)
         self.metrics.pending_handles.set(len(self.steps.handles))
         self.metrics.applied_step.set(self.steps.applied_step)

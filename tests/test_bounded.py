@@ -86,3 +86,24 @@ def test_bounds_validated():
     for key in ("max_pending_handles", "max_inflight_lookups"):
         with pytest.raises(ValueError, match=f"{key}: must be >= 1, got 0"):
             ShardConfig.from_dict({"tables": TABLES, key: 0})
+
+
+def test_grpc_admits_at_most_max_concurrent_rpcs(shard_factory):
+    """Past the RPCs the shard admits, gRPC itself refuses: no queue grows without bound."""
+    proc, client = shard_factory({"tables": TABLES, "mode": "async", "num_trainers": 2, "staleness": 0,
+                                  "wait_timeout_s": 3, "server": {"max_concurrent_rpcs": 3}})
+    lookup(client, 0, 0)
+    # three lookups of step 1 wait (at most wait_timeout_s) for trainer 0's update of step 0
+    waiting = [client.lookup_async(["user"], 2, LENGTHS, VALUES, trainer_id=0, step=1) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while _inflight(proc.metrics_port) < 3:
+        assert time.monotonic() < deadline, "the lookups did not reach the shard"
+        time.sleep(0.05)
+    with pytest.raises(grpc.RpcError) as err:
+        info(client)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for f in waiting:
+        with pytest.raises(grpc.RpcError) as err:
+            f.result(timeout=30)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out after 3s" in err.value.details()
+    assert info(client).lookups == 1  # admitted again once they ended

@@ -138,6 +138,10 @@ def test_shard_refuses_writes_of_an_earlier_trainer_epoch(shard_factory):
     _, client = shard_factory({"tables": TABLES, "mode": "async", "num_trainers": 1})
     before = client.lookup_rows("users", torch.arange(100))
     old_handle = client.lookup(["user"], 2, LENGTHS, VALUES, step=0).handle  # epoch 0: accepted as before
+    client.trainer_epoch = 9
+    with pytest.raises(grpc.RpcError) as err:  # bad input: refused, and its epoch is not recorded
+        client.lookup(["user"], 2, LENGTHS, torch.tensor([3, 4, 500]), step=0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     client.trainer_epoch = 3
     client.lookup(["user"], 2, LENGTHS, VALUES, step=0)
     client.trainer_epoch = 2
