@@ -401,7 +401,7 @@ def members(args: argparse.Namespace) -> int:
         return 0
     for m in sorted(ms, key=lambda m: (m.kind, m.id)):
         print(f"{pb.MemberKind.Name(m.kind):<8} {m.id:<3} {pb.MemberState.Name(m.state):<6} {m.address or '-':<22} "
-              f"plan v{m.plan_version}  step {m.step}")
+              f"epoch {m.epoch}  plan v{m.plan_version}  step {m.step}")
     return 0
 
 

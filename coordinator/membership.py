@@ -3,6 +3,12 @@
 Stored in Redis (one hash per kind, `{ns}:members:{KIND}`: id -> serialized coordinator_pb2.Member)
 so a restarted or second coordinator sees the same members. Liveness is computed on read from
 `last_seen` and the lease, with `clock` injectable for tests; nothing has to sweep.
+
+Epochs fence replaced members: every Register of a new process issues the next epoch for its kind+id
+(a counter in `{ns}:epochs:{KIND}` that survives Leave), and a member that already holds an epoch
+keeps it only while no later one was issued. A shard frozen past its lease and replaced therefore
+cannot come back: its heartbeats and re-registration name an epoch that is no longer the latest and
+raise `StaleEpoch` (FAILED_PRECONDITION), so it is never counted alive again.
 """
 
 from __future__ import annotations
@@ -16,6 +22,17 @@ from coordinator.redis_backend import require_bytes
 from protos import coordinator_pb2
 
 KINDS = (coordinator_pb2.SHARD, coordinator_pb2.TRAINER)
+
+
+class StaleEpoch(Exception):
+    """A member claims an epoch that a later registration superseded: it was replaced and must stop."""
+
+    def __init__(self, kind: int, id: int, claimed: int, latest: int, holder: str = "") -> None:
+        self.kind, self.id, self.claimed, self.latest = kind, id, claimed, latest
+        who = f"{coordinator_pb2.MemberKind.Name(kind).lower()} {id}"
+        by = f" (held by instance {holder[:8]})" if holder else ""
+        super().__init__(f"{who}: epoch {claimed} was superseded by epoch {latest}{by}; "
+                         f"this member was replaced and must not write")
 
 
 def _kind_name(kind: int, what: str = "kind") -> str:
@@ -40,8 +57,13 @@ class Membership:
     def _key(self, kind: int, what: str = "kind") -> str:
         return f"{self.namespace}:members:{_kind_name(kind, what)}"
 
-    def register(self, member: coordinator_pb2.Member) -> None:
-        """Stores the member as ALIVE, seen now; a new `instance` (a restarted process) replaces the old one."""
+    def _epochs_key(self, kind: int) -> str:
+        return f"{self.namespace}:epochs:{_kind_name(kind)}"
+
+    def register(self, member: coordinator_pb2.Member) -> int:
+        """Stores the member as ALIVE, seen now, and returns its epoch. `member.epoch == 0` (a new process)
+        is issued the next epoch, replacing whoever held the id; a held epoch is kept unless a later one
+        was issued since (then `StaleEpoch`: that member was replaced)."""
         key = self._key(member.kind, "member.kind")
         if member.id < 0:
             raise ValueError(f"member.id: must be >= 0, got {member.id}")
@@ -49,23 +71,48 @@ class Membership:
             raise ValueError("member.instance: required (unique per process)")
         if member.kind == coordinator_pb2.SHARD and not member.address:
             raise ValueError(f"member.address: required for shard {member.id} (HOST:PORT of its gRPC server)")
-        record = coordinator_pb2.Member()
-        record.CopyFrom(member)
-        record.state = coordinator_pb2.ALIVE
-        record.last_seen = self.clock()
-        self.redis.hset(key, str(member.id), record.SerializeToString())
+        ekey, field = self._epochs_key(member.kind), str(member.id)
 
-    def heartbeat(self, kind: int, id: int, instance: str, plan_version: int, step: int) -> bool:
+        def txn(pipe: redis.client.Pipeline) -> int:
+            raw = pipe.hget(key, field)
+            held = coordinator_pb2.Member.FromString(raw) if raw is not None else None
+            latest = max(int(pipe.hget(ekey, field) or 0), held.epoch if held is not None else 0)
+            if member.epoch:
+                holder = held.instance if held is not None else ""
+                if member.epoch < latest or (held is not None and held.epoch == member.epoch
+                                             and held.instance != member.instance):
+                    raise StaleEpoch(member.kind, member.id, member.epoch, latest, holder)
+                epoch = member.epoch  # the holder re-registers (its lease lapsed, or Redis lost it)
+            else:
+                epoch = latest + 1
+            record = coordinator_pb2.Member()
+            record.CopyFrom(member)
+            record.epoch = epoch
+            record.state = coordinator_pb2.ALIVE
+            record.last_seen = self.clock()
+            pipe.multi()
+            pipe.hset(key, field, record.SerializeToString())
+            pipe.hset(ekey, field, max(latest, epoch))
+            return epoch
+
+        return self.redis.transaction(txn, key, ekey, value_from_callable=True)
+
+    def heartbeat(self, kind: int, id: int, instance: str, plan_version: int, step: int, epoch: int = 0) -> bool:
         """Renews the lease. False when the member is unknown, another instance holds its id, or its
-        lease already ran out (the coordinator may have acted on its death): the caller registers again."""
+        lease already ran out (the coordinator may have acted on its death): the caller registers again.
+        A nonzero `epoch` other than the latest issued raises `StaleEpoch` (0: not checked, as before)."""
         key = self._key(kind)
-        field = str(id)
+        ekey, field = self._epochs_key(kind), str(id)
 
         def txn(pipe: redis.client.Pipeline) -> bool:
             raw = pipe.hget(key, field)
-            if raw is None:
+            record = coordinator_pb2.Member.FromString(raw) if raw is not None else None
+            if epoch:
+                latest = max(int(pipe.hget(ekey, field) or 0), record.epoch if record is not None else 0)
+                if epoch < latest:
+                    raise StaleEpoch(kind, id, epoch, latest, record.instance if record is not None else "")
+            if record is None:
                 return False
-            record = coordinator_pb2.Member.FromString(raw)
             now = self.clock()
             if record.instance != instance or now - record.last_seen > self.lease_s:
                 return False
@@ -77,7 +124,7 @@ class Membership:
             pipe.hset(key, field, record.SerializeToString())
             return True
 
-        return self.redis.transaction(txn, key, value_from_callable=True)
+        return self.redis.transaction(txn, key, ekey, value_from_callable=True)
 
     def get(self, kind: int, id: int) -> coordinator_pb2.Member | None:
         raw = self.redis.hget(self._key(kind), str(id))

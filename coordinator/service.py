@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import grpc
 
 from coordinator.events import PlanEvents
-from coordinator.membership import Membership
+from coordinator.membership import Membership, StaleEpoch
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan_store import PlanNotFound, PlanStore
 from coordinator.rollout import RolloutEngine, RolloutRefused, RolloutSettings
@@ -30,6 +30,10 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
     except RolloutRefused as e:
         code = e.code.name
         context.abort(e.code, e.message)
+    except StaleEpoch as e:  # a replaced member: it must stop, not register again
+        code = "FAILED_PRECONDITION"
+        log.warning("refused %s: %s", method, e)
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except PlanNotFound as e:
         code = "NOT_FOUND"
         context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0] if e.args else e))
@@ -86,17 +90,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             raise ValueError("member.address: a shard must say where it serves")
         if not m.instance:
             raise ValueError("member.instance: empty")
-        self.membership.register(m)
-        log.info("registered %s %d at %s (instance %s, plan version %d)", pb.MemberKind.Name(m.kind), m.id,
-                 m.address or "-", m.instance[:8], m.plan_version)
+        epoch = self.membership.register(m)
+        log.info("registered %s %d at %s (instance %s, epoch %d, plan version %d)", pb.MemberKind.Name(m.kind), m.id,
+                 m.address or "-", m.instance[:8], epoch, m.plan_version)
         self._count_members()
         return pb.RegisterResponse(lease_ms=int(self.membership.lease_s * 1000),
-                                   plan_version=self.store.current_version())
+                                   plan_version=self.store.current_version(), epoch=epoch)
 
     @rpc
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         known = self.membership.heartbeat(request.kind, request.id, request.instance, request.plan_version,
-                                          request.step)
+                                          request.step, epoch=request.epoch)
         return pb.HeartbeatResponse(known=known, plan_version=self.store.current_version())
 
     @rpc

@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--config's path is filled in with it")
     s.add_argument("--compute-threads", type=int, help="TBE kernel threads (default: all cores but one)")
     s.add_argument("--seed", type=int, help="initialisation seed (same seed, same tables whatever the sharding)")
+    s.add_argument("--max-pending-handles", type=int,
+                   help="lookup handles awaiting their update, at most (default 1024); past it a Lookup gets "
+                        "RESOURCE_EXHAUSTED and changes nothing")
+    s.add_argument("--max-inflight-lookups", type=int,
+                   help="Lookup requests inside the shard at once, running or waiting for their step "
+                        "(default 256); past it RESOURCE_EXHAUSTED (Updates are never refused for load)")
+    s.add_argument("--max-concurrent-rpcs", type=int,
+                   help="RPCs gRPC admits at once, running or queued (default 4 x workers); past it gRPC answers "
+                        "RESOURCE_EXHAUSTED")
+    s.add_argument("--collective-timeout-s", type=float,
+                   help="collective transport: no all-to-all waits longer for a peer, a frozen one makes it fail "
+                        "(default 300)")
     s.add_argument("--clamp-ids", action="store_true", help="clamp out-of-range ids instead of rejecting them")
     s.add_argument("--max-message-mb", type=int, help="largest gRPC message accepted or sent")
     s.add_argument("--standby", action="store_true",
@@ -100,11 +112,14 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
                      ("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_client_ca", args.tls_client_ca)):
         if val is not None:
             server[key] = None if (key == "metrics_port" and val < 0) else val
+    if args.max_concurrent_rpcs is not None:
+        server["max_concurrent_rpcs"] = args.max_concurrent_rpcs
     if args.max_message_mb:
         server["max_message_bytes"] = args.max_message_mb * 1024 * 1024
     raw["server"] = server
     for key in ("device", "mode", "num_trainers", "staleness", "plan_version", "shard_id", "seed", "compute_threads",
-                "coordinator", "advertise", "tls_ca", "checkpoint_root", "token_file"):
+                "coordinator", "advertise", "tls_ca", "checkpoint_root", "token_file", "max_pending_handles",
+                "max_inflight_lookups", "collective_timeout_s"):
         val = getattr(args, key)
         if val is not None:
             raw[key] = val

@@ -56,9 +56,12 @@ class ShardClient:
 
     def __init__(self, address: str, *, plan_version: int = 0, max_message_bytes: int = 256 * 1024 * 1024,
                  timeout: float = 120.0, tls_ca: str | None = None, token: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 tls_cert: str | None = None, tls_key: str | None = None, trainer_epoch: int = 0) -> None:
+        """`trainer_epoch`: the trainer's membership epoch, sent with every Lookup and Update so that a shard
+        refuses a trainer of an earlier incarnation (0: none)."""
         self.address = address
         self.plan_version = plan_version
+        self.trainer_epoch = trainer_epoch
         self.timeout = timeout
         self._auth = bearer_metadata(token) if token else None
         self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes,
@@ -93,7 +96,7 @@ class ShardClient:
         req = embedding_shard_pb2.LookupRequest(
             plan_version=self.plan_version if plan_version is None else plan_version,
             trainer_id=trainer_id, step=step, no_grad=no_grad, batch_size=batch_size,
-            output_dtype=codec.proto_dtype(wire_dtype))
+            output_dtype=codec.proto_dtype(wire_dtype), trainer_epoch=self.trainer_epoch)
         for f in features:
             if isinstance(f, tuple):
                 req.features.add(feature=f[0], slice=f[1])
@@ -125,14 +128,16 @@ class ShardClient:
     def update_request(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype = torch.float32,
                        plan_version: int | None = None) -> embedding_shard_pb2.UpdateRequest:
         req = embedding_shard_pb2.UpdateRequest(
-            plan_version=self.plan_version if plan_version is None else plan_version, handle=handle)
+            plan_version=self.plan_version if plan_version is None else plan_version, handle=handle,
+            trainer_epoch=self.trainer_epoch)
         codec.encode(grad.to(wire_dtype), req.grad)
         return req
 
     def _update_bytes(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype,
                       plan_version: int | None) -> bytes:
         req = embedding_shard_pb2.UpdateRequest(
-            plan_version=self.plan_version if plan_version is None else plan_version, handle=handle)
+            plan_version=self.plan_version if plan_version is None else plan_version, handle=handle,
+            trainer_epoch=self.trainer_epoch)
         return wire.encode(req, {_GRAD_FIELD: grad.to(wire_dtype)})
 
     def update(self, handle: str, grad: torch.Tensor, wire_dtype: torch.dtype = torch.float32,

@@ -34,6 +34,9 @@ class ServerConfig:
     metrics_port: int | None = 0  # None: no Prometheus endpoint
     max_message_bytes: int = 256 * 1024 * 1024
     workers: int = 0  # 0: enough for every trainer's pipelined lookup and update on top of a base of 16
+    # RPCs gRPC admits at once, running or queued for a worker; past it gRPC itself answers RESOURCE_EXHAUSTED
+    # (0: 4 x workers). Bounds the memory of a flood that the workers cannot keep up with.
+    max_concurrent_rpcs: int = 0
     tls_cert: str | None = None  # PEM paths; both set: serve TLS only
     tls_key: str | None = None
     # PEM of the CA that signs client certificates: mutual TLS, every RPC (data plane too) needs one
@@ -53,6 +56,12 @@ class ShardConfig:
     staleness: int = 0
     handle_ttl_s: float = 120.0
     wait_timeout_s: float = 60.0
+    # Bounds under load (many async trainers): lookup handles awaiting their update (each holds a forward's
+    # indices and outputs), and Lookup requests inside the shard at once (running or waiting for their step;
+    # Updates are never refused for load: they are what drains the handles). Past either bound:
+    # RESOURCE_EXHAUSTED naming it, and nothing changes.
+    max_pending_handles: int = 1024
+    max_inflight_lookups: int = 256
     clamp_ids: bool = False
     seed: int = 0
     export_chunk_bytes: int = 4 * 1024 * 1024
@@ -63,6 +72,8 @@ class ShardConfig:
     # 0..num_trainers-1) and the group's size; MASTER_ADDR/MASTER_PORT come from the environment.
     collective_rank: int | None = None
     collective_world_size: int | None = None
+    # No collective waits longer for a peer (a frozen trainer or shard): it raises instead (None: 300 s).
+    collective_timeout_s: float | None = None
     # Membership: register with the coordinator at this address and heartbeat; others reach this shard at
     # `advertise` (default: the bound host:port); `capacity_bytes` is offered to the planner (0: unknown).
     coordinator: str | None = None
@@ -90,6 +101,9 @@ class ShardConfig:
             if not self.num_trainers <= self.collective_rank < world:
                 raise ValueError(f"collective_rank: {self.collective_rank} must be in [num_trainers "
                                  f"{self.num_trainers}, collective_world_size {world})")
+        for name in ("max_pending_handles", "max_inflight_lookups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.staleness < 0:
             raise ValueError(f"staleness: must be >= 0, got {self.staleness}")
         if self.device == "cpu":

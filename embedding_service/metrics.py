@@ -30,6 +30,10 @@ class ShardMetrics:
         self.bytes_migrated = Counter("shard_bytes_migrated", "bytes (weights + optimizer state) pulled into a staged "
                                       "plan", registry=r)
         self.plan_version = Gauge("shard_plan_version", "the live plan version", registry=r)
+        self.inflight_requests = Gauge("shard_inflight_lookups", "Lookup requests inside the shard (running or "
+                                       "waiting for their step)", registry=r)
+        self.fenced = Gauge("shard_fenced", "1 once the coordinator replaced this shard (its epoch superseded): it "
+                            "applies no write", registry=r)
         self.applied_step = Gauge("shard_applied_step", "last step whose update was applied", registry=r)
 
     def serve(self, host: str, port: int) -> int:

@@ -61,7 +61,8 @@ def start(config: ShardConfig) -> RunningShard:
                                              on_refusal=rejects.refused))
     interceptors.append(DecodeGuard(rejects, exempt=full_names(SERVICE_NAME, ("Lookup", "Update"))))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
-                         options=channel_options(opts.max_message_bytes))
+                         options=channel_options(opts.max_message_bytes),
+                         maximum_concurrent_rpcs=opts.max_concurrent_rpcs or 4 * workers)
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,7 +94,7 @@ def serve_forever(config: ShardConfig) -> NoReturn:
         from embedding_service.collective import CollectiveLoop
 
         CollectiveLoop(shard.servicer.tables, shard.servicer.steps, config.collective_rank,
-                       config.collective_world_size or 0, config.num_trainers).start()
+                       config.collective_world_size or 0, config.num_trainers, config.collective_timeout_s).start()
         info["collective_rank"] = config.collective_rank
     agent = None
     if config.coordinator:
@@ -107,7 +108,10 @@ def serve_forever(config: ShardConfig) -> NoReturn:
         agent = MemberAgent(config.coordinator, member, lambda: (servicer.plan_version, servicer.steps.applied_step),
                             channel=open_channel(config.coordinator, tls_ca=config.tls_ca,
                                                  tls_cert=config.server.tls_cert if config.tls_ca else None,
-                                                 tls_key=config.server.tls_key if config.tls_ca else None)).start()
+                                                 tls_key=config.server.tls_key if config.tls_ca else None),
+                            on_fenced=lambda reason: servicer.metrics.fenced.set(1))
+        servicer.member_check = agent.check  # every write asks the agent first: a replaced shard applies none
+        agent.start()
         info["coordinator"] = config.coordinator
     print(json.dumps(info), flush=True)
     log.info("shard %d serving on %s:%d", config.assignment.shard_id, config.server.host, shard.port)

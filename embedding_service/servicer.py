@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +154,19 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
                                                      clamp_ids=config.clamp_ids), applied_step=-1)
         self.staged: Staged | None = None
         self._reshard = threading.Lock()  # one Prepare / Commit / Abort at a time
+        # Membership fencing: raises (protos.member_agent.Fenced) once the coordinator replaced this shard;
+        # None when the shard runs without a coordinator.
+        self.member_check: Callable[[], None] | None = None
+        # Trainer fencing: the highest epoch seen per trainer id; a lower one is an earlier incarnation.
+        self.trainer_epochs: dict[int, int] = {}
+        self._epochs_lock = threading.Lock()
+        self._inflight = 0  # Lookup/Update requests inside the handlers (bounded by max_inflight_lookups)
+        self._inflight_lock = threading.Lock()
 
     def _go_live(self, assignment: common_pb2.ShardAssignment, tables: ShardTables, applied_step: int) -> None:
         """Serves `tables` under `assignment`'s plan version from now on (start, and every Commit)."""
         steps = StepScheduler(tables, self.config.mode, self.config.num_trainers, self.config.staleness,
-                              self.config.handle_ttl_s, self.config.wait_timeout_s)
+                              self.config.handle_ttl_s, self.config.wait_timeout_s, self.config.max_pending_handles)
         steps.applied_step = applied_step
         tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
         self.tables, self.steps, self.assignment = tables, steps, assignment
@@ -167,6 +175,52 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.metrics.optimizer_bytes.set(tables.optimizer_bytes)
         self.metrics.plan_version.set(self.plan_version)
         self.metrics.applied_step.set(applied_step)
+
+    @contextlib.contextmanager
+    def _admitted(self, method: str) -> Iterator[None]:
+        """Bounds the lookups inside the shard: in async mode a lookup may wait for its trainer's earlier
+        update (sync: for the other trainers), and each waiting one holds a worker thread and its decoded ids."""
+        bound = self.config.max_inflight_lookups
+        with self._inflight_lock:
+            if self._inflight >= bound:
+                raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"max_inflight_lookups: {self._inflight} Lookup requests already in flight "
+                                 f"(bound {bound}); {method} refused, retry later")
+            self._inflight += 1
+        self.metrics.inflight_requests.set(self._inflight)
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+            self.metrics.inflight_requests.set(self._inflight)
+
+    def _check_writable(self, method: str) -> None:
+        """A replaced shard (its membership epoch superseded) applies no write: FAILED_PRECONDITION."""
+        if self.member_check is None:
+            return
+        try:
+            self.member_check()
+        except RuntimeError as e:  # protos.member_agent.Fenced
+            raise precondition(f"{method}: shard {self.assignment.shard_id} {e}") from None
+
+    def _check_trainer_epoch(self, trainer: int, epoch: int) -> None:
+        """A trainer of an earlier incarnation (its epoch lower than one already seen for its id) is refused;
+        epoch 0 (a client without epochs) is accepted as before."""
+        if not epoch:
+            return
+        with self._epochs_lock:
+            latest = self.trainer_epochs.get(trainer, 0)
+        if epoch < latest:
+            raise precondition(f"trainer_epoch: trainer {trainer} epoch {epoch} was superseded by epoch "
+                               f"{latest}; a trainer of an earlier incarnation must not write")
+
+    def _saw_trainer_epoch(self, trainer: int, epoch: int) -> None:
+        """Recorded only once a request succeeded (bad input changes nothing), for trainer ids in range
+        (the map stays bounded by num_trainers)."""
+        if epoch and 0 <= trainer < self.config.num_trainers:
+            with self._epochs_lock:
+                self.trainer_epochs[trainer] = max(epoch, self.trainer_epochs.get(trainer, 0))
 
     def _check_version(self, version: int) -> None:
         if version != self.plan_version:
@@ -184,9 +238,16 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def Lookup(self, framed: Framed, context) -> bytes:
+        with self._admitted("Lookup"):
+            return self._lookup(framed)
+
+    def _lookup(self, framed: Framed) -> bytes:
         self._undecodable("Lookup", framed)
         request: embedding_shard_pb2.LookupRequest = framed.msg
         self._check_version(request.plan_version)
+        if not request.no_grad:  # a lookup with a handle is the first half of a write
+            self._check_writable("Lookup")
+            self._check_trainer_epoch(request.trainer_id, request.trainer_epoch)
         out_dtype = _WIRE_OUT.get(request.output_dtype)
         if out_dtype is None:
             raise invalid(f"output_dtype: {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
@@ -194,6 +255,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         batch = self.tables.prepare(refs, request.batch_size, framed.tensor("lengths"), framed.tensor("values"),
                                     framed.tensor("weights", required=False))
         handle, emb = self.steps.lookup(batch, request.trainer_id, request.step, request.no_grad)
+        if not request.no_grad:
+            self._saw_trainer_epoch(request.trainer_id, request.trainer_epoch)
         self.metrics.rows_looked_up.inc(batch.num_ids)
         self.metrics.pending_handles.set(len(self.steps.handles))
         resp = embedding_shard_pb2.LookupResponse(handle=handle, dims=batch.dims)
@@ -204,9 +267,12 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self._undecodable("Update", framed)
         request: embedding_shard_pb2.UpdateRequest = framed.msg
         self._check_version(request.plan_version)
+        self._check_writable("Update")
         handle = self.steps.handle(request.handle)
+        self._check_trainer_epoch(handle.trainer, request.trainer_epoch)
         grad = self.tables.check_grad(framed.tensor("grad"), handle.batch)
         step, merged = self.steps.update(request.handle, grad)
+        self._saw_trainer_epoch(handle.trainer, request.trainer_epoch)
         self.metrics.rows_updated.inc(handle.batch.num_ids)
         self.metrics.pending_handles.set(len(self.steps.handles))
         self.metrics.applied_step.set(self.steps.applied_step)
@@ -226,6 +292,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     @rpc
     def Checkpoint(self, request: embedding_shard_pb2.CheckpointRequest, context):
         self._check_version(request.plan_version)
+        self._check_writable("Checkpoint")
         directory = self._directory(request.directory)
         with self.steps.cond:
             if self.steps.handles:
@@ -243,6 +310,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     @rpc
     def Restore(self, request: embedding_shard_pb2.RestoreRequest, context):
         self._check_version(request.plan_version)
+        self._check_writable("Restore")
         directory = self._directory(request.directory)
         try:
             loaded = checkpoint.load_verified(self.tables, directory)  # verified before touching state
@@ -287,6 +355,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def ImportRows(self, request_iterator: Iterator[embedding_shard_pb2.RowChunk], context):
+        self._check_writable("ImportRows")
         staged = []
         rows = 0
         sl = None
@@ -331,6 +400,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
     # -- re-sharding --------------------------------------------------------------------------
     @rpc
     def Prepare(self, request: embedding_shard_pb2.PrepareRequest, context) -> embedding_shard_pb2.PrepareResponse:
+        self._check_writable("Prepare")
         if self.config.collective_rank is not None:
             raise precondition("Prepare: this shard serves the collective transport; re-sharding needs gRPC")
         staged = stage(request.assignment, self.plan_version, self.assignment.shard_id, device=self.config.device,
@@ -349,6 +419,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def PullRows(self, request: embedding_shard_pb2.PullRowsRequest, context) -> embedding_shard_pb2.PullRowsResponse:
+        self._check_writable("PullRows")
         staged = self._staged(request.plan_version)
         dest = staged.tables.slice_at(request.dest_slice)
         if request.source:
@@ -366,6 +437,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
 
     @rpc
     def Commit(self, request: embedding_shard_pb2.CommitRequest, context) -> embedding_shard_pb2.CommitResponse:
+        self._check_writable("Commit")
         with self._reshard:
             if request.plan_version == self.plan_version and self.staged is None:
                 return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)  # a retried commit

@@ -66,13 +66,14 @@ class Counters:
 
 class StepScheduler:
     def __init__(self, tables: ShardTables, mode: SyncMode, num_trainers: int, staleness: int,
-                 handle_ttl_s: float, wait_timeout_s: float) -> None:
+                 handle_ttl_s: float, wait_timeout_s: float, max_pending_handles: int = 1024) -> None:
         self.tables = tables
         self.mode = mode
         self.num_trainers = num_trainers
         self.staleness = staleness
         self.ttl = handle_ttl_s
         self.wait_timeout = wait_timeout_s
+        self.max_pending_handles = max_pending_handles
         self.cond = threading.Condition()
         self.handles: dict[str, Handle] = {}
         self.expired: collections.deque[str] = collections.deque(maxlen=4096)
@@ -93,6 +94,7 @@ class StepScheduler:
                 fwd = self.tables.forward([batch], requires_grad=False)
                 self._count_lookup(batch)
                 return "", fwd.embeddings[0]
+            self._check_bound(trainer, step)
             if self.mode is SyncMode.SYNC:
                 return self._sync_lookup(batch, trainer, step)
             return self._async_lookup(batch, trainer, step)
@@ -193,6 +195,16 @@ class StepScheduler:
         return self._register(group, trainer), group.forward.embeddings[0]
 
     # -- helpers ------------------------------------------------------------------------------
+    def _check_bound(self, trainer: int, step: int) -> None:
+        """Every handle holds a forward (indices, offsets, outputs) until its update or its ttl: trainers that
+        look up without updating would grow memory without limit, so past the bound a lookup is refused
+        before anything is computed or stored."""
+        if len(self.handles) >= self.max_pending_handles:
+            raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"max_pending_handles: {len(self.handles)} lookup handles already await their update "
+                             f"(bound {self.max_pending_handles}); trainer {trainer} step {step} refused: send the "
+                             f"pending updates (or let them expire after handle_ttl_s {self.ttl:g}s)")
+
     def _apply(self, group: StepGroup) -> None:
         self.tables.backward(group.forward, [group.grads[t] for t in group.order])
         group.state = StepState.APPLIED

@@ -59,7 +59,7 @@ DONE: RolloutPhase
 ABORTED: RolloutPhase
 
 class Member(_message.Message):
-    __slots__ = ("kind", "id", "address", "capacity_bytes", "device", "plan_version", "step", "state", "last_seen", "instance")
+    __slots__ = ("kind", "id", "address", "capacity_bytes", "device", "plan_version", "step", "state", "last_seen", "instance", "epoch")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class Member(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     kind: MemberKind
     id: int
     address: str
@@ -80,7 +81,8 @@ class Member(_message.Message):
     state: MemberState
     last_seen: float
     instance: str
-    def __init__(self, kind: _Optional[_Union[MemberKind, str]] = ..., id: _Optional[int] = ..., address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., device: _Optional[str] = ..., plan_version: _Optional[int] = ..., step: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., last_seen: _Optional[float] = ..., instance: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, kind: _Optional[_Union[MemberKind, str]] = ..., id: _Optional[int] = ..., address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., device: _Optional[str] = ..., plan_version: _Optional[int] = ..., step: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., last_seen: _Optional[float] = ..., instance: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("member",)
@@ -89,26 +91,30 @@ class RegisterRequest(_message.Message):
     def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("lease_ms", "plan_version")
+    __slots__ = ("lease_ms", "plan_version", "epoch")
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     lease_ms: int
     plan_version: int
-    def __init__(self, lease_ms: _Optional[int] = ..., plan_version: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, lease_ms: _Optional[int] = ..., plan_version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("kind", "id", "instance", "plan_version", "step")
+    __slots__ = ("kind", "id", "instance", "plan_version", "step", "epoch")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     kind: MemberKind
     id: int
     instance: str
     plan_version: int
     step: int
-    def __init__(self, kind: _Optional[_Union[MemberKind, str]] = ..., id: _Optional[int] = ..., instance: _Optional[str] = ..., plan_version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, kind: _Optional[_Union[MemberKind, str]] = ..., id: _Optional[int] = ..., instance: _Optional[str] = ..., plan_version: _Optional[int] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "plan_version")

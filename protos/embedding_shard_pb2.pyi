@@ -16,7 +16,7 @@ class FeatureRef(_message.Message):
     def __init__(self, feature: _Optional[str] = ..., slice: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("plan_version", "trainer_id", "step", "no_grad", "batch_size", "features", "lengths", "values", "weights", "output_dtype")
+    __slots__ = ("plan_version", "trainer_id", "step", "no_grad", "batch_size", "features", "lengths", "values", "weights", "output_dtype", "trainer_epoch")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class LookupRequest(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     trainer_id: int
     step: int
@@ -37,7 +38,8 @@ class LookupRequest(_message.Message):
     values: _common_pb2.Tensor
     weights: _common_pb2.Tensor
     output_dtype: _common_pb2.DType
-    def __init__(self, plan_version: _Optional[int] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ..., no_grad: _Optional[bool] = ..., batch_size: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureRef, _Mapping]]] = ..., lengths: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[_common_pb2.DType, str]] = ...) -> None: ...
+    trainer_epoch: int
+    def __init__(self, plan_version: _Optional[int] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ..., no_grad: _Optional[bool] = ..., batch_size: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureRef, _Mapping]]] = ..., lengths: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., trainer_epoch: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("handle", "embeddings", "dims")
@@ -50,14 +52,16 @@ class LookupResponse(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("plan_version", "handle", "grad")
+    __slots__ = ("plan_version", "handle", "grad", "trainer_epoch")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     handle: str
     grad: _common_pb2.Tensor
-    def __init__(self, plan_version: _Optional[int] = ..., handle: _Optional[str] = ..., grad: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    trainer_epoch: int
+    def __init__(self, plan_version: _Optional[int] = ..., handle: _Optional[str] = ..., grad: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., trainer_epoch: _Optional[int] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("applied_step", "merged_trainers")

@@ -124,3 +124,39 @@ def test_bad_members_refused_naming_the_field(members):
     with pytest.raises(ValueError, match="Membership: redis client must not set decode_responses"):
         Membership(redis.Redis.from_url("redis://127.0.0.1:1/0", decode_responses=True))
     assert members.members() == []
+
+
+def test_epochs_issued_per_id_and_a_replaced_member_is_refused(members, clock):
+    from coordinator.membership import StaleEpoch
+
+    assert members.register(shard(0, "a")) == 1
+    assert members.register(shard(1, "a")) == 1, "epochs count per kind and id"
+    assert members.heartbeat(SHARD, 0, "a", 1, 3, epoch=1) is True
+    clock.now += 6  # shard 0 frozen past its lease ...
+    assert members.register(shard(0, "b")) == 2  # ... and replaced
+    with pytest.raises(StaleEpoch, match=r"shard 0: epoch 1 was superseded by epoch 2 \(held by instance b\)"):
+        members.heartbeat(SHARD, 0, "a", 1, 4, epoch=1)
+    old = shard(0, "a")
+    old.epoch = 1
+    with pytest.raises(StaleEpoch, match="epoch 1 was superseded by epoch 2"):
+        members.register(old)  # it may not register its way back either
+    m = members.get(SHARD, 0)
+    assert (m.instance, m.epoch, m.state) == ("b", 2, ALIVE)
+    assert members.heartbeat(SHARD, 0, "a", 1, 4) is False, "epoch 0 (an old client): answered as before"
+
+
+def test_a_lapsed_holder_keeps_its_epoch_and_epochs_survive_leave(members, clock):
+    from coordinator.membership import StaleEpoch
+
+    assert members.register(trainer(2, "a")) == 1
+    clock.now += 6  # lapsed, but nobody replaced it: it registers again under the same epoch
+    assert members.heartbeat(TRAINER, 2, "a", 1, 0, epoch=1) is False
+    again = trainer(2, "a")
+    again.epoch = 1
+    assert members.register(again) == 1
+    assert members.heartbeat(TRAINER, 2, "a", 1, 1, epoch=1) is True
+    assert members.remove(TRAINER, 2)
+    assert members.register(trainer(2, "c")) == 2, "Leave does not reset the counter"
+    members.remove(TRAINER, 2)
+    with pytest.raises(StaleEpoch, match="trainer 2: epoch 1 was superseded by epoch 2"):
+        members.register(again)

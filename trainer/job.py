@@ -46,6 +46,7 @@ class JobSettings:
     coordinator: str | None = None
     data: str = "synthetic"  # or criteo:PATH[,PATH...]
     transport: str = "grpc"  # or collective
+    collective_timeout_s: float | None = None  # collective: no exchange waits longer for a peer (None: 300 s)
     tls_ca: str | None = None
     tls_cert: str | None = None  # this trainer's certificate, for servers that require mutual TLS
     tls_key: str | None = None
@@ -117,12 +118,15 @@ class TrainingJob:
         else:
             plan, shards = load_plan(settings.plan), list(settings.shards or [])
         collective = settings.transport == "collective"
-        self.group = init_distributed(settings.rank, settings.world, plan.num_shards if collective else 0)
+        self.group = init_distributed(settings.rank, settings.world, plan.num_shards if collective else 0,
+                                      settings.collective_timeout_s)
         self.trainer = ShardedTrainer(self.model_cfg, plan, shards, rank=settings.rank, world_size=settings.world,
                                       seed=settings.seed, wire_dtype=WIRE[settings.wire],
                                       transport=settings.transport, trainer_group=self.group,
                                       tls_ca=settings.tls_ca, token=settings.token, tls_cert=settings.tls_cert,
-                                      tls_key=settings.tls_key)
+                                      tls_key=settings.tls_key,
+                                      trainer_epoch=self.follower.agent.epoch if self.follower is not None else 0,
+                                      member_check=self.follower.agent.check if self.follower is not None else None)
         self.data = SyntheticData(self.model_cfg, seed=settings.seed)
         self.writer = None
         self._stop = False
@@ -171,6 +175,7 @@ class TrainingJob:
         s, follower = self.s, self.follower
         if follower is not None:
             follower.step = step
+            follower.agent.check()  # Fenced once a later incarnation of this rank registered: stop, write nothing
         halt, fence = self._agreed([self._stop, follower is not None and follower.fence_pending])
         periodic = s.checkpoint_every and (step + 1 - s.first_step) % s.checkpoint_every == 0
         if s.checkpoint_dir and (periodic or halt):

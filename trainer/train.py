@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from protos import common_pb2
+from protos.collective import timeout as collective_timeout
 from protos.model_config import ModelConfig
 from trainer.batch import Batch, SparseBatch
 from trainer.local import LocalTables, MultiOptimizer, Replicated
@@ -44,7 +45,10 @@ class ShardedTrainer:
                  rank: int = 0, world_size: int = 1, seed: int = 0, wire_dtype: torch.dtype = torch.float32,
                  transport: str = "grpc", trainer_group: dist.ProcessGroup | None = None,
                  tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, trainer_epoch: int = 0,
+                 member_check: Callable[[], None] | None = None) -> None:
+        """`trainer_epoch`: this trainer's membership epoch (coordinated jobs), sent with every write;
+        `member_check` raises once the coordinator replaced this trainer (checked before every write)."""
         if len(addresses) != plan.num_shards:
             raise ValueError(f"--shards: the plan (version {plan.version}) has {plan.num_shards} shards, "
                              f"got {len(addresses)} addresses")
@@ -53,6 +57,8 @@ class ShardedTrainer:
         self.wire_dtype = wire_dtype
         self.tls_ca = tls_ca
         self.credentials = {"token": token, "tls_cert": tls_cert, "tls_key": tls_key}  # for the shards' control plane
+        self.trainer_epoch = trainer_epoch
+        self.member_check = member_check
         self._connect(plan, addresses, transport)
         self.model = DenseDLRM(model_config, seed=seed)
         self.local = LocalTables(model_config, list(plan.data_parallel), seed=seed) if plan.data_parallel else None
@@ -70,9 +76,11 @@ class ShardedTrainer:
         self.router = Router(plan, self.config)
         # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
         self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=self.rank,
-                                       wire_dtype=self.wire_dtype, tls_ca=self.tls_ca, **self.credentials)
+                                       wire_dtype=self.wire_dtype, tls_ca=self.tls_ca, **self.credentials,
+                                       trainer_epoch=self.trainer_epoch, member_check=self.member_check)
         if transport == "collective":
-            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(self.world_size, plan.num_shards)
+            self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(
+                self.world_size, plan.num_shards, addresses, tls_ca=self.tls_ca)
         elif transport == "grpc":
             self.data = self.transport
         else:
@@ -237,13 +245,16 @@ def evaluate(trainer: ShardedTrainer, batches: Iterable[Batch]) -> dict[str, flo
             "logloss": float(F.binary_cross_entropy(p.double().clamp(1e-7, 1 - 1e-7), y.double()))}
 
 
-def init_distributed(rank: int, world_size: int, num_shards: int = 0) -> dist.ProcessGroup | None:
+def init_distributed(rank: int, world_size: int, num_shards: int = 0,
+                     timeout_s: float | None = None) -> dist.ProcessGroup | None:
     """torchrun-compatible env:// rendezvous (gloo on CPU, NCCL with CUDA). For the collective transport
     (`num_shards` > 0) the shards join the same group as ranks world_size.. and the trainers get a
-    subgroup of their own for DDP; every rank creates it, in the same order."""
+    subgroup of their own for DDP; every rank creates it, in the same order. There `timeout_s` bounds every
+    collective (a frozen shard makes it raise instead of hanging; default 300 s)."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if num_shards:
-        dist.init_process_group(backend, rank=rank, world_size=world_size + num_shards)
+        dist.init_process_group(backend, rank=rank, world_size=world_size + num_shards,
+                                timeout=collective_timeout(timeout_s))
         group = dist.new_group(list(range(world_size)))
         log.info("rank %d of %d trainers joined the collective group with %d shards", rank, world_size, num_shards)
         return group

@@ -1,0 +1,134 @@
+"""The collective transport reports errors (issue 11, item 4): a shard-side failure reaches every trainer
+as an error naming the shard and the step within a bounded time, and a killed shard makes the trainers
+fail with a clear error instead of hanging. Real shard and trainer processes in one gloo group on loopback."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embedding_service.client import ShardClient
+from embedding_service.process import launch
+from protos.model_config import ModelConfig
+from protos.plan import dump_plan, shard_config, simple_plan
+from protos.process import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "tiny.yaml"
+PLAN = simple_plan(ModelConfig.load(CONFIG), 2)  # every table whole: shard 1 holds items and hours
+BOUND_S = 60.0  # every trainer must have failed by then (the group's timeout is 20 s)
+
+
+def start_shards(tmp_path: Path, port: int, shrink_hours: bool = False) -> list:
+    """Two collective shards; `shrink_hours`: shard 1 holds `hours` with 4 rows while the trainers' plan
+    says 24, so ids the router passes on fail in the shard ("passes the router, fails in the shard")."""
+    shards = []
+    for s in range(2):
+        cfg = shard_config(PLAN, s, num_trainers=2, seed=1, collective=True, collective_timeout_s=20)
+        if shrink_hours and s == 1:
+            cfg = copy.deepcopy(cfg)
+            for entry in (*cfg["tables"], *cfg["slices"]):
+                if entry.get("name", entry.get("table")) == "hours":
+                    entry["num_rows"] = 4
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        shards.append(launch(cfg, workdir=tmp_path / f"shard{s}", env=env))
+    return shards
+
+
+def start_trainers(tmp_path: Path, shards: list, port: int, steps: int) -> list[subprocess.Popen]:
+    (tmp_path / "plan.json").write_text(dump_plan(PLAN))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "trainer.cli", "train", "--config", str(CONFIG), "--plan",
+             str(tmp_path / "plan.json"), "--shards", ",".join(s.address for s in shards), "--transport",
+             "collective", "--collective-timeout-s", "20", "--steps", str(steps), "--batch-size", "32",
+             "--seed", "3", "--out", str(tmp_path / "out")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def error_line(err: str) -> str:
+    """The trainer's error (its last words, after the progress bar's)."""
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if "collective transport:" in ln]
+    assert lines, err[-3000:]
+    return lines[-1][lines[-1].index("collective transport:"):]
+
+
+def wait_failed(procs: list[subprocess.Popen], since: float) -> list[str]:
+    """Every trainer's stderr once all have exited, asserting they did within BOUND_S and failed."""
+    errs = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, since + BOUND_S - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a trainer still runs {BOUND_S:.0f} s after the shard failed: it hangs")
+        assert p.returncode != 0, err[-2000:]
+        errs.append(err)
+    return errs
+
+
+@pytest.mark.timeout(240)
+def test_shard_side_failure_reaches_every_trainer(tmp_path):
+    port = free_port()
+    shards = start_shards(tmp_path, port, shrink_hours=True)
+    try:
+        start = time.monotonic()
+        procs = start_trainers(tmp_path, shards, port, steps=20)
+        errs = wait_failed(procs, start + 90)  # includes starting the trainers (imports, rendezvous)
+        for err in errs:
+            last = error_line(err)
+            assert last.startswith("collective transport: shard 1 failed at step 0: ids from trainer"), last
+            assert "feature 'hour' (table 'hours'" in last and "out of range [0, 4)" in last, last
+            assert "Traceback" not in err, "a clear error, not a traceback"
+        for s in shards:  # the shards left the group but still serve gRPC
+            assert s.proc.poll() is None
+            with ShardClient(s.address, plan_version=PLAN.version) as c:
+                assert c.info().shard_id in (0, 1)
+        assert "collective: leaving the group: shard 1 failed at step" in shards[0].log_tail(20000)
+    finally:
+        for s in shards:
+            s.kill()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_dead_or_frozen_shard_fails_trainers_instead_of_hanging(tmp_path, sig):
+    """kill -9: the broken connections fail the exchange at once; SIGSTOP: the group's timeout (20 s) does."""
+    port = free_port()
+    shards = start_shards(tmp_path, port)
+    procs: list[subprocess.Popen] = []
+    try:
+        procs = start_trainers(tmp_path, shards, port, steps=100000)
+        with ShardClient(shards[1].address, plan_version=PLAN.version) as c:
+            deadline = time.monotonic() + 120
+            while c.info().applied_step < 3:  # training through the collective transport
+                assert time.monotonic() < deadline, shards[1].log_tail()
+                assert all(p.poll() is None for p in procs), "a trainer exited before the shard was killed"
+                time.sleep(0.1)
+        os.kill(shards[1].pid, sig)
+        killed = time.monotonic()
+        errs = wait_failed(procs, killed)
+        took = time.monotonic() - killed
+        for err in errs:
+            last = error_line(err)
+            assert last.startswith("collective transport: the") and " of step " in last, last
+            assert f"shard 1 at {shards[1].address} does not answer" in last, last
+        assert took < BOUND_S
+        print(f"trainers failed {took:.1f} s after {sig.name}: {error_line(errs[0])}")
+    finally:
+        for p in procs:
+            p.kill()
+        for s in shards:
+            s.kill()
