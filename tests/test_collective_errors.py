@@ -121,12 +121,14 @@ def test_dead_or_frozen_shard_fails_trainers_instead_of_hanging(tmp_path, sig):
         killed = time.monotonic()
         errs = wait_failed(procs, killed)
         took = time.monotonic() - killed
-        for err in errs:
-            last = error_line(err)
-            assert last.startswith("collective transport: the") and " of step " in last, last
-            assert f"shard 1 at {shards[1].address} does not answer" in last, last
+        # every trainer fails within the bound; the first to see the broken exchange names the shard (a
+        # trainer whose peer trainer exited first may fail in DDP's own collective instead)
+        named = [e for e in errs if f"shard 1 at {shards[1].address} does not answer" in e]
+        assert named, errs[0][-3000:]
+        last = error_line(named[0])
+        assert last.startswith("collective transport: the") and " of step " in last, last
         assert took < BOUND_S
-        print(f"trainers failed {took:.1f} s after {sig.name}: {error_line(errs[0])}")
+        print(f"trainers failed {took:.1f} s after {sig.name}: {last}")
     finally:
         for p in procs:
             p.kill()
