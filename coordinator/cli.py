@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="embedded Redis: where its database lives (default: a temporary directory)")
     s.add_argument("--namespace", default="recsys", help="Redis key prefix (several jobs can share one Redis)")
     s.add_argument("--lease-s", type=float, default=5.0, help="a member silent this long is marked dead")
+    s.add_argument("--max-watchers", type=int, default=1024,
+                   help="WatchPlan streams held at once, each on a thread of its own (past it: RESOURCE_EXHAUSTED)")
     s.add_argument("--admin-token", default=os.environ.get(TOKEN_ENV, ""),
                    help=f"bearer token for apply / rollback (env {TOKEN_ENV}); default: a random one")
     s.add_argument("--token-file", help="the admin token: read from this file when it exists, else a random one is "
@@ -159,6 +161,8 @@ def serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     from protos.security import CONTROL_TOKEN_ENV, read_token
 
+    if args.max_watchers < 1:
+        raise SystemExit(f"--max-watchers: must be >= 1, got {args.max_watchers}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -181,7 +185,7 @@ def serve(args: argparse.Namespace) -> int:
     config = CoordinatorConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         redis_url=args.redis, redis_password=args.redis_password, data_dir=args.data_dir, namespace=args.namespace,
-        lease_s=args.lease_s, admin_token=args.admin_token, token_file=args.token_file,
+        lease_s=args.lease_s, max_watchers=args.max_watchers, admin_token=args.admin_token, token_file=args.token_file,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         initial_plan=args.initial_plan,
         rollout=RolloutSettings(fence_timeout_s=args.fence_timeout_s, rows_per_pull=args.rows_per_pull,
