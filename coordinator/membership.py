@@ -23,12 +23,14 @@ from protos import coordinator_pb2
 
 KINDS = (coordinator_pb2.SHARD, coordinator_pb2.TRAINER)
 CAS_TRIES = 50
-# KEYS: members hash, epochs hash; ARGV: field, the record and epoch read (epoch "" if none), the new record.
-# Writes only if neither changed since the read (a register or another beat of the same member).
-_RENEW = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+# One member's compare-and-set. KEYS: members hash, epochs hash; ARGV: field, the record and the epoch as read
+# ("" when absent), the new record, the new epoch ("": unchanged). Writes only if neither changed since the
+# read: unlike a WATCH on the shared hashes, other members' writes in between do not make it retry.
+_CAS = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
 if (redis.call('HGET', KEYS[2], ARGV[1]) or '') ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[5]) end
 return 1
 """
 
@@ -62,7 +64,7 @@ class Membership:
         self.namespace = namespace
         self.lease_s = lease_s
         self.clock = clock
-        self._renew = redis_client.register_script(_RENEW)
+        self._cas = redis_client.register_script(_CAS)
 
     def _key(self, kind: int, what: str = "kind") -> str:
         return f"{self.namespace}:members:{_kind_name(kind, what)}"
@@ -83,10 +85,10 @@ class Membership:
             raise ValueError(f"member.address: required for shard {member.id} (HOST:PORT of its gRPC server)")
         ekey, field = self._epochs_key(member.kind), str(member.id)
 
-        def txn(pipe: redis.client.Pipeline) -> int:
-            raw = pipe.hget(key, field)
+        for _ in range(CAS_TRIES):
+            raw, eraw = self._read(key, ekey, field)
             held = coordinator_pb2.Member.FromString(raw) if raw is not None else None
-            latest = max(int(pipe.hget(ekey, field) or 0), held.epoch if held is not None else 0)
+            latest = max(int(eraw or 0), held.epoch if held is not None else 0)
             if not member.epoch and held is not None and held.instance == member.instance:
                 epoch = held.epoch  # the same process again (its Register timed out after it was stored)
             elif member.epoch:
@@ -102,12 +104,19 @@ class Membership:
             record.epoch = epoch
             record.state = coordinator_pb2.ALIVE
             record.last_seen = self.clock()
-            pipe.multi()
-            pipe.hset(key, field, record.SerializeToString())
-            pipe.hset(ekey, field, max(latest, epoch))
-            return epoch
+            if self._cas(keys=[key, ekey], args=[field, raw or b"", eraw or b"", record.SerializeToString(),
+                                                 max(latest, epoch)]):
+                return epoch
+        raise RuntimeError(f"{_kind_name(member.kind).lower()} {member.id}: register lost {CAS_TRIES} races "
+                           f"for its record")
 
-        return self.redis.transaction(txn, key, ekey, value_from_callable=True)
+    def _read(self, key: str, ekey: str, field: str) -> tuple[bytes | None, bytes | None]:
+        """A member's record and latest epoch, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(key, field)
+        pipe.hget(ekey, field)
+        raw, eraw = pipe.execute()
+        return raw, eraw
 
     def heartbeat(self, kind: int, id: int, instance: str, plan_version: int, step: int, epoch: int = 0) -> bool:
         """Renews the lease. False when the member is unknown, another instance holds its id, or its
@@ -119,10 +128,7 @@ class Membership:
         key = self._key(kind)
         ekey, field = self._epochs_key(kind), str(id)
         for _ in range(CAS_TRIES):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(key, field)
-            pipe.hget(ekey, field)
-            raw, eraw = pipe.execute()
+            raw, eraw = self._read(key, ekey, field)
             record = coordinator_pb2.Member.FromString(raw) if raw is not None else None
             if epoch:
                 latest = max(int(eraw or 0), record.epoch if record is not None else 0)
@@ -137,7 +143,7 @@ class Membership:
             record.plan_version = plan_version
             record.step = step
             record.state = coordinator_pb2.ALIVE
-            if self._renew(keys=[key, ekey], args=[field, raw, eraw or b"", record.SerializeToString()]):
+            if self._cas(keys=[key, ekey], args=[field, raw, eraw or b"", record.SerializeToString(), ""]):
                 return True
         raise RuntimeError(f"{_kind_name(kind).lower()} {id}: heartbeat lost {CAS_TRIES} races for its record")
 
