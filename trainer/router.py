@@ -59,6 +59,7 @@ class Router:
         self.dim = model.embedding_dim
         self.features = [f.name for f in model.features]
         self.rows = [f.num_rows for f in model.features]
+        self._rows = torch.tensor(self.rows, dtype=torch.int64)
         self.num_shards = plan.num_shards
         table_of = {f.name: f.table for f in model.features}
         placed = placements(plan)
@@ -80,13 +81,12 @@ class Router:
                 for r in routes:
                     self.shard_routes[r.shard].append(r)
             self.tiles.append(tiles)
-        # where each route's columns sit in its shard's response
-        self._resp_col: dict[Route, int] = {}
-        for routes in self.shard_routes.values():
-            col = 0
-            for r in routes:
-                self._resp_col[r] = col
-                col += r.num_cols
+        # for every column of a shard's response, its column in the model's [B, F * D]: output_dist is one
+        # index_add per shard (row-range partials of a tile add up) and grad_dist one index_select per shard,
+        # not a Python loop over (feature, slice) routes (1,000 features: thousands of small ops a step)
+        self._model_cols: dict[int, torch.Tensor] = {
+            shard: torch.cat([torch.arange(r.num_cols) + r.feature_index * self.dim + r.col_offset for r in routes])
+            for shard, routes in self.shard_routes.items() if routes}
         max_rows = max(r.num_rows for routes in self.shard_routes.values() for r in routes)
         self.id_dtype = torch.int32 if max_rows < 2**31 else torch.int64
 
@@ -98,15 +98,12 @@ class Router:
         n_feat = len(keys)
         batch = lengths.numel() // n_feat
         lengths2 = lengths.view(n_feat, batch).to(torch.int64)
-        offs = [0, *torch.cumsum(lengths2.sum(1), 0).tolist()]
+        per_feature = lengths2.sum(1)
+        offs = [0, *torch.cumsum(per_feature, 0).tolist()]
+        self._check_ids(keys, per_feature, values, offs)
         parts: dict[Route, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for fi in range(n_feat):
             vals = values[offs[fi] : offs[fi + 1]]
-            if vals.numel():  # a bad id fails here, naming it, not inside a shard or a collective
-                lo, hi = (int(x) for x in torch.aminmax(vals))
-                if lo < 0 or hi >= self.rows[fi]:
-                    raise ValueError(f"feature {keys[fi]!r}: id {lo if lo < 0 else hi} outside its table's "
-                                     f"rows [0, {self.rows[fi]})")
             wts = None if weights is None else weights[offs[fi] : offs[fi + 1]]
             for tile in self.tiles[fi]:
                 if len(tile.routes) == 1:
@@ -127,6 +124,19 @@ class Router:
                 weights=torch.cat(ws) if ws is not None else None, dims=[r.num_cols for r in routes])
         return out
 
+    def _check_ids(self, keys: list[str], per_feature: torch.Tensor, values: torch.Tensor, offs: list[int]) -> None:
+        """A bad id fails here, naming its feature and the id, not inside a shard or a collective; one
+        vectorized pass over every id (a per-feature check is two syncs per feature)."""
+        if not values.numel():
+            return
+        limit = torch.repeat_interleave(self._rows, per_feature)
+        bad = (values < 0) | (values >= limit)
+        if bool(bad.any()):
+            fi = int(torch.searchsorted(torch.tensor(offs[1:]), int(bad.nonzero()[0, 0]), right=True))
+            lo, hi = (int(x) for x in torch.aminmax(values[offs[fi] : offs[fi + 1]]))
+            raise ValueError(f"feature {keys[fi]!r}: id {lo if lo < 0 else hi} outside its table's "
+                             f"rows [0, {self.rows[fi]})")
+
     @staticmethod
     def _bucketize(tile: _Tile, lengths: torch.Tensor, vals: torch.Tensor, wts: torch.Tensor | None,
                    batch: int) -> dict[Route, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -145,23 +155,10 @@ class Router:
         """Shard responses ([B, sum(d)] each) into the model's [B, F * D] (row partials summed)."""
         batch = next(iter(embeddings.values())).shape[0]
         out = torch.zeros(batch, len(self.features) * self.dim)
-        for shard, routes in self.shard_routes.items():
-            if not routes:
-                continue
-            resp = embeddings[shard]
-            for r in routes:
-                src = resp[:, self._resp_col[r] : self._resp_col[r] + r.num_cols]
-                c0 = r.feature_index * self.dim + r.col_offset
-                out[:, c0 : c0 + r.num_cols] += src
+        for shard, cols in self._model_cols.items():
+            out.index_add_(1, cols, embeddings[shard].to(out.dtype))
         return out
 
     def grad_dist(self, grad: torch.Tensor) -> dict[int, torch.Tensor]:
         """The gradient of [B, F * D] back to each shard, in its response's layout."""
-        out = {}
-        for shard, routes in self.shard_routes.items():
-            if not routes:
-                continue
-            cols = [grad[:, r.feature_index * self.dim + r.col_offset :
-                         r.feature_index * self.dim + r.col_offset + r.num_cols] for r in routes]
-            out[shard] = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0].contiguous()
-        return out
+        return {shard: grad.index_select(1, cols) for shard, cols in self._model_cols.items()}
