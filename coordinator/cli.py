@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from protos.cli_errors import run_command
+
 log = logging.getLogger("coordinator")
 TOKEN_ENV = "RECSYS_ADMIN_TOKEN"
 
@@ -200,13 +202,18 @@ def serve(args: argparse.Namespace) -> int:
 
 
 # -- plans ---------------------------------------------------------------------------------------
-def _load_plan(path: str):
-    from protos.plan import PlanError, load_plan
+def _load_plan(path: str, structural: bool = False):
+    """The plan in `path`; `structural`: refused unless it tiles its tables (what `show` / `diff` need;
+    validate and apply leave that to the coordinator, which names every violation)."""
+    from protos.plan import PlanError, load_plan, violations
 
     try:
-        return load_plan(path)
+        plan = load_plan(path)
     except PlanError as e:
         raise SystemExit(str(e)) from None
+    if structural and (found := violations(plan)):
+        raise SystemExit(f"{path}: " + "; ".join(v.labelled() for v in found))
+    return plan
 
 
 def _dump(msg) -> dict:
@@ -282,7 +289,7 @@ def show(args: argparse.Namespace) -> int:
     from coordinator.cost import CostModel
     from coordinator.report import plan_summary, render_summary
 
-    summary = plan_summary(_load_plan(args.plan), CostModel(batch_size=args.batch_size))
+    summary = plan_summary(_load_plan(args.plan, structural=True), CostModel(batch_size=args.batch_size))
     print(json.dumps(summary) if args.json else render_summary(summary))
     return 0
 
@@ -291,9 +298,9 @@ def diff(args: argparse.Namespace) -> int:
     from coordinator.moves import MoveError
     from coordinator.report import plan_diff, render_diff
 
-    new = _load_plan(args.plan)
+    new = _load_plan(args.plan, structural=True)
     if args.against:
-        old = _load_plan(args.against)
+        old = _load_plan(args.against, structural=True)
     else:
         with _client(args) as c:
             old = c.get_plan()[0].plan
@@ -433,15 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        return serve(args)
+        return run_command("coordinator serve", serve, args)
     if args.command == "members":
         return members(args)
     if args.command == "job":
-        return job(args)
+        return run_command("coordinator job", job, args)
     commands = {"propose": propose, "show": show, "diff": diff, "validate": validate, "apply": apply,
                 "rollback": rollback, "status": status, "history": history}
     try:
-        return commands[args.plan_command](args)
+        return run_command(f"coordinator plan {args.plan_command}", commands[args.plan_command], args)
     except grpc.RpcError as e:
         print(f"coordinator {args.plan_command}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

@@ -95,9 +95,9 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     store = PlanStore(redis_client, namespace=config.namespace)
     membership = Membership(redis_client, namespace=config.namespace, lease_s=config.lease_s)
     if config.initial_plan and store.current() is None:
-        from google.protobuf import json_format
+        from protos.plan import load_plan
 
-        plan = json_format.Parse(Path(config.initial_plan).read_text(), coordinator_pb2.PlanRecord().plan)
+        plan = load_plan(config.initial_plan)
         store.initialize(plan, "coordinator", f"initial plan from {config.initial_plan}")
     token = config.admin_token or _existing_token(config.token_file) or secrets.token_urlsafe(24)
     if config.token_file and not _existing_token(config.token_file):

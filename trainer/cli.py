@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from protos.cli_errors import run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer", description="Train a DLRM whose embedding tables live in the "
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd,
                 "export": export_cmd, "wait-rendezvous": wait_rendezvous_cmd}
-    return commands[args.command](args)
+    return run_command(f"trainer {args.command}", commands[args.command], args)
 
 
 if __name__ == "__main__":
