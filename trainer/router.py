@@ -81,12 +81,16 @@ class Router:
                 for r in routes:
                     self.shard_routes[r.shard].append(r)
             self.tiles.append(tiles)
-        # for every column of a shard's response, its column in the model's [B, F * D]: output_dist is one
-        # index_add per shard (row-range partials of a tile add up) and grad_dist one index_select per shard,
-        # not a Python loop over (feature, slice) routes (1,000 features: thousands of small ops a step)
-        self._model_cols: dict[int, torch.Tensor] = {
-            shard: torch.cat([torch.arange(r.num_cols) + r.feature_index * self.dim + r.col_offset for r in routes])
-            for shard, routes in self.shard_routes.items() if routes}
+        # where each route's columns sit in its shard's response, and in the model's [B, F * D]. output_dist
+        # and grad_dist stay a slice op per route: both are memory-bound (a [B, F * D] pass), and one
+        # index_add / index_select per shard over the columns measured about 2x slower at 1,000 features
+        self._cols: dict[int, list[tuple[int, int, int]]] = {
+            shard: [] for shard, routes in self.shard_routes.items() if routes}
+        for shard, routes in self.shard_routes.items():
+            col = 0
+            for r in routes:
+                self._cols[shard].append((col, r.feature_index * self.dim + r.col_offset, r.num_cols))
+                col += r.num_cols
         max_rows = max(r.num_rows for routes in self.shard_routes.values() for r in routes)
         self.id_dtype = torch.int32 if max_rows < 2**31 else torch.int64
 
@@ -155,10 +159,16 @@ class Router:
         """Shard responses ([B, sum(d)] each) into the model's [B, F * D] (row partials summed)."""
         batch = next(iter(embeddings.values())).shape[0]
         out = torch.zeros(batch, len(self.features) * self.dim)
-        for shard, cols in self._model_cols.items():
-            out.index_add_(1, cols, embeddings[shard].to(out.dtype))
+        for shard, cols in self._cols.items():
+            resp = embeddings[shard]
+            for src, dst, n in cols:
+                out[:, dst : dst + n] += resp[:, src : src + n]
         return out
 
     def grad_dist(self, grad: torch.Tensor) -> dict[int, torch.Tensor]:
         """The gradient of [B, F * D] back to each shard, in its response's layout."""
-        return {shard: grad.index_select(1, cols) for shard, cols in self._model_cols.items()}
+        out = {}
+        for shard, cols in self._cols.items():
+            parts = [grad[:, dst : dst + n] for _, dst, n in cols]
+            out[shard] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous()
+        return out
