@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from protos.cli_errors import run_command
+from protos.cli_errors import quiet_library_info, run_command
 
 log = logging.getLogger("inference_gateway")
 
@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # fbgemm_gpu logs every .so it loads, at INFO, on the root logger
-        handler.addFilter(lambda r: r.levelno > logging.INFO or "fbgemm_gpu" not in r.pathname)
+    quiet_library_info()
     commands = {"serve": serve_cmd, "predict": predict_cmd, "models": models_cmd, "load": _manage,
                 "unload": _manage, "set-default": _manage}
     return run_command(f"inference-gateway {args.command}", commands[args.command], args)

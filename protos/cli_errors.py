@@ -9,6 +9,7 @@ the line is printed, then `SystemExit` with code 2 (its message kept, for caller
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -23,7 +24,17 @@ EXIT_REFUSED = 2  # as argparse exits on a bad argument
 def one_line(prog: str, message: str) -> str:
     """`prog: message` on one line (a message that already names the command keeps its own prefix)."""
     text = " ".join(str(message).split())
-    return text if text.startswith(prog.split()[0]) else f"{prog}: {text}"
+    if text.startswith(prog.split()[0]):
+        return text
+    sub = prog.split()[-1]
+    return f"{prog}: {text.removeprefix(f'{sub}: ')}"  # "export: ..." from `trainer export` once, not twice
+
+
+def quiet_library_info() -> None:
+    """Drops fbgemm_gpu's INFO lines (one per .so it loads, on the root logger) from the root handlers, so
+    a command that imports it and then refuses still prints one line."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno > logging.INFO or "fbgemm_gpu" not in r.pathname)
 
 
 def refuse(prog: str, message: str) -> NoReturn:

@@ -50,6 +50,9 @@ CASES = {
         ["trainer.cli", "plan", "--config", "{broken.yaml}", "--shards", "2"], "broken.yaml", "line 2"),
     "trainer plan: bad --kind": (
         ["trainer.cli", "plan", "--config", TINY, "--shards", "2", "--kind", "users=bogus"], None, "--kind"),
+    "trainer export: no checkpoint": (
+        ["trainer.cli", "export", "--checkpoint", "{missing_dir}", "--config", TINY, "--out", "out"], "missing_dir",
+        "no LATEST"),
     "trainer shard-config: garbled plan": (
         ["trainer.cli", "shard-config", "--plan", "{garbled_plan.json}", "--shard", "0"], "garbled_plan.json",
         "num_shards"),
@@ -69,7 +72,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
     for name, text in FILES.items():
         (root / name).write_text(text)
-    return {name: str(root / name) for name in FILES}
+    return {**{name: str(root / name) for name in FILES}, "missing_dir": str(root / "missing_dir")}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from protos.cli_errors import run_command
+from protos.cli_errors import quiet_library_info, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +254,7 @@ def wait_rendezvous_cmd(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_info()
     args = build_parser().parse_args(argv)
     commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd,
                 "export": export_cmd, "wait-rendezvous": wait_rendezvous_cmd}
