@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> dict:
                     "--initial-plan", str(work / "plan.json")], workdir=work / "coordinator")
     address = coord.address
     procs: list[mp.Process] = []
+    ctx = mp.get_context("spawn")
+    started, stop, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     try:
         cproc = psutil.Process(coord.pid)
         r = redis.Redis.from_url(coord.announced["redis"])
@@ -177,8 +179,6 @@ def run(args: argparse.Namespace) -> dict:
         # the last shard is this process's: it falls silent for the detection measurement
         ids = [(pb.SHARD, s) for s in range(args.shards - 1)] + [(pb.TRAINER, t) for t in range(args.trainers)]
         chunks = [ids[i::args.processes] for i in range(args.processes)]
-        ctx = mp.get_context("spawn")
-        started, stop, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         _log("starting members")
         procs = [ctx.Process(target=_worker, args=(address, c, args.getplan_every_s, started, stop, results),
                              daemon=True) for c in chunks]
@@ -215,9 +215,7 @@ def run(args: argparse.Namespace) -> dict:
         stop.set()
         out = [results.get(timeout=120) for _ in procs]
     finally:
-        stop_all = getattr(locals().get("stop"), "set", None)
-        if stop_all:
-            stop_all()
+        stop.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
