@@ -77,6 +77,10 @@ def _served(servicer: ShardServicer, method: str, context: grpc.ServicerContext)
     try:
         yield
     except Exception as e:
+        aborted = context.code()  # a guard below the handler refused a streamed message: keep its status
+        if aborted is not None:
+            code = aborted.name
+            raise
         status, message = _status(e, method)
         code = status.name
         context.abort(status, message)

@@ -1,0 +1,131 @@
+"""Every RPC of every server, tried as an attacker who can reach the port would (issue 11): without a
+credential, with undecodable bytes, and with an empty request. Methods are enumerated from the services'
+descriptors, so an RPC added later is swept too, and must be classified as data or control plane.
+
+What each call must answer:
+- a control-plane RPC without a token: UNAUTHENTICATED, before anything is decoded or done;
+- undecodable bytes (with the token): INVALID_ARGUMENT, never UNKNOWN or INTERNAL;
+- an empty request (with the token): a precise status or OK, never UNKNOWN or INTERNAL;
+and afterwards the server still answers its health check SERVING. The table of answers is printed
+(`pytest -s tests/test_rpc_sweep.py`) for the closing note.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.process import launch as launch_coordinator
+from coordinator.server import ADMIN_METHODS
+from embedding_service.servicer import CONTROL_PLANE as SHARD_CONTROL
+from inference_gateway.process import launch as launch_gateway
+from inference_gateway.servicer import CONTROL_PLANE as GATEWAY_CONTROL
+from protos import coordinator_pb2, embedding_shard_pb2, inference_pb2
+from protos.security import bearer_metadata
+from tests.test_credentials import TABLES, TOKEN, token_file
+from tests.test_inference_package import TINY, tiny_model
+from trainer.export import export_package, table_dtypes
+
+GARBAGE = b"\xff\xff\xff\xff\x0f"  # not a protobuf message: a truncated varint field
+NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+# Data plane by design (issue 11): reads, the training path, membership; every other RPC is control plane.
+DATA_PLANE = {
+    "recsys.v1.EmbeddingShard": {"Lookup", "Update", "LookupRows", "Info"},
+    "recsys.v1.InferenceGateway": {"Predict", "PredictStream", "ListModels"},
+    "recsys.v1.Coordinator": {"Register", "Heartbeat", "ListMembers", "Leave", "GetPlan", "WatchPlan",
+                              "ReportFenced", "PlanHistory", "ValidatePlan", "RolloutStatus"},
+}
+
+
+def control_plane(service: str) -> set[str]:
+    if service == "recsys.v1.EmbeddingShard":
+        return set(SHARD_CONTROL)
+    if service == "recsys.v1.InferenceGateway":
+        return set(GATEWAY_CONTROL)
+    return {m.rsplit("/", 1)[1] for m in ADMIN_METHODS}
+
+
+def invoke(channel: grpc.Channel, service: str, method, payload: bytes, token: str | None) -> grpc.StatusCode:
+    """Sends raw `payload` as the request of `method` (any streaming shape); returns the status."""
+    path = f"/{service}/{method.name}"
+    kw = {"request_serializer": None, "response_deserializer": None}
+    md = bearer_metadata(token) if token else None
+    try:
+        if method.client_streaming and method.server_streaming:
+            list(channel.stream_stream(path, **kw)(iter([payload]), timeout=20, metadata=md))
+        elif method.client_streaming:
+            channel.stream_unary(path, **kw)(iter([payload]), timeout=20, metadata=md)
+        elif method.server_streaming:
+            call = channel.unary_stream(path, **kw)(payload, timeout=20, metadata=md)
+            next(iter(call), None)  # a watch stream may never end: its first answer is enough
+            call.cancel()
+        else:
+            channel.unary_unary(path, **kw)(payload, timeout=20, metadata=md)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def sweep(address: str, descriptor, token: str) -> list[tuple[str, str, str, str, str]]:
+    """(method, plane, no token, undecodable, empty) for every method of the service."""
+    service = descriptor.full_name
+    control = control_plane(service)
+    methods = list(descriptor.methods)
+    unclassified = [m.name for m in methods if m.name not in control and m.name not in DATA_PLANE[service]]
+    assert not unclassified, f"{service}: classify {unclassified} as data or control plane"
+    rows, wrong = [], []
+    with grpc.insecure_channel(address) as channel:
+        for m in methods:
+            plane = "control" if m.name in control else "data"
+            anonymous = invoke(channel, service, m, b"", None)
+            undecodable = invoke(channel, service, m, GARBAGE, token)
+            empty = invoke(channel, service, m, b"", token)
+            rows.append((m.name, plane, anonymous.name, undecodable.name, empty.name))
+            if plane == "control" and anonymous != grpc.StatusCode.UNAUTHENTICATED:
+                wrong.append(f"{m.name} without a token: {anonymous.name}")
+            if undecodable != grpc.StatusCode.INVALID_ARGUMENT:
+                wrong.append(f"{m.name} undecodable: {undecodable.name}")
+            wrong += [f"{m.name} {what}: {code.name}" for what, code in (("empty", empty), ("no token", anonymous))
+                      if code in NEVER]
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    show(service, rows)
+    assert not wrong, wrong
+    return rows
+
+
+def show(server: str, rows: list[tuple[str, str, str, str, str]]) -> None:
+    print(f"\n{server}: method | plane | no token | undecodable | empty request")
+    for row in rows:
+        print("  " + " | ".join(row))
+
+
+def test_every_shard_rpc(shard_factory, tmp_path):
+    proc, _ = shard_factory({"tables": TABLES, "shard_id": 0}, extra_args=["--token-file", token_file(tmp_path, TOKEN)])
+    sweep(proc.address, embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"], TOKEN)
+    assert not any(p.name not in ("metrics", "log") for p in proc.workdir.iterdir() if p.is_dir()), \
+        "a refused or empty request wrote a directory"
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    store = tmp_path / "store"
+    export_package(tiny_model(0), store / "v1", dtypes=table_dtypes(TINY, "fp32", []), version=1)
+    gw = launch_gateway(["--model-store", str(store), "--model", "v1", "--token-file", token_file(tmp_path, TOKEN)],
+                        workdir=tmp_path / "gw")
+    yield gw
+    gw.kill()
+
+
+def test_every_gateway_rpc(gateway):
+    sweep(gateway.address, inference_pb2.DESCRIPTOR.services_by_name["InferenceGateway"], TOKEN)
+
+
+def test_every_coordinator_rpc(tmp_path):
+    coord = launch_coordinator([], workdir=tmp_path / "coord", token=TOKEN)
+    try:
+        sweep(coord.address, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"], TOKEN)
+    finally:
+        coord.kill()
+
