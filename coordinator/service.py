@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
 import logging
 import time
 from collections.abc import Iterator
@@ -106,7 +107,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @rpc
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         member = self.membership.get(request.kind, request.id)
-        removed = member is not None and member.instance == request.instance
+        removed = member is not None and hmac.compare_digest(member.instance.encode(), request.instance.encode())
         if removed:
             self.membership.remove(request.kind, request.id)
             log.info("%s %d left", pb.MemberKind.Name(request.kind), request.id)
@@ -117,7 +118,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def ListMembers(self, request, context) -> pb.ListMembersResponse:
         members = self.membership.members()
         self._count_members(members)
-        return pb.ListMembersResponse(members=members)
+        listed = []
+        for m in members:  # `instance` is each member's credential for Heartbeat and Leave: never listed
+            copy = pb.Member()
+            copy.CopyFrom(m)
+            copy.ClearField("instance")
+            listed.append(copy)
+        return pb.ListMembersResponse(members=listed)
 
     def _count_members(self, members=None) -> None:
         members = self.membership.members() if members is None else members

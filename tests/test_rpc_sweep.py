@@ -21,7 +21,7 @@ from coordinator.server import ADMIN_METHODS
 from embedding_service.servicer import CONTROL_PLANE as SHARD_CONTROL
 from inference_gateway.process import launch as launch_gateway
 from inference_gateway.servicer import CONTROL_PLANE as GATEWAY_CONTROL
-from protos import coordinator_pb2, embedding_shard_pb2, inference_pb2
+from protos import coordinator_pb2, coordinator_pb2_grpc, embedding_shard_pb2, inference_pb2
 from protos.security import bearer_metadata
 from tests.test_credentials import TABLES, TOKEN, token_file
 from tests.test_inference_package import TINY, tiny_model
@@ -129,3 +129,24 @@ def test_every_coordinator_rpc(tmp_path):
     finally:
         coord.kill()
 
+
+
+def test_listed_members_never_show_their_secret_so_no_one_else_can_make_them_leave(tmp_path):
+    """A member's `instance` is its credential for Heartbeat and Leave: ListMembers (open to anyone)
+    never returns it, and a Leave without it removes nothing."""
+    coord = launch_coordinator([], workdir=tmp_path / "coord", token=TOKEN)
+    pb = coordinator_pb2
+    try:
+        with grpc.insecure_channel(coord.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            member = pb.Member(kind=pb.SHARD, id=3, address="127.0.0.1:1", instance="secret-instance-1f2e")
+            stub.Register(pb.RegisterRequest(member=member), timeout=20)
+            [listed] = stub.ListMembers(pb.ListMembersRequest(), timeout=20).members
+            assert (listed.kind, listed.id, listed.instance) == (pb.SHARD, 3, "")
+            for guess in ("", listed.instance, "secret-instance"):
+                assert not stub.Leave(pb.LeaveRequest(kind=pb.SHARD, id=3, instance=guess), timeout=20).removed
+            assert len(stub.ListMembers(pb.ListMembersRequest(), timeout=20).members) == 1
+            assert stub.Leave(pb.LeaveRequest(kind=pb.SHARD, id=3, instance=member.instance), timeout=20).removed
+            assert not stub.ListMembers(pb.ListMembersRequest(), timeout=20).members
+    finally:
+        coord.kill()
