@@ -1,0 +1,155 @@
+"""Overload refused fast: a request whose expected queue wait is past --max-queue-wait-ms, or past its
+own deadline, is answered RESOURCE_EXHAUSTED on arrival (Predict, PredictStream, ModelInfer), never
+left to be cancelled after waiting; the requests admitted are all answered."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tritonclient
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from inference_gateway.admission import Admission, AdmissionConfig, Refused, ServiceRate
+from inference_gateway.client import GatewayClient, build_request
+from inference_gateway.process import launch
+from protos.model_config import ModelConfig
+from tests.test_oip import inputs
+from trainer.data import SyntheticData
+from trainer.export import ExportedModel, export_package, table_dtypes
+from trainer.model import DenseDLRM
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = 64  # per request; with the wide MLP below one request computes for several ms
+
+
+@pytest.fixture(scope="module")
+def slow_package(tmp_path_factory):
+    """The tiny tables under a wide dense arch, so the batching queue, not gRPC, is the bottleneck."""
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["dense"]["bottom_mlp"] = [1024, 1024, 8]
+    raw["dense"]["top_mlp"] = [1024, 1024, 1]
+    cfg = ModelConfig.from_dict(raw)
+    g = torch.Generator().manual_seed(0)
+    model = ExportedModel(cfg, DenseDLRM(cfg), {t.name: torch.randn(t.num_rows, t.dim, generator=g)
+                                                for t in cfg.tables}, step=0)
+    root = tmp_path_factory.mktemp("slow")
+    return cfg, export_package(model, root / "pkg", dtypes=table_dtypes(cfg, "int8", []))
+
+
+def arrays(cfg: ModelConfig, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    b = SyntheticData(cfg, seed=1, pooling_factor=2).batch(i, SAMPLES)
+    return b.dense.numpy(), b.sparse.lengths.numpy(), b.sparse.values.numpy()
+
+
+def requests(cfg: ModelConfig, count: int) -> list:
+    return [build_request(*arrays(cfg, i), request_id=str(i)) for i in range(count)]
+
+
+def metric(gw, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def fire(client: GatewayClient, reqs: list) -> tuple[list, dict[int, float]]:
+    """All requests at once (futures); returns them and each one's seconds from its send to its answer."""
+    latency: dict[int, float] = {}
+    futures = []
+    for i, r in enumerate(reqs):
+        sent = time.perf_counter()
+        f = client.stub.Predict.future(r, timeout=120)
+        f.add_done_callback(lambda _f, i=i, sent=sent: latency.__setitem__(i, time.perf_counter() - sent))
+        futures.append(f)
+    for f in futures:
+        f.exception()
+    return futures, latency
+
+
+def test_expected_wait_is_queued_samples_over_the_measured_rate():
+    rate = ServiceRate(alpha=0.5)
+    admission = Admission(AdmissionConfig(max_queue_wait_s=0.1))
+    admission.check(10_000, rate, 1, 0.001)  # nothing measured yet: admitted
+    rate.observe(100, 0.01)  # 10,000 samples/s per worker
+    assert admission.expected_wait(500, rate, 2) == pytest.approx(0.025)
+    admission.check(900, rate, 1, None)  # 90 ms: under the bound
+    with pytest.raises(Refused) as e:
+        admission.check(1500, rate, 1, None)  # 150 ms
+    assert e.value.reason == "max_queue_wait"
+    assert e.value.message == ("overloaded: expected queue wait 150.0 ms (1500 samples queued) exceeds "
+                               "max_queue_wait_ms 100")
+    with pytest.raises(Refused) as e:
+        admission.check(500, rate, 1, 0.02)  # 50 ms expected, 20 ms left
+    assert e.value.reason == "deadline" and "remaining deadline 20.0 ms" in e.value.message
+    admission.check(0, rate, 1, 0.0001)  # an empty queue admits every deadline
+
+
+def test_overload_is_refused_at_once_and_the_admitted_are_served(slow_package, tmp_path):
+    cfg, pkg = slow_package
+    gw = launch(["--model", str(pkg), "--workers", "1", "--max-batch-size", str(SAMPLES), "--max-wait-ms", "1",
+                 "--max-queue", "1000000", "--max-queue-wait-ms", "100"], workdir=tmp_path / "gw")
+    try:
+        with GatewayClient(gw.address) as client:
+            reqs = requests(cfg, 200)
+            for r in reqs[:3]:  # the service rate is measured from here on
+                client.predict_request(r)
+            futures, latency = fire(client, reqs)
+            ok = [i for i, f in enumerate(futures) if f.exception() is None]
+            refused = [i for i, f in enumerate(futures) if f.exception() is not None]
+            assert ok and refused, (len(ok), len(refused))
+            assert {futures[i].code() for i in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            details = futures[refused[0]].details()
+            assert "expected queue wait" in details and "exceeds max_queue_wait_ms 100" in details, details
+            for i in ok:
+                assert len(futures[i].result().scores.data) == 4 * SAMPLES
+            # refused on arrival, not after waiting: far sooner than the admitted requests' wait
+            refusal_p50 = float(np.median([latency[i] for i in refused]))
+            assert refusal_p50 < 0.2, refusal_p50
+            assert metric(gw, 'gateway_admission_refusals_total{reason="max_queue_wait"}') == len(refused)
+            assert metric(gw, 'gateway_rejects_total{reason="deadline"}') == 0  # none waited past a deadline
+
+            # PredictStream: each message is admitted or refused on its own, the stream goes on
+            answers = list(client.stub.PredictStream(iter(reqs[:150]), timeout=120))
+            codes = [a.error.code for a in answers]
+            assert len(answers) == 150
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]) > 0 and codes.count(0) > 0
+    finally:
+        gw.kill()
+
+
+def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once(slow_package, tmp_path):
+    cfg, pkg = slow_package
+    gw = launch(["--model", str(pkg), "--workers", "1", "--max-batch-size", str(SAMPLES), "--max-wait-ms", "1",
+                 "--max-queue", "1000000"], workdir=tmp_path / "gw")  # no bound of its own: deadlines only
+    try:
+        with GatewayClient(gw.address) as client:
+            reqs = requests(cfg, 150)
+            for r in reqs[:3]:
+                client.predict_request(r)
+            backlog = [client.stub.Predict.future(r, timeout=120) for r in reqs]
+            until = time.monotonic() + 60
+            while metric(gw, "gateway_queue_samples") < 60 * SAMPLES and time.monotonic() < until:
+                time.sleep(0.01)
+            start = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as e:
+                client.predict_request(reqs[0], timeout=0.3)
+            elapsed = time.perf_counter() - start
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
+            assert "exceeds the request's remaining deadline" in e.value.details()
+            assert elapsed < 0.3  # answered before its deadline, not cancelled at it
+            # the same admission for the Open Inference Protocol (its stubs live in the gateway process only)
+            triton = tritonclient.InferenceServerClient(url=gw.address)
+            with pytest.raises(InferenceServerException) as e:
+                triton.infer("dlrm", inputs(*arrays(cfg, 0)), client_timeout=0.3)
+            triton.close()
+            assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", (e.value.status(), e.value.message())
+            assert "remaining deadline" in e.value.message()
+            assert all(f.exception() is None for f in backlog)  # every admitted request is answered
+            assert metric(gw, 'gateway_admission_refusals_total{reason="deadline"}') == 2
+    finally:
+        gw.kill()
