@@ -1,8 +1,8 @@
 """Admission control: refuse at arrival what the queue cannot serve in time.
 
 A request that joins a queue it cannot get through before its bound is worse than refused: it waits,
-is cancelled late, and its wait lengthens everyone else's. So each request's expected wait (samples
-queued ahead / the measured service rate) is compared on arrival with the configured bound
+is cancelled late, and its wait lengthens everyone else's. So each request's expected wait (the compute
+time of the samples queued ahead, from the measured batch times) is compared on arrival with the configured bound
 (`--max-queue-wait-ms`) and with the request's own deadline; past either it is answered
 RESOURCE_EXHAUSTED at once, with the expected wait and the bound in the message.
 
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class AdmissionConfig:
     max_queue_wait_s: float = 0.0  # 0: no bound of its own (deadlines still apply)
-    ewma_alpha: float = 0.2  # weight of the newest batch in the service-rate estimate
 
 
 class Refused(Exception):
@@ -29,46 +28,63 @@ class Refused(Exception):
         self.message, self.reason = message, reason  # reason: "max_queue_wait" or "deadline"
 
 
-class ServiceRate:
-    """Samples per second one batching worker computes: EWMAs of batch samples and of batch seconds
-    (their ratio weights a batch by its size, so a trickle of single-sample batches under light load
-    does not make a loaded queue look slow). Unknown (None) until the first batch ran."""
+class BatchTime:
+    """Seconds one batching worker takes for a batch of n samples, t(n) = fixed + per_sample * n, fitted
+    to the batches it ran by least squares over exponentially weighted moments (recent batches count
+    most). The fixed part matters: under light load batches are small and mostly overhead, so a plain
+    samples-per-second rate would make a queue of many small requests look slower than it is. Until
+    the batch sizes vary, t(n) is proportional to n. Unknown (None) until the first batch ran."""
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = alpha
-        self._samples = 0.0
-        self._seconds = 0.0
+        self._m: tuple[float, float, float, float] | None = None  # E[n], E[t], E[n^2], E[n t]
         self._lock = threading.Lock()  # several worker threads observe
 
     def observe(self, samples: int, seconds: float) -> None:
+        x = (float(samples), seconds, float(samples) ** 2, samples * seconds)
         with self._lock:
-            if self._seconds == 0.0:
-                self._samples, self._seconds = float(samples), max(seconds, 1e-6)
+            if self._m is None:
+                self._m = x
             else:
                 a = self.alpha
-                self._samples += a * (samples - self._samples)
-                self._seconds += a * (max(seconds, 1e-6) - self._seconds)
+                self._m = tuple(m + a * (v - m) for m, v in zip(self._m, x, strict=True))
 
-    @property
-    def per_second(self) -> float | None:
-        s = self._seconds  # read without the lock: a stale pair only shifts one estimate slightly
-        return self._samples / s if s > 0 else None
+    def model(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per sample), or None before any batch."""
+        m = self._m  # one tuple, replaced whole: no lock needed to read it
+        if m is None:
+            return None
+        n, t, n2, nt = m
+        var = n2 - n * n
+        if var > 0.01 * n * n:  # sizes vary enough to separate the fixed part from the per-sample part
+            per_sample = max((nt - n * t) / var, 0.0)
+            fixed = max(t - per_sample * n, 0.0)
+            return fixed, per_sample
+        return 0.0, t / max(n, 1.0)
 
 
 class Admission:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
 
-    def expected_wait(self, queued_samples: int, rate: ServiceRate, workers: int) -> float | None:
-        """Seconds until the queue ahead of a new request is computed; None before any measurement."""
-        per_second = rate.per_second
-        if per_second is None or queued_samples <= 0:
-            return None if per_second is None else 0.0
-        return queued_samples / (per_second * max(workers, 1))
+    def expected_wait(self, queued_samples: int, time: BatchTime, max_batch: int, workers: int) -> float | None:
+        """Seconds until the queue ahead of a new request is computed: the batches it forms (full ones of
+        max_batch samples and the rest), shared by the workers; None before any measurement."""
+        fit = time.model()
+        if fit is None:
+            return None
+        if queued_samples <= 0:
+            return 0.0
+        fixed, per_sample = fit
+        full, rest = divmod(queued_samples, max(max_batch, 1))
+        batches = full + (rest > 0)
+        total = batches * fixed + queued_samples * per_sample
+        return total / max(1, min(workers, batches))
 
-    def check(self, queued_samples: int, rate: ServiceRate, workers: int, remaining_s: float | None) -> None:
+    def check(self, queued_samples: int, time: BatchTime, max_batch: int, workers: int,
+              remaining_s: float | None) -> None:
         """Raises Refused when the expected wait is past the bound or the request's remaining deadline."""
-        wait = self.expected_wait(queued_samples, rate, workers)
+        wait = self.expected_wait(queued_samples, time, max_batch, workers)
         if not wait:
             return
         bound = self.config.max_queue_wait_s

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference_gateway.admission import ServiceRate
+from inference_gateway.admission import BatchTime
 from inference_gateway.model import ServingModel
 from inference_gateway.requests import Decoded, segment_reorder
 
@@ -63,7 +63,7 @@ class Batcher:
                  observe: Observe | None = None, on_expired: Callable[[int], None] | None = None) -> None:
         self.model, self.config, self.deliver = model, config, deliver
         self.observe, self.on_expired = observe, on_expired
-        self.rate = ServiceRate()  # measured compute speed of one worker: admission's expected wait
+        self.batch_time = BatchTime()  # measured compute time of one worker's batches: admission's expected wait
         self._queue: collections.deque[Pending] = collections.deque()
         self._samples = 0
         self._cond = threading.Condition()
@@ -146,7 +146,7 @@ class Batcher:
                 start = time.perf_counter()
                 scores = self._score([it.request for it in live])
                 seconds = time.perf_counter() - start
-                self.rate.observe(len(scores), seconds)
+                self.batch_time.observe(len(scores), seconds)
                 if self.observe:
                     self.observe(len(scores), len(live), seconds)
                 out, a = [], 0

@@ -150,6 +150,24 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
     return validate(dense, [], lambda: sparse()[0], lambda: sparse()[1], model, limits)
 
 
+def infer_request(dense: np.ndarray, lengths: np.ndarray, values: np.ndarray, features: list[str], *,
+                  model: str = "", version: str = "", request_id: str = "") -> oip.ModelInferRequest:
+    """Predict's arrays (lengths [F * B] feature-major in `features` order, values) as a ModelInferRequest
+    with raw contents: what a Triton client sends (benchmarks)."""
+    dense = np.ascontiguousarray(dense, dtype=np.float32)
+    lens = np.asarray(lengths, dtype=np.int64).reshape(len(features), dense.shape[0])
+    segments = np.split(np.asarray(values, dtype=np.int64), np.cumsum(lens.sum(1))[:-1])
+    tensor = oip.ModelInferRequest.InferInputTensor
+    req = oip.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    req.inputs.append(tensor(name="dense", datatype="FP32", shape=list(dense.shape)))
+    req.raw_input_contents.append(dense.tobytes())
+    for f, ln, seg in zip(features, lens, segments, strict=True):
+        for name, a in ((lengths_input(f), ln), (values_input(f), seg)):
+            req.inputs.append(tensor(name=name, datatype="INT64", shape=[a.size]))
+            req.raw_input_contents.append(a.tobytes())
+    return req
+
+
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """Serves the protocol from the gateway's registry, admission and batchers."""
 
@@ -207,6 +225,7 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             loaded = gw.registry.resolve(request.model_name, parse_version(request.model_version, "model_version"))
             m = loaded.model
             facts.update(model=m.name, version=m.version)
+            gw.admit(loaded, deadline)
             decoded = decode_infer(request, m, gw.limits)
             facts["samples"] = decoded.batch_size
             fut = gw.queue(loaded, decoded, deadline)

@@ -73,22 +73,27 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
                 deadline: float | None) -> tuple[LoadedModel, asyncio.Future]:
         """Resolve, validate and queue; the future completes with the scores (or an error)."""
         loaded = self.registry.resolve(req.model, req.version)
+        self.admit(loaded, deadline)
         return loaded, self.queue(loaded, decode(req, loaded.model, self.limits), deadline)
 
-    def queue(self, loaded: LoadedModel, decoded: Decoded, deadline: float | None) -> asyncio.Future:
-        """Admission (expected wait against the bound and the deadline), then the batcher; the future
-        completes with the scores (or an error). RequestError(RESOURCE_EXHAUSTED) when refused."""
+    def admit(self, loaded: LoadedModel, deadline: float | None) -> None:
+        """Admission, before any decoding (a refusal must cost little): the expected wait against the
+        bound and the deadline; RequestError(RESOURCE_EXHAUSTED) when refused."""
         batcher = loaded.batcher
         try:
-            self.admission.check(batcher.queued_samples, batcher.rate, batcher.config.workers,
+            cfg = batcher.config
+            self.admission.check(batcher.queued_samples, batcher.batch_time, cfg.max_batch_size, cfg.workers,
                                  None if deadline is None else deadline - time.monotonic())
         except Refused as e:
             self._refused[e.reason].inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {loaded.model.name} "
                                                                    f"v{loaded.model.version}: {e.message}") from None
+
+    def queue(self, loaded: LoadedModel, decoded: Decoded, deadline: float | None) -> asyncio.Future:
+        """Into the batcher (after `admit`); the future completes with the scores (or an error)."""
         fut = self.loop.create_future()
         try:
-            batcher.submit(Pending(decoded, deadline, fut))
+            loaded.batcher.submit(Pending(decoded, deadline, fut))
         except Overloaded as e:
             self.metrics.rejects.labels("queue_full").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {loaded.model.name} "

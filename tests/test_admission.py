@@ -16,7 +16,7 @@ import tritonclient.grpc as tritonclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from inference_gateway.admission import Admission, AdmissionConfig, Refused, ServiceRate
+from inference_gateway.admission import Admission, AdmissionConfig, BatchTime, Refused
 from inference_gateway.client import GatewayClient, build_request
 from inference_gateway.process import launch
 from protos.model_config import ModelConfig
@@ -71,22 +71,30 @@ def fire(client: GatewayClient, reqs: list) -> tuple[list, dict[int, float]]:
     return futures, latency
 
 
-def test_expected_wait_is_queued_samples_over_the_measured_rate():
-    rate = ServiceRate(alpha=0.5)
-    admission = Admission(AdmissionConfig(max_queue_wait_s=0.1))
-    admission.check(10_000, rate, 1, 0.001)  # nothing measured yet: admitted
-    rate.observe(100, 0.01)  # 10,000 samples/s per worker
-    assert admission.expected_wait(500, rate, 2) == pytest.approx(0.025)
-    admission.check(900, rate, 1, None)  # 90 ms: under the bound
+def test_expected_wait_is_the_compute_time_of_the_batches_queued_ahead():
+    time_of = BatchTime(alpha=0.3)
+    admission = Admission(AdmissionConfig(max_queue_wait_s=0.03))
+    admission.check(10_000, time_of, 256, 2, 0.001)  # nothing measured yet: admitted
+    time_of.observe(100, 0.01)
+    assert admission.expected_wait(50, time_of, 256, 2) == pytest.approx(0.005)  # sizes alike: proportional
+    for _ in range(30):  # batches of 8 take 3 ms, of 64 take 10 ms: 2 ms fixed + 0.125 ms per sample
+        time_of.observe(8, 0.003)
+        time_of.observe(64, 0.010)
+    fixed, per_sample = time_of.model()
+    assert fixed == pytest.approx(0.002, rel=1e-3) and per_sample == pytest.approx(0.000125, rel=1e-3)
+    assert admission.expected_wait(64, time_of, 256, 2) == pytest.approx(0.010, rel=1e-3)  # one batch, one worker
+    # 600 samples: batches of 256, 256, 88 on 2 workers: (3 x 2 ms + 600 x 0.125 ms) / 2
+    assert admission.expected_wait(600, time_of, 256, 2) == pytest.approx(0.0405, rel=1e-3)
+    admission.check(64, time_of, 256, 2, None)
     with pytest.raises(Refused) as e:
-        admission.check(1500, rate, 1, None)  # 150 ms
+        admission.check(600, time_of, 256, 2, None)
     assert e.value.reason == "max_queue_wait"
-    assert e.value.message == ("overloaded: expected queue wait 150.0 ms (1500 samples queued) exceeds "
-                               "max_queue_wait_ms 100")
+    assert e.value.message == ("overloaded: expected queue wait 40.5 ms (600 samples queued) exceeds "
+                               "max_queue_wait_ms 30")
     with pytest.raises(Refused) as e:
-        admission.check(500, rate, 1, 0.02)  # 50 ms expected, 20 ms left
-    assert e.value.reason == "deadline" and "remaining deadline 20.0 ms" in e.value.message
-    admission.check(0, rate, 1, 0.0001)  # an empty queue admits every deadline
+        admission.check(64, time_of, 256, 2, 0.005)  # 10 ms expected, 5 ms left
+    assert e.value.reason == "deadline" and "remaining deadline 5.0 ms" in e.value.message
+    admission.check(0, time_of, 256, 2, 0.0001)  # an empty queue admits every deadline
 
 
 def test_overload_is_refused_at_once_and_the_admitted_are_served(slow_package, tmp_path):
@@ -133,7 +141,7 @@ def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once(slow_packa
                 client.predict_request(r)
             backlog = [client.stub.Predict.future(r, timeout=120) for r in reqs]
             until = time.monotonic() + 60
-            while metric(gw, "gateway_queue_samples") < 60 * SAMPLES and time.monotonic() < until:
+            while metric(gw, "gateway_queue_samples") < 100 * SAMPLES and time.monotonic() < until:
                 time.sleep(0.01)
             start = time.perf_counter()
             with pytest.raises(grpc.RpcError) as e:
