@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=4096, help="samples queued per model version before "
                    "RESOURCE_EXHAUSTED")
     s.add_argument("--max-queue-wait-ms", type=float, default=0.0, help="refuse a request at once "
-                   "(RESOURCE_EXHAUSTED) when its expected queue wait (queued samples / measured service rate) is past "
+                   "(RESOURCE_EXHAUSTED) when its expected queue wait (the measured compute time of the batches queued "
+                   "ahead) is past "
                    "this; 0: no bound of its own. A request whose deadline is shorter than the expected wait is "
                    "refused either way")
     s.add_argument("--max-concurrent-rpcs", type=int, default=0, help="RPCs in flight before gRPC answers "
@@ -105,6 +106,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.server import GatewayConfig, serve_forever
     from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
+    if args.max_queue_wait_ms < 0:
+        raise SystemExit("inference-gateway serve: --max-queue-wait-ms: must be >= 0 (0: no bound)")
     try:
         token = read_token(args.token_file, CONTROL_TOKEN_ENV, "token")
         predict_token = read_token(args.predict_token_file, None, "predict token")

@@ -160,3 +160,22 @@ def test_bad_inputs_get_the_precise_errors_of_predict(gateway):
               if line.startswith("gateway_requests_total{")}
     assert counts['code="INVALID_ARGUMENT",method="ModelInfer"'] == 11
     assert counts['code="OK",method="ModelInfer"'] >= 2
+
+
+def test_predict_token_guards_model_infer_but_not_readiness(tmp_path):
+    pkg = export_package(tiny_model(0), tmp_path / "pkg", dtypes=table_dtypes(TINY, "int8", []))
+    (tmp_path / "predict.token").write_text("s3cret-predict\n")
+    gw = launch(["--model", str(pkg), "--predict-token-file", str(tmp_path / "predict.token")],
+                workdir=tmp_path / "gw")
+    client = triton.InferenceServerClient(url=gw.address)
+    try:
+        assert client.is_server_ready() and client.get_model_metadata("dlrm").name == "dlrm"
+        tensors = inputs(*batch(2))
+        refused(lambda: client.infer("dlrm", tensors), "UNAUTHENTICATED", "")
+        refused(lambda: client.infer("dlrm", tensors, headers={"authorization": "Bearer nope"}),
+                "PERMISSION_DENIED", "")
+        scores = client.infer("dlrm", tensors, headers={"authorization": "Bearer s3cret-predict"}).as_numpy("scores")
+        assert scores.shape == (2,)
+    finally:
+        client.close()
+        gw.kill()
