@@ -2,8 +2,9 @@
 
 A request that joins a queue it cannot get through before its bound is worse than refused: it waits,
 is cancelled late, and its wait lengthens everyone else's. So each request's expected wait (the compute
-time of the samples queued ahead, from the measured batch times) is compared on arrival with the configured bound
-(`--max-queue-wait-ms`) and with the request's own deadline; past either it is answered
+time of the full batches queued ahead of it, from the measured batch times) is compared on arrival with
+the configured bound (`--max-queue-wait-ms`), and the wait plus its own batch's compute with the
+request's own deadline; past either it is answered
 RESOURCE_EXHAUSTED at once, with the expected wait and the bound in the message.
 
 Pure logic (no gRPC), shared by every frontend that queues into a `Batcher`.
@@ -49,8 +50,8 @@ class BatchTime:
                 a = self.alpha
                 self._m = tuple(m + a * (v - m) for m, v in zip(self._m, x, strict=True))
 
-    def model(self) -> tuple[float, float] | None:
-        """(fixed seconds, seconds per sample), or None before any batch."""
+    def model(self) -> tuple[float, float, float] | None:
+        """(fixed seconds, seconds per sample, seconds of an average batch), or None before any batch."""
         m = self._m  # one tuple, replaced whole: no lock needed to read it
         if m is None:
             return None
@@ -59,39 +60,48 @@ class BatchTime:
         if var > 0.01 * n * n:  # sizes vary enough to separate the fixed part from the per-sample part
             per_sample = max((nt - n * t) / var, 0.0)
             fixed = max(t - per_sample * n, 0.0)
-            return fixed, per_sample
-        return 0.0, t / max(n, 1.0)
+            return fixed, per_sample, t
+        return 0.0, t / max(n, 1.0), t
+
+
+@dataclass(frozen=True)
+class Expected:
+    wait_s: float  # until the batch the request joins starts computing
+    compute_s: float  # that batch's compute
 
 
 class Admission:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
 
-    def expected_wait(self, queued_samples: int, time: BatchTime, max_batch: int, workers: int) -> float | None:
-        """Seconds until the queue ahead of a new request is computed: the batches it forms (full ones of
-        max_batch samples and the rest), shared by the workers; None before any measurement."""
+    @staticmethod
+    def expected(queued_samples: int, time: BatchTime, max_batch: int, workers: int, busy: int) -> Expected | None:
+        """A new request joins the batch after the full batches (of max_batch samples) queued ahead of it;
+        it starts once the workers (`busy` of them computing now, half done on average) got through
+        those, and then computes for t(its batch). None before any batch was measured."""
         fit = time.model()
         if fit is None:
             return None
-        if queued_samples <= 0:
-            return 0.0
-        fixed, per_sample = fit
-        full, rest = divmod(queued_samples, max(max_batch, 1))
-        batches = full + (rest > 0)
-        total = batches * fixed + queued_samples * per_sample
-        return total / max(1, min(workers, batches))
+        fixed, per_sample, average = fit
+        max_batch, workers = max(max_batch, 1), max(workers, 1)
+        ahead, rest = divmod(max(queued_samples, 0), max_batch)
+        wait = ahead * (fixed + per_sample * max_batch) / workers
+        if busy >= workers:
+            wait += average / 2
+        return Expected(wait, fixed + per_sample * max(rest, 1))
 
-    def check(self, queued_samples: int, time: BatchTime, max_batch: int, workers: int,
+    def check(self, queued_samples: int, time: BatchTime, max_batch: int, workers: int, busy: int,
               remaining_s: float | None) -> None:
-        """Raises Refused when the expected wait is past the bound or the request's remaining deadline."""
-        wait = self.expected_wait(queued_samples, time, max_batch, workers)
-        if not wait:
+        """Raises Refused when the expected wait is past the bound, or wait and compute past the request's
+        remaining deadline."""
+        e = self.expected(queued_samples, time, max_batch, workers, busy)
+        if e is None:
             return
         bound = self.config.max_queue_wait_s
-        if bound and wait > bound:
-            raise Refused(f"overloaded: expected queue wait {wait * 1000:.1f} ms ({queued_samples} samples queued) "
-                          f"exceeds max_queue_wait_ms {bound * 1000:g}", "max_queue_wait")
-        if remaining_s is not None and wait > remaining_s:
-            raise Refused(f"overloaded: expected queue wait {wait * 1000:.1f} ms ({queued_samples} samples queued) "
-                          f"exceeds the request's remaining deadline {max(remaining_s, 0) * 1000:.1f} ms",
-                          "deadline")
+        if bound and e.wait_s > bound:
+            raise Refused(f"overloaded: expected queue wait {e.wait_s * 1000:.1f} ms ({queued_samples} samples "
+                          f"queued) exceeds max_queue_wait_ms {bound * 1000:g}", "max_queue_wait")
+        if remaining_s is not None and e.wait_s + e.compute_s > remaining_s:
+            raise Refused(f"overloaded: expected queue wait {e.wait_s * 1000:.1f} ms + compute "
+                          f"{e.compute_s * 1000:.1f} ms ({queued_samples} samples queued) exceeds the request's "
+                          f"remaining deadline {max(remaining_s, 0) * 1000:.1f} ms", "deadline")

@@ -83,7 +83,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         try:
             cfg = batcher.config
             self.admission.check(batcher.queued_samples, batcher.batch_time, cfg.max_batch_size, cfg.workers,
-                                 None if deadline is None else deadline - time.monotonic())
+                                 batcher.busy, None if deadline is None else deadline - time.monotonic())
         except Refused as e:
             self._refused[e.reason].inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {loaded.model.name} "

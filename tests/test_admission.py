@@ -71,30 +71,36 @@ def fire(client: GatewayClient, reqs: list) -> tuple[list, dict[int, float]]:
     return futures, latency
 
 
-def test_expected_wait_is_the_compute_time_of_the_batches_queued_ahead():
+def test_expected_wait_is_the_compute_time_of_the_full_batches_queued_ahead():
     time_of = BatchTime(alpha=0.3)
     admission = Admission(AdmissionConfig(max_queue_wait_s=0.03))
-    admission.check(10_000, time_of, 256, 2, 0.001)  # nothing measured yet: admitted
+    admission.check(10_000, time_of, 256, 2, 2, 0.001)  # nothing measured yet: admitted
     time_of.observe(100, 0.01)
-    assert admission.expected_wait(50, time_of, 256, 2) == pytest.approx(0.005)  # sizes alike: proportional
+    assert time_of.model() == pytest.approx((0.0, 0.0001, 0.01))  # sizes alike: proportional
     for _ in range(30):  # batches of 8 take 3 ms, of 64 take 10 ms: 2 ms fixed + 0.125 ms per sample
         time_of.observe(8, 0.003)
         time_of.observe(64, 0.010)
-    fixed, per_sample = time_of.model()
+    fixed, per_sample, _ = time_of.model()
     assert fixed == pytest.approx(0.002, rel=1e-3) and per_sample == pytest.approx(0.000125, rel=1e-3)
-    assert admission.expected_wait(64, time_of, 256, 2) == pytest.approx(0.010, rel=1e-3)  # one batch, one worker
-    # 600 samples: batches of 256, 256, 88 on 2 workers: (3 x 2 ms + 600 x 0.125 ms) / 2
-    assert admission.expected_wait(600, time_of, 256, 2) == pytest.approx(0.0405, rel=1e-3)
-    admission.check(64, time_of, 256, 2, None)
-    with pytest.raises(Refused) as e:
-        admission.check(600, time_of, 256, 2, None)
-    assert e.value.reason == "max_queue_wait"
-    assert e.value.message == ("overloaded: expected queue wait 40.5 ms (600 samples queued) exceeds "
+    # 64 queued: the request joins their batch at once (workers idle) and computes 2 + 8 ms
+    e = admission.expected(64, time_of, 256, 2, 0)
+    assert e.wait_s == 0 and e.compute_s == pytest.approx(0.010, rel=1e-3)
+    assert admission.expected(64, time_of, 256, 2, 2).wait_s > 0  # both workers busy: one must finish first
+    # 600 queued: two full batches of 256 ahead, one per worker (34 ms), then its batch of 88 + 1 samples
+    e = admission.expected(600, time_of, 256, 2, 0)
+    assert e.wait_s == pytest.approx(0.034, rel=1e-3) and e.compute_s == pytest.approx(0.013, rel=1e-3)
+    admission.check(64, time_of, 256, 2, 0, None)
+    with pytest.raises(Refused) as r:
+        admission.check(600, time_of, 256, 2, 0, None)
+    assert r.value.reason == "max_queue_wait"
+    assert r.value.message == ("overloaded: expected queue wait 34.0 ms (600 samples queued) exceeds "
                                "max_queue_wait_ms 30")
-    with pytest.raises(Refused) as e:
-        admission.check(64, time_of, 256, 2, 0.005)  # 10 ms expected, 5 ms left
-    assert e.value.reason == "deadline" and "remaining deadline 5.0 ms" in e.value.message
-    admission.check(0, time_of, 256, 2, 0.0001)  # an empty queue admits every deadline
+    with pytest.raises(Refused) as r:
+        admission.check(64, time_of, 256, 2, 0, 0.005)  # 10 ms of compute, 5 ms left
+    assert r.value.reason == "deadline"
+    assert "queue wait 0.0 ms + compute 10.0 ms (64 samples queued) exceeds the request's remaining deadline " \
+           "5.0 ms" in r.value.message
+    admission.check(64, time_of, 256, 2, 0, 0.011)
 
 
 def test_overload_is_refused_at_once_and_the_admitted_are_served(slow_package, tmp_path):
