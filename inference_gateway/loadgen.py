@@ -19,6 +19,19 @@ CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # PredictResponse.er
 OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # pools of serialized ModelInferRequests
 
 
+def refusal_name(e: grpc.aio.AioRpcError) -> str:
+    """The status code, and for RESOURCE_EXHAUSTED who refused: the gateway's admission (expected wait), its
+    full queue, or gRPC's own limit on concurrent RPCs (--max-concurrent-rpcs)."""
+    name = e.code().name
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        details = e.details() or ""
+        for marker, who in (("expected queue wait", "admission"), ("queue full", "queue_full"),
+                            ("Concurrent RPC limit", "rpc_limit")):
+            if marker in details:
+                return f"{name}:{who}"
+    return name
+
+
 def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) -> dict:
     a = np.asarray(lat) * 1000 if lat else np.zeros(1)
     return {"requests_per_s": round(len(lat) / elapsed, 1), "samples_per_s": round(len(lat) * batch / elapsed, 1),
@@ -42,7 +55,8 @@ async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds
                     await call(pool[i % len(pool)], timeout=10)
                     lat.append(time.perf_counter() - t0)
                 except grpc.aio.AioRpcError as e:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    name = refusal_name(e)
+                    errors[name] = errors.get(name, 0) + 1
                 i += concurrency
 
         await asyncio.gather(*[worker(k) for k in range(min(concurrency, 8))])  # warm-up
@@ -67,10 +81,11 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
                 await call(pool[i % len(pool)], timeout=10)
                 lat.append(time.perf_counter() - scheduled)
             except grpc.aio.AioRpcError as e:
-                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                name = refusal_name(e)
+                errors[name] = errors.get(name, 0) + 1
                 # refusals: ours (RESOURCE_EXHAUSTED) and gRPC's own of RPCs past --max-pending-rpcs (CANCELLED)
                 if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
-                    reject_lat.setdefault(e.code().name, []).append(time.perf_counter() - scheduled)
+                    reject_lat.setdefault(name, []).append(time.perf_counter() - scheduled)
 
         tasks = []
         start = time.perf_counter()
