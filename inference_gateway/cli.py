@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
     s.add_argument("--max-queue", type=int, default=4096, help="samples queued per model version before "
                    "RESOURCE_EXHAUSTED")
+    s.add_argument("--max-queue-wait-ms", type=float, default=0.0, help="refuse a request at once "
+                   "(RESOURCE_EXHAUSTED) when its expected queue wait (the measured compute time of the batches queued "
+                   "ahead) is past "
+                   "this; 0: no bound of its own. A request whose deadline is shorter than the expected wait is "
+                   "refused either way")
     s.add_argument("--max-concurrent-rpcs", type=int, default=0, help="RPCs in flight before gRPC answers "
                    "RESOURCE_EXHAUSTED itself (cheap overload refusal); 0: unbounded")
     s.add_argument("--max-pending-rpcs", type=int, default=0, help="RPCs waiting for the event loop before "
@@ -95,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.admission import AdmissionConfig
     from inference_gateway.batching import BatchingConfig
     from inference_gateway.requests import Limits
     from inference_gateway.server import GatewayConfig, serve_forever
     from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
+    if args.max_queue_wait_ms < 0:
+        raise SystemExit("inference-gateway serve: --max-queue-wait-ms: must be >= 0 (0: no bound)")
     try:
         token = read_token(args.token_file, CONTROL_TOKEN_ENV, "token")
         predict_token = read_token(args.predict_token_file, None, "predict token")
@@ -111,6 +119,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
         limits=Limits(args.max_request_samples, args.max_request_ids),
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
+        admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait_ms / 1000),
         access_log=args.access_log,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs,
         tls=tls, model_store=args.model_store, token=token, predict_token=predict_token)

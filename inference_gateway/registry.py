@@ -124,6 +124,9 @@ class ModelRegistry:
             self._models = models
             return loaded
 
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
     def infos(self) -> list[inference_pb2.ModelInfo]:
         return [lm.info(self._default.get(name) == v) for name, versions in sorted(self._models.items())
                 for v, lm in sorted(versions.items())]
