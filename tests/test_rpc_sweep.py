@@ -1,6 +1,7 @@
 """Every RPC of every server, tried as an attacker who can reach the port would (issue 11): without a
-credential, with undecodable bytes, and with an empty request. Methods are enumerated from the services'
-descriptors, so an RPC added later is swept too, and must be classified as data or control plane.
+credential, with undecodable bytes, and with an empty request. Services and methods are enumerated by
+asking each running server (gRPC reflection), so an RPC or service added later is swept too, and must be
+classified as data or control plane.
 
 What each call must answer:
 - a control-plane RPC without a token: UNAUTHENTICATED, before anything is decoded or done;
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from coordinator.process import launch as launch_coordinator
 from coordinator.server import ADMIN_METHODS
 from embedding_service.servicer import CONTROL_PLANE as SHARD_CONTROL
 from inference_gateway.process import launch as launch_gateway
 from inference_gateway.servicer import CONTROL_PLANE as GATEWAY_CONTROL
-from protos import coordinator_pb2, coordinator_pb2_grpc, embedding_shard_pb2, inference_pb2
+from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.security import bearer_metadata
 from tests.test_credentials import TABLES, TOKEN, token_file
 from tests.test_inference_package import TINY, tiny_model
@@ -35,7 +38,12 @@ DATA_PLANE = {
     "recsys.v1.InferenceGateway": {"Predict", "PredictStream", "ListModels"},
     "recsys.v1.Coordinator": {"Register", "Heartbeat", "ListMembers", "Leave", "GetPlan", "WatchPlan",
                               "ReportFenced", "PlanHistory", "ValidatePlan", "RolloutStatus"},
+    # the Open Inference Protocol (KServe v2): readiness, metadata and inference, no state changes
+    "inference.GRPCInferenceService": {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                                       "ModelInfer"},
 }
+INFRASTRUCTURE = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                  "grpc.reflection.v1.ServerReflection"}
 
 
 def control_plane(service: str) -> set[str]:
@@ -43,7 +51,18 @@ def control_plane(service: str) -> set[str]:
         return set(SHARD_CONTROL)
     if service == "recsys.v1.InferenceGateway":
         return set(GATEWAY_CONTROL)
-    return {m.rsplit("/", 1)[1] for m in ADMIN_METHODS}
+    if service == "recsys.v1.Coordinator":
+        return {m.rsplit("/", 1)[1] for m in ADMIN_METHODS}
+    return set()
+
+
+def served_services(channel: grpc.Channel) -> list:
+    """The descriptors of every service the server exposes (by reflection), gRPC's own ones aside."""
+    database = ProtoReflectionDescriptorDatabase(channel)
+    pool = descriptor_pool.DescriptorPool(database)
+    names = [n for n in database.get_services() if n not in INFRASTRUCTURE]
+    assert names, "reflection lists no service"
+    return [pool.FindServiceByName(n) for n in names]
 
 
 def invoke(channel: grpc.Channel, service: str, method, payload: bytes, token: str | None) -> grpc.StatusCode:
@@ -67,32 +86,39 @@ def invoke(channel: grpc.Channel, service: str, method, payload: bytes, token: s
     return grpc.StatusCode.OK
 
 
-def sweep(address: str, descriptor, token: str) -> list[tuple[str, str, str, str, str]]:
-    """(method, plane, no token, undecodable, empty) for every method of the service."""
+def sweep(address: str, token: str, expect: set[str]) -> None:
+    """Every method of every service the server at `address` exposes; `expect`: the services it must have."""
+    with grpc.insecure_channel(address) as channel:
+        services = served_services(channel)
+        assert {d.full_name for d in services} == expect, [d.full_name for d in services]
+        for descriptor in services:
+            sweep_service(channel, descriptor, token)
+
+
+def sweep_service(channel: grpc.Channel, descriptor, token: str) -> None:
+    """(method, plane, no token, undecodable, empty) for every method of the service, printed; then checked."""
     service = descriptor.full_name
     control = control_plane(service)
     methods = list(descriptor.methods)
     unclassified = [m.name for m in methods if m.name not in control and m.name not in DATA_PLANE[service]]
     assert not unclassified, f"{service}: classify {unclassified} as data or control plane"
     rows, wrong = [], []
-    with grpc.insecure_channel(address) as channel:
-        for m in methods:
-            plane = "control" if m.name in control else "data"
-            anonymous = invoke(channel, service, m, b"", None)
-            undecodable = invoke(channel, service, m, GARBAGE, token)
-            empty = invoke(channel, service, m, b"", token)
-            rows.append((m.name, plane, anonymous.name, undecodable.name, empty.name))
-            if plane == "control" and anonymous != grpc.StatusCode.UNAUTHENTICATED:
-                wrong.append(f"{m.name} without a token: {anonymous.name}")
-            if undecodable != grpc.StatusCode.INVALID_ARGUMENT:
-                wrong.append(f"{m.name} undecodable: {undecodable.name}")
-            wrong += [f"{m.name} {what}: {code.name}" for what, code in (("empty", empty), ("no token", anonymous))
-                      if code in NEVER]
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    for m in methods:
+        plane = "control" if m.name in control else "data"
+        anonymous = invoke(channel, service, m, b"", None)
+        undecodable = invoke(channel, service, m, GARBAGE, token)
+        empty = invoke(channel, service, m, b"", token)
+        rows.append((m.name, plane, anonymous.name, undecodable.name, empty.name))
+        if plane == "control" and anonymous != grpc.StatusCode.UNAUTHENTICATED:
+            wrong.append(f"{m.name} without a token: {anonymous.name}")
+        if undecodable != grpc.StatusCode.INVALID_ARGUMENT:
+            wrong.append(f"{m.name} undecodable: {undecodable.name}")
+        wrong += [f"{m.name} {what}: {code.name}" for what, code in (("empty", empty), ("no token", anonymous))
+                  if code in NEVER]
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
     show(service, rows)
     assert not wrong, wrong
-    return rows
 
 
 def show(server: str, rows: list[tuple[str, str, str, str, str]]) -> None:
@@ -103,7 +129,7 @@ def show(server: str, rows: list[tuple[str, str, str, str, str]]) -> None:
 
 def test_every_shard_rpc(shard_factory, tmp_path):
     proc, _ = shard_factory({"tables": TABLES, "shard_id": 0}, extra_args=["--token-file", token_file(tmp_path, TOKEN)])
-    sweep(proc.address, embedding_shard_pb2.DESCRIPTOR.services_by_name["EmbeddingShard"], TOKEN)
+    sweep(proc.address, TOKEN, {"recsys.v1.EmbeddingShard"})
     assert not any(p.name not in ("metrics", "log") for p in proc.workdir.iterdir() if p.is_dir()), \
         "a refused or empty request wrote a directory"
 
@@ -119,13 +145,13 @@ def gateway(tmp_path):
 
 
 def test_every_gateway_rpc(gateway):
-    sweep(gateway.address, inference_pb2.DESCRIPTOR.services_by_name["InferenceGateway"], TOKEN)
+    sweep(gateway.address, TOKEN, {"recsys.v1.InferenceGateway", "inference.GRPCInferenceService"})
 
 
 def test_every_coordinator_rpc(tmp_path):
     coord = launch_coordinator([], workdir=tmp_path / "coord", token=TOKEN)
     try:
-        sweep(coord.address, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"], TOKEN)
+        sweep(coord.address, TOKEN, {"recsys.v1.Coordinator"})
     finally:
         coord.kill()
 
