@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import redis
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -86,6 +87,7 @@ class DeltaPublisher:
         self._pending_rows = 0
         self._slices: dict[int, SliceRows] = {}
         self._plan_version = 0
+        self._since: dict[str, int] = {}  # table -> step of its previous entry (or the step publishing began)
         self._seq: dict[str, int] = {}
         self._gap = False
         self._stop = threading.Event()
@@ -101,13 +103,23 @@ class DeltaPublisher:
         if flush:
             self.flush()
 
-    def set_slices(self, plan_version: int, slices: list[SliceRows]) -> None:
-        """The slices of the plan now served (at start and every Commit); pending ids of the old plan go."""
+    def set_slices(self, plan_version: int, slices: list[SliceRows], applied_step: int) -> None:
+        """The slices of the plan now served (at start, Restore and Commit; flush() first so the old plan's
+        rows go out), from `applied_step` on."""
         with self._lock:
+            self._since = {s.table: applied_step for s in slices}
             self._plan_version = plan_version
             self._slices = {s.index: s for s in slices}
             self._pending.clear()
             self._pending_rows = 0
+
+    def rewind(self, applied_step: int) -> None:
+        """After a Restore: what was recorded is void, and readers must resynchronise (a gap)."""
+        with self._lock:
+            self._since = dict.fromkeys(self._since, applied_step)
+            self._pending.clear()
+            self._pending_rows = 0
+            self._gap = True
 
     # -- training path --------------------------------------------------------------------------
     def record(self, touched: list[tuple[int, torch.Tensor]]) -> None:
@@ -158,7 +170,7 @@ class DeltaPublisher:
                 break
             step, rows = read
             deltas.append(RowDelta(table=sl.table, shard=self.shard_id, publisher=self.publisher, seq=0,
-                                   plan_version=plan_version, step=step, applied_at=time.time(),
+                                   plan_version=plan_version, since=0, step=step, applied_at=time.time(),
                                    col_offset=sl.col_offset, ids=(ids + sl.row_offset).numpy(),
                                    rows=rows.numpy().astype(self.dtype.numpy, copy=False)))
         try:
@@ -174,20 +186,30 @@ class DeltaPublisher:
         return len(deltas)
 
     def _append(self, deltas: list[RowDelta], gap: bool) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        sizes = 0
+        """One entry per (table, column block): a table's row-wise slices on this shard go out together,
+        at the earliest step their rows were read at (an entry holds every change up to its step)."""
+        groups: dict[tuple[str, int], list[RowDelta]] = {}
         for d in deltas:
-            seq = self._seq.get(d.table, 0) + (2 if gap else 1)  # a skipped number marks the gap
-            entry = encode(RowDelta(**{**d.__dict__, "seq": seq}))
+            groups.setdefault((d.table, d.col_offset), []).append(d)
+        seqs, since = dict(self._seq), dict(self._since)
+        pipe = self.redis.pipeline(transaction=False)
+        sizes = rows = 0
+        for (table, _), parts in groups.items():
+            seqs[table] = seqs.get(table, 0) + (2 if gap and seqs.get(table) == self._seq.get(table) else 1)
+            entry = encode(RowDelta(**{**parts[0].__dict__, "seq": seqs[table], "since": self._since.get(table, -1),
+                                       "step": min(d.step for d in parts),
+                                       "ids": np.concatenate([d.ids for d in parts]),
+                                       "rows": np.concatenate([d.rows for d in parts])}))
+            since[table] = min(d.step for d in parts)
             sizes += len(entry[b"ids"]) + len(entry[b"rows"])
-            pipe.xadd(stream_key(self.settings.namespace, d.table), entry, maxlen=self.settings.retention,
+            rows += sum(len(d.ids) for d in parts)
+            pipe.xadd(stream_key(self.settings.namespace, table), entry, maxlen=self.settings.retention,
                       approximate=True)
-            self._seq[d.table] = seq
-        if gap:  # tables with nothing new still learn of the gap
-            for table in {s.table for s in self._slices.values()} - {d.table for d in deltas}:
-                self._seq[table] = self._seq.get(table, 0) + 1
+        if gap:  # tables with nothing new still learn of the gap: their next entry skips a number
+            for table in {s.table for s in self._slices.values()} - {t for t, _ in groups}:
+                seqs[table] = seqs.get(table, 0) + 1
         pipe.execute()
-        self.metrics.entries.inc(len(deltas))
-        self.metrics.rows.inc(sum(len(d.ids) for d in deltas))
+        self._seq, self._since = seqs, since
+        self.metrics.entries.inc(len(groups))
+        self.metrics.rows.inc(rows)
         self.metrics.bytes.inc(sizes)
-

@@ -182,7 +182,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.plan_version = assignment.plan_version
         if self.publisher is not None:
             self.publisher.set_slices(self.plan_version, [
-                SliceRows(i, sl.table, sl.row_offset, sl.col_offset) for i, sl in enumerate(assignment.slices)])
+                SliceRows(i, sl.table, sl.row_offset, sl.col_offset) for i, sl in enumerate(assignment.slices)],
+                applied_step)
             steps.on_applied = self._record_applied
         self.metrics.weight_bytes.set(tables.weight_bytes)
         self.metrics.optimizer_bytes.set(tables.optimizer_bytes)
@@ -348,6 +349,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         with self.steps.cond:
             checkpoint.apply(self.tables, loaded)
             self.steps.reset(loaded.step)
+            if self.publisher is not None:  # rows went back in time: followers must reload a snapshot
+                self.publisher.rewind(loaded.step)
         log.info("restored step %d from %s", loaded.step, request.directory)
         return embedding_shard_pb2.RestoreResponse(step=loaded.step, bytes_read=loaded.bytes_read)
 
@@ -471,6 +474,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             if request.plan_version == self.plan_version and self.staged is None:
                 return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)  # a retried commit
             staged = self._staged(request.plan_version)
+            if self.publisher is not None:  # the old plan's last rows go out before its slices do
+                self.publisher.flush()
             old = self.steps
             with old.cond:  # no request is inside the old tables while they are swapped out
                 self._go_live(staged.assignment, staged.tables, request.applied_step)

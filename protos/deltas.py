@@ -10,6 +10,8 @@ applies entries in stream order sees each table at one step or a later one. Fiel
     seq      per (pub, table), +1 per entry; a publisher that dropped rows skips one, so every reader
              notices the gap and resynchronises from a snapshot
     plan     plan version;  step  the shard's last applied step when the rows were read
+    since    the step of this publisher's previous entry for the table (at first: its applied step when
+             it began): the entry holds every row changed in steps (since, step]
     at       unix seconds of that read (the lag is measured from here)
     col      first column of the rows (column-wise slices publish their block of columns)
     dtype    "fp32" | "fp16";  n, width  shape of rows
@@ -52,6 +54,7 @@ class RowDelta:
     publisher: str
     seq: int
     plan_version: int
+    since: int
     step: int
     applied_at: float
     col_offset: int
@@ -63,7 +66,7 @@ class RowDelta:
         return int(self.rows.shape[1])
 
 
-_HEADER = ("v", "table", "shard", "pub", "seq", "plan", "step", "at", "col", "dtype", "n", "width")
+_HEADER = ("v", "table", "shard", "pub", "seq", "plan", "since", "step", "at", "col", "dtype", "n", "width")
 
 
 def _crc(fields: dict[bytes, bytes]) -> bytes:
@@ -83,7 +86,8 @@ def encode(delta: RowDelta) -> dict[bytes, bytes]:
     if rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
         raise DeltaError(f"rows: shape {list(rows.shape)} does not match {ids.shape[0]} ids")
     dtype = DeltaDType.FP32 if rows.dtype == np.dtype("<f4") else DeltaDType.FP16
-    header = (FORMAT, delta.table, delta.shard, delta.publisher, delta.seq, delta.plan_version, delta.step,
+    header = (FORMAT, delta.table, delta.shard, delta.publisher, delta.seq, delta.plan_version, delta.since,
+              delta.step,
               repr(float(delta.applied_at)), delta.col_offset, dtype.value, ids.shape[0], rows.shape[1])
     fields = {k.encode(): str(v).encode() for k, v in zip(_HEADER, header, strict=True)}
     fields[b"ids"] = ids.tobytes()
@@ -110,7 +114,8 @@ def decode(fields: dict[bytes, bytes]) -> RowDelta:
         if ids.shape[0] != n or rows.shape[0] != n * width:
             raise DeltaError(f"ids/rows: {ids.shape[0]} ids and {rows.shape[0]} values do not make {n} x {width}")
         return RowDelta(table=text["table"], shard=int(text["shard"]), publisher=text["pub"], seq=int(text["seq"]),
-                        plan_version=int(text["plan"]), step=int(text["step"]), applied_at=float(text["at"]),
+                        plan_version=int(text["plan"]), since=int(text["since"]), step=int(text["step"]),
+                        applied_at=float(text["at"]),
                         col_offset=int(text["col"]), ids=ids, rows=rows.reshape(n, width))
     except ValueError as e:
         if isinstance(e, DeltaError):

