@@ -87,6 +87,7 @@ class DeltaPublisher:
         self._pending_rows = 0
         self._slices: dict[int, SliceRows] = {}
         self._plan_version = 0
+        self._first_at = 0.0  # unix time of the oldest recorded, unpublished change
         self._since: dict[str, int] = {}  # table -> step of its previous entry (or the step publishing began)
         self._seq: dict[str, int] = {}
         self._gap = False
@@ -129,6 +130,8 @@ class DeltaPublisher:
             if self._pending_rows + n > self.settings.max_pending_rows:
                 self._drop(n)
                 return
+            if not self._pending:  # the oldest change of the next entries: their lag counts from here
+                self._first_at = time.time()
             for index, ids in touched:
                 self._pending.setdefault(index, []).append(ids)
             self._pending_rows += n
@@ -154,6 +157,7 @@ class DeltaPublisher:
         start = time.perf_counter()
         with self._lock:
             pending, self._pending, self._pending_rows = self._pending, {}, 0
+            first_at = self._first_at
             gap, self._gap = self._gap, False
             slices, plan_version = dict(self._slices), self._plan_version
         self.metrics.pending.set(0)
@@ -170,7 +174,7 @@ class DeltaPublisher:
                 break
             step, rows = read
             deltas.append(RowDelta(table=sl.table, shard=self.shard_id, publisher=self.publisher, seq=0,
-                                   plan_version=plan_version, since=0, step=step, applied_at=time.time(),
+                                   plan_version=plan_version, since=0, step=step, applied_at=first_at,
                                    col_offset=sl.col_offset, ids=(ids + sl.row_offset).numpy(),
                                    rows=rows.numpy().astype(self.dtype.numpy, copy=False)))
         try:

@@ -18,6 +18,7 @@ latest checkpoint) and starts over from its step, reading each stream from its o
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_gateway.model import ServingModel
-from protos.deltas import DeltaError, RowDelta, decode, stream_key
+from protos.deltas import DeltaError, RowDelta, decode, decode_dense, dense_key, stream_key
 
 log = logging.getLogger(__name__)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -108,6 +109,7 @@ class DeltaFollower:
         self.cursors = {t: TableCursor(t, have=base) for t in model.package.tables}
         self.applied_steps = {t: base for t in model.package.tables}
         model.applied_steps.update(self.applied_steps)
+        self.dense_cursor = TableCursor("dense", have=base)
         for t in self.cursors:
             self.metrics.step.labels(t).set(base)
 
@@ -128,12 +130,17 @@ class DeltaFollower:
         """One XREAD over every table's stream; applies what arrived; returns the entries applied."""
         ns = self.settings.namespace
         keys = {stream_key(ns, t): c for t, c in self.cursors.items()}
+        keys[dense_key(ns)] = self.dense_cursor
         got = self.redis.xread({k: c.last_id for k, c in keys.items()}, count=self.settings.count,
                                block=self.settings.block_ms if block else None)
         applied = 0
         for key, entries in got or []:
             cursor = keys[key.decode() if isinstance(key, bytes) else key]
             for entry_id, fields in entries:
+                if cursor is self.dense_cursor:
+                    applied += self._apply_dense(fields)
+                    cursor.last_id = entry_id
+                    continue
                 try:
                     applied += self._apply(cursor, fields)
                 except Gap as g:
@@ -167,6 +174,34 @@ class DeltaFollower:
         self.applied_steps[d.table] = cursor.have
         self._model().applied_steps[d.table] = cursor.have
         self.metrics.step.labels(d.table).set(cursor.have)
+        return 1
+
+    def _apply_dense(self, fields: dict) -> int:
+        """A newer dense state: loaded into a copy of the package's dense arch, then swapped in at once."""
+        try:
+            d = decode_dense(fields)
+        except DeltaError as e:
+            self.metrics.bad.labels("dense").inc()
+            log.warning("delta follower: dense entry refused: %s", e)
+            return 0
+        if d.step <= self.dense_cursor.have:
+            return 0
+        model = self._model()
+        module = copy.deepcopy(model.package.dense)
+        buffers = {name for name, _ in module.named_buffers()}
+        try:
+            result = module.load_state_dict(d.state, strict=False)
+            if result.unexpected_keys or set(result.missing_keys) - buffers:
+                raise ValueError(f"unexpected {result.unexpected_keys}, missing {result.missing_keys}")
+        except (RuntimeError, ValueError) as e:  # another arch, or a quantized dense arch in the package
+            self.metrics.bad.labels("dense").inc()
+            log.warning("delta follower: dense state of step %d does not fit the served dense arch: %s", d.step, e)
+            return 0
+        model.swap_dense(module)
+        self.dense_cursor.have = d.step
+        model.applied_steps["dense"] = d.step
+        self.metrics.step.labels("dense").set(d.step)
+        self.metrics.lag.labels("dense").observe(max(0.0, time.time() - d.published_at))
         return 1
 
     def _write(self, d: RowDelta) -> None:

@@ -12,7 +12,7 @@ applies entries in stream order sees each table at one step or a later one. Fiel
     plan     plan version;  step  the shard's last applied step when the rows were read
     since    the step of this publisher's previous entry for the table (at first: its applied step when
              it began): the entry holds every row changed in steps (since, step]
-    at       unix seconds of that read (the lag is measured from here)
+    at       unix seconds when the oldest change in the entry was applied (the lag counts from here)
     col      first column of the rows (column-wise slices publish their block of columns)
     dtype    "fp32" | "fp16";  n, width  shape of rows
     ids      int64 little-endian global row ids [n];  rows  [n, width] little-endian values
@@ -121,3 +121,49 @@ def decode(fields: dict[bytes, bytes]) -> RowDelta:
         if isinstance(e, DeltaError):
             raise
         raise DeltaError(f"delta entry: {e}") from None
+
+
+# -- the dense arch -------------------------------------------------------------------------------
+# Dense parameters follow at a slower cadence (every N steps): one stream per namespace, `{ns}:dense`, whose
+# entries carry the trainer's dense state_dict (torch.save bytes) at a step, checksummed the same way.
+
+
+def dense_key(namespace: str) -> str:
+    return f"{namespace}:dense"
+
+
+@dataclass(frozen=True)
+class DenseDelta:
+    step: int
+    published_at: float
+    state: dict  # parameter / buffer name -> tensor
+
+
+def encode_dense(step: int, state: dict, published_at: float) -> dict[bytes, bytes]:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    fields = {b"v": str(FORMAT).encode(), b"step": str(step).encode(), b"at": repr(float(published_at)).encode(),
+              b"state": buf.getvalue()}
+    fields[b"crc"] = _crc(fields)
+    return fields
+
+
+def decode_dense(fields: dict[bytes, bytes]) -> DenseDelta:
+    import io
+
+    import torch
+
+    missing = [k for k in ("v", "step", "at", "state", "crc") if k.encode() not in fields]
+    if missing:
+        raise DeltaError(f"dense entry: missing fields {missing}")
+    if fields[b"crc"] != _crc(fields):
+        raise DeltaError("crc: checksum mismatch (a torn or corrupted dense entry)")
+    try:
+        state = torch.load(io.BytesIO(fields[b"state"]), weights_only=True)
+        return DenseDelta(int(fields[b"step"]), float(fields[b"at"]), dict(state))
+    except Exception as e:  # a state this torch cannot read
+        raise DeltaError(f"state: does not load ({type(e).__name__}: {e})") from None

@@ -23,6 +23,7 @@ from inference_gateway.process import launch as launch_gateway
 from protos.deltas import decode, stream_key
 from tests.test_inference_package import ROOT, TINY
 from trainer.data import SyntheticData
+from trainer.dense_publisher import DensePublisher
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM
 
@@ -41,10 +42,11 @@ def train(client, first: int, steps: int) -> None:
         client.update(res.handle, torch.randn(BATCH, DIM_SUM, generator=g))
 
 
-def export_from_shard(client, out: Path, step: int, dtype: str = "int8", version: int = 1) -> Path:
+def export_from_shard(client, out: Path, step: int, dtype: str = "int8", version: int = 1,
+                      dense: torch.nn.Module | None = None) -> Path:
     """The package a checkpoint of the shard at `step` would give: its rows now, the same dense arch."""
     tables = {t.name: client.lookup_rows(t.name, torch.arange(t.num_rows)) for t in TINY.tables}
-    return export_package(ExportedModel(TINY, DenseDLRM(TINY, seed=0), tables, step), out,
+    return export_package(ExportedModel(TINY, dense or DenseDLRM(TINY, seed=0), tables, step), out,
                           dtypes=table_dtypes(TINY, dtype, []), version=version)
 
 
@@ -61,11 +63,12 @@ def expected_scores(package: Path) -> list[np.ndarray]:
     return [model.scores(b.dense, b.sparse.lengths, b.sparse.values).numpy() for b in batches]
 
 
-def wait_applied(gw: GatewayClient, step: int, timeout: float = 60.0) -> dict[str, int]:
+def wait_applied(gw: GatewayClient, step: int, timeout: float = 60.0, part: str = "") -> dict[str, int]:
+    """Until every table (or `part`: one table, or "dense") is served at `step` or later."""
     deadline = time.monotonic() + timeout
     while True:
         [info] = [i for i in gw.list_models() if i.is_default]
-        steps = dict(info.applied_steps)
+        steps = {k: v for k, v in info.applied_steps.items() if (k == part if part else k != "dense")}
         if steps and min(steps.values()) >= step:
             return steps
         assert time.monotonic() < deadline, f"the gateway did not reach step {step}: {steps}"
@@ -198,3 +201,23 @@ def test_no_batch_sees_a_half_applied_delta(tmp_path):
             t.join()
     assert len(seen) > 20
     assert not bad, f"{len(bad)} of {len(seen)} batches saw a half-applied delta"
+
+
+@pytest.mark.timeout(180)
+def test_dense_parameters_follow_and_swap_at_once(shard, redis_server, tmp_path):
+    base = export_from_shard(shard, tmp_path / "base", step=-1, dtype="fp32")
+    gw = launch_gateway(["--model", str(base), "--follow", redis_server.url], workdir=tmp_path / "gw")
+    try:
+        with GatewayClient(gw.address) as c:
+            newer = DenseDLRM(TINY, seed=5)
+            publisher = DensePublisher(redis_server.url, every=4)
+            publisher.maybe_publish(2, newer)  # not a multiple: nothing goes out
+            publisher.maybe_publish(3, newer)
+            publisher.close()
+            assert publisher.published == 1
+            assert wait_applied(c, 3, part="dense") == {"dense": 3}
+            want = expected_scores(export_from_shard(shard, tmp_path / "dense5", step=3, dtype="fp32", dense=newer))
+            for req, exp in zip(requests(), want, strict=True):
+                np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
+    finally:
+        gw.kill()
