@@ -16,16 +16,19 @@ import torch
 import yaml
 
 from coordinator.redis_backend import EmbeddedRedis
+from embedding_service.client import ShardClient
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch as launch_gateway
 from protos.deltas import decode, stream_key
+from protos.plan import shard_config, simple_plan
 from tests.test_inference_package import ROOT, TINY
-from trainer.data import SyntheticData
+from trainer.data import HELDOUT, SyntheticData, auc
 from trainer.dense_publisher import DensePublisher
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM
+from trainer.train import ShardedTrainer, evaluate
 
 TABLES = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["tables"]
 FEATURES = [f.name for f in TINY.features]
@@ -221,3 +224,50 @@ def test_dense_parameters_follow_and_swap_at_once(shard, redis_server, tmp_path)
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
     finally:
         gw.kill()
+
+
+@pytest.mark.timeout(400)
+def test_following_gateway_tracks_a_drifting_teacher_a_frozen_one_falls_behind(shard_factory, redis_server, tmp_path):
+    """Phase A trains on one teacher; then the world drifts (teacher B: other users, other tastes). A gateway
+    following the deltas and the dense publishes keeps the trainer's held-out AUC on B; the package frozen at
+    the end of A falls behind."""
+    plan = simple_plan(TINY, 1)
+    proc, _ = shard_factory({**shard_config(plan, 0),
+                             "publish_deltas": {"redis_url": redis_server.url, "interval_s": 0.05}})
+    trainer = ShardedTrainer(TINY, plan, [proc.address], seed=0)
+    try:
+        teacher_a, teacher_b = SyntheticData(TINY, seed=11), SyntheticData(TINY, seed=22)
+        steps = 150
+        for _ in trainer.train(teacher_a.batches(256, steps), first_step=0):
+            pass
+        trainer.wait_updates()
+        with ShardClient(proc.address, plan_version=plan.version) as client:
+            frozen = export_from_shard(client, tmp_path / "frozen", step=steps - 1, dtype="fp32",
+                                       dense=trainer.model)
+        gw = launch_gateway(["--model", str(frozen), "--follow", redis_server.url], workdir=tmp_path / "gw")
+        try:
+            publisher = DensePublisher(redis_server.url, every=10)
+            for res in trainer.train(teacher_b.batches(256, steps), first_step=steps):
+                publisher.maybe_publish(res.step, trainer.model)
+            trainer.wait_updates()
+            publisher.close()
+            last = 2 * steps - 1
+            heldout = list(teacher_b.batches(512, 4, stream=HELDOUT))
+            trained = evaluate(trainer, heldout)["auc"]
+            with GatewayClient(gw.address) as c:
+                wait_applied(c, last)
+                wait_applied(c, last, part="dense")
+                following = auc(torch.cat([torch.tensor(scores_of(c.predict_request(build_request(
+                    b.dense.numpy(), b.sparse.lengths.numpy(), b.sparse.values.numpy())))) for b in heldout]),
+                    torch.cat([b.labels for b in heldout]))
+        finally:
+            gw.kill()
+        model = ServingModel(load_package(frozen))
+        stale = auc(torch.cat([model.scores(b.dense, b.sparse.lengths, b.sparse.values) for b in heldout]),
+                    torch.cat([b.labels for b in heldout]))
+    finally:
+        trainer.close()
+    print(f"\nFRESHNESS drift: held-out AUC on the drifted teacher: trainer {trained:.4f}, following gateway "
+          f"{following:.4f}, frozen package {stale:.4f}")
+    assert abs(following - trained) < 0.005, (following, trained)
+    assert following - stale > 0.05, (following, stale)
