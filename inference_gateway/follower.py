@@ -7,9 +7,10 @@ under the model's write lock, so every batch sees each table at one step or a la
 Consistency, per table: an entry holds every row its publisher changed in steps (since, step].
 - A publisher seen before must continue its sequence (seq + 1); a skipped number is a gap (it dropped
   rows, or Redis lost entries).
+- An entry whose step is no later than the snapshot's is skipped: the snapshot, a consistent cut, holds
+  it (idempotent by step).
 - A publisher seen for the first time is applied if its `since` is no later than what this follower
-  already holds for the table (the snapshot's step or a later entry's), and skipped if its `step` is no
-  later than the snapshot's (idempotent by step); otherwise rows are missing: a gap.
+  already holds for the table (the snapshot's step or a later entry's); otherwise rows are missing: a gap.
 A stream trimmed past a follower's position shows as one of these (the publisher's next entry skips
 numbers, or a new publisher's `since` is later than what is held).
 On a gap the follower asks `resync` for the latest consistent snapshot (a package exported from the
@@ -155,16 +156,16 @@ class DeltaFollower:
         except DeltaError as e:
             self.metrics.bad.labels(cursor.table).inc()
             raise Gap(f"table {cursor.table}: {e}") from None
+        if d.step <= self._base:  # the snapshot (a consistent cut at its step) holds every row of it
+            cursor.publishers[d.publisher] = (d.seq, d.step)
+            self.metrics.skipped.labels(d.table).inc()
+            return 0
         known = cursor.publishers.get(d.publisher)
         if self.degraded:
             pass  # no snapshot covers the gap: newer rows are still better than none
         elif known is not None:
             if d.seq != known[0] + 1:
                 raise Gap(f"table {d.table}: publisher {d.publisher} (shard {d.shard}) seq {known[0]} -> {d.seq}")
-        elif d.step <= cursor.have:
-            cursor.publishers[d.publisher] = (d.seq, d.step)  # every row of it is in what we serve
-            self.metrics.skipped.labels(d.table).inc()
-            return 0
         elif d.since > cursor.have:
             raise Gap(f"table {d.table}: shard {d.shard}'s entry holds changes after step {d.since}; this "
                       f"follower holds step {cursor.have}")

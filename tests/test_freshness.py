@@ -271,3 +271,37 @@ def test_following_gateway_tracks_a_drifting_teacher_a_frozen_one_falls_behind(s
           f"{following:.4f}, frozen package {stale:.4f}")
     assert abs(following - trained) < 0.005, (following, trained)
     assert following - stale > 0.05, (following, stale)
+
+
+@pytest.mark.timeout(300)
+def test_redis_unreachable_then_back_the_gateway_resynchronises(shard_factory, tmp_path):
+    redis_dir = tmp_path / "redis"
+    server = EmbeddedRedis(redis_dir)
+    port = server.port
+    _, client = shard_factory({"tables": TABLES, "shard_id": 0,
+                               "publish_deltas": {"redis_url": server.url, "interval_s": 0.05}})
+    base = export_from_shard(client, tmp_path / "base", step=-1)
+    snapshots = tmp_path / "snapshots"
+    gw = launch_gateway(["--model", str(base), "--follow", server.url, "--snapshots", str(snapshots)],
+                        workdir=tmp_path / "gw")
+    try:
+        with GatewayClient(gw.address) as c:
+            train(client, 0, 5)
+            wait_applied(c, 4)
+            server.close()  # Redis goes away: training goes on, the shard drops (and counts) its deltas
+            t0 = time.monotonic()
+            train(client, 5, 10)
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.3)
+            export_from_shard(client, snapshots / "step14", step=14)  # the checkpoint taken meanwhile
+            server = EmbeddedRedis(redis_dir, port=port)
+            train(client, 15, 5)
+            wait_applied(c, 19)
+            want = expected_scores(export_from_shard(client, tmp_path / "at19", step=19))
+            for req, exp in zip(requests(), want, strict=True):
+                np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
+            assert metric(gw.metrics_port, "delta_redis_errors_total") >= 1
+            assert metric(gw.metrics_port, "delta_resyncs_total") == 1
+    finally:
+        gw.kill()
+        server.close()
