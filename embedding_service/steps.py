@@ -15,6 +15,7 @@ import enum
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -82,6 +83,8 @@ class StepScheduler:
         self.counters = Counters()
         self._ids = itertools.count()
         self.closed = False
+        # Called under the lock after each applied step with its group (the delta publisher records the ids)
+        self.on_applied: Callable[[StepGroup], None] | None = None
 
     # -- public -------------------------------------------------------------------------------
     def lookup(self, batch: PreparedBatch, trainer: int, step: int, no_grad: bool) -> tuple[str, torch.Tensor]:
@@ -208,6 +211,8 @@ class StepScheduler:
     def _apply(self, group: StepGroup) -> None:
         self.tables.backward(group.forward, [group.grads[t] for t in group.order])
         group.state = StepState.APPLIED
+        if self.on_applied is not None:
+            self.on_applied(group)
         group.forward = None
         for h in group.handles:
             self.handles.pop(h, None)

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="control-plane bearer token for load / unload / set-default (default: env "
                    "RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
     s.add_argument("--predict-token-file", help="bearer token Predict / PredictStream require (default: open)")
+    s.add_argument("--follow", metavar="REDIS_URL", help="online freshness: apply the row deltas the shards publish "
+                   "(embedding-shard serve --publish-deltas) to the first --model, within seconds of training")
+    s.add_argument("--snapshots", help="directory of packages exported from checkpoints: after a gap in the deltas "
+                   "(dropped rows, a trimmed stream) the follower reloads the newest one and continues from its step")
+    s.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
     s.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.admission import AdmissionConfig
     from inference_gateway.batching import BatchingConfig
+    from inference_gateway.follower import FollowSettings
     from inference_gateway.requests import Limits
     from inference_gateway.server import GatewayConfig, serve_forever
     from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
@@ -122,7 +128,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
         admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait_ms / 1000),
         access_log=args.access_log,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs,
-        tls=tls, model_store=args.model_store, token=token, predict_token=predict_token)
+        tls=tls, model_store=args.model_store, token=token, predict_token=predict_token,
+        follow=FollowSettings(args.follow, args.delta_namespace) if args.follow else None, snapshots=args.snapshots)
     serve_forever(config)
     return 0
 

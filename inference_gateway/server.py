@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from inference_gateway.admission import AdmissionConfig
 from inference_gateway.batching import BatchingConfig
+from inference_gateway.follower import FollowSettings
+from inference_gateway.freshness import Freshness
 from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.requests import Limits
 from inference_gateway.servicer import CONTROL_PLANE, PREDICT, SERVICE_NAME, GatewayServicer
@@ -49,6 +51,8 @@ class GatewayConfig:
     model_store: str = "model_store"  # LoadModel: a package name or relative path under it (TorchServe's)
     token: str | None = None  # control plane (LoadModel, UnloadModel, SetDefaultVersion); None: open unless mTLS
     predict_token: str | None = None  # Predict / PredictStream; None: open
+    follow: FollowSettings | None = None  # online freshness: apply the shards' row deltas from this Redis
+    snapshots: str | None = None  # packages exported from checkpoints: where a follower resynchronises from
 
 
 async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
@@ -102,6 +106,12 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     for path in config.models:  # the operator's own flags: a name under the model store, or a path as given
         in_store = os.path.join(config.model_store, path)
         await servicer.load(in_store if not os.path.isabs(path) and os.path.isdir(in_store) else path)
+    freshness = None
+    if config.follow is not None:
+        if not len(servicer.registry):
+            raise SystemExit("inference-gateway serve --follow: needs a --model to follow into")
+        freshness = Freshness(config.follow, servicer.registry, metrics.registry, config.snapshots,
+                              drain_s=config.grace_s).start()
     print(json.dumps({"event": "serving", "service": SERVICE_NAME, "services": [SERVICE_NAME, oip.SERVICE_NAME],
                       "host": config.host, "port": port,
                       "metrics_port": metrics_port, "pid": os.getpid(), "tls": config.tls is not None,
@@ -113,6 +123,8 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("draining")
     servicer.draining = True
+    if freshness is not None:
+        await asyncio.to_thread(freshness.close)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     for loaded in servicer.registry.all_loaded():

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pipeline", action="store_true", help="wait for each step's updates before the next lookup")
     t.add_argument("--logdir", help="TensorBoard logs (rank 0): loss, samples/s, held-out AUC and NE")
     t.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (and at the end)")
+    t.add_argument("--publish-dense", metavar="REDIS_URL", help="online freshness: publish the dense parameters "
+                   "to Redis every --dense-every steps (the embedding rows come from shards started with "
+                   "--publish-deltas); a gateway serving with --follow swaps its dense arch to them")
+    t.add_argument("--dense-every", type=int, default=50, help="steps between dense publishes (default 50)")
     t.add_argument("--eval-batches", type=int, default=4, help="held-out batches of --batch-size per evaluation")
     t.add_argument("--json", action="store_true", help="one JSON line per logged step instead of a progress bar")
     pl = sub.add_parser("plan", help="write a simple sharding plan (JSON) for a model config",
@@ -136,6 +140,7 @@ def train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, resume=args.resume, resume_if_present=args.resume_if_present,
         async_staleness=args.async_staleness,
         pipelined=not args.no_pipeline, logdir=args.logdir, eval_every=args.eval_every,
+        publish_dense=args.publish_dense, dense_every=args.dense_every,
         eval_batches=args.eval_batches, json=args.json,
         rank=int(os.environ.get("RANK", "0")), world=int(os.environ.get("WORLD_SIZE", "1")))
     from protos.member_agent import Fenced
