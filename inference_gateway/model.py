@@ -7,17 +7,19 @@ dense forward serve every request of the batch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 
 from inference_gateway.package import Package
+from inference_gateway.shared_tables import build_tbe, map_image
 
 
 class ServingModel:
-    def __init__(self, package: Package, device: str = "cpu") -> None:
+    def __init__(self, package: Package, device: str = "cpu", table_image: str | Path | None = None) -> None:
+        """table_image: the package's TBE host buffer written by shared_tables.write_image; mapped
+        instead of copying the package's rows (which then need not have been read)."""
         self.package = package
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -26,21 +28,20 @@ class ServingModel:
         self.features = [f.name for f in package.features]
         self.feature_index = {n: i for i, n in enumerate(self.features)}
         self.dense_features = package.dense_features
-        tables = list(package.tables.values())
-        position = {t.name: i for i, t in enumerate(tables)}
         # rows of the table each feature looks up, in feature order (validation bounds)
         self.rows_per_feature = np.array([package.tables[f.table].num_rows for f in package.features], dtype=np.int64)
-        loc = EmbeddingLocation.DEVICE if self.device.type == "cuda" else EmbeddingLocation.HOST
-        pooling = PoolingMode.MEAN if tables[0].pooling == "mean" else PoolingMode.SUM
-        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            [(t.name, t.num_rows, t.dim, t.dtype.sparse_type, loc) for t in tables],
-            feature_table_map=[position[f.table] for f in package.features],
-            pooling_mode=pooling, device=self.device, output_dtype=SparseType.FP32,
-            bounds_check_mode=BoundsCheckMode.NONE)  # ids are checked per request before they get here
-        self.tbe.initialize_weights()
-        with torch.no_grad():
-            for t, (dest, _) in zip(tables, self.tbe.split_embedding_weights(split_scale_shifts=False), strict=True):
-                dest[:, : t.row_bytes].copy_(package.rows[t.name])
+        self.tbe = build_tbe(package, self.device)
+        self.mapped = None
+        if table_image is not None:
+            if self.device.type != "cpu":
+                raise ValueError("table_image: a shared table image serves CPU workers only")
+            self.mapped = map_image(self.tbe, table_image)  # read-only, shared with every other worker
+        else:
+            self.tbe.initialize_weights()
+            with torch.no_grad():
+                for t, (dest, _) in zip(package.tables.values(), self.tbe.split_embedding_weights(
+                        split_scale_shifts=False), strict=True):
+                    dest[:, : t.row_bytes].copy_(package.rows[t.name])
         self.dense = package.dense.to(self.device)
         self.table_bytes = package.table_bytes
 
