@@ -187,7 +187,6 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self.replaced = 0
-        self.dead: set[int] = set()
         self.lock = asyncio.Lock()
         self.health = health.aio.HealthServicer()
         self._triton_grpc = triton_grpc
@@ -331,18 +330,22 @@ class Supervisor:
     def _replace_dead_workers(self) -> None:
         """Triton's Python backend does not restart a stub that died (requests routed to it fail with
         'Stub process is not healthy'); a changed model.py makes Triton's load build fresh instances of that
-        version while the others keep serving, then retire the old ones."""
-        for pid, state, model_py in self.workers():
-            if state != "Z" or pid in self.dead:
-                continue
-            self.dead.add(pid)  # a zombie until tritonserver exits: it does not reap its stubs
-            name = model_py.parent.parent.name
-            if not model_py.exists() or name not in self.models:
-                continue  # a retired version's worker
-            log.error("worker %d of %s died; replacing it", pid, model_py.parent.relative_to(self.repo))
-            self.replaced += 1
-            os.utime(model_py)
-            self._triton_load(name)
+        version while the others keep serving, then retire the old ones. Runs under self.lock, so no load
+        or unload is changing the worker set meanwhile."""
+        live: dict[Path, int] = {}
+        for _, state, model_py in self.workers():
+            if state != "Z":  # a zombie until tritonserver reaps it (it may not)
+                live[model_py] = live.get(model_py, 0) + 1
+        for name, versions in self.models.items():
+            for version in versions:
+                model_py = self.repo / name / str(version) / "model.py"
+                if live.get(model_py, 0) >= self.cfg.workers:
+                    continue
+                log.error("a worker of %s v%d died (%d of %d live); replacing it", name, version,
+                          live.get(model_py, 0), self.cfg.workers)
+                self.replaced += 1
+                os.utime(model_py)
+                self._triton_load(name)
 
     async def watch(self) -> None:
         """Replaces dead workers; restarts tritonserver if it dies (its workers die with it) and loads every
@@ -358,7 +361,6 @@ class Supervisor:
             if self.proc is not None and self.proc.poll() is not None and not self.stopping:
                 log.error("tritonserver exited %s; restarting", self.proc.returncode)
                 self.restarts += 1
-                self.dead.clear()
                 async with self.lock:
                     await self.publish_health()
                     await asyncio.to_thread(self._start_triton)
