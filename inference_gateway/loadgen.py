@@ -24,9 +24,11 @@ def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) 
             "p99_ms": round(float(np.percentile(a, 99)), 2), "p999_ms": round(float(np.percentile(a, 99.9)), 2)}
 
 
-async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int) -> dict:
+async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int,
+                      method: str = METHOD) -> dict:
+    """method: any unary method taking the pool's serialized requests (e.g. KServe v2 ModelInfer)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(method)
         lat: list[float] = []
         errors: dict[str, int] = {}
         stop = time.perf_counter() + min(1.0, seconds)  # warm-up first

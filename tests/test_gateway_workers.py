@@ -166,6 +166,9 @@ def test_hot_swap_through_the_management_address_fails_no_request(gw):
     assert listed == [("dlrm", 2, True)]
     assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
     assert versions.index("2") > 10  # load really ran across the swap
+    deadline = time.monotonic() + 180  # retired workers exit once their in-flight requests are answered
+    while len(live_workers(gw)) != WORKERS and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert len(live_workers(gw)) == WORKERS  # v1's workers are gone, v2's serve
 
 
