@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "requests; --workers Python processes score whole batches, all mapping one read-only copy of each package's "
         "tables. Inputs per sample: dense FP32 [dense_features], ids INT64 [features] (one id per feature, package "
         "order); output score FP32 [1]. Management (load / unload / set-default / models) is on "
-        "--management-port; unversioned requests go to the highest loaded version. A dead worker is replaced by "
-        "Triton, a dead tritonserver by the supervisor; SIGTERM drains and exits 0.")
+        "--management-port; unversioned requests go to the highest loaded version. The supervisor replaces a dead "
+        "worker (by reloading its version) and a dead tritonserver; SIGTERM drains and exits 0.")
     t.add_argument("--model", action="append", default=[], help="package directory (repeatable)")
     t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version")
     t.add_argument("--host", default="127.0.0.1")
