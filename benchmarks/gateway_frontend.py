@@ -56,16 +56,18 @@ def model_infer_pool(cfg: ModelConfig, name: str, count: int) -> list[bytes]:
     return out
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    total = 0
+def cpu_ticks(pids: list[int]) -> dict[str, int]:
+    """utime + stime per kind of process (its comm: python, tritonserver, triton_python_b[ackend_stub])."""
+    out: dict[str, int] = {}
     for p in pids:
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total
+        out[comm] = out.get(comm, 0) + int(fields[11]) + int(fields[12])
+    return out
 
 
 def h2load(address: str, method: str, body: bytes, concurrency: int, seconds: float, workdir: Path) -> dict:
@@ -103,9 +105,11 @@ def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: i
         pids = proc_memory.tree(root_pid)
         before = cpu_ticks(pids)
         r = h2load(address, method, pool[0], args.concurrency, args.seconds, workdir)
-        spent = (cpu_ticks(pids) - before) / TICK
+        after = cpu_ticks(pids)
+        spent = {k: (after[k] - before.get(k, 0)) / TICK for k in after}
         if r.get("ok"):
-            r["cpu_s_per_1000"] = round(spent / r["ok"] * 1000, 4)
+            r["cpu_s_per_1000"] = round(sum(spent.values()) / r["ok"] * 1000, 4)
+            r["cpu_s_per_1000_by_process"] = {k: round(v / r["ok"] * 1000, 4) for k, v in spent.items()}
         emit({**base, "bench": "W1_closed", "server": name, "client": "h2load", "concurrency": args.concurrency,
               **r, "loadavg": _load()})
 
