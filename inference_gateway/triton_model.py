@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
@@ -38,16 +37,19 @@ class BatchScorer:
         self.rows = torch.from_numpy(self.model.rows_per_feature)
         self.nfeat, self.ndense = len(self.model.features), self.model.dense_features
 
-    def check(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The ids to look up ([B, F]); out-of-range ids are refused or, if the package says so, become
-        -1 (dropped: a zero row in the sum)."""
+    def check_shapes(self, dense: torch.Tensor, ids: torch.Tensor) -> None:
+        """Per request, attribute checks only (no tensor ops: they cost microseconds each)."""
         if dense.dim() != 2 or dense.shape[1] != self.ndense or dense.dtype != torch.float32:
-            raise BadInput(f"{DENSE}: expected FP32 [B, {self.ndense}], got {dense.dtype!s} {list(dense.shape)}")
+            raise BadInput(f"{DENSE}: expected FP32 [B, {self.ndense}], got {dense.dtype} {list(dense.shape)}")
         if ids.dim() != 2 or ids.shape[1] != self.nfeat or ids.dtype != torch.int64:
-            raise BadInput(f"{IDS}: expected INT64 [B, {self.nfeat}], got {ids.dtype!s} {list(ids.shape)}")
+            raise BadInput(f"{IDS}: expected INT64 [B, {self.nfeat}], got {ids.dtype} {list(ids.shape)}")
         if ids.shape[0] != dense.shape[0]:
             raise BadInput(f"{IDS}: batch {ids.shape[0]} differs from {DENSE}'s {dense.shape[0]}")
-        if not torch.isfinite(dense).all():
+
+    def check_values(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The ids to look up ([B, F]); out-of-range ids are refused or, if the package says so, become
+        -1 (dropped: a zero row in the sum). Runs once per batch; on a refusal, per request to find it."""
+        if not bool(torch.isfinite(dense).all()):
             raise BadInput(f"{DENSE}: NaN or infinite value")
         bad = (ids < 0) | (ids >= self.rows)
         if bool(bad.any()):
@@ -82,18 +84,39 @@ def make_triton_model(package: str | Path, table_image: str | Path) -> type:
                     if d is None or x is None:
                         raise BadInput(f"{DENSE if d is None else IDS}: missing input")
                     dense, ids = from_dlpack(d.to_dlpack()), from_dlpack(x.to_dlpack())
-                    idss.append(self.scorer.check(dense, ids))
+                    self.scorer.check_shapes(dense, ids)
                     denses.append(dense)
+                    idss.append(ids)
                     good.append(i)
                 except BadInput as e:
-                    answers[i] = pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
-            if good:
-                s = self.scorer.scores(torch.cat(denses), torch.cat(idss))
-                sizes = np.cumsum([0] + [d.shape[0] for d in denses])
+                    answers[i] = _refusal(e)
+            if not good:
+                return answers
+            dense, ids = torch.cat(denses), torch.cat(idss)
+            try:
+                ids = self.scorer.check_values(dense, ids)
+            except BadInput:  # find the bad requests; score the others
+                keep = []
                 for k, i in enumerate(good):
-                    part = s[sizes[k]:sizes[k + 1]].reshape(-1, 1).contiguous()
-                    answers[i] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(SCORE, to_dlpack(part))])
+                    try:
+                        idss[k] = self.scorer.check_values(denses[k], idss[k])
+                        keep.append(k)
+                    except BadInput as e:
+                        answers[i] = _refusal(e)
+                good, denses, idss = [good[k] for k in keep], [denses[k] for k in keep], [idss[k] for k in keep]
+                if not good:
+                    return answers
+                dense, ids = torch.cat(denses), torch.cat(idss)
+            s = self.scorer.scores(dense, ids)
+            start = 0
+            for k, i in enumerate(good):
+                n = denses[k].shape[0]
+                part = s[start:start + n].reshape(n, 1)
+                start += n
+                answers[i] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(SCORE, to_dlpack(part))])
             return answers
+
+    def _refusal(e: BadInput) -> Any:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
 
     return TritonPythonModel
