@@ -115,9 +115,16 @@ def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: i
 
 
 def memory(name: str, root_pid: int, base: dict, **extra) -> None:
+    """Whole gateway, and per process: its PSS and the PSS of its share of the table image."""
     m = proc_memory.total(root_pid)
+    parts = []
+    for pid in proc_memory.tree(root_pid):
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        r, img = proc_memory.rollup(pid), proc_memory.mapped(pid, ".tbe")
+        parts.append({"process": comm, "rss_mib": round(r["rss"] / 2**20, 1), "pss_mib": round(r["pss"] / 2**20, 1),
+                      "table_image_pss_mib": round(img["pss"] / 2**20, 1)})
     emit({**base, "bench": "memory", "server": name, **extra, "rss_mib": round(m["rss"] / 2**20, 1),
-          "pss_mib": round(m["pss"] / 2**20, 1), "processes": m["processes"]})
+          "pss_mib": round(m["pss"] / 2**20, 1), "processes": m["processes"], "by_process": parts})
 
 
 def main(argv: list[str] | None = None) -> int:
