@@ -21,7 +21,7 @@ from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 
-from inference_gateway.package import MANIFEST, Package, PackageError
+from inference_gateway.package import MANIFEST, Package, PackageError, load_package
 from protos.durable import fsync_dir
 
 IMAGE_SUFFIX = ".tbe"
@@ -93,3 +93,41 @@ def map_image(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, path: str | Path) ->
     tbe.initialize_logical_weights_placements_and_offsets()
     tbe.weights_host = weights
     return mapped
+
+
+def prepare(path: str | Path, cache_dir: str | Path, name: str = "", version: int = 0) -> dict:
+    """Verifies the package, writes its image; what a supervisor needs to serve it, as JSON-able data."""
+    pkg = load_package(path)
+    if name:
+        pkg.manifest["name"] = name
+    if version:
+        pkg.manifest["version"] = version
+    image = write_image(pkg, cache_dir)
+    return {"name": pkg.name, "version": pkg.version, "path": str(Path(path).resolve()), "image": str(image),
+            "features": [f.name for f in pkg.features], "dense_features": pkg.dense_features,
+            "table_dtypes": {t.name: t.dtype.value for t in pkg.tables.values()}, "table_bytes": pkg.table_bytes,
+            "dense_quantization": pkg.manifest["dense"]["quantization"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m inference_gateway.shared_tables PACKAGE CACHE_DIR [NAME] [VERSION]`: one JSON line, the
+    package's serving facts or {"error", "kind"}. A supervisor runs this as a short-lived child so that
+    torch and the package's bytes never stay in its own memory."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        info = prepare(args[0], args[1], args[2] if len(args) > 2 else "", int(args[3]) if len(args) > 3 else 0)
+    except PackageError as e:
+        print(json.dumps({"error": str(e), "kind": "package"}), flush=True)
+        return 2
+    except OSError as e:
+        print(json.dumps({"error": str(e), "kind": "os", "errno": e.errno}), flush=True)
+        return 2
+    print(json.dumps(info), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

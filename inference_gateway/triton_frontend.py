@@ -40,8 +40,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from inference_gateway.package import Package, PackageError, load_package
-from inference_gateway.shared_tables import write_image
 from protos import inference_pb2, inference_pb2_grpc
 from protos.paths import PathRefused, confine, status_of_oserror
 from protos.process import free_port
@@ -127,17 +125,24 @@ class FrontendConfig:
 
 @dataclass
 class Version:
-    package: Package
-    path: Path
-    image: Path
+    """What shared_tables.prepare reported for one loaded version (the supervisor holds no torch)."""
+
+    facts: dict
+
+    @property
+    def name(self) -> str:
+        return self.facts["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.facts["version"])
 
     def info(self, is_default: bool) -> inference_pb2.ModelInfo:
-        p = self.package
+        f = self.facts
         return inference_pb2.ModelInfo(
-            name=p.name, version=p.version, is_default=is_default, path=str(self.path),
-            features=[f.name for f in p.features], dense_features=p.dense_features,
-            table_dtypes={t.name: t.dtype.value for t in p.tables.values()}, table_bytes=p.table_bytes,
-            dense_quantization=p.manifest["dense"]["quantization"])
+            name=f["name"], version=f["version"], is_default=is_default, path=f["path"], features=f["features"],
+            dense_features=f["dense_features"], table_dtypes=f["table_dtypes"], table_bytes=f["table_bytes"],
+            dense_quantization=f["dense_quantization"])
 
 
 class Refused(Exception):
@@ -146,8 +151,8 @@ class Refused(Exception):
         self.code, self.message = code, message
 
 
-def _config_pbtxt(pkg: Package, cfg: FrontendConfig) -> str:
-    return f"""name: "{pkg.name}"
+def _config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
+    return f"""name: "{v.name}"
 backend: "python"
 max_batch_size: {cfg.max_batch_size}
 version_policy: {{ all: {{}} }}
@@ -156,8 +161,8 @@ dynamic_batching {{
   default_queue_policy {{ max_queue_size: {cfg.max_queue} }}
 }}
 input [
-  {{ name: "dense" data_type: TYPE_FP32 dims: [ {pkg.dense_features} ] }},
-  {{ name: "ids" data_type: TYPE_INT64 dims: [ {len(pkg.features)} ] }}
+  {{ name: "dense" data_type: TYPE_FP32 dims: [ {v.facts["dense_features"]} ] }},
+  {{ name: "ids" data_type: TYPE_INT64 dims: [ {len(v.facts["features"])} ] }}
 ]
 output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ count: {cfg.workers} kind: KIND_CPU }} ]
@@ -233,48 +238,56 @@ class Supervisor:
                                                                f"{e.message()}") from None
 
     # --- model management (serialized by self.lock, run off the event loop) -----------------------
+    def _prepare(self, path: str, name: str, version: int) -> Version:
+        """Verifies the package and writes its table image in a short-lived child process, so torch and
+        the package's bytes never stay in the supervisor's memory."""
+        out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", path, str(self.table_cache),
+                              name, str(version)], capture_output=True, text=True, env=self.dist.env(), timeout=600)
+        try:
+            facts = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise Refused(grpc.StatusCode.INTERNAL, f"path: preparing {path} failed: {out.stderr[-2000:]}") from None
+        if "error" in facts:
+            if facts["kind"] == "os":
+                refused = status_of_oserror(OSError(facts.get("errno"), facts["error"]), "path", path)
+                raise Refused(refused.code, refused.message)
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {facts['error']}")
+        return Version(facts)
+
     def add(self, path: str, name: str = "", version: int = 0) -> Version:
-        pkg = load_package(path)  # verifies every file (PackageError names it)
-        if name:
-            pkg.manifest["name"] = name
-        if version:
-            pkg.manifest["version"] = version
-        versions = self.models.get(pkg.name, {})
-        if pkg.version in versions:
-            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"version: model {pkg.name!r} version {pkg.version} is "
+        v = self._prepare(path, name, version)
+        versions = self.models.get(v.name, {})
+        if v.version in versions:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"version: model {v.name!r} version {v.version} is "
                                                           "already loaded")
         if versions:
-            first = next(iter(versions.values())).package
-            if ([f.name for f in first.features], first.dense_features) != ([f.name for f in pkg.features],
-                                                                             pkg.dense_features):
+            first = next(iter(versions.values())).facts
+            if (first["features"], first["dense_features"]) != (v.facts["features"], v.facts["dense_features"]):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"path: model {pkg.name!r} v{pkg.version} has other features or dense_features than the "
+                              f"path: model {v.name!r} v{v.version} has other features or dense_features than the "
                               "loaded versions (one Triton model, one input signature); load it under another name")
-        image = write_image(pkg, self.table_cache)
-        pkg.rows.clear()  # the supervisor keeps no copy of the tables: the image file is the copy
-        mdir = self.repo / pkg.name
+        mdir = self.repo / v.name
         mdir.mkdir(parents=True, exist_ok=True)
         cfg_path = mdir / "config.pbtxt"
         if not versions:
             tmp = cfg_path.with_suffix(".tmp")
-            tmp.write_text(_config_pbtxt(pkg, self.cfg))
+            tmp.write_text(_config_pbtxt(v, self.cfg))
             os.replace(tmp, cfg_path)
-        vdir = mdir / str(pkg.version)
-        tmp = mdir / f".{pkg.version}.tmp"
+        vdir = mdir / str(v.version)
+        tmp = mdir / f".{v.version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        (tmp / "model.py").write_text(_model_py(pkg.path.resolve(), image))
+        (tmp / "model.py").write_text(_model_py(Path(v.facts["path"]), Path(v.facts["image"])))
         shutil.rmtree(vdir, ignore_errors=True)
         os.replace(tmp, vdir)
         try:
-            self._triton_load(pkg.name)
+            self._triton_load(v.name)
         except Refused:
             shutil.rmtree(vdir, ignore_errors=True)
             if not versions:
                 shutil.rmtree(mdir, ignore_errors=True)
             raise
-        v = Version(pkg, Path(path), image)
-        self.models[pkg.name] = {**versions, pkg.version: v}
+        self.models[v.name] = {**versions, v.version: v}
         return v
 
     def remove(self, name: str, version: int) -> None:
@@ -403,12 +416,10 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
         except OSError as e:
             refused = status_of_oserror(e, "path", request.path)
             await context.abort(refused.code, refused.message)
-        except PackageError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {e}")
         except Refused as e:
             await context.abort(e.code, e.message)
-        log.info("loaded model %s v%d in every worker", v.package.name, v.package.version)
-        return v.info(v.package.version == max(self.sup.models[v.package.name]))
+        log.info("loaded model %s v%d in every worker", v.name, v.version)
+        return v.info(v.version == max(self.sup.models[v.name]))
 
     async def UnloadModel(self, request, context):
         try:
