@@ -41,6 +41,7 @@ def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) 
 
 async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int,
                       method: str = METHOD) -> dict:
+    """method: any unary method taking the pool's serialized requests (e.g. KServe v2 ModelInfer)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(method)
         lat: list[float] = []

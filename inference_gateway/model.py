@@ -14,19 +14,20 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 
 from inference_gateway.package import Package
 from inference_gateway.quantize import dequantize_table, quantize_table
+from inference_gateway.shared_tables import build_tbe, map_image
 
 
 class ServingModel:
-    def __init__(self, package: Package, device: str = "cpu") -> None:
+    def __init__(self, package: Package, device: str = "cpu", table_image: str | Path | None = None) -> None:
+        """table_image: the package's TBE host buffer written by shared_tables.write_image; mapped
+        instead of copying the package's rows (which then need not have been read)."""
         self.package = package
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -35,23 +36,23 @@ class ServingModel:
         self.features = [f.name for f in package.features]
         self.feature_index = {n: i for i, n in enumerate(self.features)}
         self.dense_features = package.dense_features
-        tables = list(package.tables.values())
-        position = {t.name: i for i, t in enumerate(tables)}
         # rows of the table each feature looks up, in feature order (validation bounds)
         self.rows_per_feature = np.array([package.tables[f.table].num_rows for f in package.features], dtype=np.int64)
-        loc = EmbeddingLocation.DEVICE if self.device.type == "cuda" else EmbeddingLocation.HOST
-        pooling = PoolingMode.MEAN if tables[0].pooling == "mean" else PoolingMode.SUM
-        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            [(t.name, t.num_rows, t.dim, t.dtype.sparse_type, loc) for t in tables],
-            feature_table_map=[position[f.table] for f in package.features],
-            pooling_mode=pooling, device=self.device, output_dtype=SparseType.FP32,
-            bounds_check_mode=BoundsCheckMode.NONE)  # ids are checked per request before they get here
-        self.tbe.initialize_weights()
-        self._rows: dict[str, torch.Tensor] = {}  # table -> the TBE's own rows [num_rows, padded row bytes]
-        with torch.no_grad():
-            for t, (dest, _) in zip(tables, self.tbe.split_embedding_weights(split_scale_shifts=False), strict=True):
-                dest[:, : t.row_bytes].copy_(package.rows[t.name])
-                self._rows[t.name] = dest
+        self.tbe = build_tbe(package, self.device)
+        self.mapped = None
+        if table_image is not None:
+            if self.device.type != "cpu":
+                raise ValueError("table_image: a shared table image serves CPU workers only")
+            self.mapped = map_image(self.tbe, table_image)  # read-only, shared with every other worker
+        else:
+            self.tbe.initialize_weights()
+            with torch.no_grad():
+                for t, (dest, _) in zip(package.tables.values(), self.tbe.split_embedding_weights(
+                        split_scale_shifts=False), strict=True):
+                    dest[:, : t.row_bytes].copy_(package.rows[t.name])
+        # table -> the TBE's own rows [num_rows, padded row bytes] (online freshness writes them in place)
+        self._rows = dict(zip(package.tables, (w for w, _ in self.tbe.split_embedding_weights(
+            split_scale_shifts=False)), strict=True))
         self.dense = package.dense.to(self.device)
         self.table_bytes = package.table_bytes
         self._lock = ReadWriteLock()
@@ -73,6 +74,9 @@ class ServingModel:
             raise ValueError(f"ids: out of range [0, {spec.num_rows}) of table {table!r}")
         if col_offset < 0 or col_offset + width > spec.dim:
             raise ValueError(f"columns [{col_offset}, {col_offset + width}) do not fit dim {spec.dim} of {table!r}")
+        if self.mapped is not None:
+            raise ValueError("a shared read-only table image (serve-triton's workers) cannot take deltas: follow "
+                             "with `inference-gateway serve --follow`")
         dest = self._rows[table]
         if width != spec.dim:  # a column block: merge it into the current rows
             with self._lock.read():
