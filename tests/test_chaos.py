@@ -1,0 +1,159 @@
+"""A chaos suite over real processes (issue 11, item 6): each scenario injects one fault into real
+server processes on loopback and asserts the outcome, printing the time to recover.
+
+Scenarios covered and their outcomes:
+
+- kill -9 of the gateway under load: every in-flight and later client call fails fast with
+  UNAVAILABLE (no call hangs past its deadline); a gateway restarted on the same port with the same
+  package serves bit-identical scores for the same requests.
+- a full disk during a checkpoint (the shard's checkpoint root is a 256 KiB tmpfs): the second
+  Checkpoint fails with RESOURCE_EXHAUSTED naming ENOSPC and leaves nothing behind; the first
+  checkpoint stays the only (latest) one and is valid (Restore brings back exactly its rows); the
+  shard keeps serving Lookup and Update throughout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from inference_gateway.client import GatewayClient, build_request, scores_of
+from inference_gateway.process import launch as launch_gateway
+from tests.test_inference_package import TINY, tiny_model
+from trainer.data import SyntheticData
+from trainer.export import export_package, table_dtypes
+
+
+def batch(n: int, index: int = 0):
+    b = SyntheticData(TINY, seed=0, pooling_factor=2).batch(index, n)
+    return b.dense.numpy(), b.sparse.lengths.numpy(), b.sparse.values.numpy()
+
+
+# -- kill -9 of the gateway under load --------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_gateway_kill9_under_load_is_unavailable_then_same_scores(tmp_path):
+    pkg = export_package(tiny_model(0), tmp_path / "v1", dtypes=table_dtypes(TINY, "fp32", []), version=1)
+    gw = launch_gateway(["--model", str(pkg)], workdir=tmp_path / "gw1")
+    port = gw.port
+    requests = [build_request(*batch(4, index=i)) for i in range(8)]
+    with GatewayClient(gw.address) as c:
+        before = [scores_of(c.predict_request(r)) for r in requests]
+
+    stop = threading.Event()
+    ok = [0]
+    after_kill: list[tuple[str, float]] = []  # (code, seconds the failed call took)
+    killed_at: list[float] = []
+
+    def drive(k: int) -> None:
+        with GatewayClient(f"127.0.0.1:{port}") as c:
+            i = 0
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    c.predict_request(requests[(k + i) % len(requests)], timeout=10)
+                    if not killed_at:
+                        ok[0] += 1
+                except grpc.RpcError as e:
+                    after_kill.append((e.code().name, time.monotonic() - t0))
+                    time.sleep(0.01)
+                i += 1
+
+    threads = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(4)]
+    gw2 = None
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while ok[0] < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ok[0] >= 20, f"load never ran: {ok[0]} calls; {gw.log_tail()}"
+        killed_at.append(time.monotonic())
+        gw.proc.kill()  # SIGKILL
+        gw.proc.wait(30)
+        time.sleep(1.0)  # clients keep calling a dead port
+        failures_while_down = list(after_kill)
+        gw2 = launch_gateway(["--model", str(pkg), "--port", str(port)], workdir=tmp_path / "gw2")
+        # recovered: a call on the same address succeeds again
+        with GatewayClient(f"127.0.0.1:{port}") as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    c.predict_request(requests[0], timeout=5)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            recovered = time.monotonic() - killed_at[0]
+            again = [scores_of(c.predict_request(r)) for r in requests]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        gw.kill()
+        if gw2 is not None:
+            gw2.kill()
+    assert failures_while_down, "no client saw the gateway die"
+    codes = {code for code, _ in failures_while_down}
+    assert codes == {"UNAVAILABLE"}, codes
+    slowest = max(took for _, took in failures_while_down)
+    assert slowest < 5.0, f"a call to the dead gateway took {slowest:.2f}s (a hang, not UNAVAILABLE)"
+    for a, b in zip(before, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    print(f"\nCHAOS gateway-kill9: {len(failures_while_down)} calls UNAVAILABLE (slowest {slowest:.3f}s); "
+          f"time to recover {recovered:.2f}s; same scores")
+
+
+# -- a full disk during a checkpoint ----------------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs as the whole checkpoint root (a disk that fills); skipped where mounting is not allowed."""
+    mnt = tmp_path / "ckroot"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.timeout(240)
+def test_full_disk_during_checkpoint_keeps_the_previous_one(shard_factory, tiny_disk):
+    # 2048 x 16 fp32 = 128 KiB of weights plus optimizer state: one checkpoint fits 256 KiB, two do not
+    tables = [{"name": "t", "num_rows": 2048, "dim": 16, "features": ["f"],
+               "optimizer": {"type": "exact_rowwise_adagrad", "learning_rate": 0.1}}]
+    _, client = shard_factory({"tables": tables, "shard_id": 0, "checkpoint_root": str(tiny_disk)})
+    ids = torch.arange(2048)
+    assert client.checkpoint("ck1", step=1).bytes_written > 0
+    at_ck1 = client.lookup_rows("t", ids)
+    listing = sorted(p.name for p in tiny_disk.iterdir())
+    # training goes on: the rows change after the first checkpoint
+    res = client.lookup(["f"], 4, torch.tensor([1, 2, 0, 3]), torch.tensor([1, 2, 3, 4, 5, 6]), step=1)
+    client.update(res.handle, torch.ones(4, 16))
+    assert not torch.equal(client.lookup_rows("t", ids), at_ck1)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        client.checkpoint("ck2", step=2)
+    failed_in = time.monotonic() - t0
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
+    assert "ENOSPC" in e.value.details() and "ck2" in e.value.details(), e.value.details()
+    assert sorted(p.name for p in tiny_disk.iterdir()) == listing, "the failed checkpoint left files behind"
+    # the shard keeps serving
+    t1 = time.monotonic()
+    assert client.lookup_rows("t", ids).shape == (2048, 16)
+    serving_after = time.monotonic() - t1
+    # the previous checkpoint is still the latest and valid
+    assert client.restore("ck1").step == 1
+    assert torch.equal(client.lookup_rows("t", ids), at_ck1)
+    # and still trains after the restore
+    res = client.lookup(["f"], 1, torch.tensor([1]), torch.tensor([7]), step=2)
+    client.update(res.handle, torch.ones(1, 16))
+    assert not torch.equal(client.lookup_rows("t", ids)[7], at_ck1[7])
+    print(f"\nCHAOS full-disk: Checkpoint RESOURCE_EXHAUSTED in {failed_in:.3f}s; shard served again in "
+          f"{serving_after:.3f}s; ck1 restored intact")
