@@ -10,10 +10,22 @@ Scenarios covered and their outcomes:
   Checkpoint fails with RESOURCE_EXHAUSTED naming ENOSPC and leaves nothing behind; the first
   checkpoint stays the only (latest) one and is valid (Restore brings back exactly its rows); the
   shard keeps serving Lookup and Update throughout.
+- kill -9 of a trainer mid-step (sync mode, 2 trainers, checkpoints every 40 steps): the surviving
+  rank fails within about a second (its gloo peer is gone) instead of hanging; the job restarted with
+  --resume restores step 79 and ends equal to the fault-free reference (1e-5). Known failure, asserted
+  when it happens: a lookup of the killed incarnation parked in a shard's step queue wakes at the
+  Restore's reset and installs its own later step, so the first resume fails after the shard's 60 s
+  step timeout with DEADLINE_EXCEEDED "step 80: step N is not applied yet" (a clear error, no
+  divergence); a second --resume finishes the job with the reference model.
+
+Not covered yet: kill -9 of the coordinator (during training and in each rollout phase), Redis
+restarts, a frozen shard, a partition.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -25,6 +37,7 @@ import torch
 
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.process import launch as launch_gateway
+from tests.coordinated import Job, assert_equals_reference
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -157,3 +170,62 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(shard_factory, tiny_
     assert not torch.equal(client.lookup_rows("t", ids)[7], at_ck1[7])
     print(f"\nCHAOS full-disk: Checkpoint RESOURCE_EXHAUSTED in {failed_in:.3f}s; shard served again in "
           f"{serving_after:.3f}s; ck1 restored intact")
+
+
+# -- kill -9 of a trainer mid-step ------------------------------------------------------------------
+@pytest.fixture
+def job_factory(tmp_path):
+    jobs: list[Job] = []
+
+    def make(*args: str, **kwargs) -> Job:
+        jobs.append(Job(tmp_path, *args, **kwargs))
+        return jobs[-1]
+
+    yield make
+    for j in jobs:
+        j.close()
+
+
+@pytest.mark.timeout(240)
+def test_trainer_kill9_mid_step_resumes_from_checkpoint_and_equals_uninterrupted(job_factory, tmp_path):
+    steps = 240
+    job = job_factory(standby=0)
+    ckpt = tmp_path / "ckpt"
+    trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40")
+    job.wait_step(100)
+    assert (ckpt / "LATEST").exists()
+    victim = trainers.procs[1]
+    os.killpg(victim.pid, signal.SIGKILL)  # kill -9 of rank 1 mid-step
+    killed_at = time.monotonic()
+    # the surviving rank does not hang: it fails (its collective peer is gone) within a bounded time
+    while trainers.poll() is None:
+        assert time.monotonic() - killed_at < 120, "the surviving trainer hangs after its peer was killed"
+        time.sleep(0.1)
+    survivor_exit = time.monotonic() - killed_at
+    assert trainers.poll() != 0
+    # restart the job with --resume (what `coordinator job` / the rollout tests do after a failure). Known
+    # failure (documented, asserted): a lookup of the killed incarnation still parked in a shard's step queue
+    # wakes when rank 0's Restore resets the queue and installs its own (later) step as the current one, so
+    # the resumed trainers' first lookup waits on it and fails after the shard's 60 s step timeout with
+    # DEADLINE_EXCEEDED "step 80: step N is not applied yet" -- a clear error, never a silent divergence;
+    # a second --resume then finishes the job.
+    attempts, stale_errors = 0, []
+    while True:
+        attempts += 1
+        trainers.start(resume=True)
+        while trainers.poll() is None:
+            assert time.monotonic() - killed_at < 220, f"the resumed job hangs: {trainers.stderr_tail()}"
+            time.sleep(0.1)
+        tail = trainers.stderr_tail(chars=1 << 20)
+        assert "resumed from" in tail and "at step 80" in tail, tail[-3000:]
+        if trainers.poll() == 0:
+            break
+        assert "DEADLINE_EXCEEDED" in tail and "step 80: step " in tail and "is not applied yet" in tail, \
+            tail[-3000:]
+        stale_errors.append(tail[tail.index("step 80: step "):].split('"')[0])
+        assert attempts < 3, stale_errors
+    recovered = time.monotonic() - killed_at
+    assert_equals_reference(job, steps)
+    print(f"\nCHAOS trainer-kill9: survivor exited in {survivor_exit:.2f}s; the job resumed from step 80 "
+          f"({attempts} resume(s); stale-lookup errors: {stale_errors}) and finished {recovered:.2f}s after the kill; "
+          f"equals the uninterrupted reference (1e-5)")
