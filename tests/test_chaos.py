@@ -45,6 +45,7 @@ from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2
 from protos.process import free_port
 from tests.coordinated import Job, assert_equals_reference
+from tests.redis_server import RedisServer
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -269,3 +270,58 @@ def test_coordinator_kill9_during_training(job_factory, tmp_path):
     print(f"\nCHAOS coordinator-kill9: training went on (step {step_at_kill} at the kill, {steps_now} at the "
           f"rebuild); restarted in {restarted:.2f}s; membership rebuilt "
           f"{rebuilt:.2f}s after the kill; same plan v{record_after.plan.version}; equals the reference (1e-5)")
+
+
+# -- Redis restarted during training ----------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_redis_restart_during_training(job_factory, tmp_path):
+    steps = 240
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        job = job_factory("--redis", server.url, standby=0)
+        trainers = job.train(steps)
+        step_at_kill = job.wait_step(60)
+        record_before, _ = job.client.get_plan()
+        server.kill9()
+        killed_at = time.monotonic()
+        # the coordinator keeps serving: every call that needs Redis answers UNAVAILABLE, saying why, at once
+        for call in (job.client.get_plan, job.client.members):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (e.value.code(), e.value.details())
+            assert "Redis is unavailable" in e.value.details(), e.value.details()
+            assert time.monotonic() - t0 < 10.0
+        time.sleep(2.0)
+        alive_while_down = trainers.poll() is None
+        server.start()  # the same port and append-only file
+        restarted = time.monotonic() - killed_at
+        deadline = time.monotonic() + 30
+        while True:  # the same coordinator process reconnects; no restart
+            try:
+                record_after, _ = job.client.get_plan()
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, err.details()
+                time.sleep(0.1)
+        served_again = time.monotonic() - killed_at
+        assert record_after == record_before  # the plan record survived the kill -9 intact
+        deadline = time.monotonic() + 30
+        while True:  # members register again within their lease
+            members = {(m.kind, m.id) for m in job.client.members() if m.state == pb.ALIVE}
+            if {(pb.SHARD, 0), (pb.SHARD, 1)} <= members and (trainers.poll() is not None or
+                                                              {(pb.TRAINER, 0), (pb.TRAINER, 1)} <= members):
+                break
+            assert time.monotonic() < deadline, members
+            time.sleep(0.1)
+        rebuilt = time.monotonic() - killed_at
+        assert job.coordinator.proc.poll() is None
+        job.wait_trainers(timeout=180)
+        assert alive_while_down
+        assert_equals_reference(job, steps)
+    finally:
+        server.close()
+    print(f"\nCHAOS redis-restart: training went on (step {step_at_kill} at the kill); the coordinator answered "
+          f"UNAVAILABLE while Redis was down; Redis back in {restarted:.2f}s, the same coordinator served the "
+          f"plan again {served_again:.2f}s and had every member alive {rebuilt:.2f}s after the kill; same plan "
+          f"v{record_after.plan.version}; equals the reference (1e-5)")
