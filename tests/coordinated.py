@@ -26,7 +26,9 @@ PLAN2 = simple_plan(MODEL, 3, kinds={"items": common_pb2.ROW_WISE})
 class Job:
     """A coordinator (initial plan PLAN1), its shards, and two trainers; everything stopped by close()."""
 
-    def __init__(self, tmp_path: Path, *coordinator_args: str, standby: int = 1, initial: bool = True) -> None:
+    def __init__(self, tmp_path: Path, *coordinator_args: str, standby: int = 1, initial: bool = True,
+                 shard_overrides: dict[int, dict] | None = None) -> None:
+        """`shard_overrides`: per shard id, config keys for that shard only (its port, its advertised address)."""
         self.tmp = tmp_path
         plan_path = tmp_path / "plan1.json"
         plan_path.write_text(dump_plan(PLAN1))
@@ -36,7 +38,7 @@ class Job:
         self.shards = LocalShards(self.coordinator.address, tmp_path, num_trainers=2, seed=SEED)
         self.trainers: LocalTrainers | None = None
         for i in range(PLAN1.num_shards):
-            self.shards.start(i, PLAN1 if initial else None)
+            self.shards.start(i, PLAN1 if initial else None, **(shard_overrides or {}).get(i, {}))
         for i in range(PLAN1.num_shards, PLAN1.num_shards + standby):
             self.shards.start(i, None)
         self.client.wait_shards(list(range(PLAN1.num_shards + standby)), wait_s=60)

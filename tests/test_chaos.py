@@ -44,8 +44,9 @@ from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2
 from protos.process import free_port
-from tests.coordinated import Job, assert_equals_reference
+from tests.coordinated import PLAN1, Job, assert_equals_reference
 from tests.redis_server import RedisServer
+from tests.tcp_proxy import StallingProxy
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -325,3 +326,62 @@ def test_redis_restart_during_training(job_factory, tmp_path):
           f"UNAVAILABLE while Redis was down; Redis back in {restarted:.2f}s, the same coordinator served the "
           f"plan again {served_again:.2f}s and had every member alive {rebuilt:.2f}s after the kill; same plan "
           f"v{record_after.plan.version}; equals the reference (1e-5)")
+
+
+# -- a partition between the trainers and a shard ---------------------------------------------------
+@pytest.mark.timeout(300)
+def test_partition_between_trainers_and_a_shard(job_factory, tmp_path):
+    """Shard 1 registers the address of a stalling TCP proxy in front of it (its --advertise), so every trainer
+    RPC to it crosses the proxy. A stall shorter than the trainers' RPC deadline heals unnoticed; a longer one
+    fails the trainers within the deadline with an error naming the shard; --resume after healing equals the
+    fault-free reference."""
+    steps, rpc_timeout = 160, 10.0
+    shard1_port = free_port()
+    proxy = StallingProxy(f"127.0.0.1:{shard1_port}")
+    try:
+        job = job_factory(standby=0, shard_overrides={1: {"server": {"port": shard1_port},
+                                                          "advertise": proxy.address}})
+        assert job.client.shard_addresses(PLAN1)[1] == proxy.address
+        ckpt = tmp_path / "ckpt"
+        trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40",
+                             "--rpc-timeout-s", str(rpc_timeout))
+        # (a) a short stall (3 s, under the 10 s deadline): training pauses, then goes on
+        job.wait_step(15)
+        proxy.stall()
+        time.sleep(1.0)  # RPCs already past the proxy finish; then nothing moves
+        frozen_at = job.wait_step(0)
+        time.sleep(2.0)
+        assert job.wait_step(0) <= frozen_at + 1, "training went on through a stalled shard"
+        proxy.heal()
+        healed_at = time.monotonic()
+        job.wait_step(frozen_at + 3, timeout=60)
+        short_recovered = time.monotonic() - healed_at
+        assert trainers.poll() is None, trainers.stderr_tail()
+        # (b) a long stall, past the deadline: the trainers fail, naming the shard, within a bound
+        job.wait_step(50)
+        assert (ckpt / "LATEST").exists()
+        proxy.stall()
+        stalled_at = time.monotonic()
+        while trainers.poll() is None:
+            assert time.monotonic() - stalled_at < rpc_timeout + 60, "a trainer hangs on a partitioned shard"
+            time.sleep(0.1)
+        failed_in = time.monotonic() - stalled_at
+        assert trainers.poll() != 0
+        tail = trainers.stderr_tail(chars=1 << 20)
+        assert f"shard 1 at {proxy.address} did not answer" in tail and "RPC deadline" in tail, tail[-3000:]
+        assert "Traceback" not in tail.split(f"shard 1 at {proxy.address}")[0][-300:], tail[-3000:]
+        # heal, then the job resumes from its last checkpoint (still valid) and ends equal to the reference
+        proxy.heal()
+        trainers.start(resume=True)
+        while trainers.poll() is None:
+            assert time.monotonic() - stalled_at < 240, f"the resumed job hangs: {trainers.stderr_tail()}"
+            time.sleep(0.1)
+        tail = trainers.stderr_tail(chars=1 << 20)
+        assert trainers.poll() == 0 and "resumed from" in tail, tail[-3000:]
+        resumed = time.monotonic() - stalled_at
+        assert_equals_reference(job, steps)
+    finally:
+        proxy.close()
+    print(f"\nCHAOS partition: a 3 s stall healed ({short_recovered:.2f}s from heal to 3 more steps); a long stall "
+          f"failed the trainers in {failed_in:.2f}s (RPC deadline {rpc_timeout:g}s) naming shard 1; --resume after "
+          f"healing finished {resumed:.2f}s after the stall; equals the reference (1e-5)")
