@@ -3,6 +3,7 @@ and the comparison of a finished job against one process training on the global 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -99,9 +100,16 @@ def gather_tables(plan: common_pb2.ShardingPlan, addresses: list[str]) -> dict[s
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def cached_reference(steps: int):
+    """The reference run of `steps` steps, computed once per test process: it costs about as much CPU as the
+    job it checks, and several tests compare against the same one (it is only read)."""
+    return reference(MODEL, steps=steps, batch_size=BATCH)
+
+
 def assert_equals_reference(job: Job, steps: int) -> None:
     """Dense state, every table's weights and optimizer state == one process on the global batch (1e-5)."""
-    ref_tables, ref_model = reference(MODEL, steps=steps, batch_size=BATCH)
+    ref_tables, ref_model = cached_reference(steps)
     dense = torch.load(job.tmp / "out" / "dense.pt")
     for name, value in ref_model.state_dict().items():
         torch.testing.assert_close(dense[name], value, atol=1e-5, rtol=0, msg=name)

@@ -66,6 +66,8 @@ from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
 
 pb = coordinator_pb2
+# every training scenario runs the same job length, so the fault-free reference is computed once
+STEPS = 160
 
 
 def batch(n: int, index: int = 0):
@@ -213,7 +215,7 @@ def job_factory(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_trainer_kill9_mid_step_resumes_from_checkpoint_and_equals_uninterrupted(job_factory, tmp_path):
-    steps = 240
+    steps = STEPS
     job = job_factory(standby=0)
     ckpt = tmp_path / "ckpt"
     trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40")
@@ -247,7 +249,7 @@ def test_trainer_kill9_mid_step_resumes_from_checkpoint_and_equals_uninterrupted
 # -- kill -9 of the coordinator during training -----------------------------------------------------
 @pytest.mark.timeout(240)
 def test_coordinator_kill9_during_training(job_factory, tmp_path):
-    steps = 240
+    steps = STEPS
     port = free_port()
     job = job_factory("--port", str(port), standby=0)
     trainers = job.train(steps)
@@ -290,7 +292,7 @@ def test_coordinator_kill9_during_training(job_factory, tmp_path):
 # -- Redis restarted during training ----------------------------------------------------------------
 @pytest.mark.timeout(240)
 def test_redis_restart_during_training(job_factory, tmp_path):
-    steps = 240
+    steps = STEPS
     server = RedisServer(tmp_path / "redis", free_port()).start()
     try:
         job = job_factory("--redis", server.url, standby=0)
@@ -349,7 +351,7 @@ def test_partition_between_trainers_and_a_shard(job_factory, tmp_path):
     RPC to it crosses the proxy. A stall shorter than the trainers' RPC deadline heals unnoticed; a longer one
     fails the trainers within the deadline with an error naming the shard; --resume after healing equals the
     fault-free reference."""
-    steps, rpc_timeout = 160, 10.0
+    steps, rpc_timeout = STEPS, 10.0
     shard1_port = free_port()
     proxy = StallingProxy(f"127.0.0.1:{shard1_port}")
     try:
