@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import redis
 
 from coordinator.events import PlanEvents
 from coordinator.membership import Membership, StaleEpoch
@@ -41,6 +42,12 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
     except ValueError as e:
         code = "INVALID_ARGUMENT"
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis down or restarting (loading its AOF)
+        # the coordinator keeps serving: redis-py reconnects on the next call once Redis is back
+        code = "UNAVAILABLE"
+        log.warning("%s: Redis unavailable: %s", method, e)
+        context.abort(grpc.StatusCode.UNAVAILABLE,
+                      f"{method}: the coordinator's Redis is unavailable ({e}); retry once it is back")
     finally:
         servicer.metrics.requests.labels(method, code).inc()
         servicer.metrics.latency.labels(method).observe(time.perf_counter() - start)

@@ -47,6 +47,7 @@ class JobSettings:
     data: str = "synthetic"  # or criteo:PATH[,PATH...]
     transport: str = "grpc"  # or collective
     collective_timeout_s: float | None = None  # collective: no exchange waits longer for a peer (None: 300 s)
+    rpc_timeout_s: float = 120.0  # deadline of every shard RPC
     tls_ca: str | None = None
     tls_cert: str | None = None  # this trainer's certificate, for servers that require mutual TLS
     tls_key: str | None = None
@@ -128,7 +129,8 @@ class TrainingJob:
                                       tls_ca=settings.tls_ca, token=settings.token, tls_cert=settings.tls_cert,
                                       tls_key=settings.tls_key,
                                       trainer_epoch=self.follower.agent.epoch if self.follower is not None else 0,
-                                      member_check=self.follower.agent.check if self.follower is not None else None)
+                                      member_check=self.follower.agent.check if self.follower is not None else None,
+                                      rpc_timeout_s=settings.rpc_timeout_s)
         self.data = SyntheticData(self.model_cfg, seed=settings.seed)
         self.dense_publisher = None
         if settings.publish_dense and settings.rank == 0:
