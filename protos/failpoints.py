@@ -11,7 +11,8 @@ and TiKV's fail-rs do), so a chaos test hits one exact phase instead of racing a
 Unset (production), `hit()` is one dict lookup on an empty dict. The failpoints in the code:
 
   rollout.prepared      every shard staged the new plan; no FENCE sent yet
-  rollout.fenced        every trainer reported fenced; the fence step is not logged yet
+  rollout.fence_reported  the first trainer's ReportFenced is recorded (not yet answered); the
+                        others are stopping or reporting too
   rollout.migrating     the fence step and phase MIGRATING are logged; before the first pull
   rollout.after_flip    store.commit_rollout made the new plan current; no shard committed
   rollout.commit_shard  one shard committed the new plan (others may not have yet)
