@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import redis
 
 from coordinator.events import PlanEvents
 from coordinator.membership import Membership, StaleEpoch
@@ -40,6 +41,9 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
     except ValueError as e:
         code = "INVALID_ARGUMENT"
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except (redis.ConnectionError, redis.TimeoutError) as e:  # restarting: members retry; no traceback per call
+        code = "UNAVAILABLE"
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"the coordinator's Redis is unreachable: {e}")
     finally:
         servicer.metrics.requests.labels(method, code).inc()
         servicer.metrics.latency.labels(method).observe(time.perf_counter() - start)

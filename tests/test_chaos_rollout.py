@@ -14,7 +14,8 @@ and prints `CHAOS <scenario>: outcome, seconds to recover`.
   the logged fence step, idempotent where already done; the trainers resume on version 2);
 - Redis (a separate redis-server, append-only) killed -9 mid-migration and restarted on the same port
   after the coordinator reached the flip: the coordinator waits for it, flips, and the rollout is DONE
-  with a message saying how long it waited; the store is consistent afterwards.
+  with a message saying how long it waited; meanwhile membership RPCs answer UNAVAILABLE naming Redis;
+  the store is consistent afterwards.
 - the trainer side on its own (one PlanFollower, no training): a trainer waiting for a FENCE its peers
   saw but it never got, and one whose ReportFenced was cut off by the kill, are both resumed on the old
   plan by the restarted coordinator's replayed RESUME.
@@ -43,7 +44,7 @@ from tests.coordinated import PLAN2, Job, assert_equals_reference
 from trainer.coordination import PlanFollower
 
 pb = coordinator_pb2
-STEPS = 120
+STEPS = 200  # the rollout fences long before the last step, even on a fast machine
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def test_coordinator_kill9_in_rollout_phase(job_factory, tmp_path: Path, scenari
     port = free_port()
     job = job_factory("--port", str(port), coordinator_env={FAILPOINTS: f"{failpoint}=kill"})
     trainers = job.train(STEPS)
-    job.wait_step(15)
+    job.wait_step(10)
     with pytest.raises(grpc.RpcError) as broke:  # the failpoint kills the coordinator mid-rollout
         final(job.client.apply(PLAN2, base_version=1, author="chaos", reason=f"killed in {scenario}"))
     assert broke.value.code() == grpc.StatusCode.UNAVAILABLE, broke.value.details()
@@ -208,7 +209,7 @@ def test_redis_restarted_mid_migration(job_factory, tmp_path: Path):
         # the coordinator pauses 3 s at the start of the migration: Redis is killed then and stays down past it
         job = job_factory("--redis", servers[0].url, coordinator_env={FAILPOINTS: "rollout.migrating=sleep(3)"})
         job.train(STEPS)
-        job.wait_step(15)
+        job.wait_step(10)
         killed_at = back_at = None
         last = None
         for p in job.client.apply(PLAN2, base_version=1, author="chaos", reason="redis restarted"):
@@ -216,6 +217,10 @@ def test_redis_restarted_mid_migration(job_factory, tmp_path: Path):
                 os.kill(servers[0].pid, signal.SIGKILL)
                 killed_at = time.monotonic()
                 servers[0].close()
+                with pytest.raises(grpc.RpcError) as down:  # what members see meanwhile: retryable, named
+                    job.client.members()
+                assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
+                assert "the coordinator's Redis is unreachable" in down.value.details()
                 time.sleep(5.0)  # the coordinator reaches the flip while Redis is down
                 servers.append(EmbeddedRedis(redis_dir, port=redis_port))  # same port, same append-only file
                 back_at = time.monotonic()
