@@ -391,6 +391,7 @@ class RolloutEngine:
     def _store(self, what: str, fn):
         """fn() against the store, retried while Redis is unreachable (restarting) for up to redis_wait_s."""
         deadline = time.monotonic() + self.settings.redis_wait_s
+        warned = False
         while True:
             try:
                 return fn()
@@ -398,12 +399,17 @@ class RolloutEngine:
                 if time.monotonic() > deadline:
                     raise RolloutFailed(f"{what}: Redis unreachable for {self.settings.redis_wait_s:.0f} s: "
                                         f"{e}") from None
-                log.warning("%s: Redis unreachable (%s); retrying", what, e)
+                if not warned:  # once; retried every 0.5 s
+                    log.warning("%s: Redis unreachable (%s); retrying for up to %.0f s", what, e,
+                                self.settings.redis_wait_s)
+                    warned = True
                 time.sleep(0.5)
 
     def _flip(self, claim: RolloutClaim) -> float:
         """store.commit_rollout, waiting out a Redis restart; returns the seconds waited. A retry after a
-        lost connection may find the lock gone because the first EXEC did land: then the flip is done."""
+        lost connection may find the lock gone because the first EXEC did land: then the flip is done. Once a
+        connection was lost, whether it landed is unknown until Redis answers, and aborting could contradict
+        a landed flip: the trainers stay fenced until then (nothing else works without Redis either)."""
         started, lost = time.monotonic(), False
 
         def attempt() -> None:
@@ -417,7 +423,15 @@ class RolloutEngine:
                 if not (lost and self.store.current_version() == claim.to_version):
                     raise
 
-        self._store("flip the plan version", attempt)
+        while True:
+            try:
+                self._store("flip the plan version", attempt)
+                break
+            except RolloutFailed as e:
+                if not lost:
+                    raise
+                log.error("rollout %s: %s; the flip may have landed: waiting for Redis, trainers stay fenced",
+                          claim.rollout_id, e)
         return time.monotonic() - started if lost else 0.0
 
 

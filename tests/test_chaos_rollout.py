@@ -15,7 +15,8 @@ and prints `CHAOS <scenario>: outcome, seconds to recover`.
 - Redis (a separate redis-server, append-only) killed -9 mid-migration and restarted on the same port
   after the coordinator reached the flip: the coordinator waits for it, flips, and the rollout is DONE
   with a message saying how long it waited; meanwhile membership RPCs answer UNAVAILABLE naming Redis;
-  the store is consistent afterwards.
+  the store is consistent afterwards; Redis down longer than redis_wait_s right at the flip (a lost
+  connection: did it land?) is waited for, never aborted, then flipped.
 - the trainer side on its own (one PlanFollower, no training): a trainer waiting for a FENCE its peers
   saw but it never got, and one whose ReportFenced was cut off by the kill, are both resumed on the old
   plan by the restarted coordinator's replayed RESUME.
@@ -33,9 +34,12 @@ import grpc
 import pytest
 
 from coordinator.client import CoordinatorClient, final
+from coordinator.events import PlanEvents
+from coordinator.membership import Membership
 from coordinator.plan_store import PlanStore
 from coordinator.process import launch as launch_coordinator
 from coordinator.redis_backend import EmbeddedRedis, connect
+from coordinator.rollout import RolloutEngine, RolloutSettings
 from embedding_service.client import ShardClient
 from protos import coordinator_pb2
 from protos.failpoints import ENV as FAILPOINTS
@@ -244,3 +248,34 @@ def test_redis_restarted_mid_migration(job_factory, tmp_path: Path):
     print(f"\nCHAOS redis-restart-mid-migration: done ({last.message}); Redis down {back_at - killed_at:.2f}s; "
           f"rollout finished {finished:.2f}s and trainers resumed {resumed:.2f}s after the kill; equals the "
           f"reference (1e-5)")
+
+
+@pytest.mark.timeout(120)
+def test_redis_down_past_the_wait_at_the_flip_keeps_waiting_then_flips(tmp_path: Path):
+    """Once a connection was lost at the flip, whether it landed is unknown: the engine neither aborts nor
+    gives up after redis_wait_s, but waits for Redis and then flips (the real engine and store, a real
+    redis-server killed -9 and restarted from its append-only file)."""
+    redis_dir, redis_port = tmp_path / "redis", free_port()
+    servers = [EmbeddedRedis(redis_dir, port=redis_port)]
+    try:
+        client = connect(servers[0].url)
+        store = PlanStore(client, namespace="flip")
+        store.initialize(PLAN2, "test", "first")
+        claim = store.begin_rollout(PLAN2, 1, "test", "flip while Redis restarts")
+        engine = RolloutEngine(store, Membership(client, namespace="flip"), PlanEvents(),
+                               RolloutSettings(redis_wait_s=0.5))
+        store.redis.ping()
+        os.kill(servers[0].pid, signal.SIGKILL)
+        servers[0].close()
+        with ThreadPoolExecutor(1) as pool:
+            flip = pool.submit(engine._flip, claim)
+            time.sleep(2.0)  # four times redis_wait_s
+            assert not flip.done(), flip.exception() if flip.done() else None
+            servers.append(EmbeddedRedis(redis_dir, port=redis_port))
+            waited = flip.result(timeout=60)
+        assert waited >= 2.0
+        assert store.current_version() == claim.to_version and store.rollout_in_progress() is None
+        assert store.rollout_log(1)[0]["phase"] == "COMMITTING"  # the shards' Commit is next
+    finally:
+        servers[-1].close()
+    print(f"\nCHAOS redis-down-at-the-flip: waited {waited:.2f}s past redis_wait_s 0.5 s, then flipped")
