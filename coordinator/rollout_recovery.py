@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from coordinator.membership import Membership
 from coordinator.plan_store import PlanStore, claim_of
 from coordinator.rollout import RolloutEngine, commit_all, parallel
@@ -76,7 +78,7 @@ class RolloutRecovery:
         claim = claim_of(entry)
         step = entry.get("fence_step")
         if step is None:  # logged before fence steps were: the shards' applied step is the boundary
-            step = max(c.info().applied_step for c in clients.values())
+            step = max((s for s in map(_applied_step, clients.values()) if s is not None), default=-1)
         errors = commit_all(clients, claim.to_version, step)
         why = f"{PREFIX}: finished (the coordinator died after the flip; version {claim.to_version} committed " \
               f"at step {step})"
@@ -104,3 +106,10 @@ class RolloutRecovery:
             rollout_id=rollout_id, phase=phase, from_version=entry["from"], to_version=to_version,
             fence_step=fence_step if fence_step is not None else 0, message=message))
         self.engine.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=version, rollout_id=rollout_id))
+
+
+def _applied_step(client: ShardClient) -> int | None:
+    try:
+        return client.info().applied_step
+    except grpc.RpcError:  # down: it commits nothing either way
+        return None
