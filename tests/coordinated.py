@@ -28,13 +28,14 @@ class Job:
     """A coordinator (initial plan PLAN1), its shards, and two trainers; everything stopped by close()."""
 
     def __init__(self, tmp_path: Path, *coordinator_args: str, standby: int = 1, initial: bool = True,
-                 shard_overrides: dict[int, dict] | None = None) -> None:
-        """`shard_overrides`: per shard id, config keys for that shard only (its port, its advertised address)."""
+                 shard_overrides: dict[int, dict] | None = None, coordinator_env: dict[str, str] | None = None) -> None:
+        """`shard_overrides`: per shard id, config keys for that shard only (its port, its advertised address);
+        `coordinator_env`: extra environment of the coordinator process (failpoints)."""
         self.tmp = tmp_path
         plan_path = tmp_path / "plan1.json"
         plan_path.write_text(dump_plan(PLAN1))
         args = ["--lease-s", "4", *(["--initial-plan", str(plan_path)] if initial else []), *coordinator_args]
-        self.coordinator: CoordinatorProcess = launch(args, workdir=tmp_path / "coordinator")
+        self.coordinator: CoordinatorProcess = launch(args, workdir=tmp_path / "coordinator", env=coordinator_env)
         self.client = CoordinatorClient(self.coordinator.address, token=self.coordinator.token)
         self.shards = LocalShards(self.coordinator.address, tmp_path, num_trainers=2, seed=SEED)
         self.trainers: LocalTrainers | None = None
