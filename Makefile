@@ -12,6 +12,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# tritonserver + Python-backend stubs for `inference-gateway serve-triton`; --no-deps: only its binaries are
+	# used, and its numpy<2 pin would downgrade numpy (benchmarks/gateway_frontend.md)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	touch $@
 
 demo: install

@@ -4,7 +4,11 @@ For each table dtype (FP32, INT8, INT4): the in-process batched limit of the sam
 real gateway process driven over gRPC from this process (async, pre-serialized requests):
   W1 one sample per request: closed loop at concurrency C; open loop at half the measured maximum;
      open loop at 2x the maximum (overload: accepted requests' latency, rejected share and speed).
+  W1 over the Open Inference Protocol (ModelInfer, raw contents, as Triton's client sends): closed loop.
   W2 one user x 256 candidate items per request: closed loop; samples/s against the in-process limit.
+The 2x overloads (W1, where the event loop is the bottleneck, and W2, where compute is) report goodput
+against the closed-loop maximum, the accepted requests' p99, the refusal codes and how fast each code was
+answered (admission answers RESOURCE_EXHAUSTED on arrival).
 First, the W1 ceiling: the same client against a Predict that does no work at all (Python gRPC alone).
 Latencies of the open loops count from each request's scheduled send time (no coordinated omission).
 
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from inference_gateway.client import build_request
-from inference_gateway.loadgen import closed_loop, open_loop, stream_closed_loop
+from inference_gateway.loadgen import OIP_METHOD, closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch
@@ -72,6 +76,15 @@ def samples(cfg: ModelConfig, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 def request_pool(cfg: ModelConfig, batch: int, count: int) -> list[bytes]:
     return [build_request(*samples(cfg, batch, i), request_id=str(i)).SerializeToString() for i in range(count)]
+
+
+def infer_pool(cfg: ModelConfig, batch: int, count: int) -> list[bytes]:
+    """The same samples as request_pool's, as serialized ModelInferRequests."""
+    from inference_gateway.oip import infer_request  # package `inference` stubs: only where needed
+
+    features = [f.name for f in cfg.features]
+    return [infer_request(*samples(cfg, batch, i), features, request_id=str(i)).SerializeToString()
+            for i in range(count)]
 
 
 def in_process(pkg: Path, cfg: ModelConfig, batch: int, seconds: float, threads: int = 1) -> float:
@@ -132,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
     p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")
     p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
-                   "--max-concurrent-rpcs 128 --max-pending-rpcs 128",
+                   "--max-concurrent-rpcs 128 --max-pending-rpcs 128 --max-queue-wait-ms 30",
                    help="extra `inference-gateway serve` flags")
     p.add_argument("--skip", default="",
-                   help="comma-separated phases to skip: echo,inprocess,w1,half,overload,stream,w2")
+                   help="comma-separated phases to skip: echo,inprocess,w1,half,overload,stream,oip,w2")
     p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.echo_server:
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     pkgs = packages(workdir, dtypes)
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
     w1, w2 = request_pool(cfg, 1, 512), request_pool(cfg, 256, 16)
+    w1_oip = infer_pool(cfg, 1, 512) if "oip" not in skip else []
     common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "server": args.server_args}
     if "echo" not in skip:
         r = echo_ceiling(w1, args.concurrency, args.seconds, workdir)
@@ -176,18 +190,30 @@ def main(argv: list[str] | None = None) -> int:
                 emit({**base, "bench": "W1_open_half_max", **r, "loadavg": _load()})
             if peak and "overload" not in skip:
                 r = asyncio.run(open_loop(gw.address, w1, peak * 2, args.seconds, 1))
-                emit({**base, "bench": "W1_open_2x_overload", **r, "loadavg": _load()})
+                emit({**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r,
+                      "goodput_vs_max": round(r["requests_per_s"] / peak, 3), "loadavg": _load()})
             if "stream" not in skip:
                 depth = max(1, args.concurrency // args.streams)
                 r = asyncio.run(stream_closed_loop(gw.address, w1, args.streams, depth, args.seconds, 1))
                 emit({**base, "bench": "W1_stream_closed", "concurrency": args.streams * depth,
                       "streams": args.streams, **r, "loadavg": _load()})
+            if "oip" not in skip:
+                r = asyncio.run(closed_loop(gw.address, w1_oip, args.concurrency, args.seconds, 1, OIP_METHOD))
+                rec = {**base, "bench": "W1_oip_closed", "concurrency": args.concurrency, **r}
+                if peak:
+                    rec["vs_predict"] = round(r["requests_per_s"] / peak, 3)
+                emit({**rec, "loadavg": _load()})
             if "w2" not in skip:
                 r = asyncio.run(closed_loop(gw.address, w2, args.w2_concurrency, args.seconds, 256))
                 rec = {**base, "bench": "W2_closed", "concurrency": args.w2_concurrency, "candidates": 256, **r}
                 if (256, 1) in limits:  # the server runs 2 workers of one kernel thread each
                     rec["vs_in_process_256"] = round(r["samples_per_s"] / limits[256, 1], 3)
                 emit({**rec, "loadavg": _load()})
+                if "overload" not in skip:  # compute-bound overload: admission's own case (the loop keeps up)
+                    peak2 = r["requests_per_s"]
+                    r = asyncio.run(open_loop(gw.address, w2, peak2 * 2, args.seconds, 256))
+                    emit({**base, "bench": "W2_open_2x_overload", "candidates": 256, "max_per_s": peak2, **r,
+                          "goodput_vs_max": round(r["requests_per_s"] / peak2, 3), "loadavg": _load()})
         finally:
             gw.terminate()
     return 0

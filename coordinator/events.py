@@ -1,4 +1,8 @@
-"""Plan events fanned out to every WatchPlan stream (one queue per watcher)."""
+"""Plan events fanned out to every WatchPlan stream (one queue per watcher).
+
+A late watcher gets the open FENCE, or else the last RESUME: a trainer fenced when the coordinator died
+reconnects to the restarted one after its start-up recovery published the RESUME, and must still get it
+(a trainer that already resumed ignores a RESUME it has seen)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ class PlanEvents:
         self._lock = threading.Lock()
         self._subscribers: list[queue.Queue] = []
         self.fence: coordinator_pb2.PlanEvent | None = None  # the open FENCE, replayed to late watchers
+        self.resume: coordinator_pb2.PlanEvent | None = None  # the last RESUME, replayed when no FENCE is open
         self.closed = False
 
     def publish(self, event: coordinator_pb2.PlanEvent) -> None:
@@ -21,17 +26,18 @@ class PlanEvents:
             if event.kind == coordinator_pb2.FENCE:
                 self.fence = event
             elif event.kind == coordinator_pb2.RESUME:
-                self.fence = None
+                self.fence, self.resume = None, event
             for q in self._subscribers:
                 q.put(event)
 
     def subscribe(self, current: coordinator_pb2.PlanEvent, is_active, poll_s: float = 0.5
                   ) -> Iterator[coordinator_pb2.PlanEvent]:
-        """CURRENT first, the open FENCE if any, then every event until the client goes away."""
+        """CURRENT first, the open FENCE (or else the last RESUME) if any, then every event until the client
+        goes away."""
         q: queue.Queue = queue.Queue()
         with self._lock:
             self._subscribers.append(q)
-            pending = self.fence
+            pending = self.fence or self.resume
         try:
             yield current
             if pending is not None:

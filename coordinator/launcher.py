@@ -26,15 +26,16 @@ class LocalShards:
         self.procs: dict[int, ServerProcess] = {}
         self._starts = 0
 
-    def start(self, shard: int, plan: common_pb2.ShardingPlan | None) -> ServerProcess:
+    def start(self, shard: int, plan: common_pb2.ShardingPlan | None, **overrides) -> ServerProcess:
         """(Re)starts shard `shard` holding its slices of `plan` (seeded rows; a restore fills them), or on
-        standby holding nothing when `plan` is None, registered with the coordinator."""
+        standby holding nothing when `plan` is None, registered with the coordinator. `overrides`: config
+        keys for this shard only (e.g. `server` and `advertise`, to put a proxy in front of it)."""
         old = self.procs.pop(shard, None)
         if old is not None:
             old.kill()
         self._starts += 1
         cfg = shard_config(plan, shard, coordinator=self.coordinator, num_trainers=self.num_trainers, seed=self.seed,
-                           checkpoint_root=self.checkpoint_root, **self.extra)
+                           checkpoint_root=self.checkpoint_root, **{**self.extra, **overrides})
         proc = launch_with_config("embedding_service.cli", cfg, what="shard",
                                   workdir=self.workdir / f"shard-{shard}-{self._starts}")
         self.procs[shard] = proc

@@ -10,6 +10,10 @@ Keys (prefix = namespace, default "recsys"):
   {ns}:rollout:log         rollout ids, newest first
   {ns}:rollout:entry:{id}  JSON of one rollout attempt and its outcome
 
+A log entry records the phase the rollout reached (PREPARING, FENCING, MIGRATING with the fence step,
+COMMITTING once the flip made its plan current, DONE once every shard committed, ABORTED), so that a
+coordinator restarted after a crash can finish or abort it (coordinator/rollout_recovery.py).
+
 Every state change is one optimistic transaction (WATCH/MULTI/EXEC): two coordinators (threads or
 processes) that race see exactly one winner; the loser retries, sees the winner's lock, and gets a
 PlanConflict that names it. The lock carries its own expiry time from `clock` (so tests can inject
@@ -136,7 +140,7 @@ class PlanStore:
         """Rollout attempts newest first: id, from, to, author, reason, outcome, why, started, ended.
 
         outcome is "in_progress", "done" or "aborted" (a rollout whose lock expired is marked aborted
-        by the next one that begins).
+        by the next one that begins); phase and fence_step say how far it got.
         """
         ids = self.redis.lrange(self._log, 0, limit - 1 if limit > 0 else -1)
         if not ids:
@@ -228,7 +232,8 @@ class PlanStore:
             if raw is None:
                 raise PlanNotFound(f"plan version {claim.to_version} of rollout {claim.rollout_id} is missing")
             entry = self._entry(pipe, claim)
-            entry.update(outcome="done", ended=self.clock())
+            # the plan is current; the shards still have to commit it (phase DONE once they did)
+            entry.update(outcome="done", phase="COMMITTING", ended=self.clock())
             pipe.multi()
             pipe.set(self._current, claim.to_version)
             pipe.lpush(self._history, claim.to_version)
@@ -249,11 +254,47 @@ class PlanStore:
             if ours:
                 pipe.delete(self._lock)
             if entry.get("outcome") == "in_progress":
-                entry.update(outcome="aborted", why=why, ended=self.clock())
+                entry.update(outcome="aborted", phase="ABORTED", why=why, ended=self.clock())
                 pipe.set(self._entry_key(claim.rollout_id), json.dumps(entry))
             return ours
 
         return self._transaction(txn, self._lock, self._entry_key(claim.rollout_id))
+
+    def log_phase(self, claim: RolloutClaim, phase: str, fence_step: int | None = None) -> None:
+        """Records the phase a running rollout reached (and its fence step) in its log entry, and extends
+        its lock; PlanConflict when the lock is no longer ours (nothing written then)."""
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            self._check_ours(pipe, claim, f"log phase {phase} of")
+            entry = self._entry(pipe, claim)
+            entry["phase"] = phase
+            if fence_step is not None:
+                entry["fence_step"] = fence_step
+            pipe.multi()
+            pipe.set(self._lock, self._lock_value(claim, self.clock()), px=self._ttl_ms())
+            pipe.set(self._entry_key(claim.rollout_id), json.dumps(entry))
+
+        self._transaction(txn, self._lock)
+
+    def log_committed(self, rollout_id: str, why: str = "") -> None:
+        """After the flip: every shard was asked to commit (`why` lists those that failed); phase DONE."""
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(self._entry_key(rollout_id))
+            if raw is None:
+                raise PlanNotFound(f"rollout {rollout_id}: no log entry")
+            entry = json.loads(raw)
+            entry.update(phase="DONE", why=why)
+            pipe.multi()
+            pipe.set(self._entry_key(rollout_id), json.dumps(entry))
+
+        self._transaction(txn, self._entry_key(rollout_id))
+
+    def unfinished_rollouts(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Log entries, newest first among the last `limit`, that a crashed coordinator left open: still
+        in progress (before the flip), or flipped (phase COMMITTING) but not logged as committed."""
+        return [e for e in self.rollout_log(limit)
+                if e.get("outcome") == "in_progress" or e.get("phase") == "COMMITTING"]
 
     # -- internals --------------------------------------------------------------------------------
     def _transaction(self, fn: Callable[[redis.client.Pipeline], T], *watch: str) -> T:
@@ -299,7 +340,8 @@ class PlanStore:
         entry = self._entry(pipe, stale)
         if entry.get("outcome") != "in_progress":
             return None
-        entry.update(outcome="aborted", why=f"lock expired (lock_ttl_s {self.lock_ttl_s})", ended=self.clock())
+        entry.update(outcome="aborted", phase="ABORTED", why=f"lock expired (lock_ttl_s {self.lock_ttl_s})",
+                     ended=self.clock())
         return entry
 
     def _record(self, plan: common_pb2.ShardingPlan, version: int, author: str, reason: str,
@@ -314,7 +356,12 @@ class PlanStore:
 def _entry(claim: RolloutClaim) -> dict[str, Any]:
     return {"id": claim.rollout_id, "from": claim.from_version, "to": claim.to_version, "author": claim.author,
             "reason": claim.reason, "outcome": "in_progress", "why": "", "started": claim.started_at,
-            "ended": None}
+            "ended": None, "phase": "PREPARING", "fence_step": None}
+
+
+def claim_of(entry: dict[str, Any]) -> RolloutClaim:
+    """The claim a log entry was made for (what a restarted coordinator acts on)."""
+    return RolloutClaim(entry["id"], entry["from"], entry["to"], entry["author"], entry["reason"], entry["started"])
 
 
 def _int(raw: bytes | None) -> int:

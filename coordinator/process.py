@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,10 @@ class CoordinatorProcess(ServerProcess):
 
 
 def launch(args: list[str] | None = None, *, workdir: str | Path | None = None, token: str = "test-admin-token",
-           timeout: float = 60.0) -> CoordinatorProcess:
+           timeout: float = 60.0, env: Mapping[str, str] | None = None) -> CoordinatorProcess:
+    """`env` adds to this process's environment (e.g. RECSYS_FAILPOINTS for one coordinator)."""
     wd = workdir_for(workdir, "coordinator-")
-    env = dict(os.environ, RECSYS_ADMIN_TOKEN=token)
+    env = dict(os.environ, **(env or {}), RECSYS_ADMIN_TOKEN=token)
     proc, msg = start_announced(["coordinator.cli", "serve", "--data-dir", str(wd / "redis"), *(args or [])], wd,
                                 what="coordinator", timeout=timeout, env=env)
     return CoordinatorProcess(proc, msg, wd, token)

@@ -1,6 +1,11 @@
 """Live plan rollout: fence the trainers, stage the new plan on every shard, pull rows shard-to-shard,
 flip the plan version, resume the trainers. Any failure before the flip aborts: the old plan stays
 current and complete (the shards only drop what they staged), and the trainers resume on it.
+
+Each phase is logged in the rollout's entry in Redis before it starts (with the fence step once known),
+so a coordinator killed mid-rollout is finished or aborted by the next one at start-up
+(coordinator/rollout_recovery.py). Redis going away mid-rollout is waited out for `redis_wait_s`.
+Failpoints (protos/failpoints.py) mark each phase for the chaos tests.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import grpc
+import redis
 
 from coordinator.membership import Membership
 from coordinator.moves import Move, MoveError, compute_moves, split_moves
@@ -20,7 +26,7 @@ from coordinator.plan_store import PlanConflict, PlanStore, RolloutClaim
 from coordinator.scaling import FixedShards, ScalingError, ShardScaler
 from coordinator.validation import plan_violations
 from embedding_service.client import ShardClient
-from protos import common_pb2, coordinator_pb2, embedding_shard_pb2
+from protos import common_pb2, coordinator_pb2, embedding_shard_pb2, failpoints
 from protos.plan import assignment
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ class RolloutSettings:
     tls_cert: str | None = None  # the coordinator's own certificate, presented to shards that require mTLS
     tls_key: str | None = None
     shard_token: str | None = None  # the shards' control-plane token (Prepare, PullRows, Commit, Abort)
+    redis_wait_s: float = 60.0  # how long a rollout waits for an unreachable Redis (a restart) before it gives up
 
 
 class RolloutEngine:
@@ -125,6 +132,14 @@ class RolloutEngine:
             if snap.phase in TERMINAL:
                 return
 
+    def restore_progress(self, progress: pb.RolloutProgress) -> None:
+        """What RolloutStatus shows for a rollout a restarted coordinator finished or aborted."""
+        with self._lock:
+            self.progress = progress
+            self._lock.notify_all()
+        if self.on_finish is not None:  # counted with the rollouts this coordinator ran
+            self.on_finish(self.snapshot())
+
     def _update(self, **fields) -> None:
         with self._lock:
             for k, v in fields.items():
@@ -140,6 +155,7 @@ class RolloutEngine:
                                      f"{self.progress.rollout_id!r}, phase {phase})")
             self._fenced[trainer_id] = step
             self._lock.notify_all()
+        failpoints.hit("rollout.fence_reported")
 
     # -- running ------------------------------------------------------------------------------
     def _run(self, claim: RolloutClaim, current: pb.PlanRecord | None, plan: common_pb2.ShardingPlan,
@@ -157,10 +173,14 @@ class RolloutEngine:
             missing = sorted(i for i in ids if i not in shards)
             if missing:
                 raise RolloutFailed(f"shards {missing} are not registered and alive")
-            clients = {i: self._shard_client(shards[i].address, claim.from_version) for i in sorted(ids)}
+            clients = {i: self.shard_client(shards[i].address, claim.from_version) for i in sorted(ids)}
             staged = True
-            self._parallel({i: (lambda c=c, i=i: c.prepare(assignment(plan, i))) for i, c in clients.items()},
-                           "Prepare")
+            errors = parallel({i: (lambda c=c, i=i: c.prepare(assignment(plan, i))) for i, c in clients.items()},
+                              "Prepare")
+            if errors:
+                raise RolloutFailed("; ".join(errors))
+            failpoints.hit("rollout.prepared")
+            self._store("log the phase", lambda: self.store.log_phase(claim, "FENCING"))
             self._update(phase=pb.FENCING)
             fenced_at = time.monotonic()
             self.events.publish(pb.PlanEvent(kind=pb.FENCE, plan_version=claim.from_version,
@@ -168,10 +188,13 @@ class RolloutEngine:
             step = self._await_fence(claim)
             if step < 0 and current is not None:  # no trainers: the shards' applied step is the boundary
                 step = max(c.info().applied_step for i, c in clients.items() if i < current.plan.num_shards)
+            # the fence step is the step every shard commits at: a restarted coordinator needs it after the flip
+            self._store("log the phase", lambda: self.store.log_phase(claim, "MIGRATING", fence_step=step))
             self._update(phase=pb.MIGRATING, fence_step=step, pause_s=time.monotonic() - fenced_at)
+            failpoints.hit("rollout.migrating")
             self._migrate(claim, moves, clients, shards, fenced_at)
             self._update(phase=pb.COMMITTING, pause_s=time.monotonic() - fenced_at)
-            self.store.commit_rollout(claim)  # the flip: from here on the new plan is current
+            waited = self._flip(claim)  # from here on the new plan is current
         except Exception as e:
             why = str(e) if isinstance(e, RolloutFailed | PlanConflict) else f"{type(e).__name__}: {e}"
             log.error("rollout %s aborted: %s", claim.rollout_id, why)
@@ -182,7 +205,7 @@ class RolloutEngine:
                     except grpc.RpcError as err:
                         log.warning("abort on shard %d: %s", i, err.details())
             try:
-                self.store.abort_rollout(claim, why)
+                self._store("log the abort", lambda: self.store.abort_rollout(claim, why))
             except Exception as err:  # the lock may have expired; the current plan is unchanged either way
                 log.warning("abort_rollout: %s", err)
             self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.from_version,
@@ -193,10 +216,16 @@ class RolloutEngine:
                          pause_s=time.monotonic() - fenced_at if fenced_at is not None else 0.0)
             self._close(clients)
             return
-        errors = self._parallel({i: (lambda c=c: c.commit(claim.to_version, step)) for i, c in clients.items()},
-                                "Commit", raise_first=False)
-        self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.to_version, rollout_id=claim.rollout_id))
+        failpoints.hit("rollout.after_flip")
+        errors = commit_all(clients, claim.to_version, step)
         message = "; ".join(errors)  # a shard that failed to flip needs recovery (restart from checkpoint)
+        try:
+            self._store("log the commit", lambda: self.store.log_committed(claim.rollout_id, message))
+        except Exception as err:  # the plan is live either way; a restart commits the shards again (idempotent)
+            log.warning("rollout %s: logging the commit: %s", claim.rollout_id, err)
+        self.events.publish(pb.PlanEvent(kind=pb.RESUME, plan_version=claim.to_version, rollout_id=claim.rollout_id))
+        if waited:
+            message = "; ".join(filter(None, [f"waited {waited:.1f} s for Redis at the flip", message]))
         if not errors:
             self._scale_in(plan)
         self._finish(phase=pb.DONE, message=message, pause_s=time.monotonic() - fenced_at)
@@ -254,7 +283,7 @@ class RolloutEngine:
                 raise RolloutFailed(str(e)) from None
             log.error("%s", e)  # the plan is live either way; spare shards only cost resources
 
-    def _shard_client(self, address: str, plan_version: int) -> ShardClient:
+    def shard_client(self, address: str, plan_version: int) -> ShardClient:
         """A client carrying the coordinator's control-plane credentials (token; its certificate under mTLS)."""
         st = self.settings
         return ShardClient(address, plan_version=plan_version, timeout=st.rpc_timeout_s, tls_ca=st.tls_ca,
@@ -269,7 +298,7 @@ class RolloutEngine:
     def install(self, plan: common_pb2.ShardingPlan, shard: int, address: str) -> None:
         """Gives a standby shard (plan version 0: a replacement pod) its slices of the live `plan`, seeded;
         the trainers' resume restores them from the checkpoint."""
-        with self._shard_client(address, 0) as c:
+        with self.shard_client(address, 0) as c:
             c.prepare(assignment(plan, shard))
             c.commit(plan.version, -1)
 
@@ -336,7 +365,7 @@ class RolloutEngine:
                 done_bytes += 0 if m.local else m.bytes
                 self._update(bytes_done=done_bytes, rows_done=done_rows, pause_s=time.monotonic() - fenced_at)
             if time.monotonic() - last_refresh > 5:
-                self.store.refresh(claim)
+                self._store("refresh the lock", lambda: self.store.refresh(claim))
                 last_refresh = time.monotonic()
 
         with ThreadPoolExecutor(max_workers=s.pull_workers) as pool:
@@ -358,15 +387,72 @@ class RolloutEngine:
                 for f in pending:
                     f.cancel()
 
-    def _parallel(self, calls: dict, what: str, raise_first: bool = True) -> list[str]:
-        errors = []
-        with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
-            futures = {pool.submit(fn): i for i, fn in calls.items()}
-            for f in as_completed(futures):
-                try:
-                    f.result()
-                except grpc.RpcError as e:
-                    errors.append(f"{what} on shard {futures[f]}: {e.code().name}: {e.details()}")
-        if errors and raise_first:
-            raise RolloutFailed("; ".join(sorted(errors)))
-        return errors
+    # -- Redis going away ---------------------------------------------------------------------
+    def _store(self, what: str, fn):
+        """fn() against the store, retried while Redis is unreachable (restarting) for up to redis_wait_s."""
+        deadline = time.monotonic() + self.settings.redis_wait_s
+        warned = False
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise RolloutFailed(f"{what}: Redis unreachable for {self.settings.redis_wait_s:.0f} s: "
+                                        f"{e}") from None
+                if not warned:  # once; retried every 0.5 s
+                    log.warning("%s: Redis unreachable (%s); retrying for up to %.0f s", what, e,
+                                self.settings.redis_wait_s)
+                    warned = True
+                time.sleep(0.5)
+
+    def _flip(self, claim: RolloutClaim) -> float:
+        """store.commit_rollout, waiting out a Redis restart; returns the seconds waited. A retry after a
+        lost connection may find the lock gone because the first EXEC did land: then the flip is done. Once a
+        connection was lost, whether it landed is unknown until Redis answers, and aborting could contradict
+        a landed flip: the trainers stay fenced until then (nothing else works without Redis either)."""
+        started, lost = time.monotonic(), False
+
+        def attempt() -> None:
+            nonlocal lost
+            try:
+                self.store.commit_rollout(claim)
+            except (redis.ConnectionError, redis.TimeoutError):
+                lost = True
+                raise
+            except PlanConflict:
+                if not (lost and self.store.current_version() == claim.to_version):
+                    raise
+
+        while True:
+            try:
+                self._store("flip the plan version", attempt)
+                break
+            except RolloutFailed as e:
+                if not lost:
+                    raise
+                log.error("rollout %s: %s; the flip may have landed: waiting for Redis, trainers stay fenced",
+                          claim.rollout_id, e)
+        return time.monotonic() - started if lost else 0.0
+
+
+def parallel(calls: dict, what: str) -> list[str]:
+    """Runs {shard: fn} at once; the errors, one line per shard."""
+    errors = []
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        futures = {pool.submit(fn): i for i, fn in calls.items()}
+        for f in as_completed(futures):
+            try:
+                f.result()
+            except grpc.RpcError as e:
+                errors.append(f"{what} on shard {futures[f]}: {e.code().name}: {e.details()}")
+    return sorted(errors)
+
+
+def commit_all(clients: dict[int, ShardClient], version: int, step: int) -> list[str]:
+    """Commit on every shard (idempotent: a shard that already committed `version` answers OK)."""
+
+    def commit(c: ShardClient) -> None:
+        c.commit(version, step)
+        failpoints.hit("rollout.commit_shard")
+
+    return parallel({i: (lambda c=c: commit(c)) for i, c in clients.items()}, "Commit")

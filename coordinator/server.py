@@ -1,4 +1,7 @@
-"""Builds and runs the coordinator: store and membership in Redis, gRPC service, health, metrics, SIGTERM."""
+"""Builds and runs the coordinator: store and membership in Redis, gRPC service, health, metrics, SIGTERM.
+
+At start-up, before it serves, a rollout a killed predecessor left open is finished or aborted
+(coordinator/rollout_recovery.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan_store import PlanStore
 from coordinator.redis_backend import EmbeddedRedis, connect
 from coordinator.rollout import RolloutSettings
+from coordinator.rollout_recovery import Recovered, RolloutRecovery
 from coordinator.service import MAX_WATCHERS, UNARY_CONCURRENCY, CoordinatorServicer
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.rejects import DecodeGuard, Rejects, quiet_grpc_decode_logs
@@ -69,6 +73,7 @@ class RunningCoordinator:
     redis_url: str
     embedded: EmbeddedRedis | None
     cluster: KubeCluster | None = None
+    recovered: list[Recovered] = field(default_factory=list)  # rollouts a killed predecessor left open
 
     def stop(self, grace: float = 10.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -110,6 +115,7 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     servicer = CoordinatorServicer(store, membership, metrics, config.rollout,
                                    scaler=cluster.scaler if cluster is not None else None,
                                    max_watchers=config.max_watchers)
+    recovered = RolloutRecovery(store, membership, servicer.rollouts).run()
     if cluster is not None:
         cluster.start(store, membership, servicer.rollouts, tls_ca=config.rollout.tls_ca)
     metrics.plan_version.set(store.current_version())
@@ -130,7 +136,8 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningCoordinator(server, servicer, health_servicer, port, metrics_port, token, url, embedded, cluster)
+    return RunningCoordinator(server, servicer, health_servicer, port, metrics_port, token, url, embedded, cluster,
+                              recovered)
 
 
 def _existing_token(path: str | None) -> str | None:
@@ -148,7 +155,9 @@ def serve_forever(config: CoordinatorConfig) -> NoReturn:
     info = {"event": "serving", "service": SERVICE_NAME, "host": config.host, "port": running.port,
             "metrics_port": running.metrics_port, "redis": running.redis_url,
             "plan_version": running.servicer.store.current_version(), "tls": config.tls is not None,
-            "mtls": bool(config.tls and config.tls.client_ca)}
+            "mtls": bool(config.tls and config.tls.client_ca),
+            "recovered_rollouts": [{"id": r.rollout_id, "outcome": r.outcome, "phase": r.phase}
+                                   for r in running.recovered]}
     if config.kubernetes is not None:
         k = config.kubernetes
         info["kubernetes"] = {"namespace": k.namespace, "statefulset": k.statefulset, "selector": k.selector}

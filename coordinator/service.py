@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
 import logging
 import threading
 import time
 from collections.abc import Iterator
 
 import grpc
+import redis
 
 from coordinator.events import PlanEvents
 from coordinator.membership import Membership, StaleEpoch
@@ -51,6 +53,12 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
     except ValueError as e:
         code = "INVALID_ARGUMENT"
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis down or restarting (loading its AOF)
+        # the coordinator keeps serving: redis-py reconnects on the next call once Redis is back
+        code = "UNAVAILABLE"
+        log.warning("%s: Redis unavailable: %s", method, e)
+        context.abort(grpc.StatusCode.UNAVAILABLE,
+                      f"{method}: the coordinator's Redis is unavailable ({e}); retry once it is back")
     finally:
         servicer.metrics.requests.labels(method, code).inc()
         servicer.metrics.latency.labels(method).observe(time.perf_counter() - start)
@@ -131,7 +139,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @rpc
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         member = self.membership.get(request.kind, request.id)
-        removed = member is not None and member.instance == request.instance
+        removed = member is not None and hmac.compare_digest(member.instance.encode(), request.instance.encode())
         if removed:
             self.membership.remove(request.kind, request.id)
             log.info("%s %d left", pb.MemberKind.Name(request.kind), request.id)
@@ -142,7 +150,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def ListMembers(self, request, context) -> pb.ListMembersResponse:
         members = self.membership.members()
         self._count_members(members)
-        return pb.ListMembersResponse(members=members)
+        listed = []
+        for m in members:  # `instance` is each member's credential for Heartbeat and Leave: never listed
+            copy = pb.Member()
+            copy.CopyFrom(m)
+            copy.ClearField("instance")
+            listed.append(copy)
+        return pb.ListMembersResponse(members=listed)
 
     def _count_members(self, members=None) -> None:
         members = self.membership.members() if members is None else members

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default ./checkpoints)")
     s.add_argument("--token-file", help="control-plane bearer token (default: env RECSYS_CONTROL_TOKEN; none: "
                    "open unless mTLS); also presented to peer shards")
+    s.add_argument("--publish-deltas", metavar="REDIS_URL",
+                   help="online freshness: publish the rows each step changes to Redis Streams at this URL "
+                        "(one stream per table, coalesced every --delta-interval-ms; a gateway --follow's them)")
+    s.add_argument("--delta-interval-ms", type=float, help="coalescing interval of published deltas (default 100)")
+    s.add_argument("--delta-dtype", choices=["fp32", "fp16"], help="row values on the wire (default fp32)")
     s.add_argument("--log-level", default="INFO")
     i = sub.add_parser("info", help="print a running shard's slices, memory and counters")
     i.add_argument("address", help="HOST:PORT")
@@ -133,6 +138,15 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         raw["capacity_bytes"] = args.capacity_mb * 1024 * 1024
     if args.clamp_ids:
         raw["clamp_ids"] = True
+    if args.publish_deltas:
+        deltas = dict(raw.get("publish_deltas") or {}, redis_url=args.publish_deltas)
+        if args.delta_interval_ms is not None:
+            deltas["interval_s"] = args.delta_interval_ms / 1000
+        if args.delta_dtype:
+            deltas["dtype"] = args.delta_dtype
+        raw["publish_deltas"] = deltas
+    elif args.delta_interval_ms is not None or args.delta_dtype:
+        raise ValueError("--delta-interval-ms / --delta-dtype: need --publish-deltas")
     try:
         return ShardConfig.from_dict(raw)
     except ValueError as e:  # the file's field (or the flag that overrode it)

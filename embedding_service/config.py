@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from embedding_service.publisher import PublishSettings
 from protos import common_pb2
 from protos.cli_errors import file_error
 from protos.plan import assignment_from_dict, validate_assignment
@@ -89,6 +90,8 @@ class ShardConfig:
     # Commit, Abort) is read from this file, else from env RECSYS_CONTROL_TOKEN; none: the control plane
     # is open (loopback) unless mutual TLS is on. The shard presents the same token to its peers.
     token_file: str | None = None
+    # Online freshness: publish the rows each step changed to Redis Streams (embedding_service.publisher)
+    publish_deltas: PublishSettings | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +128,12 @@ class ShardConfig:
             raw.pop(key, None)
         if "mode" in raw:
             raw["mode"] = SyncMode(str(raw["mode"]).lower())
+        if isinstance(raw.get("publish_deltas"), dict):
+            fields = set(PublishSettings.__dataclass_fields__)
+            unknown = set(raw["publish_deltas"]) - fields
+            if unknown:
+                raise ValueError(f"publish_deltas: unknown keys {sorted(unknown)} (known: {sorted(fields)})")
+            raw["publish_deltas"] = PublishSettings(**raw["publish_deltas"])
         known = {f for f in cls.__dataclass_fields__ if f not in ("assignment", "server")}
         unknown = set(raw) - known
         if unknown:

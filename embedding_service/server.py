@@ -44,6 +44,8 @@ class RunningShard:
         done = self.server.stop(grace)  # rejects new RPCs from here on
         self.servicer.steps.shutdown()  # requests blocked on other trainers fail now, not at the grace end
         done.wait()
+        if self.servicer.publisher is not None:
+            self.servicer.publisher.close()  # the last applied steps' rows go out too
 
 
 def start(config: ShardConfig) -> RunningShard:
@@ -73,6 +75,8 @@ def start(config: ShardConfig) -> RunningShard:
     if opts.metrics_port is not None:
         metrics_port = servicer.metrics.serve(opts.host, opts.metrics_port)
     server.start()
+    if servicer.publisher is not None:
+        servicer.publisher.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningShard(server, servicer, health_servicer, port, metrics_port)

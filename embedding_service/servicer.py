@@ -20,6 +20,7 @@ from embedding_service import checkpoint
 from embedding_service.config import ShardConfig
 from embedding_service.errors import ShardError, invalid, precondition
 from embedding_service.metrics import ShardMetrics
+from embedding_service.publisher import DeltaPublisher, SliceRows
 from embedding_service.resharding import (
     Staged,
     chunk_digest,
@@ -29,7 +30,7 @@ from embedding_service.resharding import (
     tensors_crc32,
     verify_chunk,
 )
-from embedding_service.steps import StepScheduler
+from embedding_service.steps import StepGroup, StepScheduler
 from embedding_service.tables import ShardTables
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
 from protos.paths import PathRefused, confine, ensure_root, status_of_oserror
@@ -77,6 +78,10 @@ def _served(servicer: ShardServicer, method: str, context: grpc.ServicerContext)
     try:
         yield
     except Exception as e:
+        aborted = context.code()  # a guard below the handler refused a streamed message: keep its status
+        if aborted is not None:
+            code = aborted.name
+            raise
         status, message = _status(e, method)
         code = status.name
         context.abort(status, message)
@@ -150,6 +155,10 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self.rejects = rejects or Rejects(self.metrics.registry, log)
         self.peer_token = peer_token  # presented to peer shards' ExportRows during PullRows
         self.checkpoint_root = ensure_root(config.checkpoint_root, "checkpoint_root")
+        self.publisher: DeltaPublisher | None = None
+        if config.publish_deltas is not None:
+            self.publisher = DeltaPublisher(config.publish_deltas, config.assignment.shard_id, self._published_rows,
+                                            self.metrics.registry)
         self._go_live(config.assignment, ShardTables(config.assignment, device=config.device, seed=config.seed,
                                                      clamp_ids=config.clamp_ids), applied_step=-1)
         self.staged: Staged | None = None
@@ -171,10 +180,31 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         tables.on_compute = lambda phase, seconds: self.metrics.compute.labels(phase).observe(seconds)
         self.tables, self.steps, self.assignment = tables, steps, assignment
         self.plan_version = assignment.plan_version
+        if self.publisher is not None:
+            self.publisher.set_slices(self.plan_version, [
+                SliceRows(i, sl.table, sl.row_offset, sl.col_offset) for i, sl in enumerate(assignment.slices)],
+                applied_step)
+            steps.on_applied = self._record_applied
         self.metrics.weight_bytes.set(tables.weight_bytes)
         self.metrics.optimizer_bytes.set(tables.optimizer_bytes)
         self.metrics.plan_version.set(self.plan_version)
         self.metrics.applied_step.set(applied_step)
+
+    def _record_applied(self, group: StepGroup) -> None:
+        """The ids an applied step changed, per slice, for the delta publisher (under the step lock)."""
+        touched = []
+        for batch in group.batches.values():
+            for k, slot in enumerate(batch.slots):
+                touched.append((slot.slice_index, batch.values[batch.value_offsets[k] : batch.value_offsets[k + 1]]))
+        self.publisher.record(touched)
+
+    def _published_rows(self, plan_version: int, index: int, ids: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """Current rows of a slice at an applied-step boundary, unless the plan changed since `plan_version`."""
+        with self.steps.cond:
+            if plan_version != self.plan_version:
+                return None
+            rows = self.tables.slice_at(index).weights.index_select(0, ids.to(self.tables.device)).float().cpu()
+            return self.steps.applied_step, rows
 
     @contextlib.contextmanager
     def _admitted(self, method: str) -> Iterator[None]:
@@ -319,6 +349,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         with self.steps.cond:
             checkpoint.apply(self.tables, loaded)
             self.steps.reset(loaded.step)
+            if self.publisher is not None:  # rows went back in time: followers must reload a snapshot
+                self.publisher.rewind(loaded.step)
         log.info("restored step %d from %s", loaded.step, request.directory)
         return embedding_shard_pb2.RestoreResponse(step=loaded.step, bytes_read=loaded.bytes_read)
 
@@ -442,6 +474,8 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
             if request.plan_version == self.plan_version and self.staged is None:
                 return embedding_shard_pb2.CommitResponse(plan_version=self.plan_version)  # a retried commit
             staged = self._staged(request.plan_version)
+            if self.publisher is not None:  # the old plan's last rows go out before its slices do
+                self.publisher.flush()
             old = self.steps
             with old.cond:  # no request is inside the old tables while they are swapped out
                 self._go_live(staged.assignment, staged.tables, request.applied_step)

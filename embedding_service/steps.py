@@ -15,6 +15,7 @@ import enum
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -82,6 +83,11 @@ class StepScheduler:
         self.counters = Counters()
         self._ids = itertools.count()
         self.closed = False
+        # Called under the lock after each applied step with its group (the delta publisher records the ids)
+        self.on_applied: Callable[[StepGroup], None] | None = None
+        # Bumped by every reset (a Restore): a request that waited across one belongs to the state before it
+        # and must neither install nor join a step of the restored state.
+        self.generation = 0
 
     # -- public -------------------------------------------------------------------------------
     def lookup(self, batch: PreparedBatch, trainer: int, step: int, no_grad: bool) -> tuple[str, torch.Tensor]:
@@ -96,8 +102,8 @@ class StepScheduler:
                 return "", fwd.embeddings[0]
             self._check_bound(trainer, step)
             if self.mode is SyncMode.SYNC:
-                return self._sync_lookup(batch, trainer, step)
-            return self._async_lookup(batch, trainer, step)
+                return self._sync_lookup(batch, trainer, step, self.generation)
+            return self._async_lookup(batch, trainer, step, self.generation)
 
     def handle(self, handle_id: str) -> Handle:
         with self.cond:
@@ -120,15 +126,18 @@ class StepScheduler:
                 return group.step, len(group.order)
             self._wait(lambda: group.state is not StepState.FORWARDED,
                        f"step {group.step}: waiting for updates from trainers "
-                       f"{sorted(set(group.order) - set(group.grads))}")
+                       f"{sorted(set(group.order) - set(group.grads))}", self.generation)
             if group.state is StepState.EXPIRED:
                 raise ShardError(grpc.StatusCode.ABORTED,
                                  f"step {group.step} expired before every trainer sent its update")
             return group.step, len(group.order)
 
     def reset(self, applied_step: int) -> None:
-        """After a restore: drop every pending step; the next sync step must follow applied_step."""
+        """After a restore: drop every pending step and fail every waiting request (ABORTED); the next sync
+        step must follow applied_step. A waiting lookup is one the restored state never saw -- often of a
+        killed trainer, whose handler the server still runs -- so it must not install its step."""
         with self.cond:
+            self.generation += 1
             for h in list(self.handles):
                 self._drop(h)
             if self.current is not None:
@@ -144,7 +153,8 @@ class StepScheduler:
             self.cond.notify_all()
 
     # -- sync ---------------------------------------------------------------------------------
-    def _sync_lookup(self, batch: PreparedBatch, trainer: int, step: int) -> tuple[str, torch.Tensor]:
+    def _sync_lookup(self, batch: PreparedBatch, trainer: int, step: int,
+                     generation: int) -> tuple[str, torch.Tensor]:
         if step <= self.applied_step:
             raise precondition(f"step {step}: already applied (last applied step {self.applied_step})")
 
@@ -156,7 +166,7 @@ class StepScheduler:
         cur = self.current
         if cur is not None and cur.step == step and trainer in cur.batches:
             raise precondition(f"trainer {trainer} already looked up step {step}")
-        self._wait(ready, f"step {step}: step {cur.step if cur else '?'} is not applied yet")
+        self._wait(ready, f"step {step}: step {cur.step if cur else '?'} is not applied yet", generation)
         if self.current is None:
             if step <= self.applied_step:
                 raise precondition(f"step {step}: already applied (last applied step {self.applied_step})")
@@ -173,19 +183,21 @@ class StepScheduler:
         else:
             self._wait(lambda: group.state is not StepState.COLLECTING,
                        f"step {step}: waiting for lookups from trainers "
-                       f"{sorted(set(range(self.num_trainers)) - set(group.batches))}")
+                       f"{sorted(set(range(self.num_trainers)) - set(group.batches))}", generation)
         if group.state is StepState.EXPIRED:
             raise ShardError(grpc.StatusCode.ABORTED, f"step {step} expired before every trainer looked up")
         return self._register(group, trainer), group.forward.embeddings[group.order.index(trainer)]
 
     # -- async --------------------------------------------------------------------------------
-    def _async_lookup(self, batch: PreparedBatch, trainer: int, step: int) -> tuple[str, torch.Tensor]:
+    def _async_lookup(self, batch: PreparedBatch, trainer: int, step: int,
+                      generation: int) -> tuple[str, torch.Tensor]:
         limit = step - 1 - self.staleness
 
         def ready() -> bool:
             return not any(h.trainer == trainer and h.step <= limit for h in self.handles.values())
 
-        self._wait(ready, f"trainer {trainer} step {step}: its update of step {limit} is not applied yet")
+        self._wait(ready, f"trainer {trainer} step {step}: its update of step {limit} is not applied yet",
+                   generation)
         group = StepGroup(step, time.monotonic() + self.ttl)
         group.batches[trainer] = batch
         group.order = [trainer]
@@ -208,6 +220,8 @@ class StepScheduler:
     def _apply(self, group: StepGroup) -> None:
         self.tables.backward(group.forward, [group.grads[t] for t in group.order])
         group.state = StepState.APPLIED
+        if self.on_applied is not None:
+            self.on_applied(group)
         group.forward = None
         for h in group.handles:
             self.handles.pop(h, None)
@@ -253,9 +267,16 @@ class StepScheduler:
                     self.current = None
                 self.cond.notify_all()
 
-    def _wait(self, predicate, what: str) -> None:
+    def _wait(self, predicate, what: str, generation: int) -> None:
+        """Waits (lock held) until `predicate`; fails if the shard restores, shuts down, or the wait times out."""
         end = time.monotonic() + self.wait_timeout
-        while not predicate():
+        while True:
+            if self.generation != generation:
+                raise ShardError(grpc.StatusCode.ABORTED,
+                                 f"{what}: the shard was restored (to step {self.applied_step}) while this request "
+                                 f"waited; a request from before the restore cannot take part in a step")
+            if predicate():
+                return
             if self.closed:
                 raise ShardError(grpc.StatusCode.UNAVAILABLE, f"shard is shutting down: {what}")
             left = end - time.monotonic()

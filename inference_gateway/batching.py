@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference_gateway.admission import BatchTime
 from inference_gateway.model import ServingModel
 from inference_gateway.requests import Decoded, segment_reorder
 
@@ -62,6 +63,8 @@ class Batcher:
                  observe: Observe | None = None, on_expired: Callable[[int], None] | None = None) -> None:
         self.model, self.config, self.deliver = model, config, deliver
         self.observe, self.on_expired = observe, on_expired
+        self.busy = 0  # workers computing a batch now (admission: a request may wait for one to finish)
+        self.batch_time = BatchTime()  # measured compute time of one worker's batches: admission's expected wait
         self._queue: collections.deque[Pending] = collections.deque()
         self._samples = 0
         self._cond = threading.Condition()
@@ -118,6 +121,7 @@ class Batcher:
                 n += it.request.batch_size
                 items.append(it)
             self._samples -= n
+            self.busy += 1  # until _run is done with these (under the lock: two workers update it)
             if self._queue:
                 self._cond.notify()  # another worker can start on the rest now
             return items
@@ -128,32 +132,41 @@ class Batcher:
             items = self._take()
             if items is None:
                 return
-            if not items:
-                continue
-            now = time.monotonic()
-            # a request whose client left (its future cancelled) is dropped like an expired one
-            live = [it for it in items if (it.deadline is None or it.deadline > now) and not _cancelled(it.token)]
-            if len(live) < len(items):
-                expired = [it for it in items if it not in live]
-                if self.on_expired:
-                    self.on_expired(len(expired))
-                self.deliver([(it.token, Expired("deadline passed while queued")) for it in expired])
-            if not live:
-                continue
             try:
-                start = time.perf_counter()
-                scores = self._score([it.request for it in live])
-                if self.observe:
-                    self.observe(len(scores), len(live), time.perf_counter() - start)
-                out, a = [], 0
-                for it in live:
-                    b = it.request.batch_size
-                    out.append((it.token, scores[a : a + b]))
-                    a += b
-                self.deliver(out)
-            except Exception as e:  # a failed batch fails its requests, never the worker
-                log.exception("batch of %d requests failed", len(live))
-                self.deliver([(it.token, e) for it in live])
+                self._process(items)
+            finally:
+                with self._cond:
+                    self.busy -= 1
+
+    def _process(self, items: list[Pending]) -> None:
+        if not items:
+            return
+        now = time.monotonic()
+        # a request whose client left (its future cancelled) is dropped like an expired one
+        live = [it for it in items if (it.deadline is None or it.deadline > now) and not _cancelled(it.token)]
+        if len(live) < len(items):
+            expired = [it for it in items if it not in live]
+            if self.on_expired:
+                self.on_expired(len(expired))
+            self.deliver([(it.token, Expired("deadline passed while queued")) for it in expired])
+        if not live:
+            return
+        try:
+            start = time.perf_counter()
+            scores = self._score([it.request for it in live])
+            seconds = time.perf_counter() - start
+            self.batch_time.observe(len(scores), seconds)
+            if self.observe:
+                self.observe(len(scores), len(live), seconds)
+            out, a = [], 0
+            for it in live:
+                b = it.request.batch_size
+                out.append((it.token, scores[a : a + b]))
+                a += b
+            self.deliver(out)
+        except Exception as e:  # a failed batch fails its requests, never the worker
+            log.exception("batch of %d requests failed", len(live))
+            self.deliver([(it.token, e) for it in live])
 
     def _score(self, reqs: list[Decoded]) -> np.ndarray:
         if len(reqs) == 1:

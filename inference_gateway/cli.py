@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
     s.add_argument("--max-queue", type=int, default=4096, help="samples queued per model version before "
                    "RESOURCE_EXHAUSTED")
+    s.add_argument("--max-queue-wait-ms", type=float, default=0.0, help="refuse a request at once "
+                   "(RESOURCE_EXHAUSTED) when its expected queue wait (the measured compute time of the batches queued "
+                   "ahead) is past "
+                   "this; 0: no bound of its own. A request whose deadline is shorter than the expected wait is "
+                   "refused either way")
     s.add_argument("--max-concurrent-rpcs", type=int, default=0, help="RPCs in flight before gRPC answers "
                    "RESOURCE_EXHAUSTED itself (cheap overload refusal); 0: unbounded")
     s.add_argument("--max-pending-rpcs", type=int, default=0, help="RPCs waiting for the event loop before "
@@ -46,7 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="control-plane bearer token for load / unload / set-default (default: env "
                    "RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
     s.add_argument("--predict-token-file", help="bearer token Predict / PredictStream require (default: open)")
+    s.add_argument("--follow", metavar="REDIS_URL", help="online freshness: apply the row deltas the shards publish "
+                   "(embedding-shard serve --publish-deltas) to the first --model, within seconds of training")
+    s.add_argument("--snapshots", help="directory of packages exported from checkpoints: after a gap in the deltas "
+                   "(dropped rows, a trimmed stream) the follower reloads the newest one and continues from its step")
+    s.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
     s.add_argument("--log-level", default="INFO")
+    t = sub.add_parser(
+        "serve-triton", help="serve packages on tritonserver's C++ frontend (KServe v2 gRPC) with supervised Python "
+        "worker processes; prints one JSON line with the bound ports",
+        description="tritonserver (from `pip install --no-deps nvidia-pytriton==0.7.0`) accepts, batches and answers "
+        "requests; --workers Python processes score whole batches, all mapping one read-only copy of each package's "
+        "tables. Inputs per sample: dense FP32 [dense_features], ids INT64 [features] (one id per feature, package "
+        "order); output score FP32 [1]. Management (load / unload / set-default / models) is on "
+        "--management-port; unversioned requests go to the highest loaded version. The supervisor replaces a dead "
+        "worker (by reloading its version) and a dead tritonserver; SIGTERM drains and exits 0.")
+    t.add_argument("--model", action="append", default=[], help="package directory (repeatable)")
+    t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=0, help="KServe v2 gRPC port; 0 picks a free one (announced)")
+    t.add_argument("--management-port", type=int, default=0, help="management gRPC port (0: free, announced)")
+    t.add_argument("--metrics-port", type=int, default=0, help="tritonserver's Prometheus port; -1 disables")
+    t.add_argument("--max-batch-size", type=int, default=256, help="samples per batch a worker scores")
+    t.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
+    t.add_argument("--max-queue", type=int, default=4096, help="requests queued per model before Triton refuses")
+    t.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long in-flight requests may take")
+    t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
+    t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
+    t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
+    t.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
                                     '"model"?, "version"?, "request_id"?}.')
@@ -96,12 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def serve_triton_cmd(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    from pathlib import Path
+
+    from inference_gateway.triton_frontend import FrontendConfig, FrontendError, run
+
+    if args.workers < 1:
+        raise SystemExit("inference-gateway serve-triton: --workers: must be >= 1")
+    cfg = FrontendConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
+                         management_port=args.management_port,
+                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                         max_batch_size=args.max_batch_size, max_wait_us=int(args.max_wait_ms * 1000),
+                         max_queue=args.max_queue, grace_s=args.grace_s, workdir=Path(args.workdir),
+                         table_cache=Path(args.table_cache) if args.table_cache else None,
+                         model_store=args.model_store)
+    try:
+        asyncio.run(run(cfg))
+    except FrontendError as e:
+        raise SystemExit(f"inference-gateway serve-triton: {e}") from None
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 def serve_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.admission import AdmissionConfig
     from inference_gateway.batching import BatchingConfig
+    from inference_gateway.follower import FollowSettings
     from inference_gateway.requests import Limits
     from inference_gateway.server import GatewayConfig, serve_forever
     from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
+    if args.max_queue_wait_ms < 0:
+        raise SystemExit("inference-gateway serve: --max-queue-wait-ms: must be >= 0 (0: no bound)")
     try:
         token = read_token(args.token_file, CONTROL_TOKEN_ENV, "token")
         predict_token = read_token(args.predict_token_file, None, "predict token")
@@ -113,9 +175,11 @@ def serve_cmd(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,
         limits=Limits(args.max_request_samples, args.max_request_ids),
         batching=BatchingConfig(args.max_batch_size, args.max_wait_ms / 1000, args.max_queue, args.workers),
+        admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait_ms / 1000),
         access_log=args.access_log,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_rpcs=args.max_pending_rpcs,
-        tls=tls, model_store=args.model_store, token=token, predict_token=predict_token)
+        tls=tls, model_store=args.model_store, token=token, predict_token=predict_token,
+        follow=FollowSettings(args.follow, args.delta_namespace) if args.follow else None, snapshots=args.snapshots)
     serve_forever(config)
     return 0
 
@@ -206,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_info()
-    commands = {"serve": serve_cmd, "predict": predict_cmd, "models": models_cmd, "load": _manage,
-                "unload": _manage, "set-default": _manage}
+    commands = {"serve": serve_cmd, "serve-triton": serve_triton_cmd, "predict": predict_cmd, "models": models_cmd,
+                "load": _manage, "unload": _manage, "set-default": _manage}
     return run_command(f"inference-gateway {args.command}", commands[args.command], args)
 
 

@@ -15,6 +15,21 @@ import numpy as np
 
 METHOD = "/recsys.v1.InferenceGateway/Predict"
 STREAM_METHOD = "/recsys.v1.InferenceGateway/PredictStream"
+CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # PredictResponse.error.code -> name
+OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # pools of serialized ModelInferRequests
+
+
+def refusal_name(e: grpc.aio.AioRpcError) -> str:
+    """The status code, and for RESOURCE_EXHAUSTED who refused: the gateway's admission (expected wait), its
+    full queue, or gRPC's own limit on concurrent RPCs (--max-concurrent-rpcs)."""
+    name = e.code().name
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        details = e.details() or ""
+        for marker, who in (("expected queue wait", "admission"), ("queue full", "queue_full"),
+                            ("Concurrent RPC limit", "rpc_limit")):
+            if marker in details:
+                return f"{name}:{who}"
+    return name
 
 
 def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) -> dict:
@@ -24,9 +39,11 @@ def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) 
             "p99_ms": round(float(np.percentile(a, 99)), 2), "p999_ms": round(float(np.percentile(a, 99.9)), 2)}
 
 
-async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int) -> dict:
+async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int,
+                      method: str = METHOD) -> dict:
+    """method: any unary method taking the pool's serialized requests (e.g. KServe v2 ModelInfer)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(method)
         lat: list[float] = []
         errors: dict[str, int] = {}
         stop = time.perf_counter() + min(1.0, seconds)  # warm-up first
@@ -39,7 +56,8 @@ async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds
                     await call(pool[i % len(pool)], timeout=10)
                     lat.append(time.perf_counter() - t0)
                 except grpc.aio.AioRpcError as e:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    name = refusal_name(e)
+                    errors[name] = errors.get(name, 0) + 1
                 i += concurrency
 
         await asyncio.gather(*[worker(k) for k in range(min(concurrency, 8))])  # warm-up
@@ -51,11 +69,12 @@ async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds
         return stats(lat, errors, time.perf_counter() - start, batch)
 
 
-async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float, batch: int) -> dict:
+async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float, batch: int,
+                    method: str = METHOD) -> dict:
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(method)
         lat: list[float] = []
-        reject_lat: list[float] = []
+        reject_lat: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
 
         async def one(i: int, scheduled: float) -> None:
@@ -63,10 +82,11 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
                 await call(pool[i % len(pool)], timeout=10)
                 lat.append(time.perf_counter() - scheduled)
             except grpc.aio.AioRpcError as e:
-                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                name = refusal_name(e)
+                errors[name] = errors.get(name, 0) + 1
                 # refusals: ours (RESOURCE_EXHAUSTED) and gRPC's own of RPCs past --max-pending-rpcs (CANCELLED)
                 if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
-                    reject_lat.append(time.perf_counter() - scheduled)
+                    reject_lat.setdefault(name, []).append(time.perf_counter() - scheduled)
 
         tasks = []
         start = time.perf_counter()
@@ -82,9 +102,14 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
         out = stats(lat, errors, time.perf_counter() - start, batch)
         out["offered_per_s"] = round(rate, 1)
         out["achieved_send_rate"] = round(total / sent_for, 1)
-        if reject_lat:
-            out["reject_p99_ms"] = round(float(np.percentile(np.asarray(reject_lat) * 1000, 99)), 2)
-        out["rejected_share"] = round(len(reject_lat) / max(total, 1), 3)
+        every = [x for lat_of in reject_lat.values() for x in lat_of]
+        if every:
+            out["reject_p99_ms"] = round(float(np.percentile(np.asarray(every) * 1000, 99)), 2)
+            # by code: RESOURCE_EXHAUSTED answered on arrival vs CANCELLED after waiting
+            out["reject_ms_by_code"] = {code: {"p50": round(float(np.percentile(np.asarray(v) * 1000, 50)), 2),
+                                               "p99": round(float(np.percentile(np.asarray(v) * 1000, 99)), 2)}
+                                        for code, v in reject_lat.items()}
+        out["rejected_share"] = round(len(every) / max(total, 1), 3)
         return out
 
 
@@ -131,8 +156,8 @@ async def stream_closed_loop(address: str, pool: list[bytes], streams: int, dept
                 if now >= warm_until:
                     measuring["on"] = True
                     if resp.error.code:
-                        name = grpc.StatusCode.__members__.get(str(resp.error.code), resp.error.code)
-                        errors[str(name)] = errors.get(str(name), 0) + 1
+                        name = CODE_NAMES.get(resp.error.code, str(resp.error.code))
+                        errors[name] = errors.get(name, 0) + 1
                     else:
                         lat.append(now - t0)
                 credits.release()

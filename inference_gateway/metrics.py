@@ -32,6 +32,9 @@ class GatewayMetrics:
         self.queue_depth = Gauge("gateway_queue_samples", "samples waiting in the batching queues", registry=r)
         self.rejects = Counter("gateway_rejects", "requests refused before compute, by reason", ["reason"],
                                registry=r)
+        self.admission_refusals = Counter("gateway_admission_refusals", "requests answered RESOURCE_EXHAUSTED on "
+                                          "arrival: expected queue wait past max_queue_wait_ms or the deadline",
+                                          ["reason"], registry=r)
         self.models = Gauge("gateway_models_loaded", "model versions loaded", registry=r)
 
     def serve(self, host: str, port: int) -> int:

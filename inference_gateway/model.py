@@ -3,21 +3,31 @@
 Inputs are the merged batch of many requests, already validated and in package feature order:
 dense [B, dense_features] float32, lengths [F * B] feature-major, values (ids), so one TBE call and one
 dense forward serve every request of the batch.
+
+Online freshness rewrites rows in place (`apply_rows`) and swaps the dense arch (`swap_dense`): a batch's
+lookup holds a read lock and a row write the write lock, so no batch sees a half-written row, and one
+entry's rows land together (a batch sees each table at one step or a later one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import torch
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 
 from inference_gateway.package import Package
+from inference_gateway.quantize import dequantize_table, quantize_table
+from inference_gateway.shared_tables import build_tbe, map_image
 
 
 class ServingModel:
-    def __init__(self, package: Package, device: str = "cpu") -> None:
+    def __init__(self, package: Package, device: str = "cpu", table_image: str | Path | None = None) -> None:
+        """table_image: the package's TBE host buffer written by shared_tables.write_image; mapped
+        instead of copying the package's rows (which then need not have been read)."""
         self.package = package
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -26,23 +36,69 @@ class ServingModel:
         self.features = [f.name for f in package.features]
         self.feature_index = {n: i for i, n in enumerate(self.features)}
         self.dense_features = package.dense_features
-        tables = list(package.tables.values())
-        position = {t.name: i for i, t in enumerate(tables)}
         # rows of the table each feature looks up, in feature order (validation bounds)
         self.rows_per_feature = np.array([package.tables[f.table].num_rows for f in package.features], dtype=np.int64)
-        loc = EmbeddingLocation.DEVICE if self.device.type == "cuda" else EmbeddingLocation.HOST
-        pooling = PoolingMode.MEAN if tables[0].pooling == "mean" else PoolingMode.SUM
-        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            [(t.name, t.num_rows, t.dim, t.dtype.sparse_type, loc) for t in tables],
-            feature_table_map=[position[f.table] for f in package.features],
-            pooling_mode=pooling, device=self.device, output_dtype=SparseType.FP32,
-            bounds_check_mode=BoundsCheckMode.NONE)  # ids are checked per request before they get here
-        self.tbe.initialize_weights()
-        with torch.no_grad():
-            for t, (dest, _) in zip(tables, self.tbe.split_embedding_weights(split_scale_shifts=False), strict=True):
-                dest[:, : t.row_bytes].copy_(package.rows[t.name])
+        self.tbe = build_tbe(package, self.device)
+        self.mapped = None
+        if table_image is not None:
+            if self.device.type != "cpu":
+                raise ValueError("table_image: a shared table image serves CPU workers only")
+            self.mapped = map_image(self.tbe, table_image)  # read-only, shared with every other worker
+        else:
+            self.tbe.initialize_weights()
+            with torch.no_grad():
+                for t, (dest, _) in zip(package.tables.values(), self.tbe.split_embedding_weights(
+                        split_scale_shifts=False), strict=True):
+                    dest[:, : t.row_bytes].copy_(package.rows[t.name])
+        # table -> the TBE's own rows [num_rows, padded row bytes] (online freshness writes them in place)
+        self._rows = dict(zip(package.tables, (w for w, _ in self.tbe.split_embedding_weights(
+            split_scale_shifts=False)), strict=True))
         self.dense = package.dense.to(self.device)
         self.table_bytes = package.table_bytes
+        self._lock = ReadWriteLock()
+        self.applied_steps: dict[str, int] = {}  # online freshness: last step applied per table
+
+    def apply_rows(self, table: str, ids: np.ndarray, rows: np.ndarray, col_offset: int = 0) -> None:
+        """Overwrites rows `ids` of `table` (columns from `col_offset`) with float `rows`, quantized to the
+        table's dtype. Rows narrower than the table (a column-wise slice) are merged into the served row
+        (dequantized, patched, quantized again). ValueError names what does not fit; nothing is written then."""
+        spec = self.package.tables.get(table)
+        if spec is None:
+            raise ValueError(f"table: {table!r} is not in model {self.name!r} v{self.version}")
+        idx = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        values = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        n, width = values.shape
+        if idx.numel() != n:
+            raise ValueError(f"ids: {idx.numel()} ids for {n} rows")
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= spec.num_rows):
+            raise ValueError(f"ids: out of range [0, {spec.num_rows}) of table {table!r}")
+        if col_offset < 0 or col_offset + width > spec.dim:
+            raise ValueError(f"columns [{col_offset}, {col_offset + width}) do not fit dim {spec.dim} of {table!r}")
+        if self.mapped is not None:
+            raise ValueError("a shared read-only table image (serve-triton's workers) cannot take deltas: follow "
+                             "with `inference-gateway serve --follow`")
+        dest = self._rows[table]
+        if width != spec.dim:  # a column block: merge it into the current rows
+            with self._lock.read():
+                current = dest[idx, : spec.row_bytes].clone()
+            full = dequantize_table(current, spec.dim, spec.dtype)
+            full[:, col_offset : col_offset + width] = values
+            values = full
+        quantized = quantize_table(values, spec.dtype)
+        with self._lock.write(), torch.no_grad():
+            dest[idx, : spec.row_bytes] = quantized
+
+    def table_rows(self, table: str, ids: np.ndarray) -> torch.Tensor:
+        """The served rows of `table`, dequantized to float [n, dim] (what a lookup of one id reads)."""
+        spec = self.package.tables[table]
+        idx = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        with self._lock.read():
+            current = self._rows[table][idx, : spec.row_bytes].clone()
+        return dequantize_table(current, spec.dim, spec.dtype)
+
+    def swap_dense(self, module: torch.jit.ScriptModule) -> None:
+        """Serves `module` as the dense arch from the next batch on (one reference assignment)."""
+        self.dense = module.to(self.device).eval()
 
     @torch.inference_mode()
     def scores(self, dense: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -52,5 +108,45 @@ class ServingModel:
         if values.dtype != torch.int64:
             values = values.long()
         dev = self.device
-        emb = self.tbe(values.to(dev), offsets.to(dev))
+        with self._lock.read():
+            emb = self.tbe(values.to(dev), offsets.to(dev))
         return torch.sigmoid(self.dense(dense.to(dev), emb)).cpu()
+
+
+class ReadWriteLock:
+    """Many readers (batches) or one writer (a delta apply); a waiting writer holds back new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()

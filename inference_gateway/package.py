@@ -88,7 +88,7 @@ class Package:
 
     @property
     def table_bytes(self) -> int:
-        return sum(int(t.numel()) for t in self.rows.values())
+        return sum(t.num_rows * t.row_bytes for t in self.tables.values())
 
 
 def _sha256(data: bytes | memoryview) -> str:
@@ -214,8 +214,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_package(path: str | Path) -> Package:
-    """Reads and verifies every file before anything is built from it; refuses with the reason."""
+def load_package(path: str | Path, read_tables: bool = True) -> Package:
+    """Reads and verifies every file before anything is built from it; refuses with the reason.
+
+    read_tables=False: a worker that maps the supervisor's table image (shared_tables) skips reading
+    and hashing the table files (the supervisor verified them when it wrote the image)."""
     root = Path(path)
     m = read_manifest(root)
     try:
@@ -245,7 +248,7 @@ def load_package(path: str | Path) -> Package:
     if not named <= set(files):
         raise PackageError(f"{root / MANIFEST}: no checksum for {sorted(named - set(files))}")
     rows: dict[str, torch.Tensor] = {}
-    for spec in tables.values():
+    for spec in tables.values() if read_tables else ():
         data = _read_verified(root, spec.file, files[spec.file])
         if len(data) != spec.num_rows * spec.row_bytes:
             raise PackageError(f"{root / spec.file}: {len(data)} bytes do not hold {spec.num_rows} rows of "

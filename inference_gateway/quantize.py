@@ -67,5 +67,21 @@ def quantize_table(weights: torch.Tensor, dtype: TableDType) -> torch.Tensor:
     return rows.contiguous()
 
 
+def dequantize_table(rows: torch.Tensor, dim: int, dtype: TableDType) -> torch.Tensor:
+    """uint8 [rows, row_bytes(dim, dtype)] in the TBE's row layout -> float [rows, dim] (quantize_table's inverse,
+    up to its rounding)."""
+    n = rows.shape[0]
+    if dtype in (TableDType.FP32, TableDType.FP16):
+        return rows.contiguous().view(torch.float32 if dtype is TableDType.FP32 else torch.float16).float().view(n, dim)
+    scale_bias = rows[:, :4].contiguous().view(torch.float16).float()  # [n, 2]: scale, bias
+    packed = rows[:, 4:]
+    bits = {TableDType.INT8: 8, TableDType.INT4: 4, TableDType.INT2: 2}[dtype]
+    per_byte = 8 // bits
+    # element k of a byte sits at bits [k * bits, (k + 1) * bits): lowest first, as fbgemm packs
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    q = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n, -1)[:, :dim].float()
+    return q * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
 def pooling_name(pooling: int) -> str:
     return "mean" if pooling == common_pb2.MEAN else "sum"

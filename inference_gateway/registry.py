@@ -32,7 +32,8 @@ class LoadedModel:
         return inference_pb2.ModelInfo(
             name=m.name, version=m.version, is_default=is_default, path=str(self.path), features=m.features,
             dense_features=m.dense_features, table_dtypes={t.name: t.dtype.value for t in pkg.tables.values()},
-            table_bytes=m.table_bytes, dense_quantization=pkg.manifest["dense"]["quantization"])
+            table_bytes=m.table_bytes, dense_quantization=pkg.manifest["dense"]["quantization"],
+            applied_steps=m.applied_steps)
 
 
 class ModelRegistry:
@@ -123,6 +124,9 @@ class ModelRegistry:
                     self._default_model = next(iter(models), None)
             self._models = models
             return loaded
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
 
     def infos(self) -> list[inference_pb2.ModelInfo]:
         return [lm.info(self._default.get(name) == v) for name, versions in sorted(self._models.items())

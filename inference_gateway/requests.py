@@ -7,6 +7,7 @@ RequestError with the gRPC status and a message naming the field; nothing is que
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -81,6 +82,15 @@ def segment_reorder(values: np.ndarray, seg_lengths: np.ndarray, order: np.ndarr
 
 def decode(req: inference_pb2.PredictRequest, model: ServingModel, limits: Limits) -> Decoded:
     dense = _array(req.dense, "dense", {common_pb2.FLOAT32: np.float32})
+    return validate(dense, list(req.features), lambda: _array(req.lengths, "lengths", _INT),
+                    lambda: _array(req.values, "values", _INT), model, limits)
+
+
+def validate(dense: np.ndarray, names: list[str], lengths_of: Callable[[], np.ndarray],
+             values_of: Callable[[], np.ndarray], model: ServingModel, limits: Limits) -> Decoded:
+    """The checks every frontend shares (Predict, ModelInfer): dense [B, D] float32; `names` the order
+    of the features in lengths [len(names) * B] feature-major and values (empty: the package's order).
+    The sparse arrays are read only once the dense part passed, so errors come in field order."""
     if dense.ndim != 2 or dense.shape[0] == 0:
         raise _invalid(f"dense: expected shape [B >= 1, {model.dense_features}], got {list(dense.shape)}")
     batch, width = dense.shape
@@ -94,8 +104,7 @@ def decode(req: inference_pb2.PredictRequest, model: ServingModel, limits: Limit
         raise _invalid(f"dense: NaN or Inf at sample {row}, column {col}")
     nfeat = len(model.features)
     order = None
-    if req.features:
-        names = list(req.features)
+    if names:
         unknown = [n for n in names if n not in model.feature_index]
         if unknown:
             raise _invalid(f"features: unknown feature {unknown[0]!r} (model {model.name} v{model.version} has "
@@ -107,11 +116,11 @@ def decode(req: inference_pb2.PredictRequest, model: ServingModel, limits: Limit
             raise _invalid(f"features: missing feature {missing[0]!r}")
         if names != model.features:
             order = np.array([names.index(n) for n in model.features], dtype=np.int64)
-    lengths = _array(req.lengths, "lengths", _INT)
+    lengths = lengths_of()
     if lengths.ndim != 1 or lengths.size != nfeat * batch:
         raise _invalid(f"lengths: {lengths.size} entries (shape {list(lengths.shape)}), expected "
                        f"len(features) * B = {nfeat} * {batch}")
-    values = _array(req.values, "values", _INT)
+    values = values_of()
     if values.ndim != 1:
         raise _invalid(f"values: expected 1-D, got shape {list(values.shape)}")
     if values.size > limits.max_request_ids:

@@ -17,12 +17,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from inference_gateway.admission import Admission, AdmissionConfig, Refused
 from inference_gateway.batching import Batcher, BatchingConfig, Expired, Overloaded, Pending
 from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.model import ServingModel
 from inference_gateway.package import PackageError
 from inference_gateway.registry import LoadedModel, ModelRegistry
-from inference_gateway.requests import Limits, RequestError, decode
+from inference_gateway.requests import Decoded, Limits, RequestError, decode
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from protos.paths import PathRefused, confine, status_of_oserror
 
@@ -33,19 +34,23 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].ful
 CONTROL_PLANE = ("LoadModel", "UnloadModel", "SetDefaultVersion")
 PREDICT = ("Predict", "PredictStream")  # open unless --predict-token-file
 OK = grpc.StatusCode.OK
+METHODS = ("Predict", "PredictStream", "ModelInfer")  # every way a request reaches the batchers
 
 
 class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
     def __init__(self, *, limits: Limits, batching: BatchingConfig, metrics: GatewayMetrics,
                  health_servicer: health.aio.HealthServicer, device: str = "cpu", access_log: bool = False,
-                 model_store: str = "model_store") -> None:
+                 model_store: str = "model_store", admission: AdmissionConfig | None = None) -> None:
         self.limits, self.metrics, self.health = limits, metrics, health_servicer
+        self.admission = Admission(admission or AdmissionConfig())
+        self.draining = False  # set by the server when SIGTERM starts the drain
         self.model_store = model_store  # LoadModel reads packages only under it
         self.access_log = access_log
         self.loop: asyncio.AbstractEventLoop | None = None
         self.registry = ModelRegistry(batching, self._deliver, device, make_batcher=self._make_batcher)
-        self._ok = {m: metrics.requests.labels(m, "OK") for m in ("Predict", "PredictStream")}
-        self._latency = {m: metrics.latency.labels(m) for m in ("Predict", "PredictStream")}
+        self._ok = {m: metrics.requests.labels(m, "OK") for m in METHODS}
+        self._latency = {m: metrics.latency.labels(m) for m in METHODS}
+        self._refused = {r: metrics.admission_refusals.labels(r) for r in ("max_queue_wait", "deadline")}
         metrics.queue_depth.set_function(self.registry.queued_samples)
 
     def _make_batcher(self, model: ServingModel) -> Batcher:
@@ -68,7 +73,24 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
                 deadline: float | None) -> tuple[LoadedModel, asyncio.Future]:
         """Resolve, validate and queue; the future completes with the scores (or an error)."""
         loaded = self.registry.resolve(req.model, req.version)
-        decoded = decode(req, loaded.model, self.limits)
+        self.admit(loaded, deadline)
+        return loaded, self.queue(loaded, decode(req, loaded.model, self.limits), deadline)
+
+    def admit(self, loaded: LoadedModel, deadline: float | None) -> None:
+        """Admission, before any decoding (a refusal must cost little): the expected wait against the
+        bound and the deadline; RequestError(RESOURCE_EXHAUSTED) when refused."""
+        batcher = loaded.batcher
+        try:
+            cfg = batcher.config
+            self.admission.check(batcher.queued_samples, batcher.batch_time, cfg.max_batch_size, cfg.workers,
+                                 batcher.busy, None if deadline is None else deadline - time.monotonic())
+        except Refused as e:
+            self._refused[e.reason].inc()
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {loaded.model.name} "
+                                                                   f"v{loaded.model.version}: {e.message}") from None
+
+    def queue(self, loaded: LoadedModel, decoded: Decoded, deadline: float | None) -> asyncio.Future:
+        """Into the batcher (after `admit`); the future completes with the scores (or an error)."""
         fut = self.loop.create_future()
         try:
             loaded.batcher.submit(Pending(decoded, deadline, fut))
@@ -76,24 +98,34 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
             self.metrics.rejects.labels("queue_full").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {loaded.model.name} "
                                                                    f"v{loaded.model.version}: {e}") from None
-        return loaded, fut
+        return fut
 
     @staticmethod
-    def _response(req: inference_pb2.PredictRequest, loaded: LoadedModel,
-                  fut: asyncio.Future) -> inference_pb2.PredictResponse:
-        """The response of a completed future; RequestError for what failed after queueing."""
+    def scores(fut: asyncio.Future):
+        """The scores of a completed future; RequestError for what failed after queueing."""
         exc = fut.exception()
         if isinstance(exc, Expired):
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued; dropped before "
                                                                   "compute")
         if exc is not None:
             raise RequestError(grpc.StatusCode.INTERNAL, f"scoring failed: {type(exc).__name__}: {exc}")
-        scores = fut.result()
+        return fut.result()
+
+    def _response(self, req: inference_pb2.PredictRequest, loaded: LoadedModel,
+                  fut: asyncio.Future) -> inference_pb2.PredictResponse:
+        scores = self.scores(fut)
         return inference_pb2.PredictResponse(
             scores=common_pb2.Tensor(dtype=common_pb2.FLOAT32, shape=[len(scores)], data=scores.tobytes()),
             model=loaded.model.name, version=loaded.model.version, request_id=req.request_id)
 
     def _record(self, method: str, start: float, code: grpc.StatusCode, req, resp=None, message: str = "") -> None:
+        self.record(method, start, code, lambda: {
+            "request_id": req.request_id, "model": resp.model if resp else req.model,
+            "version": resp.version if resp else req.version,
+            "samples": req.dense.shape[0] if req.dense.shape else 0}, message)
+
+    def record(self, method: str, start: float, code: grpc.StatusCode, fields, message: str = "") -> None:
+        """Latency and status metrics, and the access-log line (`fields()` only when it is on)."""
         elapsed = time.perf_counter() - start
         self._latency[method].observe(elapsed)
         if code is OK:
@@ -101,10 +133,7 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         else:
             self.metrics.requests.labels(method, code.name).inc()
         if self.access_log:
-            entry = {"method": method, "request_id": req.request_id, "model": resp.model if resp else req.model,
-                     "version": resp.version if resp else req.version,
-                     "samples": req.dense.shape[0] if req.dense.shape else 0, "code": code.name,
-                     "ms": round(elapsed * 1000, 3)}
+            entry = {"method": method, **fields(), "code": code.name, "ms": round(elapsed * 1000, 3)}
             if message:
                 entry["error"] = message
             access.info(json.dumps(entry))

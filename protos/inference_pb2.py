@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\trecsys.v1\x1a\x13protos/common.proto\"\xbf\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12 \n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\"\n\x07lengths\x18\x05 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12!\n\x06values\x18\x06 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x01\n\x0fPredictResponse\x12!\n\x06scores\x18\x01 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.recsys.v1.Status\"\x98\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x16\n\x0e\x64\x65nse_features\x18\x06 \x01(\x05\x12;\n\x0ctable_dtypes\x18\x07 \x03(\x0b\x32%.recsys.v1.ModelInfo.TableDtypesEntry\x12\x13\n\x0btable_bytes\x18\x08 \x01(\x03\x12\x1a\n\x12\x64\x65nse_quantization\x18\t \x01(\t\x1a\x32\n\x10TableDtypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.recsys.v1.ModelInfo\"U\n\x10LoadModelRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x14\n\x0cmake_default\x18\x04 \x01(\x08\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x15\n\x13UnloadModelResponse\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x32\xc9\x03\n\x10InferenceGateway\x12@\n\x07Predict\x12\x19.recsys.v1.PredictRequest\x1a\x1a.recsys.v1.PredictResponse\x12J\n\rPredictStream\x12\x19.recsys.v1.PredictRequest\x1a\x1a.recsys.v1.PredictResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.recsys.v1.ListModelsRequest\x1a\x1d.recsys.v1.ListModelsResponse\x12>\n\tLoadModel\x12\x1b.recsys.v1.LoadModelRequest\x1a\x14.recsys.v1.ModelInfo\x12L\n\x0bUnloadModel\x12\x1d.recsys.v1.UnloadModelRequest\x1a\x1e.recsys.v1.UnloadModelResponse\x12N\n\x11SetDefaultVersion\x12#.recsys.v1.SetDefaultVersionRequest\x1a\x14.recsys.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\trecsys.v1\x1a\x13protos/common.proto\"\xbf\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12 \n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\"\n\x07lengths\x18\x05 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12!\n\x06values\x18\x06 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x01\n\x0fPredictResponse\x12!\n\x06scores\x18\x01 \x01(\x0b\x32\x11.recsys.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.recsys.v1.Status\"\x8c\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x16\n\x0e\x64\x65nse_features\x18\x06 \x01(\x05\x12;\n\x0ctable_dtypes\x18\x07 \x03(\x0b\x32%.recsys.v1.ModelInfo.TableDtypesEntry\x12\x13\n\x0btable_bytes\x18\x08 \x01(\x03\x12\x1a\n\x12\x64\x65nse_quantization\x18\t \x01(\t\x12=\n\rapplied_steps\x18\n \x03(\x0b\x32&.recsys.v1.ModelInfo.AppliedStepsEntry\x1a\x32\n\x10TableDtypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11\x41ppliedStepsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.recsys.v1.ModelInfo\"U\n\x10LoadModelRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x14\n\x0cmake_default\x18\x04 \x01(\x08\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x15\n\x13UnloadModelResponse\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x32\xc9\x03\n\x10InferenceGateway\x12@\n\x07Predict\x12\x19.recsys.v1.PredictRequest\x1a\x1a.recsys.v1.PredictResponse\x12J\n\rPredictStream\x12\x19.recsys.v1.PredictRequest\x1a\x1a.recsys.v1.PredictResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.recsys.v1.ListModelsRequest\x1a\x1d.recsys.v1.ListModelsResponse\x12>\n\tLoadModel\x12\x1b.recsys.v1.LoadModelRequest\x1a\x14.recsys.v1.ModelInfo\x12L\n\x0bUnloadModel\x12\x1d.recsys.v1.UnloadModelRequest\x1a\x1e.recsys.v1.UnloadModelResponse\x12N\n\x11SetDefaultVersion\x12#.recsys.v1.SetDefaultVersionRequest\x1a\x14.recsys.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_TABLEDTYPESENTRY']._loaded_options = None
   _globals['_MODELINFO_TABLEDTYPESENTRY']._serialized_options = b'8\001'
+  _globals['_MODELINFO_APPLIEDSTEPSENTRY']._loaded_options = None
+  _globals['_MODELINFO_APPLIEDSTEPSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=59
   _globals['_PREDICTREQUEST']._serialized_end=250
   _globals['_STATUS']._serialized_start=252
@@ -41,21 +43,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE']._serialized_start=294
   _globals['_PREDICTRESPONSE']._serialized_end=432
   _globals['_MODELINFO']._serialized_start=435
-  _globals['_MODELINFO']._serialized_end=715
-  _globals['_MODELINFO_TABLEDTYPESENTRY']._serialized_start=665
-  _globals['_MODELINFO_TABLEDTYPESENTRY']._serialized_end=715
-  _globals['_LISTMODELSREQUEST']._serialized_start=717
-  _globals['_LISTMODELSREQUEST']._serialized_end=736
-  _globals['_LISTMODELSRESPONSE']._serialized_start=738
-  _globals['_LISTMODELSRESPONSE']._serialized_end=796
-  _globals['_LOADMODELREQUEST']._serialized_start=798
-  _globals['_LOADMODELREQUEST']._serialized_end=883
-  _globals['_UNLOADMODELREQUEST']._serialized_start=885
-  _globals['_UNLOADMODELREQUEST']._serialized_end=936
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=938
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=959
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=961
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1018
-  _globals['_INFERENCEGATEWAY']._serialized_start=1021
-  _globals['_INFERENCEGATEWAY']._serialized_end=1478
+  _globals['_MODELINFO']._serialized_end=831
+  _globals['_MODELINFO_TABLEDTYPESENTRY']._serialized_start=728
+  _globals['_MODELINFO_TABLEDTYPESENTRY']._serialized_end=778
+  _globals['_MODELINFO_APPLIEDSTEPSENTRY']._serialized_start=780
+  _globals['_MODELINFO_APPLIEDSTEPSENTRY']._serialized_end=831
+  _globals['_LISTMODELSREQUEST']._serialized_start=833
+  _globals['_LISTMODELSREQUEST']._serialized_end=852
+  _globals['_LISTMODELSRESPONSE']._serialized_start=854
+  _globals['_LISTMODELSRESPONSE']._serialized_end=912
+  _globals['_LOADMODELREQUEST']._serialized_start=914
+  _globals['_LOADMODELREQUEST']._serialized_end=999
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1001
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1052
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1054
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1075
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=1077
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1134
+  _globals['_INFERENCEGATEWAY']._serialized_start=1137
+  _globals['_INFERENCEGATEWAY']._serialized_end=1594
 # @@protoc_insertion_point(module_scope)

@@ -48,7 +48,7 @@ class PredictResponse(_message.Message):
     def __init__(self, scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "is_default", "path", "features", "dense_features", "table_dtypes", "table_bytes", "dense_quantization")
+    __slots__ = ("name", "version", "is_default", "path", "features", "dense_features", "table_dtypes", "table_bytes", "dense_quantization", "applied_steps")
     class TableDtypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,13 @@ class ModelInfo(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AppliedStepsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +72,7 @@ class ModelInfo(_message.Message):
     TABLE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     TABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DENSE_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     is_default: bool
@@ -74,7 +82,8 @@ class ModelInfo(_message.Message):
     table_dtypes: _containers.ScalarMap[str, str]
     table_bytes: int
     dense_quantization: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., is_default: _Optional[bool] = ..., path: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., dense_features: _Optional[int] = ..., table_dtypes: _Optional[_Mapping[str, str]] = ..., table_bytes: _Optional[int] = ..., dense_quantization: _Optional[str] = ...) -> None: ...
+    applied_steps: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., is_default: _Optional[bool] = ..., path: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., dense_features: _Optional[int] = ..., table_dtypes: _Optional[_Mapping[str, str]] = ..., table_bytes: _Optional[int] = ..., dense_quantization: _Optional[str] = ..., applied_steps: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

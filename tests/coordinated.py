@@ -3,6 +3,7 @@ and the comparison of a finished job against one process training on the global 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -26,17 +27,20 @@ PLAN2 = simple_plan(MODEL, 3, kinds={"items": common_pb2.ROW_WISE})
 class Job:
     """A coordinator (initial plan PLAN1), its shards, and two trainers; everything stopped by close()."""
 
-    def __init__(self, tmp_path: Path, *coordinator_args: str, standby: int = 1, initial: bool = True) -> None:
+    def __init__(self, tmp_path: Path, *coordinator_args: str, standby: int = 1, initial: bool = True,
+                 shard_overrides: dict[int, dict] | None = None, coordinator_env: dict[str, str] | None = None) -> None:
+        """`shard_overrides`: per shard id, config keys for that shard only (its port, its advertised address);
+        `coordinator_env`: extra environment of the coordinator process (failpoints)."""
         self.tmp = tmp_path
         plan_path = tmp_path / "plan1.json"
         plan_path.write_text(dump_plan(PLAN1))
         args = ["--lease-s", "4", *(["--initial-plan", str(plan_path)] if initial else []), *coordinator_args]
-        self.coordinator: CoordinatorProcess = launch(args, workdir=tmp_path / "coordinator")
+        self.coordinator: CoordinatorProcess = launch(args, workdir=tmp_path / "coordinator", env=coordinator_env)
         self.client = CoordinatorClient(self.coordinator.address, token=self.coordinator.token)
         self.shards = LocalShards(self.coordinator.address, tmp_path, num_trainers=2, seed=SEED)
         self.trainers: LocalTrainers | None = None
         for i in range(PLAN1.num_shards):
-            self.shards.start(i, PLAN1 if initial else None)
+            self.shards.start(i, PLAN1 if initial else None, **(shard_overrides or {}).get(i, {}))
         for i in range(PLAN1.num_shards, PLAN1.num_shards + standby):
             self.shards.start(i, None)
         self.client.wait_shards(list(range(PLAN1.num_shards + standby)), wait_s=60)
@@ -97,9 +101,16 @@ def gather_tables(plan: common_pb2.ShardingPlan, addresses: list[str]) -> dict[s
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def cached_reference(steps: int):
+    """The reference run of `steps` steps, computed once per test process: it costs about as much CPU as the
+    job it checks, and several tests compare against the same one (it is only read)."""
+    return reference(MODEL, steps=steps, batch_size=BATCH)
+
+
 def assert_equals_reference(job: Job, steps: int) -> None:
     """Dense state, every table's weights and optimizer state == one process on the global batch (1e-5)."""
-    ref_tables, ref_model = reference(MODEL, steps=steps, batch_size=BATCH)
+    ref_tables, ref_model = cached_reference(steps)
     dense = torch.load(job.tmp / "out" / "dense.pt")
     for name, value in ref_model.state_dict().items():
         torch.testing.assert_close(dense[name], value, atol=1e-5, rtol=0, msg=name)

@@ -341,3 +341,45 @@ def test_embedded_redis_dies_with_its_creator(tmp_path):
     assert not process_alive(pid), "the watchdog stops redis-server once its creator is gone"
     with pytest.raises(RedisUnavailable, match="is unreachable"):
         connect(url, timeout_s=1.0)
+
+
+def test_log_records_phase_and_fence_step_and_shows_what_a_restart_must_close(store, clock):
+    store.initialize(plan(1), "alice", "first")
+    claim = store.begin_rollout(plan(2), 1, "bob", "grow")
+    entry = store.rollout_log(1)[0]
+    assert (entry["phase"], entry["fence_step"]) == ("PREPARING", None)
+    store.log_phase(claim, "FENCING")
+    clock.now += 20  # each logged phase extends the lock (ttl 30 s)
+    store.log_phase(claim, "MIGRATING", fence_step=41)
+    clock.now += 20
+    assert store.rollout_in_progress().rollout_id == claim.rollout_id
+    assert [(e["id"], e["phase"], e["fence_step"]) for e in store.unfinished_rollouts()] == [
+        (claim.rollout_id, "MIGRATING", 41)]
+    store.commit_rollout(claim)  # the flip: outcome done, but the shards have not committed yet
+    entry = store.rollout_log(1)[0]
+    assert (entry["outcome"], entry["phase"], entry["fence_step"]) == ("done", "COMMITTING", 41)
+    assert [e["id"] for e in store.unfinished_rollouts()] == [claim.rollout_id]
+    with pytest.raises(PlanConflict, match=f"cannot log phase DONE of rollout {claim.rollout_id}: its lock is gone"):
+        store.log_phase(claim, "DONE")  # the lock went with the flip; nothing written
+    store.log_committed(claim.rollout_id, "Commit on shard 1: UNAVAILABLE: down")
+    entry = store.rollout_log(1)[0]
+    assert (entry["outcome"], entry["phase"], entry["why"]) == ("done", "DONE", "Commit on shard 1: UNAVAILABLE: down")
+    assert store.unfinished_rollouts() == []
+    with pytest.raises(PlanNotFound, match="rollout r-nope: no log entry"):
+        store.log_committed("r-nope")
+
+
+def test_an_aborted_or_expired_rollout_is_closed_in_the_log(store, clock):
+    store.initialize(plan(1), "alice", "first")
+    aborted = store.begin_rollout(plan(2), 1, "bob", "try")
+    store.log_phase(aborted, "FENCING")
+    store.abort_rollout(aborted, "a trainer did not fence")
+    assert store.rollout_log(1)[0]["phase"] == "ABORTED" and store.unfinished_rollouts() == []
+    stuck = store.begin_rollout(plan(2), 1, "bob", "stuck")
+    clock.now += 31  # its coordinator died and nobody recovered it: the lock expired
+    with pytest.raises(PlanConflict, match="its lock expired"):
+        store.log_phase(stuck, "FENCING")
+    assert [e["id"] for e in store.unfinished_rollouts()] == [stuck.rollout_id]  # a restart would still close it
+    store.begin_rollout(plan(2), 1, "carol", "next")  # ... as does the next rollout
+    log = {e["id"]: e for e in store.rollout_log()}
+    assert (log[stuck.rollout_id]["outcome"], log[stuck.rollout_id]["phase"]) == ("aborted", "ABORTED")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -177,3 +178,33 @@ def test_async_mode_applies_each_update_with_bounded_staleness(shard_factory):
     c.update(h1.handle, torch.ones(4, 24))
     c.update(other.handle, torch.ones(4, 24))
     assert c.info().updates == 3
+
+
+def test_restore_fails_parked_lookups_so_they_cannot_install_a_step(shard_factory):
+    """A killed trainer's lookup stays parked in the shard (the server runs its handler to the end). A Restore
+    must fail it (ABORTED, naming the restore): before, it woke at the reset and installed its own later
+    step, so the restored job's first lookup waited on a step nobody would finish (DEADLINE_EXCEEDED)."""
+    config = {"seed": 5, "mode": "sync", "num_trainers": 2, "wait_timeout_s": 20.0, "tables": TABLES}
+    _, c = shard_factory(config)
+    gen = torch.Generator().manual_seed(4)
+    lens, vals = batch(gen, 4)
+    c.checkpoint("ck", step=3)
+    collecting = c.lookup_async(FEATURES, 4, lens.flatten(), vals, trainer_id=0, step=0)  # waits for trainer 1
+    later = c.lookup_async(FEATURES, 4, lens.flatten(), vals, trainer_id=1, step=7)  # waits for step 0
+    time.sleep(1.0)
+    assert not collecting.done() and not later.done()
+    assert c.restore("ck").step == 3
+    for parked in (collecting, later):
+        with pytest.raises(grpc.RpcError) as e:
+            parked.result(30)
+        assert e.value.code() == grpc.StatusCode.ABORTED, (e.value.code(), e.value.details())
+    assert "restored" in e.value.details() and "step 7" in e.value.details(), e.value.details()
+    # the resumed job's step 4 runs at once: no stale step 7 sits in the queue
+    t0 = time.monotonic()
+    pending = c.lookup_async(FEATURES, 4, lens.flatten(), vals, trainer_id=0, step=4)
+    mine = c.lookup(FEATURES, 4, lens.flatten(), vals, trainer_id=1, step=4)
+    theirs = pending.result(30)
+    assert time.monotonic() - t0 < 10.0  # before the fix: the 20 s wait timeout, then DEADLINE_EXCEEDED
+    other_update = c.update_async(theirs.handle, torch.ones(4, 24))
+    assert c.update(mine.handle, torch.ones(4, 24)).applied_step == 4
+    assert other_update.result(30).applied_step == 4

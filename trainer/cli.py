@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--collective-timeout-s", type=float,
                    help="collective transport: no exchange waits longer for a shard or trainer (a frozen one); "
                         "it fails naming the step instead (default 300)")
+    t.add_argument("--rpc-timeout-s", type=float, default=120.0,
+                   help="deadline of every shard RPC: a shard that does not answer in time (partitioned, frozen) "
+                        "fails the trainer with an error naming it. Keep it above the shards' wait_timeout_s "
+                        "(sync mode: a lookup may wait that long for the other trainers). Default 120")
     t.add_argument("--tls-ca", help="PEM of the CA that signed the shards' and the coordinator's certificates (TLS)")
     t.add_argument("--tls-cert", help="PEM certificate this trainer presents (servers that require mutual TLS)")
     t.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pipeline", action="store_true", help="wait for each step's updates before the next lookup")
     t.add_argument("--logdir", help="TensorBoard logs (rank 0): loss, samples/s, held-out AUC and NE")
     t.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (and at the end)")
+    t.add_argument("--publish-dense", metavar="REDIS_URL", help="online freshness: publish the dense parameters "
+                   "to Redis every --dense-every steps (the embedding rows come from shards started with "
+                   "--publish-deltas); a gateway serving with --follow swaps its dense arch to them")
+    t.add_argument("--dense-every", type=int, default=50, help="steps between dense publishes (default 50)")
     t.add_argument("--eval-batches", type=int, default=4, help="held-out batches of --batch-size per evaluation")
     t.add_argument("--json", action="store_true", help="one JSON line per logged step instead of a progress bar")
     pl = sub.add_parser("plan", help="write a simple sharding plan (JSON) for a model config",
@@ -132,20 +140,21 @@ def train(args: argparse.Namespace) -> int:
         config=args.config, plan=args.plan, shards=args.shards.split(",") if args.shards else None,
         coordinator=args.coordinator, data=args.data, transport=args.transport, tls_ca=args.tls_ca,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=read_token(args.token_file, CONTROL_TOKEN_ENV),
-        collective_timeout_s=args.collective_timeout_s,
+        collective_timeout_s=args.collective_timeout_s, rpc_timeout_s=args.rpc_timeout_s,
         strict=args.strict, data_workers=args.data_workers, steps=args.steps, batch_size=args.batch_size,
         first_step=args.first_step, seed=args.seed, wire=args.wire, out=args.out, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume=args.resume, resume_if_present=args.resume_if_present,
         async_staleness=args.async_staleness,
         pipelined=not args.no_pipeline, logdir=args.logdir, eval_every=args.eval_every,
+        publish_dense=args.publish_dense, dense_every=args.dense_every,
         eval_batches=args.eval_batches, json=args.json,
         rank=int(os.environ.get("RANK", "0")), world=int(os.environ.get("WORLD_SIZE", "1")))
     from protos.member_agent import Fenced
-    from trainer.transport import CollectiveError
+    from trainer.transport import CollectiveError, ShardCallFailed
 
     try:
         result = TrainingJob(settings).run()
-    except (JobError, CollectiveError, Fenced) as e:
+    except (JobError, CollectiveError, Fenced, ShardCallFailed) as e:
         raise SystemExit(str(e)) from None
     if settings.rank == 0:
         print(json.dumps({"event": "done", "steps": result.steps, "last_step": result.last_step, "loss": result.loss,

@@ -4,6 +4,9 @@ The coordinator announces a rollout with FENCE on the WatchPlan stream. Every tr
 step boundary (they agree through an all-reduce at each step), drains its updates, reports where it
 stopped, and waits for RESUME, which names the plan version to continue with: the new one, or the old
 one when the rollout aborted.
+
+A coordinator killed while the trainers are fenced is not fatal: the report is retried and the plan
+watch reconnects; the restarted coordinator finishes or aborts the rollout and replays its RESUME.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class PlanFollower:
         self._fences: collections.deque[str] = collections.deque()  # FENCEd rollouts not yet handled here
         self._resumed: dict[str, pb.PlanEvent] = {}
         self._seen: set[str] = set()  # every FENCEd rollout (a reconnected stream replays the open one)
+        self._done: set[str] = set()  # rollouts resumed here (a reconnected stream replays the last RESUME)
+        self._unseen: tuple[int, pb.PlanEvent | None] = (0, None)  # (count, last) RESUMEs of rollouts never FENCEd here
         self._closed = False
         self._stream = None
         self.wait_s = wait_s
@@ -56,6 +61,7 @@ class PlanFollower:
         """A rollout asked the trainers to stop and has not resumed them yet."""
         with self._cond:
             while self._fences and self._fences[0] in self._resumed:  # fenced and resumed (aborted) meanwhile
+                self._done.add(self._fences[0])
                 self._resumed.pop(self._fences.popleft())
             return bool(self._fences)
 
@@ -63,23 +69,52 @@ class PlanFollower:
         """Reports this trainer stopped after `step` and blocks until the rollout resumes it. (Another
         trainer may have seen the FENCE first: all stop at the same step, so this one waits for it.)"""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._fences, timeout=60):
+            seen = self._unseen[0]
+            if not self._cond.wait_for(lambda: self._fences or self._unseen[0] != seen, timeout=60):
                 raise RuntimeError("fence: no FENCE event from the coordinator")
+            if not self._fences:  # the coordinator died before this trainer got the FENCE a peer stopped for;
+                resumed = self._unseen[1]  # its successor ended that rollout: continue as the peer will
+                self._done.add(resumed.rollout_id)
+                log.warning("trainer %d: rollout %s ended before its FENCE arrived here", self.rank,
+                            resumed.rollout_id)
+                return resumed
             rollout = self._fences.popleft()
             if rollout in self._resumed:  # it already ended (aborted) before this trainer stopped
+                self._done.add(rollout)
                 return self._resumed.pop(rollout)
         self.step = step
-        try:
-            self.client.report_fenced(self.rank, rollout, step)
-        except grpc.RpcError as e:  # the rollout moved on (aborted by a timeout): its RESUME follows
-            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            log.warning("rollout %s no longer fencing: %s", rollout, e.details())
+        deadline = time.monotonic() + timeout_s
+        self._report(rollout, step, deadline)
         log.info("trainer %d fenced after step %d for rollout %s", self.rank, step, rollout)
         with self._cond:
-            if not self._cond.wait_for(lambda: rollout in self._resumed, timeout=timeout_s):
+            if not self._cond.wait_for(lambda: rollout in self._resumed, timeout=deadline - time.monotonic()):
                 raise RuntimeError(f"rollout {rollout}: no RESUME within {timeout_s:.0f} s")
+            self._done.add(rollout)
             return self._resumed.pop(rollout)
+
+    def _report(self, rollout: str, step: int, deadline: float) -> None:
+        """ReportFenced, retried while the coordinator is unreachable (killed: its successor answers that
+        the rollout is no longer fencing, and replays the RESUME that ended it)."""
+        warned = False
+        while True:
+            try:
+                self.client.report_fenced(self.rank, rollout, step)
+                return
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the rollout moved on: its RESUME follows
+                    log.warning("rollout %s no longer fencing: %s", rollout, e.details())
+                    return
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                with self._cond:
+                    if rollout in self._resumed:
+                        return
+                if time.monotonic() > deadline:
+                    raise
+                if not warned:  # once: the retries go on every 0.5 s until the coordinator answers
+                    log.warning("reporting the fence of rollout %s: %s; retrying", rollout, e.details())
+                    warned = True
+                time.sleep(0.5)
 
     def close(self) -> None:
         self._closed = True
@@ -98,8 +133,11 @@ class PlanFollower:
                         if event.kind == pb.FENCE and event.rollout_id not in self._seen:
                             self._seen.add(event.rollout_id)
                             self._fences.append(event.rollout_id)
-                        elif event.kind == pb.RESUME:
-                            self._resumed[event.rollout_id] = event
+                        elif event.kind == pb.RESUME and event.rollout_id not in self._done:
+                            if event.rollout_id in self._seen:
+                                self._resumed[event.rollout_id] = event
+                            else:
+                                self._unseen = (self._unseen[0] + 1, event)
                         self._cond.notify_all()
             except grpc.RpcError as e:
                 if self._closed:

@@ -47,6 +47,7 @@ class JobSettings:
     data: str = "synthetic"  # or criteo:PATH[,PATH...]
     transport: str = "grpc"  # or collective
     collective_timeout_s: float | None = None  # collective: no exchange waits longer for a peer (None: 300 s)
+    rpc_timeout_s: float = 120.0  # deadline of every shard RPC
     tls_ca: str | None = None
     tls_cert: str | None = None  # this trainer's certificate, for servers that require mutual TLS
     tls_key: str | None = None
@@ -68,6 +69,8 @@ class JobSettings:
     logdir: str | None = None
     eval_every: int = 0
     eval_batches: int = 4
+    publish_dense: str | None = None  # Redis URL: the dense parameters go out every `dense_every` steps
+    dense_every: int = 50
     json: bool = False
     rank: int = 0
     world: int = 1
@@ -126,8 +129,14 @@ class TrainingJob:
                                       tls_ca=settings.tls_ca, token=settings.token, tls_cert=settings.tls_cert,
                                       tls_key=settings.tls_key,
                                       trainer_epoch=self.follower.agent.epoch if self.follower is not None else 0,
-                                      member_check=self.follower.agent.check if self.follower is not None else None)
+                                      member_check=self.follower.agent.check if self.follower is not None else None,
+                                      rpc_timeout_s=settings.rpc_timeout_s)
         self.data = SyntheticData(self.model_cfg, seed=settings.seed)
+        self.dense_publisher = None
+        if settings.publish_dense and settings.rank == 0:
+            from trainer.dense_publisher import DensePublisher
+
+            self.dense_publisher = DensePublisher(settings.publish_dense, settings.dense_every)
         self.writer = None
         self._stop = False
 
@@ -159,6 +168,8 @@ class TrainingJob:
                                        res.step)
             if s.eval_every and done % s.eval_every == 0:
                 self._evaluate(res.step)
+            if self.dense_publisher is not None:
+                self.dense_publisher.maybe_publish(res.step, trainer.model)
             if self._between_steps(res.step, position + done):
                 break
             bar.set_description(f"trainer {s.rank} plan v{trainer.router.plan.version}")
@@ -255,6 +266,8 @@ class TrainingJob:
 
     def _finish(self) -> None:
         s, trainer = self.s, self.trainer
+        if self.dense_publisher is not None:
+            self.dense_publisher.close()
         if self.writer is not None:
             self.writer.close()
         if s.rank == 0 and s.out:

@@ -46,9 +46,10 @@ class ShardedTrainer:
                  transport: str = "grpc", trainer_group: dist.ProcessGroup | None = None,
                  tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, trainer_epoch: int = 0,
-                 member_check: Callable[[], None] | None = None) -> None:
+                 member_check: Callable[[], None] | None = None, rpc_timeout_s: float = 120.0) -> None:
         """`trainer_epoch`: this trainer's membership epoch (coordinated jobs), sent with every write;
-        `member_check` raises once the coordinator replaced this trainer (checked before every write)."""
+        `member_check` raises once the coordinator replaced this trainer (checked before every write);
+        `rpc_timeout_s`: the deadline of every shard RPC (a partitioned shard fails the step, never hangs)."""
         if len(addresses) != plan.num_shards:
             raise ValueError(f"--shards: the plan (version {plan.version}) has {plan.num_shards} shards, "
                              f"got {len(addresses)} addresses")
@@ -59,6 +60,7 @@ class ShardedTrainer:
         self.credentials = {"token": token, "tls_cert": tls_cert, "tls_key": tls_key}  # for the shards' control plane
         self.trainer_epoch = trainer_epoch
         self.member_check = member_check
+        self.rpc_timeout_s = rpc_timeout_s
         self._connect(plan, addresses, transport)
         self.model = DenseDLRM(model_config, seed=seed)
         self.local = LocalTables(model_config, list(plan.data_parallel), seed=seed) if plan.data_parallel else None
@@ -77,7 +79,8 @@ class ShardedTrainer:
         # gRPC always carries the control plane (checkpoints, evaluation); the data plane is gRPC or collective
         self.transport = GrpcTransport(addresses, plan_version=plan.version, trainer_id=self.rank,
                                        wire_dtype=self.wire_dtype, tls_ca=self.tls_ca, **self.credentials,
-                                       trainer_epoch=self.trainer_epoch, member_check=self.member_check)
+                                       trainer_epoch=self.trainer_epoch, member_check=self.member_check,
+                                       timeout_s=self.rpc_timeout_s)
         if transport == "collective":
             self.data: GrpcTransport | CollectiveTransport = CollectiveTransport(
                 self.world_size, plan.num_shards, addresses, tls_ca=self.tls_ca)

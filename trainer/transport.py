@@ -18,7 +18,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ShardUnavailable(RuntimeError):
+class ShardCallFailed(RuntimeError):
+    """An RPC to a shard failed for good; names the shard, its address, the call and the gRPC status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ShardUnavailable(ShardCallFailed):
     """A shard did not answer after every retry; names the shard and the plan version."""
 
 
@@ -35,6 +43,7 @@ class GrpcTransport:
         self.trainer_id = trainer_id
         self.wire_dtype = wire_dtype
         self.retries = retries
+        self.timeout_s = timeout_s
         self.member_check = member_check
         self.backoff_s = backoff_s
         self.clients = [ShardClient(a, plan_version=plan_version, timeout=timeout_s, tls_ca=tls_ca, token=token,
@@ -46,18 +55,28 @@ class GrpcTransport:
             c.close()
 
     def _retry(self, shard: int, what: str, call: Callable[[], T]) -> T:
-        """Retries only UNAVAILABLE (the request never reached the shard), with exponential backoff."""
+        """Retries only UNAVAILABLE (the connection failed), with exponential backoff: a resent lookup or
+        update the shard already took is refused (FAILED_PRECONDITION / NOT_FOUND), never applied twice. Any
+        other failure -- DEADLINE_EXCEEDED after `timeout_s` included (a partitioned or frozen shard: the
+        request may have arrived) -- is final and raised as ShardCallFailed naming the shard."""
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             try:
                 return call()
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    where = f"shard {shard} at {self.addresses[shard]}"
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
                         raise ShardUnavailable(
-                            f"shard {shard} at {self.addresses[shard]} unavailable for {what} after "
-                            f"{self.retries + 1} attempts (plan version {self.plan_version}): {e.details()}") from None
-                    raise
+                            f"{where} unavailable for {what} after {self.retries + 1} attempts "
+                            f"(plan version {self.plan_version}): {e.details()}", e.code()) from None
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise ShardCallFailed(
+                            f"{where} did not answer {what} within the {self.timeout_s:g}s RPC deadline "
+                            f"(partitioned, frozen or overloaded; plan version {self.plan_version}): "
+                            f"{e.details()}", e.code()) from None
+                    raise ShardCallFailed(f"{where} failed {what} (plan version {self.plan_version}): "
+                                          f"{e.code().name}: {e.details()}", e.code()) from None
                 log.warning("shard %d unavailable for %s (attempt %d): retrying in %.2fs", shard, what, attempt + 1,
                             delay)
                 time.sleep(delay)

@@ -1,0 +1,185 @@
+"""The gateway's frontends side by side in one run (JSON lines): W1 (one sample per request) at
+concurrency C against the Python gRPC echo ceiling, the Python gateway (`serve`) and tritonserver's
+frontend over Python workers (`serve-triton`), each driven by the project's Python async client and
+by h2load (native HTTP/2, so the client is not the bottleneck); the servers' CPU-seconds per 1,000 W1
+requests (every process of the server, from /proc); RSS and PSS of each whole gateway, and of
+`serve-triton` with 1 and 2 workers.
+
+    python -m benchmarks.gateway_frontend [--seconds 5] [--concurrency 64] [--dtype int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.gateway_load import ROOT, _load, emit, packages, request_pool, samples
+from inference_gateway import proc_memory
+from inference_gateway.loadgen import METHOD, closed_loop
+from inference_gateway.process import launch, launch_triton
+from protos.model_config import ModelConfig
+from protos.process import start_announced
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def ensure_h2load() -> str | None:
+    """h2load (Debian's nghttp2-client), installed with apt-get when missing and running as root."""
+    if shutil.which("h2load") is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "nghttp2-client"], capture_output=True, check=False)
+    return shutil.which("h2load")
+
+
+def model_infer_pool(cfg: ModelConfig, name: str, count: int) -> list[bytes]:
+    from tritonclient.grpc import service_pb2
+
+    out = []
+    for i in range(count):
+        dense, _, values = samples(cfg, 1, i)
+        r = service_pb2.ModelInferRequest(model_name=name, id=str(i))
+        for n, dt, arr in (("dense", "FP32", dense), ("ids", "INT64", values.reshape(1, -1))):
+            t = r.inputs.add()
+            t.name, t.datatype = n, dt
+            t.shape.extend(arr.shape)
+            r.raw_input_contents.append(arr.tobytes())
+        out.append(r.SerializeToString())
+    return out
+
+
+def cpu_ticks(pids: list[int]) -> dict[str, int]:
+    """utime + stime per kind of process (its comm: python, tritonserver, triton_python_b[ackend_stub])."""
+    out: dict[str, int] = {}
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[comm] = out.get(comm, 0) + int(fields[11]) + int(fields[12])
+    return out
+
+
+def h2load(address: str, method: str, body: bytes, concurrency: int, seconds: float, workdir: Path) -> dict:
+    """Closed loop over `concurrency` streams (4 connections x concurrency/4 streams) for `seconds`."""
+    path = workdir / f"body-{abs(hash(body))}.bin"
+    path.write_bytes(b"\0" + struct.pack(">I", len(body)) + body)  # one gRPC message frame
+    conns = min(4, concurrency)
+    out = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", str(conns), "-m", str(concurrency // conns),
+                          "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(path),
+                          f"http://{address}{method}"], capture_output=True, text=True, timeout=seconds + 120)
+    text = out.stdout
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", text)
+    rps = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", text)
+    if not (done and rps):
+        return {"error": (out.stderr or text)[-500:]}
+    return {"requests_per_s": float(rps.group(2)), "ok": int(done.group(2)), "failed": int(done.group(3)),
+            "mean_ms": _ms(lat.group(3)) if lat else None, "max_ms": _ms(lat.group(2)) if lat else None}
+
+
+def _ms(text: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return round(float(text[: -len(unit)]) * scale, 3)
+    return float(text)
+
+
+def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: int, args, workdir: Path,
+            base: dict, has_h2load: bool) -> None:
+    """W1 with both clients; CPU of every process under root_pid per 1,000 requests (h2load run)."""
+    r = asyncio.run(closed_loop(address, pool, args.concurrency, args.seconds, 1, method=method))
+    emit({**base, "bench": "W1_closed", "server": name, "client": "python", "concurrency": args.concurrency, **r,
+          "loadavg": _load()})
+    if has_h2load:
+        pids = proc_memory.tree(root_pid)
+        before = cpu_ticks(pids)
+        r = h2load(address, method, pool[0], args.concurrency, args.seconds, workdir)
+        after = cpu_ticks(pids)
+        spent = {k: (after[k] - before.get(k, 0)) / TICK for k in after}
+        if r.get("ok"):
+            r["cpu_s_per_1000"] = round(sum(spent.values()) / r["ok"] * 1000, 4)
+            r["cpu_s_per_1000_by_process"] = {k: round(v / r["ok"] * 1000, 4) for k, v in spent.items()}
+        emit({**base, "bench": "W1_closed", "server": name, "client": "h2load", "concurrency": args.concurrency,
+              **r, "loadavg": _load()})
+
+
+def memory(name: str, root_pid: int, base: dict, **extra) -> None:
+    """Whole gateway, and per process: its PSS and the PSS of its share of the table image."""
+    m = proc_memory.total(root_pid)
+    parts = []
+    for pid in proc_memory.tree(root_pid):
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        r, img = proc_memory.rollup(pid), proc_memory.mapped(pid, ".tbe")
+        parts.append({"process": comm, "rss_mib": round(r["rss"] / 2**20, 1), "pss_mib": round(r["pss"] / 2**20, 1),
+                      "table_image_pss_mib": round(img["pss"] / 2**20, 1)})
+    emit({**base, "bench": "memory", "server": name, **extra, "rss_mib": round(m["rss"] / 2**20, 1),
+          "pss_mib": round(m["pss"] / 2**20, 1), "processes": m["processes"], "by_process": parts})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--workers", type=int, default=2, help="serve-triton workers for the W1 figures")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
+    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pkg = packages(workdir, [args.dtype])[args.dtype]
+    cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
+    w1 = request_pool(cfg, 1, 512)
+    has_h2load = ensure_h2load() is not None
+    base = {"model": "criteo_kaggle", "dtype": args.dtype, "cpus": os.cpu_count(), "h2load": has_h2load}
+    if "echo" not in skip:
+        proc, msg = start_announced(["benchmarks.gateway_load", "--echo-server"], workdir, what="echo server",
+                                    timeout=120)
+        try:
+            measure("python_echo", f"127.0.0.1:{msg['port']}", METHOD, w1, proc.pid, args, workdir, base, has_h2load)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    if "old" not in skip:
+        gw = launch(["--model", str(pkg), "--metrics-port", "-1", "--max-batch-size", "256", "--max-wait-ms", "2",
+                     "--workers", "2", "--max-queue", "2048", "--max-concurrent-rpcs", "128",
+                     "--max-pending-rpcs", "128"],
+                    workdir=workdir / "old-gw", timeout=300)
+        try:
+            memory("serve", gw.pid, base)
+            measure("serve", gw.address, METHOD, w1, gw.pid, args, workdir, base, has_h2load)
+        finally:
+            gw.terminate()
+    name = json.loads((pkg / "manifest.json").read_text())["name"]
+    infer_pool = model_infer_pool(cfg, name, 512)
+    counts = sorted({1, 2, args.workers}) if "memory" not in skip else [args.workers]
+    for n in counts:
+        gw = launch_triton(["--model", str(pkg), "--workers", str(n), "--max-batch-size", "256", "--max-wait-ms", "2"],
+                           workdir=workdir / f"triton-gw-{n}", timeout=600)
+        try:
+            if "memory" not in skip:  # idle, model loaded: the table image is resident (MAP_POPULATE)
+                image = next((workdir / f"triton-gw-{n}" / "triton" / "tables").glob("*.tbe")).stat().st_size
+                memory("serve-triton", gw.pid, base, workers=n, table_image_mib=round(image / 2**20, 1))
+            if n == args.workers and "new" not in skip:
+                measure(f"serve-triton_{n}w", gw.address, MODEL_INFER, infer_pool, gw.pid, args, workdir, base,
+                        has_h2load)
+        finally:
+            gw.terminate(timeout=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.stdout.flush()
+    raise SystemExit(main())

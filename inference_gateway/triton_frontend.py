@@ -1,0 +1,478 @@
+"""The gateway on Triton's C++ frontend: a supervisor that runs `tritonserver` with our model in its
+Python-backend worker processes, one shared copy of the tables, and management on its own address.
+
+Why: a Python gRPC server spends ~0.3 ms of CPU per unary RPC before any model work; tritonserver
+(bundled in the `nvidia-pytriton` wheel, which we install `--no-deps` and use only for its binaries)
+accepts, batches and answers requests in C++ and hands whole batches to `--workers` Python processes
+(its instance group). The supervisor:
+
+- verifies each package, writes its TBE host buffer once as a table image (shared_tables) and lays it
+  out as a Triton model version whose model.py maps that image read-only in every worker;
+- starts tritonserver (KServe v2 gRPC on `--port`, explicit model control) and restarts it if it
+  dies; replaces a worker (stub) that dies by reloading that version (Triton does not);
+- serves LoadModel / UnloadModel / SetDefaultVersion / ListModels on `--management-port` (the
+  project's InferenceGateway service, inference methods UNIMPLEMENTED there) plus gRPC health, and
+  applies each to every worker through Triton's repository API: a new version loads beside the old
+  one, and an unloaded version leaves only after its in-flight requests are answered;
+- on SIGTERM: management health NOT_SERVING, SIGTERM to tritonserver (which stops taking requests
+  and answers those in flight within --grace-s), then exits 0.
+
+Unversioned requests go to the highest loaded version (Triton's rule), so SetDefaultVersion accepts
+only that version; a hot swap is LoadModel(new) then UnloadModel(old).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import inference_pb2, inference_pb2_grpc
+from protos.paths import PathRefused, confine, status_of_oserror
+from protos.process import free_port
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+MANAGEMENT_SERVICE = "recsys.v1.InferenceGateway"
+
+
+class FrontendError(RuntimeError):
+    """tritonserver is missing or would not start; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TritonDist:
+    """The binaries of the nvidia-pytriton wheel (its Python code is not used)."""
+
+    server: Path
+    backend_lib: Path  # libtriton_python.so
+    backend_utils: Path  # triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub for this Python version
+    libs: Path  # the wheel's bundled shared libraries
+
+    @classmethod
+    def find(cls) -> TritonDist:
+        spec = importlib.util.find_spec("pytriton")  # finds without importing (its __init__ needs gevent)
+        if spec is None or not spec.submodule_search_locations:
+            raise FrontendError("tritonserver: not installed; `pip install --no-deps nvidia-pytriton==0.7.0` "
+                                "(--no-deps: its numpy<2 pin would downgrade numpy; only its binaries are used)")
+        pkg = Path(next(iter(spec.submodule_search_locations)))
+        ts = pkg / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        backend = ts / "backends" / "python"
+        dist = cls(ts / "bin" / "tritonserver", backend / "libtriton_python.so",
+                   backend / "triton_python_backend_utils.py",
+                   ts / "python_backend_stubs" / version / "triton_python_backend_stub",
+                   pkg.parent / "nvidia_pytriton.libs")
+        paths = (dist.server, dist.backend_lib, dist.backend_utils, dist.stub, dist.libs)
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise FrontendError(f"tritonserver: {missing[0]} missing from the nvidia-pytriton install")
+        return dist
+
+    def backend_dir(self, workdir: Path) -> Path:
+        """backends/python with this Python's stub beside the backend (where Triton looks for it)."""
+        out = workdir / "backends"
+        py = out / "python"
+        py.mkdir(parents=True, exist_ok=True)
+        for src in (self.backend_lib, self.backend_utils, self.stub):
+            dst = py / src.name
+            if not dst.exists():
+                dst.symlink_to(src)
+        return out
+
+    def env(self) -> dict[str, str]:
+        """The stub links libpython3.x.so by soname: without the interpreter's own LIBDIR first it picks the
+        system's (Debian's 3.11.2 under pyenv's 3.11.7 stdlib: `RLock._recursion_count` AttributeError).
+        PATH starts at this interpreter's bin so the stub runs with this environment's site-packages."""
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, str(self.libs), env.get("LD_LIBRARY_PATH")]))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return env
+
+
+@dataclass
+class FrontendConfig:
+    models: list[str] = field(default_factory=list)
+    workers: int = 2
+    host: str = "127.0.0.1"
+    port: int = 0  # KServe v2 gRPC (tritonserver); 0: a free one
+    management_port: int = 0
+    metrics_port: int | None = 0  # tritonserver's Prometheus port; None: off
+    max_batch_size: int = 256
+    max_wait_us: int = 2000
+    max_queue: int = 4096  # requests waiting per model before Triton refuses more
+    grace_s: float = 10.0
+    workdir: Path = Path("triton-gateway")
+    table_cache: Path | None = None  # default: <workdir>/tables
+    model_store: str = "model_store"
+
+
+@dataclass
+class Version:
+    """What shared_tables.prepare reported for one loaded version (the supervisor holds no torch)."""
+
+    facts: dict
+
+    @property
+    def name(self) -> str:
+        return self.facts["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.facts["version"])
+
+    def info(self, is_default: bool) -> inference_pb2.ModelInfo:
+        f = self.facts
+        return inference_pb2.ModelInfo(
+            name=f["name"], version=f["version"], is_default=is_default, path=f["path"], features=f["features"],
+            dense_features=f["dense_features"], table_dtypes=f["table_dtypes"], table_bytes=f["table_bytes"],
+            dense_quantization=f["dense_quantization"])
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
+    return f"""name: "{v.name}"
+backend: "python"
+max_batch_size: {cfg.max_batch_size}
+version_policy: {{ all: {{}} }}
+dynamic_batching {{
+  max_queue_delay_microseconds: {cfg.max_wait_us}
+  default_queue_policy {{ max_queue_size: {cfg.max_queue} }}
+}}
+input [
+  {{ name: "dense" data_type: TYPE_FP32 dims: [ {v.facts["dense_features"]} ] }},
+  {{ name: "ids" data_type: TYPE_INT64 dims: [ {len(v.facts["features"])} ] }}
+]
+output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+instance_group [ {{ count: {cfg.workers} kind: KIND_CPU }} ]
+"""
+
+
+def _model_py(package: Path, image: Path) -> str:
+    return (f'"""Generated by inference_gateway.triton_frontend: one version of the model."""\n'
+            f"import sys\n\nsys.path.insert(0, {str(ROOT)!r})\n"
+            f"from inference_gateway.triton_model import make_triton_model  # noqa: E402\n\n"
+            f"TritonPythonModel = make_triton_model({str(package)!r}, {str(image)!r})\n")
+
+
+class Supervisor:
+    def __init__(self, cfg: FrontendConfig, dist: TritonDist) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        self.cfg, self.dist = cfg, dist
+        self.workdir = cfg.workdir.resolve()
+        self.repo = self.workdir / "repository"
+        self.retired = self.workdir / "retired"
+        self.table_cache = (cfg.table_cache or self.workdir / "tables").resolve()
+        self.port = cfg.port or free_port(cfg.host)
+        self.metrics_port = (cfg.metrics_port or free_port(cfg.host)) if cfg.metrics_port is not None else None
+        self.models: dict[str, dict[int, Version]] = {}
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.restarts = 0
+        self.replaced = 0
+        self.lock = asyncio.Lock()
+        self.health = health.aio.HealthServicer()
+        self._triton_grpc = triton_grpc
+        self.client = None
+
+    # --- tritonserver -----------------------------------------------------------------------------
+    def _start_triton(self) -> None:
+        for d in (self.repo, self.retired, self.table_cache):
+            d.mkdir(parents=True, exist_ok=True)
+        args = [str(self.dist.server), f"--model-repository={self.repo}", "--model-control-mode=explicit",
+                f"--backend-directory={self.dist.backend_dir(self.workdir)}", "--disable-auto-complete-config",
+                f"--grpc-address={self.cfg.host}", f"--grpc-port={self.port}", "--allow-http=false",
+                f"--exit-timeout-secs={max(1, int(self.cfg.grace_s))}", "--log-verbose=0", "--strict-readiness=true"]
+        if self.metrics_port is None:
+            args.append("--allow-metrics=false")
+        else:
+            args += [f"--metrics-address={self.cfg.host}", f"--metrics-port={self.metrics_port}",
+                     "--allow-gpu-metrics=false"]
+        log_file = open(self.workdir / "tritonserver.log", "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(args, env=self.dist.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor only
+        log_file.close()
+        self.client = self._triton_grpc.InferenceServerClient(f"{self.cfg.host}:{self.port}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FrontendError(f"tritonserver exited {self.proc.returncode} at start; see "
+                                    f"{self.workdir / 'tritonserver.log'}")
+            try:
+                if self.client.is_server_live():
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.2)
+        raise FrontendError("tritonserver: not live within 120 s")
+
+    def _triton_load(self, name: str) -> None:
+        """Triton's explicit load of `name`: loads version directories that appeared, unloads (after their
+        in-flight requests) those that disappeared, keeps the rest serving."""
+        try:
+            self.client.load_model(name)
+        except self._triton_grpc.InferenceServerException as e:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: tritonserver refused model {name!r}: "
+                                                               f"{e.message()}") from None
+
+    # --- model management (serialized by self.lock, run off the event loop) -----------------------
+    def _prepare(self, path: str, name: str, version: int) -> Version:
+        """Verifies the package and writes its table image in a short-lived child process, so torch and
+        the package's bytes never stay in the supervisor's memory."""
+        out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", path, str(self.table_cache),
+                              name, str(version)], capture_output=True, text=True, env=self.dist.env(), timeout=600)
+        try:
+            facts = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise Refused(grpc.StatusCode.INTERNAL, f"path: preparing {path} failed: {out.stderr[-2000:]}") from None
+        if "error" in facts:
+            if facts["kind"] == "os":
+                refused = status_of_oserror(OSError(facts.get("errno"), facts["error"]), "path", path)
+                raise Refused(refused.code, refused.message)
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {facts['error']}")
+        return Version(facts)
+
+    def add(self, path: str, name: str = "", version: int = 0) -> Version:
+        v = self._prepare(path, name, version)
+        versions = self.models.get(v.name, {})
+        if v.version in versions:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"version: model {v.name!r} version {v.version} is "
+                                                          "already loaded")
+        if versions:
+            first = next(iter(versions.values())).facts
+            if (first["features"], first["dense_features"]) != (v.facts["features"], v.facts["dense_features"]):
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"path: model {v.name!r} v{v.version} has other features or dense_features than the "
+                              "loaded versions (one Triton model, one input signature); load it under another name")
+        mdir = self.repo / v.name
+        mdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = mdir / "config.pbtxt"
+        if not versions:
+            tmp = cfg_path.with_suffix(".tmp")
+            tmp.write_text(_config_pbtxt(v, self.cfg))
+            os.replace(tmp, cfg_path)
+        vdir = mdir / str(v.version)
+        tmp = mdir / f".{v.version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "model.py").write_text(_model_py(Path(v.facts["path"]), Path(v.facts["image"])))
+        shutil.rmtree(vdir, ignore_errors=True)
+        os.replace(tmp, vdir)
+        try:
+            self._triton_load(v.name)
+        except Refused:
+            shutil.rmtree(vdir, ignore_errors=True)
+            if not versions:
+                shutil.rmtree(mdir, ignore_errors=True)
+            raise
+        self.models[v.name] = {**versions, v.version: v}
+        return v
+
+    def remove(self, name: str, version: int) -> None:
+        if not name:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "name: required")
+        if version < 1:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "version: required (>= 1)")
+        versions = dict(self.models.get(name, {}))
+        if version not in versions:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"version: model {name!r} has no version {version} loaded "
+                                                     f"(loaded: {sorted(versions)})")
+        del versions[version]
+        vdir = self.repo / name / str(version)
+        os.replace(vdir, self.retired / f"{name}-{version}-{time.time_ns()}")
+        if versions:
+            self._triton_load(name)  # Triton unloads the missing version once its in-flight requests finish
+        else:
+            self.client.unload_model(name, unload_dependents=False)
+            shutil.rmtree(self.repo / name, ignore_errors=True)
+        self.models = {**self.models, name: versions} if versions else {
+            k: v for k, v in self.models.items() if k != name}
+
+    def infos(self) -> list[inference_pb2.ModelInfo]:
+        return [v.info(n == max(vs)) for name, vs in sorted(self.models.items()) for n, v in sorted(vs.items())]
+
+    async def publish_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.models and not self.stopping
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for svc in ("", MANAGEMENT_SERVICE):
+            await self.health.set(svc, status)
+
+    def workers(self) -> list[tuple[int, str, Path]]:
+        """(pid, state, model.py) of every worker process tritonserver runs (its Python-backend stubs)."""
+        out = []
+        if self.proc is None:
+            return out
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+                if int(ppid) != self.proc.pid:
+                    continue
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            model_py = next((Path(a.decode()) for a in argv if a.endswith(b"/model.py")), None)
+            if model_py is not None:
+                out.append((int(d.name), state, model_py))
+        return out
+
+    def _replace_dead_workers(self) -> None:
+        """Triton's Python backend does not restart a stub that died (requests routed to it fail with
+        'Stub process is not healthy'); a changed model.py makes Triton's load build fresh instances of that
+        version while the others keep serving, then retire the old ones. Runs under self.lock, so no load
+        or unload is changing the worker set meanwhile."""
+        live: dict[Path, int] = {}
+        for _, state, model_py in self.workers():
+            if state != "Z":  # a zombie until tritonserver reaps it (it may not)
+                live[model_py] = live.get(model_py, 0) + 1
+        for name, versions in self.models.items():
+            for version in versions:
+                model_py = self.repo / name / str(version) / "model.py"
+                if live.get(model_py, 0) >= self.cfg.workers:
+                    continue
+                log.error("a worker of %s v%d died (%d of %d live); replacing it", name, version,
+                          live.get(model_py, 0), self.cfg.workers)
+                self.replaced += 1
+                os.utime(model_py)
+                self._triton_load(name)
+
+    async def watch(self) -> None:
+        """Replaces dead workers; restarts tritonserver if it dies (its workers die with it) and loads every
+        model again."""
+        while not self.stopping:
+            await asyncio.sleep(0.5)
+            if self.proc is not None and self.proc.poll() is None and not self.stopping:
+                async with self.lock:
+                    try:
+                        await asyncio.to_thread(self._replace_dead_workers)
+                    except Refused as e:
+                        log.error("replacing a dead worker failed: %s", e.message)
+            if self.proc is not None and self.proc.poll() is not None and not self.stopping:
+                log.error("tritonserver exited %s; restarting", self.proc.returncode)
+                self.restarts += 1
+                async with self.lock:
+                    await self.publish_health()
+                    await asyncio.to_thread(self._start_triton)
+                    for name in list(self.models):
+                        await asyncio.to_thread(self._triton_load, name)
+                    await self.publish_health()
+
+    async def drain(self) -> None:
+        self.stopping = True
+        await self.health.enter_graceful_shutdown()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # Triton refuses new requests, answers those in flight
+            try:
+                await asyncio.to_thread(self.proc.wait, self.cfg.grace_s + 30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
+    """The control plane on its own address; Predict / PredictStream are UNIMPLEMENTED here."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    async def ListModels(self, request, context):
+        return inference_pb2.ListModelsResponse(models=self.sup.infos())
+
+    async def LoadModel(self, request, context):
+        if not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: required")
+        if request.version < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: must be >= 0")
+        try:
+            path = confine(self.sup.cfg.model_store, request.path, "path", what="model store")
+            async with self.sup.lock:
+                v = await asyncio.to_thread(self.sup.add, str(path), request.name, request.version)
+                await self.sup.publish_health()
+        except PathRefused as e:
+            await context.abort(e.code, e.message)
+        except OSError as e:
+            refused = status_of_oserror(e, "path", request.path)
+            await context.abort(refused.code, refused.message)
+        except Refused as e:
+            await context.abort(e.code, e.message)
+        log.info("loaded model %s v%d in every worker", v.name, v.version)
+        return v.info(v.version == max(self.sup.models[v.name]))
+
+    async def UnloadModel(self, request, context):
+        try:
+            async with self.sup.lock:
+                await asyncio.to_thread(self.sup.remove, request.name, request.version)
+                await self.sup.publish_health()
+        except Refused as e:
+            await context.abort(e.code, e.message)
+        log.info("unloaded model %s v%d from every worker", request.name, request.version)
+        return inference_pb2.UnloadModelResponse()
+
+    async def SetDefaultVersion(self, request, context):
+        versions = self.sup.models.get(request.name, {})
+        if request.version not in versions:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"version: model {request.name!r} has no version "
+                                                           f"{request.version} loaded (loaded: {sorted(versions)})")
+        if request.version != max(versions):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"version: unversioned requests go to the highest loaded version "
+                                f"({max(versions)}); unload it to make {request.version} the default")
+        return versions[request.version].info(True)
+
+
+async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sup = Supervisor(cfg, TritonDist.find())
+    await asyncio.to_thread(sup._start_triton)
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup), server)
+    health_pb2_grpc.add_HealthServicer_to_server(sup.health, server)
+    management_port = server.add_insecure_port(f"{cfg.host}:{cfg.management_port}")
+    await server.start()
+    try:
+        for path in cfg.models:
+            in_store = os.path.join(cfg.model_store, path)
+            await asyncio.to_thread(sup.add, in_store if not os.path.isabs(path) and os.path.isdir(in_store) else path)
+        await sup.publish_health()
+        print(json.dumps({"event": "serving", "frontend": "tritonserver", "protocol": "kserve-v2-grpc",
+                          "host": cfg.host, "port": sup.port, "management_port": management_port,
+                          "metrics_port": sup.metrics_port, "pid": os.getpid(), "triton_pid": sup.proc.pid,
+                          "workers": cfg.workers, "models": [{"name": i.name, "version": i.version,
+                                                               "table_bytes": i.table_bytes} for i in sup.infos()]}),
+              flush=True)
+        watcher = asyncio.ensure_future(sup.watch())
+        await stop.wait()
+        log.info("draining")
+        await sup.drain()
+        watcher.cancel()
+    finally:
+        if sup.proc is not None and sup.proc.poll() is None:
+            sup.proc.kill()
+        await server.stop(1)
+    log.info("gateway stopped")

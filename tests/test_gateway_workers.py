@@ -1,0 +1,213 @@
+"""`inference-gateway serve-triton` as real processes: tritonserver's frontend over N supervised Python
+workers. Workers answer what the package computes in-process; they share one copy of the tables; a
+worker killed with SIGKILL is replaced while the gateway stays ready; a hot swap through the
+management address under load fails no request; SIGTERM drains and exits 0."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tritonclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inference_gateway import proc_memory
+from inference_gateway.client import GatewayClient
+from inference_gateway.model import ServingModel
+from inference_gateway.package import load_package
+from inference_gateway.process import launch_triton
+from inference_gateway.shared_tables import IMAGE_SUFFIX
+from tests.test_inference_package import TINY, tiny_model
+from trainer.export import export_package, table_dtypes
+
+WORKERS = 2
+NFEAT, NDENSE = len(TINY.features), TINY.dense_features
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
+    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "int8", []), version=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gw(store, tmp_path_factory):
+    g = launch_triton(["--model", str(store / "v1"), "--workers", str(WORKERS), "--model-store", str(store),
+                       "--max-wait-ms", "1", "--grace-s", "20"], workdir=tmp_path_factory.mktemp("gw"))
+    yield g
+    g.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(g.announced["triton_pid"], signal.SIGKILL)
+
+
+def sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    rows = np.array([next(t.num_rows for t in TINY.tables if t.name == f.table) for f in TINY.features])
+    return g.standard_normal((n, NDENSE), dtype=np.float32), (g.random((n, NFEAT)) * rows).astype(np.int64)
+
+
+def infer(client, dense: np.ndarray, ids: np.ndarray, version: str = ""):
+    inputs = [tritonclient.InferInput("dense", list(dense.shape), "FP32"),
+              tritonclient.InferInput("ids", list(ids.shape), "INT64")]
+    inputs[0].set_data_from_numpy(dense)
+    inputs[1].set_data_from_numpy(ids)
+    return client.infer("dlrm", inputs, model_version=version, client_timeout=60)
+
+
+def live_workers(g) -> list[int]:
+    return proc_memory.children(g.announced["triton_pid"])
+
+
+def test_workers_answer_what_the_package_computes(gw, store):
+    client = tritonclient.InferenceServerClient(gw.address)
+    assert client.is_server_ready() and client.is_model_ready("dlrm")
+    assert len(live_workers(gw)) == WORKERS
+    dense, ids = sample(5, 0)
+    got = infer(client, dense, ids).as_numpy("score").ravel()
+    model = ServingModel(load_package(store / "v1"))
+    values = torch.from_numpy(ids.T.reshape(-1).copy())
+    want = model.scores(torch.from_numpy(dense), torch.ones(values.numel(), dtype=torch.int64), values).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    bad = ids.copy()
+    bad[3, 1] = 10**6
+    with pytest.raises(tritonclient.InferenceServerException) as e:
+        infer(client, dense, bad)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert f"ids: id 1000000 of feature {TINY.features[1].name!r} is out of range" in e.value.message()
+    with pytest.raises(tritonclient.InferenceServerException) as e:
+        infer(client, dense.astype(np.float32)[:, :2].copy(), ids)
+    assert "dense" in e.value.message()  # Triton's own shape check names the input
+    assert infer(client, dense, ids).as_numpy("score").shape == (5, 1)  # still serving
+
+
+def test_workers_share_one_copy_of_the_tables(gw):
+    pids = live_workers(gw)
+    maps = [proc_memory.mapped(p, IMAGE_SUFFIX) for p in pids]
+    size = next((gw.workdir / "triton" / "tables").glob(f"*{IMAGE_SUFFIX}")).stat().st_size
+    pages = -(-size // 4096) * 4096
+    assert all(m["rss"] == pages for m in maps), maps  # every worker maps all of it (MAP_POPULATE) ...
+    assert sum(m["pss"] for m in maps) <= pages * 1.1, maps  # ... and the page cache holds it once
+    whole = proc_memory.total(gw.pid)
+    assert whole["processes"] >= 2 + WORKERS and whole["pss"] < whole["rss"]
+    supervisor = proc_memory.rollup(gw.pid)  # verifying packages and writing images ran in a child
+    assert supervisor["rss"] < min(proc_memory.rollup(p)["rss"] for p in pids) / 2, (supervisor, pids)
+
+
+def _management_health(g) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{g.announced['management_port']}") as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_a_killed_worker_is_replaced_and_the_gateway_stays_ready(gw):
+    client = tritonclient.InferenceServerClient(gw.address)
+    before = live_workers(gw)
+    os.kill(before[0], signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert client.is_server_ready() and client.is_model_ready("dlrm")
+        assert _management_health(gw) == health_pb2.HealthCheckResponse.SERVING
+        now = live_workers(gw)
+        if before[0] not in now and len(now) == WORKERS and set(now) != set(before) - {before[0]}:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"worker not replaced: {before} -> {live_workers(gw)}\n{gw.log_tail()}")
+    for seed in range(2 * WORKERS):  # every worker answers again
+        assert infer(client, *sample(2, seed)).as_numpy("score").shape == (2, 1)
+    assert "died (1 of 2 live); replacing it" in gw.log_tail(chars=1 << 20)
+
+
+def test_hot_swap_through_the_management_address_fails_no_request(gw):
+    stop = threading.Event()
+    versions: list[str] = []
+    failures: list[str] = []
+
+    def drive(k: int) -> None:
+        client = tritonclient.InferenceServerClient(gw.address)
+        i = 0
+        while not stop.is_set():
+            try:
+                versions.append(infer(client, *sample(1, k * 100000 + i)).get_response().model_version)
+            except tritonclient.InferenceServerException as e:
+                failures.append(f"{e.status()}: {e.message()}")
+            i += 1
+
+    threads = [threading.Thread(target=drive, args=(k,)) for k in range(4)]
+    with GatewayClient(f"127.0.0.1:{gw.announced['management_port']}") as admin:
+        try:
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            info = admin.load_model("v2")
+            assert (info.name, info.version, info.is_default) == ("dlrm", 2, True)
+            with pytest.raises(grpc.RpcError) as e:
+                admin.set_default_version("dlrm", 1)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # the highest version is the default
+            time.sleep(1.0)
+            admin.unload_model("dlrm", 1)
+            time.sleep(1.0)
+            listed = [(m.name, m.version, m.is_default) for m in admin.list_models()]
+            with pytest.raises(grpc.RpcError) as e:
+                admin.load_model("../outside")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must not contain '..'" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                admin.load_model("no-such-package")
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "path: package refused:" in e.value.details() and "not a package directory" in e.value.details()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    assert not failures, failures[:3]
+    assert listed == [("dlrm", 2, True)]
+    assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
+    assert versions.index("2") > 10  # load really ran across the swap
+    deadline = time.monotonic() + 180  # retired workers exit once their in-flight requests are answered
+    while len(live_workers(gw)) != WORKERS and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(live_workers(gw)) == WORKERS  # v1's workers are gone, v2's serve
+
+
+def test_sigterm_drains_and_exits_zero(gw):
+    client = tritonclient.InferenceServerClient(gw.address)
+    results: list[object] = []
+
+    def one(seed: int) -> None:
+        try:
+            results.append(infer(client, *sample(64, seed)).as_numpy("score").shape)
+        except tritonclient.InferenceServerException as e:
+            results.append(e.status())
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    workers = live_workers(gw)
+    assert gw.terminate(timeout=120) == 0
+    for t in threads:
+        t.join()
+    # a request that reached Triton before SIGTERM is answered; one that did not is refused, never lost
+    assert all(r == (64, 1) or r == "StatusCode.UNAVAILABLE" for r in results), results
+    assert results.count((64, 1)) >= 1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(p) for p in (gw.announced["triton_pid"], *workers)):
+        time.sleep(0.2)
+    assert not [p for p in (gw.announced["triton_pid"], *workers) if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"

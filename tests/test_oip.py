@@ -1,0 +1,181 @@
+"""The Open Inference Protocol on the gateway's port, called with the real Triton client
+(tritonclient.grpc, unchanged): readiness, metadata, scores equal to Predict's, precise errors."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from inference_gateway.client import GatewayClient
+from inference_gateway.process import launch
+from tests.test_inference_package import TINY, tiny_model
+from trainer.data import SyntheticData
+from trainer.export import export_package, table_dtypes
+
+FEATURES = [f.name for f in TINY.features]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oip-pkgs")
+    v1 = export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
+    v2 = export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "fp32", []), version=2)
+    gw = launch(["--model", str(v1), "--model", str(v2), "--max-request-samples", "512"],
+                workdir=tmp_path_factory.mktemp("oip-gw"))
+    ours = GatewayClient(gw.address)
+    client = triton.InferenceServerClient(url=gw.address)
+    yield gw, client, ours
+    client.close()
+    ours.close()
+    gw.kill()
+
+
+def batch(n: int, index: int = 0):
+    b = SyntheticData(TINY, seed=5, pooling_factor=2).batch(index, n)
+    return b.dense.numpy(), b.sparse.lengths.numpy(), b.sparse.values.numpy()
+
+
+def inputs(dense, lengths, values, *, id_dtype=np.int64) -> list[triton.InferInput]:
+    """Predict's feature-major (lengths, values) split into one lengths and one values input per feature."""
+    n = dense.shape[0]
+    lens = lengths.reshape(len(FEATURES), n)
+    segments = np.split(values, np.cumsum(lens.sum(1))[:-1])
+    datatype = "INT64" if id_dtype == np.int64 else "INT32"
+    out = [triton.InferInput("dense", list(dense.shape), "FP32")]
+    out[0].set_data_from_numpy(dense)
+    for f, ln, seg in zip(FEATURES, lens, segments, strict=True):
+        for name, a in ((f"{f}.lengths", ln), (f"{f}.values", seg)):
+            t = triton.InferInput(name, [a.size], datatype)
+            t.set_data_from_numpy(a.astype(id_dtype))
+            out.append(t)
+    return out
+
+
+def refused(call, code: str, text: str) -> None:
+    with pytest.raises(InferenceServerException) as e:
+        call()
+    assert e.value.status() == f"StatusCode.{code}", (e.value.status(), e.value.message())
+    assert text in e.value.message(), e.value.message()
+
+
+def test_server_and_model_readiness_and_metadata(gateway):
+    _, client, _ = gateway
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata().name == "recsys-inference-gateway"
+    assert client.is_model_ready("dlrm") and client.is_model_ready("dlrm", "2")
+    assert not client.is_model_ready("dlrm", "9") and not client.is_model_ready("nope")
+    meta = client.get_model_metadata("dlrm")
+    assert meta.name == "dlrm" and list(meta.versions) == ["1", "2"]
+    got = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+    assert got[0] == ("dense", "FP32", [-1, TINY.dense_features])
+    assert got[1:] == [(f"{f}.{part}", "INT64", [-1]) for f in FEATURES for part in ("lengths", "values")]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("scores", "FP32", [-1])]
+    refused(lambda: client.get_model_metadata("nope"), "NOT_FOUND", "model: 'nope' is not loaded")
+    refused(lambda: client.get_model_metadata("dlrm", "x"), "INVALID_ARGUMENT", "version: 'x' is not a version number")
+
+
+def test_infer_scores_equal_predict_for_the_same_samples(gateway):
+    _, client, ours = gateway
+    dense, lengths, values = batch(32)
+    expected = ours.predict(dense, lengths, values)
+    result = client.infer("dlrm", inputs(dense, lengths, values), request_id="r-1")
+    np.testing.assert_allclose(result.as_numpy("scores"), expected, atol=1e-6)
+    response = result.get_response()
+    assert response.id == "r-1" and response.model_version == "1"  # empty version: the default
+    # INT32 ids, an explicit version, and a requested output
+    expected_v2 = ours.predict(dense, lengths, values, version=2)
+    assert not np.allclose(expected_v2, expected)
+    v2 = client.infer("dlrm", inputs(dense, lengths, values, id_dtype=np.int32), model_version="2",
+                      outputs=[triton.InferRequestedOutput("scores")])
+    np.testing.assert_allclose(v2.as_numpy("scores"), expected_v2, atol=1e-6)
+
+
+def test_typed_contents_give_the_same_scores_as_raw(gateway):
+    gw, _, ours = gateway
+    dense, lengths, values = batch(8, index=3)
+    expected = ours.predict(dense, lengths, values)
+    req = service_pb2.ModelInferRequest(model_name="dlrm")
+    for t in inputs(dense, lengths, values):  # the client's own tensors, contents typed instead of raw
+        tensor = t._get_tensor()
+        data = np.frombuffer(t._get_content(), dtype=np.float32 if tensor.datatype == "FP32" else np.int64)
+        field = "fp32_contents" if tensor.datatype == "FP32" else "int64_contents"
+        getattr(tensor.contents, field).extend(data.tolist())
+        req.inputs.append(tensor)
+    with grpc.insecure_channel(gw.address) as channel:
+        resp = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30)
+    assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [("scores", "FP32", [8])]
+    np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], dtype=np.float32), expected, atol=1e-6)
+
+
+def test_bad_inputs_get_the_precise_errors_of_predict(gateway):
+    gw, client, _ = gateway
+    dense, lengths, values = batch(4)
+    good = inputs(dense, lengths, values)
+    ok = client.infer("dlrm", good).as_numpy("scores")
+    inv = "INVALID_ARGUMENT"
+
+    def infer(tensors, model="dlrm", **kw):
+        return lambda: client.infer(model, tensors, **kw)
+
+    refused(infer(good[:-1]), inv, "inputs: missing input 'hour.values'")
+    extra = triton.InferInput("colour", [1], "INT64")
+    extra.set_data_from_numpy(np.zeros(1, dtype=np.int64))
+    refused(infer([*good, extra]), inv, "inputs: unknown input 'colour'")
+    narrow = triton.InferInput("dense", [4, 3], "FP32")
+    narrow.set_data_from_numpy(dense[:, :3].copy())
+    refused(infer([narrow, *good[1:]]), inv, "dense: width 3, model dlrm v1 takes 4")
+    fp64 = triton.InferInput("dense", [4, 4], "FP64")
+    fp64.set_data_from_numpy(dense.astype(np.float64))
+    refused(infer([fp64, *good[1:]]), inv, "dense: datatype FP64 is not one of ['FP32']")
+    short = triton.InferInput("dense", [4, 4], "FP32")
+    short.set_data_from_numpy(dense)
+    short.set_shape([4, 5])  # 64 bytes sent, 80 declared
+    refused(infer([short, *good[1:]]), inv, "dense: 64 bytes do not match shape [4, 5] of FP32 (80 expected)")
+    nan = dense.copy()
+    nan[2, 1] = np.nan
+    refused(infer(inputs(nan, lengths, values)), inv, "dense: NaN or Inf at sample 2, column 1")
+    three = triton.InferInput("user.lengths", [3], "INT64")
+    three.set_data_from_numpy(np.ones(3, dtype=np.int64))
+    refused(infer([good[0], three, *good[2:]]), inv, "user.lengths: shape [3], expected [4]")
+    fewer = triton.InferInput("user.values", [1], "INT64")
+    fewer.set_data_from_numpy(np.zeros(1, dtype=np.int64))
+    refused(infer([*good[:2], fewer, *good[3:]]), inv, "user.lengths: add up to 8 but user.values holds 1 ids")
+    big = values.copy()
+    big[0] = 200  # users has 200 rows
+    refused(infer(inputs(dense, lengths, big)), inv, "values: id 200 of feature 'user' is out of range [0, 200)")
+    refused(infer(good, outputs=[triton.InferRequestedOutput("logits")]), inv, "outputs: unknown output 'logits'")
+    refused(infer(good, model="other"), "NOT_FOUND", "model: 'other' is not loaded")
+    refused(infer(good, model_version="9"), "NOT_FOUND", "version: model 'dlrm' has no version 9")
+    refused(infer(good, model_version="v1"), inv, "model_version: 'v1' is not a version number")
+    refused(infer(inputs(*batch(513))), "RESOURCE_EXHAUSTED", "dense: 513 samples exceed max_request_samples 512")
+    np.testing.assert_array_equal(client.infer("dlrm", good).as_numpy("scores"), ok)  # nothing changed
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+    counts = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("gateway_requests_total{")}
+    assert counts['code="INVALID_ARGUMENT",method="ModelInfer"'] == 11
+    assert counts['code="OK",method="ModelInfer"'] >= 2
+
+
+def test_predict_token_guards_model_infer_but_not_readiness(tmp_path):
+    pkg = export_package(tiny_model(0), tmp_path / "pkg", dtypes=table_dtypes(TINY, "int8", []))
+    (tmp_path / "predict.token").write_text("s3cret-predict\n")
+    gw = launch(["--model", str(pkg), "--predict-token-file", str(tmp_path / "predict.token")],
+                workdir=tmp_path / "gw")
+    client = triton.InferenceServerClient(url=gw.address)
+    try:
+        assert client.is_server_ready() and client.get_model_metadata("dlrm").name == "dlrm"
+        tensors = inputs(*batch(2))
+        refused(lambda: client.infer("dlrm", tensors), "UNAUTHENTICATED", "")
+        refused(lambda: client.infer("dlrm", tensors, headers={"authorization": "Bearer nope"}),
+                "PERMISSION_DENIED", "")
+        scores = client.infer("dlrm", tensors, headers={"authorization": "Bearer s3cret-predict"}).as_numpy("scores")
+        assert scores.shape == (2,)
+    finally:
+        client.close()
+        gw.kill()
