@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench install
+.PHONY: demo test bench bench-scale install
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+bench-scale: install  # README "Scale": minutes, and ~6 GB for 16 shard processes
+	$(PY) -m benchmarks.planner_scale --quick
+	$(PY) -m benchmarks.coordinator_fleet
+	$(PY) -m benchmarks.rollout_scale --shards 4 8 16
+	$(PY) -m benchmarks.router_scale --features 26 100
 
 bench: install
 	$(PY) -m benchmarks.shard_throughput

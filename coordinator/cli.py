@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from protos.cli_errors import run_command
+
 log = logging.getLogger("coordinator")
 TOKEN_ENV = "RECSYS_ADMIN_TOKEN"
 
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="embedded Redis: where its database lives (default: a temporary directory)")
     s.add_argument("--namespace", default="recsys", help="Redis key prefix (several jobs can share one Redis)")
     s.add_argument("--lease-s", type=float, default=5.0, help="a member silent this long is marked dead")
+    s.add_argument("--max-watchers", type=int, default=1024,
+                   help="WatchPlan streams held at once, each on a thread of its own (past it: RESOURCE_EXHAUSTED)")
     s.add_argument("--admin-token", default=os.environ.get(TOKEN_ENV, ""),
                    help=f"bearer token for apply / rollback (env {TOKEN_ENV}); default: a random one")
     s.add_argument("--token-file", help="the admin token: read from this file when it exists, else a random one is "
@@ -159,6 +163,8 @@ def serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     from protos.security import CONTROL_TOKEN_ENV, read_token
 
+    if args.max_watchers < 1:
+        raise SystemExit(f"--max-watchers: must be >= 1, got {args.max_watchers}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -181,7 +187,7 @@ def serve(args: argparse.Namespace) -> int:
     config = CoordinatorConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         redis_url=args.redis, redis_password=args.redis_password, data_dir=args.data_dir, namespace=args.namespace,
-        lease_s=args.lease_s, admin_token=args.admin_token, token_file=args.token_file,
+        lease_s=args.lease_s, max_watchers=args.max_watchers, admin_token=args.admin_token, token_file=args.token_file,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         initial_plan=args.initial_plan,
         rollout=RolloutSettings(fence_timeout_s=args.fence_timeout_s, rows_per_pull=args.rows_per_pull,
@@ -196,13 +202,18 @@ def serve(args: argparse.Namespace) -> int:
 
 
 # -- plans ---------------------------------------------------------------------------------------
-def _load_plan(path: str):
-    from protos.plan import PlanError, load_plan
+def _load_plan(path: str, structural: bool = False):
+    """The plan in `path`; `structural`: refused unless it tiles its tables (what `show` / `diff` need;
+    validate and apply leave that to the coordinator, which names every violation)."""
+    from protos.plan import PlanError, load_plan, violations
 
     try:
-        return load_plan(path)
+        plan = load_plan(path)
     except PlanError as e:
         raise SystemExit(str(e)) from None
+    if structural and (found := violations(plan)):
+        raise SystemExit(f"{path}: " + "; ".join(v.labelled() for v in found))
+    return plan
 
 
 def _dump(msg) -> dict:
@@ -278,7 +289,7 @@ def show(args: argparse.Namespace) -> int:
     from coordinator.cost import CostModel
     from coordinator.report import plan_summary, render_summary
 
-    summary = plan_summary(_load_plan(args.plan), CostModel(batch_size=args.batch_size))
+    summary = plan_summary(_load_plan(args.plan, structural=True), CostModel(batch_size=args.batch_size))
     print(json.dumps(summary) if args.json else render_summary(summary))
     return 0
 
@@ -287,9 +298,9 @@ def diff(args: argparse.Namespace) -> int:
     from coordinator.moves import MoveError
     from coordinator.report import plan_diff, render_diff
 
-    new = _load_plan(args.plan)
+    new = _load_plan(args.plan, structural=True)
     if args.against:
-        old = _load_plan(args.against)
+        old = _load_plan(args.against, structural=True)
     else:
         with _client(args) as c:
             old = c.get_plan()[0].plan
@@ -429,15 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        return serve(args)
+        return run_command("coordinator serve", serve, args)
     if args.command == "members":
         return members(args)
     if args.command == "job":
-        return job(args)
+        return run_command("coordinator job", job, args)
     commands = {"propose": propose, "show": show, "diff": diff, "validate": validate, "apply": apply,
                 "rollback": rollback, "status": status, "history": history}
     try:
-        return commands[args.plan_command](args)
+        return run_command(f"coordinator plan {args.plan_command}", commands[args.plan_command], args)
     except grpc.RpcError as e:
         print(f"coordinator {args.plan_command}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

@@ -22,6 +22,17 @@ from coordinator.redis_backend import require_bytes
 from protos import coordinator_pb2
 
 KINDS = (coordinator_pb2.SHARD, coordinator_pb2.TRAINER)
+CAS_TRIES = 50
+# One member's compare-and-set. KEYS: members hash, epochs hash; ARGV: field, the record and the epoch as read
+# ("" when absent), the new record, the new epoch ("": unchanged). Writes only if neither changed since the
+# read: unlike a WATCH on the shared hashes, other members' writes in between do not make it retry.
+_CAS = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+if (redis.call('HGET', KEYS[2], ARGV[1]) or '') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[5]) end
+return 1
+"""
 
 
 class StaleEpoch(Exception):
@@ -53,6 +64,7 @@ class Membership:
         self.namespace = namespace
         self.lease_s = lease_s
         self.clock = clock
+        self._cas = redis_client.register_script(_CAS)
 
     def _key(self, kind: int, what: str = "kind") -> str:
         return f"{self.namespace}:members:{_kind_name(kind, what)}"
@@ -73,11 +85,13 @@ class Membership:
             raise ValueError(f"member.address: required for shard {member.id} (HOST:PORT of its gRPC server)")
         ekey, field = self._epochs_key(member.kind), str(member.id)
 
-        def txn(pipe: redis.client.Pipeline) -> int:
-            raw = pipe.hget(key, field)
+        for _ in range(CAS_TRIES):
+            raw, eraw = self._read(key, ekey, field)
             held = coordinator_pb2.Member.FromString(raw) if raw is not None else None
-            latest = max(int(pipe.hget(ekey, field) or 0), held.epoch if held is not None else 0)
-            if member.epoch:
+            latest = max(int(eraw or 0), held.epoch if held is not None else 0)
+            if not member.epoch and held is not None and held.instance == member.instance:
+                epoch = held.epoch  # the same process again (its Register timed out after it was stored)
+            elif member.epoch:
                 holder = held.instance if held is not None else ""
                 if member.epoch < latest or (held is not None and held.epoch == member.epoch
                                              and held.instance != member.instance):
@@ -90,25 +104,34 @@ class Membership:
             record.epoch = epoch
             record.state = coordinator_pb2.ALIVE
             record.last_seen = self.clock()
-            pipe.multi()
-            pipe.hset(key, field, record.SerializeToString())
-            pipe.hset(ekey, field, max(latest, epoch))
-            return epoch
+            if self._cas(keys=[key, ekey], args=[field, raw or b"", eraw or b"", record.SerializeToString(),
+                                                 max(latest, epoch)]):
+                return epoch
+        raise RuntimeError(f"{_kind_name(member.kind).lower()} {member.id}: register lost {CAS_TRIES} races "
+                           f"for its record")
 
-        return self.redis.transaction(txn, key, ekey, value_from_callable=True)
+    def _read(self, key: str, ekey: str, field: str) -> tuple[bytes | None, bytes | None]:
+        """A member's record and latest epoch, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(key, field)
+        pipe.hget(ekey, field)
+        raw, eraw = pipe.execute()
+        return raw, eraw
 
     def heartbeat(self, kind: int, id: int, instance: str, plan_version: int, step: int, epoch: int = 0) -> bool:
         """Renews the lease. False when the member is unknown, another instance holds its id, or its
         lease already ran out (the coordinator may have acted on its death): the caller registers again.
-        A nonzero `epoch` other than the latest issued raises `StaleEpoch` (0: not checked, as before)."""
+        A nonzero `epoch` other than the latest issued raises `StaleEpoch` (0: not checked, as before).
+
+        One pipelined read and one compare-and-set script on this member's field: a WATCH on the whole
+        hash would make every member's heartbeat abort and retry every other's concurrent one."""
         key = self._key(kind)
         ekey, field = self._epochs_key(kind), str(id)
-
-        def txn(pipe: redis.client.Pipeline) -> bool:
-            raw = pipe.hget(key, field)
+        for _ in range(CAS_TRIES):
+            raw, eraw = self._read(key, ekey, field)
             record = coordinator_pb2.Member.FromString(raw) if raw is not None else None
             if epoch:
-                latest = max(int(pipe.hget(ekey, field) or 0), record.epoch if record is not None else 0)
+                latest = max(int(eraw or 0), record.epoch if record is not None else 0)
                 if epoch < latest:
                     raise StaleEpoch(kind, id, epoch, latest, record.instance if record is not None else "")
             if record is None:
@@ -120,11 +143,9 @@ class Membership:
             record.plan_version = plan_version
             record.step = step
             record.state = coordinator_pb2.ALIVE
-            pipe.multi()
-            pipe.hset(key, field, record.SerializeToString())
-            return True
-
-        return self.redis.transaction(txn, key, ekey, value_from_callable=True)
+            if self._cas(keys=[key, ekey], args=[field, raw, eraw or b"", record.SerializeToString(), ""]):
+                return True
+        raise RuntimeError(f"{_kind_name(kind).lower()} {id}: heartbeat lost {CAS_TRIES} races for its record")
 
     def get(self, kind: int, id: int) -> coordinator_pb2.Member | None:
         raw = self.redis.hget(self._key(kind), str(id))

@@ -30,6 +30,7 @@ from protos.process import free_port
 
 ENV_URL = "RECSYS_REDIS_URL"
 ENV_PASSWORD = "RECSYS_REDIS_PASSWORD"
+MAX_CONNECTIONS = 128  # per client: the coordinator's server threads share them
 
 
 class RedisUnavailable(ConnectionError):
@@ -53,8 +54,12 @@ def connect(url: str, password: str | None = None, *, timeout_s: float = 5.0) ->
     if not url:
         raise ValueError(f"redis url: empty (give --redis-url or set {ENV_URL})")
     try:
-        client = redis.Redis.from_url(url, password=password or None, socket_connect_timeout=timeout_s,
-                                      socket_timeout=timeout_s, health_check_interval=30)
+        # blocking: a burst of more concurrent callers than connections waits for one (redis-py's default
+        # pool raises "Too many connections" past 100, which a fleet of members reaches at startup)
+        pool = redis.BlockingConnectionPool.from_url(url, password=password or None, max_connections=MAX_CONNECTIONS,
+                                                     timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                     socket_timeout=timeout_s, health_check_interval=30)
+        client = redis.Redis(connection_pool=pool)
     except ValueError as e:
         raise ValueError(f"redis url {redact(url)!r}: {e}") from None
     try:

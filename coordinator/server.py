@@ -27,7 +27,7 @@ from coordinator.plan_store import PlanStore
 from coordinator.redis_backend import EmbeddedRedis, connect
 from coordinator.rollout import RolloutSettings
 from coordinator.rollout_recovery import Recovered, RolloutRecovery
-from coordinator.service import CoordinatorServicer
+from coordinator.service import MAX_WATCHERS, UNARY_CONCURRENCY, CoordinatorServicer
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.rejects import DecodeGuard, Rejects, quiet_grpc_decode_logs
 from protos.security import ControlPlaneAuth, TlsConfig, TokenRule, bind
@@ -57,6 +57,9 @@ class CoordinatorConfig:
     initial_plan: str | None = None  # stored as version 1 when the store holds no plan
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     kubernetes: KubeSettings | None = None  # serve --kubernetes: watch shard pods, scale, recover
+    # WatchPlan streams held at once (every trainer holds one); each has a server thread of its own, on
+    # top of UNARY_WORKERS, so a fleet of watchers never starves heartbeats. Past it: RESOURCE_EXHAUSTED.
+    max_watchers: int = MAX_WATCHERS
 
 
 @dataclass
@@ -97,9 +100,9 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     store = PlanStore(redis_client, namespace=config.namespace)
     membership = Membership(redis_client, namespace=config.namespace, lease_s=config.lease_s)
     if config.initial_plan and store.current() is None:
-        from google.protobuf import json_format
+        from protos.plan import load_plan
 
-        plan = json_format.Parse(Path(config.initial_plan).read_text(), coordinator_pb2.PlanRecord().plan)
+        plan = load_plan(config.initial_plan)
         store.initialize(plan, "coordinator", f"initial plan from {config.initial_plan}")
     token = config.admin_token or _existing_token(config.token_file) or secrets.token_urlsafe(24)
     if config.token_file and not _existing_token(config.token_file):
@@ -110,14 +113,16 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
         tmp.rename(path)
     metrics = CoordinatorMetrics()
     servicer = CoordinatorServicer(store, membership, metrics, config.rollout,
-                                   scaler=cluster.scaler if cluster is not None else None)
+                                   scaler=cluster.scaler if cluster is not None else None,
+                                   max_watchers=config.max_watchers)
     recovered = RolloutRecovery(store, membership, servicer.rollouts).run()
     if cluster is not None:
         cluster.start(store, membership, servicer.rollouts, tls_ca=config.rollout.tls_ca)
     metrics.plan_version.set(store.current_version())
     rejects = Rejects(metrics.registry, log)
     quiet_grpc_decode_logs(lambda: rejects.counter.labels("grpc", "undecodable").inc())
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
+    # threads are started on demand: idle watcher slots cost nothing
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=UNARY_CONCURRENCY + config.max_watchers),
                          interceptors=[ControlPlaneAuth([TokenRule(token, ADMIN_METHODS)], on_refusal=rejects.refused),
                                        DecodeGuard(rejects)],
                          options=[("grpc.max_send_message_length", 64 << 20),

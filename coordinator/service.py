@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -22,6 +23,13 @@ from protos import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2
+MAX_WATCHERS = 1024  # WatchPlan streams held at once (each holds a server thread while it is open)
+VERSION_TTL_S = 0.5  # how stale a heartbeat's reported plan version may be
+UNARY_CONCURRENCY = 64  # unary RPCs running at once (the rest wait their turn, not for a Redis connection)
+
+
+class TooManyWatchers(Exception):
+    """Every WatchPlan slot is taken: RESOURCE_EXHAUSTED, so streams never take the unary RPCs' threads."""
 
 
 @contextlib.contextmanager
@@ -36,6 +44,9 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
         code = "FAILED_PRECONDITION"
         log.warning("refused %s: %s", method, e)
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except TooManyWatchers as e:
+        code = "RESOURCE_EXHAUSTED"
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     except PlanNotFound as e:
         code = "NOT_FOUND"
         context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0] if e.args else e))
@@ -56,7 +67,7 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
 def rpc(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
-        with _served(self, method.__name__, context):
+        with self.unary_slots, _served(self, method.__name__, context):
             return method(self, request, context)
 
     return wrapper
@@ -73,8 +84,13 @@ def stream_rpc(method):
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, store: PlanStore, membership: Membership, metrics: CoordinatorMetrics | None = None,
-                 settings: RolloutSettings | None = None, scaler: ShardScaler | None = None) -> None:
+                 settings: RolloutSettings | None = None, scaler: ShardScaler | None = None,
+                 max_watchers: int = MAX_WATCHERS) -> None:
         self.store, self.membership = store, membership
+        self.max_watchers = max_watchers
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        self.unary_slots = threading.BoundedSemaphore(UNARY_CONCURRENCY)
+        self._version, self._version_read_at = 0, float("-inf")
         self.metrics = metrics or CoordinatorMetrics()
         self.events = PlanEvents()
         self.rollouts = RolloutEngine(store, membership, self.events, settings, on_finish=self._rollout_finished,
@@ -109,7 +125,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         known = self.membership.heartbeat(request.kind, request.id, request.instance, request.plan_version,
                                           request.step, epoch=request.epoch)
-        return pb.HeartbeatResponse(known=known, plan_version=self.store.current_version())
+        return pb.HeartbeatResponse(known=known, plan_version=self._recent_version())
+
+    def _recent_version(self) -> int:
+        """The current plan version, read from Redis at most every VERSION_TTL_S: heartbeats only report it
+        (members learn plan changes from WatchPlan / GetPlan), and a read per beat is a third of a
+        heartbeat's Redis traffic at fleet size."""
+        now = time.monotonic()
+        if now - self._version_read_at > VERSION_TTL_S:
+            self._version, self._version_read_at = self.store.current_version(), now
+        return self._version
 
     @rpc
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
@@ -154,8 +179,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @stream_rpc
     def WatchPlan(self, request: pb.WatchPlanRequest, context) -> Iterator[pb.PlanEvent]:
-        current = pb.PlanEvent(kind=pb.CURRENT, plan_version=self.store.current_version())
-        yield from self.events.subscribe(current, context.is_active)
+        if not self._watch_slots.acquire(blocking=False):
+            raise TooManyWatchers(f"WatchPlan: {self.max_watchers} streams are open already (the coordinator's "
+                                  f"max_watchers); retry later")
+        try:
+            current = pb.PlanEvent(kind=pb.CURRENT, plan_version=self.store.current_version())
+            yield from self.events.subscribe(current, context.is_active)
+        finally:
+            self._watch_slots.release()
 
     @rpc
     def ReportFenced(self, request: pb.ReportFencedRequest, context) -> pb.ReportFencedResponse:

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from embedding_service.config import ShardConfig, SyncMode
+from protos.cli_errors import file_error, run_command
 
 
 def _table_arg(spec: str) -> dict:
@@ -104,7 +105,12 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         import yaml
 
         with open(args.config) as f:
-            raw = json.load(f) if args.config.endswith(".json") else yaml.safe_load(f)
+            try:
+                raw = json.load(f) if args.config.endswith(".json") else yaml.safe_load(f)
+            except (ValueError, yaml.YAMLError) as e:
+                raise file_error(args.config, e) from None
+        if not isinstance(raw, dict):
+            raise file_error(args.config, ValueError("expected a mapping at the top level"))
     if args.table:
         raw["tables"] = args.table
         raw.pop("slices", None)
@@ -141,11 +147,20 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         raw["publish_deltas"] = deltas
     elif args.delta_interval_ms is not None or args.delta_dtype:
         raise ValueError("--delta-interval-ms / --delta-dtype: need --publish-deltas")
-    return ShardConfig.from_dict(raw)
+    try:
+        return ShardConfig.from_dict(raw)
+    except ValueError as e:  # the file's field (or the flag that overrode it)
+        if args.config:
+            raise file_error(args.config, e) from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(f"embedding-shard {args.command}", _main, args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

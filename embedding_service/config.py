@@ -12,6 +12,7 @@ import yaml
 
 from embedding_service.publisher import PublishSettings
 from protos import common_pb2
+from protos.cli_errors import file_error
 from protos.plan import assignment_from_dict, validate_assignment
 from protos.security import TlsConfig
 
@@ -142,7 +143,10 @@ class ShardConfig:
     @classmethod
     def load(cls, path: str | Path) -> ShardConfig:
         text = Path(path).read_text()
-        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(raw)
+        try:
+            raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+            if not isinstance(raw, dict):
+                raise ValueError("expected a mapping at the top level")
+            return cls.from_dict(raw)
+        except (ValueError, yaml.YAMLError) as e:
+            raise file_error(path, e) from None

@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from protos.cli_errors import quiet_library_info, run_command
+
 log = logging.getLogger("inference_gateway")
 
 
@@ -267,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_info()
     commands = {"serve": serve_cmd, "serve-triton": serve_triton_cmd, "predict": predict_cmd, "models": models_cmd,
                 "load": _manage, "unload": _manage, "set-default": _manage}
-    return commands[args.command](args)
+    return run_command(f"inference-gateway {args.command}", commands[args.command], args)
 
 
 if __name__ == "__main__":

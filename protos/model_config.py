@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from protos import common_pb2
+from protos.cli_errors import file_error
 from protos.plan import assignment_from_dict, validate_assignment
 
 
@@ -79,7 +80,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        raw = yaml.safe_load(Path(path).read_text())
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(raw)
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("expected a mapping at the top level")
+            return cls.from_dict(raw)
+        except (ValueError, yaml.YAMLError) as e:
+            raise file_error(path, e) from None

@@ -160,3 +160,35 @@ def test_a_lapsed_holder_keeps_its_epoch_and_epochs_survive_leave(members, clock
     members.remove(TRAINER, 2)
     with pytest.raises(StaleEpoch, match="trainer 2: epoch 1 was superseded by epoch 2"):
         members.register(again)
+
+
+def test_a_retried_register_of_the_same_process_keeps_its_epoch(members, clock):
+    """A Register that timed out at the member after it was stored is retried with epoch 0: the same
+    instance must get the epoch it already holds, or its own heartbeats would be refused as replaced."""
+    first = members.register(shard(0, instance="p1"))
+    assert members.register(shard(0, instance="p1")) == first
+    assert members.heartbeat(SHARD, 0, "p1", plan_version=1, step=1, epoch=first) is True
+    assert members.register(shard(0, instance="p2")) == first + 1  # another process: a new epoch
+
+
+def test_concurrent_heartbeats_of_many_members_all_land(server, ns, clock):
+    """Each beat renews only its member's record: beats of others in between never make one fail."""
+    import threading
+
+    ms = [Membership(server.client(), namespace=ns, lease_s=5.0, clock=clock) for _ in range(8)]
+    for i in range(64):
+        ms[0].register(shard(i))
+    clock.now += 1
+    results: list[bool] = []
+
+    def beat(m: Membership, ids: range) -> None:
+        for _ in range(5):
+            results.extend(m.heartbeat(SHARD, i, "a", plan_version=2, step=3) for i in ids)
+
+    threads = [threading.Thread(target=beat, args=(m, range(k * 8, k * 8 + 8))) for k, m in enumerate(ms)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 320
+    assert {(m.step, m.plan_version, m.last_seen) for m in ms[0].members(SHARD)} == {(3, 2, 1001.0)}

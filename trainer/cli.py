@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from protos.cli_errors import quiet_library_info, run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer", description="Train a DLRM whose embedding tables live in the "
@@ -261,10 +263,11 @@ def wait_rendezvous_cmd(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_info()
     args = build_parser().parse_args(argv)
     commands = {"train": train, "evaluate": evaluate_cmd, "plan": plan_cmd, "shard-config": shard_config_cmd,
                 "export": export_cmd, "wait-rendezvous": wait_rendezvous_cmd}
-    return commands[args.command](args)
+    return run_command(f"trainer {args.command}", commands[args.command], args)
 
 
 if __name__ == "__main__":
