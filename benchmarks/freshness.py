@@ -68,6 +68,14 @@ def total(metrics: dict[str, float], name: str) -> float:
     return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
+def timed_feed(batches: list, until: float):
+    """Batches until `until` (perf_counter); the training loop then finishes every step it began."""
+    i = 0
+    while time.perf_counter() < until:
+        yield batches[i % len(batches)]
+        i += 1
+
+
 LOAD = """
 import asyncio, json, sys
 from benchmarks.gateway_load import request_pool
@@ -137,14 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                                          str(args.seconds)], stdout=subprocess.PIPE, cwd=ROOT, text=True)
                 time.sleep(1.5)  # the load generator's start-up and warm-up
                 t0, n = time.perf_counter(), 0
-                feed = (batches[i % len(batches)] for i in range(10**9))
-                for _ in trainer.train(feed, first_step=step[name]):
+
+                for _ in trainer.train(timed_feed(batches, t0 + args.seconds), first_step=step[name]):
                     n += 1
-                    if time.perf_counter() - t0 > args.seconds:
-                        break
                 trainer.wait_updates()
                 elapsed = time.perf_counter() - t0
-                step[name] += n + 1
+                step[name] += n
                 out, _ = load.communicate(timeout=args.seconds + 120)
                 served = json.loads(out.strip().splitlines()[-1])
                 time.sleep(1.0 + args.interval_ms / 1000)  # the last entries are applied

@@ -224,7 +224,7 @@ def test_redis_restarted_mid_migration(job_factory, tmp_path: Path):
                 with pytest.raises(grpc.RpcError) as down:  # what members see meanwhile: retryable, named
                     job.client.members()
                 assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
-                assert "the coordinator's Redis is unreachable" in down.value.details()
+                assert "the coordinator's Redis is unavailable" in down.value.details()
                 time.sleep(5.0)  # the coordinator reaches the flip while Redis is down
                 servers.append(EmbeddedRedis(redis_dir, port=redis_port))  # same port, same append-only file
                 back_at = time.monotonic()
