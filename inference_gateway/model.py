@@ -88,14 +88,6 @@ class ServingModel:
         with self._lock.write(), torch.no_grad():
             dest[idx, : spec.row_bytes] = quantized
 
-    def table_rows(self, table: str, ids: np.ndarray) -> torch.Tensor:
-        """The served rows of `table`, dequantized to float [n, dim] (what a lookup of one id reads)."""
-        spec = self.package.tables[table]
-        idx = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-        with self._lock.read():
-            current = self._rows[table][idx, : spec.row_bytes].clone()
-        return dequantize_table(current, spec.dim, spec.dtype)
-
     def swap_dense(self, module: torch.jit.ScriptModule) -> None:
         """Serves `module` as the dense arch from the next batch on (one reference assignment)."""
         self.dense = module.to(self.device).eval()
