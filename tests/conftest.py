@@ -61,3 +61,19 @@ def certs(tmp_path_factory) -> dict[str, str]:
     # mutual TLS: "cert"/"key" also serve as the client certificate of the "ca" (it signs itself);
     # "other_ca"/"other_key" are a client certificate from another CA
     return {"cert": cert, "key": key, "ca": cert, "other_ca": other_ca, "other_key": other_key}
+
+
+@pytest.fixture
+def job_factory(tmp_path):
+    """Coordinated jobs (tests/coordinated.py: a coordinator, its shards, two trainers), each closed at the end."""
+    from tests.coordinated import Job
+
+    jobs: list[Job] = []
+
+    def make(*args: str, **kwargs) -> Job:
+        jobs.append(Job(tmp_path, *args, **kwargs))
+        return jobs[-1]
+
+    yield make
+    for j in jobs:
+        j.close()

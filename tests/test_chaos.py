@@ -33,7 +33,7 @@ Scenarios covered and their outcomes:
   tests/test_fencing.py::test_frozen_shard_replaced_then_woken_is_fenced (and, for a trainer,
   test_trainer_woken_after_its_replacement_stops).
 
-A longer randomized soak over these faults is benchmarks/chaos_soak.py (a script, not a test).
+A longer randomized soak over these faults is tests/chaos_soak.py (a script on the test harness, not a test).
 
 Not covered here: kill -9 of the coordinator in each rollout phase and Redis restarted during a rollout
 (tests/test_chaos_rollout.py).
@@ -58,7 +58,7 @@ from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2
 from protos.process import free_port
-from tests.coordinated import PLAN1, Job, assert_equals_reference
+from tests.coordinated import PLAN1, assert_equals_reference
 from tests.redis_server import RedisServer
 from tests.tcp_proxy import StallingProxy
 from tests.test_inference_package import TINY, tiny_model
@@ -200,17 +200,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(shard_factory, tiny_
 
 
 # -- kill -9 of a trainer mid-step ------------------------------------------------------------------
-@pytest.fixture
-def job_factory(tmp_path):
-    jobs: list[Job] = []
 
-    def make(*args: str, **kwargs) -> Job:
-        jobs.append(Job(tmp_path, *args, **kwargs))
-        return jobs[-1]
-
-    yield make
-    for j in jobs:
-        j.close()
 
 
 @pytest.mark.timeout(240)

@@ -51,18 +51,6 @@ pb = coordinator_pb2
 STEPS = 200  # the rollout fences long before the last step, even on a fast machine
 
 
-@pytest.fixture
-def job_factory(tmp_path):
-    jobs: list[Job] = []
-
-    def make(*args: str, **kwargs) -> Job:
-        jobs.append(Job(tmp_path, *args, **kwargs))
-        return jobs[-1]
-
-    yield make
-    for j in jobs:
-        j.close()
-
 
 def shard_states(job: Job, ids: range) -> dict[int, tuple[int, int]]:
     """shard -> (live plan version, staged plan version: 0 when nothing is staged)."""

@@ -7,27 +7,14 @@ from __future__ import annotations
 import threading
 
 import grpc
-import pytest
 
 from coordinator.client import final
 from coordinator.recovery import JobSupervisor
 from protos import coordinator_pb2
-from tests.coordinated import PLAN1, PLAN2, Job, assert_equals_reference
+from tests.coordinated import PLAN1, PLAN2, assert_equals_reference
 
 pb = coordinator_pb2
 
-
-@pytest.fixture
-def job_factory(tmp_path):
-    jobs: list[Job] = []
-
-    def make(*args: str, **kwargs) -> Job:
-        jobs.append(Job(tmp_path, *args, **kwargs))
-        return jobs[-1]
-
-    yield make
-    for j in jobs:
-        j.close()
 
 
 def test_rollout_2_to_3_shards_then_rollback_equals_training_without(job_factory):

@@ -1,7 +1,7 @@
 """A randomized chaos soak: one coordinated sync job (a coordinator on a separate Redis, 2 shards, 2 trainers)
 takes random faults at random times, recovers from each, and must end with the model of a fault-free run.
 
-    python -m benchmarks.chaos_soak [--faults 5] [--duration-s 600] [--seed 0] [--steps 600]
+    python -m tests.chaos_soak [--faults 5] [--duration-s 600] [--seed 0] [--steps 600]
 
 Faults (picked at random, one at a time, each after a random pause of --gap-s seconds of training):
   shard-kill9        kill -9 of a shard; the trainers fail (the shard is unreachable after their retries);
@@ -198,7 +198,7 @@ class Soak:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.chaos_soak", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tests.chaos_soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faults", type=int, default=5, help="inject at most this many faults (default 5)")
     p.add_argument("--duration-s", type=float, default=600.0,
