@@ -86,7 +86,6 @@ class DeltaFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delta-follower", daemon=True)
         self.cursors: dict[str, TableCursor] = {}
-        self.applied_steps: dict[str, int] = {}
         self._base = -1
         self.degraded = False
         self._start_over(model())
@@ -108,8 +107,7 @@ class DeltaFollower:
         base = self._base = self._base_of(model)
         self.degraded = False
         self.cursors = {t: TableCursor(t, have=base) for t in model.package.tables}
-        self.applied_steps = {t: base for t in model.package.tables}
-        model.applied_steps.update(self.applied_steps)
+        model.applied_steps.update(dict.fromkeys(model.package.tables, base))
         self.dense_cursor = TableCursor("dense", have=base)
         for t in self.cursors:
             self.metrics.step.labels(t).set(base)
@@ -172,8 +170,7 @@ class DeltaFollower:
         self._write(d)
         cursor.publishers[d.publisher] = (d.seq, d.step)
         cursor.have = max(cursor.have, d.step)
-        self.applied_steps[d.table] = cursor.have
-        self._model().applied_steps[d.table] = cursor.have
+        self._model().applied_steps[d.table] = cursor.have  # what ListModels reports
         self.metrics.step.labels(d.table).set(cursor.have)
         return 1
 
