@@ -43,14 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-ids", type=int, default=1 << 20, help="ids per request before RESOURCE_EXHAUSTED")
     s.add_argument("--access-log", action="store_true", help="one JSON line per request on the "
                    "inference_gateway.access logger (stderr)")
-    s.add_argument("--tls-cert", help="PEM certificate: serve TLS only (with --tls-key)")
-    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    s.add_argument("--tls-client-ca", help="PEM CA of client certificates: mutual TLS, every RPC needs one")
     s.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here, by name or "
                    "relative path (default ./model_store); relative --model paths resolve under it")
-    s.add_argument("--token-file", help="control-plane bearer token for load / unload / set-default (default: env "
-                   "RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
-    s.add_argument("--predict-token-file", help="bearer token Predict / PredictStream require (default: open)")
+    _credential_flags(s, "", "Predict / PredictStream")
     s.add_argument("--follow", metavar="REDIS_URL", help="online freshness: apply the row deltas the shards publish "
                    "(embedding-shard serve --publish-deltas) to the first --model, within seconds of training")
     s.add_argument("--snapshots", help="directory of packages exported from checkpoints: after a gap in the deltas "
@@ -79,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
     t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
+    _credential_flags(t, " on --management-port")
     t.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -129,6 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _credential_flags(p: argparse.ArgumentParser, where: str, predict: str | None = None) -> None:
+    """The same credential flags for `serve` and `serve-triton` (read by `_credentials`). serve-triton has no
+    predict token: Triton's restricted-protocol check wants the header `triton-grpc-protocol-<key>`, never
+    `authorization`, so it cannot check a client's `authorization: Bearer`."""
+    p.add_argument("--tls-cert", help=f"PEM certificate: serve TLS only{where} (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help=f"PEM CA of client certificates: mutual TLS, every RPC{where} needs one")
+    p.add_argument("--token-file", help=f"control-plane bearer token for load / unload / set-default{where} (default: "
+                   "env RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
+    if predict:
+        p.add_argument("--predict-token-file", help=f"bearer token {predict} require (default: open)")
+
+
+def _credentials(args: argparse.Namespace):
+    """(control token, predict token, TlsConfig) from the flags of `_credential_flags`; SystemExit naming the
+    file or flag (never a token) when one is unreadable, empty or half-configured."""
+    from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
+
+    try:
+        return (read_token(args.token_file, CONTROL_TOKEN_ENV, "token"),
+                read_token(getattr(args, "predict_token_file", None), None, "predict token"),
+                TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"inference-gateway {args.command}: {e}") from None
+
+
 def serve_triton_cmd(args: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -138,13 +160,14 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SystemExit("inference-gateway serve-triton: --workers: must be >= 1")
+    token, _, tls = _credentials(args)
     cfg = FrontendConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
                          management_port=args.management_port,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                          max_batch_size=args.max_batch_size, max_wait_us=int(args.max_wait_ms * 1000),
                          max_queue=args.max_queue, grace_s=args.grace_s, workdir=Path(args.workdir),
                          table_cache=Path(args.table_cache) if args.table_cache else None,
-                         model_store=args.model_store)
+                         model_store=args.model_store, token=token, tls=tls)
     try:
         asyncio.run(run(cfg))
     except FrontendError as e:
@@ -160,16 +183,10 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.follower import FollowSettings
     from inference_gateway.requests import Limits
     from inference_gateway.server import GatewayConfig, serve_forever
-    from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
     if args.max_queue_wait_ms < 0:
         raise SystemExit("inference-gateway serve: --max-queue-wait-ms: must be >= 0 (0: no bound)")
-    try:
-        token = read_token(args.token_file, CONTROL_TOKEN_ENV, "token")
-        predict_token = read_token(args.predict_token_file, None, "predict token")
-        tls = TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"inference-gateway serve: {e}") from None
+    token, predict_token, tls = _credentials(args)
     config = GatewayConfig(
         models=args.model, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, device=args.device,

@@ -19,11 +19,12 @@ from grpc_reflection.v1alpha import reflection
 
 from inference_gateway.admission import AdmissionConfig
 from inference_gateway.batching import BatchingConfig
+from inference_gateway.control_plane import CONTROL_PLANE, PREDICT, SERVICE_NAME
 from inference_gateway.follower import FollowSettings
 from inference_gateway.freshness import Freshness
 from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.requests import Limits
-from inference_gateway.servicer import CONTROL_PLANE, PREDICT, SERVICE_NAME, GatewayServicer
+from inference_gateway.servicer import GatewayServicer
 from protos import inference_pb2_grpc
 from protos.channels import channel_options
 from protos.cli_errors import EXIT_REFUSED, REFUSED, one_line

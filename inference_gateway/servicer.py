@@ -19,20 +19,17 @@ from grpc_health.v1 import health, health_pb2
 
 from inference_gateway.admission import Admission, AdmissionConfig, Refused
 from inference_gateway.batching import Batcher, BatchingConfig, Expired, Overloaded, Pending
+from inference_gateway.control_plane import SERVICE_NAME, load_path
 from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.model import ServingModel
 from inference_gateway.package import PackageError
 from inference_gateway.registry import LoadedModel, ModelRegistry
 from inference_gateway.requests import Decoded, Limits, RequestError, decode
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
-from protos.paths import PathRefused, confine, status_of_oserror
+from protos.paths import PathRefused, status_of_oserror
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("inference_gateway.access")
-SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
-# loads a package, unloads or switches a version: a bearer token (--token-file) and/or mTLS
-CONTROL_PLANE = ("LoadModel", "UnloadModel", "SetDefaultVersion")
-PREDICT = ("Predict", "PredictStream")  # open unless --predict-token-file
 OK = grpc.StatusCode.OK
 METHODS = ("Predict", "PredictStream", "ModelInfer")  # every way a request reaches the batchers
 
@@ -219,12 +216,8 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
         return inference_pb2.ListModelsResponse(models=self.registry.infos())
 
     async def LoadModel(self, request, context):
-        if not request.path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: required")
-        if request.version < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: must be >= 0")
         try:
-            path = confine(self.model_store, request.path, "path", what="model store")
+            path = load_path(request, self.model_store)
             loaded = await self.load(str(path), request.name, request.version, request.make_default)
         except PathRefused as e:
             await context.abort(e.code, e.message)

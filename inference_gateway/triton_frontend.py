@@ -14,6 +14,11 @@ accepts, batches and answers requests in C++ and hands whole batches to `--worke
   project's InferenceGateway service, inference methods UNIMPLEMENTED there) plus gRPC health, and
   applies each to every worker through Triton's repository API: a new version loads beside the old
   one, and an unloaded version leaves only after its in-flight requests are answered;
+- guards the control plane like `serve`: the management port's control RPCs need the control token
+  (and/or mTLS); on Triton's own port every group that changes or reveals server state (repository,
+  shared memory, statistics, trace, logging) needs a random per-process secret only the supervisor
+  holds (`--grpc-restricted-protocol`), so a client there has health, metadata, config and inference
+  only;
 - on SIGTERM: management health NOT_SERVING, SIGTERM to tritonserver (which stops taking requests
   and answers those in flight within --grace-s), then exits 0.
 
@@ -28,6 +33,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -39,14 +45,25 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from inference_gateway.control_plane import CONTROL_PLANE, load_path
+from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
 from protos import inference_pb2, inference_pb2_grpc
-from protos.paths import PathRefused, confine, status_of_oserror
+from protos.paths import PathRefused, status_of_oserror
 from protos.process import free_port
+from protos.rejects import AioDecodeGuard, Rejects
+from protos.security import AioControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
-MANAGEMENT_SERVICE = "recsys.v1.InferenceGateway"
+# Triton's gRPC protocol groups that change or reveal server state: only the supervisor, which sends
+# ADMIN_HEADER with its per-process secret, may use them (RepositoryModelLoad with `file:` parameters
+# would otherwise let anyone who reaches --port upload a model.py, i.e. run code in a worker)
+RESTRICTED = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+ADMIN_KEY = "recsys-admin"
+ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_KEY}"  # Triton prefixes a restricted protocol's key with this
 
 
 class FrontendError(RuntimeError):
@@ -121,6 +138,8 @@ class FrontendConfig:
     workdir: Path = Path("triton-gateway")
     table_cache: Path | None = None  # default: <workdir>/tables
     model_store: str = "model_store"
+    token: str | None = None  # management LoadModel / UnloadModel / SetDefaultVersion; None: open unless mTLS
+    tls: TlsConfig | None = None  # the management port's; with client_ca every management RPC needs a certificate
 
 
 @dataclass
@@ -196,6 +215,8 @@ class Supervisor:
         self.health = health.aio.HealthServicer()
         self._triton_grpc = triton_grpc
         self.client = None
+        # the credential of Triton's RESTRICTED groups: never written to a file or logged; see _start_triton
+        self._admin = {ADMIN_HEADER: secrets.token_urlsafe(32)}
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -205,6 +226,10 @@ class Supervisor:
                 f"--backend-directory={self.dist.backend_dir(self.workdir)}", "--disable-auto-complete-config",
                 f"--grpc-address={self.cfg.host}", f"--grpc-port={self.port}", "--allow-http=false",
                 f"--exit-timeout-secs={max(1, int(self.cfg.grace_s))}", "--log-verbose=0", "--strict-readiness=true"]
+        # tritonserver takes this secret only as an argument, so a local user who can read
+        # /proc/<pid>/cmdline (`ps`, unless /proc is mounted hidepid=2) sees it: it is per process and
+        # guards only this tritonserver, and never goes to a file or a log
+        args.append(f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{ADMIN_KEY}={self._admin[ADMIN_HEADER]}")
         if self.metrics_port is None:
             args.append("--allow-metrics=false")
         else:
@@ -232,7 +257,7 @@ class Supervisor:
         """Triton's explicit load of `name`: loads version directories that appeared, unloads (after their
         in-flight requests) those that disappeared, keeps the rest serving."""
         try:
-            self.client.load_model(name)
+            self.client.load_model(name, headers=self._admin)
         except self._triton_grpc.InferenceServerException as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: tritonserver refused model {name!r}: "
                                                                f"{e.message()}") from None
@@ -305,7 +330,7 @@ class Supervisor:
         if versions:
             self._triton_load(name)  # Triton unloads the missing version once its in-flight requests finish
         else:
-            self.client.unload_model(name, unload_dependents=False)
+            self.client.unload_model(name, headers=self._admin, unload_dependents=False)
             shutil.rmtree(self.repo / name, ignore_errors=True)
         self.models = {**self.models, name: versions} if versions else {
             k: v for k, v in self.models.items() if k != name}
@@ -402,12 +427,8 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
         return inference_pb2.ListModelsResponse(models=self.sup.infos())
 
     async def LoadModel(self, request, context):
-        if not request.path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: required")
-        if request.version < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: must be >= 0")
         try:
-            path = confine(self.sup.cfg.model_store, request.path, "path", what="model store")
+            path = load_path(request, self.sup.cfg.model_store)
             async with self.sup.lock:
                 v = await asyncio.to_thread(self.sup.add, str(path), request.name, request.version)
                 await self.sup.publish_health()
@@ -450,10 +471,17 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     sup = Supervisor(cfg, TritonDist.find())
     await asyncio.to_thread(sup._start_triton)
-    server = grpc.aio.server()
+    rejects = Rejects(CollectorRegistry(), log)  # the supervisor exports no metrics: counted for the log only
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if cfg.token:
+        interceptors.append(AioControlPlaneAuth([TokenRule(cfg.token, full_names(MANAGEMENT_SERVICE, CONTROL_PLANE))],
+                                                on_refusal=rejects.refused))
+    interceptors.append(AioDecodeGuard(rejects))
+    server = grpc.aio.server(interceptors=interceptors)
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup), server)
     health_pb2_grpc.add_HealthServicer_to_server(sup.health, server)
-    management_port = server.add_insecure_port(f"{cfg.host}:{cfg.management_port}")
+    reflection.enable_server_reflection((MANAGEMENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    management_port = bind(server, f"{cfg.host}:{cfg.management_port}", cfg.tls)
     await server.start()
     try:
         for path in cfg.models:
@@ -463,7 +491,9 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         print(json.dumps({"event": "serving", "frontend": "tritonserver", "protocol": "kserve-v2-grpc",
                           "host": cfg.host, "port": sup.port, "management_port": management_port,
                           "metrics_port": sup.metrics_port, "pid": os.getpid(), "triton_pid": sup.proc.pid,
-                          "workers": cfg.workers, "models": [{"name": i.name, "version": i.version,
+                          "workers": cfg.workers, "tls": cfg.tls is not None,
+                          "mtls": bool(cfg.tls and cfg.tls.client_ca), "control_token": bool(cfg.token),
+                          "models": [{"name": i.name, "version": i.version,
                                                                "table_bytes": i.table_bytes} for i in sup.infos()]}),
               flush=True)
         watcher = asyncio.ensure_future(sup.watch())

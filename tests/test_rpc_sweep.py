@@ -5,25 +5,40 @@ classified as data or control plane.
 
 What each call must answer:
 - a control-plane RPC without a token: UNAUTHENTICATED, before anything is decoded or done;
-- undecodable bytes (with the token): INVALID_ARGUMENT, never UNKNOWN or INTERNAL;
+- undecodable bytes (with the token): INVALID_ARGUMENT, never UNKNOWN or INTERNAL (UNIMPLEMENTED when a
+  valid request is UNIMPLEMENTED too: a method this port does not serve);
 - an empty request (with the token): a precise status or OK, never UNKNOWN or INTERNAL;
 and afterwards the server still answers its health check SERVING. The table of answers is printed
 (`pytest -s tests/test_rpc_sweep.py`) for the closing note.
+
+serve-triton is swept on both its ports: the management port like any server of ours, and
+tritonserver's own port (C++ code we configure, not write), which has no reflection: its methods come
+from the service descriptor tritonclient bundles, and every method changing or revealing server state
+must refuse a caller without the supervisor's secret (Triton answers UNAVAILABLE "This protocol is
+restricted", not UNAUTHENTICATED) and leave the served model as it was.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from tritonclient.grpc import InferenceServerClient
+from tritonclient.grpc import service_pb2 as triton_pb2
 
 from coordinator.process import launch as launch_coordinator
 from coordinator.server import ADMIN_METHODS
 from embedding_service.servicer import CONTROL_PLANE as SHARD_CONTROL
+from inference_gateway.control_plane import CONTROL_PLANE as GATEWAY_CONTROL
 from inference_gateway.process import launch as launch_gateway
-from inference_gateway.servicer import CONTROL_PLANE as GATEWAY_CONTROL
+from inference_gateway.process import launch_triton
+from inference_gateway.triton_frontend import RESTRICTED
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.security import bearer_metadata
 from tests.test_credentials import TABLES, TOKEN, token_file
@@ -42,6 +57,17 @@ DATA_PLANE = {
     "inference.GRPCInferenceService": {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
                                        "ModelInfer"},
 }
+# tritonserver's protocol groups serve-triton restricts to its supervisor (triton_frontend.RESTRICTED), by method
+TRITON_RESTRICTED = {
+    "model-repository": {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"},
+    "shared-memory": {"SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+                      "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"},
+    "statistics": {"ModelStatistics"},
+    "trace": {"TraceSetting"},
+    "logging": {"LogSettings"},
+}
+# open on tritonserver's port: the protocol's data plane plus Triton's streaming inference and model config
+TRITON_OPEN = DATA_PLANE["inference.GRPCInferenceService"] | {"ModelStreamInfer", "ModelConfig"}
 INFRASTRUCTURE = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                   "grpc.reflection.v1.ServerReflection"}
 
@@ -111,7 +137,8 @@ def sweep_service(channel: grpc.Channel, descriptor, token: str) -> None:
         rows.append((m.name, plane, anonymous.name, undecodable.name, empty.name))
         if plane == "control" and anonymous != grpc.StatusCode.UNAUTHENTICATED:
             wrong.append(f"{m.name} without a token: {anonymous.name}")
-        if undecodable != grpc.StatusCode.INVALID_ARGUMENT:
+        not_served = undecodable == empty == grpc.StatusCode.UNIMPLEMENTED  # serve-triton's management PredictStream
+        if undecodable != grpc.StatusCode.INVALID_ARGUMENT and not not_served:
             wrong.append(f"{m.name} undecodable: {undecodable.name}")
         wrong += [f"{m.name} {what}: {code.name}" for what, code in (("empty", empty), ("no token", anonymous))
                   if code in NEVER]
@@ -146,6 +173,71 @@ def gateway(tmp_path):
 
 def test_every_gateway_rpc(gateway):
     sweep(gateway.address, TOKEN, {"recsys.v1.InferenceGateway", "inference.GRPCInferenceService"})
+
+
+@pytest.fixture
+def triton_gateway(tmp_path):
+    store = tmp_path / "store"
+    export_package(tiny_model(0), store / "v1", dtypes=table_dtypes(TINY, "fp32", []), version=1)
+    g = launch_triton(["--model-store", str(store), "--model", "v1", "--workers", "1",
+                       "--token-file", token_file(tmp_path, TOKEN)], workdir=tmp_path / "gw")
+    yield g
+    g.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(g.announced["triton_pid"], signal.SIGKILL)
+
+
+def triton_call(channel: grpc.Channel, method, payload: bytes) -> tuple[str, str]:
+    """(status, details) of `payload` sent raw, without any credential, to a method of tritonserver's
+    service; ModelStreamInfer answers in the stream, so its first message's error counts as its answer (a
+    message Triton cannot parse gets none: the stream just ends)."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    try:
+        if method.client_streaming:
+            answers = list(channel.stream_stream(path)(iter([payload]), timeout=20))
+            errors = [triton_pb2.ModelStreamInferResponse.FromString(a).error_message for a in answers]
+            if not answers:
+                return "OK, no answer in stream", ""
+            return ("OK", "") if not any(errors) else ("OK, error in stream", errors[0])
+        channel.unary_unary(path)(payload, timeout=20)
+    except grpc.RpcError as e:
+        return e.code().name, e.details() or ""
+    return "OK", ""
+
+
+def sweep_triton(address: str) -> None:
+    """Every method of tritonserver's GRPCInferenceService, anonymous, empty and undecodable; printed, then
+    checked: each restricted method refuses both, no method answers undecodable bytes OK, and the model
+    still serves its one version afterwards (nothing was loaded, unloaded or replaced)."""
+    assert set(TRITON_RESTRICTED) == set(RESTRICTED)
+    restricted = set().union(*TRITON_RESTRICTED.values())
+    descriptor = triton_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    unclassified = [m.name for m in descriptor.methods if m.name not in restricted | TRITON_OPEN]
+    assert not unclassified, f"tritonserver: classify {unclassified} as open or restricted"
+    rows, wrong = [], []
+    with grpc.insecure_channel(address) as channel:
+        for m in descriptor.methods:
+            empty, undecodable = triton_call(channel, m, b""), triton_call(channel, m, GARBAGE)
+            plane = "restricted" if m.name in restricted else "open"
+            rows.append((m.name, plane, f"{empty[0]} {empty[1][:60]!r}", f"{undecodable[0]} {undecodable[1][:40]!r}",
+                         "-"))
+            if plane == "restricted" and (empty[0] != "UNAVAILABLE" or "protocol is restricted" not in empty[1]):
+                wrong.append(f"{m.name} without the supervisor's secret: {empty}")
+            if undecodable == ("OK", ""):
+                wrong.append(f"{m.name} undecodable: OK")
+    show(f"tritonserver {descriptor.full_name} (never with a credential)", rows)
+    assert not wrong, wrong
+    client = InferenceServerClient(address)
+    assert client.is_server_ready() and client.is_model_ready("dlrm")
+    assert client.get_model_metadata("dlrm").versions == ["1"]
+
+
+def test_every_serve_triton_rpc(triton_gateway):
+    """Both ports of one serve-triton: its management port (reflection) and tritonserver's."""
+    sweep(f"127.0.0.1:{triton_gateway.announced['management_port']}", TOKEN, {"recsys.v1.InferenceGateway"})
+    sweep_triton(triton_gateway.address)
+    repository = triton_gateway.workdir / "triton" / "repository"
+    assert sorted(p.name for p in repository.iterdir()) == ["dlrm"]  # no model was uploaded
 
 
 def test_every_coordinator_rpc(tmp_path):
