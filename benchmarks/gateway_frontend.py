@@ -22,10 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.gateway_load import ROOT, _load, emit, packages, request_pool, samples
 from inference_gateway import proc_memory
-from inference_gateway.loadgen import METHOD, closed_loop
+from inference_gateway.loadgen import METHOD, closed_loop, open_loop
 from inference_gateway.process import launch, launch_triton
+from inference_gateway.requests import lengths_input, values_input
 from protos.model_config import ModelConfig
 from protos.process import start_announced
 
@@ -41,13 +44,19 @@ def ensure_h2load() -> str | None:
 
 
 def model_infer_pool(cfg: ModelConfig, name: str, count: int) -> list[bytes]:
+    """W1 ModelInferRequests in the batched form serve-triton takes: dense [1, D], per feature
+    lengths [1, 1] and values [1, 1] (pooling factor 1)."""
     from tritonclient.grpc import service_pb2
 
     out = []
+    one = np.ones((1, 1), dtype=np.int64)
     for i in range(count):
         dense, _, values = samples(cfg, 1, i)
         r = service_pb2.ModelInferRequest(model_name=name, id=str(i))
-        for n, dt, arr in (("dense", "FP32", dense), ("ids", "INT64", values.reshape(1, -1))):
+        tensors = [("dense", "FP32", dense)]
+        for f, v in zip(cfg.features, values, strict=True):
+            tensors += [(lengths_input(f.name), "INT64", one), (values_input(f.name), "INT64", v.reshape(1, 1))]
+        for n, dt, arr in tensors:
             t = r.inputs.add()
             t.name, t.datatype = n, dt
             t.shape.extend(arr.shape)
@@ -96,9 +105,11 @@ def _ms(text: str) -> float:
 
 
 def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: int, args, workdir: Path,
-            base: dict, has_h2load: bool) -> None:
-    """W1 with both clients; CPU of every process under root_pid per 1,000 requests (h2load run)."""
+            base: dict, has_h2load: bool) -> float:
+    """W1 with both clients; CPU of every process under root_pid per 1,000 requests (h2load run).
+    Returns the Python client's requests per second."""
     r = asyncio.run(closed_loop(address, pool, args.concurrency, args.seconds, 1, method=method))
+    peak = r["requests_per_s"]
     emit({**base, "bench": "W1_closed", "server": name, "client": "python", "concurrency": args.concurrency, **r,
           "loadavg": _load()})
     if has_h2load:
@@ -112,6 +123,7 @@ def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: i
             r["cpu_s_per_1000_by_process"] = {k: round(v / r["ok"] * 1000, 4) for k, v in spent.items()}
         emit({**base, "bench": "W1_closed", "server": name, "client": "h2load", "concurrency": args.concurrency,
               **r, "loadavg": _load()})
+    return peak
 
 
 def memory(name: str, root_pid: int, base: dict, **extra) -> None:
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--workers", type=int, default=2, help="serve-triton workers for the W1 figures")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
-    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory")
+    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,overload")
+    p.add_argument("--triton-args", default="--max-queue-wait-ms 30", help="extra `serve-triton` flags")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(args.workdir)
@@ -163,18 +176,24 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             gw.terminate()
     name = json.loads((pkg / "manifest.json").read_text())["name"]
+    skip |= {"overload"} if "new" in skip else set()
     infer_pool = model_infer_pool(cfg, name, 512)
     counts = sorted({1, 2, args.workers}) if "memory" not in skip else [args.workers]
     for n in counts:
-        gw = launch_triton(["--model", str(pkg), "--workers", str(n), "--max-batch-size", "256", "--max-wait-ms", "2"],
-                           workdir=workdir / f"triton-gw-{n}", timeout=600)
+        gw = launch_triton(["--model", str(pkg), "--workers", str(n), "--max-batch-size", "256", "--max-wait-ms", "2",
+                            *args.triton_args.split()], workdir=workdir / f"triton-gw-{n}", timeout=600)
         try:
             if "memory" not in skip:  # idle, model loaded: the table image is resident (MAP_POPULATE)
                 image = next((workdir / f"triton-gw-{n}" / "triton" / "tables").glob("*.tbe")).stat().st_size
                 memory("serve-triton", gw.pid, base, workers=n, table_image_mib=round(image / 2**20, 1))
             if n == args.workers and "new" not in skip:
-                measure(f"serve-triton_{n}w", gw.address, MODEL_INFER, infer_pool, gw.pid, args, workdir, base,
-                        has_h2load)
+                peak = measure(f"serve-triton_{n}w", gw.address, MODEL_INFER, infer_pool, gw.pid, args, workdir,
+                               base, has_h2load)
+                if "overload" not in skip:  # open loop at twice the closed-loop maximum
+                    r = asyncio.run(open_loop(gw.address, infer_pool, peak * 2, args.seconds, 1, method=MODEL_INFER))
+                    emit({**base, "bench": "W1_open_2x_overload", "server": f"serve-triton_{n}w",
+                          "triton_args": args.triton_args, "max_per_s": peak, **r,
+                          "goodput_vs_max": round(r["requests_per_s"] / peak, 3), "loadavg": _load()})
         finally:
             gw.terminate(timeout=120)
     return 0
