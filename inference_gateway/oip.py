@@ -6,7 +6,9 @@ A model's inputs are its package's features: `dense` FP32 [-1, dense_features], 
 INT32 [-1]; the output is `scores` FP32 [-1]. A feature may also come in the batched form that
 `serve-triton` requires (Triton checks every input's first dimension against the batch size):
 lengths [B, 1] and values [B, K], bag b in the first lengths[b] entries of row b; then `scores` is
-answered [B, 1], as serve-triton answers it, so one client calls both (requests.feature_bags).
+answered [B, 1], as serve-triton answers it, so one client calls both (requests.feature_bags). For
+single-hot requests both servers also take `dense` and `ids` INT64 [B, features] alone (one id per
+feature in package order; two inputs instead of 53 for Criteo, which is what Triton's cost scales with).
 Contents come raw (`raw_input_contents`) or typed. A
 ModelInfer request is decoded into the same `Decoded` as Predict, checked by the same `validate`, and
 goes through the same admission, batching, deadlines and metrics.
@@ -28,11 +30,15 @@ import numpy as np
 
 from inference_gateway.model import ServingModel
 from inference_gateway.requests import (
+    IDS,
     Decoded,
     Limits,
     RequestError,
     feature_bags,
+    input_names,
+    input_set_error,
     lengths_input,
+    single_hot,
     validate,
     values_input,
 )
@@ -90,8 +96,8 @@ def _model_inputs(model: ServingModel) -> _Inputs:
     known = _inputs_of.get(model)
     if known is None:
         pairs = [(lengths_input(f), values_input(f)) for f in model.features]
-        sparse = [n for pair in pairs for n in pair]
-        ordered = ["dense", *sparse]
+        ordered = input_names(model.features)
+        sparse = ordered[1:]
         known = _inputs_of[model] = _Inputs(pairs, sparse, frozenset(ordered), ordered)
     return known
 
@@ -166,19 +172,20 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
     for inp in inputs:
         if inp.name in by_name:
             raise _invalid(f"inputs: duplicate input {inp.name!r}")
-        if inp.name not in expected.names:
+        if inp.name not in expected.names and inp.name != IDS:
             raise _invalid(f"inputs: unknown input {inp.name!r} (model {model.name} v{model.version} takes "
-                           f"{expected.ordered})")
+                           f"{expected.ordered}, or dense and {IDS!r})")
         by_name[inp.name] = inp
-    if len(by_name) != len(expected.ordered):
-        missing = next(n for n in expected.ordered if n not in by_name)
-        raise _invalid(f"inputs: missing input {missing!r} (model {model.name} v{model.version} takes "
-                       f"{expected.ordered})")
+    wrong = input_set_error(by_name, model)
+    if wrong:
+        raise _invalid(wrong)
     dense_in = by_name["dense"]
     dense = _array(dense_in, _checked(dense_in, ("FP32",)))
     batch = dense.shape[0] if dense.ndim == 2 else -1
 
     def sparse() -> tuple[np.ndarray, np.ndarray, bool]:
+        if IDS in by_name:
+            return single_hot(_array(by_name[IDS], _checked(by_name[IDS], SPARSE_DTYPES)), len(model.features), batch)
         arrays = [_array(by_name[n], _checked(by_name[n], SPARSE_DTYPES)) for n in expected.sparse]
         return feature_bags(expected.pairs, arrays[0::2], arrays[1::2], batch)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from inference_gateway.requests import lengths_input, values_input
+from inference_gateway.requests import IDS, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos.paths import PathRefused, confine, status_of_oserror
 from protos.process import free_port
@@ -172,11 +172,14 @@ def queue_policy(cfg: FrontendConfig) -> tuple[int, int]:
 def _config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
     """serve's Open Inference Protocol schema in its batched form: Triton checks every input's first
     dimension against the batch size (ragged inputs too), so lengths are [B, 1] and values [B, K]
-    (allow_ragged_batch: requests with different K share a batch; the worker gets each request's own)."""
+    (allow_ragged_batch: requests with different K share a batch; the worker gets each request's own).
+    Or, single-hot, `ids` [B, features] instead of them all: so every input but dense is optional, and the
+    worker checks that a request sent one whole form (Triton batches only requests with the same inputs)."""
+    features = v.facts["features"]
     sparse = "".join(f""",
-  {{ name: "{lengths_input(f)}" data_type: TYPE_INT64 dims: [ 1 ] }},
-  {{ name: "{values_input(f)}" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }}"""
-                     for f in v.facts["features"])
+  {{ name: "{lengths_input(f)}" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
+  {{ name: "{values_input(f)}" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true optional: true }}"""
+                     for f in features)
     size, timeout_us = queue_policy(cfg)
     timeout = (f" timeout_action: REJECT default_timeout_microseconds: {timeout_us} allow_timeout_override: true"
                if timeout_us else "")
@@ -189,7 +192,8 @@ dynamic_batching {{
   default_queue_policy {{ max_queue_size: {size}{timeout} }}
 }}
 input [
-  {{ name: "dense" data_type: TYPE_FP32 dims: [ {v.facts["dense_features"]} ] }}{sparse}
+  {{ name: "dense" data_type: TYPE_FP32 dims: [ {v.facts["dense_features"]} ] }},
+  {{ name: "{IDS}" data_type: TYPE_INT64 dims: [ {len(features)} ] optional: true }}{sparse}
 ]
 output [ {{ name: "scores" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ count: {cfg.workers} kind: KIND_CPU }} ]

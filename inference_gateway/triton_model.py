@@ -11,7 +11,9 @@ silently returns empty outputs (and inputs whose every element reads as the firs
 Inputs are `serve`'s Open Inference Protocol schema in its batched form (the only one Triton's
 batch-size check lets through): `dense` FP32 [B, dense_features]; per feature `<f>.lengths` INT64
 [B, 1] and `<f>.values` INT64 [B, K] (ragged: K differs between requests of one batch; row b holds
-bag b in its first lengths[b] entries). Output `scores` FP32 [B, 1].
+bag b in its first lengths[b] entries); or, single-hot, `dense` and `ids` INT64 [B, features] alone
+(all inputs but dense are optional in the config: Triton's cost grows ~10 us an input, a Criteo request
+in the per-feature form has 53). Output `scores` FP32 [B, 1].
 """
 
 from __future__ import annotations
@@ -29,16 +31,20 @@ from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.requests import (
+    DENSE,
+    IDS,
     Decoded,
     Limits,
     RequestError,
     feature_bags,
+    input_set_error,
     lengths_input,
+    single_hot,
     validate,
     values_input,
 )
 
-DENSE, SCORES = "dense", "scores"
+SCORES = "scores"
 Arrays = dict[str, np.ndarray]  # one request's inputs by name
 
 
@@ -54,30 +60,38 @@ class BatchScorer:
 
     def decode(self, arrays: Arrays) -> Decoded:
         """One request's inputs -> serve's Decoded, or RequestError with serve's message."""
-        return self._validate(arrays[DENSE], [[arrays[ln]] for ln, _ in self.pairs],
-                              [[arrays[vn]] for _, vn in self.pairs], self.limits)
+        wrong = input_set_error(arrays, self.model)
+        if wrong:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, wrong)
+        return self._validate([arrays], self.limits)
 
     def decode_batch(self, requests: list[Arrays]) -> Decoded:
         """Every request as one (a few numpy calls per feature per batch, not per request); RequestError if
-        any request is bad (decode each one then to find it and say why). Triton already checked that each
-        input's first dimension is its request's batch size and its rank and datatype."""
+        any request is bad (decode each one then to find it and say why). Triton already checked each
+        input's datatype, rank and first dimension (its request's batch size), and batches only requests
+        with the same set of inputs."""
         if len(requests) == 1:
             return self.decode(requests[0])
-        if any(sum(r[vn].size for _, vn in self.pairs) > self.limits.max_request_ids for r in requests):
+        if input_set_error(requests[0], self.model):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a request lacks inputs")
+        if any(sum(a.size for n, a in r.items() if n != DENSE) > self.limits.max_request_ids for r in requests):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "a request has too many ids")
-        dense = np.concatenate([r[DENSE] for r in requests])
-        return self._validate(dense, [[r[ln] for r in requests] for ln, _ in self.pairs],
-                              [[r[vn] for r in requests] for _, vn in self.pairs], self.batch_limits)
+        return self._validate(requests, self.batch_limits)
 
-    def _validate(self, dense: np.ndarray, lengths: list[list[np.ndarray]], values: list[list[np.ndarray]],
-                  limits: Limits) -> Decoded:
+    def _validate(self, requests: list[Arrays], limits: Limits) -> Decoded:
+        dense = requests[0][DENSE] if len(requests) == 1 else np.concatenate([r[DENSE] for r in requests])
         batch = dense.shape[0]
         parts: list[tuple[np.ndarray, np.ndarray, bool]] = []
 
+        def sparse() -> tuple[np.ndarray, np.ndarray, bool]:
+            if IDS in requests[0]:
+                return single_hot(_rows([r[IDS] for r in requests]), len(self.pairs), batch)
+            return feature_bags(self.pairs, [_rows([r[ln] for r in requests]) for ln, _ in self.pairs],
+                                [_rows([r[vn] for r in requests]) for _, vn in self.pairs], batch)
+
         def part(k: int) -> np.ndarray:  # validate reads the sparse inputs once the dense one passed
             if not parts:
-                parts.append(feature_bags(self.pairs, [_rows(ls) for ls in lengths], [_rows(vs) for vs in values],
-                                          batch))
+                parts.append(sparse())
             return parts[0][k]
 
         return validate(dense, [], lambda: part(0), lambda: part(1), self.model, limits)

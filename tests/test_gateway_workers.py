@@ -27,7 +27,7 @@ from inference_gateway.package import load_package
 from inference_gateway.process import launch, launch_triton
 from inference_gateway.shared_tables import IMAGE_SUFFIX
 from tests.test_inference_package import TINY, tiny_model
-from tests.test_oip import batched_inputs, ragged
+from tests.test_oip import batched_inputs, ids_inputs, ragged
 from trainer.export import export_package, table_dtypes
 
 WORKERS = 2
@@ -70,7 +70,8 @@ def test_workers_answer_what_serve_answers_for_the_same_package(gw, store, tmp_p
     assert client.is_server_ready() and client.is_model_ready("dlrm")
     assert len(live_workers(gw)) == WORKERS
     meta = client.get_model_metadata("dlrm")
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("dense", "FP32", [-1, NDENSE])] + [
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("dense", "FP32", [-1, NDENSE]), ("ids", "INT64", [-1, NFEAT])] + [
         (f"{f.name}.{part}", "INT64", shape) for f in TINY.features
         for part, shape in (("lengths", [-1, 1]), ("values", [-1, -1]))]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("scores", "FP32", [-1, 1])]
@@ -103,6 +104,25 @@ def test_workers_answer_what_serve_answers_for_the_same_package(gw, store, tmp_p
                 assert e.value.status() == "StatusCode.INVALID_ARGUMENT", (name, e.value.message())
                 messages.append(e.value.message().split("] ", 1)[-1])
             assert messages[0] == messages[1], (name, messages)
+        rows = [next(t.num_rows for t in TINY.tables if t.name == f.table) for f in TINY.features]
+        ids = np.stack([np.random.default_rng(3).integers(0, r, 7) for r in rows], axis=1)  # single-hot
+        one = np.ones(NFEAT * 7, dtype=np.int64)
+        got = client.infer("dlrm", ids_inputs(dense, ids)).as_numpy("scores")
+        np.testing.assert_allclose(got, other.infer("dlrm", ids_inputs(dense, ids)).as_numpy("scores"), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(got, infer(client, dense, one, ids.T.ravel()).as_numpy("scores"), rtol=1e-5,
+                                   atol=1e-5)  # the per-feature form of the same samples
+        full = batched_inputs(dense, lengths, values)
+        for name, tensors in {"missing": full[:-1], "both": [*ids_inputs(dense, ids), *full[1:3]],
+                              "ids width": ids_inputs(dense, ids[:, :2].copy())}.items():
+            messages = []
+            for c in (client, other):
+                with pytest.raises(tritonclient.InferenceServerException) as e:
+                    c.infer("dlrm", tensors)
+                assert e.value.status() == "StatusCode.INVALID_ARGUMENT", (name, e.value.message())
+                messages.append(e.value.message().split("] ", 1)[-1])
+            if name != "ids width":  # Triton checks the shape of a declared input itself
+                assert messages[0] == messages[1], (name, messages)
         first = f"{TINY.features[0].name}.lengths"
         for entry, text in ((50, f"{first}: entry 50 at sample 0 exceeds the"), (-1, f"{first}: negative entry")):
             tensors = batched_inputs(dense, lengths, values)

@@ -84,6 +84,14 @@ def batched_inputs(dense, lengths, values) -> list[triton.InferInput]:
     return out
 
 
+def ids_inputs(dense, ids) -> list[triton.InferInput]:
+    """The compact single-hot form: dense and ids [B, features] (package order)."""
+    out = [triton.InferInput("dense", list(dense.shape), "FP32"), triton.InferInput("ids", list(ids.shape), "INT64")]
+    out[0].set_data_from_numpy(dense)
+    out[1].set_data_from_numpy(ids.astype(np.int64))
+    return out
+
+
 def refused(call, code: str, text: str) -> None:
     with pytest.raises(InferenceServerException) as e:
         call()
@@ -209,6 +217,17 @@ def test_the_batched_form_of_serve_triton_gives_the_same_scores(gateway):
     tensors[2] = flat
     refused(lambda: client.infer("dlrm", tensors), "INVALID_ARGUMENT",
             f"user.values: shape [{k * 16}], expected [16, -1] (a row of ids per sample, as user.lengths is [16, 1])")
+    # single-hot: `ids` [B, features] alone stands for every lengths and values
+    one = SyntheticData(TINY, seed=5).batch(2, 8)
+    dense, lengths, values = one.dense.numpy(), one.sparse.lengths.numpy(), one.sparse.values.numpy()
+    ids = values.reshape(len(FEATURES), 8).T.copy()
+    got = client.infer("dlrm", ids_inputs(dense, ids)).as_numpy("scores")
+    assert got.shape == (8, 1)
+    np.testing.assert_allclose(got.ravel(), ours.predict(dense, lengths, values), atol=1e-6)
+    refused(lambda: client.infer("dlrm", ids_inputs(dense, ids[:, :2].copy())), "INVALID_ARGUMENT",
+            f"ids: shape [8, 2], expected [8, {len(FEATURES)}] (one id per feature per sample")
+    refused(lambda: client.infer("dlrm", [*ids_inputs(dense, ids), *inputs(dense, lengths, values)[1:3]]),
+            "INVALID_ARGUMENT", "inputs: 'user.lengths' and 'ids' (single-hot ids [B, features] replace")
 
 
 def test_predict_token_guards_model_infer_but_not_readiness(tmp_path):
