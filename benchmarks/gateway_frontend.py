@@ -43,19 +43,24 @@ def ensure_h2load() -> str | None:
     return shutil.which("h2load")
 
 
-def model_infer_pool(cfg: ModelConfig, name: str, count: int) -> list[bytes]:
-    """W1 ModelInferRequests in the batched form serve-triton takes: dense [1, D], per feature
-    lengths [1, 1] and values [1, 1] (pooling factor 1)."""
+def model_infer_pool(cfg: ModelConfig, name: str, count: int, form: str = "ids", batch: int = 1) -> list[bytes]:
+    """ModelInferRequests of `batch` samples for serve-triton (and serve): form "ids" is dense [B, D] and
+    ids [B, features]; "per_feature" is dense and each feature's lengths [B, 1] and values [B, 1]."""
     from tritonclient.grpc import service_pb2
 
     out = []
-    one = np.ones((1, 1), dtype=np.int64)
+    one = np.ones((batch, 1), dtype=np.int64)
     for i in range(count):
-        dense, _, values = samples(cfg, 1, i)
+        dense, _, values = samples(cfg, batch, i)
+        ids = values.reshape(len(cfg.features), batch)  # feature-major
         r = service_pb2.ModelInferRequest(model_name=name, id=str(i))
         tensors = [("dense", "FP32", dense)]
-        for f, v in zip(cfg.features, values, strict=True):
-            tensors += [(lengths_input(f.name), "INT64", one), (values_input(f.name), "INT64", v.reshape(1, 1))]
+        if form == "ids":
+            tensors.append(("ids", "INT64", np.ascontiguousarray(ids.T)))
+        else:
+            for f, v in zip(cfg.features, ids, strict=True):
+                tensors += [(lengths_input(f.name), "INT64", one),
+                            (values_input(f.name), "INT64", v.reshape(batch, 1))]
         for n, dt, arr in tensors:
             t = r.inputs.add()
             t.name, t.datatype = n, dt
@@ -105,11 +110,9 @@ def _ms(text: str) -> float:
 
 
 def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: int, args, workdir: Path,
-            base: dict, has_h2load: bool) -> float:
-    """W1 with both clients; CPU of every process under root_pid per 1,000 requests (h2load run).
-    Returns the Python client's requests per second."""
+            base: dict, has_h2load: bool) -> None:
+    """W1 with both clients; CPU of every process under root_pid per 1,000 requests (h2load run)."""
     r = asyncio.run(closed_loop(address, pool, args.concurrency, args.seconds, 1, method=method))
-    peak = r["requests_per_s"]
     emit({**base, "bench": "W1_closed", "server": name, "client": "python", "concurrency": args.concurrency, **r,
           "loadavg": _load()})
     if has_h2load:
@@ -123,7 +126,6 @@ def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: i
             r["cpu_s_per_1000_by_process"] = {k: round(v / r["ok"] * 1000, 4) for k, v in spent.items()}
         emit({**base, "bench": "W1_closed", "server": name, "client": "h2load", "concurrency": args.concurrency,
               **r, "loadavg": _load()})
-    return peak
 
 
 def memory(name: str, root_pid: int, base: dict, **extra) -> None:
@@ -146,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--workers", type=int, default=2, help="serve-triton workers for the W1 figures")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
-    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,overload")
-    p.add_argument("--triton-args", default="--max-queue-wait-ms 30", help="extra `serve-triton` flags")
+    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,per_feature,overload")
+    p.add_argument("--triton-args", default="", help="extra `serve-triton` flags for the W1 figures")
+    p.add_argument("--overload-samples", type=int, default=16, help="samples per request in the overload phase")
+    p.add_argument("--overload-args", default="--max-queue-wait-ms 30 --request-samples 16",
+                   help="extra `serve-triton` flags in the overload phase (its queue bound)")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(args.workdir)
@@ -176,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             gw.terminate()
     name = json.loads((pkg / "manifest.json").read_text())["name"]
-    skip |= {"overload"} if "new" in skip else set()
     infer_pool = model_infer_pool(cfg, name, 512)
+    per_feature_pool = model_infer_pool(cfg, name, 512, "per_feature")
     counts = sorted({1, 2, args.workers}) if "memory" not in skip else [args.workers]
     for n in counts:
         gw = launch_triton(["--model", str(pkg), "--workers", str(n), "--max-batch-size", "256", "--max-wait-ms", "2",
@@ -187,16 +192,38 @@ def main(argv: list[str] | None = None) -> int:
                 image = next((workdir / f"triton-gw-{n}" / "triton" / "tables").glob("*.tbe")).stat().st_size
                 memory("serve-triton", gw.pid, base, workers=n, table_image_mib=round(image / 2**20, 1))
             if n == args.workers and "new" not in skip:
-                peak = measure(f"serve-triton_{n}w", gw.address, MODEL_INFER, infer_pool, gw.pid, args, workdir,
-                               base, has_h2load)
-                if "overload" not in skip:  # open loop at twice the closed-loop maximum
-                    r = asyncio.run(open_loop(gw.address, infer_pool, peak * 2, args.seconds, 1, method=MODEL_INFER))
-                    emit({**base, "bench": "W1_open_2x_overload", "server": f"serve-triton_{n}w",
-                          "triton_args": args.triton_args, "max_per_s": peak, **r,
-                          "goodput_vs_max": round(r["requests_per_s"] / peak, 3), "loadavg": _load()})
+                measure(f"serve-triton_{n}w", gw.address, MODEL_INFER, infer_pool, gw.pid, args, workdir, base,
+                        has_h2load)
+                if "per_feature" not in skip:
+                    measure(f"serve-triton_{n}w_per_feature", gw.address, MODEL_INFER, per_feature_pool, gw.pid,
+                            args, workdir, base, has_h2load)
         finally:
             gw.terminate(timeout=120)
+    if "overload" not in skip:
+        overload(pkg, cfg, name, args, workdir, base)
     return 0
+
+
+def overload(pkg: Path, cfg: ModelConfig, name: str, args, workdir: Path, base: dict) -> None:
+    """Requests of --overload-samples each (few enough per second that one Python client can offer twice
+    the maximum): the closed-loop maximum at concurrency 16, then an open loop at twice that against
+    serve-triton with --overload-args (its queue bound)."""
+    b = args.overload_samples
+    pool = model_infer_pool(cfg, name, 128, batch=b)
+    gw = launch_triton(["--model", str(pkg), "--workers", str(args.workers), "--max-batch-size", "256",
+                        "--max-wait-ms", "2", *args.overload_args.split()], workdir=workdir / "triton-gw-overload",
+                       timeout=600)
+    try:
+        r = asyncio.run(closed_loop(gw.address, pool, 16, args.seconds, b, method=MODEL_INFER))
+        peak = r["requests_per_s"]
+        emit({**base, "bench": f"W{b}_closed", "server": f"serve-triton_{args.workers}w", "concurrency": 16,
+              "triton_args": args.overload_args, **r, "loadavg": _load()})
+        r = asyncio.run(open_loop(gw.address, pool, peak * 2, args.seconds, b, method=MODEL_INFER))
+        emit({**base, "bench": f"W{b}_open_2x_overload", "server": f"serve-triton_{args.workers}w",
+              "triton_args": args.overload_args, "max_per_s": peak, **r,
+              "goodput_vs_max": round(r["requests_per_s"] / peak, 3), "loadavg": _load()})
+    finally:
+        gw.terminate(timeout=120)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0: no bound of its own")
     t.add_argument("--sample-cost-us", type=float, default=120.0, help="one worker's compute per sample, for "
                    "--max-queue-wait-ms (Criteo's dense arch: 100-130 us at batch 128)")
+    t.add_argument("--request-samples", type=int, default=1, help="samples in a typical request, for "
+                   "--max-queue-wait-ms: Triton's queue bound counts requests")
     t.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long in-flight requests may take")
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
@@ -149,12 +151,15 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
         raise SystemExit("inference-gateway serve-triton: --max-queue-wait-ms: must be >= 0 (0: no bound)")
     if args.sample_cost_us <= 0:
         raise SystemExit("inference-gateway serve-triton: --sample-cost-us: must be > 0")
+    if args.request_samples < 1:
+        raise SystemExit("inference-gateway serve-triton: --request-samples: must be >= 1")
     cfg = FrontendConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
                          management_port=args.management_port,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                          max_batch_size=args.max_batch_size, max_wait_us=int(args.max_wait_ms * 1000),
                          max_queue=args.max_queue, max_queue_wait_ms=args.max_queue_wait_ms,
-                         sample_cost_us=args.sample_cost_us, grace_s=args.grace_s, workdir=Path(args.workdir),
+                         sample_cost_us=args.sample_cost_us, request_samples=args.request_samples,
+                         grace_s=args.grace_s, workdir=Path(args.workdir),
                          table_cache=Path(args.table_cache) if args.table_cache else None,
                          model_store=args.model_store)
     try:

@@ -120,6 +120,7 @@ class FrontendConfig:
     max_queue: int = 4096  # requests waiting per model before Triton refuses more
     max_queue_wait_ms: float = 0.0  # 0: no bound of its own; else the queue bound (queue_policy)
     sample_cost_us: float = 120.0  # one worker's compute per sample (Criteo dense arch at batch 128)
+    request_samples: int = 1  # samples of a typical request (Triton's queue bound counts requests)
     grace_s: float = 10.0
     workdir: Path = Path("triton-gateway")
     table_cache: Path | None = None  # default: <workdir>/tables
@@ -157,15 +158,16 @@ class Refused(Exception):
 def queue_policy(cfg: FrontendConfig) -> tuple[int, int]:
     """(max_queue_size in requests, queue timeout in µs; 0: none) for Triton's dynamic batcher.
 
-    Triton admits by queue length only, so --max-queue-wait-ms becomes a length: the requests `workers`
-    workers get through in that time at --sample-cost-us each (one sample per request, the W1 case;
-    larger requests wait longer per queued request than this assumes). A request arriving at a full
-    queue is refused at once; the same bound as the queue timeout (REJECT) catches those that still wait
-    longer, and a client may give its own (the request parameter `timeout`, µs)."""
+    Triton admits by queue length only (in requests, whatever their size), so --max-queue-wait-ms becomes
+    a length: the requests the workers get through in that time at --sample-cost-us per sample and
+    --request-samples per request (a request larger than that waits longer than the bound says; a
+    smaller one is refused early). A request arriving at a full queue is refused at once; the same
+    bound as the queue timeout (REJECT) catches those that still wait longer, and a client may give
+    its own (the request parameter `timeout`, µs)."""
     if not cfg.max_queue_wait_ms:
         return cfg.max_queue, 0
     wait_us = cfg.max_queue_wait_ms * 1000
-    derived = max(1, int(wait_us * cfg.workers / cfg.sample_cost_us))
+    derived = max(1, int(wait_us * cfg.workers / (cfg.sample_cost_us * cfg.request_samples)))
     return min(cfg.max_queue, derived), int(wait_us)
 
 
