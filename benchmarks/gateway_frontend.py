@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--workers", type=int, default=2, help="serve-triton workers for the W1 figures")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
-    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,per_feature,overload")
+    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,per_feature,overload,refusal")
     p.add_argument("--triton-args", default="", help="extra `serve-triton` flags for the W1 figures")
     p.add_argument("--overload-samples", type=int, default=16, help="samples per request in the overload phase")
     p.add_argument("--overload-args", default="--max-queue-wait-ms 30 --request-samples 16",
@@ -201,7 +202,51 @@ def main(argv: list[str] | None = None) -> int:
             gw.terminate(timeout=120)
     if "overload" not in skip:
         overload(pkg, cfg, name, args, workdir, base)
+    if "refusal" not in skip and has_h2load:
+        refusal(pkg, cfg, name, args, workdir, base)
     return 0
+
+
+def refusal(pkg: Path, cfg: ModelConfig, name: str, args, workdir: Path, base: dict) -> None:
+    """How fast serve-triton refuses at a full queue, from one sequential probe (so the probe queues
+    behind nothing of its own): h2load floods a one-worker serve-triton (--max-queue 1) with W256
+    requests meanwhile; the probe sends W1 requests 10 ms apart."""
+    import grpc
+
+    flood = model_infer_pool(cfg, name, 1, batch=256)[0]
+    probes = model_infer_pool(cfg, name, 16)
+    gw = launch_triton(["--model", str(pkg), "--workers", "1", "--max-batch-size", "256", "--max-queue", "1"],
+                       workdir=workdir / "triton-gw-refusal", timeout=600)
+    body = workdir / "flood-w256.bin"
+    body.write_bytes(b"\0" + struct.pack(">I", len(flood)) + flood)
+    h2 = subprocess.Popen(["h2load", "-D", str(int(args.seconds) + 10), "-c", "2", "-m", "8", "-H",
+                           "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
+                           f"http://{gw.address}{MODEL_INFER}"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(2)  # the queue fills
+        lat: dict[str, list[float]] = {}
+        with grpc.insecure_channel(gw.address) as channel:
+            call = channel.unary_unary(MODEL_INFER)
+            stop = time.perf_counter() + args.seconds
+            i = 0
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    call(probes[i % len(probes)], timeout=10)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name + (":queue_full" if "maximum queue size" in (e.details() or "") else "")
+                lat.setdefault(code, []).append(time.perf_counter() - t0)
+                i += 1
+                time.sleep(0.01)
+        emit({**base, "bench": "refusal_at_full_queue", "server": "serve-triton_1w", "flood": "h2load W256 x16",
+              **{code: {"n": len(v), "p50_ms": round(float(np.percentile(v, 50)) * 1000, 2),
+                        "p99_ms": round(float(np.percentile(v, 99)) * 1000, 2)} for code, v in lat.items()},
+              "loadavg": _load()})
+    finally:
+        h2.kill()
+        h2.wait()
+        gw.terminate(timeout=120)
 
 
 def overload(pkg: Path, cfg: ModelConfig, name: str, args, workdir: Path, base: dict) -> None:
