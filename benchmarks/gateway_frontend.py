@@ -3,7 +3,9 @@ concurrency C against the Python gRPC echo ceiling, the Python gateway (`serve`)
 frontend over Python workers (`serve-triton`), each driven by the project's Python async client and
 by h2load (native HTTP/2, so the client is not the bottleneck); the servers' CPU-seconds per 1,000 W1
 requests (every process of the server, from /proc); RSS and PSS of each whole gateway, and of
-`serve-triton` with 1 and 2 workers.
+`serve-triton` with 1 and 2 workers; serve-triton W1 in both single-hot forms (`ids`, per-feature);
+a W16 open loop at twice the maximum against serve-triton's queue bound; and how fast it refuses at
+a full queue.
 
     python -m benchmarks.gateway_frontend [--seconds 5] [--concurrency 64] [--dtype int8]
 """
