@@ -3,7 +3,9 @@ concurrency C against the Python gRPC echo ceiling, the Python gateway (`serve`)
 frontend over Python workers (`serve-triton`), each driven by the project's Python async client and
 by h2load (native HTTP/2, so the client is not the bottleneck); the servers' CPU-seconds per 1,000 W1
 requests (every process of the server, from /proc); RSS and PSS of each whole gateway, and of
-`serve-triton` with 1 and 2 workers.
+`serve-triton` with 1 and 2 workers; serve-triton W1 in both single-hot forms (`ids`, per-feature);
+a W16 open loop at twice the maximum against serve-triton's queue bound; and how fast it refuses at
+a full queue.
 
     python -m benchmarks.gateway_frontend [--seconds 5] [--concurrency 64] [--dtype int8]
 """
@@ -20,12 +22,16 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.gateway_load import ROOT, _load, emit, packages, request_pool, samples
 from inference_gateway import proc_memory
-from inference_gateway.loadgen import METHOD, closed_loop
+from inference_gateway.loadgen import METHOD, closed_loop, open_loop
 from inference_gateway.process import launch, launch_triton
+from inference_gateway.requests import lengths_input, values_input
 from protos.model_config import ModelConfig
 from protos.process import start_announced
 
@@ -40,14 +46,25 @@ def ensure_h2load() -> str | None:
     return shutil.which("h2load")
 
 
-def model_infer_pool(cfg: ModelConfig, name: str, count: int) -> list[bytes]:
+def model_infer_pool(cfg: ModelConfig, name: str, count: int, form: str = "ids", batch: int = 1) -> list[bytes]:
+    """ModelInferRequests of `batch` samples for serve-triton (and serve): form "ids" is dense [B, D] and
+    ids [B, features]; "per_feature" is dense and each feature's lengths [B, 1] and values [B, 1]."""
     from tritonclient.grpc import service_pb2
 
     out = []
+    one = np.ones((batch, 1), dtype=np.int64)
     for i in range(count):
-        dense, _, values = samples(cfg, 1, i)
+        dense, _, values = samples(cfg, batch, i)
+        ids = values.reshape(len(cfg.features), batch)  # feature-major
         r = service_pb2.ModelInferRequest(model_name=name, id=str(i))
-        for n, dt, arr in (("dense", "FP32", dense), ("ids", "INT64", values.reshape(1, -1))):
+        tensors = [("dense", "FP32", dense)]
+        if form == "ids":
+            tensors.append(("ids", "INT64", np.ascontiguousarray(ids.T)))
+        else:
+            for f, v in zip(cfg.features, ids, strict=True):
+                tensors += [(lengths_input(f.name), "INT64", one),
+                            (values_input(f.name), "INT64", v.reshape(batch, 1))]
+        for n, dt, arr in tensors:
             t = r.inputs.add()
             t.name, t.datatype = n, dt
             t.shape.extend(arr.shape)
@@ -134,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--workers", type=int, default=2, help="serve-triton workers for the W1 figures")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
-    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory")
+    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,per_feature,overload,refusal")
+    p.add_argument("--triton-args", default="", help="extra `serve-triton` flags for the W1 figures")
+    p.add_argument("--overload-samples", type=int, default=16, help="samples per request in the overload phase")
+    p.add_argument("--overload-args", default="--max-queue-wait-ms 30 --request-samples 16",
+                   help="extra `serve-triton` flags in the overload phase (its queue bound)")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(args.workdir)
@@ -164,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             gw.terminate()
     name = json.loads((pkg / "manifest.json").read_text())["name"]
     infer_pool = model_infer_pool(cfg, name, 512)
+    per_feature_pool = model_infer_pool(cfg, name, 512, "per_feature")
     counts = sorted({1, 2, args.workers}) if "memory" not in skip else [args.workers]
     for n in counts:
-        gw = launch_triton(["--model", str(pkg), "--workers", str(n), "--max-batch-size", "256", "--max-wait-ms", "2"],
-                           workdir=workdir / f"triton-gw-{n}", timeout=600)
+        gw = launch_triton(["--model", str(pkg), "--workers", str(n), "--max-batch-size", "256", "--max-wait-ms", "2",
+                            *args.triton_args.split()], workdir=workdir / f"triton-gw-{n}", timeout=600)
         try:
             if "memory" not in skip:  # idle, model loaded: the table image is resident (MAP_POPULATE)
                 image = next((workdir / f"triton-gw-{n}" / "triton" / "tables").glob("*.tbe")).stat().st_size
@@ -175,9 +197,80 @@ def main(argv: list[str] | None = None) -> int:
             if n == args.workers and "new" not in skip:
                 measure(f"serve-triton_{n}w", gw.address, MODEL_INFER, infer_pool, gw.pid, args, workdir, base,
                         has_h2load)
+                if "per_feature" not in skip:
+                    measure(f"serve-triton_{n}w_per_feature", gw.address, MODEL_INFER, per_feature_pool, gw.pid,
+                            args, workdir, base, has_h2load)
         finally:
             gw.terminate(timeout=120)
+    if "overload" not in skip:
+        overload(pkg, cfg, name, args, workdir, base)
+    if "refusal" not in skip and has_h2load:
+        refusal(pkg, cfg, name, args, workdir, base)
     return 0
+
+
+def refusal(pkg: Path, cfg: ModelConfig, name: str, args, workdir: Path, base: dict) -> None:
+    """How fast serve-triton refuses at a full queue, from one sequential probe (so the probe queues
+    behind nothing of its own): h2load floods a one-worker serve-triton (--max-queue 1) with W256
+    requests meanwhile; the probe sends W1 requests 10 ms apart."""
+    import grpc
+
+    flood = model_infer_pool(cfg, name, 1, batch=256)[0]
+    probes = model_infer_pool(cfg, name, 16)
+    gw = launch_triton(["--model", str(pkg), "--workers", "1", "--max-batch-size", "256", "--max-queue", "1"],
+                       workdir=workdir / "triton-gw-refusal", timeout=600)
+    body = workdir / "flood-w256.bin"
+    body.write_bytes(b"\0" + struct.pack(">I", len(flood)) + flood)
+    h2 = subprocess.Popen(["h2load", "-D", str(int(args.seconds) + 10), "-c", "2", "-m", "8", "-H",
+                           "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
+                           f"http://{gw.address}{MODEL_INFER}"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(2)  # the queue fills
+        lat: dict[str, list[float]] = {}
+        with grpc.insecure_channel(gw.address) as channel:
+            call = channel.unary_unary(MODEL_INFER)
+            stop = time.perf_counter() + args.seconds
+            i = 0
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    call(probes[i % len(probes)], timeout=10)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name + (":queue_full" if "maximum queue size" in (e.details() or "") else "")
+                lat.setdefault(code, []).append(time.perf_counter() - t0)
+                i += 1
+                time.sleep(0.01)
+        emit({**base, "bench": "refusal_at_full_queue", "server": "serve-triton_1w", "flood": "h2load W256 x16",
+              **{code: {"n": len(v), "p50_ms": round(float(np.percentile(v, 50)) * 1000, 2),
+                        "p99_ms": round(float(np.percentile(v, 99)) * 1000, 2)} for code, v in lat.items()},
+              "loadavg": _load()})
+    finally:
+        h2.kill()
+        h2.wait()
+        gw.terminate(timeout=120)
+
+
+def overload(pkg: Path, cfg: ModelConfig, name: str, args, workdir: Path, base: dict) -> None:
+    """Requests of --overload-samples each (few enough per second that one Python client can offer twice
+    the maximum): the closed-loop maximum at concurrency 16, then an open loop at twice that against
+    serve-triton with --overload-args (its queue bound)."""
+    b = args.overload_samples
+    pool = model_infer_pool(cfg, name, 128, batch=b)
+    gw = launch_triton(["--model", str(pkg), "--workers", str(args.workers), "--max-batch-size", "256",
+                        "--max-wait-ms", "2", *args.overload_args.split()], workdir=workdir / "triton-gw-overload",
+                       timeout=600)
+    try:
+        r = asyncio.run(closed_loop(gw.address, pool, 16, args.seconds, b, method=MODEL_INFER))
+        peak = r["requests_per_s"]
+        emit({**base, "bench": f"W{b}_closed", "server": f"serve-triton_{args.workers}w", "concurrency": 16,
+              "triton_args": args.overload_args, **r, "loadavg": _load()})
+        r = asyncio.run(open_loop(gw.address, pool, peak * 2, args.seconds, b, method=MODEL_INFER))
+        emit({**base, "bench": f"W{b}_open_2x_overload", "server": f"serve-triton_{args.workers}w",
+              "triton_args": args.overload_args, "max_per_s": peak, **r,
+              "goodput_vs_max": round(r["requests_per_s"] / peak, 3), "loadavg": _load()})
+    finally:
+        gw.terminate(timeout=120)
 
 
 if __name__ == "__main__":

@@ -169,19 +169,23 @@ class Batcher:
             self.deliver([(it.token, e) for it in live])
 
     def _score(self, reqs: list[Decoded]) -> np.ndarray:
-        if len(reqs) == 1:
-            r = reqs[0]
-            dense, lengths, values = r.dense, r.lengths.ravel(), r.values
-        else:
-            dense = np.concatenate([r.dense for r in reqs])
-            lengths = np.concatenate([r.lengths for r in reqs], axis=1).ravel()
-            counts = np.stack([r.counts for r in reqs])  # [n, F]: segments request-major
-            n, nfeat = counts.shape
-            order = np.arange(n * nfeat).reshape(n, nfeat).T.ravel()  # -> feature-major
-            values = segment_reorder(np.concatenate([r.values for r in reqs]), counts.ravel(), order)
-        scores = self.model.scores(torch.from_numpy(np.ascontiguousarray(dense)), torch.from_numpy(lengths),
-                                   torch.from_numpy(values))
-        return scores.numpy()
+        return self.model.scores(*merge(reqs)).numpy()
+
+
+def merge(reqs: list[Decoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated requests -> one batch (dense [B, D], lengths [F * B] and values, feature-major) for
+    ServingModel.scores; the scores come back in request order."""
+    if len(reqs) == 1:
+        r = reqs[0]
+        dense, lengths, values = r.dense, r.lengths.ravel(), r.values
+    else:
+        dense = np.concatenate([r.dense for r in reqs])
+        lengths = np.concatenate([r.lengths for r in reqs], axis=1).ravel()
+        counts = np.stack([r.counts for r in reqs])  # [n, F]: segments request-major
+        n, nfeat = counts.shape
+        order = np.arange(n * nfeat).reshape(n, nfeat).T.ravel()  # -> feature-major
+        values = segment_reorder(np.concatenate([r.values for r in reqs]), counts.ravel(), order)
+    return torch.from_numpy(np.ascontiguousarray(dense)), torch.from_numpy(lengths), torch.from_numpy(values)
 
 
 def _cancelled(token: Any) -> bool:

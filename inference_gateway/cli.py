@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "worker processes; prints one JSON line with the bound ports",
         description="tritonserver (from `pip install --no-deps nvidia-pytriton==0.7.0`) accepts, batches and answers "
         "requests; --workers Python processes score whole batches, all mapping one read-only copy of each package's "
-        "tables. Inputs per sample: dense FP32 [dense_features], ids INT64 [features] (one id per feature, package "
-        "order); output score FP32 [1]. Management (load / unload / set-default / models) is on "
+        "tables. Inputs: serve's Open Inference Protocol schema in its batched form (dense FP32 [B, dense_features]; "
+        "per feature <f>.lengths INT64 [B, 1] and <f>.values INT64 [B, K], bag b in the first lengths[b] entries of "
+        "row b); output scores FP32 [B, 1]. Management (load / unload / set-default / models) is on "
         "--management-port; unversioned requests go to the highest loaded version. The supervisor replaces a dead "
         "worker (by reloading its version) and a dead tritonserver; SIGTERM drains and exits 0.")
     t.add_argument("--model", action="append", default=[], help="package directory (repeatable)")
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-batch-size", type=int, default=256, help="samples per batch a worker scores")
     t.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
     t.add_argument("--max-queue", type=int, default=4096, help="requests queued per model before Triton refuses")
+    t.add_argument("--max-queue-wait-ms", type=float, default=0.0, help="bound on a request's queue wait: Triton's "
+                   "queue holds at most the requests the workers score in this time at --sample-cost-us each (a "
+                   "request past it is refused at once, UNAVAILABLE), and one still queued after it is refused; "
+                   "0: no bound of its own")
+    t.add_argument("--sample-cost-us", type=float, default=120.0, help="one worker's compute per sample, for "
+                   "--max-queue-wait-ms (Criteo's dense arch: 100-130 us at batch 128)")
+    t.add_argument("--request-samples", type=int, default=1, help="samples in a typical request, for "
+                   "--max-queue-wait-ms: Triton's queue bound counts requests")
     t.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long in-flight requests may take")
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
@@ -160,12 +169,20 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SystemExit("inference-gateway serve-triton: --workers: must be >= 1")
+    if args.max_queue_wait_ms < 0:
+        raise SystemExit("inference-gateway serve-triton: --max-queue-wait-ms: must be >= 0 (0: no bound)")
+    if args.sample_cost_us <= 0:
+        raise SystemExit("inference-gateway serve-triton: --sample-cost-us: must be > 0")
+    if args.request_samples < 1:
+        raise SystemExit("inference-gateway serve-triton: --request-samples: must be >= 1")
     token, _, tls = _credentials(args)
     cfg = FrontendConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
                          management_port=args.management_port,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                          max_batch_size=args.max_batch_size, max_wait_us=int(args.max_wait_ms * 1000),
-                         max_queue=args.max_queue, grace_s=args.grace_s, workdir=Path(args.workdir),
+                         max_queue=args.max_queue, max_queue_wait_ms=args.max_queue_wait_ms,
+                         sample_cost_us=args.sample_cost_us, request_samples=args.request_samples,
+                         grace_s=args.grace_s, workdir=Path(args.workdir),
                          table_cache=Path(args.table_cache) if args.table_cache else None,
                          model_store=args.model_store, token=token, tls=tls)
     try:

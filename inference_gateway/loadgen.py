@@ -17,12 +17,19 @@ METHOD = "/recsys.v1.InferenceGateway/Predict"
 STREAM_METHOD = "/recsys.v1.InferenceGateway/PredictStream"
 CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # PredictResponse.error.code -> name
 OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # pools of serialized ModelInferRequests
+REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 
 
 def refusal_name(e: grpc.aio.AioRpcError) -> str:
     """The status code, and for RESOURCE_EXHAUSTED who refused: the gateway's admission (expected wait), its
-    full queue, or gRPC's own limit on concurrent RPCs (--max-concurrent-rpcs)."""
+    full queue, or gRPC's own limit on concurrent RPCs (--max-concurrent-rpcs); for UNAVAILABLE, whether
+    Triton's queue was full on arrival or the request timed out in it."""
     name = e.code().name
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        details = e.details() or ""
+        for marker, who in (("Exceeds maximum queue size", "queue_full"), ("Request timeout expired", "queue_timeout")):
+            if marker in details:
+                return f"{name}:{who}"
     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         details = e.details() or ""
         for marker, who in (("expected queue wait", "admission"), ("queue full", "queue_full"),
@@ -84,8 +91,9 @@ async def open_loop(address: str, pool: list[bytes], rate: float, seconds: float
             except grpc.aio.AioRpcError as e:
                 name = refusal_name(e)
                 errors[name] = errors.get(name, 0) + 1
-                # refusals: ours (RESOURCE_EXHAUSTED) and gRPC's own of RPCs past --max-pending-rpcs (CANCELLED)
-                if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
+                # refusals: ours (RESOURCE_EXHAUSTED), gRPC's own of RPCs past --max-pending-rpcs (CANCELLED)
+                # and Triton's full queue or queue timeout (UNAVAILABLE)
+                if e.code() in REFUSALS:
                     reject_lat.setdefault(name, []).append(time.perf_counter() - scheduled)
 
         tasks = []

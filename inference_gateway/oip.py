@@ -3,7 +3,13 @@ own API, so Triton's and KServe's clients call the gateway unchanged.
 
 A model's inputs are its package's features: `dense` FP32 [-1, dense_features], and per sparse feature
 `<feature>.lengths` (one bag length per sample) and `<feature>.values` (the ids of the bags), INT64 or
-INT32 [-1]; the output is `scores` FP32 [-1]. Contents come raw (`raw_input_contents`) or typed. A
+INT32 [-1]; the output is `scores` FP32 [-1]. A feature may also come in the batched form that
+`serve-triton` requires (Triton checks every input's first dimension against the batch size):
+lengths [B, 1] and values [B, K], bag b in the first lengths[b] entries of row b; then `scores` is
+answered [B, 1], as serve-triton answers it, so one client calls both (requests.feature_bags). For
+single-hot requests both servers also take `dense` and `ids` INT64 [B, features] alone (one id per
+feature in package order; two inputs instead of 53 for Criteo, which is what Triton's cost scales with).
+Contents come raw (`raw_input_contents`) or typed. A
 ModelInfer request is decoded into the same `Decoded` as Predict, checked by the same `validate`, and
 goes through the same admission, batching, deadlines and metrics.
 
@@ -23,7 +29,19 @@ import grpc
 import numpy as np
 
 from inference_gateway.model import ServingModel
-from inference_gateway.requests import Decoded, Limits, RequestError, validate
+from inference_gateway.requests import (
+    IDS,
+    Decoded,
+    Limits,
+    RequestError,
+    feature_bags,
+    input_names,
+    input_set_error,
+    lengths_input,
+    single_hot,
+    validate,
+    values_input,
+)
 from inference_gateway.servicer import OK, GatewayServicer
 from protos import open_inference_pb2 as oip
 from protos import open_inference_pb2_grpc as oip_grpc
@@ -41,14 +59,6 @@ SPARSE_DTYPES = ("INT64", "INT32")
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def lengths_input(feature: str) -> str:
-    return f"{feature}.lengths"
-
-
-def values_input(feature: str) -> str:
-    return f"{feature}.values"
 
 
 def parse_version(text: str, field: str) -> int:
@@ -73,8 +83,8 @@ def input_metadata(model: ServingModel) -> list[oip.ModelMetadataResponse.Tensor
 class _Inputs:
     """A model's input names: `dense`, then lengths and values of each feature in package order."""
 
-    lengths: list[str]
-    values: list[str]
+    pairs: list[tuple[str, str]]  # (lengths, values) per feature
+    sparse: list[str]  # lengths and values of each feature, in package order
     names: frozenset[str]
     ordered: list[str]
 
@@ -85,10 +95,10 @@ _inputs_of: weakref.WeakKeyDictionary[ServingModel, _Inputs] = weakref.WeakKeyDi
 def _model_inputs(model: ServingModel) -> _Inputs:
     known = _inputs_of.get(model)
     if known is None:
-        lengths = [lengths_input(f) for f in model.features]
-        values = [values_input(f) for f in model.features]
-        ordered = ["dense", *(n for pair in zip(lengths, values, strict=True) for n in pair)]
-        known = _inputs_of[model] = _Inputs(lengths, values, frozenset(ordered), ordered)
+        pairs = [(lengths_input(f), values_input(f)) for f in model.features]
+        ordered = input_names(model.features)
+        sparse = ordered[1:]
+        known = _inputs_of[model] = _Inputs(pairs, sparse, frozenset(ordered), ordered)
     return known
 
 
@@ -135,14 +145,6 @@ def _array(inp: _Input, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(getattr(inp.message.contents, typed_field), dtype=dtype).reshape(shape)
 
 
-def _joined(inputs: list[_Input]) -> np.ndarray:
-    """Checked 1-D inputs as one flat int64 array: one frombuffer when all are raw INT64 (the common case:
-    a request of many features costs a few numpy calls, not a few per feature)."""
-    if all(i.raw is not None and i.datatype == "INT64" for i in inputs):
-        return np.frombuffer(b"".join([i.raw for i in inputs]), dtype=np.int64)
-    return np.concatenate([_array(i, (-1,)).astype(np.int64, copy=False) for i in inputs])
-
-
 def _headers(req: oip.ModelInferRequest) -> list[_Input]:
     messages = list(req.inputs)
     raws = list(req.raw_input_contents)
@@ -157,8 +159,9 @@ def _headers(req: oip.ModelInferRequest) -> list[_Input]:
     return out
 
 
-def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits) -> Decoded:
-    """ModelInfer inputs -> the Decoded a Predict request of the same samples gives."""
+def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits) -> tuple[Decoded, bool]:
+    """ModelInfer inputs -> the Decoded a Predict request of the same samples gives, and whether the
+    request used the batched form (then `scores` is answered [B, 1], as serve-triton answers it)."""
     inputs = _headers(req)
     for out in req.outputs:
         if out.name != OUTPUT:
@@ -169,43 +172,24 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
     for inp in inputs:
         if inp.name in by_name:
             raise _invalid(f"inputs: duplicate input {inp.name!r}")
-        if inp.name not in expected.names:
+        if inp.name not in expected.names and inp.name != IDS:
             raise _invalid(f"inputs: unknown input {inp.name!r} (model {model.name} v{model.version} takes "
-                           f"{expected.ordered})")
+                           f"{expected.ordered}, or dense and {IDS!r})")
         by_name[inp.name] = inp
-    if len(by_name) != len(expected.ordered):
-        missing = next(n for n in expected.ordered if n not in by_name)
-        raise _invalid(f"inputs: missing input {missing!r} (model {model.name} v{model.version} takes "
-                       f"{expected.ordered})")
+    wrong = input_set_error(by_name, model)
+    if wrong:
+        raise _invalid(wrong)
     dense_in = by_name["dense"]
     dense = _array(dense_in, _checked(dense_in, ("FP32",)))
     batch = dense.shape[0] if dense.ndim == 2 else -1
 
-    def sparse() -> tuple[np.ndarray, np.ndarray]:
-        lens_in = [by_name[n] for n in expected.lengths]
-        vals_in = [by_name[n] for n in expected.values]
-        counts = []
-        for li, vi in zip(lens_in, vals_in, strict=True):
-            shape = _checked(li, SPARSE_DTYPES)
-            if len(shape) != 1 or shape[0] != batch:
-                raise _invalid(f"{li.name}: shape {list(shape)}, expected [{batch}] (one bag length per sample of "
-                               "dense)")
-            shape = _checked(vi, SPARSE_DTYPES)
-            if len(shape) != 1:
-                raise _invalid(f"{vi.name}: expected shape [-1], got {list(shape)}")
-            counts.append(shape[0])
-        lengths = _joined(lens_in).reshape(len(lens_in), batch)
-        negative = (lengths < 0).any(axis=1)
-        if negative.any():
-            raise _invalid(f"{lens_in[int(np.argmax(negative))].name}: negative entry")
-        sums = lengths.sum(axis=1)
-        wrong = np.flatnonzero(sums != np.asarray(counts))
-        if wrong.size:
-            f = int(wrong[0])
-            raise _invalid(f"{lens_in[f].name}: add up to {int(sums[f])} but {vals_in[f].name} holds {counts[f]} ids")
-        return lengths.ravel(), _joined(vals_in)
+    def sparse() -> tuple[np.ndarray, np.ndarray, bool]:
+        if IDS in by_name:
+            return single_hot(_array(by_name[IDS], _checked(by_name[IDS], SPARSE_DTYPES)), len(model.features), batch)
+        arrays = [_array(by_name[n], _checked(by_name[n], SPARSE_DTYPES)) for n in expected.sparse]
+        return feature_bags(expected.pairs, arrays[0::2], arrays[1::2], batch)
 
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, bool]] = []
 
     def part(k: int) -> np.ndarray:
         if not parts:
@@ -213,7 +197,8 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
         return parts[0][k]
 
     # validate checks dense first (width, finiteness, limits), then reads the sparse inputs
-    return validate(dense, [], lambda: part(0), lambda: part(1), model, limits)
+    decoded = validate(dense, [], lambda: part(0), lambda: part(1), model, limits)
+    return decoded, parts[0][2]
 
 
 def infer_request(dense: np.ndarray, lengths: np.ndarray, values: np.ndarray, features: list[str], *,
@@ -292,7 +277,7 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             m = loaded.model
             facts.update(model=m.name, version=m.version)
             gw.admit(loaded, deadline)
-            decoded = decode_infer(request, m, gw.limits)
+            decoded, batched = decode_infer(request, m, gw.limits)
             facts["samples"] = decoded.batch_size
             fut = gw.queue(loaded, decoded, deadline)
             with contextlib.suppress(Exception):  # read by scores(); a client that leaves cancels `fut`
@@ -306,5 +291,6 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         gw.record("ModelInfer", start, OK, lambda: facts)
         return oip.ModelInferResponse(
             model_name=m.name, model_version=str(m.version), id=request.id,
-            outputs=[oip.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=[len(scores)])],
+            outputs=[oip.ModelInferResponse.InferOutputTensor(
+                name=OUTPUT, datatype="FP32", shape=[len(scores), 1] if batched else [len(scores)])],
             raw_output_contents=[scores.tobytes()])

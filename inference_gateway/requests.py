@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
-from inference_gateway.model import ServingModel
 from protos import common_pb2, inference_pb2
+
+if TYPE_CHECKING:  # the Triton supervisor imports the input names from here and holds no torch
+    from inference_gateway.model import ServingModel
 
 _INT = {common_pb2.INT64: np.int64, common_pb2.INT32: np.int32}
 
@@ -78,6 +81,91 @@ def segment_reorder(values: np.ndarray, seg_lengths: np.ndarray, order: np.ndarr
     np.cumsum(lens[:-1], out=out_starts[1:])
     idx = np.repeat(starts[order] - out_starts, lens) + np.arange(total, dtype=np.int64)
     return values[idx]
+
+
+DENSE, IDS = "dense", "ids"
+
+
+def input_names(features: list[str]) -> list[str]:
+    """The Open Inference Protocol inputs of a model: `dense`, then lengths and values of each feature."""
+    return [DENSE, *(n for f in features for n in (lengths_input(f), values_input(f)))]
+
+
+def input_set_error(names: set[str] | dict, model: ServingModel) -> str | None:
+    """Why a request's set of (known) input names is incomplete, or None: `dense`, then either every
+    feature's lengths and values or `ids` alone (the compact single-hot form)."""
+    ordered = input_names(model.features)
+    if IDS in names:
+        both = next((n for n in ordered[1:] if n in names), None)
+        if both is not None:
+            return f"inputs: {both!r} and {IDS!r} (single-hot ids [B, features] replace every lengths and values)"
+        ordered = [DENSE, IDS]
+    missing = next((n for n in ordered if n not in names), None)
+    if missing is None:
+        return None
+    return f"inputs: missing input {missing!r} (model {model.name} v{model.version} takes {ordered})"
+
+
+def single_hot(ids: np.ndarray, nfeat: int, batch: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The compact single-hot form, `ids` [B, features] (one id per feature, package order; 2 inputs a
+    request instead of 1 + 2 * features, which costs Triton ~10 us an input) -> feature_bags' result."""
+    if ids.shape != (batch, nfeat):
+        raise _invalid(f"{IDS}: shape {list(ids.shape)}, expected [{batch}, {nfeat}] (one id per feature per sample, "
+                       "in the package's feature order)")
+    return np.ones(nfeat * batch, dtype=np.int64), ids.T.astype(np.int64).ravel(), True
+
+
+def lengths_input(feature: str) -> str:
+    """The Open Inference Protocol input of a feature's bag lengths (serve and serve-triton)."""
+    return f"{feature}.lengths"
+
+
+def values_input(feature: str) -> str:
+    return f"{feature}.values"
+
+
+def feature_bags(names: list[tuple[str, str]], lengths: list[np.ndarray], values: list[np.ndarray],
+                 batch: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-feature inputs (the Open Inference Protocol's `<feature>.lengths` / `<feature>.values`, names
+    as (lengths, values) pairs) -> lengths [F * B] feature-major and values, both int64, for `validate`;
+    and whether any feature came in the batched form.
+
+    Two forms per feature: flat, lengths [B] and values [N] (the ids of the B bags one after another);
+    or batched, lengths [B, 1] and values [B, K] (row b holds bag b in its first lengths[b] entries, the
+    rest is padding and ignored). Triton checks that every input's first dimension is the batch size,
+    so a Triton model can only take the batched form; `serve` takes both (benchmarks/gateway_frontend.md)."""
+    lens_out, vals_out, batched = [], [], False
+    for (ln, vn), lens, vals in zip(names, lengths, values, strict=True):
+        if lens.shape == (batch, 1):
+            batched = True
+            if vals.ndim != 2 or vals.shape[0] != batch:
+                raise _invalid(f"{vn}: shape {list(vals.shape)}, expected [{batch}, -1] (a row of ids per sample, "
+                               f"as {ln} is [{batch}, 1])")
+            lens = lens.reshape(batch).astype(np.int64, copy=False)
+            if (lens < 0).any():
+                raise _invalid(f"{ln}: negative entry")
+            width = vals.shape[1]
+            over = np.flatnonzero(lens > width)
+            if over.size:
+                b = int(over[0])
+                raise _invalid(f"{ln}: entry {int(lens[b])} at sample {b} exceeds the {width} columns of {vn}")
+            vals = vals[np.arange(width) < lens[:, None]] if int(lens.sum()) != vals.size else vals.ravel()
+        elif lens.shape == (batch,):
+            if vals.ndim != 1:
+                raise _invalid(f"{vn}: expected shape [-1], got {list(vals.shape)}")
+            lens = lens.astype(np.int64, copy=False)
+            if (lens < 0).any():
+                raise _invalid(f"{ln}: negative entry")
+            if int(lens.sum()) != vals.size:
+                raise _invalid(f"{ln}: add up to {int(lens.sum())} but {vn} holds {vals.size} ids")
+        else:
+            raise _invalid(f"{ln}: shape {list(lens.shape)}, expected [{batch}] or [{batch}, 1] (one bag length per "
+                           "sample of dense)")
+        lens_out.append(lens)
+        vals_out.append(vals.astype(np.int64, copy=False))
+    if not lens_out:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), batched
+    return np.concatenate(lens_out), np.concatenate(vals_out), batched
 
 
 def decode(req: inference_pb2.PredictRequest, model: ServingModel, limits: Limits) -> Decoded:

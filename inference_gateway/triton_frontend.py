@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
+from inference_gateway.requests import IDS, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos.paths import PathRefused, status_of_oserror
 from protos.process import free_port
@@ -134,6 +135,9 @@ class FrontendConfig:
     max_batch_size: int = 256
     max_wait_us: int = 2000
     max_queue: int = 4096  # requests waiting per model before Triton refuses more
+    max_queue_wait_ms: float = 0.0  # 0: no bound of its own; else the queue bound (queue_policy)
+    sample_cost_us: float = 120.0  # one worker's compute per sample (Criteo dense arch at batch 128)
+    request_samples: int = 1  # samples of a typical request (Triton's queue bound counts requests)
     grace_s: float = 10.0
     workdir: Path = Path("triton-gateway")
     table_cache: Path | None = None  # default: <workdir>/tables
@@ -170,20 +174,49 @@ class Refused(Exception):
         self.code, self.message = code, message
 
 
+def queue_policy(cfg: FrontendConfig) -> tuple[int, int]:
+    """(max_queue_size in requests, queue timeout in µs; 0: none) for Triton's dynamic batcher.
+
+    Triton admits by queue length only (in requests, whatever their size), so --max-queue-wait-ms becomes
+    a length: the requests the workers get through in that time at --sample-cost-us per sample and
+    --request-samples per request (a request larger than that waits longer than the bound says; a
+    smaller one is refused early). A request arriving at a full queue is refused at once; the same
+    bound as the queue timeout (REJECT) catches those that still wait longer, and a client may give
+    its own (the request parameter `timeout`, µs)."""
+    if not cfg.max_queue_wait_ms:
+        return cfg.max_queue, 0
+    wait_us = cfg.max_queue_wait_ms * 1000
+    derived = max(1, int(wait_us * cfg.workers / (cfg.sample_cost_us * cfg.request_samples)))
+    return min(cfg.max_queue, derived), int(wait_us)
+
+
 def _config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
+    """serve's Open Inference Protocol schema in its batched form: Triton checks every input's first
+    dimension against the batch size (ragged inputs too), so lengths are [B, 1] and values [B, K]
+    (allow_ragged_batch: requests with different K share a batch; the worker gets each request's own).
+    Or, single-hot, `ids` [B, features] instead of them all: so every input but dense is optional, and the
+    worker checks that a request sent one whole form (Triton batches only requests with the same inputs)."""
+    features = v.facts["features"]
+    sparse = "".join(f""",
+  {{ name: "{lengths_input(f)}" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
+  {{ name: "{values_input(f)}" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true optional: true }}"""
+                     for f in features)
+    size, timeout_us = queue_policy(cfg)
+    timeout = (f" timeout_action: REJECT default_timeout_microseconds: {timeout_us} allow_timeout_override: true"
+               if timeout_us else "")
     return f"""name: "{v.name}"
 backend: "python"
 max_batch_size: {cfg.max_batch_size}
 version_policy: {{ all: {{}} }}
 dynamic_batching {{
   max_queue_delay_microseconds: {cfg.max_wait_us}
-  default_queue_policy {{ max_queue_size: {cfg.max_queue} }}
+  default_queue_policy {{ max_queue_size: {size}{timeout} }}
 }}
 input [
   {{ name: "dense" data_type: TYPE_FP32 dims: [ {v.facts["dense_features"]} ] }},
-  {{ name: "ids" data_type: TYPE_INT64 dims: [ {len(v.facts["features"])} ] }}
+  {{ name: "{IDS}" data_type: TYPE_INT64 dims: [ {len(features)} ] optional: true }}{sparse}
 ]
-output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "scores" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ count: {cfg.workers} kind: KIND_CPU }} ]
 """
 

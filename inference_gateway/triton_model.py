@@ -1,70 +1,114 @@
 """The model's compute inside Triton's Python-backend worker processes (one per instance).
 
 tritonserver's C++ frontend accepts, batches (dynamic batcher) and answers requests; each worker gets
-a whole batch of requests here, checks each one, scores all good ones in one TBE call and one dense
-forward, and answers each. Tensors cross as DLPack only: the stub's numpy conversion is built for
-numpy 1.x and silently returns empty outputs under numpy 2 (benchmarks/gateway_frontend.md).
+a whole batch of requests here, checks them all at once with `serve`'s own checks (requests.feature_bags
+and validate; when that fails, each request alone, so a bad request gets the same INVALID_ARGUMENT
+message as on `serve` and spoils no other), scores all good ones in one TBE call and one dense forward,
+and answers each. Tensors cross as DLPack only: the stub's numpy conversion is built for numpy 1.x and
+silently returns empty outputs (and inputs whose every element reads as the first) under numpy 2
+(benchmarks/gateway_frontend.md).
 
-Inputs per sample (single-hot, the W1 shape): `dense` FP32 [dense_features] and `ids` INT64
-[len(features)] in the package's feature order; output `score` FP32 [1]. Multi-hot features need
-ragged batching and stay on the Predict API.
+Inputs are `serve`'s Open Inference Protocol schema in its batched form (the only one Triton's
+batch-size check lets through): `dense` FP32 [B, dense_features]; per feature `<f>.lengths` INT64
+[B, 1] and `<f>.values` INT64 [B, K] (ragged: K differs between requests of one batch; row b holds
+bag b in its first lengths[b] entries); or, single-hot, `dense` and `ids` INT64 [B, features] alone
+(all inputs but dense are optional in the config: Triton's cost grows ~10 us an input, a Criteo request
+in the per-feature form has 53). Output `scores` FP32 [B, 1].
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
+from inference_gateway.requests import (
+    DENSE,
+    IDS,
+    Decoded,
+    Limits,
+    RequestError,
+    feature_bags,
+    input_set_error,
+    lengths_input,
+    single_hot,
+    validate,
+    values_input,
+)
 
-DENSE, IDS, SCORE = "dense", "ids", "score"
-
-
-class BadInput(ValueError):
-    """One request's input is unusable; the message names the input and why (INVALID_ARG)."""
+SCORES = "scores"
+Arrays = dict[str, np.ndarray]  # one request's inputs by name
 
 
 class BatchScorer:
     """What a worker holds: the package's model with its tables mapped from the shared image."""
 
-    def __init__(self, package: str | Path, table_image: str | Path) -> None:
+    def __init__(self, package: str | Path, table_image: str | Path, max_batch_size: int) -> None:
         torch.set_num_threads(1)  # one core per worker; workers are the parallelism
         self.model = ServingModel(load_package(package, read_tables=False), table_image=table_image)
-        self.rows = torch.from_numpy(self.model.rows_per_feature)
-        self.nfeat, self.ndense = len(self.model.features), self.model.dense_features
+        self.pairs = [(lengths_input(f), values_input(f)) for f in self.model.features]
+        self.limits = Limits(max_request_samples=max_batch_size)  # Triton refuses larger requests first
+        self.batch_limits = Limits(max_request_samples=1 << 62, max_request_ids=1 << 62)  # checked per request
 
-    def check_shapes(self, dense: torch.Tensor, ids: torch.Tensor) -> None:
-        """Per request, attribute checks only (no tensor ops: they cost microseconds each)."""
-        if dense.dim() != 2 or dense.shape[1] != self.ndense or dense.dtype != torch.float32:
-            raise BadInput(f"{DENSE}: expected FP32 [B, {self.ndense}], got {dense.dtype} {list(dense.shape)}")
-        if ids.dim() != 2 or ids.shape[1] != self.nfeat or ids.dtype != torch.int64:
-            raise BadInput(f"{IDS}: expected INT64 [B, {self.nfeat}], got {ids.dtype} {list(ids.shape)}")
-        if ids.shape[0] != dense.shape[0]:
-            raise BadInput(f"{IDS}: batch {ids.shape[0]} differs from {DENSE}'s {dense.shape[0]}")
+    def decode(self, arrays: Arrays) -> Decoded:
+        """One request's inputs -> serve's Decoded, or RequestError with serve's message."""
+        wrong = input_set_error(arrays, self.model)
+        if wrong:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, wrong)
+        return self._validate([arrays], self.limits)
 
-    def check_values(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The ids to look up ([B, F]); out-of-range ids are refused or, if the package says so, become
-        -1 (dropped: a zero row in the sum). Runs once per batch; on a refusal, per request to find it."""
-        if not bool(torch.isfinite(dense).all()):
-            raise BadInput(f"{DENSE}: NaN or infinite value")
-        bad = (ids < 0) | (ids >= self.rows)
-        if bool(bad.any()):
-            if self.model.package.out_of_range != "zero":
-                b, f = (int(x) for x in bad.nonzero()[0])
-                raise BadInput(f"{IDS}: id {int(ids[b, f])} of feature {self.model.features[f]!r} is out of range "
-                               f"[0, {int(self.rows[f])})")
-            ids = ids.masked_fill(bad, -1)
-        return ids
+    def decode_batch(self, requests: list[Arrays]) -> Decoded:
+        """Every request as one (a few numpy calls per feature per batch, not per request); RequestError if
+        any request is bad (decode each one then to find it and say why). Triton already checked each
+        input's datatype, rank and first dimension (its request's batch size), and batches only requests
+        with the same set of inputs."""
+        if len(requests) == 1:
+            return self.decode(requests[0])
+        if input_set_error(requests[0], self.model):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a request lacks inputs")
+        if any(sum(a.size for n, a in r.items() if n != DENSE) > self.limits.max_request_ids for r in requests):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "a request has too many ids")
+        return self._validate(requests, self.batch_limits)
 
-    def scores(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """P(click) [B] for checked inputs (ids [B, F], -1: dropped)."""
-        values = ids.t().reshape(-1)  # feature-major bags of one id each
-        lengths = (values >= 0).to(torch.int64)
-        return self.model.scores(dense, lengths, values[values >= 0])
+    def _validate(self, requests: list[Arrays], limits: Limits) -> Decoded:
+        dense = requests[0][DENSE] if len(requests) == 1 else np.concatenate([r[DENSE] for r in requests])
+        batch = dense.shape[0]
+        parts: list[tuple[np.ndarray, np.ndarray, bool]] = []
+
+        def sparse() -> tuple[np.ndarray, np.ndarray, bool]:
+            if IDS in requests[0]:
+                return single_hot(_rows([r[IDS] for r in requests]), len(self.pairs), batch)
+            return feature_bags(self.pairs, [_rows([r[ln] for r in requests]) for ln, _ in self.pairs],
+                                [_rows([r[vn] for r in requests]) for _, vn in self.pairs], batch)
+
+        def part(k: int) -> np.ndarray:  # validate reads the sparse inputs once the dense one passed
+            if not parts:
+                parts.append(sparse())
+            return parts[0][k]
+
+        return validate(dense, [], lambda: part(0), lambda: part(1), self.model, limits)
+
+    def scores(self, reqs: list[Decoded]) -> torch.Tensor:
+        """P(click) [sum of B] for validated requests, in request order."""
+        return self.model.scores(*merge(reqs))
+
+
+def _rows(parts: list[np.ndarray]) -> np.ndarray:
+    """[B_i, K_i] arrays stacked along B; a narrower one padded with -1 (past its bags: ignored)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.shape[1] for p in parts)
+    if any(p.shape[1] != width for p in parts):
+        parts = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1) for p in parts]
+    return np.concatenate(parts)
 
 
 def make_triton_model(package: str | Path, table_image: str | Path) -> type:
@@ -73,50 +117,34 @@ def make_triton_model(package: str | Path, table_image: str | Path) -> type:
 
     class TritonPythonModel:
         def initialize(self, args: dict[str, Any]) -> None:
-            self.scorer = BatchScorer(package, table_image)
+            config = json.loads(args["model_config"])
+            self.scorer = BatchScorer(package, table_image, int(config["max_batch_size"]))
 
         def execute(self, requests: list[Any]) -> list[Any]:
+            # a Criteo request has 53 inputs: r.inputs() once costs ~2-3 us an input through DLPack, a
+            # get_input_tensor_by_name each ~15-40 us; the stub's as_numpy repeats the first element under numpy 2
+            arrays = [{t.name(): from_dlpack(t.to_dlpack()).numpy() for t in r.inputs()} for r in requests]
             answers: list[Any] = [None] * len(requests)
-            good, denses, idss = [], [], []
-            for i, r in enumerate(requests):
-                try:
-                    d, x = (pb_utils.get_input_tensor_by_name(r, n) for n in (DENSE, IDS))
-                    if d is None or x is None:
-                        raise BadInput(f"{DENSE if d is None else IDS}: missing input")
-                    dense, ids = from_dlpack(d.to_dlpack()), from_dlpack(x.to_dlpack())
-                    self.scorer.check_shapes(dense, ids)
-                    denses.append(dense)
-                    idss.append(ids)
-                    good.append(i)
-                except BadInput as e:
-                    answers[i] = _refusal(e)
-            if not good:
-                return answers
-            dense, ids = torch.cat(denses), torch.cat(idss)
             try:
-                ids = self.scorer.check_values(dense, ids)
-            except BadInput:  # find the bad requests; score the others
-                keep = []
-                for k, i in enumerate(good):
+                good, decoded = list(range(len(requests))), [self.scorer.decode_batch(arrays)]
+            except RequestError:  # find the bad requests; score the others
+                good, decoded = [], []
+                for i, a in enumerate(arrays):
                     try:
-                        idss[k] = self.scorer.check_values(denses[k], idss[k])
-                        keep.append(k)
-                    except BadInput as e:
-                        answers[i] = _refusal(e)
-                good, denses, idss = [good[k] for k in keep], [denses[k] for k in keep], [idss[k] for k in keep]
+                        decoded.append(self.scorer.decode(a))
+                        good.append(i)
+                    except RequestError as e:
+                        answers[i] = pb_utils.InferenceResponse(
+                            error=pb_utils.TritonError(e.message, pb_utils.TritonError.INVALID_ARG))
                 if not good:
                     return answers
-                dense, ids = torch.cat(denses), torch.cat(idss)
-            s = self.scorer.scores(dense, ids)
+            s = self.scorer.scores(decoded)
             start = 0
-            for k, i in enumerate(good):
-                n = denses[k].shape[0]
+            for i in good:
+                n = arrays[i][DENSE].shape[0]
                 part = s[start:start + n].reshape(n, 1)
                 start += n
-                answers[i] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(SCORE, to_dlpack(part))])
+                answers[i] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(SCORES, to_dlpack(part))])
             return answers
-
-    def _refusal(e: BadInput) -> Any:
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
 
     return TritonPythonModel

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -23,9 +24,10 @@ from inference_gateway import proc_memory
 from inference_gateway.client import GatewayClient
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
-from inference_gateway.process import launch_triton
+from inference_gateway.process import launch, launch_triton
 from inference_gateway.shared_tables import IMAGE_SUFFIX
 from tests.test_inference_package import TINY, tiny_model
+from tests.test_oip import batched_inputs, ids_inputs, ragged
 from trainer.export import export_package, table_dtypes
 
 WORKERS = 2
@@ -50,44 +52,93 @@ def gw(store, tmp_path_factory):
         os.kill(g.announced["triton_pid"], signal.SIGKILL)
 
 
-def sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    g = np.random.default_rng(seed)
-    rows = np.array([next(t.num_rows for t in TINY.tables if t.name == f.table) for f in TINY.features])
-    return g.standard_normal((n, NDENSE), dtype=np.float32), (g.random((n, NFEAT)) * rows).astype(np.int64)
+def sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n samples with bags of 0..4 ids (Predict's feature-major lengths and values)."""
+    return ragged(n, seed)
 
 
-def infer(client, dense: np.ndarray, ids: np.ndarray, version: str = ""):
-    inputs = [tritonclient.InferInput("dense", list(dense.shape), "FP32"),
-              tritonclient.InferInput("ids", list(ids.shape), "INT64")]
-    inputs[0].set_data_from_numpy(dense)
-    inputs[1].set_data_from_numpy(ids)
-    return client.infer("dlrm", inputs, model_version=version, client_timeout=60)
+def infer(client, dense: np.ndarray, lengths: np.ndarray, values: np.ndarray, version: str = ""):
+    return client.infer("dlrm", batched_inputs(dense, lengths, values), model_version=version, client_timeout=60)
 
 
 def live_workers(g) -> list[int]:
     return proc_memory.children(g.announced["triton_pid"])
 
 
-def test_workers_answer_what_the_package_computes(gw, store):
+def test_workers_answer_what_serve_answers_for_the_same_package(gw, store, tmp_path):
     client = tritonclient.InferenceServerClient(gw.address)
     assert client.is_server_ready() and client.is_model_ready("dlrm")
     assert len(live_workers(gw)) == WORKERS
-    dense, ids = sample(5, 0)
-    got = infer(client, dense, ids).as_numpy("score").ravel()
-    model = ServingModel(load_package(store / "v1"))
-    values = torch.from_numpy(ids.T.reshape(-1).copy())
-    want = model.scores(torch.from_numpy(dense), torch.ones(values.numel(), dtype=torch.int64), values).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    bad = ids.copy()
-    bad[3, 1] = 10**6
-    with pytest.raises(tritonclient.InferenceServerException) as e:
-        infer(client, dense, bad)
-    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert f"ids: id 1000000 of feature {TINY.features[1].name!r} is out of range" in e.value.message()
-    with pytest.raises(tritonclient.InferenceServerException) as e:
-        infer(client, dense.astype(np.float32)[:, :2].copy(), ids)
-    assert "dense" in e.value.message()  # Triton's own shape check names the input
-    assert infer(client, dense, ids).as_numpy("score").shape == (5, 1)  # still serving
+    meta = client.get_model_metadata("dlrm")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("dense", "FP32", [-1, NDENSE]), ("ids", "INT64", [-1, NFEAT])] + [
+        (f"{f.name}.{part}", "INT64", shape) for f in TINY.features
+        for part, shape in (("lengths", [-1, 1]), ("values", [-1, -1]))]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("scores", "FP32", [-1, 1])]
+    serve = launch(["--model", str(store / "v1")], workdir=tmp_path / "serve")
+    other = tritonclient.InferenceServerClient(serve.address)
+    try:
+        dense, lengths, values = sample(7, 0)
+        got = infer(client, dense, lengths, values).as_numpy("scores")
+        want = infer(other, dense, lengths, values).as_numpy("scores")  # the same client call on `serve`
+        assert got.shape == want.shape == (7, 1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        model = ServingModel(load_package(store / "v1"))
+        inproc = model.scores(*(torch.from_numpy(a) for a in (dense, lengths, values))).numpy()
+        np.testing.assert_allclose(got.ravel(), inproc, rtol=1e-5, atol=1e-6)
+        # requests of different bag widths merge in one batch (ragged) and keep their own scores
+        many = [sample(1 + k % 3, 100 + k) for k in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda s: infer(client, *s).as_numpy("scores"), many))
+        for s, a in zip(many, answers, strict=True):
+            np.testing.assert_allclose(a, infer(other, *s).as_numpy("scores"), rtol=1e-5, atol=1e-5)
+        # bad values get serve's own message on both servers (Triton checks names, types and ranks first)
+        bad_cases = {"out of range": (dense, lengths, np.where(values == values[0], 10**6, values)),
+                     "NaN": (np.where(np.arange(dense.size).reshape(dense.shape) == 5, np.nan, dense)
+                             .astype(np.float32), lengths, values)}
+        for name, case in bad_cases.items():
+            messages = []
+            for c in (client, other):
+                with pytest.raises(tritonclient.InferenceServerException) as e:
+                    infer(c, *case)
+                assert e.value.status() == "StatusCode.INVALID_ARGUMENT", (name, e.value.message())
+                messages.append(e.value.message().split("] ", 1)[-1])
+            assert messages[0] == messages[1], (name, messages)
+        rows = [next(t.num_rows for t in TINY.tables if t.name == f.table) for f in TINY.features]
+        ids = np.stack([np.random.default_rng(3).integers(0, r, 7) for r in rows], axis=1)  # single-hot
+        one = np.ones(NFEAT * 7, dtype=np.int64)
+        got = client.infer("dlrm", ids_inputs(dense, ids)).as_numpy("scores")
+        np.testing.assert_allclose(got, other.infer("dlrm", ids_inputs(dense, ids)).as_numpy("scores"), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(got, infer(client, dense, one, ids.T.ravel()).as_numpy("scores"), rtol=1e-5,
+                                   atol=1e-5)  # the per-feature form of the same samples
+        full = batched_inputs(dense, lengths, values)
+        for name, tensors in {"missing": full[:-1], "both": [*ids_inputs(dense, ids), *full[1:3]],
+                              "ids width": ids_inputs(dense, ids[:, :2].copy())}.items():
+            messages = []
+            for c in (client, other):
+                with pytest.raises(tritonclient.InferenceServerException) as e:
+                    c.infer("dlrm", tensors)
+                assert e.value.status() == "StatusCode.INVALID_ARGUMENT", (name, e.value.message())
+                messages.append(e.value.message().split("] ", 1)[-1])
+            if name != "ids width":  # Triton checks the shape of a declared input itself
+                assert messages[0] == messages[1], (name, messages)
+        first = f"{TINY.features[0].name}.lengths"
+        for entry, text in ((50, f"{first}: entry 50 at sample 0 exceeds the"), (-1, f"{first}: negative entry")):
+            tensors = batched_inputs(dense, lengths, values)
+            tensors[1] = tritonclient.InferInput(first, [7, 1], "INT64")
+            tensors[1].set_data_from_numpy(np.full((7, 1), entry, dtype=np.int64))
+            for c in (client, other):
+                with pytest.raises(tritonclient.InferenceServerException) as e:
+                    c.infer("dlrm", tensors)
+                assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and text in e.value.message()
+        with pytest.raises(tritonclient.InferenceServerException) as e:  # Triton's own shape check
+            infer(client, dense[:, :2].copy(), lengths, values)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "'dense'" in e.value.message()
+        assert infer(client, dense, lengths, values).as_numpy("scores").shape == (7, 1)  # still serving
+    finally:
+        other.close()
+        serve.kill()
 
 
 def test_workers_share_one_copy_of_the_tables(gw):
@@ -123,7 +174,7 @@ def test_a_killed_worker_is_replaced_and_the_gateway_stays_ready(gw):
     else:
         pytest.fail(f"worker not replaced: {before} -> {live_workers(gw)}\n{gw.log_tail()}")
     for seed in range(2 * WORKERS):  # every worker answers again
-        assert infer(client, *sample(2, seed)).as_numpy("score").shape == (2, 1)
+        assert infer(client, *sample(2, seed)).as_numpy("scores").shape == (2, 1)
     assert "died (1 of 2 live); replacing it" in gw.log_tail(chars=1 << 20)
 
 
@@ -184,7 +235,7 @@ def test_sigterm_drains_and_exits_zero(gw):
 
     def one(seed: int) -> None:
         try:
-            results.append(infer(client, *sample(64, seed)).as_numpy("score").shape)
+            results.append(infer(client, *sample(64, seed)).as_numpy("scores").shape)
         except tritonclient.InferenceServerException as e:
             results.append(e.status())
 
@@ -211,3 +262,55 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_a_flood_past_the_queue_bound_is_refused_at_arrival(store, tmp_path):
+    """--max-queue-wait-ms 2 at 1 ms per sample and one worker: Triton's queue holds 2 requests. A flood
+    of 32 concurrent clients: those that find it full are refused at once (UNAVAILABLE, "Exceeds maximum
+    queue size": Triton has no RESOURCE_EXHAUSTED), the others are answered with their scores."""
+    g = launch_triton(["--model", str(store / "v1"), "--workers", "1", "--max-batch-size", "8", "--max-wait-ms", "1",
+                       "--max-queue-wait-ms", "2", "--sample-cost-us", "1000"], workdir=tmp_path / "gw")
+    try:
+        config = (g.workdir / "triton" / "repository" / "dlrm" / "config.pbtxt").read_text()
+        assert "max_queue_size: 2 timeout_action: REJECT default_timeout_microseconds: 2000" in config
+        client = tritonclient.InferenceServerClient(g.address)
+        ok: list[float] = []
+        refused: dict[str, list[float]] = {}
+        wrong: list[str] = []
+        lock = threading.Lock()
+
+        def drive(k: int) -> None:
+            for i in range(12):
+                s = sample(8, k * 100 + i)
+                t0 = time.perf_counter()
+                try:
+                    scores = infer(client, *s).as_numpy("scores")
+                    with lock:
+                        ok.append(time.perf_counter() - t0)
+                    if scores.shape != (8, 1):
+                        wrong.append(str(scores.shape))
+                except tritonclient.InferenceServerException as e:
+                    took = time.perf_counter() - t0
+                    with lock:
+                        refused.setdefault(f"{e.status()}: {e.message().split('] ', 1)[-1]}", []).append(took)
+
+        threads = [threading.Thread(target=drive, args=(k,)) for k in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        summary = {k: len(v) for k, v in refused.items()}
+        full = refused.get("StatusCode.UNAVAILABLE: Exceeds maximum queue size", [])
+        assert not wrong and ok and full, (len(ok), summary)
+        assert set(refused) <= {"StatusCode.UNAVAILABLE: Exceeds maximum queue size",
+                                "StatusCode.UNAVAILABLE: Request timeout expired"}, summary
+        # most refusals come on arrival (a full queue), not after waiting in it (the queue timeout's backstop);
+        # how fast each comes is measured by benchmarks.gateway_frontend (a GIL-bound client cannot time it)
+        timed_out = refused.get("StatusCode.UNAVAILABLE: Request timeout expired", [])
+        assert len(full) > len(timed_out), summary
+        assert infer(client, *sample(3, 1)).as_numpy("scores").shape == (3, 1)  # serving after the flood
+        client.close()
+    finally:
+        g.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(g.announced["triton_pid"], signal.SIGKILL)

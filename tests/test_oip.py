@@ -57,6 +57,41 @@ def inputs(dense, lengths, values, *, id_dtype=np.int64) -> list[triton.InferInp
     return out
 
 
+def ragged(n: int, seed: int):
+    """n samples whose bags hold 0..4 ids (Predict's feature-major lengths and values)."""
+    g = np.random.default_rng(seed)
+    rows = [next(t.num_rows for t in TINY.tables if t.name == f.table) for f in TINY.features]
+    lengths = g.integers(0, 5, (len(rows), n))
+    values = np.concatenate([g.integers(0, r, int(ln.sum())) for r, ln in zip(rows, lengths, strict=True)])
+    return g.standard_normal((n, TINY.dense_features), dtype=np.float32), lengths.ravel(), values.astype(np.int64)
+
+
+def batched_inputs(dense, lengths, values) -> list[triton.InferInput]:
+    """The same samples in the batched form serve-triton requires: lengths [B, 1], values [B, K] with bag b
+    in row b (padded with -1 to the longest bag of that feature)."""
+    n = dense.shape[0]
+    lens = lengths.reshape(len(FEATURES), n)
+    segments = np.split(values, np.cumsum(lens.sum(1))[:-1])
+    out = [triton.InferInput("dense", list(dense.shape), "FP32")]
+    out[0].set_data_from_numpy(dense)
+    for f, ln, seg in zip(FEATURES, lens, segments, strict=True):
+        rows = np.full((n, max(int(ln.max()), 1)), -1, dtype=np.int64)
+        rows[np.arange(rows.shape[1]) < ln[:, None]] = seg
+        for name, a in ((f"{f}.lengths", ln.reshape(n, 1).astype(np.int64)), (f"{f}.values", rows)):
+            t = triton.InferInput(name, list(a.shape), "INT64")
+            t.set_data_from_numpy(a)
+            out.append(t)
+    return out
+
+
+def ids_inputs(dense, ids) -> list[triton.InferInput]:
+    """The compact single-hot form: dense and ids [B, features] (package order)."""
+    out = [triton.InferInput("dense", list(dense.shape), "FP32"), triton.InferInput("ids", list(ids.shape), "INT64")]
+    out[0].set_data_from_numpy(dense)
+    out[1].set_data_from_numpy(ids.astype(np.int64))
+    return out
+
+
 def refused(call, code: str, text: str) -> None:
     with pytest.raises(InferenceServerException) as e:
         call()
@@ -160,6 +195,39 @@ def test_bad_inputs_get_the_precise_errors_of_predict(gateway):
               if line.startswith("gateway_requests_total{")}
     assert counts['code="INVALID_ARGUMENT",method="ModelInfer"'] == 11
     assert counts['code="OK",method="ModelInfer"'] >= 2
+
+
+def test_the_batched_form_of_serve_triton_gives_the_same_scores(gateway):
+    _, client, ours = gateway
+    dense, lengths, values = ragged(16, seed=7)  # multi-hot: bags of 0..4 ids
+    expected = ours.predict(dense, lengths, values)
+    got = client.infer("dlrm", batched_inputs(dense, lengths, values))
+    assert got.as_numpy("scores").shape == (16, 1)  # answered as serve-triton answers it
+    np.testing.assert_allclose(got.as_numpy("scores").ravel(), expected, atol=1e-6)
+    tensors = batched_inputs(dense, lengths, values)
+    wide = triton.InferInput("user.lengths", [16, 1], "INT64")
+    wide.set_data_from_numpy(np.full((16, 1), 99, dtype=np.int64))
+    tensors[1] = wide
+    k = tensors[2].shape()[1]
+    refused(lambda: client.infer("dlrm", tensors), "INVALID_ARGUMENT",
+            f"user.lengths: entry 99 at sample 0 exceeds the {k} columns of user.values")
+    tensors = batched_inputs(dense, lengths, values)
+    flat = triton.InferInput("user.values", [k * 16], "INT64")
+    flat.set_data_from_numpy(np.zeros(k * 16, dtype=np.int64))
+    tensors[2] = flat
+    refused(lambda: client.infer("dlrm", tensors), "INVALID_ARGUMENT",
+            f"user.values: shape [{k * 16}], expected [16, -1] (a row of ids per sample, as user.lengths is [16, 1])")
+    # single-hot: `ids` [B, features] alone stands for every lengths and values
+    one = SyntheticData(TINY, seed=5).batch(2, 8)
+    dense, lengths, values = one.dense.numpy(), one.sparse.lengths.numpy(), one.sparse.values.numpy()
+    ids = values.reshape(len(FEATURES), 8).T.copy()
+    got = client.infer("dlrm", ids_inputs(dense, ids)).as_numpy("scores")
+    assert got.shape == (8, 1)
+    np.testing.assert_allclose(got.ravel(), ours.predict(dense, lengths, values), atol=1e-6)
+    refused(lambda: client.infer("dlrm", ids_inputs(dense, ids[:, :2].copy())), "INVALID_ARGUMENT",
+            f"ids: shape [8, 2], expected [8, {len(FEATURES)}] (one id per feature per sample")
+    refused(lambda: client.infer("dlrm", [*ids_inputs(dense, ids), *inputs(dense, lengths, values)[1:3]]),
+            "INVALID_ARGUMENT", "inputs: 'user.lengths' and 'ids' (single-hot ids [B, features] replace")
 
 
 def test_predict_token_guards_model_infer_but_not_readiness(tmp_path):
