@@ -106,7 +106,7 @@ def _infer_ok(client) -> None:
     dense.set_data_from_numpy(np.zeros((1, TINY.dense_features), np.float32))
     ids = tritonclient.InferInput("ids", [1, len(TINY.features)], "INT64")
     ids.set_data_from_numpy(np.zeros((1, len(TINY.features)), np.int64))
-    assert client.infer("dlrm", [dense, ids], client_timeout=60).as_numpy("score").shape == (1, 1)
+    assert client.infer("dlrm", [dense, ids], client_timeout=60).as_numpy("scores").shape == (1, 1)
 
 
 def test_triton_port_refuses_its_repository_api_to_clients(gw, tmp_path):
