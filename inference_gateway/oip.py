@@ -18,15 +18,20 @@ import importlib.metadata
 import time
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
-from inference_gateway.model import ServingModel
 from inference_gateway.requests import Decoded, Limits, RequestError, validate
-from inference_gateway.servicer import OK, GatewayServicer
 from protos import open_inference_pb2 as oip
 from protos import open_inference_pb2_grpc as oip_grpc
+
+if TYPE_CHECKING:  # serve-triton's Predict proxy encodes with this module and loads no torch
+    from inference_gateway.model import ServingModel
+    from inference_gateway.servicer import GatewayServicer
+
+OK = grpc.StatusCode.OK
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INFER = ("ModelInfer",)  # guarded by --predict-token-file like Predict; metadata and readiness stay open
@@ -232,6 +237,33 @@ def infer_request(dense: np.ndarray, lengths: np.ndarray, values: np.ndarray, fe
             req.inputs.append(tensor(name=name, datatype="INT64", shape=[a.size]))
             req.raw_input_contents.append(a.tobytes())
     return req
+
+
+def encode_decoded(decoded: Decoded, features: list[str], *, model: str, version: str = "",
+                   request_id: str = "") -> oip.ModelInferRequest:
+    """A validated request (package feature order, see requests.Decoded) as the ModelInferRequest this
+    module's decoder takes: what serve-triton's Predict proxy forwards to tritonserver."""
+    return infer_request(decoded.dense, decoded.lengths.ravel(), decoded.values, features, model=model,
+                         version=version, request_id=request_id)
+
+
+def decode_scores(resp: oip.ModelInferResponse, batch: int) -> np.ndarray:
+    """The `scores` output of a ModelInferResponse (raw or typed contents) as float32 [batch];
+    ValueError naming what does not fit."""
+    names = [o.name for o in resp.outputs]
+    if OUTPUT not in names:
+        raise ValueError(f"outputs: no {OUTPUT!r} in the answer (got {names})")
+    i = names.index(OUTPUT)
+    out = resp.outputs[i]
+    if out.datatype != "FP32":
+        raise ValueError(f"{OUTPUT}: datatype {out.datatype}, expected FP32")
+    if resp.raw_output_contents:
+        scores = np.frombuffer(resp.raw_output_contents[i], dtype=np.float32)
+    else:
+        scores = np.asarray(out.contents.fp32_contents, dtype=np.float32)
+    if scores.size != batch:
+        raise ValueError(f"{OUTPUT}: {scores.size} scores for {batch} samples")
+    return scores
 
 
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):

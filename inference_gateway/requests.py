@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
-from inference_gateway.model import ServingModel
 from protos import common_pb2, inference_pb2
+
+if TYPE_CHECKING:  # the Predict proxy of serve-triton validates with a ModelSpec and loads no torch
+    from inference_gateway.model import ServingModel
 
 _INT = {common_pb2.INT64: np.int64, common_pb2.INT32: np.int32}
 
@@ -140,7 +143,7 @@ def validate(dense: np.ndarray, names: list[str], lengths_of: Callable[[], np.nd
     limit = np.repeat(model.rows_per_feature, counts)
     bad = (values < 0) | (values >= limit)
     if bad.any():
-        if model.package.out_of_range == "zero":  # drop the id: a zero row in a sum
+        if model.out_of_range == "zero":  # drop the id: a zero row in a sum
             keep = ~bad
             feature_of = np.repeat(np.arange(nfeat), counts)
             bag_of = np.repeat(np.arange(nfeat * batch), lengths.ravel())

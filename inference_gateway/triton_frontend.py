@@ -10,6 +10,8 @@ accepts, batches and answers requests in C++ and hands whole batches to `--worke
   out as a Triton model version whose model.py maps that image read-only in every worker;
 - starts tritonserver (KServe v2 gRPC on `--port`, explicit model control) and restarts it if it
   dies; replaces a worker (stub) that dies by reloading that version (Triton does not);
+- serves Predict / PredictStream / ListModels of the project's API on `--predict-port`, forwarded to
+  tritonserver's KServe v2 port (predict_proxy: checked as `serve` checks them, encoded in its OIP schema);
 - serves LoadModel / UnloadModel / SetDefaultVersion / ListModels on `--management-port` (the
   project's InferenceGateway service, inference methods UNIMPLEMENTED there) plus gRPC health, and
   applies each to every worker through Triton's repository API: a new version loads beside the old
@@ -35,12 +37,17 @@ import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from inference_gateway.predict_proxy import ModelSpec, PredictProxy, add_to_server
+from inference_gateway.requests import Limits
 from protos import inference_pb2, inference_pb2_grpc
+from protos import open_inference_pb2 as oip
+from protos import open_inference_pb2_grpc as oip_grpc
 from protos.paths import PathRefused, confine, status_of_oserror
 from protos.process import free_port
 
@@ -113,6 +120,11 @@ class FrontendConfig:
     host: str = "127.0.0.1"
     port: int = 0  # KServe v2 gRPC (tritonserver); 0: a free one
     management_port: int = 0
+    predict_port: int = 0  # the project's Predict / PredictStream / ListModels (inference side, not management)
+    # where Predict is forwarded as ModelInfer: None = this supervisor's tritonserver (--port, loopback); any
+    # other server of serve's OIP schema works the same (`inference-gateway serve`: tests)
+    predict_target: str | None = None
+    predict_token: str | None = None  # Predict / PredictStream need it as a bearer token; None: open
     metrics_port: int | None = 0  # tritonserver's Prometheus port; None: off
     max_batch_size: int = 256
     max_wait_us: int = 2000
@@ -137,12 +149,12 @@ class Version:
     def version(self) -> int:
         return int(self.facts["version"])
 
+    @cached_property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.facts)
+
     def info(self, is_default: bool) -> inference_pb2.ModelInfo:
-        f = self.facts
-        return inference_pb2.ModelInfo(
-            name=f["name"], version=f["version"], is_default=is_default, path=f["path"], features=f["features"],
-            dense_features=f["dense_features"], table_dtypes=f["table_dtypes"], table_bytes=f["table_bytes"],
-            dense_quantization=f["dense_quantization"])
+        return self.spec.info(is_default)
 
 
 class Refused(Exception):
@@ -178,8 +190,6 @@ def _model_py(package: Path, image: Path) -> str:
 
 class Supervisor:
     def __init__(self, cfg: FrontendConfig, dist: TritonDist) -> None:
-        import tritonclient.grpc as triton_grpc
-
         self.cfg, self.dist = cfg, dist
         self.workdir = cfg.workdir.resolve()
         self.repo = self.workdir / "repository"
@@ -194,8 +204,8 @@ class Supervisor:
         self.replaced = 0
         self.lock = asyncio.Lock()
         self.health = health.aio.HealthServicer()
-        self._triton_grpc = triton_grpc
-        self.client = None
+        self.channel: grpc.Channel | None = None
+        self.triton: oip_grpc.GRPCInferenceServiceStub | None = None  # our own stubs: no tritonclient here
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -214,16 +224,19 @@ class Supervisor:
         self.proc = subprocess.Popen(args, env=self.dist.env(), stdout=log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor only
         log_file.close()
-        self.client = self._triton_grpc.InferenceServerClient(f"{self.cfg.host}:{self.port}")
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = grpc.insecure_channel(f"{self.cfg.host}:{self.port}")
+        self.triton = oip_grpc.GRPCInferenceServiceStub(self.channel)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise FrontendError(f"tritonserver exited {self.proc.returncode} at start; see "
                                     f"{self.workdir / 'tritonserver.log'}")
             try:
-                if self.client.is_server_live():
+                if self.triton.ServerLive(oip.ServerLiveRequest(), timeout=5).live:
                     return
-            except Exception:  # not listening yet
+            except grpc.RpcError:  # not listening yet
                 pass
             time.sleep(0.2)
         raise FrontendError("tritonserver: not live within 120 s")
@@ -232,10 +245,10 @@ class Supervisor:
         """Triton's explicit load of `name`: loads version directories that appeared, unloads (after their
         in-flight requests) those that disappeared, keeps the rest serving."""
         try:
-            self.client.load_model(name)
-        except self._triton_grpc.InferenceServerException as e:
+            self.triton.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=name))
+        except grpc.RpcError as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: tritonserver refused model {name!r}: "
-                                                               f"{e.message()}") from None
+                                                               f"{e.details()}") from None
 
     # --- model management (serialized by self.lock, run off the event loop) -----------------------
     def _prepare(self, path: str, name: str, version: int) -> Version:
@@ -305,10 +318,14 @@ class Supervisor:
         if versions:
             self._triton_load(name)  # Triton unloads the missing version once its in-flight requests finish
         else:
-            self.client.unload_model(name, unload_dependents=False)
+            self.triton.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name=name))
             shutil.rmtree(self.repo / name, ignore_errors=True)
         self.models = {**self.models, name: versions} if versions else {
             k: v for k, v in self.models.items() if k != name}
+
+    def specs(self) -> dict[str, dict[int, ModelSpec]]:
+        """predict_proxy.Catalog: what the Predict proxy validates requests against."""
+        return {name: {n: v.spec for n, v in vs.items()} for name, vs in self.models.items()}
 
     def infos(self) -> list[inference_pb2.ModelInfo]:
         return [v.info(n == max(vs)) for name, vs in sorted(self.models.items()) for n, v in sorted(vs.items())]
@@ -455,6 +472,12 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(sup.health, server)
     management_port = server.add_insecure_port(f"{cfg.host}:{cfg.management_port}")
     await server.start()
+    target = cfg.predict_target or f"{cfg.host}:{sup.port}"
+    # a request is refused before forwarding when Triton would refuse it for its size
+    proxy = PredictProxy(sup, target, Limits(max_request_samples=cfg.max_batch_size))
+    predict_server, predict_port = add_to_server(proxy, cfg.host, cfg.predict_port, cfg.predict_token)
+    health_pb2_grpc.add_HealthServicer_to_server(sup.health, predict_server)
+    await predict_server.start()
     try:
         for path in cfg.models:
             in_store = os.path.join(cfg.model_store, path)
@@ -462,6 +485,8 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         await sup.publish_health()
         print(json.dumps({"event": "serving", "frontend": "tritonserver", "protocol": "kserve-v2-grpc",
                           "host": cfg.host, "port": sup.port, "management_port": management_port,
+                          "predict_port": predict_port, "predict_target": target,
+                          "predict_token": bool(cfg.predict_token),
                           "metrics_port": sup.metrics_port, "pid": os.getpid(), "triton_pid": sup.proc.pid,
                           "workers": cfg.workers, "models": [{"name": i.name, "version": i.version,
                                                                "table_bytes": i.table_bytes} for i in sup.infos()]}),
@@ -469,10 +494,15 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         watcher = asyncio.ensure_future(sup.watch())
         await stop.wait()
         log.info("draining")
+        sup.stopping = True
+        await sup.health.enter_graceful_shutdown()
+        await predict_server.stop(cfg.grace_s)  # forwarded requests are answered before tritonserver stops
         await sup.drain()
         watcher.cancel()
     finally:
         if sup.proc is not None and sup.proc.poll() is None:
             sup.proc.kill()
+        await predict_server.stop(1)
+        await proxy.close()
         await server.stop(1)
     log.info("gateway stopped")
