@@ -112,6 +112,22 @@ class TritonDist:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
+    def check_libraries(self) -> None:
+        """Every shared library of tritonserver and the stub resolves under env(), libpython to this
+        interpreter's own (a Python built without --enable-shared has none: the stub would load another
+        Python's, or none). FrontendError naming what is missing; the image build runs this."""
+        env = self.env()
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        for binary in (self.server, self.stub):
+            out = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True, timeout=60).stdout
+            missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
+            if missing:
+                raise FrontendError(f"tritonserver: {binary} misses shared libraries {missing}")
+            libpython = [line.split("=>")[-1].split()[0] for line in out.splitlines() if "libpython" in line]
+            if binary == self.stub and not all(p.startswith(libdir + "/") for p in libpython):
+                raise FrontendError(f"tritonserver: the Python stub loads {libpython}, not this interpreter's "
+                                    f"libpython from {libdir!r} (Python must be built with --enable-shared)")
+
 
 @dataclass
 class FrontendConfig:
@@ -465,7 +481,9 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sup = Supervisor(cfg, TritonDist.find())
+    dist = TritonDist.find()
+    await asyncio.to_thread(dist.check_libraries)  # a missing library: one clear line, not a dead tritonserver
+    sup = Supervisor(cfg, dist)
     await asyncio.to_thread(sup._start_triton)
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup), server)
