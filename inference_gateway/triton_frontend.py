@@ -48,12 +48,14 @@ from inference_gateway.requests import Limits
 from protos import inference_pb2, inference_pb2_grpc
 from protos import open_inference_pb2 as oip
 from protos import open_inference_pb2_grpc as oip_grpc
+from protos import triton_repository_pb2 as repository
 from protos.paths import PathRefused, confine, status_of_oserror
 from protos.process import free_port
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 MANAGEMENT_SERVICE = "recsys.v1.InferenceGateway"
+TRITON_SERVICE = "/inference.GRPCInferenceService/"  # Triton's repository methods are called by path
 
 
 class FrontendError(RuntimeError):
@@ -222,6 +224,7 @@ class Supervisor:
         self.health = health.aio.HealthServicer()
         self.channel: grpc.Channel | None = None
         self.triton: oip_grpc.GRPCInferenceServiceStub | None = None  # our own stubs: no tritonclient here
+        self._load_model = self._unload_model = None  # Triton's repository extension (triton_repository.proto)
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -244,6 +247,14 @@ class Supervisor:
             self.channel.close()
         self.channel = grpc.insecure_channel(f"{self.cfg.host}:{self.port}")
         self.triton = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self._load_model = self.channel.unary_unary(
+            TRITON_SERVICE + "RepositoryModelLoad",
+            request_serializer=repository.RepositoryModelLoadRequest.SerializeToString,
+            response_deserializer=repository.RepositoryModelLoadResponse.FromString)
+        self._unload_model = self.channel.unary_unary(
+            TRITON_SERVICE + "RepositoryModelUnload",
+            request_serializer=repository.RepositoryModelUnloadRequest.SerializeToString,
+            response_deserializer=repository.RepositoryModelUnloadResponse.FromString)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -261,7 +272,7 @@ class Supervisor:
         """Triton's explicit load of `name`: loads version directories that appeared, unloads (after their
         in-flight requests) those that disappeared, keeps the rest serving."""
         try:
-            self.triton.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=name))
+            self._load_model(repository.RepositoryModelLoadRequest(model_name=name))
         except grpc.RpcError as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: tritonserver refused model {name!r}: "
                                                                f"{e.details()}") from None
@@ -334,7 +345,7 @@ class Supervisor:
         if versions:
             self._triton_load(name)  # Triton unloads the missing version once its in-flight requests finish
         else:
-            self.triton.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name=name))
+            self._unload_model(repository.RepositoryModelUnloadRequest(model_name=name))
             shutil.rmtree(self.repo / name, ignore_errors=True)
         self.models = {**self.models, name: versions} if versions else {
             k: v for k, v in self.models.items() if k != name}

@@ -64,16 +64,6 @@ class GRPCInferenceServiceStub:
                 request_serializer=protos_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=protos_dot_open__inference__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
-        self.RepositoryModelLoad = channel.unary_unary(
-                '/inference.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=protos_dot_open__inference__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=protos_dot_open__inference__pb2.RepositoryModelLoadResponse.FromString,
-                _registered_method=True)
-        self.RepositoryModelUnload = channel.unary_unary(
-                '/inference.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=protos_dot_open__inference__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=protos_dot_open__inference__pb2.RepositoryModelUnloadResponse.FromString,
-                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -120,20 +110,6 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RepositoryModelLoad(self, request, context):
-        """Triton's model repository extension (not part of KServe v2; `serve` answers UNIMPLEMENTED): what
-        serve-triton's supervisor calls on its tritonserver, so it needs no tritonclient.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RepositoryModelUnload(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,16 +142,6 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=protos_dot_open__inference__pb2.ModelInferRequest.FromString,
                     response_serializer=protos_dot_open__inference__pb2.ModelInferResponse.SerializeToString,
-            ),
-            'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
-                    servicer.RepositoryModelLoad,
-                    request_deserializer=protos_dot_open__inference__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=protos_dot_open__inference__pb2.RepositoryModelLoadResponse.SerializeToString,
-            ),
-            'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
-                    servicer.RepositoryModelUnload,
-                    request_deserializer=protos_dot_open__inference__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=protos_dot_open__inference__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,60 +306,6 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelInfer',
             protos_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
             protos_dot_open__inference__pb2.ModelInferResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RepositoryModelLoad(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/inference.GRPCInferenceService/RepositoryModelLoad',
-            protos_dot_open__inference__pb2.RepositoryModelLoadRequest.SerializeToString,
-            protos_dot_open__inference__pb2.RepositoryModelLoadResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RepositoryModelUnload(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/inference.GRPCInferenceService/RepositoryModelUnload',
-            protos_dot_open__inference__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            protos_dot_open__inference__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
