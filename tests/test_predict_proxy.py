@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -59,10 +60,11 @@ def batch(n: int, index: int = 0):
     return b.dense.numpy(), b.sparse.lengths.numpy(), b.sparse.values.numpy()
 
 
-def model_infers(serve) -> float:
-    """serve's count of ModelInfer requests (every forwarded Predict is one), any status."""
+def model_infers(serve, code: str = "") -> float:
+    """serve's count of ModelInfer requests (every forwarded Predict is one), of one status or any."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r'gateway_requests_total\{[^}]*method="ModelInfer"[^}]*\} (\S+)', text))
+    found = re.findall(r'gateway_requests_total\{([^}]*method="ModelInfer"[^}]*)\} (\S+)', text)
+    return sum(float(v) for labels, v in found if not code or f'code="{code}"' in labels)
 
 
 def test_predict_through_the_proxy_scores_as_serve(pair):
@@ -191,3 +193,25 @@ def test_predict_token_guards_predict_not_list_models(pair, store, tmp_path):
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         proxy.kill()
+
+
+def test_a_caller_whose_deadline_passes_leaves_nothing_running_at_the_target(store, tmp_path):
+    """A target that holds a lone request 4 s for its batch to fill: once the caller's 1 s deadline passes,
+    the target drops the request instead of scoring it for nobody (the forwarded call carries the remaining
+    deadline and is cancelled with the caller's; this test cannot tell which of the two did it)."""
+    (tmp_path / "p").mkdir()
+    slow = launch(["--model", str(store / "v1"), "--max-wait-ms", "4000"], workdir=tmp_path / "slow")
+    proxy = start_proxy(slow.address, [store / "v1"], tmp_path / "p")
+    try:
+        req = build_request(*batch(1))
+        with GatewayClient(proxy.address) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.predict_request(req, timeout=1)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(6)  # past the batch wait: a request still held would be scored by now
+            assert model_infers(slow, "OK") == 0
+            assert scores_of(c.predict_request(req, timeout=30)).shape == (1,)  # a patient caller is served
+        assert model_infers(slow, "OK") == 1
+    finally:
+        proxy.kill()
+        slow.kill()
