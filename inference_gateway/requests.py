@@ -16,7 +16,7 @@ import numpy as np
 
 from protos import common_pb2, inference_pb2
 
-if TYPE_CHECKING:  # the Triton supervisor imports the input names from here and holds no torch
+if TYPE_CHECKING:  # the Triton supervisor and its Predict proxy use this module and hold no torch
     from inference_gateway.model import ServingModel
 
 _INT = {common_pb2.INT64: np.int64, common_pb2.INT32: np.int32}
@@ -228,7 +228,7 @@ def validate(dense: np.ndarray, names: list[str], lengths_of: Callable[[], np.nd
     limit = np.repeat(model.rows_per_feature, counts)
     bad = (values < 0) | (values >= limit)
     if bad.any():
-        if model.package.out_of_range == "zero":  # drop the id: a zero row in a sum
+        if model.out_of_range == "zero":  # drop the id: a zero row in a sum
             keep = ~bad
             feature_of = np.repeat(np.arange(nfeat), counts)
             bag_of = np.repeat(np.arange(nfeat * batch), lengths.ravel())

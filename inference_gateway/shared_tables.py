@@ -103,8 +103,16 @@ def prepare(path: str | Path, cache_dir: str | Path, name: str = "", version: in
     if version:
         pkg.manifest["version"] = version
     image = write_image(pkg, cache_dir)
-    return {"name": pkg.name, "version": pkg.version, "path": str(Path(path).resolve()), "image": str(image),
-            "features": [f.name for f in pkg.features], "dense_features": pkg.dense_features,
+    return {**serving_facts(pkg), "path": str(Path(path).resolve()), "image": str(image)}
+
+
+def serving_facts(pkg: Package) -> dict:
+    """What a frontend without the model needs to list a package and validate its requests (the Predict
+    proxy: requests.validate with a predict_proxy.ModelSpec)."""
+    return {"name": pkg.name, "version": pkg.version, "features": [f.name for f in pkg.features],
+            "dense_features": pkg.dense_features,
+            "rows_per_feature": [pkg.tables[f.table].num_rows for f in pkg.features],
+            "out_of_range": pkg.out_of_range,
             "table_dtypes": {t.name: t.dtype.value for t in pkg.tables.values()}, "table_bytes": pkg.table_bytes,
             "dense_quantization": pkg.manifest["dense"]["quantization"]}
 

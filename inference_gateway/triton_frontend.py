@@ -10,6 +10,8 @@ accepts, batches and answers requests in C++ and hands whole batches to `--worke
   out as a Triton model version whose model.py maps that image read-only in every worker;
 - starts tritonserver (KServe v2 gRPC on `--port`, explicit model control) and restarts it if it
   dies; replaces a worker (stub) that dies by reloading that version (Triton does not);
+- serves Predict / PredictStream / ListModels of the project's API on `--predict-port`, forwarded to
+  tritonserver's KServe v2 port (predict_proxy: checked as `serve` checks them, encoded in its OIP schema);
 - serves LoadModel / UnloadModel / SetDefaultVersion / ListModels on `--management-port` (the
   project's InferenceGateway service, inference methods UNIMPLEMENTED there) plus gRPC health, and
   applies each to every worker through Triton's repository API: a new version loads beside the old
@@ -41,6 +43,7 @@ import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import grpc
@@ -50,8 +53,12 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
-from inference_gateway.requests import IDS, lengths_input, values_input
+from inference_gateway.predict_proxy import ModelSpec, PredictProxy, add_to_server
+from inference_gateway.requests import IDS, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
+from protos import open_inference_pb2 as oip
+from protos import open_inference_pb2_grpc as oip_grpc
+from protos import triton_repository_pb2 as repository
 from protos.paths import PathRefused, status_of_oserror
 from protos.process import free_port
 from protos.rejects import AioDecodeGuard, Rejects
@@ -65,6 +72,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESTRICTED = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 ADMIN_KEY = "recsys-admin"
 ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_KEY}"  # Triton prefixes a restricted protocol's key with this
+TRITON_SERVICE = "/inference.GRPCInferenceService/"  # Triton's repository methods are called by path
 
 
 class FrontendError(RuntimeError):
@@ -123,6 +131,22 @@ class TritonDist:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
+    def check_libraries(self) -> None:
+        """Every shared library of tritonserver and the stub resolves under env(), libpython to this
+        interpreter's own (a Python built without --enable-shared has none: the stub would load another
+        Python's, or none). FrontendError naming what is missing; the image build runs this."""
+        env = self.env()
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        for binary in (self.server, self.stub):
+            out = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True, timeout=60).stdout
+            missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
+            if missing:
+                raise FrontendError(f"tritonserver: {binary} misses shared libraries {missing}")
+            libpython = [line.split("=>")[-1].split()[0] for line in out.splitlines() if "libpython" in line]
+            if binary == self.stub and not all(p.startswith(libdir + "/") for p in libpython):
+                raise FrontendError(f"tritonserver: the Python stub loads {libpython}, not this interpreter's "
+                                    f"libpython from {libdir!r} (Python must be built with --enable-shared)")
+
 
 @dataclass
 class FrontendConfig:
@@ -131,6 +155,11 @@ class FrontendConfig:
     host: str = "127.0.0.1"
     port: int = 0  # KServe v2 gRPC (tritonserver); 0: a free one
     management_port: int = 0
+    predict_port: int = 0  # the project's Predict / PredictStream / ListModels (inference side, not management)
+    # where Predict is forwarded as ModelInfer: None = this supervisor's tritonserver (--port, loopback); any
+    # other server of serve's OIP schema works the same (`inference-gateway serve`: tests)
+    predict_target: str | None = None
+    predict_token: str | None = None  # Predict / PredictStream need it as a bearer token; None: open
     metrics_port: int | None = 0  # tritonserver's Prometheus port; None: off
     max_batch_size: int = 256
     max_wait_us: int = 2000
@@ -160,12 +189,12 @@ class Version:
     def version(self) -> int:
         return int(self.facts["version"])
 
+    @cached_property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.facts)
+
     def info(self, is_default: bool) -> inference_pb2.ModelInfo:
-        f = self.facts
-        return inference_pb2.ModelInfo(
-            name=f["name"], version=f["version"], is_default=is_default, path=f["path"], features=f["features"],
-            dense_features=f["dense_features"], table_dtypes=f["table_dtypes"], table_bytes=f["table_bytes"],
-            dense_quantization=f["dense_quantization"])
+        return self.spec.info(is_default)
 
 
 class Refused(Exception):
@@ -230,8 +259,6 @@ def _model_py(package: Path, image: Path) -> str:
 
 class Supervisor:
     def __init__(self, cfg: FrontendConfig, dist: TritonDist) -> None:
-        import tritonclient.grpc as triton_grpc
-
         self.cfg, self.dist = cfg, dist
         self.workdir = cfg.workdir.resolve()
         self.repo = self.workdir / "repository"
@@ -246,10 +273,11 @@ class Supervisor:
         self.replaced = 0
         self.lock = asyncio.Lock()
         self.health = health.aio.HealthServicer()
-        self._triton_grpc = triton_grpc
-        self.client = None
+        self.channel: grpc.Channel | None = None
+        self.triton: oip_grpc.GRPCInferenceServiceStub | None = None  # our own stubs: no tritonclient here
+        self._load_model = self._unload_model = None  # Triton's repository extension (triton_repository.proto)
         # the credential of Triton's RESTRICTED groups: never written to a file or logged; see _start_triton
-        self._admin = {ADMIN_HEADER: secrets.token_urlsafe(32)}
+        self._admin = ((ADMIN_HEADER, secrets.token_urlsafe(32)),)
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -262,7 +290,7 @@ class Supervisor:
         # tritonserver takes this secret only as an argument, so a local user who can read
         # /proc/<pid>/cmdline (`ps`, unless /proc is mounted hidepid=2) sees it: it is per process and
         # guards only this tritonserver, and never goes to a file or a log
-        args.append(f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{ADMIN_KEY}={self._admin[ADMIN_HEADER]}")
+        args.append(f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{ADMIN_KEY}={self._admin[0][1]}")
         if self.metrics_port is None:
             args.append("--allow-metrics=false")
         else:
@@ -272,16 +300,27 @@ class Supervisor:
         self.proc = subprocess.Popen(args, env=self.dist.env(), stdout=log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor only
         log_file.close()
-        self.client = self._triton_grpc.InferenceServerClient(f"{self.cfg.host}:{self.port}")
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = grpc.insecure_channel(f"{self.cfg.host}:{self.port}")
+        self.triton = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self._load_model = self.channel.unary_unary(
+            TRITON_SERVICE + "RepositoryModelLoad",
+            request_serializer=repository.RepositoryModelLoadRequest.SerializeToString,
+            response_deserializer=repository.RepositoryModelLoadResponse.FromString)
+        self._unload_model = self.channel.unary_unary(
+            TRITON_SERVICE + "RepositoryModelUnload",
+            request_serializer=repository.RepositoryModelUnloadRequest.SerializeToString,
+            response_deserializer=repository.RepositoryModelUnloadResponse.FromString)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise FrontendError(f"tritonserver exited {self.proc.returncode} at start; see "
                                     f"{self.workdir / 'tritonserver.log'}")
             try:
-                if self.client.is_server_live():
+                if self.triton.ServerLive(oip.ServerLiveRequest(), timeout=5).live:
                     return
-            except Exception:  # not listening yet
+            except grpc.RpcError:  # not listening yet
                 pass
             time.sleep(0.2)
         raise FrontendError("tritonserver: not live within 120 s")
@@ -290,10 +329,10 @@ class Supervisor:
         """Triton's explicit load of `name`: loads version directories that appeared, unloads (after their
         in-flight requests) those that disappeared, keeps the rest serving."""
         try:
-            self.client.load_model(name, headers=self._admin)
-        except self._triton_grpc.InferenceServerException as e:
+            self._load_model(repository.RepositoryModelLoadRequest(model_name=name), metadata=self._admin)
+        except grpc.RpcError as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: tritonserver refused model {name!r}: "
-                                                               f"{e.message()}") from None
+                                                               f"{e.details()}") from None
 
     # --- model management (serialized by self.lock, run off the event loop) -----------------------
     def _prepare(self, path: str, name: str, version: int) -> Version:
@@ -363,10 +402,14 @@ class Supervisor:
         if versions:
             self._triton_load(name)  # Triton unloads the missing version once its in-flight requests finish
         else:
-            self.client.unload_model(name, headers=self._admin, unload_dependents=False)
+            self._unload_model(repository.RepositoryModelUnloadRequest(model_name=name), metadata=self._admin)
             shutil.rmtree(self.repo / name, ignore_errors=True)
         self.models = {**self.models, name: versions} if versions else {
             k: v for k, v in self.models.items() if k != name}
+
+    def specs(self) -> dict[str, dict[int, ModelSpec]]:
+        """predict_proxy.Catalog: what the Predict proxy validates requests against."""
+        return {name: {n: v.spec for n, v in vs.items()} for name, vs in self.models.items()}
 
     def infos(self) -> list[inference_pb2.ModelInfo]:
         return [v.info(n == max(vs)) for name, vs in sorted(self.models.items()) for n, v in sorted(vs.items())]
@@ -502,7 +545,9 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sup = Supervisor(cfg, TritonDist.find())
+    dist = TritonDist.find()
+    await asyncio.to_thread(dist.check_libraries)  # a missing library: one clear line, not a dead tritonserver
+    sup = Supervisor(cfg, dist)
     await asyncio.to_thread(sup._start_triton)
     rejects = Rejects(CollectorRegistry(), log)  # the supervisor exports no metrics: counted for the log only
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -516,6 +561,12 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
     reflection.enable_server_reflection((MANAGEMENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     management_port = bind(server, f"{cfg.host}:{cfg.management_port}", cfg.tls)
     await server.start()
+    target = cfg.predict_target or f"{cfg.host}:{sup.port}"
+    # a request is refused before forwarding when Triton would refuse it for its size
+    proxy = PredictProxy(sup, target, Limits(max_request_samples=cfg.max_batch_size))
+    predict_server, predict_port = add_to_server(proxy, cfg.host, cfg.predict_port, cfg.predict_token)
+    health_pb2_grpc.add_HealthServicer_to_server(sup.health, predict_server)
+    await predict_server.start()
     try:
         for path in cfg.models:
             in_store = os.path.join(cfg.model_store, path)
@@ -523,6 +574,8 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         await sup.publish_health()
         print(json.dumps({"event": "serving", "frontend": "tritonserver", "protocol": "kserve-v2-grpc",
                           "host": cfg.host, "port": sup.port, "management_port": management_port,
+                          "predict_port": predict_port, "predict_target": target,
+                          "predict_token": bool(cfg.predict_token),
                           "metrics_port": sup.metrics_port, "pid": os.getpid(), "triton_pid": sup.proc.pid,
                           "workers": cfg.workers, "tls": cfg.tls is not None,
                           "mtls": bool(cfg.tls and cfg.tls.client_ca), "control_token": bool(cfg.token),
@@ -532,10 +585,15 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         watcher = asyncio.ensure_future(sup.watch())
         await stop.wait()
         log.info("draining")
+        sup.stopping = True
+        await sup.health.enter_graceful_shutdown()
+        await predict_server.stop(cfg.grace_s)  # forwarded requests are answered before tritonserver stops
         await sup.drain()
         watcher.cancel()
     finally:
         if sup.proc is not None and sup.proc.poll() is None:
             sup.proc.kill()
+        await predict_server.stop(1)
+        await proxy.close()
         await server.stop(1)
     log.info("gateway stopped")

@@ -111,18 +111,25 @@ def test_export_refuses_a_corrupt_checkpoint(trained, tmp_path):
 
 
 
-def test_serving_demo_exports_serves_swaps_and_measures(trained, tmp_path):
+@pytest.mark.parametrize("frontend", [
+    "serve",
+    "serve-triton",
+])
+def test_serving_demo_exports_serves_swaps_and_measures(trained, tmp_path, frontend):
     import subprocess
     import sys
 
     root = trained[2]["fp32"].path.parent
     out = subprocess.run([sys.executable, "-m", "deploy.local.demo_serving", "--checkpoint", str(root / "ckpt"),
                           "--config", str(root / "model.yaml"), "--workdir", str(tmp_path), "--seconds", "0.5",
-                          "--concurrency", "8", "--json"], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.returncode == 0, out.stderr[-3000:]
+                          "--concurrency", "8", "--frontend", frontend, "--json"], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["exit_code"] == 0 and result["step"] == STEPS - 1
-    assert result["load"]["ok"] > 0 and not result["load"]["errors"]
+    assert out.returncode == 0, (result.get("failures"), out.stderr[-3000:])
+    assert result["exit_code"] == 0 and result["step"] == STEPS - 1 and result["frontend"] == frontend
+    for load in ("load", "load_oip"):
+        assert result[load]["ok"] > 0 and not result[load]["errors"]
     assert not result["hot_swap"]["errors"] and result["hot_swap"]["models"] == ["dlrm v2"]
+    assert result["hot_swap"]["predict"]["ok"] > 0 and result["hot_swap"]["oip"]["ok"] > 0
+    assert result["served_auc_int8"] == result["served_auc_int8_oip"]  # one model, two protocols
     assert abs(result["served_auc_int8"] - result["served_auc_fp32"]) <= 0.002

@@ -174,7 +174,9 @@ def bound_ports(container: dict[str, Any]) -> set[int]:
         return {parsed.torchrun.master_port}  # torchrun's store (on node rank 0)
     if parsed.program == "trainer":
         return set()
-    return {p for p in (parsed.args.port, parsed.args.metrics_port) if p is not None and p > 0}
+    ports = (parsed.args.port, parsed.args.metrics_port, getattr(parsed.args, "predict_port", None),
+             getattr(parsed.args, "management_port", None))  # serve-triton: four ports
+    return {p for p in ports if p is not None and p > 0}
 
 
 def named_ports(container: dict[str, Any]) -> dict[str, int]:
@@ -268,12 +270,13 @@ def test_every_declared_probed_served_and_scraped_port_is_bound(overlay):
 @pytest.fixture(scope="module")
 def live_servers(tmp_path_factory):
     """One real shard, coordinator and gateway, started from the cpu overlay's arguments with only the
-    cluster-specific ones (bind address, ports, peers, volumes) replaced for loopback."""
+    cluster-specific ones (bind address, ports, peers, volumes) replaced for loopback; for each, its
+    manifest's container ports -> the ports it bound here."""
     from protos.process import start_announced
 
     drop = {"--host", "--port", "--metrics-port", "--coordinator", "--advertise", "--redis", "--initial-plan",
             "--kubernetes", "--kube-namespace", "--shard-statefulset", "--shard-selector", "--model",
-            "--shard-id-from-hostname"}
+            "--shard-id-from-hostname", "--predict-port", "--management-port", "--workdir"}
     modules = {"embedding-shard": "embedding_service.cli", "coordinator": "coordinator.cli",
                "inference-gateway": "inference_gateway.cli"}
     running = {}
@@ -285,9 +288,17 @@ def live_servers(tmp_path_factory):
             wd = tmp_path_factory.mktemp(comp)
             if comp == "coordinator":
                 args += [f"--data-dir={wd}"]
-            proc, msg = start_announced([modules[comp], *args], wd, what=comp, timeout=180)
-            running[comp] = (proc, msg["port"])
-        yield {comp: port for comp, (_, port) in running.items()}
+            if comp == "inference-gateway":  # serve-triton
+                args += ["--predict-port=0", "--management-port=0", f"--workdir={wd / 'triton'}"]
+            proc, msg = start_announced([modules[comp], *args], wd, what=comp, timeout=300)
+            live = {}
+            for flag, key in (("--port", "port"), ("--predict-port", "predict_port"),
+                              ("--management-port", "management_port")):
+                manifest = next((int(a.split("=", 1)[1]) for a in c["args"] if a.startswith(f"{flag}=")), None)
+                if manifest is not None:
+                    live[manifest] = msg[key]
+            running[comp] = (proc, live)
+        yield {comp: ports for comp, (_, ports) in running.items()}
     finally:
         for proc, _ in running.values():
             proc.terminate()
@@ -314,14 +325,15 @@ def test_grpc_probes_name_services_the_servers_register(live_servers):
                     if grpc_probe is None:
                         continue
                     comp = component(w)
-                    with grpc.insecure_channel(f"127.0.0.1:{live_servers[comp]}") as channel:
+                    port = live_servers[comp][resolve_port(grpc_probe["port"], c)]
+                    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                         stub = health_pb2_grpc.HealthStub(channel)
                         reply = stub.Check(health_pb2.HealthCheckRequest(service=grpc_probe.get("service", "")),
                                            timeout=10)  # an unregistered name raises NOT_FOUND
                     assert reply.status == expected[comp], f"{overlay} {comp} {probe} {grpc_probe}"
                     checked += 1
     assert checked >= 3 * 6
-    with grpc.insecure_channel(f"127.0.0.1:{live_servers['embedding-shard']}") as channel, \
+    with grpc.insecure_channel(f"127.0.0.1:{live_servers['embedding-shard'][50051]}") as channel, \
             pytest.raises(grpc.RpcError) as e:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND  # the check above could fail
@@ -371,6 +383,7 @@ BASE_PATHS = {
     ("coordinator", "redis", 6379),
     ("trainer", "trainer", 29500), ("trainer", "trainer", EPHEMERAL_PORT),
     ("external", "inference-gateway", 50052), ("monitoring", "inference-gateway", 50052),  # public to all
+    ("external", "inference-gateway", 8001), ("monitoring", "inference-gateway", 8001),
     ("monitoring", "coordinator", 9090), ("monitoring", "embedding-shard", 9100),
     ("monitoring", "inference-gateway", 9102),
 }
@@ -456,13 +469,15 @@ def test_network_policies_allow_exactly_the_paths_the_system_uses(overlay):
     opened = _open_paths(overlay)
     assert opened - expected == set(), f"{overlay}: open but not needed"
     assert expected - opened == set(), f"{overlay}: needed but closed"
-    # each side holds on its own: ingress alone opens nothing more, except the public gateway port
-    public = {(p.name, "inference-gateway", 50052) for p in pods.values()}
+    # each side holds on its own: ingress alone opens nothing more, except the public gateway ports
+    public = {(p.name, "inference-gateway", port) for p in pods.values() for port in (50052, 8001)}
     assert _open_paths(overlay, egress=False) == expected | public, f"{overlay}: ingress rules alone"
     for name in ("trainer", "inference-gateway", "embedding-shard"):  # spelled out: the forbidden ones
         assert not policies.allowed(pods[name], pods["redis"], 6379)
     assert not policies.allowed(OUTSIDE, pods["embedding-shard"], 50051)
     assert not policies.allowed(OUTSIDE, pods["inference-gateway"], 9102)
+    assert not policies.allowed(OUTSIDE, pods["inference-gateway"], 50053)  # management: port-forward only
+    assert not policies.allowed(pods["trainer"], pods["inference-gateway"], 50053)
     for pod in pods.values():
         assert policies.allowed(pod, KUBE_DNS, 53, "UDP") and policies.allowed(pod, KUBE_DNS, 53, "TCP"), pod.name
         assert policies.allowed(pod, API_SERVER, 6443) == (pod.name == "coordinator"), pod.name
@@ -702,12 +717,13 @@ def test_shard_memory_covers_the_plans_tables(overlay):
 def test_termination_grace_outlasts_the_sigterm_drain(overlay):
     from coordinator.server import RunningCoordinator
     from embedding_service import server as shard_server
-    from inference_gateway.server import GatewayConfig
+    from inference_gateway.triton_frontend import FrontendConfig
 
     shard_drain = float(re.search(r"shard\.stop\(grace=([\d.]+)\)", inspect.getsource(shard_server.serve_forever))[1])
     drains = {"embedding-shard": shard_drain,
               "coordinator": inspect.signature(RunningCoordinator.stop).parameters["grace"].default,
-              "inference-gateway": GatewayConfig.grace_s}
+              # serve-triton: the Predict port's drain, then tritonserver's
+              "inference-gateway": 2 * FrontendConfig.grace_s}
     for comp, drain in drains.items():
         assert pod_spec(workload_of(overlay, comp))["terminationGracePeriodSeconds"] >= drain + 10, comp
 
@@ -801,3 +817,19 @@ def test_dockerfile_copies_existing_paths_and_pins_the_projects_versions():
     assert re.search(r"^USER (\d+)", "\n".join(instructions), re.M).group(1) != "0"
     for name in ("git", ".venv"):
         assert _dockerignored(name if name != "git" else ".git")
+
+
+def test_the_image_carries_tritonserver_as_the_makefile_installs_it():
+    """serve-triton is the image's gateway: the same nvidia-pytriton as `make install`, --no-deps after pip check,
+    and the build fails when tritonserver or its Python stub would miss a library (the check run here too)."""
+    from inference_gateway.triton_frontend import TritonDist
+
+    instructions = _dockerfile()
+    args = dict(re.fullmatch(r"ARG (\w+)=(\S+)", i).groups() for i in instructions if re.fullmatch(r"ARG \w+=\S+", i))
+    make_pin = re.search(r"--no-deps nvidia-pytriton==(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert args["PYTRITON_VERSION"] == make_pin
+    runs = [i for i in instructions if i.startswith("RUN ")]
+    install = next(n for n, i in enumerate(runs) if 'nvidia-pytriton==${PYTRITON_VERSION}' in i)
+    assert "--no-deps" in runs[install] and install > next(n for n, i in enumerate(runs) if "pip check" in i)
+    assert any("check_libraries()" in i for i in runs)
+    TritonDist.find().check_libraries()
