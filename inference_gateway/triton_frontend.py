@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -53,16 +54,17 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
-from inference_gateway.predict_proxy import ModelSpec, PredictProxy, add_to_server
 from inference_gateway.requests import IDS, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
-from protos import open_inference_pb2 as oip
-from protos import open_inference_pb2_grpc as oip_grpc
 from protos import triton_repository_pb2 as repository
 from protos.paths import PathRefused, status_of_oserror
 from protos.process import free_port
 from protos.rejects import AioDecodeGuard, Rejects
 from protos.security import AioControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
+
+if TYPE_CHECKING:  # importing these loads package `inference`, which tritonclient's stubs also define
+    from inference_gateway.predict_proxy import ModelSpec
+    from protos import open_inference_pb2_grpc as oip_grpc
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,6 +193,8 @@ class Version:
 
     @cached_property
     def spec(self) -> ModelSpec:
+        from inference_gateway.predict_proxy import ModelSpec
+
         return ModelSpec(self.facts)
 
     def info(self, is_default: bool) -> inference_pb2.ModelInfo:
@@ -281,6 +285,9 @@ class Supervisor:
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
+        from protos import open_inference_pb2 as oip  # package `inference`: only in the serving process (oip.py)
+        from protos import open_inference_pb2_grpc as oip_grpc
+
         for d in (self.repo, self.retired, self.table_cache):
             d.mkdir(parents=True, exist_ok=True)
         args = [str(self.dist.server), f"--model-repository={self.repo}", "--model-control-mode=explicit",
@@ -563,6 +570,8 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     target = cfg.predict_target or f"{cfg.host}:{sup.port}"
     # a request is refused before forwarding when Triton would refuse it for its size
+    from inference_gateway.predict_proxy import PredictProxy, add_to_server  # loads package `inference` (oip.py)
+
     proxy = PredictProxy(sup, target, Limits(max_request_samples=cfg.max_batch_size))
     predict_server, predict_port = add_to_server(proxy, cfg.host, cfg.predict_port, cfg.predict_token)
     health_pb2_grpc.add_HealthServicer_to_server(sup.health, predict_server)
