@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> dict:
         stats1 = r.info("commandstats")
         alive_end = sum(1 for m in client.members() if m.state == pb.ALIVE)
         _log("silencing one shard")
-        last_ack_wall = time.time() - (time.monotonic() - victim._last_ack)
-        victim.stop(leave=False)
+        victim.stop(leave=False)  # joins its thread: no heartbeat in flight after this
         silenced = time.time()
+        last_ack_wall = silenced - (time.monotonic() - victim._last_ack)
         while True:
             m = next((m for m in client.members() if m.kind == pb.SHARD and m.id == args.shards - 1), None)
             if m is None or m.state == pb.DEAD:
