@@ -23,12 +23,15 @@ from protos import coordinator_pb2
 
 KINDS = (coordinator_pb2.SHARD, coordinator_pb2.TRAINER)
 CAS_TRIES = 50
-# One member's compare-and-set. KEYS: members hash, epochs hash; ARGV: field, the record and the epoch as read
-# ("" when absent), the new record, the new epoch ("": unchanged). Writes only if neither changed since the
-# read: unlike a WATCH on the shared hashes, other members' writes in between do not make it retry.
+# One member's compare-and-set, one round trip. KEYS: members hash, epochs hash; ARGV: field, the record and
+# the epoch as the caller last saw them ("" when absent), the new record, the new epoch ("": unchanged).
+# Writes only if neither changed since: unlike a WATCH on the shared hashes, other members' writes in
+# between do not make it retry. Returns 1, or {record, epoch} as they are now (the caller decides again
+# without another read).
 _CAS = """
-if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
-if (redis.call('HGET', KEYS[2], ARGV[1]) or '') ~= ARGV[3] then return 0 end
+local raw = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local epoch = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+if raw ~= ARGV[2] or epoch ~= ARGV[3] then return {raw, epoch} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[5]) end
 return 1
@@ -65,6 +68,9 @@ class Membership:
         self.lease_s = lease_s
         self.clock = clock
         self._cas = redis_client.register_script(_CAS)
+        # (members key, id) -> (record, epoch) as this coordinator last wrote or read them: the expected
+        # values of the next compare-and-set. Only ever a guess (Redis decides); bounded by the fleet.
+        self._seen: dict[tuple[str, str], tuple[bytes | None, bytes | None]] = {}
 
     def _key(self, kind: int, what: str = "kind") -> str:
         return f"{self.namespace}:members:{_kind_name(kind, what)}"
@@ -84,9 +90,8 @@ class Membership:
         if member.kind == coordinator_pb2.SHARD and not member.address:
             raise ValueError(f"member.address: required for shard {member.id} (HOST:PORT of its gRPC server)")
         ekey, field = self._epochs_key(member.kind), str(member.id)
-
+        raw, eraw = self._read(key, ekey, field)
         for _ in range(CAS_TRIES):
-            raw, eraw = self._read(key, ekey, field)
             held = coordinator_pb2.Member.FromString(raw) if raw is not None else None
             latest = max(int(eraw or 0), held.epoch if held is not None else 0)
             if not member.epoch and held is not None and held.instance == member.instance:
@@ -104,8 +109,9 @@ class Membership:
             record.epoch = epoch
             record.state = coordinator_pb2.ALIVE
             record.last_seen = self.clock()
-            if self._cas(keys=[key, ekey], args=[field, raw or b"", eraw or b"", record.SerializeToString(),
-                                                 max(latest, epoch)]):
+            new, new_epoch = record.SerializeToString(), str(max(latest, epoch)).encode()
+            won, raw, eraw = self._swap(key, ekey, field, raw, eraw, new, new_epoch)
+            if won:
                 return epoch
         raise RuntimeError(f"{_kind_name(member.kind).lower()} {member.id}: register lost {CAS_TRIES} races "
                            f"for its record")
@@ -118,33 +124,56 @@ class Membership:
         raw, eraw = pipe.execute()
         return raw, eraw
 
+    def _swap(self, key: str, ekey: str, field: str, raw: bytes | None, eraw: bytes | None, new: bytes,
+              new_epoch: bytes | None) -> tuple[bool, bytes | None, bytes | None]:
+        """The compare-and-set: (True, the stored record and epoch) or (False, what Redis holds instead).
+        Either way this coordinator remembers the pair, so the member's next heartbeat needs no read."""
+        got = self._cas(keys=[key, ekey], args=[field, raw or b"", eraw or b"", new, new_epoch or b""])
+        if got == 1:
+            raw, eraw = new, new_epoch or eraw
+            self._seen[(key, field)] = (raw, eraw)
+            return True, raw, eraw
+        raw, eraw = got[0] or None, got[1] or None
+        self._seen[(key, field)] = (raw, eraw)
+        return False, raw, eraw
+
     def heartbeat(self, kind: int, id: int, instance: str, plan_version: int, step: int, epoch: int = 0) -> bool:
         """Renews the lease. False when the member is unknown, another instance holds its id, or its
         lease already ran out (the coordinator may have acted on its death): the caller registers again.
         A nonzero `epoch` other than the latest issued raises `StaleEpoch` (0: not checked, as before).
 
-        One pipelined read and one compare-and-set script on this member's field: a WATCH on the whole
-        hash would make every member's heartbeat abort and retry every other's concurrent one."""
+        One round trip: a compare-and-set script on this member's field against the record this
+        coordinator last wrote or saw (a WATCH on the whole hash would make every member's heartbeat abort
+        every other's). When another writer changed it meanwhile (a second coordinator, a Register), the
+        script answers what Redis holds and the decision is made again; a refusal is never based on the
+        remembered copy alone."""
         key = self._key(kind)
         ekey, field = self._epochs_key(kind), str(id)
+        seen = self._seen.get((key, field))
+        verified = seen is None
+        raw, eraw = self._read(key, ekey, field) if seen is None else seen
         for _ in range(CAS_TRIES):
-            raw, eraw = self._read(key, ekey, field)
             record = coordinator_pb2.Member.FromString(raw) if raw is not None else None
-            if epoch:
-                latest = max(int(eraw or 0), record.epoch if record is not None else 0)
-                if epoch < latest:
-                    raise StaleEpoch(kind, id, epoch, latest, record.instance if record is not None else "")
-            if record is None:
-                return False
+            latest = max(int(eraw or 0), record.epoch if record is not None else 0)
+            stale = bool(epoch) and epoch < latest
             now = self.clock()
-            if record.instance != instance or now - record.last_seen > self.lease_s:
+            if stale or record is None or record.instance != instance or now - record.last_seen > self.lease_s:
+                if not verified:  # decided on the remembered copy: refuse only on what Redis holds
+                    raw, eraw = self._read(key, ekey, field)
+                    self._seen[(key, field)] = (raw, eraw)
+                    verified = True
+                    continue
+                if stale:
+                    raise StaleEpoch(kind, id, epoch, latest, record.instance if record is not None else "")
                 return False
             record.last_seen = now
             record.plan_version = plan_version
             record.step = step
             record.state = coordinator_pb2.ALIVE
-            if self._cas(keys=[key, ekey], args=[field, raw, eraw or b"", record.SerializeToString(), ""]):
+            won, raw, eraw = self._swap(key, ekey, field, raw, eraw, record.SerializeToString(), None)
+            if won:
                 return True
+            verified = True
         raise RuntimeError(f"{_kind_name(kind).lower()} {id}: heartbeat lost {CAS_TRIES} races for its record")
 
     def get(self, kind: int, id: int) -> coordinator_pb2.Member | None:
@@ -160,11 +189,21 @@ class Membership:
         return sorted(out, key=lambda m: (m.kind, m.id))
 
     def alive(self, kind: int) -> dict[int, coordinator_pb2.Member]:
-        return {m.id: m for m in self.members(kind) if m.state == coordinator_pb2.ALIVE}
+        """The live members of a kind by id, in id order. One pass that sorts only the live ids (every
+        GetPlan asks this of every shard)."""
+        now, out = self.clock(), {}
+        for raw in self.redis.hvals(self._key(kind)):
+            m = coordinator_pb2.Member.FromString(raw)
+            if now - m.last_seen <= self.lease_s:
+                m.state = coordinator_pb2.ALIVE
+                out[m.id] = m
+        return dict(sorted(out.items()))
 
     def remove(self, kind: int, id: int) -> bool:
         """Forgets a member (it left on purpose); True if it was registered."""
-        return bool(self.redis.hdel(self._key(kind), str(id)))
+        key = self._key(kind)
+        self._seen.pop((key, str(id)), None)
+        return bool(self.redis.hdel(key, str(id)))
 
     def _with_state(self, raw: bytes) -> coordinator_pb2.Member:
         m = coordinator_pb2.Member.FromString(raw)

@@ -27,6 +27,17 @@ class CoordinatorMetrics:
                                        registry=r, buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 120.0))
         self.migrated_bytes = Counter("coordinator_migrated_bytes", "bytes moved shard-to-shard by rollouts",
                                       registry=r)
+        self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+        """Counts one RPC and its latency. The labelled children are looked up once per (method, code):
+        `labels()` validates and locks on every call, at every heartbeat."""
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = self._rpc_children[(method, code)] = (self.requests.labels(method, code),
+                                                              self.latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""

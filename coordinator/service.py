@@ -60,8 +60,7 @@ def _served(servicer: CoordinatorServicer, method: str, context: grpc.ServicerCo
         context.abort(grpc.StatusCode.UNAVAILABLE,
                       f"{method}: the coordinator's Redis is unavailable ({e}); retry once it is back")
     finally:
-        servicer.metrics.requests.labels(method, code).inc()
-        servicer.metrics.latency.labels(method).observe(time.perf_counter() - start)
+        servicer.metrics.rpc_done(method, code, time.perf_counter() - start)
 
 
 def rpc(method):

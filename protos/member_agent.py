@@ -14,6 +14,7 @@ first write (`check()` heartbeats synchronously then), so no write slips in befo
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
@@ -26,6 +27,12 @@ from protos.channels import open_channel
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 5.0  # one Register / Heartbeat
+# Heartbeats every lease / 3 (Kubernetes renews node leases at a similar fraction), each wait drawn from
+# +-JITTER of it so a fleet started together does not beat in step; the longest wait (0.37 lease) still
+# leaves two beats per lease. No cap below that: the step and plan version a heartbeat carries are
+# informational (status, tests), while fencing (`check()`) goes by the lease and plans by WatchPlan.
+MIN_INTERVAL_S = 0.05
+JITTER = 0.1
 
 
 class Fenced(RuntimeError):
@@ -113,7 +120,7 @@ class MemberAgent:
         sent = time.monotonic()
         resp = self.stub.Register(coordinator_pb2.RegisterRequest(member=self.member), timeout=RPC_TIMEOUT_S)
         self._unanswered = 0.0
-        self.interval_s = min(0.5, max(0.05, resp.lease_ms / 1000 / 3))  # steps reach the coordinator soon
+        self.interval_s = max(MIN_INTERVAL_S, resp.lease_ms / 1000 / 3)
         self.lease_s = resp.lease_ms / 1000
         self.member.epoch = resp.epoch
         self._last_ack = sent
@@ -165,4 +172,4 @@ class MemberAgent:
     def _run(self) -> None:
         while not self._stop.is_set() and not self.fenced.is_set():
             self._beat()
-            self._stop.wait(self.interval_s)
+            self._stop.wait(self.interval_s * random.uniform(1 - JITTER, 1 + JITTER))

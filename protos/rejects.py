@@ -111,10 +111,13 @@ def _kind(handler: grpc.RpcMethodHandler) -> tuple[Any, Callable]:
 class DecodeGuard(grpc.ServerInterceptor):
     """Answers an undecodable request INVALID_ARGUMENT (counted, rate-limited log) instead of letting gRPC
     log a traceback and answer INTERNAL. Thread-pool servers. `exempt`: full method names whose own
-    parsers never raise (the shard's hand-framed Lookup / Update), left unwrapped on the hot path."""
+    parsers never raise (the shard's hand-framed Lookup / Update), left unwrapped on the hot path.
+    The guarded handler of a method is built once and reused while the server hands out the same
+    handler (every call, for registered services): no closures or handler tuples per call."""
 
     def __init__(self, rejects: Rejects, exempt: frozenset[str] = frozenset()) -> None:
         self.rejects, self.exempt = rejects, exempt
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -122,6 +125,14 @@ class DecodeGuard(grpc.ServerInterceptor):
         if handler is None or handler.request_deserializer is None or handler_call_details.method in self.exempt:
             return handler
         method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guard(method, handler)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior, make = _kind(handler)
         rejects = self.rejects
 

@@ -354,7 +354,9 @@ def test_partition_between_trainers_and_a_shard(job_factory, tmp_path):
         # (a) a short stall (3 s, under the 10 s deadline): training pauses, then goes on
         job.wait_step(15)
         proxy.stall()
-        time.sleep(1.0)  # RPCs already past the proxy finish; then nothing moves
+        # RPCs already past the proxy finish, then nothing moves; and the trainers' next heartbeat (every
+        # lease / 3 +- 10%, 1.47 s at most with the job's 4 s lease) reports the step they stopped at
+        time.sleep(2.0)
         frozen_at = job.wait_step(0)
         time.sleep(2.0)
         assert job.wait_step(0) <= frozen_at + 1, "training went on through a stalled shard"

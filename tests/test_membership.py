@@ -192,3 +192,33 @@ def test_concurrent_heartbeats_of_many_members_all_land(server, ns, clock):
         t.join()
     assert results == [True] * 320
     assert {(m.step, m.plan_version, m.last_seen) for m in ms[0].members(SHARD)} == {(3, 2, 1001.0)}
+
+
+def test_a_heartbeat_is_one_round_trip_and_the_remembered_record_never_refuses_alone(server, members, ns, clock):
+    """A steady heartbeat is one compare-and-set script (no read before it); when another coordinator
+    wrote the record meanwhile, the script's answer decides, not this coordinator's stale copy."""
+    from coordinator.membership import StaleEpoch
+
+    r = server.client()
+
+    def calls(command: str) -> int:
+        return r.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})["calls"]
+
+    members.register(shard(0))
+    evalsha, hget = calls("evalsha"), calls("hget")
+    for step in range(10):
+        clock.now += 1
+        assert members.heartbeat(SHARD, 0, "a", plan_version=1, step=step, epoch=1) is True
+    assert (calls("evalsha") - evalsha, calls("hget") - hget) == (10, 20), "the script's own two HGETs only"
+    other = Membership(server.client(), namespace=ns, lease_s=5.0, clock=clock)
+    clock.now += 4
+    assert other.heartbeat(SHARD, 0, "a", 1, 10, epoch=1) is True  # this beat reached the other coordinator
+    clock.now += 2  # 6 s after this coordinator's own write, 2 s after the other's: alive
+    assert members.heartbeat(SHARD, 0, "a", 1, 11, epoch=1) is True
+    clock.now += 6
+    assert other.register(shard(0, instance="b")) == 2  # replaced through the other coordinator
+    with pytest.raises(StaleEpoch, match="epoch 1 was superseded by epoch 2"):
+        members.heartbeat(SHARD, 0, "a", 1, 12, epoch=1)
+    assert members.heartbeat(SHARD, 0, "b", 1, 1, epoch=2) is True
+    assert members.remove(SHARD, 0) and members.heartbeat(SHARD, 0, "b", 1, 2, epoch=2) is False
+    assert other.get(SHARD, 0) is None
