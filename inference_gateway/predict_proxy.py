@@ -27,16 +27,19 @@ from typing import Protocol
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from inference_gateway import oip
+from inference_gateway.control_plane import PREDICT, SERVICE_NAME
 from inference_gateway.requests import Limits, RequestError, decode
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from protos.channels import channel_options
+from protos.rejects import AioDecodeGuard, Rejects
 from protos.security import AioControlPlaneAuth, TokenRule, full_names, read_token
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
-PREDICT = ("Predict", "PredictStream")  # as servicer.PREDICT: open unless a predict token is set
 
 
 @dataclass(frozen=True)
@@ -200,13 +203,17 @@ class PredictProxy(inference_pb2_grpc.InferenceGatewayServicer):
 
 def add_to_server(proxy: PredictProxy, host: str, port: int, predict_token: str | None,
                   max_message_bytes: int = 64 << 20) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with the proxy (Predict / PredictStream behind `predict_token` when set), not
-    started; returns it and its bound port."""
-    interceptors = []
+    """A grpc.aio server with the proxy (Predict / PredictStream behind `predict_token` when set; undecodable
+    requests INVALID_ARGUMENT; reflection), not started; returns it and its bound port."""
+    rejects = Rejects(CollectorRegistry(), log)  # no metrics port here: counted for the log only
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if predict_token:
-        interceptors.append(AioControlPlaneAuth([TokenRule(predict_token, full_names(SERVICE_NAME, PREDICT))]))
+        interceptors.append(AioControlPlaneAuth([TokenRule(predict_token, full_names(SERVICE_NAME, PREDICT))],
+                                                on_refusal=rejects.refused))
+    interceptors.append(AioDecodeGuard(rejects))
     server = grpc.aio.server(options=channel_options(max_message_bytes), interceptors=interceptors)
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(proxy, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return server, server.add_insecure_port(f"{host}:{port}")
 
 

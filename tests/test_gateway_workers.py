@@ -165,15 +165,14 @@ def test_predict_port_checks_as_serve_and_keeps_management_apart(gw):
     stub = _predict_stub(gw)
     assert [(m.name, m.version, m.is_default) for m in stub.ListModels(inference_pb2.ListModelsRequest(),
                                                                          timeout=30).models] == [("dlrm", 1, True)]
-    dense, ids = sample(3, 1)
-    lengths = np.ones(NFEAT * 3, dtype=np.int64)
+    dense, lengths, values = sample(3, 1)
     for req, code, text in (
-            (build_request(dense[:, :2], lengths, ids.T.ravel()), "INVALID_ARGUMENT", f"dense: width 2, model dlrm v1 "
-                                                                                      f"takes {NDENSE}"),
-            (build_request(dense, lengths[1:], ids.T.ravel()), "INVALID_ARGUMENT", "lengths: "),
-            (build_request(dense, lengths, ids.T.ravel(), model="x"), "NOT_FOUND", "model: 'x' is not loaded"),
-            (build_request(dense, lengths, ids.T.ravel(), version=7), "NOT_FOUND", "version: model 'dlrm' has no "
-                                                                                   "version 7")):
+            (build_request(dense[:, :2], lengths, values), "INVALID_ARGUMENT", f"dense: width 2, model dlrm v1 "
+                                                                               f"takes {NDENSE}"),
+            (build_request(dense, lengths[1:], values), "INVALID_ARGUMENT", "lengths: "),
+            (build_request(dense, lengths, values, model="x"), "NOT_FOUND", "model: 'x' is not loaded"),
+            (build_request(dense, lengths, values, version=7), "NOT_FOUND", "version: model 'dlrm' has no "
+                                                                            "version 7")):
         with pytest.raises(grpc.RpcError) as e:
             stub.Predict(req, timeout=30)
         assert e.value.code().name == code and e.value.details().startswith(text), e.value.details()
@@ -181,26 +180,21 @@ def test_predict_port_checks_as_serve_and_keeps_management_apart(gw):
         stub.LoadModel(inference_pb2.LoadModelRequest(path="v2"), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch, pytest.raises(grpc.RpcError) as e:
-        inference_pb2_grpc.InferenceGatewayStub(ch).Predict(build_request(dense, lengths, ids.T.ravel()), timeout=30)
+        inference_pb2_grpc.InferenceGatewayStub(ch).Predict(build_request(dense, lengths, values), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_predict_through_the_proxy_scores_what_the_package_computes(gw, store):
-    dense, ids = sample(4, 2)
-    resp = _predict_stub(gw).Predict(build_request(dense, np.ones(NFEAT * 4, dtype=np.int64), ids.T.ravel()),
-                                     timeout=60)
+    """Single-hot requests are forwarded as dense + ids, multi-hot ones per feature: both score as the package."""
     model = ServingModel(load_package(store / "v1"))
-    values = torch.from_numpy(ids.T.reshape(-1).copy())
-    want = model.scores(torch.from_numpy(dense), torch.ones(values.numel(), dtype=torch.int64), values).numpy()
-    np.testing.assert_allclose(scores_of(resp), want, rtol=1e-5, atol=1e-6)
-    # multi-hot (bags of 0-3 ids): forwarded in the per-feature form
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(0, 4, NFEAT * 4)
-    rows = np.repeat(model.rows_per_feature, 4)
-    values = np.concatenate([rng.integers(0, r, n) for r, n in zip(rows, lengths, strict=True)]).astype(np.int64)
-    resp = _predict_stub(gw).Predict(build_request(dense, lengths, values), timeout=60)
-    want = model.scores(torch.from_numpy(dense), torch.from_numpy(lengths), torch.from_numpy(values)).numpy()
-    np.testing.assert_allclose(scores_of(resp), want, rtol=1e-5, atol=1e-6)
+    stub = _predict_stub(gw)
+    rng = np.random.default_rng(2)
+    ids = np.stack([rng.integers(0, r, 4) for r in model.rows_per_feature])  # [F, B]
+    single = (rng.random((4, NDENSE), dtype=np.float32), np.ones(NFEAT * 4, dtype=np.int64), ids.ravel())
+    for dense, lengths, values in (single, sample(4, 2)):
+        resp = stub.Predict(build_request(dense, lengths, values), timeout=60)
+        want = model.scores(torch.from_numpy(dense), torch.from_numpy(lengths), torch.from_numpy(values)).numpy()
+        np.testing.assert_allclose(scores_of(resp), want, rtol=1e-5, atol=1e-6)
 
 
 def _management_health(g) -> int:

@@ -135,10 +135,11 @@ def sweep_service(channel: grpc.Channel, descriptor, token: str) -> None:
         undecodable = invoke(channel, service, m, GARBAGE, token)
         empty = invoke(channel, service, m, b"", token)
         rows.append((m.name, plane, anonymous.name, undecodable.name, empty.name))
-        if plane == "control" and anonymous != grpc.StatusCode.UNAUTHENTICATED:
+        # not served on this port (serve-triton: Predict on its management port, LoadModel on its predict port)
+        not_served = empty == anonymous == grpc.StatusCode.UNIMPLEMENTED
+        if plane == "control" and anonymous != grpc.StatusCode.UNAUTHENTICATED and not not_served:
             wrong.append(f"{m.name} without a token: {anonymous.name}")
-        not_served = undecodable == empty == grpc.StatusCode.UNIMPLEMENTED  # serve-triton's management PredictStream
-        if undecodable != grpc.StatusCode.INVALID_ARGUMENT and not not_served:
+        if undecodable != grpc.StatusCode.INVALID_ARGUMENT and not (not_served and undecodable == empty):
             wrong.append(f"{m.name} undecodable: {undecodable.name}")
         wrong += [f"{m.name} {what}: {code.name}" for what, code in (("empty", empty), ("no token", anonymous))
                   if code in NEVER]
@@ -233,8 +234,9 @@ def sweep_triton(address: str) -> None:
 
 
 def test_every_serve_triton_rpc(triton_gateway):
-    """Both ports of one serve-triton: its management port (reflection) and tritonserver's."""
+    """Every port of one serve-triton: management and predict (reflection), and tritonserver's."""
     sweep(f"127.0.0.1:{triton_gateway.announced['management_port']}", TOKEN, {"recsys.v1.InferenceGateway"})
+    sweep(f"127.0.0.1:{triton_gateway.announced['predict_port']}", TOKEN, {"recsys.v1.InferenceGateway"})
     sweep_triton(triton_gateway.address)
     repository = triton_gateway.workdir / "triton" / "repository"
     assert sorted(p.name for p in repository.iterdir()) == ["dlrm"]  # no model was uploaded
