@@ -94,6 +94,14 @@ class ServingModel:
         self.dense = module.to(self.device).eval()
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Score zero batches once before the model takes requests: the first forward pays for lazy kernel
+        and allocator set-up (~0.5 s), which would otherwise land on the first requests' latency."""
+        nfeat = len(self.features)
+        for batch in (1, 64):
+            self.scores(torch.zeros(batch, self.dense_features), torch.ones(nfeat * batch, dtype=torch.int64),
+                        torch.zeros(nfeat * batch, dtype=torch.int64))
+
     def scores(self, dense: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """P(click) [B] for a validated batch (lengths feature-major over the package's features)."""
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)

@@ -77,6 +77,7 @@ class ModelRegistry:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"version: model {pkg.name!r} version {pkg.version} is already loaded")
         model = ServingModel(pkg, device=self.device)
+        model.warm_up()  # before it takes requests
         loaded = LoadedModel(model, self.make_batcher(model), Path(path))
         with self._lock:
             if pkg.version in self._models.get(pkg.name, {}):  # lost a race with a concurrent load

@@ -57,6 +57,7 @@ class BatchScorer:
         self.pairs = [(lengths_input(f), values_input(f)) for f in self.model.features]
         self.limits = Limits(max_request_samples=max_batch_size)  # Triton refuses larger requests first
         self.batch_limits = Limits(max_request_samples=1 << 62, max_request_ids=1 << 62)  # checked per request
+        self.model.warm_up()
 
     def decode(self, arrays: Arrays) -> Decoded:
         """One request's inputs -> serve's Decoded, or RequestError with serve's message."""
