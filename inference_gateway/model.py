@@ -93,7 +93,6 @@ class ServingModel:
         """Serves `module` as the dense arch from the next batch on (one reference assignment)."""
         self.dense = module.to(self.device).eval()
 
-    @torch.inference_mode()
     def warm_up(self) -> None:
         """Score zero batches once before the model takes requests: the first forward pays for lazy kernel
         and allocator set-up (~0.5 s), which would otherwise land on the first requests' latency."""
@@ -102,6 +101,7 @@ class ServingModel:
             self.scores(torch.zeros(batch, self.dense_features), torch.ones(nfeat * batch, dtype=torch.int64),
                         torch.zeros(nfeat * batch, dtype=torch.int64))
 
+    @torch.inference_mode()
     def scores(self, dense: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """P(click) [B] for a validated batch (lengths feature-major over the package's features)."""
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
