@@ -3,9 +3,10 @@
 One run, side by side: `serve` (the pure-Python gateway) and `serve-triton` (tritonserver's C++ gRPC
 frontend over our model in Python-backend workers), per table dtype (FP32, INT8, INT4):
   echo      the W1 ceiling of Python gRPC: a Predict that does no work, with both clients, and its CPU.
-  inprocess the batched limit of the package's model in this process, batch 64 and 256, with 1 and 2 torch
-            threads: `serve`'s ServingModel; for serve-triton the workers' own BatchScorer (mapped table
-            image, the batch's checks), W1 batch = 64 one-sample requests, W2 = one 256-sample request.
+  inprocess the batched limit of the package's model in this process, batch 64 and 256, with 1 and 2
+            scoring threads of one torch thread each: `serve`'s ServingModel; for serve-triton the workers'
+            own BatchScorer (mapped table image, the batch's checks), W1 batch = 64 one-sample requests,
+            W2 = one 256-sample request.
   w1        one sample per request, closed loop at concurrency C, on the frontend's unary W1 method
             (serve: Predict; serve-triton: ModelInfer on its OIP port, single-hot `ids` form), with the
             project's Python async client AND h2load; CPU-seconds of every server process per 1,000
@@ -43,6 +44,7 @@ import asyncio
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,15 +120,28 @@ def infer_pool(cfg: ModelConfig, batch: int, count: int, model: str) -> list[byt
 
 
 def in_process_rate(score: Callable[[], object], batch: int, seconds: float, threads: int) -> float:
-    """Samples/s of `score` (one batch a call) with `threads` torch threads: the limit a server approaches."""
-    torch.set_num_threads(threads)
+    """Samples/s of `threads` Python threads each calling `score` (one batch a call) on one torch thread:
+    the shape of both servers (serve: worker threads, serve-triton: worker processes, each one kernel
+    thread), and the limit they approach. Not torch intra-op threads: on this shared 2-core box their
+    OpenMP barriers stall whenever another job takes a core (measured 10x slower at load 4)."""
+    torch.set_num_threads(1)
     for _ in range(5):
         score()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        score()
-        n += 1
-    return n * batch / (time.perf_counter() - start)
+    counts = [0] * threads
+    start = time.perf_counter()
+    stop = start + seconds
+
+    def loop(k: int) -> None:
+        while time.perf_counter() < stop:
+            score()
+            counts[k] += 1
+
+    pool = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts) * batch / (time.perf_counter() - start)
 
 
 def scorers(frontend: str, pkg: Path, cfg: ModelConfig, workdir: Path) -> dict[int, Callable[[], object]]:
@@ -301,7 +316,6 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
             emit({**base, "bench": "in_process", "scorer": "ServingModel" if frontend == "serve" else "BatchScorer",
                   "batch": b, "threads": threads, "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
         del score
-        torch.set_num_threads(1)
     gw, ep = start_frontend(frontend, pkg, q, run, pools)
     pids = proc_memory.tree(gw.pid)  # supervisor, tritonserver and its workers
     try:
