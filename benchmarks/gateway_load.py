@@ -11,8 +11,10 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
             (serve: Predict; serve-triton: ModelInfer on its OIP port, single-hot `ids` form), with the
             project's Python async client AND h2load; CPU-seconds of every server process per 1,000
             answered requests (h2load run); ratios to the echo (vs_echo_python, vs_echo_h2load, cpu_vs_echo).
-  half, overload  open loop at half and at twice the gateway's own maximum (the larger of the two
-            clients' W1 figures).
+  max       h2load at --max-concurrency (512): the gateway's own W1 maximum (at 64 in flight a batching
+            server is latency-bound: serve-triton answered ~1.9x its C=64 rate when offered more).
+  half, overload  open loop at half and at twice the gateway's own maximum (the largest W1 figure;
+            h2load's count answered calls only, estimated from DATA bytes).
   stream    W1 over PredictStream (serve-triton: its --predict-port).
   oip       serve: W1 over the Open Inference Protocol on the same port (serve-triton's W1 is OIP already).
   predict   serve-triton: W1 Predict through its --predict-port (serve's W1 is Predict already).
@@ -34,7 +36,7 @@ estimated answers + the probe's, per second. W2 (tens of requests/s) needs no h2
 offers 2x alone. Without h2load (`--skip h2load`, or not installed) the Python client offers every rate.
 
     python -m benchmarks.gateway_load [--frontend serve|serve-triton|both] [--dtypes fp32,int8,int4]
-        [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,half,overload,stream,oip,predict,w2]
+        [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2]
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from trainer.model import DenseDLRM
 
 ROOT = Path(__file__).resolve().parent.parent
 FRONTENDS = ("serve", "serve-triton")
-PHASES = "echo,inprocess,w1,h2load,half,overload,stream,oip,predict,w2"
+PHASES = "echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2"
 PROBE_MAX_PER_S = 100.0  # the Python open loop beside h2load's rate mode
 
 
@@ -204,8 +206,11 @@ class Run:
         return self.has_h2load and "h2load" not in self.skip
 
 
-def w1_both(run: Run, base: dict, bench: str, address: str, method: str, pool: list[bytes], pids: list[int]) -> dict:
-    """W1 closed loop at concurrency C with the Python client and with h2load (+ the servers' CPU)."""
+def w1_both(run: Run, base: dict, bench: str, address: str, method: str, pool: list[bytes], pids: list[int],
+            max_bench: str | None = None) -> dict:
+    """W1 closed loop at concurrency C with the Python client and with h2load (+ the servers' CPU); with
+    `max_bench`, h2load again at --max-concurrency: the gateway's own maximum (a closed loop of 64 is
+    latency-bound on a batching server). h2load's rates count answered calls only (DATA bytes)."""
     a = run.args
     out = {}
     r = asyncio.run(closed_loop(address, pool, a.concurrency, a.seconds, 1, method))
@@ -216,15 +221,19 @@ def w1_both(run: Run, base: dict, bench: str, address: str, method: str, pool: l
         rec["vs_echo_python"] = round(r["requests_per_s"] / run.echo["python"], 3)
     emit({**rec, "loadavg": _load()})
     if run.use_h2load:
-        r = h2load_with_cpu(address, method, pool[0], a.concurrency, a.seconds, run.workdir, pids)
-        out["h2load"] = r
-        rec = {**base, "bench": bench, "client": "h2load", "method": method.rsplit("/", 1)[1],
-               "concurrency": a.concurrency, **r}
-        if run.echo.get("h2load") and "requests_per_s" in r:
-            rec["vs_echo_h2load"] = round(r["requests_per_s"] / run.echo["h2load"], 3)
-        if run.echo.get("cpu_s_per_1000") and "cpu_s_per_1000" in r:
-            rec["cpu_vs_echo"] = round(r["cpu_s_per_1000"] / run.echo["cpu_s_per_1000"], 3)
-        emit({**rec, "loadavg": _load()})
+        frame = answer_frame_bytes(address, method, pool[0])
+        for key, c in (("h2load", a.concurrency), ("h2load_max", a.max_concurrency)):
+            if key == "h2load_max" and (max_bench is None or "max" in run.skip):
+                continue
+            r = h2load_with_cpu(address, method, pool[0], c, a.seconds, run.workdir, pids, frame)
+            out[key] = r
+            rec = {**base, "bench": bench if key == "h2load" else max_bench, "client": "h2load",
+                   "method": method.rsplit("/", 1)[1], "concurrency": c, **r}
+            if run.echo.get("h2load") and "answered_per_s" in r:
+                rec["vs_echo_h2load"] = round(r["answered_per_s"] / run.echo["h2load"], 3)
+            if run.echo.get("cpu_s_per_1000") and "cpu_s_per_1000" in r:
+                rec["cpu_vs_echo"] = round(r["cpu_s_per_1000"] / run.echo["cpu_s_per_1000"], 3)
+            emit({**rec, "loadavg": _load()})
     return out
 
 
@@ -322,15 +331,17 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
         peak = None
         if "w1" not in skip:
             address, method, pool = ep.w1
-            r = w1_both(run, base, "W1_closed", address, method, pool, pids)
+            r = w1_both(run, base, "W1_closed", address, method, pool, pids, "W1_max")
             fig["w1_python_per_s"] = r["python"]["requests_per_s"]
             h2 = r.get("h2load", {})
-            if "requests_per_s" in h2:
-                fig["w1_h2load_per_s"] = h2["requests_per_s"]
+            if "answered_per_s" in h2:
+                fig["w1_h2load_per_s"] = h2["answered_per_s"]
                 fig["cpu_s_per_1000"] = h2.get("cpu_s_per_1000")
-            peak = max(fig["w1_python_per_s"], fig.get("w1_h2load_per_s", 0.0))
-            open_phases(run, {**base, "client_of_max": "h2load" if fig.get("w1_h2load_per_s", 0) >= fig[
-                "w1_python_per_s"] else "python"}, (frontend, q), address, method, pool, peak)
+            maxima = {"python": fig["w1_python_per_s"], "h2load": fig.get("w1_h2load_per_s", 0.0),
+                      "h2load_max": r.get("h2load_max", {}).get("answered_per_s", 0.0)}
+            who = max(maxima, key=maxima.__getitem__)
+            peak = maxima[who]
+            open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak)
         if "stream" not in skip:
             depth = max(1, a.concurrency // a.streams)
             r = asyncio.run(stream_closed_loop(ep.predict_address, pools["w1"], a.streams, depth, a.seconds, 1))
@@ -406,7 +417,7 @@ def measure_echo(run: Run, pool: list[bytes], base: dict) -> None:
         proc.wait(10)
     run.echo["python"] = r["python"]["requests_per_s"]
     h2 = r.get("h2load", {})
-    run.echo["h2load"] = h2.get("requests_per_s")
+    run.echo["h2load"] = h2.get("answered_per_s")
     run.echo["cpu_s_per_1000"] = h2.get("cpu_s_per_1000")
 
 
@@ -416,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="fp32,int8,int4")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=64, help="W1 closed-loop clients")
+    p.add_argument("--max-concurrency", type=int, default=512, help="W1 h2load streams for the gateway's maximum")
     p.add_argument("--w2-concurrency", type=int, default=4, help="W2 closed-loop clients")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
     p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")

@@ -79,16 +79,27 @@ def h2load(address: str, method: str, body: bytes, concurrency: int, seconds: fl
     return r
 
 
+def answered(r: dict, ok_frame_bytes: int) -> dict:
+    """Adds ok_estimated, refused_estimated and answered_per_s: DATA bytes over one answer's frame size."""
+    if r.get("data_bytes") is not None and ok_frame_bytes > 0:
+        r["ok_estimated"] = r["data_bytes"] // ok_frame_bytes
+        r["refused_estimated"] = max(0, r["ok"] - r["ok_estimated"])
+        r["answered_per_s"] = round(r["ok_estimated"] / r["seconds"], 1) if r["seconds"] else 0.0
+    return r
+
+
 def h2load_with_cpu(address: str, method: str, body: bytes, concurrency: int, seconds: float, workdir: Path,
-                    pids: list[int]) -> dict:
-    """h2load's closed loop, plus the CPU-seconds the processes `pids` spent per 1,000 answered requests."""
+                    pids: list[int], ok_frame_bytes: int = 0) -> dict:
+    """h2load's closed loop, plus the CPU-seconds the processes `pids` spent per 1,000 answered requests
+    (estimated from DATA bytes when `ok_frame_bytes` is given, so refusals do not dilute it)."""
     before = cpu_ticks(pids)
-    r = h2load(address, method, body, concurrency, seconds, workdir)
+    r = answered(h2load(address, method, body, concurrency, seconds, workdir), ok_frame_bytes)
     after = cpu_ticks(pids)
     spent = {k: (after[k] - before.get(k, 0)) / TICK for k in after}
-    if r.get("ok"):
-        r["cpu_s_per_1000"] = round(sum(spent.values()) / r["ok"] * 1000, 4)
-        r["cpu_s_per_1000_by_process"] = {k: round(v / r["ok"] * 1000, 4) for k, v in spent.items()}
+    n = r.get("ok_estimated", r.get("ok"))
+    if n:
+        r["cpu_s_per_1000"] = round(sum(spent.values()) / n * 1000, 4)
+        r["cpu_s_per_1000_by_process"] = {k: round(v / n * 1000, 4) for k, v in spent.items()}
     return r
 
 
@@ -119,11 +130,8 @@ def rate_result(proc: subprocess.Popen, log: Path, seconds: float, ok_frame_byte
         r["p50_ms"] = round(float(np.percentile(ms, 50)), 2)
         r["p99_ms"] = round(float(np.percentile(ms, 99)), 2)
         r["http_status"] = {str(s): int(n) for s, n in zip(*np.unique(rows[:, 1], return_counts=True), strict=True)}
-    if r.get("data_bytes") is not None and ok_frame_bytes > 0:
-        r["ok_estimated"] = r["data_bytes"] // ok_frame_bytes
-        r["refused_estimated"] = max(0, r["ok"] - r["ok_estimated"])
     log.unlink(missing_ok=True)
-    return r
+    return answered(r, ok_frame_bytes)
 
 
 def _ms(text: str) -> float:

@@ -38,7 +38,7 @@ def test_rate_result_estimates_answers_from_data_and_reads_the_log(tmp_path: Pat
     proc.stdin.close()
     proc.stdin = None  # communicate() only reads
     r = rate_result(proc, log, 3.0, ok_frame_bytes=20)
-    assert r["ok_estimated"] == 4 and r["refused_estimated"] == 6
+    assert r["ok_estimated"] == 4 and r["refused_estimated"] == 6 and r["answered_per_s"] == 1.3
     assert r["http_status"] == {"200": 10}
     assert 5.0 <= r["p50_ms"] <= 6.0 and 9.0 <= r["p99_ms"] <= 10.0
     assert not log.exists()
