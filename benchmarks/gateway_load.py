@@ -238,9 +238,18 @@ def w1_both(run: Run, base: dict, bench: str, address: str, method: str, pool: l
 
 
 def answer_frame_bytes(address: str, method: str, request: bytes) -> int:
-    """Size of one answered call's gRPC message frame (what h2load sees as DATA)."""
+    """Size of one answered call's gRPC message frame (what h2load sees as DATA); retried while the
+    server still refuses the backlog of a phase just ended."""
     with grpc.insecure_channel(address) as channel:
-        return len(channel.unary_unary(method)(request, timeout=30)) + 5
+        for _ in range(40):
+            try:
+                return len(channel.unary_unary(method)(request, timeout=30)) + 5
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    grpc.StatusCode.UNAVAILABLE):
+                    raise
+                time.sleep(0.25)
+    raise RuntimeError(f"{address}{method}: every call refused for 10 s")
 
 
 def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: float) -> dict:
