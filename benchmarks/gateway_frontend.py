@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.gateway_load import ROOT, _load, emit, packages, request_pool, samples
+from benchmarks.h2 import ensure_h2load, h2load_with_cpu
 from inference_gateway import proc_memory
 from inference_gateway.loadgen import METHOD, closed_loop, open_loop
 from inference_gateway.process import launch, launch_triton
@@ -38,14 +37,6 @@ from protos.model_config import ModelConfig
 from protos.process import start_announced
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def ensure_h2load() -> str | None:
-    """h2load (Debian's nghttp2-client), installed with apt-get when missing and running as root."""
-    if shutil.which("h2load") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "nghttp2-client"], capture_output=True, check=False)
-    return shutil.which("h2load")
 
 
 def model_infer_pool(cfg: ModelConfig, name: str, count: int, form: str = "ids", batch: int = 1) -> list[bytes]:
@@ -75,45 +66,6 @@ def model_infer_pool(cfg: ModelConfig, name: str, count: int, form: str = "ids",
     return out
 
 
-def cpu_ticks(pids: list[int]) -> dict[str, int]:
-    """utime + stime per kind of process (its comm: python, tritonserver, triton_python_b[ackend_stub])."""
-    out: dict[str, int] = {}
-    for p in pids:
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[comm] = out.get(comm, 0) + int(fields[11]) + int(fields[12])
-    return out
-
-
-def h2load(address: str, method: str, body: bytes, concurrency: int, seconds: float, workdir: Path) -> dict:
-    """Closed loop over `concurrency` streams (4 connections x concurrency/4 streams) for `seconds`."""
-    path = workdir / f"body-{abs(hash(body))}.bin"
-    path.write_bytes(b"\0" + struct.pack(">I", len(body)) + body)  # one gRPC message frame
-    conns = min(4, concurrency)
-    out = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", str(conns), "-m", str(concurrency // conns),
-                          "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(path),
-                          f"http://{address}{method}"], capture_output=True, text=True, timeout=seconds + 120)
-    text = out.stdout
-    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", text)
-    rps = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
-    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", text)
-    if not (done and rps):
-        return {"error": (out.stderr or text)[-500:]}
-    return {"requests_per_s": float(rps.group(2)), "ok": int(done.group(2)), "failed": int(done.group(3)),
-            "mean_ms": _ms(lat.group(3)) if lat else None, "max_ms": _ms(lat.group(2)) if lat else None}
-
-
-def _ms(text: str) -> float:
-    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
-        if text.endswith(unit):
-            return round(float(text[: -len(unit)]) * scale, 3)
-    return float(text)
-
-
 def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: int | list[int], args, workdir: Path,
             base: dict, has_h2load: bool) -> None:
     """W1 with both clients; CPU of every process under root_pid(s) per 1,000 requests (h2load run)."""
@@ -122,13 +74,7 @@ def measure(name: str, address: str, method: str, pool: list[bytes], root_pid: i
           "loadavg": _load()})
     if has_h2load:
         pids = [p for root in (root_pid if isinstance(root_pid, list) else [root_pid]) for p in proc_memory.tree(root)]
-        before = cpu_ticks(pids)
-        r = h2load(address, method, pool[0], args.concurrency, args.seconds, workdir)
-        after = cpu_ticks(pids)
-        spent = {k: (after[k] - before.get(k, 0)) / TICK for k in after}
-        if r.get("ok"):
-            r["cpu_s_per_1000"] = round(sum(spent.values()) / r["ok"] * 1000, 4)
-            r["cpu_s_per_1000_by_process"] = {k: round(v / r["ok"] * 1000, 4) for k, v in spent.items()}
+        r = h2load_with_cpu(address, method, pool[0], args.concurrency, args.seconds, workdir, pids)
         emit({**base, "bench": "W1_closed", "server": name, "client": "h2load", "concurrency": args.concurrency,
               **r, "loadavg": _load()})
 

@@ -1,18 +1,42 @@
-"""Load generator for the inference gateway on the Criteo-Kaggle model (JSON lines, one per result).
+"""Load generator for both inference gateways on the Criteo-Kaggle model (JSON lines, one per result).
 
-For each table dtype (FP32, INT8, INT4): the in-process batched limit of the same package, then a
-real gateway process driven over gRPC from this process (async, pre-serialized requests):
-  W1 one sample per request: closed loop at concurrency C; open loop at half the measured maximum;
-     open loop at 2x the maximum (overload: accepted requests' latency, rejected share and speed).
-  W1 over the Open Inference Protocol (ModelInfer, raw contents, as Triton's client sends): closed loop.
-  W2 one user x 256 candidate items per request: closed loop; samples/s against the in-process limit.
-The 2x overloads (W1, where the event loop is the bottleneck, and W2, where compute is) report goodput
-against the closed-loop maximum, the accepted requests' p99, the refusal codes and how fast each code was
-answered (admission answers RESOURCE_EXHAUSTED on arrival).
-First, the W1 ceiling: the same client against a Predict that does no work at all (Python gRPC alone).
-Latencies of the open loops count from each request's scheduled send time (no coordinated omission).
+One run, side by side: `serve` (the pure-Python gateway) and `serve-triton` (tritonserver's C++ gRPC
+frontend over our model in Python-backend workers), per table dtype (FP32, INT8, INT4):
+  echo      the W1 ceiling of Python gRPC: a Predict that does no work, with both clients, and its CPU.
+  inprocess the batched limit of the package's model in this process, batch 64 and 256, with 1 and 2
+            scoring threads of one torch thread each: `serve`'s ServingModel; for serve-triton the workers'
+            own BatchScorer (mapped table image, the batch's checks), W1 batch = 64 one-sample requests,
+            W2 = one 256-sample request.
+  w1        one sample per request, closed loop at concurrency C, on the frontend's unary W1 method
+            (serve: Predict; serve-triton: ModelInfer on its OIP port, single-hot `ids` form), with the
+            project's Python async client AND h2load; CPU-seconds of every server process per 1,000
+            answered requests (h2load run); ratios to the echo (vs_echo_python, vs_echo_h2load, cpu_vs_echo).
+  max       h2load at --max-concurrency (512): the gateway's own W1 maximum (at 64 in flight a batching
+            server is latency-bound: serve-triton answered ~1.9x its C=64 rate when offered more).
+  half, overload  open loop at half and at twice the gateway's own maximum (the largest W1 figure;
+            h2load's count answered calls only, estimated from DATA bytes).
+  stream    W1 over PredictStream (serve-triton: its --predict-port).
+  oip       serve: W1 over the Open Inference Protocol on the same port (serve-triton's W1 is OIP already).
+  predict   serve-triton: W1 Predict through its --predict-port (serve's W1 is Predict already).
+  w2        one user x 256 candidates per request (serve-triton: one ModelInfer of 256 samples), closed
+            loop; samples/s against the in-process limit (vs_in_process_1t / _2t); then an open loop at 2x.
+A final "targets" record says pass/fail for each of issue 12's targets, per frontend and dtype.
 
-    python -m benchmarks.gateway_load [--dtypes fp32,int8,int4] [--seconds 5] [--concurrency 64]
+Why h2load for the open loops. One Python asyncio client tops out near the Python echo ceiling (its own
+loop is GIL-bound and shares the 2 cores with the server), so it cannot offer half, let alone twice, the
+maximum of a gateway that beats the echo. h2load's rate mode (`--rps` per connection, 4 connections,
+256 streams each) offers the load; a Python open loop at a low probe rate (<= 100/s, so its loop stays
+idle and times calls from their schedule) runs beside it. h2load counts HTTP statuses, and gRPC answers a
+refusal with HTTP 200 too (grpc-status in trailers): from h2load we get the offered and completed rate,
+every request's latency from its own send (refused and answered mixed; a connection with all its streams
+in flight stops sending, so a server that neither answers nor refuses caps h2load's rate) and the
+answered count, estimated from DATA bytes (a refusal is trailers-only); not which code refused, nor how
+fast. The probe gives those: accepted p50/p99, each refusal code and its latency. Goodput = h2load's
+estimated answers + the probe's, per second. W2 (tens of requests/s) needs no h2load: the Python client
+offers 2x alone. Without h2load (`--skip h2load`, or not installed) the Python client offers every rate.
+
+    python -m benchmarks.gateway_load [--frontend serve|serve-triton|both] [--dtypes fp32,int8,int4]
+        [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2]
 """
 
 from __future__ import annotations
@@ -22,22 +46,31 @@ import asyncio
 import json
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
+from benchmarks.h2 import ensure_h2load, h2load_with_cpu, rate_result, start_rate
+from inference_gateway import proc_memory
 from inference_gateway.client import build_request
-from inference_gateway.loadgen import OIP_METHOD, closed_loop, open_loop, stream_closed_loop
+from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
-from inference_gateway.process import launch
+from inference_gateway.process import GatewayProcess, launch, launch_triton
 from protos.model_config import ModelConfig
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM
 
 ROOT = Path(__file__).resolve().parent.parent
+FRONTENDS = ("serve", "serve-triton")
+PHASES = "echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2"
+PROBE_MAX_PER_S = 100.0  # the Python open loop beside h2load's rate mode
 
 
 def emit(record: dict) -> None:
@@ -78,27 +111,62 @@ def request_pool(cfg: ModelConfig, batch: int, count: int) -> list[bytes]:
     return [build_request(*samples(cfg, batch, i), request_id=str(i)).SerializeToString() for i in range(count)]
 
 
-def infer_pool(cfg: ModelConfig, batch: int, count: int) -> list[bytes]:
-    """The same samples as request_pool's, as serialized ModelInferRequests."""
+def infer_pool(cfg: ModelConfig, batch: int, count: int, model: str) -> list[bytes]:
+    """The same samples as request_pool's, as serialized ModelInferRequests for `model` (single-hot: the
+    `ids` form both gateways take)."""
     from inference_gateway.oip import infer_request  # package `inference` stubs: only where needed
 
     features = [f.name for f in cfg.features]
-    return [infer_request(*samples(cfg, batch, i), features, request_id=str(i)).SerializeToString()
+    return [infer_request(*samples(cfg, batch, i), features, model=model, request_id=str(i)).SerializeToString()
             for i in range(count)]
 
 
-def in_process(pkg: Path, cfg: ModelConfig, batch: int, seconds: float, threads: int = 1) -> float:
-    """Samples/s of the package's model, batch by batch (the limit a server approaches)."""
-    torch.set_num_threads(threads)
-    model = ServingModel(load_package(pkg))
-    dense, lengths, values = (torch.from_numpy(a) for a in samples(cfg, batch, 0))
+def in_process_rate(score: Callable[[], object], batch: int, seconds: float, threads: int) -> float:
+    """Samples/s of `threads` Python threads each calling `score` (one batch a call) on one torch thread:
+    the shape of both servers (serve: worker threads, serve-triton: worker processes, each one kernel
+    thread), and the limit they approach. Not torch intra-op threads: on this shared 2-core box their
+    OpenMP barriers stall whenever another job takes a core (measured 10x slower at load 4)."""
+    torch.set_num_threads(1)
     for _ in range(5):
-        model.scores(dense, lengths, values)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.scores(dense, lengths, values)
-        n += 1
-    return n * batch / (time.perf_counter() - start)
+        score()
+    counts = [0] * threads
+    start = time.perf_counter()
+    stop = start + seconds
+
+    def loop(k: int) -> None:
+        while time.perf_counter() < stop:
+            score()
+            counts[k] += 1
+
+    pool = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts) * batch / (time.perf_counter() - start)
+
+
+def scorers(frontend: str, pkg: Path, cfg: ModelConfig, workdir: Path) -> dict[int, Callable[[], object]]:
+    """batch -> one call scoring it the way the frontend's workers do."""
+    out: dict[int, Callable[[], object]] = {}
+    if frontend == "serve":
+        model = ServingModel(load_package(pkg))
+        for b in (64, 256):
+            dense, lengths, values = (torch.from_numpy(a) for a in samples(cfg, b, 0))
+            out[b] = lambda d=dense, ln=lengths, v=values: model.scores(d, ln, v)
+        return out
+    from inference_gateway import shared_tables
+    from inference_gateway.triton_model import BatchScorer
+
+    image = shared_tables.prepare(pkg, workdir / "tables")["image"]
+    scorer = BatchScorer(pkg, image, 256)
+    nfeat = len(cfg.features)
+    for b, per_request in ((64, 1), (256, 256)):  # W1: 64 requests of one sample; W2: one request of 256
+        dense, _, values = samples(cfg, b, 0)
+        ids = np.ascontiguousarray(values.reshape(nfeat, b).T)
+        reqs = [{"dense": dense[i:i + per_request], "ids": ids[i:i + per_request]} for i in range(0, b, per_request)]
+        out[b] = lambda r=reqs: scorer.scores([scorer.decode_batch(r)])
+    return out
 
 
 def _load() -> float:
@@ -109,8 +177,6 @@ def _load() -> float:
 async def _echo_server() -> None:
     """The same Predict method answering an empty response without any work: what Python gRPC alone
     sustains with this client on this machine (the ceiling any Python gateway's W1 can reach)."""
-    import grpc
-
     async def predict(request: bytes, context) -> bytes:
         return b""
 
@@ -124,98 +190,289 @@ async def _echo_server() -> None:
     await server.wait_for_termination()
 
 
-def echo_ceiling(pool: list[bytes], concurrency: int, seconds: float, workdir: Path) -> dict:
+@dataclass
+class Run:
+    """What every phase needs: the knobs, the clients at hand, and the figures targets are judged on."""
+
+    args: argparse.Namespace
+    workdir: Path
+    skip: set[str]
+    has_h2load: bool
+    echo: dict  # client -> requests_per_s, and "cpu_s_per_1000"
+    figures: dict  # (frontend, dtype) -> {figure: value}
+
+    @property
+    def use_h2load(self) -> bool:
+        return self.has_h2load and "h2load" not in self.skip
+
+
+def w1_both(run: Run, base: dict, bench: str, address: str, method: str, pool: list[bytes], pids: list[int],
+            max_bench: str | None = None) -> dict:
+    """W1 closed loop at concurrency C with the Python client and with h2load (+ the servers' CPU); with
+    `max_bench`, h2load again at --max-concurrency: the gateway's own maximum (a closed loop of 64 is
+    latency-bound on a batching server). h2load's rates count answered calls only (DATA bytes)."""
+    a = run.args
+    out = {}
+    r = asyncio.run(closed_loop(address, pool, a.concurrency, a.seconds, 1, method))
+    out["python"] = r
+    rec = {**base, "bench": bench, "client": "python", "method": method.rsplit("/", 1)[1],
+           "concurrency": a.concurrency, **r}
+    if run.echo.get("python"):
+        rec["vs_echo_python"] = round(r["requests_per_s"] / run.echo["python"], 3)
+    emit({**rec, "loadavg": _load()})
+    if run.use_h2load:
+        frame = answer_frame_bytes(address, method, pool[0])
+        for key, c in (("h2load", a.concurrency), ("h2load_max", a.max_concurrency)):
+            if key == "h2load_max" and (max_bench is None or "max" in run.skip):
+                continue
+            r = h2load_with_cpu(address, method, pool[0], c, a.seconds, run.workdir, pids, frame)
+            out[key] = r
+            rec = {**base, "bench": bench if key == "h2load" else max_bench, "client": "h2load",
+                   "method": method.rsplit("/", 1)[1], "concurrency": c, **r}
+            if run.echo.get("h2load") and "answered_per_s" in r:
+                rec["vs_echo_h2load"] = round(r["answered_per_s"] / run.echo["h2load"], 3)
+            if run.echo.get("cpu_s_per_1000") and "cpu_s_per_1000" in r:
+                rec["cpu_vs_echo"] = round(r["cpu_s_per_1000"] / run.echo["cpu_s_per_1000"], 3)
+            emit({**rec, "loadavg": _load()})
+    return out
+
+
+def answer_frame_bytes(address: str, method: str, request: bytes) -> int:
+    """Size of one answered call's gRPC message frame (what h2load sees as DATA); retried while the
+    server still refuses the backlog of a phase just ended."""
+    with grpc.insecure_channel(address) as channel:
+        for _ in range(40):
+            try:
+                return len(channel.unary_unary(method)(request, timeout=30)) + 5
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    grpc.StatusCode.UNAVAILABLE):
+                    raise
+                time.sleep(0.25)
+    raise RuntimeError(f"{address}{method}: every call refused for 10 s")
+
+
+def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: float) -> dict:
+    """Open loop at `rate` requests/s: h2load's rate mode plus a Python probe beside it (module docstring),
+    or the Python client alone without h2load."""
+    a = run.args
+    if not run.use_h2load:
+        r = asyncio.run(open_loop(address, pool, rate, a.seconds, 1, method))
+        return {"client": "python", "offered_per_s": round(rate, 1), "goodput_per_s": r["requests_per_s"],
+                "python": r}
+    probe = min(PROBE_MAX_PER_S, rate / 10)
+    frame = answer_frame_bytes(address, method, pool[0])
+    proc, log = start_rate(address, method, pool[0], rate - probe, a.seconds, run.workdir)
+    try:
+        py = asyncio.run(open_loop(address, pool, probe, a.seconds, 1, method))
+    finally:
+        h2 = rate_result(proc, log, a.seconds, frame)
+    out = {"client": "h2load+python_probe", "offered_per_s": round(rate, 1), "h2load": h2, "python_probe": py}
+    if "ok_estimated" in h2:
+        out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + py["requests_per_s"], 1)
+    return out
+
+
+def open_phases(run: Run, base: dict, key: tuple[str, str], address: str, method: str, pool: list[bytes],
+                peak: float) -> None:
+    """W1 open loop at half the gateway's maximum (latency) and at twice it (overload)."""
+    fig = run.figures[key]
+    if "half" not in run.skip:
+        r = rate_phase(run, address, method, pool, peak / 2)
+        p99 = r["h2load"].get("p99_ms") if "h2load" in r else r["python"]["p99_ms"]
+        fig["half_p99_ms"] = p99
+        emit({**base, "bench": "W1_open_half_max", "max_per_s": peak, "p99_ms": p99, **r, "loadavg": _load()})
+    if "overload" not in run.skip:
+        r = rate_phase(run, address, method, pool, peak * 2)
+        py = r.get("python_probe", r.get("python"))
+        rec = {**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r}
+        if r.get("goodput_per_s") is not None:
+            rec["goodput_vs_max"] = fig["overload_goodput_vs_max"] = round(r["goodput_per_s"] / peak, 3)
+        fig["overload_accepted_p99_ms"] = py["p99_ms"] if py["ok"] else None
+        fig["overload_refusal_p99_ms"] = py.get("reject_p99_ms")
+        emit({**rec, "accepted_p99_ms": fig["overload_accepted_p99_ms"],
+              "refusal_p99_ms": fig["overload_refusal_p99_ms"], "loadavg": _load()})
+
+
+@dataclass
+class Endpoints:
+    """Where a frontend takes each workload: its unary W1 (method, pool), Predict/PredictStream, W2."""
+
+    w1: tuple[str, str, list[bytes]]
+    predict_address: str
+    w2: tuple[str, str, list[bytes]]
+    other_w1: tuple[str, str, str, list[bytes]] | None  # (phase, address, method, pool): serve's OIP, triton's Predict
+
+
+def start_frontend(frontend: str, pkg: Path, q: str, run: Run, pools: dict) -> tuple[GatewayProcess, Endpoints]:
+    a = run.args
+    if frontend == "serve":
+        gw = launch(["--model", str(pkg), "--metrics-port", "-1", *a.server_args.split()],
+                    workdir=run.workdir / f"gw-{q}", timeout=300)
+        return gw, Endpoints((gw.address, METHOD, pools["w1"]), gw.address, (gw.address, METHOD, pools["w2"]),
+                             ("oip", gw.address, OIP_METHOD, pools["w1_oip"]))
+    gw = launch_triton(["--model", str(pkg), "--metrics-port", "-1", *a.triton_args.split()],
+                       workdir=run.workdir / f"triton-gw-{q}", timeout=600)
+    predict = f"127.0.0.1:{gw.announced['predict_port']}"
+    return gw, Endpoints((gw.address, OIP_METHOD, pools["w1_oip"]), predict, (gw.address, OIP_METHOD, pools["w2_oip"]),
+                         ("predict", predict, METHOD, pools["w1"]))
+
+
+def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, pools: dict, common: dict) -> None:
+    a, skip = run.args, run.skip
+    meta = load_package(pkg, read_tables=False)
+    base = {**common, "frontend": frontend, "dtype": q, "table_bytes": meta.table_bytes,
+            "float32_table_bytes": sum(t["float32_bytes"] for t in meta.manifest["tables"]),
+            "server_args": a.server_args if frontend == "serve" else a.triton_args}
+    del meta
+    fig = run.figures.setdefault((frontend, q), {})
+    limits: dict[tuple[int, int], float] = {}
+    if "inprocess" not in skip:
+        score = scorers(frontend, pkg, cfg, run.workdir)
+        for b, threads in ((64, 1), (64, 2), (256, 1), (256, 2)):
+            limits[b, threads] = in_process_rate(score[b], b, a.seconds / 2, threads)
+            emit({**base, "bench": "in_process", "scorer": "ServingModel" if frontend == "serve" else "BatchScorer",
+                  "batch": b, "threads": threads, "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
+        del score
+    gw, ep = start_frontend(frontend, pkg, q, run, pools)
+    pids = proc_memory.tree(gw.pid)  # supervisor, tritonserver and its workers
+    try:
+        peak = None
+        if "w1" not in skip:
+            address, method, pool = ep.w1
+            r = w1_both(run, base, "W1_closed", address, method, pool, pids, "W1_max")
+            fig["w1_python_per_s"] = r["python"]["requests_per_s"]
+            h2 = r.get("h2load", {})
+            if "answered_per_s" in h2:
+                fig["w1_h2load_per_s"] = h2["answered_per_s"]
+                fig["cpu_s_per_1000"] = h2.get("cpu_s_per_1000")
+            maxima = {"python": fig["w1_python_per_s"], "h2load": fig.get("w1_h2load_per_s", 0.0),
+                      "h2load_max": r.get("h2load_max", {}).get("answered_per_s", 0.0)}
+            who = max(maxima, key=maxima.__getitem__)
+            peak = maxima[who]
+            open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak)
+        if "stream" not in skip:
+            depth = max(1, a.concurrency // a.streams)
+            r = asyncio.run(stream_closed_loop(ep.predict_address, pools["w1"], a.streams, depth, a.seconds, 1))
+            rec = {**base, "bench": "W1_stream_closed", "client": "python", "method": "PredictStream",
+                   "concurrency": a.streams * depth, "streams": a.streams, **r}
+            if run.echo.get("python"):
+                rec["vs_echo_python"] = round(r["requests_per_s"] / run.echo["python"], 3)
+            emit({**rec, "loadavg": _load()})
+        if ep.other_w1 and ep.other_w1[0] not in skip:
+            phase, address, method, pool = ep.other_w1
+            w1_both(run, base, f"W1_{phase}_closed", address, method, pool, proc_memory.tree(gw.pid))
+        if "w2" not in skip:
+            address, method, pool = ep.w2
+            r = asyncio.run(closed_loop(address, pool, a.w2_concurrency, a.seconds, 256, method))
+            rec = {**base, "bench": "W2_closed", "client": "python", "method": method.rsplit("/", 1)[1],
+                   "concurrency": a.w2_concurrency, "candidates": 256, **r}
+            for t in (1, 2):
+                if (256, t) in limits:
+                    rec[f"vs_in_process_{t}t"] = round(r["samples_per_s"] / limits[256, t], 3)
+            fig["w2_vs_in_process_2t"] = rec.get("vs_in_process_2t")
+            emit({**rec, "loadavg": _load()})
+            if "overload" not in skip:  # compute-bound overload: tens of requests/s, the Python client offers 2x
+                peak2 = r["requests_per_s"]
+                r = asyncio.run(open_loop(address, pool, peak2 * 2, a.seconds, 256, method))
+                fig["w2_overload_goodput_vs_max"] = round(r["requests_per_s"] / peak2, 3)
+                fig["w2_overload_accepted_p99_ms"] = r["p99_ms"] if r["ok"] else None
+                fig["w2_overload_refusal_p99_ms"] = r.get("reject_p99_ms")
+                emit({**base, "bench": "W2_open_2x_overload", "client": "python", "candidates": 256,
+                      "max_per_s": peak2, **r, "goodput_vs_max": round(r["requests_per_s"] / peak2, 3),
+                      "loadavg": _load()})
+    finally:
+        gw.terminate(timeout=120)
+
+
+TARGETS = (  # figure, bound, "min" (figure >= bound) or "max" (figure <= bound)
+    ("w1_vs_echo_python", 1.5, "min"), ("w1_vs_echo_h2load", 2.0, "min"), ("cpu_vs_echo", 1 / 3, "max"),
+    ("half_p99_ms", 15.0, "max"), ("w2_vs_in_process_2t", 0.8, "min"), ("overload_goodput_vs_max", 0.9, "min"),
+    ("overload_accepted_p99_ms", 50.0, "max"), ("overload_refusal_p99_ms", 5.0, "max"),
+    ("w2_overload_goodput_vs_max", 0.9, "min"), ("w2_overload_accepted_p99_ms", 50.0, "max"),
+    ("w2_overload_refusal_p99_ms", 5.0, "max"))
+
+
+def targets(run: Run) -> dict:
+    """Issue 12's targets per frontend and dtype: value, bound, pass (None: not measured in this run)."""
+    out = {}
+    for (frontend, q), fig in run.figures.items():
+        fig = dict(fig)
+        if run.echo.get("python") and "w1_python_per_s" in fig:
+            fig["w1_vs_echo_python"] = round(fig["w1_python_per_s"] / run.echo["python"], 3)
+        if run.echo.get("h2load") and "w1_h2load_per_s" in fig:
+            fig["w1_vs_echo_h2load"] = round(fig["w1_h2load_per_s"] / run.echo["h2load"], 3)
+        if run.echo.get("cpu_s_per_1000") and fig.get("cpu_s_per_1000"):
+            fig["cpu_vs_echo"] = round(fig["cpu_s_per_1000"] / run.echo["cpu_s_per_1000"], 3)
+        res = {}
+        for name, bound, kind in TARGETS:
+            v = fig.get(name)
+            ok = None if v is None else (v >= bound if kind == "min" else v <= bound)
+            res[name] = {"value": v, ("min" if kind == "min" else "max"): round(bound, 3), "pass": ok}
+        out[f"{frontend}/{q}"] = res
+    return out
+
+
+def measure_echo(run: Run, pool: list[bytes], base: dict) -> None:
     from protos.process import start_announced
 
-    proc, msg = start_announced(["benchmarks.gateway_load", "--echo-server"], workdir, what="echo server",
+    proc, msg = start_announced(["benchmarks.gateway_load", "--echo-server"], run.workdir, what="echo server",
                                 timeout=60)
     try:
-        return asyncio.run(closed_loop(f"127.0.0.1:{msg['port']}", pool, concurrency, seconds, 1))
+        r = w1_both(run, {**base, "frontend": "python_echo"}, "W1_echo_ceiling", f"127.0.0.1:{msg['port']}",
+                    METHOD, pool, [proc.pid])
     finally:
         proc.kill()
         proc.wait(10)
+    run.echo["python"] = r["python"]["requests_per_s"]
+    h2 = r.get("h2load", {})
+    run.echo["h2load"] = h2.get("answered_per_s")
+    run.echo["cpu_s_per_1000"] = h2.get("cpu_s_per_1000")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frontend", choices=("serve", "serve-triton", "both"), default="both")
     p.add_argument("--dtypes", default="fp32,int8,int4")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=64, help="W1 closed-loop clients")
+    p.add_argument("--max-concurrency", type=int, default=512, help="W1 h2load streams for the gateway's maximum")
     p.add_argument("--w2-concurrency", type=int, default=4, help="W2 closed-loop clients")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
     p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")
     p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
                    "--max-concurrent-rpcs 128 --max-pending-rpcs 128 --max-queue-wait-ms 30",
                    help="extra `inference-gateway serve` flags")
-    p.add_argument("--skip", default="",
-                   help="comma-separated phases to skip: echo,inprocess,w1,half,overload,stream,oip,w2")
+    p.add_argument("--triton-args", default="--workers 2 --max-batch-size 256 --max-wait-ms 2 --max-queue-wait-ms 30",
+                   help="extra `inference-gateway serve-triton` flags")
+    p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {PHASES}")
     p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.echo_server:
         asyncio.run(_echo_server())
         return 0
     skip = set(filter(None, args.skip.split(",")))
+    unknown = skip - set(PHASES.split(","))
+    if unknown:
+        p.error(f"--skip: unknown phases {sorted(unknown)} (phases: {PHASES})")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dtypes = args.dtypes.split(",")
+    frontends = FRONTENDS if args.frontend == "both" else (args.frontend,)
     pkgs = packages(workdir, dtypes)
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
-    w1, w2 = request_pool(cfg, 1, 512), request_pool(cfg, 256, 16)
-    w1_oip = infer_pool(cfg, 1, 512) if "oip" not in skip else []
-    common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "server": args.server_args}
+    name = json.loads((pkgs[dtypes[0]] / "manifest.json").read_text())["name"]
+    pools = {"w1": request_pool(cfg, 1, 512), "w2": request_pool(cfg, 256, 16),
+             "w1_oip": infer_pool(cfg, 1, 512, name), "w2_oip": infer_pool(cfg, 256, 16, name)}
+    run = Run(args, workdir, skip, ensure_h2load() is not None, {}, {})
+    common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "h2load": run.use_h2load}
     if "echo" not in skip:
-        r = echo_ceiling(w1, args.concurrency, args.seconds, workdir)
-        emit({**common, "bench": "W1_echo_ceiling", "concurrency": args.concurrency, **r, "loadavg": _load()})
+        measure_echo(run, pools["w1"], common)
     for q in dtypes:
-        pkg = load_package(pkgs[q])
-        base = {**common, "dtype": q, "table_bytes": pkg.table_bytes,
-                "float32_table_bytes": sum(t["float32_bytes"] for t in pkg.manifest["tables"])}
-        del pkg
-        limits = {}
-        if "inprocess" not in skip:
-            for b, threads in ((64, 1), (256, 1)):
-                limits[b, threads] = in_process(pkgs[q], cfg, b, args.seconds / 2, threads)
-                emit({**base, "bench": "in_process", "batch": b, "threads": threads,
-                      "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
-        gw = launch(["--model", str(pkgs[q]), "--metrics-port", "-1", *args.server_args.split()],
-                    workdir=workdir / f"gw-{q}")
-        try:
-            peak = None
-            if "w1" not in skip:
-                r = asyncio.run(closed_loop(gw.address, w1, args.concurrency, args.seconds, 1))
-                peak = r["requests_per_s"]
-                emit({**base, "bench": "W1_closed", "concurrency": args.concurrency, **r, "loadavg": _load()})
-            if peak and "half" not in skip:
-                r = asyncio.run(open_loop(gw.address, w1, peak / 2, args.seconds, 1))
-                emit({**base, "bench": "W1_open_half_max", **r, "loadavg": _load()})
-            if peak and "overload" not in skip:
-                r = asyncio.run(open_loop(gw.address, w1, peak * 2, args.seconds, 1))
-                emit({**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r,
-                      "goodput_vs_max": round(r["requests_per_s"] / peak, 3), "loadavg": _load()})
-            if "stream" not in skip:
-                depth = max(1, args.concurrency // args.streams)
-                r = asyncio.run(stream_closed_loop(gw.address, w1, args.streams, depth, args.seconds, 1))
-                emit({**base, "bench": "W1_stream_closed", "concurrency": args.streams * depth,
-                      "streams": args.streams, **r, "loadavg": _load()})
-            if "oip" not in skip:
-                r = asyncio.run(closed_loop(gw.address, w1_oip, args.concurrency, args.seconds, 1, OIP_METHOD))
-                rec = {**base, "bench": "W1_oip_closed", "concurrency": args.concurrency, **r}
-                if peak:
-                    rec["vs_predict"] = round(r["requests_per_s"] / peak, 3)
-                emit({**rec, "loadavg": _load()})
-            if "w2" not in skip:
-                r = asyncio.run(closed_loop(gw.address, w2, args.w2_concurrency, args.seconds, 256))
-                rec = {**base, "bench": "W2_closed", "concurrency": args.w2_concurrency, "candidates": 256, **r}
-                if (256, 1) in limits:  # the server runs 2 workers of one kernel thread each
-                    rec["vs_in_process_256"] = round(r["samples_per_s"] / limits[256, 1], 3)
-                emit({**rec, "loadavg": _load()})
-                if "overload" not in skip:  # compute-bound overload: admission's own case (the loop keeps up)
-                    peak2 = r["requests_per_s"]
-                    r = asyncio.run(open_loop(gw.address, w2, peak2 * 2, args.seconds, 256))
-                    emit({**base, "bench": "W2_open_2x_overload", "candidates": 256, "max_per_s": peak2, **r,
-                          "goodput_vs_max": round(r["requests_per_s"] / peak2, 3), "loadavg": _load()})
-        finally:
-            gw.terminate()
+        for frontend in frontends:
+            run_frontend(run, frontend, q, pkgs[q], cfg, pools, common)
+    emit({**common, "bench": "targets", "echo": run.echo, "targets": targets(run),
+          "memory": "measured by benchmarks.gateway_frontend", "loadavg": _load()})
     return 0
 
 

@@ -33,7 +33,7 @@ class Overloaded(Exception):
     """The queue is full (or closing): the caller answers RESOURCE_EXHAUSTED / UNAVAILABLE."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a field-wise == compares numpy arrays and raises (it killed workers)
 class Pending:
     request: Decoded
     deadline: float | None  # time.monotonic() after which the client no longer waits

@@ -1,0 +1,58 @@
+"""The gateway benchmark's own arithmetic: h2load's summary and rate log read right, refusals told from
+answers by DATA bytes (h2load reports HTTP 200 for both), and issue 12's targets judged with the bounds'
+direction."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+from benchmarks.gateway_load import Run, targets
+from benchmarks.h2 import parse, rate_result
+
+SUMMARY = """finished in 3.00s, 5201.67 req/s, 1.02MB/s
+requests: 15605 total, 15605 started, 15605 done, 15605 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 15605 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 3.05MB (3196453) total, 170.90KB (175003) headers (space savings 91.64%), 76.20KB (78025) data
+                     min         max         mean         sd        +/- sd
+time for request:      1.23ms     20.88ms     12.27ms      2.10ms    70.00%
+"""
+
+
+def test_parse_reads_rate_counts_data_bytes_and_latency():
+    r = parse(SUMMARY)
+    assert r["requests_per_s"] == 5201.67 and r["ok"] == 15605 and r["failed"] == 0
+    assert r["data_bytes"] == 78025 and r["seconds"] == 3.0
+    assert r["mean_ms"] == 12.27 and r["max_ms"] == 20.88
+    assert "error" in parse("connect: Connection refused")
+
+
+def test_rate_result_estimates_answers_from_data_and_reads_the_log(tmp_path: Path):
+    # 10 streams done, 4 of them answered with a 20-byte frame (80 DATA bytes): 6 refused (trailers only)
+    text = SUMMARY.replace("15605 done, 15605 succeeded", "10 done, 10 succeeded").replace("(78025) data", "(80) data")
+    log = tmp_path / "rate.log"
+    log.write_text("".join(f"{1000 + i}\t200\t{(i + 1) * 1000}\n" for i in range(10)))
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc.stdin.write(text)
+    proc.stdin.close()
+    proc.stdin = None  # communicate() only reads
+    r = rate_result(proc, log, 3.0, ok_frame_bytes=20)
+    assert r["ok_estimated"] == 4 and r["refused_estimated"] == 6 and r["answered_per_s"] == 1.3
+    assert r["http_status"] == {"200": 10}
+    assert 5.0 <= r["p50_ms"] <= 6.0 and 9.0 <= r["p99_ms"] <= 10.0
+    assert not log.exists()
+
+
+def test_targets_judge_each_bound_in_its_direction():
+    run = Run(argparse.Namespace(), Path("."), set(), True, {"python": 1000.0, "h2load": 2000.0,
+                                                              "cpu_s_per_1000": 0.3}, {})
+    run.figures["serve-triton", "int8"] = {"w1_python_per_s": 1600.0, "w1_h2load_per_s": 3000.0,
+                                           "cpu_s_per_1000": 0.2, "half_p99_ms": 12.0,
+                                           "overload_refusal_p99_ms": 7.5}
+    t = targets(run)["serve-triton/int8"]
+    assert t["w1_vs_echo_python"] == {"value": 1.6, "min": 1.5, "pass": True}
+    assert t["w1_vs_echo_h2load"]["pass"] is False  # 1.5x < 2x
+    assert t["cpu_vs_echo"]["value"] == 0.667 and t["cpu_vs_echo"]["pass"] is False
+    assert t["half_p99_ms"]["pass"] is True and t["overload_refusal_p99_ms"]["pass"] is False
+    assert t["w2_vs_in_process_2t"] == {"value": None, "min": 0.8, "pass": None}  # not measured: no verdict
