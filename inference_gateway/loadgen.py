@@ -139,7 +139,8 @@ async def stream_closed_loop(address: str, pool: list[bytes], streams: int, dept
         warm_until = stop - seconds
 
         async def one_stream(k: int) -> None:
-            call = channel.stream_stream(STREAM_METHOD)()
+            # a bound, so a server that stops answering ends the run with errors instead of hanging it
+            call = channel.stream_stream(STREAM_METHOD)(timeout=seconds + min(1.0, seconds) + 60)
             credits = asyncio.Semaphore(depth)
             sent: dict[str, float] = {}
 
@@ -157,19 +158,23 @@ async def stream_closed_loop(address: str, pool: list[bytes], streams: int, dept
                 await call.done_writing()
 
             w = asyncio.ensure_future(writer())
-            async for raw in call:
-                resp = inference_pb2.PredictResponse.FromString(raw)
-                t0 = sent.pop(resp.request_id)
-                now = time.perf_counter()
-                if now >= warm_until:
-                    measuring["on"] = True
-                    if resp.error.code:
-                        name = CODE_NAMES.get(resp.error.code, str(resp.error.code))
-                        errors[name] = errors.get(name, 0) + 1
-                    else:
-                        lat.append(now - t0)
-                credits.release()
-            await w
+            try:
+                async for raw in call:
+                    resp = inference_pb2.PredictResponse.FromString(raw)
+                    t0 = sent.pop(resp.request_id)
+                    now = time.perf_counter()
+                    if now >= warm_until:
+                        measuring["on"] = True
+                        if resp.error.code:
+                            name = CODE_NAMES.get(resp.error.code, str(resp.error.code))
+                            errors[name] = errors.get(name, 0) + 1
+                        else:
+                            lat.append(now - t0)
+                    credits.release()
+                await w
+            except grpc.aio.AioRpcError as e:  # the stream ended: what was in flight on it failed
+                w.cancel()
+                errors[e.code().name] = errors.get(e.code().name, 0) + max(len(sent), 1)
 
         await asyncio.gather(*[one_stream(k) for k in range(streams)])
         return stats(lat, errors, seconds, batch)
