@@ -114,18 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         summary.update(job)
         summary["job_checkpoint"] = checkpoint
         if args.serve_seconds:
-            from deploy.local.demo_serving import run_serving_demo
+            from deploy.local.demo_serving import run_serving_demo, served_ok
 
             served = run_serving_demo(Path(checkpoint), None, Path(config), work / "serving",
                                       seconds=args.serve_seconds, data_seed=1, quiet=args.json)
             summary.update({f"serve_{k}" if not k.startswith("serve") else k: v for k, v in served.items()})
+            summary["serve_ok"] = served_ok(served)
     if args.json:
         print(json.dumps(summary))
     else:
         width = max(len(k) for k in summary)
         for k, v in summary.items():
             print(f"{k:<{width}}  {v}")
-    return 0 if summary.get("restored_identical") else 1
+    return 0 if summary.get("restored_identical") and summary.get("serve_ok", True) else 1
 
 
 def train_dlrm(steps: int, work: Path, quiet: bool, batch_size: int = 256) -> dict:
