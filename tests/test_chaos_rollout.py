@@ -198,6 +198,7 @@ def test_redis_restarted_mid_migration(job_factory, tmp_path: Path):
     redis_dir, redis_port = tmp_path / "redis-server", free_port()
     servers = [EmbeddedRedis(redis_dir, port=redis_port)]  # a separate redis-server, append-only
     try:
+        connect(servers[0].url).config_set("appendfsync", "always")  # nothing answered is lost to the kill -9
         # the coordinator pauses 3 s at the start of the migration: Redis is killed then and stays down past it
         job = job_factory("--redis", servers[0].url, coordinator_env={FAILPOINTS: "rollout.migrating=sleep(3)"})
         job.train(STEPS)
@@ -247,6 +248,9 @@ def test_redis_down_past_the_wait_at_the_flip_keeps_waiting_then_flips(tmp_path:
     servers = [EmbeddedRedis(redis_dir, port=redis_port)]
     try:
         client = connect(servers[0].url)
+        # every write on disk before its reply: under load, everysec may postpone the AOF write (a busy
+        # fsync) while already answering, and kill -9 would then lose the rollout's lock
+        client.config_set("appendfsync", "always")
         store = PlanStore(client, namespace="flip")
         store.initialize(PLAN2, "test", "first")
         claim = store.begin_rollout(PLAN2, 1, "test", "flip while Redis restarts")
