@@ -48,6 +48,9 @@ RUN pip install --no-deps . && if [ "$VARIANT" = "cpu" ]; then pip check; fi
 RUN pip install --no-deps "nvidia-pytriton==${PYTRITON_VERSION}"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+# jemalloc: serve-triton preloads it into tritonserver and its workers (--allocator auto), ~10% less CPU
+# per request than glibc's malloc under concurrency
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home app
 COPY --from=build /opt/venv /opt/venv
@@ -55,8 +58,8 @@ COPY configs /opt/recsys/configs
 # serve-triton: the Python stub links libpython3.x.so by soname. This image's Python is built shared
 # (sysconfig LIBDIR /usr/local/lib, which the supervisor puts first on LD_LIBRARY_PATH: TritonDist.env);
 # fail the build if tritonserver or the stub would miss a library or load another Python's libpython.
-RUN /opt/venv/bin/python -c "from inference_gateway.triton_frontend import TritonDist; \
-TritonDist.find().check_libraries()"
+RUN /opt/venv/bin/python -c "from inference_gateway.triton_frontend import Allocator, TritonDist, preload; \
+TritonDist.find().check_libraries(); preload(Allocator.JEMALLOC)"
 # Read-only root filesystem in the cluster: caches and temp files go to the /tmp emptyDir.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "The supervisor replaces a dead worker (by reloading its version) and a dead tritonserver; SIGTERM drains "
         "and exits 0.")
     t.add_argument("--model", action="append", default=[], help="package directory (repeatable)")
-    t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version")
+    t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version (>= 2: "
+                   "with one, a request that arrives while it is busy can wait 500 ms, a lost wakeup in "
+                   "Triton's dynamic batcher)")
     t.add_argument("--host", default="127.0.0.1")
     t.add_argument("--port", type=int, default=0, help="KServe v2 gRPC port; 0 picks a free one (announced)")
     t.add_argument("--management-port", type=int, default=0, help="management gRPC port (0: free, announced)")
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--max-queue-wait-ms (Criteo's dense arch: 100-130 us at batch 128)")
     t.add_argument("--request-samples", type=int, default=1, help="samples in a typical request, for "
                    "--max-queue-wait-ms: Triton's queue bound counts requests")
+    t.add_argument("--allocator", choices=("auto", "jemalloc", "glibc"), default="auto", help="malloc of "
+                   "tritonserver and its workers: jemalloc (LD_PRELOAD) costs ~10%% less CPU per request than "
+                   "glibc's under concurrency; auto: jemalloc when installed (libjemalloc2), else glibc")
     t.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long in-flight requests may take")
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
@@ -172,7 +177,7 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from inference_gateway.triton_frontend import FrontendConfig, FrontendError, run
+    from inference_gateway.triton_frontend import Allocator, FrontendConfig, FrontendError, run
     from protos.security import read_token
 
     if args.workers < 1:
@@ -197,7 +202,7 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
                          sample_cost_us=args.sample_cost_us, request_samples=args.request_samples,
                          grace_s=args.grace_s, workdir=Path(args.workdir),
                          table_cache=Path(args.table_cache) if args.table_cache else None,
-                         model_store=args.model_store, token=token, tls=tls)
+                         model_store=args.model_store, token=token, tls=tls, allocator=Allocator(args.allocator))
     try:
         asyncio.run(run(cfg))
     except FrontendError as e:

@@ -6,6 +6,7 @@ management address under load fails no request; SIGTERM drains and exits 0."""
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch, launch_triton
 from inference_gateway.shared_tables import IMAGE_SUFFIX
+from inference_gateway.triton_frontend import Allocator, FrontendError, preload
 from protos import inference_pb2, inference_pb2_grpc
 from tests.test_inference_package import TINY, tiny_model
 from tests.test_oip import batched_inputs, ids_inputs, ragged
@@ -153,6 +155,25 @@ def test_workers_share_one_copy_of_the_tables(gw):
     assert whole["processes"] >= 2 + WORKERS and whole["pss"] < whole["rss"]
     supervisor = proc_memory.rollup(gw.pid)  # verifying packages and writing images ran in a child
     assert supervisor["rss"] < min(proc_memory.rollup(p)["rss"] for p in pids) / 2, (supervisor, pids)
+
+
+def test_tritonserver_and_its_workers_run_on_jemalloc_when_the_system_has_it(gw):
+    """--allocator auto: jemalloc preloaded into tritonserver and every worker when installed; the pool of
+    reusable request objects sized to the queue bound (both cut Triton's malloc work per request)."""
+    expected = ctypes.util.find_library("jemalloc")
+    assert gw.announced["allocator"] == (expected or "glibc")
+    for pid in (gw.announced["triton_pid"], *live_workers(gw)):
+        mapped = "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
+        assert mapped == (expected is not None), (pid, expected)
+    argv = Path(f"/proc/{gw.announced['triton_pid']}/cmdline").read_bytes().split(b"\0")
+    assert b"--grpc-infer-allocation-pool-size=1024" in argv  # min(--max-queue 4096, the cap)
+
+
+def test_allocator_jemalloc_is_refused_with_what_to_install_when_missing(monkeypatch):
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert preload(Allocator.AUTO) is None and preload(Allocator.GLIBC) is None
+    with pytest.raises(FrontendError, match=r"allocator: jemalloc not found .*libjemalloc2"):
+        preload(Allocator.JEMALLOC)
 
 
 def _predict_stub(g) -> inference_pb2_grpc.InferenceGatewayStub:

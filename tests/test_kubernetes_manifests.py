@@ -833,3 +833,6 @@ def test_the_image_carries_tritonserver_as_the_makefile_installs_it():
     assert "--no-deps" in runs[install] and install > next(n for n, i in enumerate(runs) if "pip check" in i)
     assert any("check_libraries()" in i for i in runs)
     TritonDist.find().check_libraries()
+    # the runtime stage installs jemalloc and the build fails unless serve-triton's --allocator finds it
+    assert any("libjemalloc2" in i and "apt-get install" in i for i in runs)
+    assert any("preload(Allocator.JEMALLOC)" in i for i in runs)

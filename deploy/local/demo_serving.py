@@ -56,8 +56,8 @@ def start_gateway(frontend: str, package: Path, store: Path, workdir: Path) -> t
     if frontend == "serve":
         gw = launch(common, workdir=workdir)
         return gw, Endpoints(gw.address, gw.address, gw.address)
-    # one worker per version: a hot swap briefly runs both versions (Triton reloads every version) on 2 cores
-    gw = launch_triton([*common, "--workers", "1", "--metrics-port", "-1", "--grace-s", "3"], workdir=workdir)
+    # two workers: with one, Triton's batcher can lose the wakeup of a busy worker and hold a request 500 ms
+    gw = launch_triton([*common, "--workers", "2", "--metrics-port", "-1", "--grace-s", "3"], workdir=workdir)
     local = "127.0.0.1:{}"
     return gw, Endpoints(local.format(gw.announced["predict_port"]), gw.address,
                          local.format(gw.announced["management_port"]))
