@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from inference_gateway import oip
 from inference_gateway.control_plane import PREDICT, SERVICE_NAME
 from inference_gateway.requests import Limits, RequestError, decode
+from inference_gateway.streams import answers
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from protos.channels import channel_options
 from protos.rejects import AioDecodeGuard, Rejects
@@ -187,15 +189,13 @@ class PredictProxy(inference_pb2_grpc.InferenceGatewayServicer):
                 await asyncio.gather(*list(pending))
             out.put_nowait(None)
 
-        reader = asyncio.ensure_future(read())
-        try:
-            while (resp := await out.get()) is not None:
-                yield resp
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
+        def cancel_pending() -> None:
             for task in list(pending):
                 task.cancel()
+
+        async with contextlib.aclosing(answers(read(), out, cancel_pending)) as stream:
+            async for resp in stream:
+                yield resp
 
     async def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(models=infos(self.catalog))

@@ -25,6 +25,7 @@ from inference_gateway.model import ServingModel
 from inference_gateway.package import PackageError
 from inference_gateway.registry import LoadedModel, ModelRegistry
 from inference_gateway.requests import Decoded, Limits, RequestError, decode
+from inference_gateway.streams import answers
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from protos.paths import PathRefused, status_of_oserror
 
@@ -190,13 +191,9 @@ class GatewayServicer(inference_pb2_grpc.InferenceGatewayServicer):
             if state["in_flight"] == 0:
                 out.put_nowait(None)
 
-        reader = asyncio.ensure_future(read())
-        try:
-            while (resp := await out.get()) is not None:
+        async with contextlib.aclosing(answers(read(), out)) as stream:
+            async for resp in stream:
                 yield resp
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
 
     # -- model management ------------------------------------------------------------------------
     async def _publish_health(self) -> None:
