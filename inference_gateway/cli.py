@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
     t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
-    _credential_flags(t, " on --management-port")
+    _credential_flags(t, " on --management-port", tls_where=" on --management-port and --predict-port "
+                      "(tritonserver's --port stays plaintext)")
     t.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -146,13 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _credential_flags(p: argparse.ArgumentParser, where: str, predict: str | None = None) -> None:
+def _credential_flags(p: argparse.ArgumentParser, where: str, predict: str | None = None,
+                      tls_where: str | None = None) -> None:
     """The same credential flags for `serve` and `serve-triton` (read by `_credentials`). serve-triton has no
     predict token: Triton's restricted-protocol check wants the header `triton-grpc-protocol-<key>`, never
     `authorization`, so it cannot check a client's `authorization: Bearer`."""
-    p.add_argument("--tls-cert", help=f"PEM certificate: serve TLS only{where} (with --tls-key)")
+    tls_where = where if tls_where is None else tls_where
+    p.add_argument("--tls-cert", help=f"PEM certificate: serve TLS{tls_where} (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", help=f"PEM CA of client certificates: mutual TLS, every RPC{where} needs one")
+    p.add_argument("--tls-client-ca", help=f"PEM CA of client certificates: mutual TLS, every RPC{tls_where} "
+                   "needs one")
     p.add_argument("--token-file", help=f"control-plane bearer token for load / unload / set-default{where} (default: "
                    "env RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
     if predict:

@@ -39,7 +39,7 @@ from inference_gateway.streams import answers
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from protos.channels import channel_options
 from protos.rejects import AioDecodeGuard, Rejects
-from protos.security import AioControlPlaneAuth, TokenRule, full_names, read_token
+from protos.security import AioControlPlaneAuth, TlsConfig, TokenRule, bind, full_names, read_token
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,10 @@ class PredictProxy(inference_pb2_grpc.InferenceGatewayServicer):
 
 
 def add_to_server(proxy: PredictProxy, host: str, port: int, predict_token: str | None,
-                  max_message_bytes: int = 64 << 20) -> tuple[grpc.aio.Server, int]:
+                  tls: TlsConfig | None = None, max_message_bytes: int = 64 << 20) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with the proxy (Predict / PredictStream behind `predict_token` when set; undecodable
-    requests INVALID_ARGUMENT; reflection), not started; returns it and its bound port."""
+    requests INVALID_ARGUMENT; reflection; TLS, mutual with tls.client_ca, when `tls` is set), not started;
+    returns it and its bound port."""
     rejects = Rejects(CollectorRegistry(), log)  # no metrics port here: counted for the log only
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if predict_token:
@@ -214,7 +215,7 @@ def add_to_server(proxy: PredictProxy, host: str, port: int, predict_token: str 
     server = grpc.aio.server(options=channel_options(max_message_bytes), interceptors=interceptors)
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(proxy, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return server, server.add_insecure_port(f"{host}:{port}")
+    return server, bind(server, f"{host}:{port}", tls)
 
 
 @dataclass
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--predict-token-file", help="bearer token Predict / PredictStream need")
+    p.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA of client certificates: mutual TLS")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     catalog = StaticCatalog()
@@ -248,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         facts = {**serving_facts(load_package(path, read_tables=False)), "path": str(Path(path).resolve())}
         catalog.models.setdefault(facts["name"], {})[int(facts["version"])] = ModelSpec(facts)
     token = read_token(args.predict_token_file, None, "predict token")
+    tls = TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
 
     async def run() -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         proxy = PredictProxy(catalog, args.target)
-        server, port = add_to_server(proxy, args.host, args.port, token)
+        server, port = add_to_server(proxy, args.host, args.port, token, tls)
         await server.start()
         print(json.dumps({"event": "serving", "service": SERVICE_NAME, "host": args.host, "port": port,
                           "target": args.target, "pid": os.getpid()}), flush=True)

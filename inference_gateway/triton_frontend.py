@@ -200,7 +200,9 @@ class FrontendConfig:
     table_cache: Path | None = None  # default: <workdir>/tables
     model_store: str = "model_store"
     token: str | None = None  # management LoadModel / UnloadModel / SetDefaultVersion; None: open unless mTLS
-    tls: TlsConfig | None = None  # the management port's; with client_ca every management RPC needs a certificate
+    # the management and Predict ports' (with client_ca every call there needs a certificate); tritonserver's
+    # own port stays plaintext: its TLS would need the supervisor to hold a client identity of its own
+    tls: TlsConfig | None = None
     allocator: Allocator = Allocator.AUTO  # malloc of tritonserver and its workers
 
 
@@ -611,7 +613,7 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
     from inference_gateway.predict_proxy import PredictProxy, add_to_server  # loads package `inference` (oip.py)
 
     proxy = PredictProxy(sup, target, Limits(max_request_samples=cfg.max_batch_size))
-    predict_server, predict_port = add_to_server(proxy, cfg.host, cfg.predict_port, cfg.predict_token)
+    predict_server, predict_port = add_to_server(proxy, cfg.host, cfg.predict_port, cfg.predict_token, cfg.tls)
     health_pb2_grpc.add_HealthServicer_to_server(sup.health, predict_server)
     await predict_server.start()
     try:

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tritonclient
 
-from inference_gateway.client import GatewayClient
+from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.process import launch_triton
 from inference_gateway.triton_frontend import ADMIN_HEADER
 from tests.test_credentials import TOKEN, code_of, gateway_control_calls, token_file
 from tests.test_inference_package import TINY, tiny_model
+from tests.test_oip import ragged
 from trainer.export import export_package, table_dtypes
 
 RESTRICTED = "This protocol is restricted"  # Triton's answer (UNAVAILABLE) without the supervisor's header
@@ -99,6 +100,21 @@ def test_management_needs_the_control_token_over_tls_and_loads_only_from_the_sto
         assert listed(admin) == [("dlrm", 1, False), ("dlrm", 2, True)]
         admin.unload_model("dlrm", 2)
         assert listed(admin) == before
+
+
+def test_the_predict_port_serves_tls_with_the_management_ports_certificate(gw, certs):
+    """--tls-cert covers --predict-port too (as `serve`'s one port): plaintext fails the handshake, a client
+    with the CA lists and scores."""
+    address = f"127.0.0.1:{gw.announced['predict_port']}"
+    with grpc.insecure_channel(address) as plain:
+        with pytest.raises(grpc.RpcError) as e:
+            plain.unary_unary("/recsys.v1.InferenceGateway/ListModels")(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    dense, lengths, values = ragged(3, 7)
+    with GatewayClient(address, tls_ca=certs["ca"]) as client:
+        assert listed(client) == [("dlrm", 1, True)]
+        scores = scores_of(client.predict_request(build_request(dense, lengths, values), timeout=60))
+    assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
 
 
 def _infer_ok(client) -> None:
