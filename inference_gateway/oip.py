@@ -8,7 +8,9 @@ INT32 [-1]; the output is `scores` FP32 [-1]. A feature may also come in the bat
 lengths [B, 1] and values [B, K], bag b in the first lengths[b] entries of row b; then `scores` is
 answered [B, 1], as serve-triton answers it, so one client calls both (requests.feature_bags). For
 single-hot requests both servers also take `dense` and `ids` INT64 [B, features] alone (one id per
-feature in package order; two inputs instead of 53 for Criteo, which is what Triton's cost scales with).
+feature in package order; two inputs instead of 53 for Criteo, which is what Triton's cost scales with),
+and for any bags `dense`, `lengths` INT64 [B, features] and `values` INT64 [B, K] (row b: sample b's bags
+in feature order, one after another, then padding): three inputs.
 Contents come raw (`raw_input_contents`) or typed. A
 ModelInfer request is decoded into the same `Decoded` as Predict, checked by the same `validate`, and
 goes through the same admission, batching, deadlines and metrics.
@@ -32,6 +34,8 @@ import numpy as np
 
 from inference_gateway.requests import (
     IDS,
+    LENGTHS,
+    VALUES,
     Decoded,
     Limits,
     RequestError,
@@ -39,6 +43,8 @@ from inference_gateway.requests import (
     input_names,
     input_set_error,
     lengths_input,
+    sample_bags,
+    segment_reorder,
     single_hot,
     validate,
     values_input,
@@ -74,6 +80,9 @@ def parse_version(text: str, field: str) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise _invalid(f"{field}: {text!r} is not a version number (a positive integer, or empty for the default)")
     return int(text)
+
+
+COMPACT = (IDS, LENGTHS, VALUES)  # the compact forms' inputs (requests.single_hot, sample_bags)
 
 
 def input_metadata(model: ServingModel) -> list[oip.ModelMetadataResponse.TensorMetadata]:
@@ -178,9 +187,9 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
     for inp in inputs:
         if inp.name in by_name:
             raise _invalid(f"inputs: duplicate input {inp.name!r}")
-        if inp.name not in expected.names and inp.name != IDS:
+        if inp.name not in expected.names and inp.name not in COMPACT:
             raise _invalid(f"inputs: unknown input {inp.name!r} (model {model.name} v{model.version} takes "
-                           f"{expected.ordered}, or dense and {IDS!r})")
+                           f"{expected.ordered}, or dense and {IDS!r}, or dense, {LENGTHS!r} and {VALUES!r})")
         by_name[inp.name] = inp
     wrong = input_set_error(by_name, model)
     if wrong:
@@ -192,6 +201,9 @@ def decode_infer(req: oip.ModelInferRequest, model: ServingModel, limits: Limits
     def sparse() -> tuple[np.ndarray, np.ndarray, bool]:
         if IDS in by_name:
             return single_hot(_array(by_name[IDS], _checked(by_name[IDS], SPARSE_DTYPES)), len(model.features), batch)
+        if LENGTHS in by_name:
+            lengths, values = (_array(by_name[n], _checked(by_name[n], SPARSE_DTYPES)) for n in (LENGTHS, VALUES))
+            return sample_bags(lengths, values, len(model.features), batch)
         arrays = [_array(by_name[n], _checked(by_name[n], SPARSE_DTYPES)) for n in expected.sparse]
         return feature_bags(expected.pairs, arrays[0::2], arrays[1::2], batch)
 
@@ -220,9 +232,10 @@ def infer_request(dense: np.ndarray, lengths: np.ndarray, values: np.ndarray, fe
 def encode_decoded(decoded: Decoded, features: list[str], *, model: str, version: str = "",
                    request_id: str = "") -> oip.ModelInferRequest:
     """A validated request (package feature order, see requests.Decoded) as what serve-triton's Predict
-    proxy forwards to tritonserver, in the forms a batching Triton model takes: all bags of one id ->
-    `dense` + `ids` [B, features] (2 inputs: Triton's cost grows with the inputs); otherwise per feature
-    `<f>.lengths` [B, 1] and `<f>.values` [B, K] (row b: bag b, then padding). Cached input headers."""
+    proxy forwards to tritonserver, in the compact forms a batching Triton model takes (3 inputs at most:
+    Triton's cost grows with the inputs): all bags of one id -> `dense` + `ids` [B, features]; otherwise
+    `dense` + `lengths` [B, features] + `values` [B, K] (row b: sample b's bags in feature order, then
+    padding). Cached input headers."""
     batch, width = decoded.dense.shape
     nfeat = len(features)
     lens = np.asarray(decoded.lengths, dtype=np.int64).reshape(nfeat, batch)
@@ -230,38 +243,29 @@ def encode_decoded(decoded: Decoded, features: list[str], *, model: str, version
     raws = [np.ascontiguousarray(decoded.dense, dtype=np.float32).tobytes()]
     if values.size == lens.size and bool((lens == 1).all()):
         raws.append(np.ascontiguousarray(values.reshape(nfeat, batch).T).tobytes())
-        widths: tuple[int, ...] = ()
+        k = 0
     else:
-        widths_l, start = [], 0
-        for ln, n in zip(lens, (int(c) for c in decoded.counts), strict=True):
-            seg, start = values[start:start + n], start + n
-            k = max(int(ln.max(initial=0)), 1)
-            if n == batch * k:
-                padded = seg.reshape(batch, k)
-            else:
-                padded = np.zeros((batch, k), dtype=np.int64)
-                padded[np.arange(k) < ln[:, None]] = seg
-            raws += [ln.tobytes(), padded.tobytes()]
-            widths_l.append(k)
-        widths = tuple(widths_l)
+        by_sample = np.ascontiguousarray(lens.T)
+        totals = by_sample.sum(1)
+        k = max(int(totals.max(initial=0)), 1)
+        flat = segment_reorder(values, lens.ravel(), np.arange(nfeat * batch).reshape(nfeat, batch).T.ravel())
+        padded = np.zeros((batch, k), dtype=np.int64)
+        padded[np.arange(k) < totals[:, None]] = flat
+        raws += [by_sample.tobytes(), padded.tobytes()]
     return oip.ModelInferRequest(model_name=model, model_version=version, id=request_id,
-                                 inputs=_headers_of(tuple(features), width, batch, widths),
-                                 raw_input_contents=raws)
+                                 inputs=_headers_of(nfeat, width, batch, k), raw_input_contents=raws)
 
 
 @functools.lru_cache(maxsize=256)
-def _headers_of(features: tuple[str, ...], width: int, batch: int,
-                widths: tuple[int, ...]) -> list[oip.ModelInferRequest.InferInputTensor]:
-    """The inputs' headers of one request shape (single-hot traffic repeats a few shapes); no widths:
-    the `ids` form."""
+def _headers_of(nfeat: int, width: int, batch: int, k: int) -> list[oip.ModelInferRequest.InferInputTensor]:
+    """The inputs' headers of one request shape (traffic repeats a few shapes); k = 0: the `ids` form, else
+    the compact multi-hot form with `values` [batch, k]."""
     tensor = oip.ModelInferRequest.InferInputTensor
     out = [tensor(name="dense", datatype="FP32", shape=[batch, width])]
-    if not widths:
-        return [*out, tensor(name=IDS, datatype="INT64", shape=[batch, len(features)])]
-    for f, k in zip(features, widths, strict=True):
-        out += [tensor(name=lengths_input(f), datatype="INT64", shape=[batch, 1]),
-                tensor(name=values_input(f), datatype="INT64", shape=[batch, k])]
-    return out
+    if not k:
+        return [*out, tensor(name=IDS, datatype="INT64", shape=[batch, nfeat])]
+    return [*out, tensor(name=LENGTHS, datatype="INT64", shape=[batch, nfeat]),
+            tensor(name=VALUES, datatype="INT64", shape=[batch, k])]
 
 
 def decode_scores(resp: oip.ModelInferResponse, batch: int) -> np.ndarray:

@@ -84,6 +84,9 @@ def segment_reorder(values: np.ndarray, seg_lengths: np.ndarray, order: np.ndarr
 
 
 DENSE, IDS = "dense", "ids"
+# the compact multi-hot form: `lengths` [B, features] (bag sizes, package feature order) and `values` [B, K]
+# (row b: sample b's bags one after another in that order, then padding): 3 inputs a request, any bags
+LENGTHS, VALUES = "lengths", "values"
 
 
 def input_names(features: list[str]) -> list[str]:
@@ -96,10 +99,16 @@ def input_set_error(names: set[str] | dict, model: ServingModel) -> str | None:
     feature's lengths and values or `ids` alone (the compact single-hot form)."""
     ordered = input_names(model.features)
     if IDS in names:
-        both = next((n for n in ordered[1:] if n in names), None)
+        both = next((n for n in [*ordered[1:], LENGTHS, VALUES] if n in names), None)
         if both is not None:
             return f"inputs: {both!r} and {IDS!r} (single-hot ids [B, features] replace every lengths and values)"
         ordered = [DENSE, IDS]
+    elif LENGTHS in names or VALUES in names:
+        both = next((n for n in ordered[1:] if n in names), None)
+        if both is not None:
+            return (f"inputs: {both!r} and {LENGTHS!r} / {VALUES!r} (the compact form, lengths [B, features] and "
+                    "values [B, K], replaces every feature's lengths and values)")
+        ordered = [DENSE, LENGTHS, VALUES]
     missing = next((n for n in ordered if n not in names), None)
     if missing is None:
         return None
@@ -113,6 +122,32 @@ def single_hot(ids: np.ndarray, nfeat: int, batch: int) -> tuple[np.ndarray, np.
         raise _invalid(f"{IDS}: shape {list(ids.shape)}, expected [{batch}, {nfeat}] (one id per feature per sample, "
                        "in the package's feature order)")
     return np.ones(nfeat * batch, dtype=np.int64), ids.T.astype(np.int64).ravel(), True
+
+
+def sample_bags(lengths: np.ndarray, values: np.ndarray, nfeat: int, batch: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The compact multi-hot form, `lengths` [B, features] and `values` [B, K] (row b holds sample b's bags
+    in package feature order, one after another, then padding; 3 inputs a request instead of
+    1 + 2 * features) -> feature_bags' result (feature-major)."""
+    if lengths.shape != (batch, nfeat):
+        raise _invalid(f"{LENGTHS}: shape {list(lengths.shape)}, expected [{batch}, {nfeat}] (one bag length per "
+                       "feature per sample, in the package's feature order)")
+    if values.ndim != 2 or values.shape[0] != batch:
+        raise _invalid(f"{VALUES}: shape {list(values.shape)}, expected [{batch}, -1] (a row of ids per sample, "
+                       f"as {LENGTHS} is [{batch}, {nfeat}])")
+    lengths = lengths.astype(np.int64, copy=False)
+    if (lengths < 0).any():
+        raise _invalid(f"{LENGTHS}: negative entry")
+    totals = lengths.sum(1)
+    width = values.shape[1]
+    over = np.flatnonzero(totals > width)
+    if over.size:
+        b = int(over[0])
+        raise _invalid(f"{LENGTHS}: the bags of sample {b} hold {int(totals[b])} ids, more than the {width} "
+                       f"columns of {VALUES}")
+    flat = values.ravel() if int(totals.sum()) == values.size else values[np.arange(width) < totals[:, None]]
+    feature_major = np.arange(batch * nfeat).reshape(batch, nfeat).T.ravel()
+    return (lengths.T.ravel(), segment_reorder(flat.astype(np.int64, copy=False), lengths.ravel(), feature_major),
+            True)
 
 
 def lengths_input(feature: str) -> str:

@@ -56,7 +56,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
-from inference_gateway.requests import IDS, Limits, lengths_input, values_input
+from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
 from protos.paths import PathRefused, status_of_oserror
@@ -256,8 +256,9 @@ def _config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
     """serve's Open Inference Protocol schema in its batched form: Triton checks every input's first
     dimension against the batch size (ragged inputs too), so lengths are [B, 1] and values [B, K]
     (allow_ragged_batch: requests with different K share a batch; the worker gets each request's own).
-    Or, single-hot, `ids` [B, features] instead of them all: so every input but dense is optional, and the
-    worker checks that a request sent one whole form (Triton batches only requests with the same inputs)."""
+    Or the compact forms instead of them all: single-hot `ids` [B, features], or `lengths` [B, features] and
+    `values` [B, K] (ragged) for any bags; so every input but dense is optional, and the worker checks that
+    a request sent one whole form (Triton batches only requests with the same inputs)."""
     features = v.facts["features"]
     sparse = "".join(f""",
   {{ name: "{lengths_input(f)}" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
@@ -276,7 +277,9 @@ dynamic_batching {{
 }}
 input [
   {{ name: "dense" data_type: TYPE_FP32 dims: [ {v.facts["dense_features"]} ] }},
-  {{ name: "{IDS}" data_type: TYPE_INT64 dims: [ {len(features)} ] optional: true }}{sparse}
+  {{ name: "{IDS}" data_type: TYPE_INT64 dims: [ {len(features)} ] optional: true }},
+  {{ name: "{LENGTHS}" data_type: TYPE_INT64 dims: [ {len(features)} ] optional: true }},
+  {{ name: "{VALUES}" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true optional: true }}{sparse}
 ]
 output [ {{ name: "scores" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ count: {cfg.workers} kind: KIND_CPU }} ]

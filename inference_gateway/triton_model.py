@@ -11,9 +11,11 @@ silently returns empty outputs (and inputs whose every element reads as the firs
 Inputs are `serve`'s Open Inference Protocol schema in its batched form (the only one Triton's
 batch-size check lets through): `dense` FP32 [B, dense_features]; per feature `<f>.lengths` INT64
 [B, 1] and `<f>.values` INT64 [B, K] (ragged: K differs between requests of one batch; row b holds
-bag b in its first lengths[b] entries); or, single-hot, `dense` and `ids` INT64 [B, features] alone
-(all inputs but dense are optional in the config: Triton's cost grows ~10 us an input, a Criteo request
-in the per-feature form has 53). Output `scores` FP32 [B, 1].
+bag b in its first lengths[b] entries); or, single-hot, `dense` and `ids` INT64 [B, features] alone;
+or, any bags, `dense`, `lengths` INT64 [B, features] and `values` INT64 [B, K] (ragged; row b: sample
+b's bags in feature order, then padding). All inputs but dense are optional in the config: Triton's
+cost grows ~10 us an input, and a Criteo request in the per-feature form has 53 (3.4x fewer requests/s
+than the compact forms at 64 streams). Output `scores` FP32 [B, 1].
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ from inference_gateway.package import load_package
 from inference_gateway.requests import (
     DENSE,
     IDS,
+    LENGTHS,
+    VALUES,
     Decoded,
     Limits,
     RequestError,
     feature_bags,
     input_set_error,
     lengths_input,
+    sample_bags,
     single_hot,
     validate,
     values_input,
@@ -87,6 +92,9 @@ class BatchScorer:
         def sparse() -> tuple[np.ndarray, np.ndarray, bool]:
             if IDS in requests[0]:
                 return single_hot(_rows([r[IDS] for r in requests]), len(self.pairs), batch)
+            if LENGTHS in requests[0]:
+                return sample_bags(_rows([r[LENGTHS] for r in requests]), _rows([r[VALUES] for r in requests]),
+                                   len(self.pairs), batch)
             return feature_bags(self.pairs, [_rows([r[ln] for r in requests]) for ln, _ in self.pairs],
                                 [_rows([r[vn] for r in requests]) for _, vn in self.pairs], batch)
 

@@ -30,7 +30,7 @@ from inference_gateway.shared_tables import IMAGE_SUFFIX
 from inference_gateway.triton_frontend import Allocator, FrontendError, preload
 from protos import inference_pb2, inference_pb2_grpc
 from tests.test_inference_package import TINY, tiny_model
-from tests.test_oip import batched_inputs, ids_inputs, ragged
+from tests.test_oip import bags_inputs, batched_inputs, ids_inputs, ragged
 from trainer.export import export_package, table_dtypes
 
 WORKERS = 2
@@ -74,7 +74,8 @@ def test_workers_answer_what_serve_answers_for_the_same_package(gw, store, tmp_p
     assert len(live_workers(gw)) == WORKERS
     meta = client.get_model_metadata("dlrm")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("dense", "FP32", [-1, NDENSE]), ("ids", "INT64", [-1, NFEAT])] + [
+        ("dense", "FP32", [-1, NDENSE]), ("ids", "INT64", [-1, NFEAT]), ("lengths", "INT64", [-1, NFEAT]),
+        ("values", "INT64", [-1, -1])] + [
         (f"{f.name}.{part}", "INT64", shape) for f in TINY.features
         for part, shape in (("lengths", [-1, 1]), ("values", [-1, -1]))]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("scores", "FP32", [-1, 1])]
@@ -115,8 +116,18 @@ def test_workers_answer_what_serve_answers_for_the_same_package(gw, store, tmp_p
                                    atol=1e-5)
         np.testing.assert_allclose(got, infer(client, dense, one, ids.T.ravel()).as_numpy("scores"), rtol=1e-5,
                                    atol=1e-5)  # the per-feature form of the same samples
+        # the compact multi-hot form (what the Predict proxy forwards): the per-feature form's scores
+        compact = client.infer("dlrm", bags_inputs(dense, lengths, values)).as_numpy("scores")
+        np.testing.assert_allclose(compact, infer(client, dense, lengths, values).as_numpy("scores"), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(compact, other.infer("dlrm", bags_inputs(dense, lengths, values)).as_numpy("scores"),
+                                   rtol=1e-5, atol=1e-5)
         full = batched_inputs(dense, lengths, values)
+        short = bags_inputs(dense, lengths, values)
+        short[2] = tritonclient.InferInput("values", [7, 1], "INT64")
+        short[2].set_data_from_numpy(np.zeros((7, 1), dtype=np.int64))
         for name, tensors in {"missing": full[:-1], "both": [*ids_inputs(dense, ids), *full[1:3]],
+                              "compact too short": short,
                               "ids width": ids_inputs(dense, ids[:, :2].copy())}.items():
             messages = []
             for c in (client, other):

@@ -84,6 +84,28 @@ def batched_inputs(dense, lengths, values) -> list[triton.InferInput]:
     return out
 
 
+def bags_inputs(dense, lengths, values, pad: int = 0) -> list[triton.InferInput]:
+    """The compact multi-hot form: dense, lengths [B, features] and values [B, K] (row b: sample b's bags in
+    package feature order, then `pad` extra columns of -1) from Predict's feature-major arrays."""
+    n = dense.shape[0]
+    lens = lengths.reshape(len(FEATURES), n)
+    segments = np.split(values, np.cumsum(lens.sum(1))[:-1])
+    starts = [np.concatenate([[0], np.cumsum(ln)[:-1]]) for ln in lens]
+    rows = [np.concatenate([seg[st[b]:st[b] + ln[b]] for seg, st, ln in zip(segments, starts, lens, strict=True)])
+            for b in range(n)]
+    k = max(max(len(r) for r in rows), 1) + pad
+    padded = np.full((n, k), -1, dtype=np.int64)
+    for b, r in enumerate(rows):
+        padded[b, :len(r)] = r
+    out = []
+    for name, a, dtype in (("dense", dense, "FP32"), ("lengths", np.ascontiguousarray(lens.T, dtype=np.int64), "INT64"),
+                           ("values", padded, "INT64")):
+        t = triton.InferInput(name, list(a.shape), dtype)
+        t.set_data_from_numpy(a)
+        out.append(t)
+    return out
+
+
 def ids_inputs(dense, ids) -> list[triton.InferInput]:
     """The compact single-hot form: dense and ids [B, features] (package order)."""
     out = [triton.InferInput("dense", list(dense.shape), "FP32"), triton.InferInput("ids", list(ids.shape), "INT64")]
@@ -228,6 +250,32 @@ def test_the_batched_form_of_serve_triton_gives_the_same_scores(gateway):
             f"ids: shape [8, 2], expected [8, {len(FEATURES)}] (one id per feature per sample")
     refused(lambda: client.infer("dlrm", [*ids_inputs(dense, ids), *inputs(dense, lengths, values)[1:3]]),
             "INVALID_ARGUMENT", "inputs: 'user.lengths' and 'ids' (single-hot ids [B, features] replace")
+
+
+def test_the_compact_multi_hot_form_gives_the_same_scores_and_errors(gateway):
+    """dense + lengths [B, features] + values [B, K]: three inputs for any bags (what serve-triton's
+    Predict proxy forwards), the same scores as the per-feature form, precise errors."""
+    _, client, ours = gateway
+    dense, lengths, values = ragged(16, seed=9)
+    expected = ours.predict(dense, lengths, values)
+    for pad in (0, 3):  # rows padded past the longest sample are ignored
+        got = client.infer("dlrm", bags_inputs(dense, lengths, values, pad)).as_numpy("scores")
+        assert got.shape == (16, 1)
+        np.testing.assert_allclose(got.ravel(), expected, atol=1e-6)
+    inv = "INVALID_ARGUMENT"
+    good = bags_inputs(dense, lengths, values)
+    k = good[2].shape()[1]
+    wide = triton.InferInput("lengths", [16, len(FEATURES)], "INT64")
+    wide.set_data_from_numpy(np.full((16, len(FEATURES)), k, dtype=np.int64))
+    refused(lambda: client.infer("dlrm", [good[0], wide, good[2]]), inv,
+            f"lengths: the bags of sample 0 hold {k * len(FEATURES)} ids, more than the {k} columns of values")
+    narrow = triton.InferInput("lengths", [16, 2], "INT64")
+    narrow.set_data_from_numpy(np.ones((16, 2), dtype=np.int64))
+    refused(lambda: client.infer("dlrm", [good[0], narrow, good[2]]), inv,
+            f"lengths: shape [16, 2], expected [16, {len(FEATURES)}] (one bag length per feature per sample")
+    refused(lambda: client.infer("dlrm", good[:2]), inv, "inputs: missing input 'values'")
+    refused(lambda: client.infer("dlrm", [*good, *inputs(dense, lengths, values)[1:3]]), inv,
+            "inputs: 'user.lengths' and 'lengths' / 'values' (the compact form")
 
 
 def test_predict_token_guards_model_infer_but_not_readiness(tmp_path):
