@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "queue holds at most the requests the workers score in this time at --sample-cost-us each (a "
                    "request past it is refused at once, UNAVAILABLE), and one still queued after it is refused; "
                    "0: no bound of its own")
-    t.add_argument("--sample-cost-us", type=float, default=120.0, help="one worker's compute per sample, for "
-                   "--max-queue-wait-ms (Criteo's dense arch: 100-130 us at batch 128)")
+    t.add_argument("--sample-cost-us", type=float, default=120.0, help="one worker's time per sample, for "
+                   "--max-queue-wait-ms, frontend share included (Criteo W1 on 2 cores: ~140-170 us a one-sample "
+                   "request at saturation; the model alone 22-35 us a sample batched)")
     t.add_argument("--request-samples", type=int, default=1, help="samples in a typical request, for "
                    "--max-queue-wait-ms: Triton's queue bound counts requests")
     t.add_argument("--allocator", choices=("auto", "jemalloc", "glibc"), default="auto", help="malloc of "

@@ -96,7 +96,8 @@ def input_names(features: list[str]) -> list[str]:
 
 def input_set_error(names: set[str] | dict, model: ServingModel) -> str | None:
     """Why a request's set of (known) input names is incomplete, or None: `dense`, then either every
-    feature's lengths and values or `ids` alone (the compact single-hot form)."""
+    feature's lengths and values, or `ids` alone (the compact single-hot form), or `lengths` and `values`
+    (the compact multi-hot form)."""
     ordered = input_names(model.features)
     if IDS in names:
         both = next((n for n in [*ordered[1:], LENGTHS, VALUES] if n in names), None)

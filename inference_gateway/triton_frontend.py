@@ -193,7 +193,7 @@ class FrontendConfig:
     max_wait_us: int = 2000
     max_queue: int = 4096  # requests waiting per model before Triton refuses more
     max_queue_wait_ms: float = 0.0  # 0: no bound of its own; else the queue bound (queue_policy)
-    sample_cost_us: float = 120.0  # one worker's compute per sample (Criteo dense arch at batch 128)
+    sample_cost_us: float = 120.0  # one worker's time per sample, frontend share included (see the CLI's help)
     request_samples: int = 1  # samples of a typical request (Triton's queue bound counts requests)
     grace_s: float = 10.0
     workdir: Path = Path("triton-gateway")
