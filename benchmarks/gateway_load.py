@@ -63,6 +63,7 @@ from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop, open_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import GatewayProcess, launch, launch_triton
+from inference_gateway.quantize import DenseQuantization
 from protos.model_config import ModelConfig
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM
@@ -87,13 +88,16 @@ def criteo_model() -> ExportedModel:
     return ExportedModel(cfg, DenseDLRM(cfg), tables, step=0)
 
 
-def packages(workdir: Path, dtypes: list[str]) -> dict[str, Path]:
+def packages(workdir: Path, dtypes: list[str], dense: str = "none") -> dict[str, Path]:
+    """One package per table dtype; `dense` int8: the dense arch dynamically quantized too (the export's
+    --dense-quantize), in packages of their own."""
     out, model = {}, None
     for q in dtypes:
-        path = workdir / f"criteo-{q}.pkg"
+        path = workdir / (f"criteo-{q}.pkg" if dense == "none" else f"criteo-{q}-dense{dense}.pkg")
         if not (path / "manifest.json").exists():
             model = model or criteo_model()
-            export_package(model, path, dtypes=table_dtypes(model.config, q, []), overwrite=True)
+            export_package(model, path, dtypes=table_dtypes(model.config, q, []), overwrite=True,
+                           dense_quantization=DenseQuantization(dense))
         out[q] = path
     return out
 
@@ -434,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frontend", choices=("serve", "serve-triton", "both"), default="both")
     p.add_argument("--dtypes", default="fp32,int8,int4")
+    p.add_argument("--dense-quantize", choices=("none", "int8"), default="none", help="also quantize the dense "
+                   "arch (dynamic int8 Linear layers, as `trainer export --dense-quantize int8`)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=64, help="W1 closed-loop clients")
     p.add_argument("--max-concurrency", type=int, default=512, help="W1 h2load streams for the gateway's maximum")
@@ -459,13 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     dtypes = args.dtypes.split(",")
     frontends = FRONTENDS if args.frontend == "both" else (args.frontend,)
-    pkgs = packages(workdir, dtypes)
+    pkgs = packages(workdir, dtypes, args.dense_quantize)
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
     name = json.loads((pkgs[dtypes[0]] / "manifest.json").read_text())["name"]
     pools = {"w1": request_pool(cfg, 1, 512), "w2": request_pool(cfg, 256, 16),
              "w1_oip": infer_pool(cfg, 1, 512, name), "w2_oip": infer_pool(cfg, 256, 16, name)}
     run = Run(args, workdir, skip, ensure_h2load() is not None, {}, {})
-    common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "h2load": run.use_h2load}
+    common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "h2load": run.use_h2load,
+              "dense_quantization": args.dense_quantize}
     if "echo" not in skip:
         measure_echo(run, pools["w1"], common)
     for q in dtypes:
