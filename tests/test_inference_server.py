@@ -197,8 +197,15 @@ def test_cli_predict_from_jsonl(gateway, tmp_path, capsys):
     assert out[1]["error"] == "INVALID_ARGUMENT" and "hour" in out[1]["message"]
 
 
+def _queued_samples(gw) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gateway_queue_samples "))
+
+
 def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path, tmp_path_factory):
-    gw = launch(["--model-store", str(tmp_path_factory.getbasetemp())], workdir=tmp_path / "gw")
+    # batches wait up to 2 s to fill 512 samples: the 20 requests below stay queued (in flight) until SIGTERM
+    gw = launch(["--model-store", str(tmp_path_factory.getbasetemp()), "--max-wait-ms", "2000",
+                 "--max-batch-size", "512"], workdir=tmp_path / "gw")
     try:
         with GatewayClient(gw.address) as client:
             health = health_pb2_grpc.HealthStub(client.channel)
@@ -216,11 +223,13 @@ def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path, tmp
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
                 health_pb2.HealthCheckResponse.SERVING
             futures = [client.stub.Predict.future(build_request(*batch(8, index=i)), timeout=30) for i in range(20)]
-            time.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while _queued_samples(gw) < 20 * 8:  # every request reached the server and waits in its queue
+                assert time.monotonic() < deadline and not any(f.done() for f in futures), _queued_samples(gw)
+                time.sleep(0.01)
             assert gw.terminate() == 0
             codes = [grpc.StatusCode.OK if f.exception() is None else f.code() for f in futures]
-            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes  # drained, not dropped
-            assert grpc.StatusCode.OK in codes
+            assert codes == [grpc.StatusCode.OK] * 20, codes  # drained, not dropped
     finally:
         gw.kill()
 
