@@ -71,16 +71,10 @@ def start(dist: TritonDist, work: Path, port: int) -> subprocess.Popen:
     from protos import open_inference_pb2 as oip
     from protos import open_inference_pb2_grpc as oip_grpc
 
-    env = dist.env()
-    lib = preload(Allocator.AUTO)
-    if lib:
-        env["LD_PRELOAD"] = lib
-    args = [str(dist.server), f"--model-repository={work / 'repository'}",
-            f"--backend-directory={dist.backend_dir(work)}", "--disable-auto-complete-config",
-            "--grpc-address=127.0.0.1", f"--grpc-port={port}", "--allow-http=false", "--allow-metrics=false",
-            "--log-verbose=0", f"--grpc-infer-allocation-pool-size={POOL_CAP}"]
+    args = [*dist.command(work / "repository", work, "127.0.0.1", port, POOL_CAP), "--allow-metrics=false"]
     log = open(work / "tritonserver.log", "ab")  # noqa: SIM115 (the child keeps it)
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(args, env=dist.env(preload(Allocator.AUTO)), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     log.close()
     stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     deadline = time.monotonic() + 120

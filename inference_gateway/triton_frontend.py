@@ -124,16 +124,28 @@ class TritonDist:
                 dst.symlink_to(src)
         return out
 
-    def env(self) -> dict[str, str]:
+    def env(self, allocator_lib: str | None = None) -> dict[str, str]:
         """The stub links libpython3.x.so by soname: without the interpreter's own LIBDIR first it picks the
         system's (Debian's 3.11.2 under pyenv's 3.11.7 stdlib: `RLock._recursion_count` AttributeError).
-        PATH starts at this interpreter's bin so the stub runs with this environment's site-packages."""
+        PATH starts at this interpreter's bin so the stub runs with this environment's site-packages.
+        `allocator_lib` (from `preload()`) goes to LD_PRELOAD: the stubs inherit it from tritonserver."""
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, str(self.libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if allocator_lib:
+            env["LD_PRELOAD"] = " ".join(filter(None, [allocator_lib, env.get("LD_PRELOAD")]))
         return env
+
+    def command(self, repository: Path, workdir: Path, host: str, port: int, pool: int) -> list[str]:
+        """tritonserver serving `repository` with this Python's backend, KServe v2 gRPC only on host:port,
+        quiet logs, and `pool` gRPC request/response objects kept for reuse (Triton's default, 8, frees and
+        allocates them again for every request past 8 in flight: ~10% of its CPU at 64 in flight)."""
+        return [str(self.server), f"--model-repository={repository}",
+                f"--backend-directory={self.backend_dir(workdir)}", "--disable-auto-complete-config",
+                f"--grpc-address={host}", f"--grpc-port={port}", "--allow-http=false", "--log-verbose=0",
+                f"--grpc-infer-allocation-pool-size={pool}"]
 
     def check_libraries(self) -> None:
         """Every shared library of tritonserver and the stub resolves under env(), libpython to this
@@ -323,27 +335,21 @@ class Supervisor:
 
         for d in (self.repo, self.retired, self.table_cache):
             d.mkdir(parents=True, exist_ok=True)
-        args = [str(self.dist.server), f"--model-repository={self.repo}", "--model-control-mode=explicit",
-                f"--backend-directory={self.dist.backend_dir(self.workdir)}", "--disable-auto-complete-config",
-                f"--grpc-address={self.cfg.host}", f"--grpc-port={self.port}", "--allow-http=false",
-                f"--exit-timeout-secs={max(1, int(self.cfg.grace_s))}", "--log-verbose=0", "--strict-readiness=true"]
+        pool = min(queue_policy(self.cfg)[0], POOL_CAP)  # request objects reused up to the queue bound
+        args = [*self.dist.command(self.repo, self.workdir, self.cfg.host, self.port, pool),
+                "--model-control-mode=explicit", f"--exit-timeout-secs={max(1, int(self.cfg.grace_s))}",
+                "--strict-readiness=true"]
         # tritonserver takes this secret only as an argument, so a local user who can read
         # /proc/<pid>/cmdline (`ps`, unless /proc is mounted hidepid=2) sees it: it is per process and
         # guards only this tritonserver, and never goes to a file or a log
         args.append(f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{ADMIN_KEY}={self._admin[0][1]}")
-        # request/response objects kept for reuse up to the queue bound (Triton's default, 8, frees and
-        # allocates them again for every request past 8 in flight: ~10% of its CPU at 64 in flight)
-        args.append(f"--grpc-infer-allocation-pool-size={min(queue_policy(self.cfg)[0], POOL_CAP)}")
         if self.metrics_port is None:
             args.append("--allow-metrics=false")
         else:
             args += [f"--metrics-address={self.cfg.host}", f"--metrics-port={self.metrics_port}",
                      "--allow-gpu-metrics=false"]
         log_file = open(self.workdir / "tritonserver.log", "ab")  # noqa: SIM115 (the child keeps it)
-        env = self.dist.env()
-        if self.allocator:  # tritonserver and its workers (the stubs inherit its environment)
-            env["LD_PRELOAD"] = " ".join(filter(None, [self.allocator, env.get("LD_PRELOAD")]))
-        self.proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(args, env=self.dist.env(self.allocator), stdout=log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor only
         log_file.close()
         if self.channel is not None:
