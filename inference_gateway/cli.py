@@ -65,9 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "The supervisor replaces a dead worker (by reloading its version) and a dead tritonserver; SIGTERM drains "
         "and exits 0.")
     t.add_argument("--model", action="append", default=[], help="package directory (repeatable)")
-    t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version (>= 2: "
-                   "with one, a request that arrives while it is busy can wait 500 ms, a lost wakeup in "
-                   "Triton's dynamic batcher)")
+    t.add_argument("--workers", type=int, default=2, help="Python worker processes per model version (on 2 "
+                   "cores 2 pay off; with a queue bound see --max-queue)")
     t.add_argument("--host", default="127.0.0.1")
     t.add_argument("--port", type=int, default=0, help="KServe v2 gRPC port; 0 picks a free one (announced)")
     t.add_argument("--management-port", type=int, default=0, help="management gRPC port (0: free, announced)")
@@ -79,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metrics-port", type=int, default=0, help="tritonserver's Prometheus port; -1 disables")
     t.add_argument("--max-batch-size", type=int, default=256, help="samples per batch a worker scores")
     t.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
-    t.add_argument("--max-queue", type=int, default=4096, help="requests queued per model before Triton refuses")
+    t.add_argument("--max-queue", type=int, default=0, help="requests queued per model before Triton refuses "
+                   "(UNAVAILABLE); 0: unbounded. Any bound (this or --max-queue-wait-ms) turns off the batcher's "
+                   "prefetch of the next batches in Triton 2.51, and then a request that arrives while every "
+                   "worker is busy can wait up to 500 ms (with --workers 1 often: 5x fewer requests/s at 64 "
+                   "streams). Without one, clients' deadlines still cancel queued requests")
     t.add_argument("--max-queue-wait-ms", type=float, default=0.0, help="bound on a request's queue wait: Triton's "
                    "queue holds at most the requests the workers score in this time at --sample-cost-us each (a "
                    "request past it is refused at once, UNAVAILABLE), and one still queued after it is refused; "
-                   "0: no bound of its own")
+                   "0: no bound of its own (see --max-queue for what a bound costs)")
     t.add_argument("--sample-cost-us", type=float, default=120.0, help="one worker's time per sample, for "
                    "--max-queue-wait-ms, frontend share included (Criteo W1 on 2 cores: ~140-170 us a one-sample "
                    "request at saturation; the model alone 22-35 us a sample batched)")
@@ -187,6 +190,8 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SystemExit("inference-gateway serve-triton: --workers: must be >= 1")
+    if args.max_queue < 0:
+        raise SystemExit("inference-gateway serve-triton: --max-queue: must be >= 0 (0: unbounded)")
     if args.max_queue_wait_ms < 0:
         raise SystemExit("inference-gateway serve-triton: --max-queue-wait-ms: must be >= 0 (0: no bound)")
     if args.sample_cost_us <= 0:

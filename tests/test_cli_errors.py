@@ -64,6 +64,8 @@ CASES = {
     "inference-gateway serve: not a package": (
         ["inference_gateway.cli", "serve", "--model", "{mixed_dims.yaml}", "--metrics-port", "-1"],
         "mixed_dims.yaml", "not a package"),
+    "inference-gateway serve-triton: negative queue bound": (
+        ["inference_gateway.cli", "serve-triton", "--max-queue", "-1"], None, "--max-queue: must be >= 0"),
 }
 
 

@@ -56,7 +56,7 @@ def start_gateway(frontend: str, package: Path, store: Path, workdir: Path) -> t
     if frontend == "serve":
         gw = launch(common, workdir=workdir)
         return gw, Endpoints(gw.address, gw.address, gw.address)
-    # two workers: with one, Triton's batcher can lose the wakeup of a busy worker and hold a request 500 ms
+    # two workers, one per core; no queue bound (a bound costs Triton's batch prefetch: --max-queue's help)
     gw = launch_triton([*common, "--workers", "2", "--metrics-port", "-1", "--grace-s", "3"], workdir=workdir)
     local = "127.0.0.1:{}"
     return gw, Endpoints(local.format(gw.announced["predict_port"]), gw.address,
