@@ -257,7 +257,7 @@ def queue_policy(cfg: FrontendConfig) -> tuple[int, int]:
     any of them the batcher, finding every worker busy, waits for one on a condition variable that a
     worker going idle never signals (dynamic_batch_scheduler.cc, WaitForPayloadSlotAvailable): only the
     next arriving request or its 500 ms timeout wakes it. h2load, INT8, 64 streams, one worker: 732 req/s
-    and a 510 ms maximum bounded, 3,842 and 44 ms unbounded; two: +6% (benchmarks/triton_queue.py).
+    and a 510 ms maximum bounded, 3,842 and 44 ms unbounded; two: +6% (benchmarks/triton_ab.py).
 
     With a bound, Triton admits by queue length only (in requests, whatever their size), so
     --max-queue-wait-ms becomes a length: the requests the workers get through in that time at

@@ -1,13 +1,15 @@
-"""serve-triton with and without a queue bound, launched alternately (JSON lines, one per measurement).
+"""Two serve-triton configurations launched alternately (JSON lines, one per measurement): an A/B of flags.
 
-Triton 2.51's dynamic batcher prepares batches ahead of busy workers ("prefetch") only when the queue
-has no policy; with a bound it waits for an idle worker on a wakeup that only the next arrival (or its
-500 ms timeout) sends (benchmarks/gateway_frontend.md, "No queue bound by default"). This measures what
-that costs: for each of --reps rounds, `serve-triton` once with `--max-queue-wait-ms` (bounded) and once
-without (the default), each driven by h2load at 1, 64 and 512 streams (requests/s, mean and maximum
-latency) and by an h2load open loop at --rate (p50 / p99 / maximum). A final record gives the medians.
+For each of --reps rounds, `serve-triton` once with --a's extra flags and once with --b's, each driven by
+h2load at 1, 64 and 512 streams (requests/s, mean and maximum latency) and by an h2load open loop at
+--rate (p50 / p99 / maximum); a final record gives each side's medians. Alternating launches keep a
+noisy shared host's drift out of the comparison. The default A/B is the queue bound: Triton 2.51's
+dynamic batcher prepares batches ahead of busy workers ("prefetch") only when the queue has no policy,
+and with a bound waits for an idle worker on a wakeup that only the next arrival (or its 500 ms
+timeout) sends (benchmarks/gateway_frontend.md, "No queue bound by default").
 
-    python -m benchmarks.triton_queue [--dtype int8] [--workers 2] [--reps 3] [--seconds 5] [--rate 5000]
+    python -m benchmarks.triton_ab [--a "--max-queue-wait-ms 30"] [--b ""] [--dtype int8] [--workers 2]
+        [--reps 3] [--seconds 5] [--rate 5000]
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=float, default=5000.0, help="open-loop requests/s (about half the maximum)")
-    p.add_argument("--bound", default="--max-queue-wait-ms 30", help="the bounded launch's extra flags")
+    p.add_argument("--a", default="--max-queue-wait-ms 30", help="side a's extra serve-triton flags")
+    p.add_argument("--b", default="", help="side b's extra serve-triton flags (default: none, the defaults)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
     args = p.parse_args(argv)
     if ensure_h2load() is None:
-        raise SystemExit("triton_queue: h2load is missing (Debian: apt-get install nghttp2-client)")
+        raise SystemExit("triton_ab: h2load is missing (Debian: apt-get install nghttp2-client)")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     pkg = packages(work, [args.dtype])[args.dtype]
@@ -47,27 +50,27 @@ def main(argv: list[str] | None = None) -> int:
     body = infer_pool(ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml"), 1, 1, name)[0]
     runs: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.reps):
-        for queue, extra in (("bounded", args.bound.split()), ("unbounded", [])):
+        for side, extra in (("a", args.a.split()), ("b", args.b.split())):
             gw = launch_triton(["--model", str(pkg), "--metrics-port", "-1", "--workers", str(args.workers),
                                 "--max-batch-size", "256", "--max-wait-ms", "2", *extra],
-                               workdir=work / f"triton-queue-{queue}-{rep}", timeout=600)
-            base = {"bench": "triton_queue", "dtype": args.dtype, "workers": args.workers, "queue": queue,
+                               workdir=work / f"triton-ab-{side}-{rep}", timeout=600)
+            base = {"bench": "triton_ab", "dtype": args.dtype, "workers": args.workers, "side": side,
                     "flags": " ".join(extra), "rep": rep}
             try:
                 for c in STREAMS:
                     r = h2load(gw.address, OIP_METHOD, body, c, args.seconds if c > 1 else 3, work)
-                    runs.setdefault((queue, f"c{c}_per_s"), []).append(r["requests_per_s"])
-                    runs.setdefault((queue, f"c{c}_max_ms"), []).append(r.get("max_ms", 0.0))
+                    runs.setdefault((side, f"c{c}_per_s"), []).append(r["requests_per_s"])
+                    runs.setdefault((side, f"c{c}_max_ms"), []).append(r.get("max_ms", 0.0))
                     emit({**base, "client": "h2load", "concurrency": c, **r, "loadavg": _load()})
                 proc, log = start_rate(gw.address, OIP_METHOD, body, args.rate, args.seconds, work)
                 r = rate_result(proc, log, args.seconds, 0)
-                runs.setdefault((queue, "open_p99_ms"), []).append(r.get("p99_ms", 0.0))
+                runs.setdefault((side, "open_p99_ms"), []).append(r.get("p99_ms", 0.0))
                 emit({**base, "client": "h2load_rate", "offered_per_s": args.rate, **r, "loadavg": _load()})
             finally:
                 gw.terminate()
-    medians = {q: {k: round(statistics.median(v), 2) for (q2, k), v in runs.items() if q2 == q}
-               for q in ("bounded", "unbounded")}
-    emit({"bench": "triton_queue_medians", "dtype": args.dtype, "reps": args.reps, **medians})
+    medians = {s: {k: round(statistics.median(v), 2) for (s2, k), v in runs.items() if s2 == s} for s in "ab"}
+    emit({"bench": "triton_ab_medians", "dtype": args.dtype, "reps": args.reps, "a_flags": args.a, "b_flags": args.b,
+          **medians})
     return 0
 
 
