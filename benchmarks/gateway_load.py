@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
                    "--max-concurrent-rpcs 128 --max-pending-rpcs 128 --max-queue-wait-ms 30",
                    help="extra `inference-gateway serve` flags")
-    p.add_argument("--triton-args", default="--workers 2 --max-batch-size 256 --max-wait-ms 2",
+    p.add_argument("--triton-args", default="--workers 2 --max-batch-size 256",
                    help="extra `inference-gateway serve-triton` flags (its default has no queue bound; add "
                    "--max-queue-wait-ms 30 for its refusals, at the cost `serve-triton --help` gives)")
     p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {PHASES}")

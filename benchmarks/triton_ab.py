@@ -1,8 +1,9 @@
 """Two serve-triton configurations launched alternately (JSON lines, one per measurement): an A/B of flags.
 
-For each of --reps rounds, `serve-triton` once with --a's extra flags and once with --b's, each driven by
-h2load at 1, 64 and 512 streams (requests/s, mean and maximum latency) and by an h2load open loop at
---rate (p50 / p99 / maximum); a final record gives each side's medians. Alternating launches keep a
+For each of --reps rounds, `serve-triton` (its defaults, 2 workers, batches of at most 256 samples) once
+with --a's extra flags and once with --b's, each driven by h2load at 1, 64 and 512 streams (requests/s,
+mean and maximum latency) and by an h2load open loop at --rate (p50 / p99 / maximum); a final record
+gives each side's medians. Alternating launches keep a
 noisy shared host's drift out of the comparison. The default A/B is the queue bound: Triton 2.51's
 dynamic batcher prepares batches ahead of busy workers ("prefetch") only when the queue has no policy,
 and with a bound waits for an idle worker on a wakeup that only the next arrival (or its 500 ms
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         for side, extra in (("a", args.a.split()), ("b", args.b.split())):
             gw = launch_triton(["--model", str(pkg), "--metrics-port", "-1", "--workers", str(args.workers),
-                                "--max-batch-size", "256", "--max-wait-ms", "2", *extra],
+                                "--max-batch-size", "256", *extra],
                                workdir=work / f"triton-ab-{side}-{rep}", timeout=600)
             base = {"bench": "triton_ab", "dtype": args.dtype, "workers": args.workers, "side": side,
                     "flags": " ".join(extra), "rep": rep}

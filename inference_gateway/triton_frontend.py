@@ -202,7 +202,7 @@ class FrontendConfig:
     predict_token: str | None = None  # Predict / PredictStream need it as a bearer token; None: open
     metrics_port: int | None = 0  # tritonserver's Prometheus port; None: off
     max_batch_size: int = 256
-    max_wait_us: int = 2000
+    max_wait_us: int = 500  # Triton's max_queue_delay (the CLI's --max-wait-ms help says why 0.5 ms)
     max_queue: int = 0  # requests waiting per model before Triton refuses more; 0: unbounded (queue_policy)
     max_queue_wait_ms: float = 0.0  # 0: no bound of its own; else the queue bound (queue_policy)
     sample_cost_us: float = 120.0  # one worker's time per sample, frontend share included (see the CLI's help)
