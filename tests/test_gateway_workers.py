@@ -369,7 +369,7 @@ def test_without_a_queue_bound_one_worker_holds_no_request_half_a_second(store, 
         pool = [ids_request(i) for i in range(64)]
         r = asyncio.run(closed_loop(g.address, pool, 64, 3.0, 1, OIP_METHOD))
         assert not r["errors"] and r["ok"] > 500, r
-        assert r["p99_ms"] < 400, r  # a bound stalls well over 1% of requests; a rare race (below) stalls < 1%
+        assert r["p99_ms"] < 400, r  # a bound stalls over 1% of requests; one race stall, < 1%
     finally:
         g.terminate()
 
