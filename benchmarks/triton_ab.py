@@ -3,11 +3,11 @@
 For each of --reps rounds, `serve-triton` (its defaults, 2 workers, batches of at most 256 samples) once
 with --a's extra flags and once with --b's, each driven by h2load at 1, 64 and 512 streams (requests/s,
 mean and maximum latency) and by an h2load open loop at --rate (p50 / p99 / maximum); a final record
-gives each side's medians. Alternating launches keep a
-noisy shared host's drift out of the comparison. The default A/B is the queue bound: Triton 2.51's
-dynamic batcher prepares batches ahead of busy workers ("prefetch") only when the queue has no policy,
-and with a bound waits for an idle worker on a wakeup that only the next arrival (or its 500 ms
-timeout) sends (benchmarks/gateway_frontend.md, "No queue bound by default").
+gives each side's medians. Alternating launches keep a noisy shared host's drift out of the comparison.
+The default A/B is the queue bound: Triton 2.51's dynamic batcher prepares batches ahead of busy
+workers ("prefetch") only when the queue has no policy, and with a bound waits for an idle worker on a
+wakeup that only the next arrival (or its 500 ms timeout) sends (benchmarks/gateway_frontend.md, "No
+queue bound by default").
 
     python -m benchmarks.triton_ab [--a "--max-queue-wait-ms 30"] [--b ""] [--dtype int8] [--workers 2]
         [--reps 3] [--seconds 5] [--rate 5000]

@@ -22,6 +22,7 @@ import torch
 import tritonclient.grpc as tritonclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.gateway_frontend import model_infer_pool
 from inference_gateway import proc_memory
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.loadgen import OIP_METHOD, closed_loop
@@ -341,19 +342,6 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def ids_request(seed: int) -> bytes:
-    """One single-hot sample as a serialized ModelInferRequest (tritonclient's stubs: ours share its package)."""
-    from tritonclient.grpc import service_pb2
-
-    rng = np.random.default_rng(seed)
-    r = service_pb2.ModelInferRequest(model_name="dlrm", id=str(seed))
-    ids = np.array([[rng.integers(0, f.num_rows) for f in TINY.features]], dtype=np.int64)
-    for name, datatype, arr in (("dense", "FP32", rng.random((1, NDENSE), dtype=np.float32)), ("ids", "INT64", ids)):
-        r.inputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-        r.raw_input_contents.append(arr.tobytes())
-    return r.SerializeToString()
-
-
 def test_without_a_queue_bound_one_worker_holds_no_request_half_a_second(store, tmp_path):
     """The default: no queue policy, so Triton's batcher prefetches batches for the busy worker. With a bound
     it instead waits for a free worker on a wakeup that a worker going idle never sends (Triton 2.51): a
@@ -366,7 +354,7 @@ def test_without_a_queue_bound_one_worker_holds_no_request_half_a_second(store, 
     try:
         config = (g.workdir / "triton" / "repository" / "dlrm" / "config.pbtxt").read_text()
         assert "default_queue_policy" not in config
-        pool = [ids_request(i) for i in range(64)]
+        pool = model_infer_pool(TINY, "dlrm", 64)  # single-hot `ids` form
         r = asyncio.run(closed_loop(g.address, pool, 64, 3.0, 1, OIP_METHOD))
         assert not r["errors"] and r["ok"] > 500, r
         assert r["p99_ms"] < 400, r  # a bound stalls over 1% of requests; one race stall, < 1%
