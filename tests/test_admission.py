@@ -5,7 +5,6 @@ left to be cancelled after waiting; the requests admitted are all answered."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -20,6 +19,7 @@ from inference_gateway.admission import Admission, AdmissionConfig, BatchTime, R
 from inference_gateway.client import GatewayClient, build_request
 from inference_gateway.process import launch
 from protos.model_config import ModelConfig
+from tests import prom
 from tests.test_oip import inputs
 from trainer.data import SyntheticData
 from trainer.export import ExportedModel, export_package, table_dtypes
@@ -50,11 +50,6 @@ def arrays(cfg: ModelConfig, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def requests(cfg: ModelConfig, count: int) -> list:
     return [build_request(*arrays(cfg, i), request_id=str(i)) for i in range(count)]
-
-
-def metric(gw, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def fire(client: GatewayClient, reqs: list) -> tuple[list, dict[int, float]]:
@@ -124,8 +119,9 @@ def test_overload_is_refused_at_once_and_the_admitted_are_served(slow_package, t
             # refused on arrival, not after waiting: far sooner than the admitted requests' wait
             refusal_p50 = float(np.median([latency[i] for i in refused]))
             assert refusal_p50 < 0.2, refusal_p50
-            assert metric(gw, 'gateway_admission_refusals_total{reason="max_queue_wait"}') == len(refused)
-            assert metric(gw, 'gateway_rejects_total{reason="deadline"}') == 0  # none waited past a deadline
+            port = gw.metrics_port
+            assert prom.value(port, "gateway_admission_refusals_total", reason="max_queue_wait") == len(refused)
+            assert prom.value(port, "gateway_rejects_total", reason="deadline") == 0  # none waited past a deadline
 
             # PredictStream: each message is admitted or refused on its own, the stream goes on
             answers = list(client.stub.PredictStream(iter(reqs[:150]), timeout=120))
@@ -147,7 +143,7 @@ def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once(slow_packa
                 client.predict_request(r)
             backlog = [client.stub.Predict.future(r, timeout=120) for r in reqs]
             until = time.monotonic() + 60
-            while metric(gw, "gateway_queue_samples") < 100 * SAMPLES and time.monotonic() < until:
+            while prom.value(gw.metrics_port, "gateway_queue_samples") < 100 * SAMPLES and time.monotonic() < until:
                 time.sleep(0.01)
             start = time.perf_counter()
             with pytest.raises(grpc.RpcError) as e:
@@ -164,6 +160,6 @@ def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once(slow_packa
             assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", (e.value.status(), e.value.message())
             assert "remaining deadline" in e.value.message()
             assert all(f.exception() is None for f in backlog)  # every admitted request is answered
-            assert metric(gw, 'gateway_admission_refusals_total{reason="deadline"}') == 2
+            assert prom.value(gw.metrics_port, "gateway_admission_refusals_total", reason="deadline") == 2
     finally:
         gw.kill()

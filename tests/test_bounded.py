@@ -5,7 +5,6 @@ names it, and nothing changes."""
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from embedding_service.cli import build_parser
 from protos import embedding_shard_pb2
+from tests import prom
 
 TABLES = [{"name": "users", "num_rows": 100, "dim": 8, "features": ["user"],
            "optimizer": {"type": "exact_sgd", "learning_rate": 0.5}}]
@@ -47,11 +47,6 @@ def test_pending_handles_bounded(shard_factory):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def _inflight(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("shard_inflight_lookups "))
-
-
 def test_inflight_lookups_bounded(shard_factory):
     proc, client = shard_factory({"tables": TABLES, "mode": "async", "num_trainers": 4, "staleness": 0,
                                   "max_inflight_lookups": 2})
@@ -59,7 +54,7 @@ def test_inflight_lookups_bounded(shard_factory):
     # trainer 0's lookups of step 1 wait for its update of step 0: two of them fill the bound
     waiting = [client.lookup_async(["user"], 2, LENGTHS, VALUES, trainer_id=0, step=1) for _ in range(2)]
     deadline = time.monotonic() + 30
-    while _inflight(proc.metrics_port) < 2:
+    while prom.value(proc.metrics_port, "shard_inflight_lookups") < 2:
         assert time.monotonic() < deadline, "the lookups did not reach the shard"
         time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as err:
@@ -96,7 +91,7 @@ def test_grpc_admits_at_most_max_concurrent_rpcs(shard_factory):
     # three lookups of step 1 wait (at most wait_timeout_s) for trainer 0's update of step 0
     waiting = [client.lookup_async(["user"], 2, LENGTHS, VALUES, trainer_id=0, step=1) for _ in range(3)]
     deadline = time.monotonic() + 30
-    while _inflight(proc.metrics_port) < 3:
+    while prom.value(proc.metrics_port, "shard_inflight_lookups") < 3:
         assert time.monotonic() < deadline, "the lookups did not reach the shard"
         time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as err:

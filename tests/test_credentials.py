@@ -8,7 +8,6 @@ RPC works, data plane included. A token never appears in a server's log or /metr
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from inference_gateway.client import GatewayClient, build_request
 from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2, embedding_shard_pb2
 from protos.plan import assignment_from_dict
+from tests import prom
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -40,10 +40,6 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
-
-
-def metrics_text(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
 def token_file(tmp_path: Path, token: str, name: str = "token") -> str:
@@ -103,10 +99,10 @@ def test_shard_control_plane_needs_the_token(shard_factory, tmp_path):
         right.prepare(staged)
         assert right.commit(1, 0).plan_version == 1
 
-        text = metrics_text(proc.metrics_port)
-        assert 'rpc_rejected_total{method="/recsys.v1.EmbeddingShard/Checkpoint",reason="UNAUTHENTICATED"} 1.0' \
-            in text
-        assert 'reason="PERMISSION_DENIED"' in text
+        assert prom.value(proc.metrics_port, "rpc_rejected_total", method="/recsys.v1.EmbeddingShard/Checkpoint",
+                          reason="UNAUTHENTICATED") == 1
+        assert prom.value(proc.metrics_port, "rpc_rejected_total", reason="PERMISSION_DENIED") >= 1
+        text = prom.text(proc.metrics_port)
         assert TOKEN not in text and "not-the-token" not in text
         log = proc.log_path.read_text() + (proc.workdir / "stdout.log").read_text()
         assert TOKEN not in log and "not-the-token" not in log
@@ -183,9 +179,9 @@ def test_gateway_control_plane_and_predict_tokens(store, tmp_path):
         assert gateway_main(["load", "--address", gw.address, "--path", "v1", "--token-file",
                              token_file(tmp_path, TOKEN)]) == 0
         assert sorted(m.version for m in anonymous.list_models()) == [1, 2]
-        text = metrics_text(gw.metrics_port)
-        assert 'rpc_rejected_total{method="/recsys.v1.InferenceGateway/LoadModel",reason="UNAUTHENTICATED"} 1.0' \
-            in text
+        assert prom.value(gw.metrics_port, "rpc_rejected_total", method="/recsys.v1.InferenceGateway/LoadModel",
+                          reason="UNAUTHENTICATED") == 1
+        text = prom.text(gw.metrics_port)
         for secret in (TOKEN, PREDICT_TOKEN):
             assert secret not in text and secret not in gw.log_text()
         for c in (anonymous, wrong, right):
@@ -227,8 +223,9 @@ def test_coordinator_admin_rpcs_need_the_token(tmp_path):
                 assert code_of(lambda call=call: call(wrong)) == grpc.StatusCode.PERMISSION_DENIED, rpc
                 assert code_of(lambda call=call: call(right)) not in AUTH_CODES, rpc  # reaches the servicer
             assert isinstance(anonymous.members(), list)  # the data plane (ListMembers) stays open
-        text = metrics_text(coord.metrics_port)
-        assert 'rpc_rejected_total{method="/recsys.v1.Coordinator/ApplyPlan",reason="UNAUTHENTICATED"} 1.0' in text
+        assert prom.value(coord.metrics_port, "rpc_rejected_total", method="/recsys.v1.Coordinator/ApplyPlan",
+                          reason="UNAUTHENTICATED") == 1
+        text = prom.text(coord.metrics_port)
         assert TOKEN not in text and TOKEN not in coord.log_tail(1 << 20) and "wrong" not in coord.log_tail(1 << 20)
     finally:
         coord.kill()

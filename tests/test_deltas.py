@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from coordinator.redis_backend import EmbeddedRedis
 from protos.deltas import DeltaError, RowDelta, decode, encode, stream_key
+from tests import prom
 
 TABLES = [{"name": "t", "num_rows": 256, "dim": 8, "features": ["f"],
            "optimizer": {"type": "exact_rowwise_adagrad", "learning_rate": 0.5}},
@@ -100,9 +100,7 @@ def test_redis_down_training_goes_on_and_readers_see_the_gap(shard_factory, tmp_
     took = time.monotonic() - t0
     assert took < 20, f"training waited on the dead Redis: 20 steps took {took:.1f}s"
     time.sleep(0.5)
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).read().decode()
-    dropped = [line for line in metrics.splitlines() if line.startswith("delta_dropped_rows_total")]
-    assert dropped and float(dropped[0].split()[1]) > 0, dropped
+    assert prom.value(proc.metrics_port, "delta_dropped_rows_total") > 0
     server = EmbeddedRedis(redis_dir, port=port)  # back, same data
     try:
         train(client, 3, first_step=25, seed=2)

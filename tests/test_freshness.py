@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from inference_gateway.package import load_package
 from inference_gateway.process import launch as launch_gateway
 from protos.deltas import decode, stream_key
 from protos.plan import shard_config, simple_plan
+from tests import prom
 from tests.test_inference_package import ROOT, TINY
 from trainer.data import HELDOUT, SyntheticData, auc
 from trainer.dense_publisher import DensePublisher
@@ -78,11 +78,6 @@ def wait_applied(gw: GatewayClient, step: int, timeout: float = 60.0, part: str 
         time.sleep(0.05)
 
 
-def metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 @pytest.fixture
 def redis_server(tmp_path):
     with EmbeddedRedis(tmp_path / "redis") as r:
@@ -108,8 +103,8 @@ def test_gateway_follows_training_and_catches_up_after_kill9(shard, redis_server
             want = expected_scores(export_from_shard(shard, tmp_path / "at19", step=19))
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
-            assert metric(gw.metrics_port, "delta_lag_seconds_count") > 0
-            assert metric(gw.metrics_port, "delta_gaps_total") == 0
+            assert prom.value(gw.metrics_port, "delta_lag_seconds_count") > 0
+            assert prom.value(gw.metrics_port, "delta_gaps_total") == 0
         gw.proc.kill()  # kill -9
         gw.proc.wait(30)
         train(shard, 20, 10)  # training goes on while the gateway is down
@@ -124,7 +119,7 @@ def test_gateway_follows_training_and_catches_up_after_kill9(shard, redis_server
             want = expected_scores(export_from_shard(shard, tmp_path / "at29", step=29))
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
-            assert metric(gw2.metrics_port, "delta_gaps_total") == 0
+            assert prom.value(gw2.metrics_port, "delta_gaps_total") == 0
     finally:
         gw2.kill()
     print(f"\nFRESHNESS kill -9 and restart: caught up with 30 steps in {caught_up:.2f}s (start included), no gap")
@@ -155,8 +150,8 @@ def test_stream_trimmed_below_the_gateway_falls_back_to_a_snapshot(shard, redis_
             want = expected_scores(export_from_shard(shard, tmp_path / "at19", step=19))
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
-            assert metric(gw.metrics_port, "delta_gaps_total") >= 1
-            assert metric(gw.metrics_port, "delta_resyncs_total") == 1
+            assert prom.value(gw.metrics_port, "delta_gaps_total") >= 1
+            assert prom.value(gw.metrics_port, "delta_resyncs_total") == 1
     finally:
         gw.kill()
 
@@ -300,8 +295,8 @@ def test_redis_unreachable_then_back_the_gateway_resynchronises(shard_factory, t
             want = expected_scores(export_from_shard(client, tmp_path / "at19", step=19))
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
-            assert metric(gw.metrics_port, "delta_redis_errors_total") >= 1
-            assert metric(gw.metrics_port, "delta_resyncs_total") == 1
+            assert prom.value(gw.metrics_port, "delta_redis_errors_total") >= 1
+            assert prom.value(gw.metrics_port, "delta_resyncs_total") == 1
     finally:
         gw.kill()
         server.close()

@@ -7,7 +7,6 @@ import json
 import shutil
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -21,6 +20,7 @@ from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch
 from protos import common_pb2
+from tests import prom
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -55,11 +55,6 @@ def batch(n: int, seed: int = 0, index: int = 0):
     return b.dense.numpy(), b.sparse.lengths.numpy(), b.sparse.values.numpy()
 
 
-def metric(gw, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_predict_equals_the_package_in_process(gateway, pkgs):
     _, client = gateway
     dense, lengths, values = batch(64)
@@ -80,7 +75,7 @@ def test_predict_equals_the_package_in_process(gateway, pkgs):
 
 def test_concurrent_requests_are_merged_and_split_back(gateway):
     gw, client = gateway
-    before_batches = metric(gw, "gateway_batch_requests_count")
+    before_batches = prom.value(gw.metrics_port, "gateway_batch_requests_count")
     reqs = [batch(1 + i % 3, index=i) for i in range(48)]
     futures = [client.stub.Predict.future(build_request(*r, request_id=f"r{i}"), timeout=30)
                for i, r in enumerate(reqs)]
@@ -88,7 +83,7 @@ def test_concurrent_requests_are_merged_and_split_back(gateway):
     for i, (r, resp) in enumerate(zip(reqs, results, strict=True)):
         assert resp.request_id == f"r{i}" and len(scores_of(resp)) == r[0].shape[0]
         np.testing.assert_allclose(scores_of(resp), client.predict(*r), atol=1e-6)
-    batches = metric(gw, "gateway_batch_requests_count") - before_batches
+    batches = prom.value(gw.metrics_port, "gateway_batch_requests_count") - before_batches
     assert batches < 48 + 48  # the 48 concurrent ones ran in fewer than 48 batches
 
 
@@ -134,7 +129,7 @@ def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(gateway):
     _bad(client, build_request(dense, lengths, values, version=9), grpc.StatusCode.NOT_FOUND,
          "version: model 'dlrm' has no version 9")
     np.testing.assert_array_equal(client.predict(dense, lengths, values), ok)  # nothing changed
-    assert metric(gw, 'gateway_requests_total{code="INVALID_ARGUMENT"') >= 10
+    assert prom.value(gw.metrics_port, "gateway_requests_total", code="INVALID_ARGUMENT") >= 10
 
 
 def test_out_of_range_ids_map_to_a_zero_row_when_the_package_says_so(gateway):
@@ -175,8 +170,8 @@ def test_health_reflection_metrics_and_access_log(gateway):
     client.predict(*batch(3), request_id="logged-1")
     for name in ("gateway_request_seconds_bucket", "gateway_batch_samples_bucket", "gateway_queue_samples",
                  "gateway_rejects_total"):
-        assert name in urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics").read().decode()
-    assert metric(gw, 'gateway_request_seconds_count{method="Predict"}') > 0
+        prom.value(gw.metrics_port, name)  # fails on a name the gateway does not export
+    assert prom.value(gw.metrics_port, "gateway_request_seconds_count", method="Predict") > 0
     time.sleep(0.2)
     lines = [json.loads(line.split("inference_gateway.access: ", 1)[1]) for line in gw.log_text().splitlines()
              if "inference_gateway.access: " in line]
@@ -195,11 +190,6 @@ def test_cli_predict_from_jsonl(gateway, tmp_path, capsys):
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert out[0]["request_id"] == "a" and len(out[0]["scores"]) == 1 and 0 < out[0]["scores"][0] < 1
     assert out[1]["error"] == "INVALID_ARGUMENT" and "hour" in out[1]["message"]
-
-
-def _queued_samples(gw) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gateway_queue_samples "))
 
 
 def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path, tmp_path_factory):
@@ -224,8 +214,9 @@ def test_health_not_serving_until_loaded_then_sigterm_drains(pkgs, tmp_path, tmp
                 health_pb2.HealthCheckResponse.SERVING
             futures = [client.stub.Predict.future(build_request(*batch(8, index=i)), timeout=30) for i in range(20)]
             deadline = time.monotonic() + 30
-            while _queued_samples(gw) < 20 * 8:  # every request reached the server and waits in its queue
-                assert time.monotonic() < deadline and not any(f.done() for f in futures), _queued_samples(gw)
+            # every request reached the server and waits in its queue
+            while (queued := prom.value(gw.metrics_port, "gateway_queue_samples")) < 20 * 8:
+                assert time.monotonic() < deadline and not any(f.done() for f in futures), queued
                 time.sleep(0.01)
             assert gw.terminate() == 0
             codes = [grpc.StatusCode.OK if f.exception() is None else f.code() for f in futures]
@@ -287,8 +278,9 @@ def test_overload_is_refused_fast_and_expired_requests_are_dropped(pkgs, tmp_pat
                 client.predict(*batch(1), timeout=0.3)  # queued, waits 1 s for its batch to fill
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             time.sleep(1.0)
-            assert metric(gw, 'gateway_rejects_total{reason="deadline"}') == 1  # dropped before compute
-            assert metric(gw, "gateway_batch_samples_count") == 0
+            # dropped before compute
+            assert prom.value(gw.metrics_port, "gateway_rejects_total", reason="deadline") == 1
+            assert prom.value(gw.metrics_port, "gateway_batch_samples_count") == 0
             start = time.perf_counter()
             finished: dict[int, float] = {}
             futures = [client.stub.Predict.future(build_request(*batch(1, index=i)), timeout=30) for i in range(40)]
@@ -301,7 +293,7 @@ def test_overload_is_refused_fast_and_expired_requests_are_dropped(pkgs, tmp_pat
             assert max(finished[i] for i in rejected) < min(finished[i] for i in ok)
             assert max(finished[i] for i in rejected) < 0.8
             assert "queue full" in next(f for f in futures if f.exception() is not None).details()
-            assert metric(gw, 'gateway_rejects_total{reason="queue_full"}') == 24
+            assert prom.value(gw.metrics_port, "gateway_rejects_total", reason="queue_full") == 24
     finally:
         gw.kill()
 

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import logging
 import re
-import urllib.request
 
 import grpc
 
 from coordinator.process import launch as launch_coordinator
 from inference_gateway.process import launch as launch_gateway
 from protos.rejects import RateLimitedLog
+from tests import prom
 from tests.test_confined_paths import TABLES
 from tests.test_credentials import store  # noqa: F401 - the module-scoped model store fixture
 
 GARBAGE = b"\x0a\x10ab"  # a length-delimited field longer than the message: "Wire format was corrupt"
 N = 200
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}}"):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def send_garbage(address: str, method: str, n: int = N, streaming_response: bool = False) -> set[grpc.StatusCode]:
@@ -69,7 +60,7 @@ def test_shard_counts_undecodable_requests_without_a_traceback_each(shard_factor
     assert send_garbage(proc.address, f"{svc}/ExportRows", 20, streaming_response=True) == \
         {grpc.StatusCode.INVALID_ARGUMENT}
     for method, n in (("Checkpoint", N), ("Lookup", N), ("ExportRows", 20)):
-        assert metric(proc.metrics_port, "rpc_rejected_total", method=f"{svc}/{method}",
+        assert prom.value(proc.metrics_port, "rpc_rejected_total", method=f"{svc}/{method}",
                       reason="undecodable") == n, method
     assert client.info().shard_id == 0  # still serving
     log = proc.log_path.read_text()
@@ -84,11 +75,11 @@ def test_gateway_and_coordinator_count_undecodable_requests(store, tmp_path):  #
     try:
         method = "/recsys.v1.InferenceGateway/Predict"
         assert send_garbage(gw.address, method) == {grpc.StatusCode.INVALID_ARGUMENT}
-        assert metric(gw.metrics_port, "rpc_rejected_total", method=method, reason="undecodable") == N
+        assert prom.value(gw.metrics_port, "rpc_rejected_total", method=method, reason="undecodable") == N
         assert_quiet(gw.log_text(), "Predict")
         method = "/recsys.v1.Coordinator/ListMembers"
         assert send_garbage(coord.address, method) == {grpc.StatusCode.INVALID_ARGUMENT}
-        assert metric(coord.metrics_port, "rpc_rejected_total", method=method, reason="undecodable") == N
+        assert prom.value(coord.metrics_port, "rpc_rejected_total", method=method, reason="undecodable") == N
         assert_quiet(coord.log_tail(1 << 20), "ListMembers")
     finally:
         gw.kill()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from inference_gateway.client import GatewayClient
 from inference_gateway.process import launch
+from tests import prom
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -212,11 +211,8 @@ def test_bad_inputs_get_the_precise_errors_of_predict(gateway):
     refused(infer(good, model_version="v1"), inv, "model_version: 'v1' is not a version number")
     refused(infer(inputs(*batch(513))), "RESOURCE_EXHAUSTED", "dense: 513 samples exceed max_request_samples 512")
     np.testing.assert_array_equal(client.infer("dlrm", good).as_numpy("scores"), ok)  # nothing changed
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
-    counts = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("gateway_requests_total{")}
-    assert counts['code="INVALID_ARGUMENT",method="ModelInfer"'] == 11
-    assert counts['code="OK",method="ModelInfer"'] >= 2
+    assert prom.value(gw.metrics_port, "gateway_requests_total", code="INVALID_ARGUMENT", method="ModelInfer") == 11
+    assert prom.value(gw.metrics_port, "gateway_requests_total", code="OK", method="ModelInfer") >= 2
 
 
 def test_the_batched_form_of_serve_triton_gives_the_same_scores(gateway):

@@ -5,10 +5,8 @@ PredictStream answering each message, the target's failures mapped, and the pred
 
 from __future__ import annotations
 
-import re
 import socket
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -19,6 +17,7 @@ from inference_gateway.process import launch
 from protos import inference_pb2, inference_pb2_grpc
 from protos.process import ServerProcess, start_announced
 from protos.security import bearer_metadata
+from tests import prom
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData
 from trainer.export import export_package, table_dtypes
@@ -62,9 +61,8 @@ def batch(n: int, index: int = 0):
 
 def model_infers(serve, code: str = "") -> float:
     """serve's count of ModelInfer requests (every forwarded Predict is one), of one status or any."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics_port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'gateway_requests_total\{([^}]*method="ModelInfer"[^}]*)\} (\S+)', text)
-    return sum(float(v) for labels, v in found if not code or f'code="{code}"' in labels)
+    labels = {"method": "ModelInfer", **({"code": code} if code else {})}
+    return prom.value(serve.metrics_port, "gateway_requests_total", **labels)
 
 
 def test_predict_through_the_proxy_scores_as_serve(pair):

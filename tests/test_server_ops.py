@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests import prom
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = [{"name": "t", "num_rows": 64, "dim": 8, "features": ["f"],
@@ -41,14 +42,14 @@ def test_health_reflection_metrics_and_info(shard_factory):
     client.update(res.handle, torch.ones(4, 8))
     with pytest.raises(grpc.RpcError):
         client.lookup(["nope"], 1, torch.tensor([0]), torch.tensor([], dtype=torch.int64), step=1)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'shard_requests_total{code="OK",method="Lookup"} 1.0' in body
-    assert 'shard_requests_total{code="INVALID_ARGUMENT",method="Lookup"} 1.0' in body
-    assert "shard_rows_looked_up_total 6.0" in body and "shard_rows_updated_total 6.0" in body
-    assert 'shard_request_seconds_count{method="Update"} 1.0' in body
-    assert "shard_weight_bytes 2048.0" in body
-    assert 'shard_compute_seconds_count{phase="forward"} 1.0' in body
-    assert 'shard_compute_seconds_count{phase="backward"} 1.0' in body
+    expected = [(1, "shard_requests_total", {"code": "OK", "method": "Lookup"}),
+                (1, "shard_requests_total", {"code": "INVALID_ARGUMENT", "method": "Lookup"}),
+                (6, "shard_rows_looked_up_total", {}), (6, "shard_rows_updated_total", {}),
+                (1, "shard_request_seconds_count", {"method": "Update"}), (2048, "shard_weight_bytes", {}),
+                (1, "shard_compute_seconds_count", {"phase": "forward"}),
+                (1, "shard_compute_seconds_count", {"phase": "backward"})]
+    for want, name, labels in expected:
+        assert prom.value(proc.metrics_port, name, **labels) == want, (name, labels)
 
     out = run_cli("info", proc.address, "--json")
     assert out.returncode == 0, out.stderr
