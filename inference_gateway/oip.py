@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from inference_gateway.requests import (
+    COMPACT,
     IDS,
     LENGTHS,
     VALUES,
@@ -80,9 +81,6 @@ def parse_version(text: str, field: str) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise _invalid(f"{field}: {text!r} is not a version number (a positive integer, or empty for the default)")
     return int(text)
-
-
-COMPACT = (IDS, LENGTHS, VALUES)  # the compact forms' inputs (requests.single_hot, sample_bags)
 
 
 def input_metadata(model: ServingModel) -> list[oip.ModelMetadataResponse.TensorMetadata]:

@@ -87,6 +87,7 @@ DENSE, IDS = "dense", "ids"
 # the compact multi-hot form: `lengths` [B, features] (bag sizes, package feature order) and `values` [B, K]
 # (row b: sample b's bags one after another in that order, then padding): 3 inputs a request, any bags
 LENGTHS, VALUES = "lengths", "values"
+COMPACT = (IDS, LENGTHS, VALUES)  # the compact forms' inputs (single_hot, sample_bags)
 
 
 def input_names(features: list[str]) -> list[str]:
