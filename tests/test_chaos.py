@@ -11,7 +11,8 @@ Scenarios covered and their outcomes:
   checkpoint stays the only (latest) one and is valid (Restore brings back exactly its rows); the
   shard keeps serving Lookup and Update throughout.
 - kill -9 of a trainer mid-step (sync mode, 2 trainers, checkpoints every 40 steps): the surviving
-  rank fails within about a second (its gloo peer is gone) instead of hanging; the job restarted with
+  rank fails within about a second (its gloo peer is gone) instead of hanging, in one readable line (its
+  rank, the last step, restart with --resume), not gloo's traceback; the job restarted with
   first --resume restores step 79 and ends equal to the fault-free reference (1e-5). A lookup of the
   killed incarnation still parked in a shard's step queue is failed (ABORTED) by the Restore, so it
   cannot install its own later step (tests/test_sync_mode.py has the focused test).
@@ -42,6 +43,7 @@ Not covered here: kill -9 of the coordinator in each rollout phase and Redis res
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -220,6 +222,13 @@ def test_trainer_kill9_mid_step_resumes_from_checkpoint_and_equals_uninterrupted
         time.sleep(0.1)
     survivor_exit = time.monotonic() - killed_at
     assert trainers.poll() != 0
+    # and says so readably, not in gloo's traceback: which rank, after which step, what to do (or, when the
+    # kill fell between the peers' all-reduce and the victim's update, the shard call that gave up waiting)
+    said = trainers.stderr_tail(chars=1 << 20)
+    assert "Traceback" not in said, said[-3000:]
+    lost = r"trainer rank 0 of 2: the trainer group lost a peer after step \d+: .+ restart the job with --resume"
+    shard_call = r"shard \d+ at \S+ (failed|did not answer|unavailable)"
+    assert re.search(lost, said) or re.search(shard_call, said), said[-3000:]
     # the newest complete checkpoint when the job died: heartbeats carry the step up to lease/3 late, so the
     # kill may land past step 120 (then 120 is restored), never before 80 (wait_step(100) saw 100)
     latest = int((ckpt / "LATEST").read_text().strip().removeprefix("step-")) + 1

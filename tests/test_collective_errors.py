@@ -5,6 +5,7 @@ fail with a clear error instead of hanging. Real shard and trainer processes in 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from embedding_service.process import launch
 from protos.model_config import ModelConfig
 from protos.plan import dump_plan, shard_config, simple_plan
 from protos.process import free_port
+from trainer.job import lost_peer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -129,6 +131,8 @@ def test_dead_or_frozen_shard_fails_trainers_instead_of_hanging(tmp_path, sig):
         # trainer whose peer trainer exited first may fail in DDP's own collective instead)
         named = [e for e in errs if f"shard 1 at {shards[1].address} does not answer" in e]
         assert named, errs[0][-3000:]
+        for e in errs:  # and each says why in a line of its own (trainer.job.TrainerGroupError), no traceback
+            assert "Traceback" not in e, e[-3000:]
         last = error_line(named[0])
         assert last.startswith("collective transport: the") and " of step " in last, last
         assert took < BOUND_S
@@ -138,3 +142,42 @@ def test_dead_or_frozen_shard_fails_trainers_instead_of_hanging(tmp_path, sig):
             p.kill()
         for s in shards:
             s.kill()
+
+
+LOSE_A_PEER = """
+import json, os, signal, sys, torch, torch.distributed as dist
+from trainer.job import backend_reason, lost_peer
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+t = torch.ones(1000)
+for i in range(100000):
+    if rank == 1 and i == 50:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        dist.all_reduce(t)
+    except RuntimeError as e:
+        print(json.dumps({"lost_peer": lost_peer(e), "reason": backend_reason(e), "raw": str(e)}), flush=True)
+        os._exit(0)
+"""
+
+
+def test_a_killed_peer_in_a_real_gloo_group_reads_as_a_lost_peer():
+    """What trainer.job turns into TrainerGroupError: gloo's error for a peer killed mid all-reduce, told
+    from other RuntimeErrors, and its reason without gloo's source path or boilerplate."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", LOSE_A_PEER, str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[1].returncode == -signal.SIGKILL
+    seen = json.loads(out.strip().splitlines()[-1]) if out.strip() else pytest.fail(err[-3000:])
+    assert "/gloo/" in seen["raw"]
+    assert seen["lost_peer"] is True
+    assert "/gloo/" not in seen["reason"] and "GLHF" not in seen["reason"], seen["reason"]
+    assert any(w in seen["reason"] for w in ("Connection reset by peer", "Connection closed by peer",
+                                             "Read error", "Timed out")), seen["reason"]
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug stays a traceback

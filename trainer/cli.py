@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace) -> int:
     from protos.security import CONTROL_TOKEN_ENV, read_token
-    from trainer.job import JobError, JobSettings, TrainingJob
+    from trainer.job import JobError, JobSettings, TrainerGroupError, TrainingJob
 
     settings = JobSettings(
         config=args.config, plan=args.plan, shards=args.shards.split(",") if args.shards else None,
@@ -154,7 +154,7 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         result = TrainingJob(settings).run()
-    except (JobError, CollectiveError, Fenced, ShardCallFailed) as e:
+    except (JobError, TrainerGroupError, CollectiveError, Fenced, ShardCallFailed) as e:
         raise SystemExit(str(e)) from None
     if settings.rank == 0:
         print(json.dumps({"event": "done", "steps": result.steps, "last_step": result.last_step, "loss": result.loss,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -34,6 +35,24 @@ WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class JobError(ValueError):
     """Settings that cannot run; the message names the flag."""
+
+
+class TrainerGroupError(RuntimeError):
+    """A collective of the trainers' own group (DDP's gradient all-reduce and buffer broadcast, the
+    step-boundary agreement, checkpoint barriers) failed: another trainer died or hung. gloo says so in
+    a 40-line traceback ending in its source path; this says which rank saw it, after which step, and
+    what to do."""
+
+
+def lost_peer(e: BaseException) -> bool:
+    """True for the error gloo or NCCL raise when a peer's connection closes or the group times out."""
+    return isinstance(e, torch.distributed.DistError) or (type(e) is RuntimeError and "/gloo/" in str(e))
+
+
+def backend_reason(e: BaseException) -> str:
+    """gloo's first line without its source path and its boilerplate advice."""
+    line = (str(e).strip().splitlines() or [repr(e)])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", line).split(". This is typically", 1)[0].rstrip(".")
 
 
 @dataclass
@@ -139,10 +158,24 @@ class TrainingJob:
             self.dense_publisher = DensePublisher(settings.publish_dense, settings.dense_every)
         self.writer = None
         self._stop = False
+        self._last_step: int | None = None  # the last step this trainer finished (for a readable failure)
 
     # ---------------------------------------------------------------------------------------- the loop
 
     def run(self) -> JobResult:
+        try:
+            return self._run()
+        except RuntimeError as e:
+            if not lost_peer(e):
+                raise
+            s = self.s
+            after = f"after step {self._last_step}" if self._last_step is not None else "before its first step"
+            resume = f" with --resume (newest checkpoint in {s.checkpoint_dir})" if s.checkpoint_dir else ""
+            raise TrainerGroupError(
+                f"trainer rank {s.rank} of {s.world}: the trainer group lost a peer {after}: {backend_reason(e)}. "
+                f"Another trainer died or hung (its log says why); restart the job{resume}") from None
+
+    def _run(self) -> JobResult:
         s, trainer = self.s, self.trainer
         first_step, position = self._resume()
         if s.logdir and s.rank == 0:
@@ -158,6 +191,7 @@ class TrainingJob:
         local = (b.split(sizes)[s.rank] for b in self._batches(remaining, position))
         for res in trainer.train(local, first_step=first_step, pipelined=s.pipelined, staleness=s.async_staleness):
             loss, done = res.loss, done + 1
+            self._last_step = res.step
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if s.json and s.rank == 0:
