@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m deploy.local.demo
 
+# --durations: the slowest tests at the end of every run (the suite must stay under 30 minutes on 2 cores)
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench-scale: install  # README "Scale": minutes, and ~6 GB for 16 shard processes
