@@ -2,11 +2,11 @@
 
 serve-triton misses issue 12's "CPU per W1 request <= 1/3 of the Python echo's" target; this says how much
 of that is the model and how much the frontend. It runs tritonserver (the same binary, backend, jemalloc,
-request pool and dynamic batcher settings serve-triton uses) over a Python-backend model that takes
-serve-triton's single-hot inputs (`dense`, `ids`) and answers zeros the way our worker answers scores
-(DLPack in and out, one response per request), then drives it with h2load at 64 and 512 streams, and
-prints the CPU-seconds per 1,000 answered requests of tritonserver and its stubs. Same run: the Python
-gRPC echo (gateway_load's) for the ratio.
+request pool, and serve-triton's own config.pbtxt of its defaults: inputs, batcher, queue policy) over a
+Python-backend model that is sent serve-triton's single-hot inputs (`dense`, `ids`) and answers zeros the
+way our worker answers scores (DLPack in and out, one response per request), then drives it with h2load
+at 64 and 512 streams, and prints the CPU-seconds per 1,000 answered requests of tritonserver and its
+stubs. Same run: the Python gRPC echo (gateway_load's) for the ratio.
 
     python -m benchmarks.triton_floor [--seconds 5] [--workers 2]
 """
@@ -27,7 +27,15 @@ from benchmarks.gateway_load import _load, emit, infer_pool, request_pool
 from benchmarks.h2 import ensure_h2load, h2load_with_cpu
 from inference_gateway import proc_memory
 from inference_gateway.loadgen import METHOD, OIP_METHOD
-from inference_gateway.triton_frontend import POOL_CAP, Allocator, TritonDist, preload
+from inference_gateway.triton_frontend import (
+    POOL_CAP,
+    Allocator,
+    FrontendConfig,
+    TritonDist,
+    Version,
+    config_pbtxt,
+    preload,
+)
 from protos.model_config import ModelConfig
 from protos.process import free_port, start_announced
 
@@ -50,21 +58,14 @@ class TritonPythonModel:
 '''
 
 
-def write_repository(root: Path, nfeat: int, dense: int, workers: int) -> None:
+def write_repository(root: Path, cfg: ModelConfig, workers: int) -> None:
+    """The no-op model under serve-triton's own config.pbtxt (inputs, batcher, queue policy of its defaults)."""
     model = root / "noop"
     (model / "1").mkdir(parents=True, exist_ok=True)
     (model / "1" / "model.py").write_text(NOOP_MODEL)
-    (model / "config.pbtxt").write_text(f"""name: "noop"
-backend: "python"
-max_batch_size: 256
-dynamic_batching {{ max_queue_delay_microseconds: 2000 default_queue_policy {{ max_queue_size: 500 }} }}
-input [
-  {{ name: "dense" data_type: TYPE_FP32 dims: [ {dense} ] }},
-  {{ name: "ids" data_type: TYPE_INT64 dims: [ {nfeat} ] }}
-]
-output [ {{ name: "scores" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ count: {workers} kind: KIND_CPU }} ]
-""")
+    facts = {"name": "noop", "version": 1, "features": [f.name for f in cfg.features],
+             "dense_features": cfg.dense_features}
+    (model / "config.pbtxt").write_text(config_pbtxt(Version(facts), FrontendConfig(workers=workers)))
 
 
 def start(dist: TritonDist, work: Path, port: int) -> subprocess.Popen:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         echo.kill()
         echo.wait(10)
-    write_repository(work / "repository", len(cfg.features), cfg.dense_features, args.workers)
+    write_repository(work / "repository", cfg, args.workers)
     port = free_port()
     proc = start(TritonDist.find(), work, port)
     try:

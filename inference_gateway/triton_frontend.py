@@ -272,7 +272,7 @@ def queue_policy(cfg: FrontendConfig) -> tuple[int, int]:
     return (min(cfg.max_queue, derived) if cfg.max_queue else derived), int(wait_us)
 
 
-def _config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
+def config_pbtxt(v: Version, cfg: FrontendConfig) -> str:
     """serve's Open Inference Protocol schema in its batched form: Triton checks every input's first
     dimension against the batch size (ragged inputs too), so lengths are [B, 1] and values [B, K]
     (allow_ragged_batch: requests with different K share a batch; the worker gets each request's own).
@@ -428,7 +428,7 @@ class Supervisor:
         cfg_path = mdir / "config.pbtxt"
         if not versions:
             tmp = cfg_path.with_suffix(".tmp")
-            tmp.write_text(_config_pbtxt(v, self.cfg))
+            tmp.write_text(config_pbtxt(v, self.cfg))
             os.replace(tmp, cfg_path)
         vdir = mdir / str(v.version)
         tmp = mdir / f".{v.version}.tmp"
