@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
     t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
+    t.add_argument("--follow", metavar="REDIS_URL", help="online freshness: a follower process applies the row "
+                   "deltas and dense publishes to the newest version of the first --model, in place in its "
+                   "(then private) table image; workers see each delta entry whole")
+    t.add_argument("--snapshots", help="with --follow: packages exported from checkpoints; after a gap the "
+                   "follower rewrites the image from the newest one (same tables) and continues from its step")
+    t.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
     _credential_flags(t, " on --management-port", tls_where=" on --management-port and --predict-port "
                       "(tritonserver's --port stays plaintext)")
     t.add_argument("--log-level", default="INFO")
@@ -215,7 +221,8 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
                          sample_cost_us=args.sample_cost_us, request_samples=args.request_samples,
                          grace_s=args.grace_s, workdir=Path(args.workdir),
                          table_cache=Path(args.table_cache) if args.table_cache else None,
-                         model_store=args.model_store, token=token, tls=tls, allocator=Allocator(args.allocator))
+                         model_store=args.model_store, token=token, tls=tls, allocator=Allocator(args.allocator),
+                         follow=args.follow, delta_namespace=args.delta_namespace, snapshots=args.snapshots)
     try:
         asyncio.run(run(cfg))
     except FrontendError as e:

@@ -6,12 +6,16 @@ dense forward serve every request of the batch.
 
 Online freshness rewrites rows in place (`apply_rows`) and swaps the dense arch (`swap_dense`): a batch's
 lookup holds a read lock and a row write the write lock, so no batch sees a half-written row, and one
-entry's rows land together (a batch sees each table at one step or a later one).
+entry's rows land together (a batch sees each table at one step or a later one). On a table image shared
+by processes (serve-triton --follow) a sequence lock in the image's state file does the same across them
+(shared_tables.ImageState), and the dense arch travels as a file beside the image.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference_gateway.image_state import ImageState, dense_path, state_path
 from inference_gateway.package import Package
 from inference_gateway.quantize import dequantize_table, quantize_table
 from inference_gateway.shared_tables import build_tbe, map_image
 
 
 class ServingModel:
-    def __init__(self, package: Package, device: str = "cpu", table_image: str | Path | None = None) -> None:
+    def __init__(self, package: Package, device: str = "cpu", table_image: str | Path | None = None,
+                 writer: bool = False) -> None:
         """table_image: the package's TBE host buffer written by shared_tables.write_image; mapped
-        instead of copying the package's rows (which then need not have been read)."""
+        instead of copying the package's rows (which then need not have been read). With a state file
+        beside it the image is followed: `writer` maps it writable to apply deltas (one process), every
+        other process reads it under the state's sequence lock."""
         self.package = package
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -41,10 +49,16 @@ class ServingModel:
         self.out_of_range = package.out_of_range  # "zero": drop such ids; otherwise refuse the request
         self.tbe = build_tbe(package, self.device)
         self.mapped = None
+        self.image = Path(table_image) if table_image is not None else None
+        self.state: ImageState | None = None
         if table_image is not None:
             if self.device.type != "cpu":
                 raise ValueError("table_image: a shared table image serves CPU workers only")
-            self.mapped = map_image(self.tbe, table_image)  # read-only, shared with every other worker
+            if writer and not state_path(table_image).exists():
+                raise ValueError(f"table_image: {table_image} has no state file: it is not followed")
+            self.mapped = map_image(self.tbe, table_image, writable=writer)  # shared with every other worker
+            if state_path(table_image).exists():
+                self.state = ImageState(table_image, writable=writer)
         else:
             self.tbe.initialize_weights()
             with torch.no_grad():
@@ -56,7 +70,9 @@ class ServingModel:
             split_scale_shifts=False)), strict=True))
         self.dense = package.dense.to(self.device)
         self.table_bytes = package.table_bytes
+        self.writer = writer
         self._lock = ReadWriteLock()
+        self._dense_version = 0  # a followed image's dense arch: the state's version this process serves
         self.applied_steps: dict[str, int] = {}  # online freshness: last step applied per table
 
     def apply_rows(self, table: str, ids: np.ndarray, rows: np.ndarray, col_offset: int = 0) -> None:
@@ -75,23 +91,46 @@ class ServingModel:
             raise ValueError(f"ids: out of range [0, {spec.num_rows}) of table {table!r}")
         if col_offset < 0 or col_offset + width > spec.dim:
             raise ValueError(f"columns [{col_offset}, {col_offset + width}) do not fit dim {spec.dim} of {table!r}")
-        if self.mapped is not None:
-            raise ValueError("a shared read-only table image (serve-triton's workers) cannot take deltas: follow "
-                             "with `inference-gateway serve --follow`")
+        if self.mapped is not None and not self.writer:
+            raise ValueError("a shared read-only table image (a serve-triton worker) takes no deltas: its "
+                             "follower process writes them")
         dest = self._rows[table]
         if width != spec.dim:  # a column block: merge it into the current rows
-            with self._lock.read():
+            with self._lock.read():  # (a followed image has one writer, this process)
                 current = dest[idx, : spec.row_bytes].clone()
             full = dequantize_table(current, spec.dim, spec.dtype)
             full[:, col_offset : col_offset + width] = values
             values = full
         quantized = quantize_table(values, spec.dtype)
-        with self._lock.write(), torch.no_grad():
+        with self.write_rows(), torch.no_grad():
             dest[idx, : spec.row_bytes] = quantized
 
+    def write_rows(self) -> contextlib.AbstractContextManager:
+        """What a row write holds: the sequence lock of a followed image, else the in-process write lock."""
+        return self.state.write() if self.state is not None else self._lock.write()
+
+    def rows(self, table: str) -> torch.Tensor:
+        """The TBE's own rows of `table` [num_rows, padded row bytes] (write them inside `write_rows`)."""
+        return self._rows[table]
+
     def swap_dense(self, module: torch.jit.ScriptModule) -> None:
-        """Serves `module` as the dense arch from the next batch on (one reference assignment)."""
+        """Serves `module` as the dense arch from the next batch on (one reference assignment); the writer
+        of a followed image also saves it beside the image (tmp + rename) and bumps the state's dense
+        version, so every worker loads it before its next batch."""
         self.dense = module.to(self.device).eval()
+        if self.writer and self.state is not None and self.image is not None:
+            out = dense_path(self.image)
+            tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+            torch.jit.save(self.dense, str(tmp))
+            os.replace(tmp, out)
+            self._dense_version = self.state.bump_dense()
+
+    def _follow_dense(self) -> None:
+        """A reader of a followed image: the dense arch the writer saved since this process last looked."""
+        version = self.state.dense_version
+        if version != self._dense_version and self.image is not None:
+            self.dense = torch.jit.load(str(dense_path(self.image)), map_location=self.device).eval()
+            self._dense_version = version
 
     def warm_up(self) -> None:
         """Score zero batches once before the model takes requests: the first forward pays for lazy kernel
@@ -109,8 +148,13 @@ class ServingModel:
         if values.dtype != torch.int64:
             values = values.long()
         dev = self.device
-        with self._lock.read():
-            emb = self.tbe(values.to(dev), offsets.to(dev))
+        if self.state is not None:  # a followed shared image: look up again if a delta landed meanwhile
+            if not self.writer:
+                self._follow_dense()
+            emb = self.state.read(lambda: self.tbe(values.to(dev), offsets.to(dev)))
+        else:
+            with self._lock.read():
+                emb = self.tbe(values.to(dev), offsets.to(dev))
         return torch.sigmoid(self.dense(dense.to(dev), emb)).cpu()
 
 

@@ -5,6 +5,9 @@ supervisor writes that buffer once per package as an image file (atomically, nam
 checksum and the buffer size); each worker maps it read-only and shared instead of allocating and
 filling its own, so the page cache holds the only copy of the table bytes and N workers cost one copy
 plus N interpreters.
+
+Online freshness (serve-triton --follow) maps one version's private copy writable in one follower
+process; see image_state.
 """
 
 from __future__ import annotations
@@ -73,18 +76,20 @@ def write_image(package: Package, cache_dir: str | Path) -> Path:
     return out
 
 
-def map_image(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, path: str | Path) -> mmap.mmap:
-    """Points the TBE's host buffer at the image, mapped read-only and shared (pages populated now, so
-    the first requests do not fault them in). Keep the returned map alive as long as the TBE."""
+def map_image(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, path: str | Path, writable: bool = False) -> mmap.mmap:
+    """Points the TBE's host buffer at the image, mapped shared (pages populated now, so the first requests
+    do not fault them in); read-only unless `writable` (the one follower process of a followed image).
+    Keep the returned map alive as long as the TBE."""
     if tbe.weight_initialized or tbe.dev_size or tbe.uvm_size:
         raise ValueError("map_image: a CPU TBE whose weights are not allocated yet")
-    with open(path, "rb") as f:
+    with open(path, "r+b" if writable else "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size != tbe.host_size:
             raise PackageError(f"{path}: {size} bytes, the TBE's host buffer is {tbe.host_size} "
                                "(an image of another package or fbgemm layout)")
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapped = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        mapped = mmap.mmap(f.fileno(), size, flags=flags, prot=prot)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": the TBE only reads it
         weights = torch.frombuffer(mapped, dtype=torch.uint8)

@@ -21,6 +21,9 @@ accepts, batches and answers requests in C++ and hands whole batches to `--worke
   shared memory, statistics, trace, logging) needs a random per-process secret only the supervisor
   holds (`--grpc-restricted-protocol`), so a client there has health, metadata, config and inference
   only;
+- with `--follow`, gives the newest version of the first model a private copy of its table image and runs
+  image_follower beside tritonserver (restarted if it dies): the shards' row deltas and dense publishes are
+  applied in place, each delta entry seen whole by the workers (image_state's sequence lock);
 - on SIGTERM: management health NOT_SERVING, SIGTERM to tritonserver (which stops taking requests
   and answers those in flight within --grace-s), then exits 0.
 
@@ -56,6 +59,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
+from inference_gateway.image_state import ImageState, applied_path, dense_path
 from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
@@ -216,6 +220,9 @@ class FrontendConfig:
     # own port stays plaintext: its TLS would need the supervisor to hold a client identity of its own
     tls: TlsConfig | None = None
     allocator: Allocator = Allocator.AUTO  # malloc of tritonserver and its workers
+    follow: str | None = None  # online freshness: the Redis of the shards' deltas (image_follower)
+    delta_namespace: str = "recsys"
+    snapshots: str | None = None  # where the follower resynchronises from after a gap
 
 
 @dataclass
@@ -335,6 +342,11 @@ class Supervisor:
         self._load_model = self._unload_model = None  # Triton's repository extension (triton_repository.proto)
         # the credential of Triton's RESTRICTED groups: never written to a file or logged; see _start_triton
         self._admin = ((ADMIN_HEADER, secrets.token_urlsafe(32)),)
+        # --follow: the model followed (the first loaded), the version the follower writes into, its process
+        self.follow_name: str | None = None
+        self.followed: tuple[Version, Path] | None = None  # (version, its private image)
+        self.follower: subprocess.Popen | None = None
+        self.follower_restarts = 0
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -430,11 +442,13 @@ class Supervisor:
             tmp = cfg_path.with_suffix(".tmp")
             tmp.write_text(config_pbtxt(v, self.cfg))
             os.replace(tmp, cfg_path)
+        follow = self._follows(v)
+        image = self._private_image(v) if follow else Path(v.facts["image"])
         vdir = mdir / str(v.version)
         tmp = mdir / f".{v.version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        (tmp / "model.py").write_text(_model_py(Path(v.facts["path"]), Path(v.facts["image"])))
+        (tmp / "model.py").write_text(_model_py(Path(v.facts["path"]), image))
         shutil.rmtree(vdir, ignore_errors=True)
         os.replace(tmp, vdir)
         try:
@@ -445,7 +459,64 @@ class Supervisor:
                 shutil.rmtree(mdir, ignore_errors=True)
             raise
         self.models[v.name] = {**versions, v.version: v}
+        if follow:
+            self.follow_name, self.followed = v.name, (v, image)
+            self.start_follower()
         return v
+
+    # --- online freshness (--follow) -----------------------------------------------------------------
+    def _follows(self, v: Version) -> bool:
+        """The newest version of the followed model (the first one loaded) is the one deltas go to."""
+        if not self.cfg.follow or self.follow_name not in (None, v.name):
+            return False
+        return self.followed is None or v.version > self.followed[0].version
+
+    def _private_image(self, v: Version) -> Path:
+        """A copy of the version's cached image that only its follower writes (the cache stays the
+        package's bytes), with a fresh state file, before any worker maps it."""
+        live = self.workdir / "live" / f"{v.name}-v{v.version}.tbe"
+        live.parent.mkdir(parents=True, exist_ok=True)
+        tmp = live.with_name(f".{live.name}.tmp-{secrets.token_hex(4)}")
+        shutil.copyfile(v.facts["image"], tmp)
+        os.replace(tmp, live)
+        for stale in (dense_path(live), applied_path(live)):
+            stale.unlink(missing_ok=True)
+        ImageState.create(live)
+        return live
+
+    def start_follower(self) -> None:
+        """(Re)starts image_follower on the followed version; its log is <workdir>/follower.log."""
+        self.stop_follower()
+        if self.followed is None or not self.cfg.follow:
+            return
+        v, image = self.followed
+        args = [sys.executable, "-m", "inference_gateway.image_follower", "--package", v.facts["path"],
+                "--image", str(image), "--redis", self.cfg.follow, "--namespace", self.cfg.delta_namespace]
+        if self.cfg.snapshots:
+            args += ["--snapshots", self.cfg.snapshots]
+        with open(self.workdir / "follower.log", "ab") as out:
+            self.follower = subprocess.Popen(args, env=self.dist.env(), stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        log.info("following %s into %s v%d (pid %d)", self.cfg.follow, v.name, v.version, self.follower.pid)
+
+    def stop_follower(self) -> None:
+        if self.follower is not None and self.follower.poll() is None:
+            self.follower.terminate()
+            try:
+                self.follower.wait(10)
+            except subprocess.TimeoutExpired:
+                self.follower.kill()
+                self.follower.wait(10)
+        self.follower = None
+
+    def applied_steps(self, v: Version) -> dict[str, int]:
+        """What the follower applied to `v` (empty when `v` is not followed or nothing was written yet)."""
+        if self.followed is None or self.followed[0] is not v:
+            return {}
+        try:
+            return {k: int(s) for k, s in json.loads(applied_path(self.followed[1]).read_text()).items()}
+        except (OSError, ValueError):
+            return {}
 
     def remove(self, name: str, version: int) -> None:
         if not name:
@@ -457,6 +528,11 @@ class Supervisor:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"version: model {name!r} has no version {version} loaded "
                                                      f"(loaded: {sorted(versions)})")
         del versions[version]
+        if self.followed is not None and (self.followed[0].name, self.followed[0].version) == (name, version):
+            log.warning("unloading %s v%d, the followed version: deltas are no longer applied until a newer "
+                        "version of %s is loaded", name, version, name)
+            self.stop_follower()
+            self.followed = None
         vdir = self.repo / name / str(version)
         os.replace(vdir, self.retired / f"{name}-{version}-{time.time_ns()}")
         if versions:
@@ -472,7 +548,13 @@ class Supervisor:
         return {name: {n: v.spec for n, v in vs.items()} for name, vs in self.models.items()}
 
     def infos(self) -> list[inference_pb2.ModelInfo]:
-        return [v.info(n == max(vs)) for name, vs in sorted(self.models.items()) for n, v in sorted(vs.items())]
+        out = []
+        for _, vs in sorted(self.models.items()):
+            for n, v in sorted(vs.items()):
+                info = v.info(n == max(vs))
+                info.applied_steps.update(self.applied_steps(v))
+                out.append(info)
+        return out
 
     async def publish_health(self) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if self.models and not self.stopping
@@ -526,6 +608,11 @@ class Supervisor:
         model again."""
         while not self.stopping:
             await asyncio.sleep(0.5)
+            if self.follower is not None and self.follower.poll() is not None and not self.stopping:
+                log.error("the delta follower exited %s (see follower.log); restarting", self.follower.returncode)
+                self.follower_restarts += 1
+                async with self.lock:
+                    await asyncio.to_thread(self.start_follower)
             if self.proc is not None and self.proc.poll() is None and not self.stopping:
                 async with self.lock:
                     try:
@@ -544,6 +631,7 @@ class Supervisor:
 
     async def drain(self) -> None:
         self.stopping = True
+        await asyncio.to_thread(self.stop_follower)
         await self.health.enter_graceful_shutdown()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # Triton refuses new requests, answers those in flight
@@ -645,6 +733,7 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
                           "metrics_port": sup.metrics_port, "pid": os.getpid(), "triton_pid": sup.proc.pid,
                           "workers": cfg.workers, "allocator": sup.allocator or "glibc", "tls": cfg.tls is not None,
                           "mtls": bool(cfg.tls and cfg.tls.client_ca), "control_token": bool(cfg.token),
+                          "follow": bool(cfg.follow), "follower_pid": sup.follower.pid if sup.follower else None,
                           "models": [{"name": i.name, "version": i.version,
                                                                "table_bytes": i.table_bytes} for i in sup.infos()]}),
               flush=True)
@@ -657,6 +746,7 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
         await sup.drain()
         watcher.cancel()
     finally:
+        sup.stop_follower()
         if sup.proc is not None and sup.proc.poll() is None:
             sup.proc.kill()
         await predict_server.stop(1)

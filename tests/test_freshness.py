@@ -125,8 +125,9 @@ def test_gateway_follows_training_and_catches_up_after_kill9(shard, redis_server
     print(f"\nFRESHNESS kill -9 and restart: caught up with 30 steps in {caught_up:.2f}s (start included), no gap")
 
 
-@pytest.mark.timeout(300)
-def test_stream_trimmed_below_the_gateway_falls_back_to_a_snapshot(shard, redis_server, tmp_path):
+def trained_past_a_trimmed_stream(shard, redis_server, tmp_path: Path) -> tuple[Path, Path]:
+    """A package at step -1 (the base), a snapshot at step 9 under snapshots/, 20 steps trained, and each
+    stream trimmed to the entries after step 9 (retention): a follower of the base finds a gap."""
     base = export_from_shard(shard, tmp_path / "base", step=-1)
     train(shard, 0, 10)
     time.sleep(0.5)  # every row of steps 0..9 published
@@ -135,11 +136,17 @@ def test_stream_trimmed_below_the_gateway_falls_back_to_a_snapshot(shard, redis_
     train(shard, 10, 10)
     time.sleep(0.5)
     r = redis_server.client()
-    for t in TINY.tables:  # retention dropped everything before the entries that start after step 9
+    for t in TINY.tables:
         key = stream_key("recsys", t.name)
         first_after = next(eid for eid, f in r.xrange(key) if decode(f).since >= 9)
         r.xtrim(key, minid=first_after, approximate=False)
         assert decode(r.xrange(key, count=1)[0][1]).since >= 9
+    return base, snapshots
+
+
+@pytest.mark.timeout(300)
+def test_stream_trimmed_below_the_gateway_falls_back_to_a_snapshot(shard, redis_server, tmp_path):
+    base, snapshots = trained_past_a_trimmed_stream(shard, redis_server, tmp_path)
     gw = launch_gateway(["--model", str(base), "--follow", redis_server.url, "--snapshots", str(snapshots)],
                         workdir=tmp_path / "gw")
     try:

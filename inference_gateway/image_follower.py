@@ -1,0 +1,110 @@
+"""Online freshness for serve-triton: one process that follows the shards' deltas into a shared table image.
+
+serve-triton's workers map a version's table image read-only; with `--follow` the supervisor gives the
+newest version of the followed model a private copy of its image plus a state file (shared_tables
+.ImageState) and runs this process beside tritonserver. It maps that copy writable and runs `serve`'s own
+DeltaFollower over it: rows are quantized and written in place under the state's sequence lock (workers
+look up again when a write overlapped their lookup), a dense publish is saved beside the image and its
+version bumped (workers load it before their next batch), and on a gap it rewrites the image from the
+newest snapshot package under `--snapshots`. What it has applied goes to `<image>.applied.json`
+(ListModels' applied_steps on the management port).
+
+    python -m inference_gateway.image_follower --package PKG --image IMAGE --redis URL [--namespace recsys]
+        [--snapshots DIR]
+
+The supervisor starts it (and again if it dies); torch and fbgemm live here, not in the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from inference_gateway.follower import DeltaFollower, FollowSettings
+from inference_gateway.freshness import newest_snapshot, snapshot_step
+from inference_gateway.image_state import applied_path
+from inference_gateway.model import ServingModel
+from inference_gateway.package import PackageError, load_package
+
+log = logging.getLogger("inference_gateway.image_follower")
+
+
+class ImageFollower:
+    """The writer of one followed image: `model` maps it writable; `resync` rewrites it from a snapshot."""
+
+    def __init__(self, package: str, image: str, settings: FollowSettings, snapshots: str | None) -> None:
+        torch.set_num_threads(1)
+        self.image, self.snapshots = Path(image), Path(snapshots) if snapshots else None
+        self.model = ServingModel(load_package(package, read_tables=False), table_image=image, writer=True)
+        self.follower = DeltaFollower(settings, lambda: self.model, self.resync, CollectorRegistry())
+
+    def resync(self) -> ServingModel | None:
+        """The newest snapshot past what is served, written over the image (same tables and layout only)."""
+        path = newest_snapshot(self.snapshots) if self.snapshots else None
+        if path is None or snapshot_step(path) <= DeltaFollower._base_of(self.model):
+            return None
+        try:
+            pkg = load_package(path)
+        except PackageError as e:
+            log.error("resync: snapshot %s refused: %s", path, e)
+            return None
+        mine = {n: (t.num_rows, t.dim, t.dtype) for n, t in self.model.package.tables.items()}
+        if {n: (t.num_rows, t.dim, t.dtype) for n, t in pkg.tables.items()} != mine:
+            log.error("resync: snapshot %s has other tables than the served version; load it as a new version",
+                      path)
+            return None
+        with self.model.write_rows(), torch.no_grad():
+            for name, spec in pkg.tables.items():
+                self.model.rows(name)[:, : spec.row_bytes] = pkg.rows[name]
+        model = ServingModel(load_package(path, read_tables=False), table_image=self.image, writer=True)
+        model.swap_dense(pkg.dense)  # the snapshot's dense arch, to every worker
+        self.model = model
+        log.info("resync: image rewritten from %s (step %d)", path, snapshot_step(path))
+        return model
+
+    def write_applied(self) -> None:
+        """What ListModels reports as applied_steps (tmp + rename: a reader never sees half a file)."""
+        out = applied_path(self.image)
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(self.model.applied_steps))
+        os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m inference_gateway.image_follower", description=__doc__.split("\n")[0])
+    p.add_argument("--package", required=True, help="the followed version's package directory")
+    p.add_argument("--image", required=True, help="its private table image (a state file beside it)")
+    p.add_argument("--redis", required=True, help="the Redis the shards publish their deltas to")
+    p.add_argument("--namespace", default="recsys", help="the deltas' key namespace (the shards' publish_deltas)")
+    p.add_argument("--snapshots", help="packages exported from checkpoints: what a gap resynchronises from")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    follower = ImageFollower(args.package, args.image, FollowSettings(args.redis, args.namespace), args.snapshots)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"event": "following", "image": args.image, "redis": args.redis}), flush=True)
+    follower.write_applied()
+    while not stop.is_set():
+        try:
+            applied = follower.follower.poll(block=True)
+        except Exception as e:  # Redis away, a bad entry: DeltaFollower's own loop would retry the same way
+            log.warning("follower: %s; retrying", e)
+            stop.wait(follower.follower.settings.retry_s)
+            continue
+        if applied:
+            follower.write_applied()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
