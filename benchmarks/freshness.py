@@ -4,6 +4,8 @@ processes, with and without delta publishing, while a gateway serves W1 load (an
 Per round, both variants (medians over rounds):
   off  shards without --publish-deltas; a gateway serving the base package, not following
   on   shards publishing to a real Redis; a gateway following (serve --follow)
+`--frontend serve-triton`: the gateway is `serve-triton` (2 workers, its W1 load as ModelInfer on the OIP
+port), following through its follower process (the lag from the follower's /metrics).
 and for each: training samples/s, the gateway's W1 requests/s under closed-loop load at the same time; for
 `on`: the lag from a step applied on the shard to its rows served (p50 / p99, from the gateway's
 delta_lag_seconds histogram), delta bytes/s, and the rows applied.
@@ -11,7 +13,7 @@ delta_lag_seconds histogram), delta bytes/s, and the rows applied.
 Targets: publishing costs <= 5 % of training samples/s; lag p99 <= 2 s; the gateway serves >= 0.9 x its
 requests/s without deltas.
 
-    python -m benchmarks.freshness --rounds 3 --seconds 20
+    python -m benchmarks.freshness --rounds 3 --seconds 20 [--frontend serve-triton]
 """
 
 from __future__ import annotations
@@ -78,12 +80,14 @@ def timed_feed(batches: list, until: float):
 
 LOAD = """
 import asyncio, json, sys
-from benchmarks.gateway_load import request_pool
-from inference_gateway.loadgen import closed_loop
+from benchmarks.gateway_load import infer_pool, request_pool
+from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop
 from protos.model_config import ModelConfig
 cfg = ModelConfig.load(sys.argv[2])
-pool = request_pool(cfg, 1, 512)
-print(json.dumps(asyncio.run(closed_loop(sys.argv[1], pool, int(sys.argv[3]), float(sys.argv[4]), 1))))
+model = sys.argv[5]  # "": serve's Predict; else ModelInfer of that model (serve-triton)
+pool = infer_pool(cfg, 1, 512, model) if model else request_pool(cfg, 1, 512)
+method = OIP_METHOD if model else METHOD
+print(json.dumps(asyncio.run(closed_loop(sys.argv[1], pool, int(sys.argv[3]), float(sys.argv[4]), 1, method))))
 """
 
 
@@ -97,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-ms", type=float, default=100.0, help="delta coalescing interval")
     p.add_argument("--delta-dtype", default="fp16", choices=["fp32", "fp16"])
     p.add_argument("--quantize", default="int8", help="the gateway's table dtype")
+    p.add_argument("--frontend", default="serve", choices=["serve", "serve-triton"])
     args = p.parse_args(argv)
 
     from coordinator.redis_backend import EmbeddedRedis
     from embedding_service.allocator import tune_allocator
     from embedding_service.process import launch as launch_shard
     from inference_gateway.process import launch as launch_gateway
+    from inference_gateway.process import launch_triton
     from protos.model_config import ModelConfig
     from protos.plan import shard_config, simple_plan
     from protos.table_init import initial_rows
@@ -129,9 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         shards = [launch_shard({**shard_config(plan, s), **({"publish_deltas": publish} if name == "on" else {})},
                                workdir=work / f"{name}-shard{s}", env=dict(os.environ)) for s in range(2)]
         follow = ["--follow", redis.url] if name == "on" else []
-        gw = launch_gateway(["--model", str(base), *follow], workdir=work / f"{name}-gw")
+        if args.frontend == "serve":
+            gw = launch_gateway(["--model", str(base), *follow], workdir=work / f"{name}-gw")
+        else:
+            gw = launch_triton(["--model", str(base), "--workers", "2", *follow], workdir=work / f"{name}-gw")
         procs += [*shards, gw]
         variants[name] = (shards, gw, ShardedTrainer(cfg, plan, [s.address for s in shards]))
+    model = json.loads((base / "manifest.json").read_text())["name"] if args.frontend == "serve-triton" else ""
+
+    def lag_port(gw) -> int:  # where delta_lag_seconds is: the gateway, or serve-triton's follower
+        return gw.announced.get("follower_metrics_port") or gw.metrics_port
+
     data = SyntheticData(cfg, seed=1, pooling_factor=1)
     batches = list(data.batches(args.batch, 8))
     results: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
@@ -140,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for name, (shards, gw, trainer) in variants.items():
                 before = {s.metrics_port: scrape(s.metrics_port) for s in shards}
-                gw_before = scrape(gw.metrics_port)
+                gw_before = scrape(lag_port(gw))
                 load = subprocess.Popen([sys.executable, "-c", LOAD, gw.address, args.config, str(args.concurrency),
-                                         str(args.seconds)], stdout=subprocess.PIPE, cwd=ROOT, text=True)
+                                         str(args.seconds), model], stdout=subprocess.PIPE, cwd=ROOT, text=True)
                 time.sleep(1.5)  # the load generator's start-up and warm-up
                 t0, n = time.perf_counter(), 0
 
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.setdefault("train_samples_per_s", []).append(n * args.batch / elapsed)
                 r.setdefault("gateway_requests_per_s", []).append(served["requests_per_s"])
                 if name == "on":
-                    gw_after = scrape(gw.metrics_port)
+                    gw_after = scrape(lag_port(gw))
                     sent = sum(total(scrape(s.metrics_port), "delta_bytes_total") - total(before[s.metrics_port],
                                "delta_bytes_total") for s in shards)
                     dropped = sum(total(scrape(s.metrics_port), "delta_dropped_rows_total") for s in shards)
@@ -173,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                       **{k: round(v[-1], 3) for k, v in r.items()}})
         med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
         off, on = med["off"], med["on"]
-        emit({"bench": "freshness", "summary": True, "rounds": args.rounds, "batch": args.batch,
+        emit({"bench": "freshness", "summary": True, "frontend": args.frontend, "rounds": args.rounds,
+              "batch": args.batch,
               "delta_dtype": args.delta_dtype, "interval_ms": args.interval_ms,
               "train_samples_per_s": {"off": round(off["train_samples_per_s"]), "on": round(on["train_samples_per_s"])},
               "publish_cost": round(1 - on["train_samples_per_s"] / off["train_samples_per_s"], 3),

@@ -7,10 +7,11 @@ DeltaFollower over it: rows are quantized and written in place under the state's
 look up again when a write overlapped their lookup), a dense publish is saved beside the image and its
 version bumped (workers load it before their next batch), and on a gap it rewrites the image from the
 newest snapshot package under `--snapshots`. What it has applied goes to `<image>.applied.json`
-(ListModels' applied_steps on the management port).
+(ListModels' applied_steps on the management port); its Prometheus metrics (`delta_lag_seconds`,
+`delta_applied_step`, `delta_gaps_total`, ... as `serve --follow` exports them) on `--metrics-port`.
 
     python -m inference_gateway.image_follower --package PKG --image IMAGE --redis URL [--namespace recsys]
-        [--snapshots DIR]
+        [--snapshots DIR] [--metrics-port PORT (-1: none)]
 
 The supervisor starts it (and again if it dies); torch and fbgemm live here, not in the supervisor.
 """
@@ -34,6 +35,7 @@ from inference_gateway.freshness import newest_snapshot, snapshot_step
 from inference_gateway.image_state import applied_path
 from inference_gateway.model import ServingModel
 from inference_gateway.package import PackageError, load_package
+from protos.metrics import serve_metrics
 
 log = logging.getLogger("inference_gateway.image_follower")
 
@@ -41,11 +43,12 @@ log = logging.getLogger("inference_gateway.image_follower")
 class ImageFollower:
     """The writer of one followed image: `model` maps it writable; `resync` rewrites it from a snapshot."""
 
-    def __init__(self, package: str, image: str, settings: FollowSettings, snapshots: str | None) -> None:
+    def __init__(self, package: str, image: str, settings: FollowSettings, snapshots: str | None,
+                 registry: CollectorRegistry) -> None:
         torch.set_num_threads(1)
         self.image, self.snapshots = Path(image), Path(snapshots) if snapshots else None
         self.model = ServingModel(load_package(package, read_tables=False), table_image=image, writer=True)
-        self.follower = DeltaFollower(settings, lambda: self.model, self.resync, CollectorRegistry())
+        self.follower = DeltaFollower(settings, lambda: self.model, self.resync, registry)
 
     def resync(self) -> ServingModel | None:
         """The newest snapshot past what is served, written over the image (same tables and layout only)."""
@@ -86,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis", required=True, help="the Redis the shards publish their deltas to")
     p.add_argument("--namespace", default="recsys", help="the deltas' key namespace (the shards' publish_deltas)")
     p.add_argument("--snapshots", help="packages exported from checkpoints: what a gap resynchronises from")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port (0: a free one; -1: none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    follower = ImageFollower(args.package, args.image, FollowSettings(args.redis, args.namespace), args.snapshots)
+    registry = CollectorRegistry()
+    follower = ImageFollower(args.package, args.image, FollowSettings(args.redis, args.namespace), args.snapshots,
+                             registry)
+    metrics_port = serve_metrics(registry, args.metrics_host, args.metrics_port) if args.metrics_port >= 0 else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(json.dumps({"event": "following", "image": args.image, "redis": args.redis}), flush=True)
+    print(json.dumps({"event": "following", "image": args.image, "redis": args.redis,
+                      "metrics_port": metrics_port}), flush=True)
     follower.write_applied()
     while not stop.is_set():
         try:

@@ -347,6 +347,8 @@ class Supervisor:
         self.followed: tuple[Version, Path] | None = None  # (version, its private image)
         self.follower: subprocess.Popen | None = None
         self.follower_restarts = 0
+        # the follower's Prometheus port: the same across its restarts, so a scraper keeps one target
+        self.follower_metrics_port = (free_port(cfg.host) if cfg.follow and cfg.metrics_port is not None else None)
 
     # --- tritonserver -----------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -494,6 +496,8 @@ class Supervisor:
                 "--image", str(image), "--redis", self.cfg.follow, "--namespace", self.cfg.delta_namespace]
         if self.cfg.snapshots:
             args += ["--snapshots", self.cfg.snapshots]
+        if self.follower_metrics_port is not None:
+            args += ["--metrics-host", self.cfg.host, "--metrics-port", str(self.follower_metrics_port)]
         with open(self.workdir / "follower.log", "ab") as out:
             self.follower = subprocess.Popen(args, env=self.dist.env(), stdout=out, stderr=subprocess.STDOUT,
                                              start_new_session=True)
@@ -734,6 +738,7 @@ async def run(cfg: FrontendConfig, stop: asyncio.Event | None = None) -> None:
                           "workers": cfg.workers, "allocator": sup.allocator or "glibc", "tls": cfg.tls is not None,
                           "mtls": bool(cfg.tls and cfg.tls.client_ca), "control_token": bool(cfg.token),
                           "follow": bool(cfg.follow), "follower_pid": sup.follower.pid if sup.follower else None,
+                          "follower_metrics_port": sup.follower_metrics_port,
                           "models": [{"name": i.name, "version": i.version,
                                                                "table_bytes": i.table_bytes} for i in sup.infos()]}),
               flush=True)

@@ -22,6 +22,7 @@ from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch_triton
 from inference_gateway.shared_tables import write_image
+from tests import prom
 from tests.test_freshness import (  # noqa: F401 - redis_server and shard are fixtures
     expected_scores,
     export_from_shard,
@@ -88,7 +89,8 @@ def test_a_gap_rewrites_the_image_from_a_snapshot_and_a_killed_follower_is_repla
                                                                                      tmp_path):
     base, snapshots = trained_past_a_trimmed_stream(shard, redis_server, tmp_path)
     gw = launch_triton(["--model", str(base), "--follow", redis_server.url, "--snapshots", str(snapshots),
-                        "--metrics-port", "-1", "--workers", "1"], workdir=tmp_path / "gw")
+                        "--workers", "1"], workdir=tmp_path / "gw")
+    follower_metrics = gw.announced["follower_metrics_port"]
     try:
         with GatewayClient(f"127.0.0.1:{gw.announced['management_port']}") as mgmt, \
                 GatewayClient(f"127.0.0.1:{gw.announced['predict_port']}") as c:
@@ -99,9 +101,13 @@ def test_a_gap_rewrites_the_image_from_a_snapshot_and_a_killed_follower_is_repla
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
             assert "resync: image rewritten from" in (tmp_path / "gw" / "triton" / "follower.log").read_text()
+            assert prom.value(follower_metrics, "delta_gaps_total") >= 1
+            assert prom.value(follower_metrics, "delta_resyncs_total") == 1
+            assert prom.value(follower_metrics, "delta_lag_seconds_count") > 0
             os.kill(gw.announced["follower_pid"], signal.SIGKILL)
             train(shard, 20, 5)  # the supervisor starts another follower, which catches up
             wait_applied(mgmt, 24)
+            assert prom.value(follower_metrics, "delta_applied_step", table="users") >= 24  # the new one, same port
             want = expected_scores(export_from_shard(shard, tmp_path / "at24", step=24))
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
