@@ -48,6 +48,8 @@ class ImageFollower:
         torch.set_num_threads(1)
         self.image, self.snapshots = Path(image), Path(snapshots) if snapshots else None
         self.model = ServingModel(load_package(package, read_tables=False), table_image=image, writer=True)
+        if self.model.state is not None and self.model.state.recover():
+            log.warning("the last writer of %s died mid-write: its rows are written again from the streams", image)
         self.follower = DeltaFollower(settings, lambda: self.model, self.resync, registry)
 
     def resync(self) -> ServingModel | None:

@@ -87,3 +87,12 @@ class ImageState:
     def bump_dense(self) -> int:
         self._words[1] += np.uint64(1)
         return int(self._words[1])
+
+    def recover(self) -> bool:
+        """After the writer died: a sequence left odd (killed mid-write) would hold every reader forever.
+        Makes it even again; the rows of that write may be half written until the next writer, which
+        starts from its package's step, writes them again. True if it was odd."""
+        if int(self._words[0]) & 1:
+            self._words[0] += np.uint64(1)
+            return True
+        return False

@@ -615,6 +615,9 @@ class Supervisor:
             if self.follower is not None and self.follower.poll() is not None and not self.stopping:
                 log.error("the delta follower exited %s (see follower.log); restarting", self.follower.returncode)
                 self.follower_restarts += 1
+                if self.followed is not None and ImageState(self.followed[1], writable=True).recover():
+                    log.error("it died mid-write: workers read on (that write's rows may be half written until "
+                              "the new follower writes them again)")
                 async with self.lock:
                     await asyncio.to_thread(self.start_follower)
             if self.proc is not None and self.proc.poll() is None and not self.stopping:

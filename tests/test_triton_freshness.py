@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -174,3 +175,35 @@ def test_a_reader_process_never_scores_a_half_written_delta(tmp_path):
     assert not bad, f"{len(bad)} of {len(seen)} batches saw a half-applied delta"
     got_a = sum(np.array_equal(s, score_a) for s in seen)
     assert 0 < got_a < len(seen), "the reader saw only one side: the writes did not reach it"
+
+
+DIES_MID_WRITE = """
+import sys, time
+from inference_gateway.image_state import ImageState
+state = ImageState(sys.argv[1], writable=True)
+with state.write():
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_writer_killed_mid_write_holds_readers_until_recovered(tmp_path):
+    """kill -9 of the follower inside a write leaves the sequence odd: readers wait (they must not take half
+    a write for a whole one) until the supervisor, seeing the follower gone, recovers the state."""
+    image = tmp_path / "live.tbe"
+    image.write_bytes(bytes(64))
+    ImageState.create(image)
+    writer = subprocess.Popen([sys.executable, "-c", DIES_MID_WRITE, str(image)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.kill()
+        writer.wait(30)
+    reader = ImageState(image)
+    done = threading.Event()
+    threading.Thread(target=lambda: (reader.read(lambda: None), done.set()), daemon=True).start()
+    assert not done.wait(0.5), "a reader took a write its writer never finished"
+    assert ImageState(image, writable=True).recover() is True
+    assert done.wait(5), "the reader still waits after the recovery"
+    assert ImageState(image, writable=True).recover() is False  # even: nothing to recover
