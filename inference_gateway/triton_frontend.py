@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
-from inference_gateway.image_state import ImageState, applied_path, dense_path
+from inference_gateway.image_state import ImageState, applied_path, dense_path, state_path
 from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
@@ -476,7 +476,7 @@ class Supervisor:
     def _private_image(self, v: Version) -> Path:
         """A copy of the version's cached image that only its follower writes (the cache stays the
         package's bytes), with a fresh state file, before any worker maps it."""
-        live = self.workdir / "live" / f"{v.name}-v{v.version}.tbe"
+        live = self._private_image_path(v.name, v.version)
         live.parent.mkdir(parents=True, exist_ok=True)
         tmp = live.with_name(f".{live.name}.tmp-{secrets.token_hex(4)}")
         shutil.copyfile(v.facts["image"], tmp)
@@ -485,6 +485,9 @@ class Supervisor:
             stale.unlink(missing_ok=True)
         ImageState.create(live)
         return live
+
+    def _private_image_path(self, name: str, version: int) -> Path:
+        return self.workdir / "live" / f"{name}-v{version}.tbe"
 
     def start_follower(self) -> None:
         """(Re)starts image_follower on the followed version; its log is <workdir>/follower.log."""
@@ -546,6 +549,11 @@ class Supervisor:
             shutil.rmtree(self.repo / name, ignore_errors=True)
         self.models = {**self.models, name: versions} if versions else {
             k: v for k, v in self.models.items() if k != name}
+        # a once-followed version's private image: its draining workers keep their mappings (Linux frees the
+        # pages with the last one); no follower writes it any more, so no new dense file is asked for
+        live = self._private_image_path(name, version)
+        for path in (live, state_path(live), dense_path(live), applied_path(live)):
+            path.unlink(missing_ok=True)
 
     def specs(self) -> dict[str, dict[int, ModelSpec]]:
         """predict_proxy.Catalog: what the Predict proxy validates requests against."""

@@ -78,6 +78,11 @@ def test_serve_triton_follows_row_deltas_and_dense_publishes_in_every_worker(sha
             for _ in range(3):
                 for req, exp in zip(requests(), want, strict=True):
                     np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
+            live = tmp_path / "gw" / "triton" / "live"
+            assert (live / "dlrm-v1.tbe").exists() and (live / "dlrm-v2.tbe.state").exists()
+            mgmt.unload_model("dlrm", 1)  # a version unloaded leaves no private image behind
+            assert sorted(p.name for p in live.iterdir()) == ["dlrm-v2.tbe", "dlrm-v2.tbe.applied.json",
+                                                             "dlrm-v2.tbe.dense.pt", "dlrm-v2.tbe.state"]
         # the deltas went to the versions' private copies: the cached image is still the package's bytes
         [cached] = (tmp_path / "gw" / "triton" / "tables").glob("dlrm-v1-*.tbe")
         assert cached.read_bytes() == write_image(load_package(base), tmp_path / "fresh").read_bytes()
