@@ -62,13 +62,15 @@ class ImageFollower:
         except PackageError as e:
             log.error("resync: snapshot %s refused: %s", path, e)
             return None
-        mine = {n: (t.num_rows, t.dim, t.dtype) for n, t in self.model.package.tables.items()}
-        if {n: (t.num_rows, t.dim, t.dtype) for n, t in pkg.tables.items()} != mine:
-            log.error("resync: snapshot %s has other tables than the served version; load it as a new version",
-                      path)
+        def layout(tables: dict) -> list:  # the image's table order and shapes: offsets follow from them
+            return [(n, t.num_rows, t.dim, t.dtype) for n, t in tables.items()]
+
+        if layout(pkg.tables) != layout(self.model.package.tables):
+            log.error("resync: snapshot %s has other tables (or another order) than the served version; load it "
+                      "as a new version", path)
             return None
-        with self.model.write_rows(), torch.no_grad():
-            for name, spec in pkg.tables.items():
+        for name, spec in pkg.tables.items():  # a table a write: workers wait for one table's copy at most
+            with self.model.write_rows(), torch.no_grad():
                 self.model.rows(name)[:, : spec.row_bytes] = pkg.rows[name]
         model = ServingModel(load_package(path, read_tables=False), table_image=self.image, writer=True)
         model.swap_dense(pkg.dense)  # the snapshot's dense arch, to every worker

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import platform
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,9 @@ class ImageState:
     SIZE = 16
 
     def __init__(self, image: str | Path, writable: bool = False) -> None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise RuntimeError(f"a followed table image needs x86-64's store order (this is {platform.machine()}): "
+                               "the sequence lock has no memory fences")
         with open(state_path(image), "r+b" if writable else "rb") as f:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self._map = mmap.mmap(f.fileno(), self.SIZE, flags=mmap.MAP_SHARED, prot=prot)

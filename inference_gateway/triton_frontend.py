@@ -346,7 +346,10 @@ class Supervisor:
         self.follow_name: str | None = None
         self.followed: tuple[Version, Path] | None = None  # (version, its private image)
         self.follower: subprocess.Popen | None = None
+        self.follower_image: Path | None = None  # the image that follower process writes
         self.follower_restarts = 0
+        self._follower_backoff_s, self._follower_retry_at = 0.0, 0.0  # a follower that keeps dying waits longer
+        self._follower_started_at = 0.0
         # the follower's Prometheus port: the same across its restarts, so a scraper keeps one target
         self.follower_metrics_port = (free_port(cfg.host) if cfg.follow and cfg.metrics_port is not None else None)
 
@@ -504,17 +507,52 @@ class Supervisor:
         with open(self.workdir / "follower.log", "ab") as out:
             self.follower = subprocess.Popen(args, env=self.dist.env(), stdout=out, stderr=subprocess.STDOUT,
                                              start_new_session=True)
+        self.follower_image, self._follower_started_at = image, time.monotonic()
         log.info("following %s into %s v%d (pid %d)", self.cfg.follow, v.name, v.version, self.follower.pid)
 
     def stop_follower(self) -> None:
-        if self.follower is not None and self.follower.poll() is None:
-            self.follower.terminate()
+        """Stops the follower (SIGTERM; SIGKILL past 10 s, e.g. inside a long resync) and recovers its image's
+        sequence lock if it died inside a write, so no worker of that version waits for it."""
+        proc, image = self.follower, self.follower_image
+        self.follower = self.follower_image = None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
             try:
-                self.follower.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.follower.kill()
-                self.follower.wait(10)
-        self.follower = None
+                proc.kill()
+                proc.wait(10)
+        self._recover(image)
+
+    @staticmethod
+    def _recover(image: Path | None) -> None:
+        try:
+            if image is not None and ImageState(image, writable=True).recover():
+                log.error("the delta follower of %s died inside a write: workers read on (that write's rows may "
+                          "be half written until a follower writes them again)", image.name)
+        except OSError as e:  # the version was unloaded and its files removed meanwhile
+            log.warning("recovering %s: %s", image, e)
+
+    async def _watch_follower(self) -> None:
+        """Restarts a follower that died, under the lock (a LoadModel may be switching it), with a backoff
+        that doubles while it keeps dying (0.5 s .. 60 s) and resets once one lived a minute."""
+        async with self.lock:
+            proc = self.follower
+            if proc is None or proc.poll() is None or self.stopping:
+                return
+            self._recover(self.follower_image)  # at once: workers must not wait out the backoff
+            now = time.monotonic()
+            if now < self._follower_retry_at:
+                return
+            lived = now - self._follower_started_at
+            log.error("the delta follower exited %s after %.0f s (see follower.log); restarting", proc.returncode,
+                      lived)
+            self.follower_restarts += 1
+            await asyncio.to_thread(self.start_follower)
+            self._follower_backoff_s = 0.5 if lived > 60 else min(max(self._follower_backoff_s * 2, 0.5), 60.0)
+            self._follower_retry_at = time.monotonic() + self._follower_backoff_s
 
     def applied_steps(self, v: Version) -> dict[str, int]:
         """What the follower applied to `v` (empty when `v` is not followed or nothing was written yet)."""
@@ -620,14 +658,10 @@ class Supervisor:
         model again."""
         while not self.stopping:
             await asyncio.sleep(0.5)
-            if self.follower is not None and self.follower.poll() is not None and not self.stopping:
-                log.error("the delta follower exited %s (see follower.log); restarting", self.follower.returncode)
-                self.follower_restarts += 1
-                if self.followed is not None and ImageState(self.followed[1], writable=True).recover():
-                    log.error("it died mid-write: workers read on (that write's rows may be half written until "
-                              "the new follower writes them again)")
-                async with self.lock:
-                    await asyncio.to_thread(self.start_follower)
+            try:
+                await self._watch_follower()
+            except Exception:  # never let a follower problem end the supervision of tritonserver and workers
+                log.exception("restarting the delta follower failed; trying again")
             if self.proc is not None and self.proc.poll() is None and not self.stopping:
                 async with self.lock:
                     try:
