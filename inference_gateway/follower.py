@@ -94,6 +94,42 @@ class DeltaFollower:
         self._thread.start()
         return self
 
+    @property
+    def base(self) -> int:
+        """The step of the snapshot the served rows started from."""
+        return self._base
+
+    def position(self) -> dict:
+        """Where this follower stands, JSON-able: what a new follower of the same rows continues from
+        (image_follower keeps it beside its image, so a restarted one neither replays nor resyncs)."""
+        def cursor(c: TableCursor) -> dict:
+            last = c.last_id.decode() if isinstance(c.last_id, bytes) else str(c.last_id)
+            return {"last_id": last, "have": c.have, "publishers": {p: list(v) for p, v in c.publishers.items()}}
+
+        return {"base": self._base, "degraded": self.degraded, "dense": cursor(self.dense_cursor),
+                "tables": {t: cursor(c) for t, c in self.cursors.items()}}
+
+    def resume(self, position: dict) -> None:
+        """Continues from an earlier follower's `position()` over the same rows; ValueError (nothing
+        changed) when it names other tables or is malformed."""
+        try:
+            if set(position["tables"]) != set(self.cursors):
+                raise ValueError(f"tables {sorted(position['tables'])}, not {sorted(self.cursors)}")
+            loaded = {t: TableCursor(t, str(d["last_id"]).encode(), int(d["have"]),
+                                     {p: (int(v[0]), int(v[1])) for p, v in d["publishers"].items()})
+                      for t, d in (*position["tables"].items(), ("dense", position["dense"]))}
+            base, degraded = int(position["base"]), bool(position["degraded"])
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"a malformed position: {e!r}") from None
+        self.dense_cursor = loaded.pop("dense")
+        self.cursors, self._base, self.degraded = loaded, base, degraded
+        model = self._model()
+        for t, c in self.cursors.items():
+            model.applied_steps[t] = c.have
+            self.metrics.step.labels(t).set(c.have)
+        if self.dense_cursor.have > base:
+            model.applied_steps["dense"] = self.dense_cursor.have
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)

@@ -6,8 +6,10 @@ newest version of the followed model a private copy of its image plus a state fi
 DeltaFollower over it: rows are quantized and written in place under the state's sequence lock (workers
 look up again when a write overlapped their lookup), a dense publish is saved beside the image and its
 version bumped (workers load it before their next batch), and on a gap it rewrites the image from the
-newest snapshot package under `--snapshots`. What it has applied goes to `<image>.applied.json`
-(ListModels' applied_steps on the management port); its Prometheus metrics (`delta_lag_seconds`,
+newest snapshot package under `--snapshots`. What it has applied and where it stands in the streams go
+to `<image>.follow.json` after every read that applied something: ListModels' applied_steps on the
+management port, and the position a restarted follower continues from (neither replaying the streams
+nor resynchronising); its Prometheus metrics (`delta_lag_seconds`,
 `delta_applied_step`, `delta_gaps_total`, ... as `serve --follow` exports them) on `--metrics-port`.
 
     python -m inference_gateway.image_follower --package PKG --image IMAGE --redis URL [--namespace recsys]
@@ -32,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.follower import DeltaFollower, FollowSettings
 from inference_gateway.freshness import newest_snapshot, snapshot_step
-from inference_gateway.image_state import applied_path
+from inference_gateway.image_state import follow_path
 from inference_gateway.model import ServingModel
 from inference_gateway.package import PackageError, load_package
 from protos.metrics import serve_metrics
@@ -51,11 +53,29 @@ class ImageFollower:
         if self.model.state is not None and self.model.state.recover():
             log.warning("the last writer of %s died mid-write: its rows are written again from the streams", image)
         self.follower = DeltaFollower(settings, lambda: self.model, self.resync, registry)
+        self._resume()
+
+    def _resume(self) -> None:
+        """From the position an earlier follower of this image saved, if any (the supervisor removes it
+        with a fresh image)."""
+        try:
+            saved = json.loads(follow_path(self.image).read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("%s unreadable (%s): following from the package's step", follow_path(self.image), e)
+            return
+        try:
+            self.follower.resume(saved["position"])
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("the saved position does not fit (%s): following from the package's step", e)
+            return
+        log.info("continuing from the saved position (snapshot step %d)", self.follower.base)
 
     def resync(self) -> ServingModel | None:
         """The newest snapshot past what is served, written over the image (same tables and layout only)."""
         path = newest_snapshot(self.snapshots) if self.snapshots else None
-        if path is None or snapshot_step(path) <= DeltaFollower._base_of(self.model):
+        if path is None or snapshot_step(path) <= self.follower.base:
             return None
         try:
             pkg = load_package(path)
@@ -78,11 +98,13 @@ class ImageFollower:
         log.info("resync: image rewritten from %s (step %d)", path, snapshot_step(path))
         return model
 
-    def write_applied(self) -> None:
-        """What ListModels reports as applied_steps (tmp + rename: a reader never sees half a file)."""
-        out = applied_path(self.image)
+    def save(self) -> None:
+        """Applied steps (ListModels) and the stream position, after the rows they describe are in the image
+        (tmp + rename: a reader never sees half a file; a follower killed before it re-applies those
+        entries, which write the same rows again)."""
+        out = follow_path(self.image)
         tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
-        tmp.write_text(json.dumps(self.model.applied_steps))
+        tmp.write_text(json.dumps({"applied_steps": self.model.applied_steps, "position": self.follower.position()}))
         os.replace(tmp, out)
 
 
@@ -106,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(json.dumps({"event": "following", "image": args.image, "redis": args.redis,
                       "metrics_port": metrics_port}), flush=True)
-    follower.write_applied()
+    follower.save()
     while not stop.is_set():
         try:
             applied = follower.follower.poll(block=True)
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.wait(follower.follower.settings.retry_s)
             continue
         if applied:
-            follower.write_applied()
+            follower.save()
     return 0
 
 

@@ -25,12 +25,12 @@ import numpy as np
 
 STATE_SUFFIX = ".state"  # sequence lock + dense version (ImageState)
 DENSE_SUFFIX = ".dense.pt"  # the dense arch the follower last swapped in (TorchScript)
-APPLIED_SUFFIX = ".applied.json"  # the follower's applied steps per table (ListModels)
+FOLLOW_SUFFIX = ".follow.json"  # the follower's applied steps (ListModels) and stream position (its restart)
 T = TypeVar("T")
 
 
-def applied_path(image: str | Path) -> Path:
-    return Path(f"{image}{APPLIED_SUFFIX}")
+def follow_path(image: str | Path) -> Path:
+    return Path(f"{image}{FOLLOW_SUFFIX}")
 
 
 def state_path(image: str | Path) -> Path:

@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
-from inference_gateway.image_state import ImageState, applied_path, dense_path, state_path
+from inference_gateway.image_state import ImageState, dense_path, follow_path, state_path
 from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
@@ -484,7 +484,7 @@ class Supervisor:
         tmp = live.with_name(f".{live.name}.tmp-{secrets.token_hex(4)}")
         shutil.copyfile(v.facts["image"], tmp)
         os.replace(tmp, live)
-        for stale in (dense_path(live), applied_path(live)):
+        for stale in (dense_path(live), follow_path(live)):
             stale.unlink(missing_ok=True)
         ImageState.create(live)
         return live
@@ -559,8 +559,9 @@ class Supervisor:
         if self.followed is None or self.followed[0] is not v:
             return {}
         try:
-            return {k: int(s) for k, s in json.loads(applied_path(self.followed[1]).read_text()).items()}
-        except (OSError, ValueError):
+            saved = json.loads(follow_path(self.followed[1]).read_text())["applied_steps"]
+            return {k: int(s) for k, s in saved.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
 
     def remove(self, name: str, version: int) -> None:
@@ -590,7 +591,7 @@ class Supervisor:
         # a once-followed version's private image: its draining workers keep their mappings (Linux frees the
         # pages with the last one); no follower writes it any more, so no new dense file is asked for
         live = self._private_image_path(name, version)
-        for path in (live, state_path(live), dense_path(live), applied_path(live)):
+        for path in (live, state_path(live), dense_path(live), follow_path(live)):
             path.unlink(missing_ok=True)
 
     def specs(self) -> dict[str, dict[int, ModelSpec]]:

@@ -81,8 +81,8 @@ def test_serve_triton_follows_row_deltas_and_dense_publishes_in_every_worker(sha
             live = tmp_path / "gw" / "triton" / "live"
             assert (live / "dlrm-v1.tbe").exists() and (live / "dlrm-v2.tbe.state").exists()
             mgmt.unload_model("dlrm", 1)  # a version unloaded leaves no private image behind
-            assert sorted(p.name for p in live.iterdir()) == ["dlrm-v2.tbe", "dlrm-v2.tbe.applied.json",
-                                                             "dlrm-v2.tbe.dense.pt", "dlrm-v2.tbe.state"]
+            assert sorted(p.name for p in live.iterdir()) == ["dlrm-v2.tbe", "dlrm-v2.tbe.dense.pt",
+                                                             "dlrm-v2.tbe.follow.json", "dlrm-v2.tbe.state"]
         # the deltas went to the versions' private copies: the cached image is still the package's bytes
         [cached] = (tmp_path / "gw" / "triton" / "tables").glob("dlrm-v1-*.tbe")
         assert cached.read_bytes() == write_image(load_package(base), tmp_path / "fresh").read_bytes()
@@ -114,6 +114,10 @@ def test_a_gap_rewrites_the_image_from_a_snapshot_and_a_killed_follower_is_repla
             train(shard, 20, 5)  # the supervisor starts another follower, which catches up
             wait_applied(mgmt, 24)
             assert prom.value(follower_metrics, "delta_applied_step", table="users") >= 24  # the new one, same port
+            # it continued from the position the first one saved: no replay from the package's step, no resync
+            assert prom.value(follower_metrics, "delta_resyncs_total") == 0
+            assert "continuing from the saved position (snapshot step 9)" in \
+                (tmp_path / "gw" / "triton" / "follower.log").read_text()
             want = expected_scores(export_from_shard(shard, tmp_path / "at24", step=24))
             for req, exp in zip(requests(), want, strict=True):
                 np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
