@@ -168,6 +168,9 @@ def test_a_fenced_trainer_outlives_the_coordinator(tmp_path: Path):
         assert (resumed.kind, resumed.plan_version) == (pb.RESUME, 1)
         assert resumed.rollout_id == job.coordinator.announced["recovered_rollouts"][0]["id"]
         assert not follower.fence_pending
+        # the shards' leases may have lapsed while the coordinator was down (a loaded host restarts it slowly):
+        # PLAN2's shards must have heartbeated to the new one first, or the plan is refused for a dead owner
+        job.client.wait_shards(list(range(PLAN2.num_shards)), wait_s=60)
 
         rollout = job.client.apply(PLAN2, base_version=1, author="chaos", reason="killed by the report")
         first = next(rollout)
