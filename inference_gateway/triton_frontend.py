@@ -462,6 +462,9 @@ class Supervisor:
             shutil.rmtree(vdir, ignore_errors=True)
             if not versions:
                 shutil.rmtree(mdir, ignore_errors=True)
+            if follow:  # the private copy made for it
+                for path in (image, state_path(image)):
+                    path.unlink(missing_ok=True)
             raise
         self.models[v.name] = {**versions, v.version: v}
         if follow:
