@@ -95,7 +95,7 @@ class ImageState:
     def recover(self) -> bool:
         """After the writer died: a sequence left odd (killed mid-write) would hold every reader forever.
         Makes it even again; the rows of that write may be half written until the next writer, which
-        starts from its package's step, writes them again. True if it was odd."""
+        re-applies the entries past the position its predecessor saved, writes them again. True if it was odd."""
         if int(self._words[0]) & 1:
             self._words[0] += np.uint64(1)
             return True

@@ -8,7 +8,7 @@ Online freshness rewrites rows in place (`apply_rows`) and swaps the dense arch 
 lookup holds a read lock and a row write the write lock, so no batch sees a half-written row, and one
 entry's rows land together (a batch sees each table at one step or a later one). On a table image shared
 by processes (serve-triton --follow) a sequence lock in the image's state file does the same across them
-(shared_tables.ImageState), and the dense arch travels as a file beside the image.
+(image_state.ImageState), and the dense arch travels as a file beside the image.
 """
 
 from __future__ import annotations
