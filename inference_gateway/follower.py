@@ -74,12 +74,13 @@ class Gap(Exception):
 
 class DeltaFollower:
     """`model()` is the served model to write into; `resync()` loads the latest snapshot and returns the new
-    model (None: no snapshot; the follower then keeps applying and counts the gap)."""
+    model (None: no snapshot; the follower then keeps applying and counts the gap); `on_applied()`, if
+    given, runs on the follower's thread after each read that applied entries."""
 
     def __init__(self, settings: FollowSettings, model: Callable[[], ServingModel],
                  resync: Callable[[], ServingModel | None], registry: CollectorRegistry,
-                 client: redis.Redis | None = None) -> None:
-        self.settings, self._model, self._resync = settings, model, resync
+                 client: redis.Redis | None = None, on_applied: Callable[[], None] | None = None) -> None:
+        self.settings, self._model, self._resync, self._on_applied = settings, model, resync, on_applied
         self.metrics = FollowerMetrics(registry)
         self.redis = client or redis.Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000 + 5,
                                                     socket_connect_timeout=2.0)
@@ -152,7 +153,8 @@ class DeltaFollower:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.poll()
+                if self.poll() and self._on_applied is not None:
+                    self._on_applied()
             except redis.RedisError as e:
                 self.metrics.redis_errors.inc()
                 log.warning("delta follower: Redis %s unreachable (%s); retrying", self.settings.redis_url, e)

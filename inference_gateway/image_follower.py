@@ -52,7 +52,7 @@ class ImageFollower:
         self.model = ServingModel(load_package(package, read_tables=False), table_image=image, writer=True)
         if self.model.state is not None and self.model.state.recover():
             log.warning("the last writer of %s died mid-write: its rows are written again from the streams", image)
-        self.follower = DeltaFollower(settings, lambda: self.model, self.resync, registry)
+        self.follower = DeltaFollower(settings, lambda: self.model, self.resync, registry, on_applied=self.save)
         self._resume()
 
     def _resume(self) -> None:
@@ -129,15 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"event": "following", "image": args.image, "redis": args.redis,
                       "metrics_port": metrics_port}), flush=True)
     follower.save()
-    while not stop.is_set():
-        try:
-            applied = follower.follower.poll(block=True)
-        except Exception as e:  # Redis away, a bad entry: DeltaFollower's own loop would retry the same way
-            log.warning("follower: %s; retrying", e)
-            stop.wait(follower.follower.settings.retry_s)
-            continue
-        if applied:
-            follower.save()
+    follower.follower.start()  # DeltaFollower's own loop: retries, Redis errors counted, save() after each apply
+    while not stop.wait(1.0):  # woken by SIGTERM / SIGINT
+        pass
+    follower.follower.close()
     return 0
 
 

@@ -41,6 +41,13 @@ def dense_path(image: str | Path) -> Path:
     return Path(f"{image}{DENSE_SUFFIX}")
 
 
+def remove_files(image: str | Path, keep_image: bool = False) -> None:
+    """A followed image and the files beside it (what exists of them)."""
+    paths = [state_path(image), dense_path(image), follow_path(image)]
+    for path in paths if keep_image else [Path(image), *paths]:
+        path.unlink(missing_ok=True)
+
+
 class ImageState:
     """The state file of a followed image: word 0 the sequence lock, word 1 the dense arch's version."""
 

@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
-from inference_gateway.image_state import ImageState, dense_path, follow_path, state_path
+from inference_gateway.image_state import ImageState, follow_path, remove_files
 from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
@@ -463,8 +463,7 @@ class Supervisor:
             if not versions:
                 shutil.rmtree(mdir, ignore_errors=True)
             if follow:  # the private copy made for it
-                for path in (image, state_path(image)):
-                    path.unlink(missing_ok=True)
+                remove_files(image)
             raise
         self.models[v.name] = {**versions, v.version: v}
         if follow:
@@ -487,8 +486,7 @@ class Supervisor:
         tmp = live.with_name(f".{live.name}.tmp-{secrets.token_hex(4)}")
         shutil.copyfile(v.facts["image"], tmp)
         os.replace(tmp, live)
-        for stale in (dense_path(live), follow_path(live)):
-            stale.unlink(missing_ok=True)
+        remove_files(live, keep_image=True)  # an earlier run's state, dense arch and position
         ImageState.create(live)
         return live
 
@@ -593,9 +591,7 @@ class Supervisor:
             k: v for k, v in self.models.items() if k != name}
         # a once-followed version's private image: its draining workers keep their mappings (Linux frees the
         # pages with the last one); no follower writes it any more, so no new dense file is asked for
-        live = self._private_image_path(name, version)
-        for path in (live, state_path(live), dense_path(live), follow_path(live)):
-            path.unlink(missing_ok=True)
+        remove_files(self._private_image_path(name, version))
 
     def specs(self) -> dict[str, dict[int, ModelSpec]]:
         """predict_proxy.Catalog: what the Predict proxy validates requests against."""
