@@ -300,6 +300,11 @@ def open_phases(run: Run, base: dict, key: tuple[str, str], address: str, method
               "refusal_p99_ms": fig["overload_refusal_p99_ms"], "loadavg": _load()})
 
 
+def vs_in_process(samples_per_s: float, limits: dict[tuple[int, int], float]) -> dict[str, float]:
+    """W2 samples/s against the in-process limits of batch 256 measured (vs_in_process_1t / _2t)."""
+    return {f"vs_in_process_{t}t": round(samples_per_s / limits[256, t], 3) for t in (1, 2) if (256, t) in limits}
+
+
 @dataclass
 class Endpoints:
     """Where a frontend takes each workload: its unary W1 (method, pool), Predict/PredictStream, W2."""
@@ -373,9 +378,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
             r = asyncio.run(closed_loop(address, pool, a.w2_concurrency, a.seconds, 256, method))
             rec = {**base, "bench": "W2_closed", "client": "python", "method": method.rsplit("/", 1)[1],
                    "concurrency": a.w2_concurrency, "candidates": 256, **r}
-            for t in (1, 2):
-                if (256, t) in limits:
-                    rec[f"vs_in_process_{t}t"] = round(r["samples_per_s"] / limits[256, t], 3)
+            rec.update(vs_in_process(r["samples_per_s"], limits))
             fig["w2_vs_in_process_2t"] = rec.get("vs_in_process_2t")
             emit({**rec, "loadavg": _load()})
             if run.use_h2load:
@@ -385,9 +388,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
                         "concurrency": a.w2_concurrency, "candidates": 256, **r2}
                 if "answered_per_s" in r2:
                     rec2["samples_per_s"] = round(r2["answered_per_s"] * 256, 1)
-                    for t in (1, 2):
-                        if (256, t) in limits:
-                            rec2[f"vs_in_process_{t}t"] = round(rec2["samples_per_s"] / limits[256, t], 3)
+                    rec2.update(vs_in_process(rec2["samples_per_s"], limits))
                 fig["w2_h2load_vs_in_process_2t"] = rec2.get("vs_in_process_2t")
                 emit({**rec2, "loadavg": _load()})
             if "overload" not in skip:  # compute-bound overload: tens of requests/s, the Python client offers 2x
