@@ -13,8 +13,9 @@ once and measured in turn per round, h2load at 64 and 512 streams, W1 (one Crite
 - native: frontend.cc + `--workers` Python workers, the INT8 Criteo package, Predict;
 - serve_triton: `inference-gateway serve-triton`, same package and workers, OIP ModelInfer.
 
-Every record gives req/s, CPU ms per request of the server's processes, and ratios to the echo of the
-same round; then the medians. Then, for native and serve_triton, gateway_load's open loop (h2load's rate
+Every record gives answered calls/s (DATA bytes over one answer's frame, so admission refusals do not
+count), CPU ms per answered call of the server's processes, and ratios to the echo of the same round;
+then the medians. Then, for native and serve_triton, gateway_load's open loop (h2load's rate
 mode plus a Python probe that sees each status) at half the server's median maximum (512 streams), for
 p99, and at twice it: goodput, accepted p99, and how fast and with which code refusals come. The
 native frontend admits by expected queue wait (`--native-args`, default `--max-queue-us 20000
@@ -44,7 +45,17 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.gateway_load import Run, _load, emit, infer_pool, packages, rate_phase, request_pool, samples
+from benchmarks.gateway_load import (
+    Run,
+    _load,
+    answer_frame_bytes,
+    emit,
+    infer_pool,
+    packages,
+    rate_phase,
+    request_pool,
+    samples,
+)
 from benchmarks.h2 import ensure_h2load, h2load_with_cpu
 from inference_gateway import proc_memory
 from inference_gateway.client import build_request
@@ -196,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             echo = {}
             for server, (address, method, pool, pids) in servers.items():
-                for c in (64, 512):
-                    r = h2load_with_cpu(address, method, pool[0], c, args.seconds, work, pids)
+                frame = answer_frame_bytes(address, method, pool[0])
+                for c in (64, 512):  # answered calls only (DATA bytes / one answer's frame): refusals are not
+                    r = h2load_with_cpu(address, method, pool[0], c, args.seconds, work, pids, frame)
                     rec = {**common, "round": rnd, "server": server, "concurrency": c,
-                           "requests_per_s": r.get("requests_per_s"), "failed": r.get("failed"),
-                           "cpu_ms_per_request": r.get("cpu_s_per_1000"),
+                           "requests_per_s": r.get("answered_per_s"), "refused": r.get("refused_estimated"),
+                           "failed": r.get("failed"), "cpu_ms_per_request": r.get("cpu_s_per_1000"),
                            "cpu_ms_by_process": r.get("cpu_s_per_1000_by_process"), "loadavg": _load()}
                     if server == "python_echo":
                         echo[c] = rec
