@@ -46,11 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here, by name or "
                    "relative path (default ./model_store); relative --model paths resolve under it")
     _credential_flags(s, "", "Predict / PredictStream")
-    s.add_argument("--follow", metavar="REDIS_URL", help="online freshness: apply the row deltas the shards publish "
-                   "(embedding-shard serve --publish-deltas) to the first --model, within seconds of training")
-    s.add_argument("--snapshots", help="directory of packages exported from checkpoints: after a gap in the deltas "
-                   "(dropped rows, a trimmed stream) the follower reloads the newest one and continues from its step")
-    s.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
+    _follow_flags(s, "apply the row deltas the shards publish (embedding-shard serve --publish-deltas) to the first "
+                  "--model, within seconds of training")
     s.add_argument("--log-level", default="INFO")
     t = sub.add_parser(
         "serve-triton", help="serve packages on tritonserver's C++ frontend (KServe v2 gRPC) with supervised Python "
@@ -102,12 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
     t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
-    t.add_argument("--follow", metavar="REDIS_URL", help="online freshness: a follower process applies the row "
-                   "deltas and dense publishes to the newest version of the first --model, in place in its "
-                   "(then private) table image; workers see each delta entry whole")
-    t.add_argument("--snapshots", help="with --follow: packages exported from checkpoints; after a gap the "
-                   "follower rewrites the image from the newest one (same tables) and continues from its step")
-    t.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
+    _follow_flags(t, "a follower process applies the row deltas and dense publishes to the newest version of the "
+                  "first --model, in place in its (then private) table image; workers see each delta entry whole")
     _credential_flags(t, " on --management-port", tls_where=" on --management-port and --predict-port "
                       "(tritonserver's --port stays plaintext)")
     t.add_argument("--log-level", default="INFO")
@@ -158,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--version", type=int, required=True)
     sd.add_argument("--json", action="store_true")
     return p
+
+
+def _follow_flags(p: argparse.ArgumentParser, how: str) -> None:
+    """--follow (what following does on this frontend), --snapshots and --delta-namespace: both serve commands."""
+    p.add_argument("--follow", metavar="REDIS_URL", help=f"online freshness: {how}")
+    p.add_argument("--snapshots", help="with --follow: directory of packages exported from checkpoints; after a gap "
+                   "in the deltas (dropped rows, a trimmed stream) the follower reloads the newest one (same tables) "
+                   "and continues from its step")
+    p.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
 
 
 def _credential_flags(p: argparse.ArgumentParser, where: str, predict: str | None = None,
