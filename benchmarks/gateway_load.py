@@ -23,6 +23,8 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
             (~0.8 ms of client CPU a W2 call, a tenth of the 2 cores the in-process limit has to itself) and
             with h2load (a C client: what the gateway itself sustains); then an open loop at 2x.
 A final "targets" record says pass/fail for each of issue 12's targets, per frontend and dtype.
+`--frontend native` measures the prototype native frontend (benchmarks/native_frontend: grpc++ over Python
+batch workers; Predict only, so no stream phase) through the same phases.
 
 Why h2load for the open loops. One Python asyncio client tops out near the Python echo ceiling (its own
 loop is GIL-bound and shares the 2 cores with the server), so it cannot offer half, let alone twice, the
@@ -37,7 +39,7 @@ fast. The probe gives those: accepted p50/p99, each refusal code and its latency
 estimated answers + the probe's, per second. W2's overload (hundreds of requests/s) needs no h2load: the
 Python client offers 2x alone. Without h2load (`--skip h2load`, or not installed) the Python client offers every rate.
 
-    python -m benchmarks.gateway_load [--frontend serve|serve-triton|both] [--dtypes fp32,int8,int4]
+    python -m benchmarks.gateway_load [--frontend both|serve,serve-triton,native] [--dtypes fp32,int8,int4]
         [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2]
 """
 
@@ -155,7 +157,7 @@ def in_process_rate(score: Callable[[], object], batch: int, seconds: float, thr
 def scorers(frontend: str, pkg: Path, cfg: ModelConfig, workdir: Path) -> dict[int, Callable[[], object]]:
     """batch -> one call scoring it the way the frontend's workers do."""
     out: dict[int, Callable[[], object]] = {}
-    if frontend == "serve":
+    if frontend in ("serve", "native"):  # the native prototype's workers score with serve's ServingModel
         model = ServingModel(load_package(pkg))
         for b in (64, 256):
             dense, lengths, values = (torch.from_numpy(a) for a in samples(cfg, b, 0))
@@ -317,6 +319,11 @@ class Endpoints:
 
 def start_frontend(frontend: str, pkg: Path, q: str, run: Run, pools: dict) -> tuple[GatewayProcess, Endpoints]:
     a = run.args
+    if frontend == "native":
+        from benchmarks.native_frontend import launch as launch_native
+
+        gw = launch_native(pkg, workers=2, frontend_args=a.native_args, workdir=run.workdir / f"native-gw-{q}")
+        return gw, Endpoints((gw.address, METHOD, pools["w1"]), gw.address, (gw.address, METHOD, pools["w2"]), None)
     if frontend == "serve":
         gw = launch(["--model", str(pkg), "--metrics-port", "-1", *a.server_args.split()],
                     workdir=run.workdir / f"gw-{q}", timeout=300)
@@ -334,7 +341,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
     meta = load_package(pkg, read_tables=False)
     base = {**common, "frontend": frontend, "dtype": q, "table_bytes": meta.table_bytes,
             "float32_table_bytes": sum(t["float32_bytes"] for t in meta.manifest["tables"]),
-            "server_args": a.server_args if frontend == "serve" else a.triton_args}
+            "server_args": {"serve": a.server_args, "native": a.native_args}.get(frontend, a.triton_args)}
     del meta
     fig = run.figures.setdefault((frontend, q), {})
     limits: dict[tuple[int, int], float] = {}
@@ -342,8 +349,9 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
         score = scorers(frontend, pkg, cfg, run.workdir)
         for b, threads in ((64, 1), (64, 2), (256, 1), (256, 2)):
             limits[b, threads] = in_process_rate(score[b], b, a.seconds / 2, threads)
-            emit({**base, "bench": "in_process", "scorer": "ServingModel" if frontend == "serve" else "BatchScorer",
-                  "batch": b, "threads": threads, "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
+            scorer = "BatchScorer" if frontend == "serve-triton" else "ServingModel"
+            emit({**base, "bench": "in_process", "scorer": scorer, "batch": b, "threads": threads,
+                  "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
         del score
     gw, ep = start_frontend(frontend, pkg, q, run, pools)
     pids = proc_memory.tree(gw.pid)  # supervisor, tritonserver and its workers
@@ -362,7 +370,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
             who = max(maxima, key=maxima.__getitem__)
             peak = maxima[who]
             open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak)
-        if "stream" not in skip:
+        if "stream" not in skip and frontend != "native":  # the prototype has no PredictStream
             depth = max(1, a.concurrency // a.streams)
             r = asyncio.run(stream_closed_loop(ep.predict_address, pools["w1"], a.streams, depth, a.seconds, 1))
             rec = {**base, "bench": "W1_stream_closed", "client": "python", "method": "PredictStream",
@@ -452,7 +460,8 @@ def measure_echo(run: Run, pool: list[bytes], base: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frontend", choices=("serve", "serve-triton", "both"), default="both")
+    p.add_argument("--frontend", default="both", help="comma-separated, measured in this order: serve, serve-triton, "
+                   "native (the prototype of benchmarks/native_frontend); both: serve,serve-triton")
     p.add_argument("--dtypes", default="fp32,int8,int4")
     p.add_argument("--dense-quantize", choices=("none", "int8"), default="none", help="also quantize the dense "
                    "arch (dynamic int8 Linear layers, as `trainer export --dense-quantize int8`)")
@@ -468,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-args", default="--workers 2 --max-batch-size 256",
                    help="extra `inference-gateway serve-triton` flags (its default has no queue bound; add "
                    "--max-queue-wait-ms 30 for its refusals, at the cost `serve-triton --help` gives)")
+    p.add_argument("--native-args", default="--max-queue-us 20000",
+                   help="frontend.cc's batcher and admission flags (--max-batch, --max-batch-bytes, --max-delay-us, "
+                   "--max-queue-us, --cost-us, --cost-ns-per-byte: its header says what each does)")
     p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {PHASES}")
     p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -481,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dtypes = args.dtypes.split(",")
-    frontends = FRONTENDS if args.frontend == "both" else (args.frontend,)
+    frontends = FRONTENDS if args.frontend == "both" else tuple(args.frontend.split(","))
+    if set(frontends) - {*FRONTENDS, "native"}:
+        p.error(f"--frontend: unknown {sorted(set(frontends) - {*FRONTENDS, 'native'})} (serve, serve-triton, native)")
     pkgs = packages(workdir, dtypes, args.dense_quantize)
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
     name = json.loads((pkgs[dtypes[0]] / "manifest.json").read_text())["name"]

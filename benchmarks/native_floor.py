@@ -18,8 +18,8 @@ count), CPU ms per answered call of the server's processes, and ratios to the ec
 then the medians. Then, for native and serve_triton, gateway_load's open loop (h2load's rate
 mode plus a Python probe that sees each status) at half the server's median maximum (512 streams), for
 p99, and at twice it: goodput, accepted p99, and how fast and with which code refusals come. The
-native frontend admits by expected queue wait (`--native-args`, default `--max-queue-us 20000
---cost-us 100`: 400 queued requests with 2 workers) and refuses RESOURCE_EXHAUSTED at arrival.
+native frontend admits by expected queue wait (`--native-args`, default `--max-queue-us 20000`: about
+400 queued W1 requests with 2 workers, or 6 W2 ones) and refuses RESOURCE_EXHAUSTED at arrival.
 Before measuring, the native server's scores are checked against the package scored in this process.
 Needs g++ and grpc++ (Debian: `apt-get install g++ libgrpc++-dev pkg-config`, done here when missing
 and running as root) and h2load.
@@ -30,13 +30,10 @@ and running as root) and h2load.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +54,7 @@ from benchmarks.gateway_load import (
     samples,
 )
 from benchmarks.h2 import ensure_h2load, h2load_with_cpu
+from benchmarks.native_frontend import build, launch
 from inference_gateway import proc_memory
 from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD
@@ -64,39 +62,13 @@ from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch_triton
 from inference_gateway.requests import Limits, decode
-from inference_gateway.shared_tables import write_image
 from protos import inference_pb2
 from protos.model_config import ModelConfig
-from protos.process import child_env, start_announced
+from protos.process import start_announced
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = Path(__file__).resolve().parent / "native_frontend" / "frontend.cc"
 SERVERS = ("python_echo", "native_echo", "native", "serve_triton")
 PHASES = (*SERVERS, "open")
-DEBIAN = ["g++", "libgrpc++-dev", "pkg-config"]
-
-
-def build(workdir: Path) -> Path:
-    """frontend.cc compiled once per source version; installs the Debian packages when missing (root)."""
-    out = workdir / f"frontend-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
-    if out.exists():
-        return out
-
-    def flags() -> list[str] | None:
-        r = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True,
-                           check=False) if shutil.which("pkg-config") else None
-        return r.stdout.split() if r is not None and r.returncode == 0 and shutil.which("g++") else None
-
-    if flags() is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", *DEBIAN], capture_output=True, check=False)
-    found = flags()
-    if found is None:
-        raise SystemExit(f"native_floor: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})")
-    tmp = out.with_name(out.name + ".tmp")
-    subprocess.run(["g++", "-O2", "-std=c++17", "-Wall", str(SOURCE), "-o", str(tmp), *found, "-lpthread"],
-                   check=True)
-    os.replace(tmp, out)
-    return out
 
 
 def start_binary(cmd: list[str], workdir: Path, timeout: float) -> tuple[subprocess.Popen, int]:
@@ -152,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="Python workers of native and serve-triton")
     p.add_argument("--dtype", default="int8", help="table dtype of the Criteo package")
     p.add_argument("--skip", default="", help=f"what to leave out, comma-separated: {','.join(PHASES)}")
-    p.add_argument("--native-args", default="--max-queue-us 20000 --cost-us 100",
-                   help="frontend.cc's batcher and admission flags (--max-batch, --max-delay-us, --max-queue-us, "
-                        "--cost-us)")
+    p.add_argument("--native-args", default="--max-queue-us 20000",
+                   help="frontend.cc's batcher and admission flags (--max-batch, --max-batch-bytes, --max-delay-us, "
+                   "--max-queue-us, --cost-us, --cost-ns-per-byte: its header says what each does)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "native-floor"))
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -164,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("native_floor: h2load is missing (Debian: apt-get install nghttp2-client)")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    binary = build(work)
+    binary = build()
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
     pkg = packages(work, [args.dtype])[args.dtype]
-    image = write_image(load_package(pkg), work / "images")
     name = json.loads((pkg / "manifest.json").read_text())["name"]
     bodies = {"predict": request_pool(cfg, 1, 64), "oip": infer_pool(cfg, 1, 64, name)}
     common = {"bench": "native_floor", "cpus": os.cpu_count(), "workers": args.workers, "dtype": args.dtype}
@@ -185,19 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(proc)
             servers["native_echo"] = (f"127.0.0.1:{port}", METHOD, bodies["predict"], [proc.pid])
         if "native" not in skip:
-            sock = work / f"native-{os.getpid()}.sock"
-            fe = subprocess.Popen([str(binary), "--socket", str(sock), "--workers", str(args.workers),
-                                   *args.native_args.split()],
-                                  stdout=subprocess.PIPE, text=True)
-            procs.append(fe)
-            json.loads(fe.stdout.readline())  # listening
-            workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.native_frontend.worker", str(sock),
-                                         str(pkg), str(image)], env=child_env(None)) for _ in range(args.workers)]
-            procs += workers
-            port = json.loads(fe.stdout.readline())["port"]
-            address = f"127.0.0.1:{port}"
-            emit({**common, "event": "scores_checked", "server": "native", **check_scores(address, cfg, pkg)})
-            servers["native"] = (address, METHOD, bodies["predict"], [fe.pid, *(w.pid for w in workers)])
+            gw = launch(pkg, workers=args.workers, frontend_args=args.native_args, workdir=work / "native")
+            procs.append(gw.proc)
+            emit({**common, "event": "scores_checked", "server": "native", **check_scores(gw.address, cfg, pkg)})
+            servers["native"] = (gw.address, METHOD, bodies["predict"], proc_memory.tree(gw.pid))
         if "serve_triton" not in skip:
             gw = launch_triton(["--model", str(pkg), "--workers", str(args.workers), "--metrics-port", "-1"],
                                workdir=work / "serve-triton", timeout=600)

@@ -1,9 +1,12 @@
-// A prototype native frontend (benchmarks/native_frontend.py measures it; not part of the product):
-// grpc++ accepts Predict calls, a dynamic batcher queues their raw bytes, and
-// one dispatcher thread per Python worker (unix socket) hands the worker whole batches and answers each
-// call from the worker's reply. Admission: a request that would wait longer than --max-queue-us (queue
-// length x --cost-us / workers) is refused RESOURCE_EXHAUSTED at arrival; one whose deadline passed
-// while queued is answered DEADLINE_EXCEEDED without compute.
+// A prototype native frontend (measured by benchmarks/native_floor.py and `gateway_load --frontend
+// native`; not part of the product): grpc++ accepts Predict calls, a dynamic batcher queues their raw
+// bytes, and one dispatcher thread per Python worker (unix socket) hands the worker whole batches (at
+// most --max-batch requests and --max-batch-bytes) and answers each call from the worker's reply. Admission: a request that would wait longer than
+// --max-queue-us, or past its deadline, is refused RESOURCE_EXHAUSTED at arrival. The expected wait is
+// (queued requests x --cost-us + queued bytes x --cost-ns-per-byte / 1000) / workers: a request's
+// compute grows with its samples, and so do its bytes (Criteo INT8 on this host: ~100 us for a
+// 503-byte W1 request, ~7 ms for a 120 KB W2 one). A request whose deadline passed while it was queued
+// is answered DEADLINE_EXCEEDED without compute.
 //
 // --echo answers every call with an empty message at once (no workers): the native ceiling, as
 // gateway_load's Python echo is Python gRPC's.
@@ -34,7 +37,8 @@ static const char* kMethod = "/recsys.v1.InferenceGateway/Predict";
 struct Config {
   std::string addr = "127.0.0.1:0", sock;
   int workers = 2, max_batch = 256;
-  long max_delay_us = 500, max_queue_us = 0, cost_us = 60;
+  long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
+  long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60;
   bool echo = false;
 };
 static Config cfg;
@@ -44,6 +48,7 @@ struct Item { Call* call; std::string body; Clock::time_point deadline; };
 static std::mutex mu;
 static std::condition_variable cv;
 static std::deque<Item> queue_;
+static long queued_bytes = 0;  // of the requests in queue_ (admission's expected wait)
 
 class Call : public grpc::ServerGenericBidiReactor {
  public:
@@ -62,7 +67,8 @@ class Call : public grpc::ServerGenericBidiReactor {
                                                    : now + std::chrono::duration_cast<Clock::duration>(left);
     {
       std::unique_lock<std::mutex> lk(mu);
-      long wait_us = static_cast<long>(queue_.size()) * cfg.cost_us / cfg.workers;
+      long wait_us = (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
+                      (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / cfg.workers;
       if (cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
         lk.unlock();
         Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
@@ -74,6 +80,7 @@ class Call : public grpc::ServerGenericBidiReactor {
         Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "expected wait exceeds the deadline"));
         return;
       }
+      queued_bytes += static_cast<long>(body.size());
       queue_.push_back(Item{this, std::move(body), deadline});
     }
     cv.notify_one();
@@ -121,18 +128,25 @@ static void dispatch(int fd) {
     {
       std::unique_lock<std::mutex> lk(mu);
       cv.wait(lk, [] { return !queue_.empty(); });
-      if (cfg.max_delay_us > 0 && static_cast<int>(queue_.size()) < cfg.max_batch) {
+      auto full = [] {
+        return static_cast<int>(queue_.size()) >= cfg.max_batch || queued_bytes >= cfg.max_batch_bytes;
+      };
+      if (cfg.max_delay_us > 0 && !full()) {
         auto until = Clock::now() + std::chrono::microseconds(cfg.max_delay_us);
-        cv.wait_until(lk, until, [] { return static_cast<int>(queue_.size()) >= cfg.max_batch; });
+        cv.wait_until(lk, until, full);
       }
       auto now = Clock::now();
-      while (!queue_.empty() && static_cast<int>(batch.size()) < cfg.max_batch) {
+      long bytes = 0;  // a batch is bounded in requests and in bytes (samples), so no worker takes them all
+      while (!queue_.empty() && static_cast<int>(batch.size()) < cfg.max_batch &&
+             (batch.empty() || bytes + static_cast<long>(queue_.front().body.size()) <= cfg.max_batch_bytes)) {
         Item it = std::move(queue_.front());
         queue_.pop_front();
+        queued_bytes -= static_cast<long>(it.body.size());
         if (it.deadline < now) {
           expired.push_back(std::move(it));
           continue;
         }
+        bytes += static_cast<long>(it.body.size());
         batch.push_back(std::move(it));
       }
       if (!queue_.empty()) cv.notify_one();
@@ -188,9 +202,11 @@ int main(int argc, char** argv) {
     else if (k == "--socket") cfg.sock = v;
     else if (k == "--workers") cfg.workers = std::atoi(v.c_str());
     else if (k == "--max-batch") cfg.max_batch = std::atoi(v.c_str());
+    else if (k == "--max-batch-bytes") cfg.max_batch_bytes = std::atol(v.c_str());
     else if (k == "--max-delay-us") cfg.max_delay_us = std::atol(v.c_str());
     else if (k == "--max-queue-us") cfg.max_queue_us = std::atol(v.c_str());
     else if (k == "--cost-us") cfg.cost_us = std::atol(v.c_str());
+    else if (k == "--cost-ns-per-byte") cfg.cost_ns_per_byte = std::atol(v.c_str());
     else { std::fprintf(stderr, "unknown flag %s\n", k.c_str()); return 2; }
   }
   if (cfg.echo) { serve(); return 0; }
