@@ -91,7 +91,8 @@ def check_scores(address: str, cfg: ModelConfig, pkg: Path, rounds: int = 20) ->
     """The native server's answers == serve's model in this process, for requests sent at once so the
     batcher merges them: 1, 3 and 2 samples (the worker's one-validate-per-batch path), every other round
     with a request holding a NaN that must get serve's INVALID_ARGUMENT and spoil none of the others
-    (the request-by-request path)."""
+    (the request-by-request path); then a body that is no PredictRequest (INVALID_ARGUMENT) and a request
+    for another model (NOT_FOUND), after which the workers still answer."""
     model = ServingModel(load_package(pkg))
     good = [build_request(*samples(cfg, b, 100 + i), request_id=str(i)) for i, b in enumerate((1, 3, 2))]
     dense, lengths, values = samples(cfg, 2, 7)
@@ -114,7 +115,21 @@ def check_scores(address: str, cfg: ModelConfig, pkg: Path, rounds: int = 20) ->
                 got = np.frombuffer(inference_pb2.PredictResponse.FromString(f.result()).scores.data, dtype=np.float32)
                 if not np.array_equal(got, w):
                     raise SystemExit(f"native_floor: native scores {got} differ from the package's {w}")
-    return {"rounds": rounds, "requests": rounds * len(good) + rounds // 2}
+        other = build_request(*samples(cfg, 1, 3), model="other")
+        for body, code, words in ((b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a PredictRequest"),
+                                  (other.SerializeToString(), grpc.StatusCode.NOT_FOUND, "'other'")):
+            try:
+                call(body, timeout=30)
+                raise SystemExit(f"native_floor: a request that should get {code.name} was answered")
+            except grpc.RpcError as e:
+                if e.code() != code or words not in e.details():
+                    raise SystemExit(f"native_floor: expected {code.name} ({words}), got {e.code()}: "
+                                     f"{e.details()}") from None
+        got = np.frombuffer(inference_pb2.PredictResponse.FromString(call(good[0].SerializeToString(), timeout=30))
+                            .scores.data, dtype=np.float32)
+        if not np.array_equal(got, want[0]):  # the worker kept serving
+            raise SystemExit("native_floor: scores changed after the bad requests")
+    return {"rounds": rounds, "requests": rounds * len(good) + rounds // 2 + 3}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "relative path (default ./model_store); relative --model paths resolve under it")
     _credential_flags(s, "", "Predict / PredictStream")
     _follow_flags(s, "apply the row deltas the shards publish (embedding-shard serve --publish-deltas) to the first "
-                  "--model, within seconds of training")
+                  "--model, within seconds of training", "loads the newest one as a new version")
     s.add_argument("--log-level", default="INFO")
     t = sub.add_parser(
         "serve-triton", help="serve packages on tritonserver's C++ frontend (KServe v2 gRPC) with supervised Python "
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
     t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
     _follow_flags(t, "a follower process applies the row deltas and dense publishes to the newest version of the "
-                  "first --model, in place in its (then private) table image; workers see each delta entry whole")
+                  "first --model, in place in its (then private) table image; workers see each delta entry whole",
+                  "rewrites the image from the newest one (same tables)")
     _credential_flags(t, " on --management-port", tls_where=" on --management-port and --predict-port "
                       "(tritonserver's --port stays plaintext)")
     t.add_argument("--log-level", default="INFO")
@@ -153,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _follow_flags(p: argparse.ArgumentParser, how: str) -> None:
-    """--follow (what following does on this frontend), --snapshots and --delta-namespace: both serve commands."""
+def _follow_flags(p: argparse.ArgumentParser, how: str, resync: str) -> None:
+    """--follow (what following does on this frontend), --snapshots (how it resynchronises from one) and
+    --delta-namespace: both serve commands."""
     p.add_argument("--follow", metavar="REDIS_URL", help=f"online freshness: {how}")
     p.add_argument("--snapshots", help="with --follow: directory of packages exported from checkpoints; after a gap "
-                   "in the deltas (dropped rows, a trimmed stream) the follower reloads the newest one (same tables) "
-                   "and continues from its step")
+                   f"in the deltas (dropped rows, a trimmed stream) the follower {resync} and continues from its step")
     p.add_argument("--delta-namespace", default="recsys", help="key prefix of the delta streams")
 
 

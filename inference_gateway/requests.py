@@ -139,8 +139,8 @@ def sample_bags(lengths: np.ndarray, values: np.ndarray, nfeat: int, batch: int)
     lengths = lengths.astype(np.int64, copy=False)
     if (lengths < 0).any():
         raise _invalid(f"{LENGTHS}: negative entry")
-    totals = lengths.sum(1)
     width = values.shape[1]
+    totals = np.minimum(lengths, width + 1).sum(1)  # clipped first: huge entries must not wrap the sum to fit
     over = np.flatnonzero(totals > width)
     if over.size:
         b = int(over[0])
@@ -254,6 +254,8 @@ def validate(dense: np.ndarray, names: list[str], lengths_of: Callable[[], np.nd
     lengths = lengths.astype(np.int64, copy=False).reshape(nfeat, batch)
     if (lengths < 0).any():
         raise _invalid("lengths: negative entry")
+    if (lengths > values.size).any():  # before any sum: huge entries would wrap int64 and pass the total check
+        raise _invalid(f"lengths: an entry exceeds the {values.size} ids in values")
     counts = lengths.sum(axis=1)
     total = int(counts.sum())
     if total != values.size:

@@ -106,6 +106,9 @@ def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(gateway):
     _bad(client, build_request(dense[:, :3], lengths, values), inv, "dense: width 3, model dlrm v1 takes 4")
     _bad(client, build_request(dense, lengths, values[:-1]), inv, "lengths: add up to 40 but values holds 39")
     _bad(client, build_request(dense, lengths[:-1], values), inv, "lengths: 19 entries")
+    wrap = lengths.astype(np.int64)
+    wrap[:4] += 1 << 62  # four huge bags: the int64 sum wraps to the right total
+    _bad(client, build_request(dense, wrap, values), inv, "lengths: an entry exceeds the 40 ids in values")
     big = values.copy()
     big[0] = 200  # users has 200 rows
     _bad(client, build_request(dense, lengths, big), inv, "values: id 200 of feature 'user' is out of range [0, 200)")

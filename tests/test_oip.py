@@ -265,6 +265,13 @@ def test_the_compact_multi_hot_form_gives_the_same_scores_and_errors(gateway):
     wide.set_data_from_numpy(np.full((16, len(FEATURES)), k, dtype=np.int64))
     refused(lambda: client.infer("dlrm", [good[0], wide, good[2]]), inv,
             f"lengths: the bags of sample 0 hold {k * len(FEATURES)} ids, more than the {k} columns of values")
+    huge = np.zeros((16, len(FEATURES)), dtype=np.int64)
+    huge[:, 0] = 1
+    huge[0, 1:5] += 1 << 62  # four huge bags: sample 0's int64 sum wraps to 1
+    wrapped = triton.InferInput("lengths", [16, len(FEATURES)], "INT64")
+    wrapped.set_data_from_numpy(huge)
+    refused(lambda: client.infer("dlrm", [good[0], wrapped, good[2]]), inv,
+            f"lengths: the bags of sample 0 hold {1 + 4 * (k + 1)} ids, more than the {k} columns of values")
     narrow = triton.InferInput("lengths", [16, 2], "INT64")
     narrow.set_data_from_numpy(np.ones((16, 2), dtype=np.int64))
     refused(lambda: client.infer("dlrm", [good[0], narrow, good[2]]), inv,

@@ -2,11 +2,12 @@
 // native`; not part of the product): grpc++ accepts Predict calls, a dynamic batcher queues their raw
 // bytes, and one dispatcher thread per Python worker (unix socket) hands the worker whole batches (at
 // most --max-batch requests and --max-batch-bytes) and answers each call from the worker's reply. Admission: a request that would wait longer than
-// --max-queue-us, or past its deadline, is refused RESOURCE_EXHAUSTED at arrival. The expected wait is
+// --max-queue-us, or past its deadline, is refused RESOURCE_EXHAUSTED at arrival (UNAVAILABLE once no
+// worker is left). The expected wait is
 // (queued requests x --cost-us + queued bytes x --cost-ns-per-byte / 1000) / workers: a request's
 // compute grows with its samples, and so do its bytes (Criteo INT8 on this host: ~100 us for a
 // 503-byte W1 request, ~7 ms for a 120 KB W2 one). A request whose deadline passed while it was queued
-// is answered DEADLINE_EXCEEDED without compute.
+// (or that its client cancelled) is answered DEADLINE_EXCEEDED without compute.
 //
 // --echo answers every call with an empty message at once (no workers): the native ceiling, as
 // gateway_load's Python echo is Python gRPC's.
@@ -21,6 +22,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -49,6 +51,7 @@ static std::mutex mu;
 static std::condition_variable cv;
 static std::deque<Item> queue_;
 static long queued_bytes = 0;  // of the requests in queue_ (admission's expected wait)
+static int live_workers = 0;  // dispatchers whose worker still answers
 
 class Call : public grpc::ServerGenericBidiReactor {
  public:
@@ -67,17 +70,25 @@ class Call : public grpc::ServerGenericBidiReactor {
                                                    : now + std::chrono::duration_cast<Clock::duration>(left);
     {
       std::unique_lock<std::mutex> lk(mu);
+      if (live_workers == 0) {
+        lk.unlock();
+        Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "no worker is serving"));
+        return;
+      }
       long wait_us = (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
-                      (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / cfg.workers;
+                      (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers;
       if (cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
         lk.unlock();
         Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                            "queue full: expected wait " + std::to_string(wait_us / 1000) + " ms"));
+                            "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
+                                " ms exceeds max_queue_us " + std::to_string(cfg.max_queue_us / 1000) + " ms"));
         return;
       }
       if (deadline != Clock::time_point::max() && now + std::chrono::microseconds(wait_us) > deadline) {
         lk.unlock();
-        Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "expected wait exceeds the deadline"));
+        Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "overloaded: expected queue wait " +
+                                                                     std::to_string(wait_us / 1000) +
+                                                                     " ms exceeds the request's remaining deadline"));
         return;
       }
       queued_bytes += static_cast<long>(body.size());
@@ -95,6 +106,7 @@ class Call : public grpc::ServerGenericBidiReactor {
     }
   }
   void OnDone() override { delete this; }
+  bool Cancelled() const { return ctx_->IsCancelled(); }
 
  private:
   grpc::GenericCallbackServerContext* ctx_;
@@ -142,7 +154,7 @@ static void dispatch(int fd) {
         Item it = std::move(queue_.front());
         queue_.pop_front();
         queued_bytes -= static_cast<long>(it.body.size());
-        if (it.deadline < now) {
+        if (it.deadline < now || it.call->Cancelled()) {  // answered without compute
           expired.push_back(std::move(it));
           continue;
         }
@@ -151,7 +163,7 @@ static void dispatch(int fd) {
       }
       if (!queue_.empty()) cv.notify_one();
     }
-    for (auto& it : expired) it.call->Answer(4, "deadline passed while queued; dropped before compute");
+    for (auto& it : expired) it.call->Answer(4, "deadline passed (or cancelled) while queued; dropped before compute");
     if (batch.empty()) continue;
     frame.clear();
     uint32_t n = batch.size();
@@ -174,7 +186,13 @@ static void dispatch(int fd) {
       ok = false;
       batch[i].call->Answer(13, "worker lost");
     }
-    if (!ok) { std::fprintf(stderr, "worker lost\n"); ::close(fd); return; }
+    if (!ok) {
+      std::fprintf(stderr, "worker lost\n");
+      ::close(fd);
+      std::lock_guard<std::mutex> lk(mu);
+      --live_workers;  // at 0 new calls are refused UNAVAILABLE; queued ones wait for their deadlines
+      return;
+    }
   }
 }
 
@@ -193,6 +211,7 @@ static void serve() {
 int main(int argc, char** argv) {
   // Debian's abseil checks every Mutex for lock-order cycles (GraphCycles: ~4% of the frontend's CPU)
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  std::signal(SIGPIPE, SIG_IGN);  // a worker gone between batches: write() fails, and the dispatcher stops
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
     if (k == "--echo") { cfg.echo = true; continue; }
@@ -222,6 +241,10 @@ int main(int argc, char** argv) {
   for (int w = 0; w < cfg.workers; ++w) {
     int fd = ::accept(ls, nullptr, nullptr);
     if (fd < 0) { perror("accept"); return 1; }
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ++live_workers;
+    }
     threads.emplace_back(dispatch, fd);
   }
   serve();

@@ -8,11 +8,14 @@ children; prints `{"event": "serving", "port": P}` once every worker is connecte
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from benchmarks.native_frontend import build
@@ -27,6 +30,24 @@ def image_of(package: str, workdir: Path) -> Path:
     out = subprocess.run([sys.executable, "-c", code, package, str(workdir / "images")], capture_output=True,
                          text=True, check=True, env=child_env(None))
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _die_with_parent() -> None:
+    """In each child: SIGTERM when this process dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _announced(fe: subprocess.Popen, children: list[subprocess.Popen], timeout: float = 300.0) -> dict:
+    """The frontend's next JSON line, failing at once if any child exits first (a worker that cannot load
+    would otherwise leave the frontend waiting for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [c.args[0] if c is fe else " ".join(map(str, c.args[-4:])) for c in children if c.poll() is not None]
+        if dead:
+            raise SystemExit(f"native gateway: {dead[0]} exited before serving")
+        if select.select([fe.stdout], [], [], 0.2)[0]:
+            return json.loads(fe.stdout.readline())
+    raise SystemExit(f"native gateway: not serving within {timeout} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,15 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     image = image_of(args.package, work)
     sock = work / "workers.sock"
     fe = subprocess.Popen([str(binary), "--socket", str(sock), "--workers", str(args.workers),
-                           *args.frontend_args.split()], stdout=subprocess.PIPE, text=True)
+                           *args.frontend_args.split()], stdout=subprocess.PIPE, text=True,
+                          preexec_fn=_die_with_parent)
     children = [fe]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        json.loads(fe.stdout.readline())  # listening for workers
+        _announced(fe, children)  # listening for workers
         children += [subprocess.Popen([sys.executable, "-m", "benchmarks.native_frontend.worker", str(sock),
-                                       args.package, str(image)], env=child_env(None)) for _ in range(args.workers)]
-        port = json.loads(fe.stdout.readline())["port"]
+                                       args.package, str(image)], env=child_env(None), preexec_fn=_die_with_parent)
+                     for _ in range(args.workers)]
+        port = _announced(fe, children)["port"]
         print(json.dumps({"event": "serving", "port": port, "frontend_pid": fe.pid,
                           "worker_pids": [c.pid for c in children[1:]]}), flush=True)
         while not stop.wait(0.5):

@@ -1,6 +1,7 @@
 """A Python worker of the prototype native frontend: whole batches of serialized PredictRequests in over
 a unix socket, one TBE lookup and one dense forward per batch, a status and a serialized PredictResponse
-(or an error message) out per request. Scores equal `serve`'s; errors are `serve`'s own.
+(or an error message) out per request. Scores equal `serve`'s; a bad request gets `serve`'s check's
+error and spoils no other; nothing a request holds stops the worker.
 
     python -m benchmarks.native_frontend.worker SOCKET PACKAGE TABLE_IMAGE
 
@@ -14,8 +15,10 @@ import socket
 import struct
 import sys
 
+import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
@@ -34,6 +37,8 @@ def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, 
     request); None when the requests are not alike or one is malformed (then each is decoded alone, which
     also gives a bad one its own error and spoils no other)."""
     first = reqs[0]
+    if any(r.model not in ("", model.name) or r.version not in (0, model.version) for r in reqs):
+        return None  # each alone: NOT_FOUND for another model or version
     names, width, nfeat = list(first.features), model.dense_features, len(model.features)
     ldt, vdt = _INT.get(first.lengths.dtype), _INT.get(first.values.dtype)
     if ldt is None or vdt is None or (names and len(names) != nfeat):
@@ -59,7 +64,7 @@ def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, 
         sizes.append(b)
         ids.append(n)
     flat = np.frombuffer(b"".join(lens), dtype=ldt).astype(np.int64)
-    if (flat < 0).any():
+    if (flat < 0).any() or (flat > max(ids)).any():  # a bag larger than its request's ids: before any sum wraps
         return None
     if all(b == 1 for b in sizes):
         counts = flat.reshape(len(reqs), nfeat)  # [request, feature]
@@ -89,29 +94,51 @@ class Worker:
         self.limits = Limits()
 
     def answer(self, bodies: list[bytes]) -> list[tuple[int, bytes]]:
-        reqs = [inference_pb2.PredictRequest.FromString(b) for b in bodies]
-        out: list[tuple[int, bytes]] = [(0, b"")] * len(reqs)
+        """One (status, bytes) per body, in order. A body that does not parse, names another model, or
+        fails a check is answered alone; any other error fails only the requests it touched (INTERNAL)."""
+        out: list[tuple[int, bytes]] = [(0, b"")] * len(bodies)
+        reqs: list[tuple[int, inference_pb2.PredictRequest]] = []
+        for i, b in enumerate(bodies):
+            try:
+                reqs.append((i, inference_pb2.PredictRequest.FromString(b)))
+            except DecodeError as e:
+                out[i] = (grpc.StatusCode.INVALID_ARGUMENT.value[0], f"request: not a PredictRequest ({e})".encode())
+        if not reqs:
+            return out
         try:
-            whole = decode_batch(reqs, self.model, self.limits)
-        except RequestError:
+            whole = decode_batch([r for _, r in reqs], self.model, self.limits)
+        except Exception:  # RequestError or worse: the per-request path below says which request and why
             whole = None
         if whole is not None:
-            good = [(i, r, r.dense.shape[0]) for i, r in enumerate(reqs)]
-            batch = (torch.from_numpy(np.ascontiguousarray(whole.dense)), torch.from_numpy(whole.lengths.ravel()),
-                     torch.from_numpy(whole.values))
-        else:
-            good, decoded = [], []
-            for i, r in enumerate(reqs):
-                try:
-                    d = decode(r, self.model, self.limits)
-                except RequestError as e:
-                    out[i] = (e.code.value[0], e.message.encode())
-                    continue
-                good.append((i, r, d.batch_size))
-                decoded.append(d)
-            if not good:
-                return out
-            batch = merge(decoded)
+            try:
+                return self._scored(out, [(i, r, r.dense.shape[0]) for i, r in reqs], _tensors(whole))
+            except Exception:  # retried request by request
+                pass
+        good, decoded = [], []
+        for i, r in reqs:
+            try:
+                if r.model not in ("", self.model.name) or r.version not in (0, self.model.version):
+                    raise RequestError(grpc.StatusCode.NOT_FOUND, f"model: {r.model!r} v{r.version} is not served "
+                                       f"here (serving {self.model.name!r} v{self.model.version})")
+                d = decode(r, self.model, self.limits)
+            except RequestError as e:
+                out[i] = (e.code.value[0], e.message.encode())
+                continue
+            except Exception as e:  # this request alone fails
+                out[i] = (grpc.StatusCode.INTERNAL.value[0], f"decoding failed: {type(e).__name__}: {e}".encode())
+                continue
+            good.append((i, r, d.batch_size))
+            decoded.append(d)
+        if good:
+            try:
+                self._scored(out, good, merge(decoded))
+            except Exception as e:  # the batch's requests fail, the worker keeps serving
+                for i, _, _ in good:
+                    out[i] = (grpc.StatusCode.INTERNAL.value[0], f"scoring failed: {type(e).__name__}: {e}".encode())
+        return out
+
+    def _scored(self, out: list[tuple[int, bytes]], good: list[tuple[int, inference_pb2.PredictRequest, int]],
+                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[tuple[int, bytes]]:
         scores = self.model.scores(*batch).numpy()
         m, start = self.model, 0
         for i, r, b in good:
@@ -120,6 +147,11 @@ class Worker:
                 model=m.name, version=m.version, request_id=r.request_id).SerializeToString())
             start += b
         return out
+
+
+def _tensors(d: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(np.ascontiguousarray(d.dense)), torch.from_numpy(d.lengths.ravel()),
+            torch.from_numpy(d.values))
 
 
 def serve(sock_path: str, package: str, image: str) -> None:
