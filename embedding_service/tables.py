@@ -268,6 +268,8 @@ class ShardTables:
         lengths2d = lengths.view(n_feat, batch_size).to(torch.int64)
         if n_feat * batch_size and int(lengths2d.min()) < 0:
             raise invalid("lengths: negative length")
+        if n_feat * batch_size and int(lengths2d.max()) > values.numel():  # before any sum can wrap int64
+            raise invalid(f"lengths: an entry exceeds the {values.numel()} ids in values")
         per_feature = lengths2d.sum(dim=1)
         total = int(per_feature.sum())
         if total != values.numel():

@@ -84,6 +84,9 @@ LOOKUP_CASES = {
                             ("lengths", "4 entries")),
     "negative length": (dict(lengths=torch.tensor([3, -1, 2, 2])), grpc.StatusCode.INVALID_ARGUMENT,
                         ("negative length",)),
+    # four huge lengths: their int64 sum wraps to the right total of 6 ids
+    "huge lengths": (dict(lengths=torch.tensor([1, 2, 2, 1]) + (1 << 62)), grpc.StatusCode.INVALID_ARGUMENT,
+                     ("lengths", "exceeds the 6 ids")),
     "unknown feature": (dict(features=["user", "colour"]), grpc.StatusCode.INVALID_ARGUMENT, ("colour",)),
     "float ids": (dict(values=torch.rand(6)), grpc.StatusCode.INVALID_ARGUMENT, ("values", "dtype")),
     "weights on MEAN": (dict(weights=torch.full((6,), 2.0)), grpc.StatusCode.INVALID_ARGUMENT, ("item", "MEAN")),
