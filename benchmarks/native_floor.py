@@ -40,7 +40,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
 
 from benchmarks.gateway_load import (
     Run,
@@ -56,6 +55,7 @@ from benchmarks.gateway_load import (
 from benchmarks.h2 import ensure_h2load, h2load_with_cpu
 from benchmarks.native_frontend import build, launch
 from inference_gateway import proc_memory
+from inference_gateway.batching import merge
 from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD
 from inference_gateway.model import ServingModel
@@ -64,7 +64,7 @@ from inference_gateway.process import launch_triton
 from inference_gateway.requests import Limits, decode
 from protos import inference_pb2
 from protos.model_config import ModelConfig
-from protos.process import start_announced
+from protos.process import start_announced, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("python_echo", "native_echo", "native", "serve_triton")
@@ -98,8 +98,7 @@ def check_scores(address: str, cfg: ModelConfig, pkg: Path, rounds: int = 20) ->
     dense, lengths, values = samples(cfg, 2, 7)
     dense[1, 4] = np.nan
     bad = build_request(dense, lengths, values, request_id="bad")
-    want = [model.scores(*(torch.from_numpy(np.array(a)) for a in (d.dense, d.lengths.ravel(), d.values))).numpy()
-            for d in (decode(r, model, Limits()) for r in good)]
+    want = [model.scores(*merge([decode(r, model, Limits())])).numpy() for r in good]
     with grpc.insecure_channel(address) as channel:
         call = channel.unary_unary(METHOD)
         for k in range(rounds):
@@ -219,13 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                           "refusals": probe["errors"], "refusal_ms_by_code": probe.get("reject_ms_by_code"), **r,
                           "loadavg": _load()})
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs, 30)
     return 0
 
 

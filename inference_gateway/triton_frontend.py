@@ -64,7 +64,7 @@ from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_inp
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
 from protos.paths import PathRefused, status_of_oserror
-from protos.process import free_port
+from protos.process import free_port, stop_all
 from protos.rejects import AioDecodeGuard, Rejects
 from protos.security import AioControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
 
@@ -518,13 +518,7 @@ class Supervisor:
         self.follower = self.follower_image = None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_all([proc], 10)
         self._recover(image)
 
     @staticmethod

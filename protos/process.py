@@ -81,6 +81,19 @@ class ServerProcess:
         self.proc.wait(30)
 
 
+def stop_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM to every live child at once, then up to `timeout` s each to exit; SIGKILL (and reap) the rest."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def start_announced(args: list[str], workdir: Path, *, what: str, timeout: float,
                     env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     """Runs `python -m ARGS` with the repository on PYTHONPATH (stdout and stderr to files in `workdir`)

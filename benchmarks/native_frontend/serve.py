@@ -19,17 +19,18 @@ import time
 from pathlib import Path
 
 from benchmarks.native_frontend import build
-from protos.process import child_env
+from protos.process import child_env, stop_all
 
 
 def image_of(package: str, workdir: Path) -> Path:
-    """The package's table image (shared_tables' own writer, in a child so this process stays small)."""
-    code = ("import sys; from inference_gateway.package import load_package; "
-            "from inference_gateway.shared_tables import write_image; "
-            "print(write_image(load_package(sys.argv[1]), sys.argv[2]))")
-    out = subprocess.run([sys.executable, "-c", code, package, str(workdir / "images")], capture_output=True,
-                         text=True, check=True, env=child_env(None))
-    return Path(out.stdout.strip().splitlines()[-1])
+    """The package's table image, from shared_tables' own short-lived child (as serve-triton's supervisor
+    prepares one), so this process stays small."""
+    out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", package, str(workdir / "images")],
+                         capture_output=True, text=True, check=False, env=child_env(None))
+    facts = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {"error": out.stderr[-2000:]}
+    if "error" in facts:
+        raise SystemExit(f"native gateway: {package}: {facts['error']}")
+    return Path(facts["image"])
 
 
 def _die_with_parent() -> None:
@@ -84,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         return 0
     finally:
-        for c in children:
-            c.terminate()
-        for c in children:
-            try:
-                c.wait(10)
-            except subprocess.TimeoutExpired:
-                c.kill()
+        stop_all(children, 10)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class Worker:
             whole = None
         if whole is not None:
             try:
-                return self._scored(out, [(i, r, r.dense.shape[0]) for i, r in reqs], _tensors(whole))
+                return self._scored(out, [(i, r, r.dense.shape[0]) for i, r in reqs], merge([whole]))
             except Exception:  # retried request by request
                 pass
         good, decoded = [], []
@@ -147,11 +147,6 @@ class Worker:
                 model=m.name, version=m.version, request_id=r.request_id).SerializeToString())
             start += b
         return out
-
-
-def _tensors(d: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(np.ascontiguousarray(d.dense)), torch.from_numpy(d.lengths.ravel()),
-            torch.from_numpy(d.values))
 
 
 def serve(sock_path: str, package: str, image: str) -> None:
