@@ -23,8 +23,8 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
             (~0.8 ms of client CPU a W2 call, a tenth of the 2 cores the in-process limit has to itself) and
             with h2load (a C client: what the gateway itself sustains); then an open loop at 2x.
 A final "targets" record says pass/fail for each of issue 12's targets, per frontend and dtype.
-`--frontend native` measures the prototype native frontend (benchmarks/native_frontend: grpc++ over Python
-batch workers; Predict only, so no stream phase) through the same phases.
+`--frontend serve-native` measures `inference-gateway serve-native` (a grpc++ frontend over Python batch
+workers; Predict and OIP, no PredictStream, so no stream phase) through the same phases.
 
 Why h2load for the open loops. One Python asyncio client tops out near the Python echo ceiling (its own
 loop is GIL-bound and shares the 2 cores with the server), so it cannot offer half, let alone twice, the
@@ -39,7 +39,7 @@ fast. The probe gives those: accepted p50/p99, each refusal code and its latency
 estimated answers + the probe's, per second. W2's overload (hundreds of requests/s) needs no h2load: the
 Python client offers 2x alone. Without h2load (`--skip h2load`, or not installed) the Python client offers every rate.
 
-    python -m benchmarks.gateway_load [--frontend both|serve,serve-triton,native] [--dtypes fp32,int8,int4]
+    python -m benchmarks.gateway_load [--frontend both|serve,serve-triton,serve-native] [--dtypes fp32,int8,int4]
         [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2]
 """
 
@@ -66,7 +66,7 @@ from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
-from inference_gateway.process import GatewayProcess, launch, launch_triton
+from inference_gateway.process import GatewayProcess, launch, launch_native, launch_triton
 from inference_gateway.quantize import DenseQuantization
 from protos.model_config import ModelConfig
 from trainer.export import ExportedModel, export_package, table_dtypes
@@ -157,7 +157,7 @@ def in_process_rate(score: Callable[[], object], batch: int, seconds: float, thr
 def scorers(frontend: str, pkg: Path, cfg: ModelConfig, workdir: Path) -> dict[int, Callable[[], object]]:
     """batch -> one call scoring it the way the frontend's workers do."""
     out: dict[int, Callable[[], object]] = {}
-    if frontend in ("serve", "native"):  # the native prototype's workers score with serve's ServingModel
+    if frontend in ("serve", "serve-native"):  # serve-native's workers score with serve's ServingModel
         model = ServingModel(load_package(pkg))
         for b in (64, 256):
             dense, lengths, values = (torch.from_numpy(a) for a in samples(cfg, b, 0))
@@ -319,11 +319,11 @@ class Endpoints:
 
 def start_frontend(frontend: str, pkg: Path, q: str, run: Run, pools: dict) -> tuple[GatewayProcess, Endpoints]:
     a = run.args
-    if frontend == "native":
-        from benchmarks.native_frontend import launch as launch_native
-
-        gw = launch_native(pkg, workers=2, frontend_args=a.native_args, workdir=run.workdir / f"native-gw-{q}")
-        return gw, Endpoints((gw.address, METHOD, pools["w1"]), gw.address, (gw.address, METHOD, pools["w2"]), None)
+    if frontend == "serve-native":
+        gw = launch_native(["--model", str(pkg), "--metrics-port", "-1", *a.native_args.split()],
+                           workdir=run.workdir / f"native-gw-{q}")
+        return gw, Endpoints((gw.address, METHOD, pools["w1"]), gw.address, (gw.address, METHOD, pools["w2"]),
+                             ("oip", gw.address, OIP_METHOD, pools["w1_oip"]))
     if frontend == "serve":
         gw = launch(["--model", str(pkg), "--metrics-port", "-1", *a.server_args.split()],
                     workdir=run.workdir / f"gw-{q}", timeout=300)
@@ -341,7 +341,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
     meta = load_package(pkg, read_tables=False)
     base = {**common, "frontend": frontend, "dtype": q, "table_bytes": meta.table_bytes,
             "float32_table_bytes": sum(t["float32_bytes"] for t in meta.manifest["tables"]),
-            "server_args": {"serve": a.server_args, "native": a.native_args}.get(frontend, a.triton_args)}
+            "server_args": {"serve": a.server_args, "serve-native": a.native_args}.get(frontend, a.triton_args)}
     del meta
     fig = run.figures.setdefault((frontend, q), {})
     limits: dict[tuple[int, int], float] = {}
@@ -370,7 +370,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
             who = max(maxima, key=maxima.__getitem__)
             peak = maxima[who]
             open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak)
-        if "stream" not in skip and frontend != "native":  # the prototype has no PredictStream
+        if "stream" not in skip and frontend != "serve-native":  # it has no PredictStream
             depth = max(1, a.concurrency // a.streams)
             r = asyncio.run(stream_closed_loop(ep.predict_address, pools["w1"], a.streams, depth, a.seconds, 1))
             rec = {**base, "bench": "W1_stream_closed", "client": "python", "method": "PredictStream",
@@ -461,7 +461,7 @@ def measure_echo(run: Run, pool: list[bytes], base: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frontend", default="both", help="comma-separated, measured in this order: serve, serve-triton, "
-                   "native (the prototype of benchmarks/native_frontend); both: serve,serve-triton")
+                   "serve-native; both: serve,serve-triton")
     p.add_argument("--dtypes", default="fp32,int8,int4")
     p.add_argument("--dense-quantize", choices=("none", "int8"), default="none", help="also quantize the dense "
                    "arch (dynamic int8 Linear layers, as `trainer export --dense-quantize int8`)")
@@ -477,9 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-args", default="--workers 2 --max-batch-size 256",
                    help="extra `inference-gateway serve-triton` flags (its default has no queue bound; add "
                    "--max-queue-wait-ms 30 for its refusals, at the cost `serve-triton --help` gives)")
-    p.add_argument("--native-args", default="--max-queue-us 20000",
-                   help="frontend.cc's batcher and admission flags (--max-batch, --max-batch-bytes, --max-delay-us, "
-                   "--max-queue-us, --cost-us, --cost-ns-per-byte: its header says what each does)")
+    p.add_argument("--native-args", default="--workers 2 --max-queue-wait-ms 20",
+                   help="extra `inference-gateway serve-native` flags")
     p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {PHASES}")
     p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -494,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     dtypes = args.dtypes.split(",")
     frontends = FRONTENDS if args.frontend == "both" else tuple(args.frontend.split(","))
-    if set(frontends) - {*FRONTENDS, "native"}:
-        p.error(f"--frontend: unknown {sorted(set(frontends) - {*FRONTENDS, 'native'})} (serve, serve-triton, native)")
+    if set(frontends) - {*FRONTENDS, "serve-native"}:
+        p.error(f"--frontend: unknown {sorted(set(frontends) - {*FRONTENDS, 'serve-native'})} (serve, serve-triton, "
+                "serve-native)")
     pkgs = packages(workdir, dtypes, args.dense_quantize)
     cfg = ModelConfig.load(ROOT / "configs" / "criteo_kaggle.yaml")
     name = json.loads((pkgs[dtypes[0]] / "manifest.json").read_text())["name"]

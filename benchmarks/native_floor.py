@@ -1,10 +1,10 @@
-"""What a native frontend would buy: a grpc++ prototype over Python batch workers, against serve-triton.
+"""What the native frontend buys: serve-native (grpc++ over Python batch workers) against serve-triton.
 
 serve-triton misses issue 12's "CPU per W1 request <= 1/3 of the Python echo's" target and
 benchmarks.triton_floor shows why: tritonserver with a Python-backend model that does nothing already
 costs 0.34-0.43x the echo. This measures the other design the issue names, a native frontend that
-accepts, batches and answers requests with Python computing whole batches, as a prototype
-(`benchmarks/native_frontend/`: frontend.cc, ~200 lines on Debian's grpc++ callback API, and worker.py,
+accepts, batches and answers requests with Python computing whole batches: `inference-gateway
+serve-native` (inference_gateway/native/: frontend.cc on Debian's grpc++ callback API, and worker.py,
 serve's own decode/validate/ServingModel over the shared table image). In one run, all servers up at
 once and measured in turn per round, h2load at 64 and 512 streams, W1 (one Criteo sample a request):
 
@@ -18,7 +18,7 @@ count), CPU ms per answered call of the server's processes, and ratios to the ec
 then the medians. Then, for native and serve_triton, gateway_load's open loop (h2load's rate
 mode plus a Python probe that sees each status) at half the server's median maximum (512 streams), for
 p99, and at twice it: goodput, accepted p99, and how fast and with which code refusals come. The
-native frontend admits by expected queue wait (`--native-args`, default `--max-queue-us 20000`: about
+native frontend admits by expected queue wait (`--native-args`, default `--max-queue-wait-ms 20`: about
 400 queued W1 requests with 2 workers, or 6 W2 ones) and refuses RESOURCE_EXHAUSTED at arrival.
 Before measuring, the native server's scores are checked against the package scored in this process.
 Needs g++ and grpc++ (Debian: `apt-get install g++ libgrpc++-dev pkg-config`, done here when missing
@@ -53,14 +53,14 @@ from benchmarks.gateway_load import (
     samples,
 )
 from benchmarks.h2 import ensure_h2load, h2load_with_cpu
-from benchmarks.native_frontend import build, launch
 from inference_gateway import proc_memory
 from inference_gateway.batching import merge
 from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD
 from inference_gateway.model import ServingModel
+from inference_gateway.native.build import build
 from inference_gateway.package import load_package
-from inference_gateway.process import launch_triton
+from inference_gateway.process import launch_native, launch_triton
 from inference_gateway.requests import Limits, decode
 from protos import inference_pb2
 from protos.model_config import ModelConfig
@@ -138,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="Python workers of native and serve-triton")
     p.add_argument("--dtype", default="int8", help="table dtype of the Criteo package")
     p.add_argument("--skip", default="", help=f"what to leave out, comma-separated: {','.join(PHASES)}")
-    p.add_argument("--native-args", default="--max-queue-us 20000",
-                   help="frontend.cc's batcher and admission flags (--max-batch, --max-batch-bytes, --max-delay-us, "
-                   "--max-queue-us, --cost-us, --cost-ns-per-byte: its header says what each does)")
+    p.add_argument("--native-args", default="--max-queue-wait-ms 20", help="extra `inference-gateway serve-native` "
+                   "flags")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "native-floor"))
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -170,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(proc)
             servers["native_echo"] = (f"127.0.0.1:{port}", METHOD, bodies["predict"], [proc.pid])
         if "native" not in skip:
-            gw = launch(pkg, workers=args.workers, frontend_args=args.native_args, workdir=work / "native")
+            gw = launch_native(["--model", str(pkg), "--workers", str(args.workers), "--metrics-port", "-1",
+                                *args.native_args.split()], workdir=work / "native")
             procs.append(gw.proc)
             emit({**common, "event": "scores_checked", "server": "native", **check_scores(gw.address, cfg, pkg)})
             servers["native"] = (gw.address, METHOD, bodies["predict"], proc_memory.tree(gw.pid))

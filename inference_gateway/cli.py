@@ -105,6 +105,39 @@ def build_parser() -> argparse.ArgumentParser:
     _credential_flags(t, " on --management-port", tls_where=" on --management-port and --predict-port "
                       "(tritonserver's --port stays plaintext)")
     t.add_argument("--log-level", default="INFO")
+    n = sub.add_parser(
+        "serve-native", help="serve one package on the native frontend (grpc++, built at install) with supervised "
+        "Python worker processes; prints one JSON line with the bound ports",
+        description="A native gRPC frontend accepts Predict and Open Inference Protocol (KServe v2) ModelInfer calls, "
+        "batches them together and refuses overload at arrival (RESOURCE_EXHAUSTED); "
+        "--workers Python processes score whole batches with serve's model and checks, all mapping one read-only "
+        "copy of the package's tables. The supervisor replaces a worker that dies (health stays SERVING while one "
+        "is connected) and exports the frontend's counters on /metrics; SIGTERM drains and exits 0. It serves "
+        "recsys.v1.InferenceGateway/Predict, inference.GRPCInferenceService (OIP inputs as serve takes them) and "
+        "grpc.health.v1.Health: no PredictStream, management (one package, fixed at start) or reflection yet "
+        "(serve and serve-triton have them).")
+    n.add_argument("--model", required=True, help="package directory (from `trainer export`)")
+    n.add_argument("--workers", type=int, default=2, help="Python worker processes (on 2 cores 2 pay off)")
+    n.add_argument("--host", default="127.0.0.1")
+    n.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (announced)")
+    n.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; -1 disables")
+    n.add_argument("--max-batch-requests", type=int, default=256, help="requests per batch a worker scores")
+    n.add_argument("--max-batch-bytes", type=int, default=131072, help="request bytes per batch (about samples: "
+                   "one 256-sample Criteo request is ~120 KB), so one worker does not take every queued request")
+    n.add_argument("--max-wait-ms", type=float, default=0.5, help="longest an idle worker waits for a batch to fill")
+    n.add_argument("--max-queue-wait-ms", type=float, default=0.0, help="refuse a request at arrival "
+                   "(RESOURCE_EXHAUSTED) when its expected queue wait is past this; 0: no bound of its own (a request "
+                   "whose deadline is shorter than the expected wait is refused either way)")
+    n.add_argument("--request-cost-us", type=int, default=70, help="a worker's time per queued request, for the "
+                   "expected wait (Criteo INT8 on 2 cores: ~100 us for a one-sample request, both costs together)")
+    n.add_argument("--byte-cost-ns", type=int, default=60, help="a worker's time per queued request byte, for the "
+                   "expected wait (Criteo: ~7 ms for a 120 KB request)")
+    n.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long queued and in-flight requests "
+                   "may take")
+    n.add_argument("--workdir", default="native-gateway", help="the workers' socket and (by default) table images")
+    n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
+    _credential_flags(n, "", "Predict and ModelInfer", control=False)
+    n.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
                                     '"model"?, "version"?, "request_id"?}.')
@@ -164,17 +197,19 @@ def _follow_flags(p: argparse.ArgumentParser, how: str, resync: str) -> None:
 
 
 def _credential_flags(p: argparse.ArgumentParser, where: str, predict: str | None = None,
-                      tls_where: str | None = None) -> None:
-    """The same credential flags for `serve` and `serve-triton` (read by `_credentials`). serve-triton has no
+                      tls_where: str | None = None, control: bool = True) -> None:
+    """The same credential flags for every serve command (read by `_credentials`). serve-triton has no
     predict token: Triton's restricted-protocol check wants the header `triton-grpc-protocol-<key>`, never
-    `authorization`, so it cannot check a client's `authorization: Bearer`."""
+    `authorization`, so it cannot check a client's `authorization: Bearer`. serve-native has no control plane
+    (control=False: no --token-file)."""
     tls_where = where if tls_where is None else tls_where
     p.add_argument("--tls-cert", help=f"PEM certificate: serve TLS{tls_where} (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help=f"PEM CA of client certificates: mutual TLS, every RPC{tls_where} "
                    "needs one")
-    p.add_argument("--token-file", help=f"control-plane bearer token for load / unload / set-default{where} (default: "
-                   "env RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
+    if control:
+        p.add_argument("--token-file", help=f"control-plane bearer token for load / unload / set-default{where} "
+                       "(default: env RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
     if predict:
         p.add_argument("--predict-token-file", help=f"bearer token {predict} require (default: open)")
 
@@ -185,7 +220,7 @@ def _credentials(args: argparse.Namespace):
     from protos.security import CONTROL_TOKEN_ENV, TlsConfig, read_token
 
     try:
-        return (read_token(args.token_file, CONTROL_TOKEN_ENV, "token"),
+        return (read_token(getattr(args, "token_file", None), CONTROL_TOKEN_ENV, "token"),
                 read_token(getattr(args, "predict_token_file", None), None, "predict token"),
                 TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca))
     except (OSError, ValueError) as e:
@@ -233,6 +268,26 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     logging.shutdown()
     os._exit(0)
+
+
+def serve_native_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.native.supervisor import NativeConfig, run
+
+    for flag, value, low in (("--workers", args.workers, 1), ("--max-batch-requests", args.max_batch_requests, 1),
+                             ("--max-batch-bytes", args.max_batch_bytes, 1), ("--max-wait-ms", args.max_wait_ms, 0),
+                             ("--max-queue-wait-ms", args.max_queue_wait_ms, 0),
+                             ("--request-cost-us", args.request_cost_us, 0), ("--byte-cost-ns", args.byte_cost_ns, 0),
+                             ("--grace-s", args.grace_s, 0)):
+        if value < low:
+            raise SystemExit(f"inference-gateway serve-native: {flag}: must be >= {low}")
+    _, predict_token, tls = _credentials(args)  # checked here (readable, not empty); the frontend reads the files
+    return run(NativeConfig(model=args.model, workers=args.workers, host=args.host, port=args.port,
+                            metrics_port=args.metrics_port, max_batch_requests=args.max_batch_requests,
+                            max_batch_bytes=args.max_batch_bytes, max_wait_ms=args.max_wait_ms,
+                            max_queue_wait_ms=args.max_queue_wait_ms, request_cost_us=args.request_cost_us,
+                            byte_cost_ns=args.byte_cost_ns, grace_s=args.grace_s, workdir=args.workdir,
+                            table_cache=args.table_cache,
+                            predict_token_file=args.predict_token_file if predict_token else None, tls=tls))
 
 
 def serve_cmd(args: argparse.Namespace) -> int:
@@ -345,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_info()
-    commands = {"serve": serve_cmd, "serve-triton": serve_triton_cmd, "predict": predict_cmd, "models": models_cmd,
+    commands = {"serve": serve_cmd, "serve-triton": serve_triton_cmd,
+                "serve-native": serve_native_cmd, "predict": predict_cmd, "models": models_cmd,
                 "load": _manage, "unload": _manage, "set-default": _manage}
     return run_command(f"inference-gateway {args.command}", commands[args.command], args)
 

@@ -31,3 +31,13 @@ def launch_triton(args: list[str], *, workdir: str | Path | None = None, timeout
     proc, msg = start_announced(["inference_gateway.cli", "serve-triton", "--workdir", str(wd / "triton"), *args], wd,
                                 what="triton gateway", timeout=timeout, env=env)
     return GatewayProcess(proc, msg, wd)
+
+
+def launch_native(args: list[str], *, workdir: str | Path | None = None, timeout: float = 300.0,
+                  env: dict[str, str] | None = None) -> GatewayProcess:
+    """`inference-gateway serve-native ARGS` as a child (table image and logs under workdir); returns once
+    every worker is connected (announced: `port`, `metrics_port`, `frontend_pid`, `worker_pids`)."""
+    wd = workdir_for(workdir, "native-gateway-")
+    proc, msg = start_announced(["inference_gateway.cli", "serve-native", "--workdir", str(wd / "native"), *args], wd,
+                                what="native gateway", timeout=timeout, env=env)
+    return GatewayProcess(proc, msg, wd)

@@ -66,6 +66,11 @@ CASES = {
         "mixed_dims.yaml", "not a package"),
     "inference-gateway serve-triton: negative queue bound": (
         ["inference_gateway.cli", "serve-triton", "--max-queue", "-1"], None, "--max-queue: must be >= 0"),
+    "inference-gateway serve-native: not a package": (
+        ["inference_gateway.cli", "serve-native", "--model", "{mixed_dims.yaml}", "--metrics-port", "-1"],
+        "mixed_dims.yaml", "not a package"),
+    "inference-gateway serve-native: no workers": (
+        ["inference_gateway.cli", "serve-native", "--model", "x", "--workers", "0"], None, "--workers: must be >= 1"),
 }
 
 

@@ -1,0 +1,81 @@
+"""Compiles serve-native's frontend (frontend.cc, on Debian's grpc++) once per source version, into the
+environment's own directory; `make install` runs it so the first start does not.
+
+    python -m inference_gateway.native.build   # prints the binary's path
+
+The compiler and grpc++ are Debian packages, not PyPI's: when they are missing and this runs as root
+with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parent / "frontend.cc"
+DEBIAN = ["g++", "libgrpc++-dev", "pkg-config"]
+BUILD_DIR = Path(sys.prefix) / "libexec" / "inference-gateway"
+
+
+class BuildError(RuntimeError):
+    """The frontend cannot be built here (what is missing, and how to install it)."""
+
+
+def _flags() -> list[str] | None:
+    """g++'s flags for grpc++, or None when g++, pkg-config or grpc++'s headers are missing."""
+    if not (shutil.which("pkg-config") and shutil.which("g++")):
+        return None
+    r = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True, check=False)
+    return r.stdout.split() if r.returncode == 0 else None
+
+
+def _install_debian() -> str:
+    """apt-get install DEBIAN (after an `apt-get update` if the first try fails); the tail of its output."""
+    out = ""
+    for update in (False, True):
+        if update:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
+        r = subprocess.run(["apt-get", "install", "-y", "-q", *DEBIAN], capture_output=True, text=True, check=False,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        out = (r.stdout + r.stderr)[-2000:]
+        if r.returncode == 0:
+            break
+    return out
+
+
+def binary_path(build_dir: Path = BUILD_DIR) -> Path:
+    return Path(build_dir) / f"frontend-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+
+
+def build(build_dir: Path = BUILD_DIR) -> Path:
+    """The frontend binary for this frontend.cc, compiled if it is not there yet (written atomically)."""
+    out = binary_path(build_dir)
+    if out.exists():
+        return out
+    flags, apt = _flags(), ""
+    if flags is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        apt = _install_debian()
+        flags = _flags()
+    if flags is None:
+        raise BuildError(f"serve-native: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})"
+                         + (f"; apt-get said: {apt}" if apt else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    r = subprocess.run(["g++", "-O2", "-std=c++17", "-Wall", str(SOURCE), "-o", str(tmp), *flags, "-lpthread"],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"serve-native: compiling {SOURCE.name} failed: {r.stderr[-3000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        print(build())
+    except BuildError as e:
+        raise SystemExit(str(e)) from None

@@ -1,0 +1,471 @@
+// serve-native's frontend: grpc++ accepts Predict and Open Inference Protocol ModelInfer calls, a dynamic
+// batcher queues their raw bytes, and one
+// dispatcher thread per connected Python worker (unix socket) hands that worker whole batches (at most
+// --max-batch requests and --max-batch-bytes, waiting at most --max-delay-us for more) and answers each
+// call from the worker's reply. Why native: a Python gRPC server spends ~0.3 ms of CPU per unary call
+// before any model work; grpc++ spends ~25 us (benchmarks/gateway_frontend.md).
+//
+// Workers connect at any time (the supervisor replaces one that dies); gRPC health (the default health
+// service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. A worker
+// lost while scoring a batch fails that batch's calls UNAVAILABLE; the others are answered by the rest.
+//
+// Admission: a request whose expected wait, (queued requests x --cost-us + queued bytes x
+// --cost-ns-per-byte / 1000) / workers, exceeds --max-queue-us (0: no bound of its own) or its own deadline
+// is refused RESOURCE_EXHAUSTED at arrival; with no worker connected, UNAVAILABLE. A request's compute
+// grows with its samples and so do its bytes (Criteo INT8 on 2 cores: ~100 us for a 503-byte one-sample
+// request, ~7 ms for a 120 KB 256-sample one). One whose deadline passes (or whose client cancels) while
+// queued is answered DEADLINE_EXCEEDED without compute.
+//
+// Methods: recsys.v1.InferenceGateway/Predict and inference.GRPCInferenceService/ModelInfer (admitted,
+// batched, scored together; with --predict-token-file both need `authorization: Bearer <token>`), the OIP's
+// ModelMetadata, ModelReady and ServerMetadata (answered by a worker, no admission), ServerLive and
+// ServerReady (answered here: ready while a worker is connected), grpc.health.v1.Health. --tls-cert /
+// --tls-key (and --tls-client-ca: mutual TLS) serve TLS; the files are read here, never passed as text.
+//
+// SIGTERM: health NOT_SERVING, no new calls, queued and in-flight calls answered within --grace-ms, exit 0.
+//
+// stdout carries JSON lines for the supervisor: {"event": "serving", "port"} (workers may connect then),
+// {"event": "worker_joined" | "worker_lost", "workers"}, {"event": "stats", ...} (cumulative counters, at
+// most once a second when they changed, and once more after draining), {"event": "draining"}.
+//
+// --echo answers every call with an empty message at once (no workers): grpc++'s own cost per call.
+//
+// Wire to a worker (inference_gateway/native/worker.py), little-endian: batch = u32 n, n x (u8 method,
+// u32 len, bytes); reply = u32 n, n x (u8 gRPC status code, u32 len, bytes: the serialized response, or the
+// error). Method numbers are kMethods' order (worker.METHODS).
+#include <absl/synchronization/mutex.h>
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <sstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+using Clock = std::chrono::steady_clock;
+static const char* kService = "recsys.v1.InferenceGateway";
+struct Method { const char* path; const char* name; bool infer; };  // infer: admitted, token-guarded
+static const Method kMethods[] = {  // worker.METHODS: the same order
+    {"/recsys.v1.InferenceGateway/Predict", "Predict", true},
+    {"/inference.GRPCInferenceService/ModelInfer", "ModelInfer", true},
+    {"/inference.GRPCInferenceService/ModelMetadata", "ModelMetadata", false},
+    {"/inference.GRPCInferenceService/ModelReady", "ModelReady", false},
+    {"/inference.GRPCInferenceService/ServerMetadata", "ServerMetadata", false},
+};
+static const int kForwarded = sizeof(kMethods) / sizeof(kMethods[0]);
+static const char* kLocal[] = {"ServerLive", "ServerReady", "other"};  // answered here, after kMethods
+static const int kCounted = kForwarded + 3;
+
+struct Config {
+  std::string addr = "127.0.0.1:0", sock, token, tls_cert, tls_key, tls_client_ca;
+  int max_batch = 256;
+  long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
+  long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
+  bool echo = false;
+};
+static Config cfg;
+
+class Call;
+struct Item { Call* call; int method; std::string body; Clock::time_point deadline; };
+static std::mutex mu;
+static std::condition_variable cv;
+static std::deque<Item> queue_;
+static long queued_bytes = 0;  // of the requests in queue_ (admission's expected wait)
+static int live_workers = 0;   // dispatchers whose worker still answers
+static grpc::Server* server_ = nullptr;
+static std::mutex out_mu;  // one JSON line at a time on stdout
+
+// counters for the supervisor's /metrics (cumulative)
+static std::atomic<long> answered[kCounted][17];  // by method (kMethods, then kLocal) and gRPC status code
+static std::atomic<bool> draining{false};
+static std::atomic<long> received{0}, admission_refusals{0}, expired{0}, batches{0}, batched_requests{0}, batch_us{0};
+
+static void emit(const std::string& json) {
+  std::lock_guard<std::mutex> lk(out_mu);
+  std::fputs(json.c_str(), stdout);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+}
+
+static void set_health(bool serving) {
+  if (server_ == nullptr) return;
+  auto* h = server_->GetHealthCheckService();
+  h->SetServingStatus("", serving);
+  h->SetServingStatus(kService, serving);
+}
+
+static bool same(const std::string& a, const std::string& b) {  // constant time in the token's length
+  unsigned char d = a.size() != b.size();
+  for (size_t i = 0; i < a.size(); ++i) d |= static_cast<unsigned char>(a[i] ^ (i < b.size() ? b[i] : 0));
+  return d == 0;
+}
+
+class Call : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit Call(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) { StartRead(&req_); }
+  void OnReadDone(bool ok) override {
+    ++received;
+    const std::string& path = ctx_->method();
+    method_ = kCounted - 1;
+    for (int i = 0; i < kForwarded; ++i) if (path == kMethods[i].path) method_ = i;
+    if (path == "/inference.GRPCInferenceService/ServerLive") method_ = kForwarded;
+    if (path == "/inference.GRPCInferenceService/ServerReady") method_ = kForwarded + 1;
+    if (!ok) { Answer(3, "request: no request message"); return; }
+    if (cfg.echo) { Answer(0, std::string()); return; }
+    if (method_ == kCounted - 1) {
+      Answer(12, "method " + path + " is not served by serve-native (it serves recsys.v1.InferenceGateway/Predict, "
+                 "inference.GRPCInferenceService and grpc.health.v1.Health)");
+      return;
+    }
+    if (method_ >= kForwarded) {  // ServerLive, ServerReady: bool field 1
+      bool yes = method_ == kForwarded || (!draining && live_workers_now() > 0);
+      Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
+      return;
+    }
+    if (kMethods[method_].infer && !cfg.token.empty()) {
+      auto& md = ctx_->client_metadata();
+      auto it = md.find("authorization");
+      std::string value = it == md.end() ? std::string() : std::string(it->second.data(), it->second.size());
+      auto space = value.find(' ');
+      std::string scheme = value.substr(0, space == std::string::npos ? value.size() : space);
+      for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      std::string given = space == std::string::npos ? std::string() : value.substr(space + 1);
+      while (!given.empty() && (given.back() == ' ' || given.back() == '\t')) given.pop_back();
+      if (scheme != "bearer" || given.empty()) { Answer(16, "missing bearer token for " + path); return; }
+      if (!same(given, cfg.token)) { Answer(7, "wrong bearer token for " + path); return; }
+    }
+    std::vector<grpc::Slice> slices;
+    req_.Dump(&slices);
+    std::string body;
+    for (auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    auto now = Clock::now();
+    auto left = ctx_->deadline() - std::chrono::system_clock::now();
+    auto deadline = left > std::chrono::hours(24) ? Clock::time_point::max()
+                                                   : now + std::chrono::duration_cast<Clock::duration>(left);
+    std::string refusal;
+    int code = 8;
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      long wait_us = live_workers == 0 ? 0 :
+          (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
+           (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers;
+      if (live_workers == 0) {
+        code = 14;
+        refusal = "no worker is serving (the supervisor is replacing them)";
+      } else if (kMethods[method_].infer && cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
+        refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
+                  " ms exceeds max_queue_wait_ms " + std::to_string(cfg.max_queue_us / 1000);
+      } else if (kMethods[method_].infer && deadline != Clock::time_point::max() &&
+                 now + std::chrono::microseconds(wait_us) > deadline) {
+        refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
+                  " ms exceeds the request's remaining deadline";
+      } else {
+        queued_bytes += static_cast<long>(body.size());
+        queue_.push_back(Item{this, method_, std::move(body), deadline});
+      }
+    }
+    if (refusal.empty()) {
+      cv.notify_one();
+      return;
+    }
+    if (code == 8) ++admission_refusals;
+    Answer(code, refusal);
+  }
+  void Answer(int code, const std::string& bytes) {
+    ++answered[method_][code < 0 || code > 16 ? 2 : code];
+    if (code == 0) {
+      grpc::Slice s(bytes);
+      resp_ = grpc::ByteBuffer(&s, 1);
+      StartWriteAndFinish(&resp_, grpc::WriteOptions(), grpc::Status::OK);
+    } else {
+      Finish(grpc::Status(static_cast<grpc::StatusCode>(code), bytes));
+    }
+  }
+  void OnDone() override { delete this; }
+  bool Cancelled() const { return ctx_->IsCancelled(); }
+
+ private:
+  static int live_workers_now() {
+    std::lock_guard<std::mutex> lk(mu);
+    return live_workers;
+  }
+  grpc::GenericCallbackServerContext* ctx_;
+  grpc::ByteBuffer req_, resp_;
+  int method_ = 0;
+};
+
+class Service : public grpc::CallbackGenericService {
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return new Call(ctx);
+  }
+};
+
+static bool read_all(int fd, void* p, size_t n) {
+  char* c = static_cast<char*>(p);
+  while (n) { ssize_t r = ::read(fd, c, n); if (r <= 0) return false; c += r; n -= r; }
+  return true;
+}
+
+static bool write_all(int fd, const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  while (n) { ssize_t r = ::write(fd, c, n); if (r <= 0) return false; c += r; n -= r; }
+  return true;
+}
+
+static void dispatch(int fd) {
+  std::vector<Item> batch, dropped;
+  std::string frame, reply;
+  for (;;) {
+    batch.clear();
+    dropped.clear();
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      cv.wait(lk, [] { return !queue_.empty(); });
+      auto full = [] {
+        return static_cast<int>(queue_.size()) >= cfg.max_batch || queued_bytes >= cfg.max_batch_bytes;
+      };
+      if (cfg.max_delay_us > 0 && !full()) {
+        auto until = Clock::now() + std::chrono::microseconds(cfg.max_delay_us);
+        cv.wait_until(lk, until, full);
+      }
+      auto now = Clock::now();
+      long bytes = 0;  // a batch is bounded in requests and in bytes (samples), so no worker takes them all
+      while (!queue_.empty() && static_cast<int>(batch.size()) < cfg.max_batch &&
+             (batch.empty() || bytes + static_cast<long>(queue_.front().body.size()) <= cfg.max_batch_bytes)) {
+        Item it = std::move(queue_.front());
+        queue_.pop_front();
+        queued_bytes -= static_cast<long>(it.body.size());
+        if (it.deadline < now || it.call->Cancelled()) {  // answered without compute
+          dropped.push_back(std::move(it));
+          continue;
+        }
+        bytes += static_cast<long>(it.body.size());
+        batch.push_back(std::move(it));
+      }
+      if (!queue_.empty()) cv.notify_one();
+    }
+    expired += static_cast<long>(dropped.size());
+    for (auto& it : dropped) it.call->Answer(4, "deadline passed (or cancelled) while queued; dropped before compute");
+    if (batch.empty()) continue;
+    auto start = Clock::now();
+    frame.clear();
+    uint32_t n = batch.size();
+    frame.append(reinterpret_cast<char*>(&n), 4);
+    for (auto& it : batch) {
+      uint8_t method = static_cast<uint8_t>(it.method);
+      uint32_t len = it.body.size();
+      frame.append(reinterpret_cast<char*>(&method), 1);
+      frame.append(reinterpret_cast<char*>(&len), 4);
+      frame.append(it.body);
+    }
+    bool ok = write_all(fd, frame.data(), frame.size());
+    uint32_t m = 0;
+    ok = ok && read_all(fd, &m, 4) && m == n;
+    for (uint32_t i = 0; i < n; ++i) {
+      uint8_t code = 13;
+      uint32_t len = 0;
+      if (ok && read_all(fd, &code, 1) && read_all(fd, &len, 4)) {
+        reply.resize(len);
+        if (read_all(fd, reply.data(), len)) { batch[i].call->Answer(code, reply); continue; }
+      }
+      ok = false;
+      batch[i].call->Answer(14, "worker lost while scoring this request's batch");
+    }
+    ++batches;
+    batched_requests += n;
+    batch_us += std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
+    if (!ok) {
+      ::close(fd);
+      int left;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        left = --live_workers;  // at 0 new calls are refused UNAVAILABLE; queued ones wait for a worker
+      }
+      if (left == 0) set_health(false);
+      emit("{\"event\": \"worker_lost\", \"workers\": " + std::to_string(left) + "}");
+      return;
+    }
+  }
+}
+
+static void accept_workers(int ls) {
+  for (;;) {
+    int fd = ::accept(ls, nullptr, nullptr);
+    if (fd < 0) { std::perror("accept"); continue; }
+    int now;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      now = ++live_workers;
+    }
+    std::thread(dispatch, fd).detach();
+    if (now == 1) set_health(true);
+    emit("{\"event\": \"worker_joined\", \"workers\": " + std::to_string(now) + "}");
+    cv.notify_all();  // requests queued while no worker was connected
+  }
+}
+
+static std::string stats_line() {
+  std::string codes;
+  for (int m = 0; m < kCounted; ++m) {
+    std::string these;
+    for (int c = 0; c <= 16; ++c) {
+      long v = answered[m][c].load();
+      if (v) these += (these.empty() ? "" : ", ") + ("\"" + std::to_string(c) + "\": " + std::to_string(v));
+    }
+    if (these.empty()) continue;
+    const char* name = m < kForwarded ? kMethods[m].name : kLocal[m - kForwarded];
+    codes += (codes.empty() ? "\"" : ", \"") + std::string(name) + "\": {" + these + "}";
+  }
+  int workers, queued;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    workers = live_workers;
+    queued = static_cast<int>(queue_.size());
+  }
+  return "{\"event\": \"stats\", \"received\": " + std::to_string(received.load()) + ", \"answered\": {" + codes +
+         "}, \"admission_refusals\": " + std::to_string(admission_refusals.load()) + ", \"expired\": " +
+         std::to_string(expired.load()) + ", \"batches\": " + std::to_string(batches.load()) +
+         ", \"batched_requests\": " + std::to_string(batched_requests.load()) + ", \"batch_seconds\": " +
+         std::to_string(batch_us.load() / 1e6) + ", \"workers\": " + std::to_string(workers) + ", \"queued\": " +
+         std::to_string(queued) + "}";
+}
+
+static void report_stats() {
+  std::string last;
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    std::string line = stats_line();
+    if (line != last) emit(line);
+    last = line;
+  }
+}
+
+static void drain_on_signal(sigset_t set) {
+  int sig = 0;
+  sigwait(&set, &sig);
+  emit("{\"event\": \"draining\"}");
+  draining = true;
+  set_health(false);
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(cfg.grace_ms));
+  emit(stats_line());  // the final counters: received == answered unless the grace ran out
+  std::_Exit(0);
+}
+
+static bool read_file(const std::string& path, std::string* out, bool strip = false) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  *out = ss.str();
+  if (strip) {
+    auto b = out->find_first_not_of(" \t\r\n"), e = out->find_last_not_of(" \t\r\n");
+    *out = b == std::string::npos ? std::string() : out->substr(b, e - b + 1);
+  }
+  return !out->empty();
+}
+
+static int usage(const std::string& why) {
+  std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
+               "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N "
+               "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH | --echo)\n",
+               why.c_str());
+  return 2;
+}
+
+int main(int argc, char** argv) {
+  // Debian's abseil checks every Mutex for lock-order cycles (GraphCycles: ~4% of the frontend's CPU)
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  std::signal(SIGPIPE, SIG_IGN);  // a worker gone between batches: write() fails, and its dispatcher stops
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    if (k == "--echo") { cfg.echo = true; continue; }
+    if (i + 1 >= argc) return usage(k + " needs a value");
+    std::string v = argv[++i];
+    char* end = nullptr;
+    long n = std::strtol(v.c_str(), &end, 10);
+    bool number = end != v.c_str() && *end == '\0' && n >= 0;
+    if (k == "--addr") cfg.addr = v;
+    else if (k == "--socket") cfg.sock = v;
+    else if (k == "--predict-token-file") { if (!read_file(v, &cfg.token, true)) return usage(k + ": cannot read " + v); }
+    else if (k == "--tls-cert") { if (!read_file(v, &cfg.tls_cert)) return usage(k + ": cannot read " + v); }
+    else if (k == "--tls-key") { if (!read_file(v, &cfg.tls_key)) return usage(k + ": cannot read " + v); }
+    else if (k == "--tls-client-ca") { if (!read_file(v, &cfg.tls_client_ca)) return usage(k + ": cannot read " + v); }
+    else if (!number) return usage(k + ": not a non-negative integer: " + v);
+    else if (k == "--max-batch") cfg.max_batch = static_cast<int>(n);
+    else if (k == "--max-batch-bytes") cfg.max_batch_bytes = n;
+    else if (k == "--max-delay-us") cfg.max_delay_us = n;
+    else if (k == "--max-queue-us") cfg.max_queue_us = n;
+    else if (k == "--cost-us") cfg.cost_us = n;
+    else if (k == "--cost-ns-per-byte") cfg.cost_ns_per_byte = n;
+    else if (k == "--grace-ms") cfg.grace_ms = n;
+    else return usage("unknown flag " + k);
+  }
+  if (cfg.max_batch < 1) return usage("--max-batch must be at least 1");
+  if (!cfg.echo && cfg.sock.empty()) return usage("--socket is required (or --echo)");
+  if (cfg.tls_cert.empty() != cfg.tls_key.empty()) return usage("--tls-cert and --tls-key go together");
+  if (!cfg.tls_client_ca.empty() && cfg.tls_cert.empty()) return usage("--tls-client-ca needs --tls-cert");
+  // SIGTERM / SIGINT go to the drain thread only (blocked here, before any thread starts, so all inherit it)
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  int ls = -1;
+  if (!cfg.echo) {
+    ls = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un sa{};
+    sa.sun_family = AF_UNIX;
+    if (cfg.sock.size() >= sizeof(sa.sun_path)) return usage("--socket: path longer than a unix socket allows");
+    std::strncpy(sa.sun_path, cfg.sock.c_str(), sizeof(sa.sun_path) - 1);
+    ::unlink(cfg.sock.c_str());
+    if (::bind(ls, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) || ::listen(ls, 64)) {
+      std::perror("worker socket");
+      return 1;
+    }
+  }
+  grpc::EnableDefaultHealthCheckService(true);
+  int port = 0;
+  Service svc;
+  grpc::ServerBuilder b;
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!cfg.tls_cert.empty()) {
+    grpc::SslServerCredentialsOptions opts(cfg.tls_client_ca.empty()
+                                               ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                               : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    opts.pem_root_certs = cfg.tls_client_ca;
+    opts.pem_key_cert_pairs.push_back({cfg.tls_key, cfg.tls_cert});
+    creds = grpc::SslServerCredentials(opts);
+  }
+  b.AddListeningPort(cfg.addr, creds, &port);
+  b.RegisterCallbackGenericService(&svc);
+  auto server = b.BuildAndStart();
+  if (!server || port == 0) {
+    std::fprintf(stderr, "frontend: cannot listen on %s\n", cfg.addr.c_str());
+    return 1;
+  }
+  server_ = server.get();
+  set_health(cfg.echo);
+  std::thread(drain_on_signal, stop).detach();
+  if (!cfg.echo) {
+    std::thread(accept_workers, ls).detach();
+    std::thread(report_stats).detach();
+  }
+  emit("{\"event\": \"serving\", \"port\": " + std::to_string(port) + "}");
+  server->Wait();
+}

@@ -1,0 +1,255 @@
+"""A Python worker of serve-native: whole batches of serialized requests (Predict, the Open Inference
+Protocol's ModelInfer and its metadata calls) in over a unix socket from the frontend (frontend.cc), one
+TBE lookup and one dense forward per batch, a status and a serialized response (or an error message) out
+per request. Scores equal `serve`'s; a bad request gets `serve`'s check's error and spoils no other;
+nothing a request holds stops the worker. The tables are mapped read-only from the supervisor's table
+image, so N workers hold one copy.
+
+    python -m inference_gateway.native.worker SOCKET PACKAGE TABLE_IMAGE
+
+Wire (little-endian): batch = u32 n, n x (u8 method: METHODS' index, u32 len, request bytes); reply = u32
+n, n x (u8 gRPC status code, u32 len, response bytes or error message).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from inference_gateway import oip
+from inference_gateway.batching import merge
+from inference_gateway.model import ServingModel
+from inference_gateway.package import load_package
+from inference_gateway.requests import Decoded, Limits, RequestError, decode, segment_reorder, validate
+from protos import common_pb2, inference_pb2
+from protos import open_inference_pb2 as oip_pb
+
+U32 = struct.Struct("<I")
+HEAD = struct.Struct("<BI")  # a reply: status code, length
+ITEM = struct.Struct("<BI")  # a request: method number, length
+_INT = {common_pb2.INT64: np.int64, common_pb2.INT32: np.int32}
+UNLIMITED = Limits(max_request_samples=1 << 62, max_request_ids=1 << 62)
+
+
+def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, limits: Limits) -> Decoded | None:
+    """Every request of a batch as one, checked once by `validate` (a few numpy calls per batch, not per
+    request); None when the requests are not alike or one is malformed (then each is decoded alone, which
+    also gives a bad one its own error and spoils no other)."""
+    first = reqs[0]
+    if any(r.model not in ("", model.name) or r.version not in (0, model.version) for r in reqs):
+        return None  # each alone: NOT_FOUND for another model or version
+    names, width, nfeat = list(first.features), model.dense_features, len(model.features)
+    ldt, vdt = _INT.get(first.lengths.dtype), _INT.get(first.values.dtype)
+    if ldt is None or vdt is None or (names and len(names) != nfeat):
+        return None
+    lsize, vsize = np.dtype(ldt).itemsize, np.dtype(vdt).itemsize
+    dense, lens, vals, sizes, ids = [], [], [], [], []
+    for r in reqs:
+        if (r.features != first.features or r.dense.dtype != common_pb2.FLOAT32
+                or r.lengths.dtype != first.lengths.dtype or r.values.dtype != first.values.dtype):
+            return None
+        shape = r.dense.shape
+        if len(shape) != 2 or shape[1] != width or not 0 < shape[0] <= limits.max_request_samples:
+            return None
+        b = shape[0]
+        d, ln, v = r.dense.data, r.lengths.data, r.values.data  # upb copies a bytes field per access
+        n = len(v) // vsize
+        if (len(d) != b * width * 4 or len(ln) != nfeat * b * lsize or list(r.lengths.shape) != [nfeat * b]
+                or list(r.values.shape) != [n] or len(v) != n * vsize or n > limits.max_request_ids):
+            return None
+        dense.append(d)
+        lens.append(ln)
+        vals.append(v)
+        sizes.append(b)
+        ids.append(n)
+    flat = np.frombuffer(b"".join(lens), dtype=ldt).astype(np.int64)
+    if (flat < 0).any() or (flat > max(ids)).any():  # a bag larger than its request's ids: before any sum wraps
+        return None
+    if all(b == 1 for b in sizes):
+        counts = flat.reshape(len(reqs), nfeat)  # [request, feature]
+        lengths = counts.T
+    else:
+        parts, at = [], 0
+        for b in sizes:
+            parts.append(flat[at:at + nfeat * b].reshape(nfeat, b))
+            at += nfeat * b
+        lengths = np.concatenate(parts, axis=1)
+        counts = np.stack([p.sum(axis=1) for p in parts])
+    if not np.array_equal(counts.sum(axis=1), np.asarray(ids)):
+        return None
+    order = np.arange(counts.size).reshape(counts.shape).T.ravel()  # request-major segments -> feature-major
+    values = segment_reorder(np.frombuffer(b"".join(vals), dtype=vdt).astype(np.int64), counts.ravel(), order)
+    return validate(np.frombuffer(b"".join(dense), dtype=np.float32).reshape(-1, width), names,
+                    lambda: lengths.ravel(), lambda: values, model, UNLIMITED)
+
+
+METHODS = ("Predict", "ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata")  # frontend.cc's kMethods
+PREDICT, INFER, MODEL_METADATA, MODEL_READY, SERVER_METADATA = range(len(METHODS))
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+
+
+@dataclass
+class Scoring:
+    """A request in the batch's forward: where its answer goes, its samples, and how its scores are encoded."""
+
+    index: int
+    samples: int
+    respond: Callable[[np.ndarray], bytes]
+
+
+class Worker:
+    """One process's model (tables mapped from the shared image) and how it answers a batch."""
+
+    def __init__(self, package: str, image: str) -> None:
+        torch.set_num_threads(1)  # one core per worker; workers are the parallelism
+        self.model = ServingModel(load_package(package, read_tables=False), table_image=image)
+        self.model.warm_up()
+        self.limits = Limits()
+        try:
+            self.server_version = importlib.metadata.version("recsys-ps")
+        except importlib.metadata.PackageNotFoundError:
+            self.server_version = "0+unknown"
+
+    def answer(self, items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """One (status, bytes) per (method, body), in order. Predict and ModelInfer requests are scored in
+        one forward; a body that does not parse, names another model or fails a check is answered alone; any
+        other error fails only the requests it touched (INTERNAL)."""
+        out: list[tuple[int, bytes]] = [(0, b"")] * len(items)
+        if all(m == PREDICT for m, _ in items) and self._predict_batch(items, out):
+            return out
+        scoring, decoded = [], []
+        for i, (method, body) in enumerate(items):
+            try:
+                if method == PREDICT:
+                    r = _parse(inference_pb2.PredictRequest, body)
+                    self._check_model(r.model, r.version)
+                    d = decode(r, self.model, self.limits)
+                    scoring.append(Scoring(i, d.batch_size, lambda s, r=r: self._predict_response(r, s)))
+                elif method == INFER:
+                    r = _parse(oip_pb.ModelInferRequest, body)
+                    self._check_model(r.model_name, oip.parse_version(r.model_version, "model_version"))
+                    d, batched = oip.decode_infer(r, self.model, self.limits)
+                    scoring.append(Scoring(i, d.batch_size, lambda s, r=r, b=batched: self._infer_response(r, s, b)))
+                else:
+                    out[i] = (0, self._metadata(method, body))
+                    continue
+                decoded.append(d)
+            except RequestError as e:
+                out[i] = (e.code.value[0], e.message.encode())
+            except Exception as e:  # this request alone fails
+                out[i] = (INTERNAL, f"decoding failed: {type(e).__name__}: {e}".encode())
+        if scoring:
+            try:
+                self._scored(out, scoring, merge(decoded))
+            except Exception as e:  # the batch's requests fail, the worker keeps serving
+                for sc in scoring:
+                    out[sc.index] = (INTERNAL, f"scoring failed: {type(e).__name__}: {e}".encode())
+        return out
+
+    def _predict_batch(self, items: list[tuple[int, bytes]], out: list[tuple[int, bytes]]) -> bool:
+        """The fast path for a batch of Predict requests alike: one check and one forward; False when any
+        request needs the request-by-request path."""
+        try:
+            reqs = [inference_pb2.PredictRequest.FromString(b) for _, b in items]
+            whole = decode_batch(reqs, self.model, self.limits)
+            if whole is None:
+                return False
+            self._scored(out, [Scoring(i, r.dense.shape[0], lambda s, r=r: self._predict_response(r, s))
+                               for i, r in enumerate(reqs)], merge([whole]))
+            return True
+        except Exception:  # RequestError or worse: the per-request path says which request and why
+            return False
+
+    def _check_model(self, name: str, version: int) -> None:
+        m = self.model
+        if name not in ("", m.name):
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model: {name!r} is not loaded (loaded: [{m.name!r}])")
+        if version not in (0, m.version):
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"version: model {m.name!r} has no version {version} "
+                               f"(loaded: [{m.version}])")
+
+    def _predict_response(self, r: inference_pb2.PredictRequest, scores: np.ndarray) -> bytes:
+        m = self.model
+        return inference_pb2.PredictResponse(
+            scores=common_pb2.Tensor(dtype=common_pb2.FLOAT32, shape=[len(scores)], data=scores.tobytes()),
+            model=m.name, version=m.version, request_id=r.request_id).SerializeToString()
+
+    def _infer_response(self, r: oip_pb.ModelInferRequest, scores: np.ndarray, batched: bool) -> bytes:
+        """As serve's ModelInfer answers: `scores` [B, 1] for the batched input form, else [B]."""
+        m = self.model
+        return oip_pb.ModelInferResponse(
+            model_name=m.name, model_version=str(m.version), id=r.id,
+            outputs=[oip_pb.ModelInferResponse.InferOutputTensor(
+                name=oip.OUTPUT, datatype="FP32", shape=[len(scores), 1] if batched else [len(scores)])],
+            raw_output_contents=[scores.tobytes()]).SerializeToString()
+
+    def _metadata(self, method: int, body: bytes) -> bytes:
+        """The OIP's model and server metadata, as serve answers them (one model, one version here)."""
+        m = self.model
+        if method == SERVER_METADATA:
+            _parse(oip_pb.ServerMetadataRequest, body)
+            return oip_pb.ServerMetadataResponse(name="recsys-inference-gateway", version=self.server_version,
+                                              extensions=[]).SerializeToString()
+        if method == MODEL_READY:
+            r = _parse(oip_pb.ModelReadyRequest, body)
+            version = oip.parse_version(r.version, "version")
+            try:
+                self._check_model(r.name, version)
+            except RequestError:
+                return oip_pb.ModelReadyResponse(ready=False).SerializeToString()
+            return oip_pb.ModelReadyResponse(ready=True).SerializeToString()
+        if method == MODEL_METADATA:
+            r = _parse(oip_pb.ModelMetadataRequest, body)
+            self._check_model(r.name, oip.parse_version(r.version, "version"))
+            return oip_pb.ModelMetadataResponse(
+                name=m.name, versions=[str(m.version)], platform=oip.PLATFORM, inputs=oip.input_metadata(m),
+                outputs=[oip_pb.ModelMetadataResponse.TensorMetadata(name=oip.OUTPUT, datatype="FP32", shape=[-1])],
+            ).SerializeToString()
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"method number {method} is not known to this worker")
+
+    def _scored(self, out: list[tuple[int, bytes]], scoring: list[Scoring],
+                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        scores = self.model.scores(*batch).numpy()
+        start = 0
+        for sc in scoring:
+            out[sc.index] = (0, sc.respond(scores[start:start + sc.samples]))
+            start += sc.samples
+
+
+def _parse(kind, body: bytes):
+    """`kind` from the request's bytes; INVALID_ARGUMENT naming the message type when they are not one."""
+    try:
+        return kind.FromString(body)
+    except DecodeError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a {kind.DESCRIPTOR.name} ({e})") from None
+
+
+def serve(sock_path: str, package: str, image: str) -> None:
+    worker = Worker(package, image)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    f = s.makefile("rb", buffering=1 << 20)
+    while len(head := f.read(4)) == 4:
+        (n,) = U32.unpack(head)
+        items = []
+        for _ in range(n):
+            method, size = ITEM.unpack(f.read(ITEM.size))
+            items.append((method, f.read(size)))
+        parts = [U32.pack(n)]
+        for code, body in worker.answer(items):
+            parts += [HEAD.pack(code, len(body)), body]
+        s.sendall(b"".join(parts))
+
+
+if __name__ == "__main__":
+    serve(*sys.argv[1:4])

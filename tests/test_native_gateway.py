@@ -1,0 +1,310 @@
+"""`inference-gateway serve-native` as real processes: the native frontend (grpc++, built by
+inference_gateway.native.build) over supervised Python workers. Workers answer what the package
+computes in-process, also for requests merged into one batch; a bad request gets serve's error and
+spoils no other; the Open Inference Protocol works with Triton's own client; Predict and ModelInfer
+need the predict token, and mutual TLS keeps out other clients; the workers map one copy of the
+tables; a worker killed with SIGKILL is replaced while health stays SERVING; overload is refused
+RESOURCE_EXHAUSTED at arrival; SIGTERM drains and exits 0. One gateway serves the module (the suite's
+time budget), so the tests run in file order: the last one stops it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from inference_gateway import proc_memory
+from inference_gateway.client import build_request, scores_of
+from inference_gateway.model import ServingModel
+from inference_gateway.package import load_package
+from inference_gateway.process import launch_native
+from inference_gateway.shared_tables import IMAGE_SUFFIX
+from protos import inference_pb2_grpc
+from tests import prom
+from tests.test_inference_package import TINY, tiny_model
+from tests.test_oip import FEATURES, bags_inputs, batched_inputs, inputs, ragged
+from trainer.export import export_package, table_dtypes
+
+WORKERS = 2
+NDENSE = TINY.dense_features
+PREDICT = "/recsys.v1.InferenceGateway/Predict"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
+    return root / "v1"
+
+
+@pytest.fixture(scope="module")
+def gw(package, tmp_path_factory):
+    g = launch_native(["--model", str(package), "--workers", str(WORKERS), "--max-wait-ms", "2", "--grace-s", "20"],
+                      workdir=tmp_path_factory.mktemp("native"))
+    yield g
+    g.kill()
+
+
+def stub(g) -> inference_pb2_grpc.InferenceGatewayStub:
+    return inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(g.address))
+
+
+def health(g, service: str = "") -> int:
+    with grpc.insecure_channel(g.address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def workers(g) -> list[int]:
+    return [p for p in proc_memory.children(g.pid) if p != g.announced["frontend_pid"]]
+
+
+def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing(gw, package):
+    s = stub(gw)
+    model = ServingModel(load_package(package))
+    reqs = [ragged(1 + k % 3, 100 + k) for k in range(24)]
+
+    def want(dense, lengths, values) -> np.ndarray:
+        return model.scores(*(torch.from_numpy(a) for a in (dense, lengths, values))).numpy()
+
+    for rnd in range(3):  # sent at once, so the batcher merges them (one check and one forward per batch)
+        bad = ragged(2, 7)
+        bad[0][1, 2] = np.nan
+        with ThreadPoolExecutor(12) as pool:
+            futures = [s.Predict.future(build_request(*r, request_id=f"r{i}"), timeout=30) for i, r in enumerate(reqs)]
+            nan = s.Predict.future(build_request(*bad), timeout=30) if rnd else None
+            answers = [f.result() for f in pool.map(lambda f: f, futures)]
+        for i, (r, a) in enumerate(zip(reqs, answers, strict=True)):
+            np.testing.assert_allclose(scores_of(a), want(*r), rtol=1e-5, atol=1e-6)
+            assert (a.request_id, a.model, a.version) == (f"r{i}", "dlrm", 1)
+        if nan is not None:  # the NaN request, merged with good ones, gets serve's own error alone
+            with pytest.raises(grpc.RpcError) as e:
+                nan.result()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.details()
+    dense, lengths, values = ragged(3, 5)
+    cases = {
+        "out of range id": (build_request(dense, lengths, np.full_like(values, 10**6)),
+                            grpc.StatusCode.INVALID_ARGUMENT, "values"),
+        "huge lengths": (build_request(dense, np.full_like(lengths, 1 << 62), values),
+                         grpc.StatusCode.INVALID_ARGUMENT, "lengths: an entry exceeds"),
+        "dense width": (build_request(dense[:, :2], lengths, values), grpc.StatusCode.INVALID_ARGUMENT, "dense"),
+        "other model": (build_request(dense, lengths, values, model="other"), grpc.StatusCode.NOT_FOUND, "'other'"),
+    }
+    for name, (req, code, words) in cases.items():
+        with pytest.raises(grpc.RpcError) as e:
+            s.Predict(req, timeout=30)
+        assert e.value.code() == code and words in e.value.details(), (name, e.value.code(), e.value.details())
+    with grpc.insecure_channel(gw.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:  # a body that is no PredictRequest
+            ch.unary_unary(PREDICT)(b"\xff\xff\xff", timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a PredictRequest" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # what serve-native does not serve says so
+            ch.unary_unary("/recsys.v1.InferenceGateway/PredictStream")(b"", timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "serve-native" in e.value.details()
+    np.testing.assert_allclose(scores_of(s.Predict(build_request(dense, lengths, values), timeout=30)),
+                               want(dense, lengths, values), rtol=1e-5, atol=1e-6)  # still serving
+    m = gw.metrics_port
+    time.sleep(1.2)  # the frontend reports its counters once a second
+    assert prom.value(m, "gateway_requests_total", method="Predict", code="OK") >= 24 * 3 + 1
+    assert prom.value(m, "gateway_requests_total", method="Predict", code="INVALID_ARGUMENT") >= 2 + 4
+    assert prom.value(m, "gateway_batched_requests_total") < prom.value(m, "gateway_requests_total")
+    assert prom.value(m, "gateway_batches_total") < 24 * 3  # merged
+    assert prom.value(m, "gateway_workers_live") == WORKERS
+
+
+def test_the_open_inference_protocol_with_tritons_own_client(gw, package):
+    """tritonclient.grpc, unchanged: readiness, metadata, every input form serve takes, the same scores as
+    the package, ModelInfer and Predict merged in one batch, and serve's errors."""
+    client = triton.InferenceServerClient(url=gw.address)
+    s = stub(gw)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("dlrm") and client.is_model_ready("dlrm", "1")
+        assert not client.is_model_ready("other") and not client.is_model_ready("dlrm", "2")
+        assert client.get_server_metadata().name == "recsys-inference-gateway"
+        meta = client.get_model_metadata("dlrm")
+        assert (meta.name, list(meta.versions)) == ("dlrm", ["1"])
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("dense", "FP32", [-1, NDENSE])] + [
+            (f"{f}.{part}", "INT64", [-1]) for f in FEATURES for part in ("lengths", "values")]
+        model = ServingModel(load_package(package))
+        dense, lengths, values = ragged(5, 3)
+        want = model.scores(*(torch.from_numpy(a) for a in (dense, lengths, values))).numpy()
+        for form, tensors, shape in (("per feature", inputs(dense, lengths, values), (5,)),
+                                     ("batched", batched_inputs(dense, lengths, values), (5, 1)),
+                                     ("compact", bags_inputs(dense, lengths, values), (5, 1))):
+            got = client.infer("dlrm", tensors, request_id=form).as_numpy("scores")
+            assert got.shape == shape, form
+            np.testing.assert_allclose(got.ravel(), want, rtol=1e-5, atol=1e-6, err_msg=form)
+        # ModelInfer and Predict sent at once share batches and keep their own scores
+        many = [ragged(1 + k % 3, 200 + k) for k in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            infers = [pool.submit(client.infer, "dlrm", inputs(*r)) for r in many[::2]]
+            predicts = [s.Predict.future(build_request(*r), timeout=30) for r in many[1::2]]
+            for r, f in zip(many[::2], infers, strict=True):
+                np.testing.assert_allclose(f.result().as_numpy("scores"), model.scores(
+                    *(torch.from_numpy(a) for a in r)).numpy(), rtol=1e-5, atol=1e-6)
+            for r, f in zip(many[1::2], predicts, strict=True):
+                np.testing.assert_allclose(scores_of(f.result()), model.scores(
+                    *(torch.from_numpy(a) for a in r)).numpy(), rtol=1e-5, atol=1e-6)
+        nan = dense.copy()
+        nan[1, 2] = np.nan
+        missing = inputs(dense, lengths, values)[:-1]
+        for name, call, status, words in (
+                ("other model", lambda: client.infer("other", inputs(dense, lengths, values)), "NOT_FOUND", "'other'"),
+                ("other version", lambda: client.get_model_metadata("dlrm", "7"), "NOT_FOUND", "no version 7"),
+                ("bad version", lambda: client.infer("dlrm", inputs(dense, lengths, values), model_version="x"),
+                 "INVALID_ARGUMENT", "model_version"),
+                ("NaN", lambda: client.infer("dlrm", inputs(nan, lengths, values)), "INVALID_ARGUMENT", "NaN"),
+                ("missing input", lambda: client.infer("dlrm", missing), "INVALID_ARGUMENT", f"{FEATURES[-1]}.values")):
+            with pytest.raises(InferenceServerException) as e:
+                call()
+            assert e.value.status() == f"StatusCode.{status}" and words in e.value.message(), (name, e.value)
+        np.testing.assert_allclose(client.infer("dlrm", inputs(dense, lengths, values)).as_numpy("scores"), want,
+                                   rtol=1e-5, atol=1e-6)  # still serving
+    finally:
+        client.close()
+    time.sleep(1.2)
+    assert prom.value(gw.metrics_port, "gateway_requests_total", method="ModelInfer", code="OK") >= 3 + 8 + 1
+    assert prom.value(gw.metrics_port, "gateway_requests_total", method="ModelMetadata", code="NOT_FOUND") == 1
+
+
+def test_predict_token_and_mutual_tls(package, certs, tmp_path):
+    """With --predict-token-file and --tls-*: Predict and ModelInfer need the bearer token (metadata and
+    health do not); a client without a certificate of the CA, or in plaintext, gets no connection; the
+    frontend reads the token from its file, so no process's command line holds it."""
+    token = "s3cret-predict-token"
+    (tmp_path / "predict.token").write_text(token + "\n")
+    g = launch_native(["--model", str(package), "--workers", "1", "--predict-token-file",
+                       str(tmp_path / "predict.token"), "--tls-cert", certs["cert"], "--tls-key", certs["key"],
+                       "--tls-client-ca", certs["ca"]],
+                      workdir=tmp_path / "gw")
+    try:
+        pem = {k: Path(certs[k]).read_bytes() for k in ("ca", "cert", "key", "other_ca", "other_key")}
+        creds = grpc.ssl_channel_credentials(pem["ca"], private_key=pem["key"], certificate_chain=pem["cert"])
+        req = build_request(*ragged(2, 4))
+        with grpc.secure_channel(g.address, creds) as ch:
+            s = inference_pb2_grpc.InferenceGatewayStub(ch)
+            assert scores_of(s.Predict(req, timeout=30, metadata=[("authorization", f"Bearer {token}")])).shape == (2,)
+            for md, code in (([], grpc.StatusCode.UNAUTHENTICATED), ([("authorization", "Bearer nope")],
+                                                                     grpc.StatusCode.PERMISSION_DENIED)):
+                for method in ("/recsys.v1.InferenceGateway/Predict", "/inference.GRPCInferenceService/ModelInfer"):
+                    with pytest.raises(grpc.RpcError) as e:
+                        ch.unary_unary(method)(b"", timeout=30, metadata=md)
+                    assert e.value.code() == code and method in e.value.details(), e.value
+                    assert token not in e.value.details() and "nope" not in e.value.details()
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            meta = ch.unary_unary("/inference.GRPCInferenceService/ServerMetadata")(b"", timeout=30)  # open
+            assert b"recsys-inference-gateway" in meta
+        no_cert = grpc.ssl_channel_credentials(pem["ca"])
+        other = grpc.ssl_channel_credentials(pem["ca"], private_key=pem["other_key"], certificate_chain=pem["other_ca"])
+        for name, ch in (("no client certificate", grpc.secure_channel(g.address, no_cert)),
+                         ("another CA's certificate", grpc.secure_channel(g.address, other)),
+                         ("plaintext", grpc.insecure_channel(g.address))):
+            with ch, pytest.raises(grpc.RpcError) as e:
+                inference_pb2_grpc.InferenceGatewayStub(ch).Predict(
+                    req, timeout=10, metadata=[("authorization", f"Bearer {token}")])
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (name, e.value)
+        for pid in (g.pid, g.announced["frontend_pid"], *g.announced["worker_pids"]):
+            assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+    finally:
+        g.kill()
+
+
+def test_workers_share_one_copy_of_the_tables(gw):
+    pids = workers(gw)
+    assert len(pids) == WORKERS
+    maps = [proc_memory.mapped(p, IMAGE_SUFFIX) for p in pids]
+    size = next((gw.workdir / "native" / "tables").glob(f"*{IMAGE_SUFFIX}")).stat().st_size
+    pages = -(-size // 4096) * 4096
+    assert all(mp["rss"] == pages for mp in maps), maps  # every worker maps all of it ...
+    assert sum(mp["pss"] for mp in maps) <= pages * 1.1, maps  # ... and the page cache holds it once
+    supervisor = proc_memory.rollup(gw.pid)  # verifying the package and writing the image ran in a child
+    assert supervisor["rss"] < min(proc_memory.rollup(p)["rss"] for p in pids), (supervisor, pids)
+
+
+def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):
+    s = stub(gw)
+    req = build_request(*ragged(2, 9))
+    before = scores_of(s.Predict(req, timeout=30))
+    victim = workers(gw)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    answered = 0
+    while time.monotonic() < deadline:
+        assert health(gw) == health_pb2.HealthCheckResponse.SERVING
+        assert health(gw, "recsys.v1.InferenceGateway") == health_pb2.HealthCheckResponse.SERVING
+        try:
+            np.testing.assert_array_equal(scores_of(s.Predict(req, timeout=30)), before)
+            answered += 1
+        except grpc.RpcError as e:  # only a request in the batch the victim held may fail, and says why
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and "worker lost" in e.details(), e
+        now = workers(gw)
+        if victim not in now and len(now) == WORKERS and prom.value(gw.metrics_port, "gateway_workers_live") == WORKERS:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the killed worker was not replaced: {workers(gw)}")
+    assert answered > 0
+    assert prom.value(gw.metrics_port, "gateway_worker_restarts_total") == 1
+    assert '"event": "worker_replaced"' in (gw.workdir / "stdout.log").read_text()
+    np.testing.assert_array_equal(scores_of(s.Predict(req, timeout=30)), before)
+
+
+def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):
+    """A request whose deadline is shorter than the expected queue wait is refused RESOURCE_EXHAUSTED at
+    once; then SIGTERM while requests are in flight: every accepted one is answered, exit code 0."""
+    s = stub(gw)
+    big = build_request(*ragged(256, 11))  # ~1.8 ms of expected wait each at the default costs
+    with ThreadPoolExecutor(32) as pool:
+        def call(_):
+            t = time.perf_counter()
+            try:
+                s.Predict(big, timeout=0.02)
+                return "OK", 0.0, ""
+            except grpc.RpcError as e:
+                return e.code().name, time.perf_counter() - t, e.details()
+        results = list(pool.map(call, range(400)))
+    refused = [(t, d) for c, t, d in results if c == "RESOURCE_EXHAUSTED"]
+    assert refused, {c for c, _, _ in results}
+    assert all("expected queue wait" in d and "deadline" in d for _, d in refused), refused[:3]
+    assert sorted(t for t, _ in refused)[len(refused) // 2] < 0.01  # median: answered at arrival, not timed out
+    assert {c for c, _, _ in results} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    time.sleep(1.2)
+    assert prom.value(gw.metrics_port, "gateway_admission_refusals_total") >= len(refused)
+    prom_ok = prom.value(gw.metrics_port, "gateway_requests_total", method="Predict", code="OK")
+    # SIGTERM with a backlog queued: every request the frontend received is answered (OK), none is cut off;
+    # requests the client had not sent yet are refused UNAVAILABLE; no child outlives the supervisor
+    req = build_request(*ragged(256, 12))
+    futures = [s.Predict.future(req, timeout=60) for _ in range(600)]
+    futures[0].result()  # the backlog is being worked through
+    gw.proc.send_signal(signal.SIGTERM)
+    codes = []
+    for f in futures:
+        try:
+            f.result()
+            codes.append("OK")
+        except grpc.RpcError as e:
+            codes.append(e.code().name)
+    assert gw.proc.wait(60) == 0
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, set(codes)
+    drained = next(json.loads(line) for line in (gw.workdir / "stdout.log").read_text().splitlines()
+                   if '"drained"' in line)
+    assert drained["frontend_exit_code"] == 0
+    answered = sum(n for codes in drained["answered"].values() for n in codes.values())
+    assert drained["received"] == answered, drained  # nothing received was dropped
+    answered_ok = drained["answered"]["Predict"]["0"] - prom_ok
+    assert answered_ok == codes.count("OK") and answered_ok > 1, (answered_ok, codes.count("OK"))
+    for pid in (gw.announced["frontend_pid"], *gw.announced["worker_pids"]):
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text().lower(), pid
