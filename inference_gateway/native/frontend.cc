@@ -22,7 +22,8 @@
 // ServerReady (answered here: ready while a worker is connected), grpc.health.v1.Health. --tls-cert /
 // --tls-key (and --tls-client-ca: mutual TLS) serve TLS; the files are read here, never passed as text.
 //
-// SIGTERM: health NOT_SERVING, no new calls, queued and in-flight calls answered within --grace-ms, exit 0.
+// SIGTERM: health NOT_SERVING, new calls refused UNAVAILABLE, queued and in-flight calls answered within
+// --grace-ms, exit 0.
 //
 // stdout carries JSON lines for the supervisor: {"event": "serving", "port"} (workers may connect then),
 // {"event": "worker_joined" | "worker_lost", "workers"}, {"event": "stats", ...} (cumulative counters, at
@@ -95,6 +96,7 @@ static std::mutex out_mu;  // one JSON line at a time on stdout
 static std::atomic<long> answered[kCounted][17];  // by method (kMethods, then kLocal) and gRPC status code
 static std::atomic<bool> draining{false};
 static std::atomic<long> received{0}, admission_refusals{0}, expired{0}, batches{0}, batched_requests{0}, batch_us{0};
+static std::atomic<long> last_arrival_us{0};  // steady clock, for the drain's quiet period
 
 static void emit(const std::string& json) {
   std::lock_guard<std::mutex> lk(out_mu);
@@ -121,6 +123,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   explicit Call(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) { StartRead(&req_); }
   void OnReadDone(bool ok) override {
     ++received;
+    last_arrival_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
     const std::string& path = ctx_->method();
     method_ = kCounted - 1;
     for (int i = 0; i < kForwarded; ++i) if (path == kMethods[i].path) method_ = i;
@@ -165,7 +168,10 @@ class Call : public grpc::ServerGenericBidiReactor {
       long wait_us = live_workers == 0 ? 0 :
           (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
            (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers;
-      if (live_workers == 0) {
+      if (draining) {
+        code = 14;
+        refusal = "the gateway is draining (SIGTERM): send the request to another replica";
+      } else if (live_workers == 0) {
         code = 14;
         refusal = "no worker is serving (the supervisor is replacing them)";
       } else if (kMethods[method_].infer && cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
@@ -360,9 +366,32 @@ static void drain_on_signal(sigset_t set) {
   int sig = 0;
   sigwait(&set, &sig);
   emit("{\"event\": \"draining\"}");
-  draining = true;
+  auto grace_end = std::chrono::system_clock::now() + std::chrono::milliseconds(cfg.grace_ms);
+  {
+    std::lock_guard<std::mutex> lk(mu);  // from here arrivals are refused UNAVAILABLE (OnReadDone reads it under mu)
+    draining = true;
+  }
   set_health(false);
-  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(cfg.grace_ms));
+  // Keep accepting while the backlog is answered: grpc's Shutdown cancels calls its transport holds but has
+  // not handed to us yet, which a client would see as CANCELLED, so it comes once everything received is
+  // answered and arrivals paused for 100 ms (or after at most 2 s of refusing, or at the grace's end).
+  auto now_us = [] {
+    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+  };
+  long answered_since = -1;
+  while (std::chrono::system_clock::now() < grace_end) {
+    long done = 0;
+    for (auto& per_method : answered) for (auto& n : per_method) done += n.load();
+    long t = now_us();
+    if (done < received.load()) {
+      answered_since = -1;
+    } else {
+      if (answered_since < 0) answered_since = t;
+      if (t - last_arrival_us.load() > 100000 || t - answered_since > 2000000) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  server_->Shutdown(grace_end);
   emit(stats_line());  // the final counters: received == answered unless the grace ran out
   std::_Exit(0);
 }
