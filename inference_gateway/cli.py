@@ -106,20 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
                       "(tritonserver's --port stays plaintext)")
     t.add_argument("--log-level", default="INFO")
     n = sub.add_parser(
-        "serve-native", help="serve one package on the native frontend (grpc++, built at install) with supervised "
+        "serve-native", help="serve packages on the native frontend (grpc++, built at install) with supervised "
         "Python worker processes; prints one JSON line with the bound ports",
         description="A native gRPC frontend accepts Predict and Open Inference Protocol (KServe v2) ModelInfer calls, "
         "batches them together and refuses overload at arrival (RESOURCE_EXHAUSTED); "
         "--workers Python processes score whole batches with serve's model and checks, all mapping one read-only "
-        "copy of the package's tables. The supervisor replaces a worker that dies (health stays SERVING while one "
+        "copy of each package's tables. The supervisor replaces a worker that dies (health stays SERVING while one "
         "is connected) and exports the frontend's counters on /metrics; SIGTERM drains and exits 0. It serves "
         "recsys.v1.InferenceGateway/Predict, inference.GRPCInferenceService (OIP inputs as serve takes them) and "
-        "grpc.health.v1.Health: no PredictStream, management (one package, fixed at start) or reflection yet "
-        "(serve and serve-triton have them).")
-    n.add_argument("--model", required=True, help="package directory (from `trainer export`)")
+        "grpc.health.v1.Health on --port (no PredictStream or reflection there yet: serve has them). Management "
+        "(load / unload / set-default / models, versions and defaults as serve has them) is on --management-port: "
+        "a change starts workers with the new model set and retires the old ones after their batch in hand, so no "
+        "request fails.")
+    n.add_argument("--model", action="append", default=[], help="package directory (repeatable; the first is the "
+                   "default model); a relative path resolves under --model-store when it is there")
     n.add_argument("--workers", type=int, default=2, help="Python worker processes (on 2 cores 2 pay off)")
     n.add_argument("--host", default="127.0.0.1")
     n.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (announced)")
+    n.add_argument("--management-port", type=int, default=0, help="management gRPC port (0: free, announced)")
     n.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; -1 disables")
     n.add_argument("--max-batch-requests", type=int, default=256, help="requests per batch a worker scores")
     n.add_argument("--max-batch-bytes", type=int, default=131072, help="request bytes per batch (about samples: "
@@ -136,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "may take")
     n.add_argument("--workdir", default="native-gateway", help="the workers' socket and (by default) table images")
     n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
-    _credential_flags(n, "", "Predict and ModelInfer", control=False)
+    n.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
+    _credential_flags(n, " on --management-port", "Predict and ModelInfer",
+                      tls_where=" on --port and --management-port")
     n.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -197,19 +203,17 @@ def _follow_flags(p: argparse.ArgumentParser, how: str, resync: str) -> None:
 
 
 def _credential_flags(p: argparse.ArgumentParser, where: str, predict: str | None = None,
-                      tls_where: str | None = None, control: bool = True) -> None:
+                      tls_where: str | None = None) -> None:
     """The same credential flags for every serve command (read by `_credentials`). serve-triton has no
     predict token: Triton's restricted-protocol check wants the header `triton-grpc-protocol-<key>`, never
-    `authorization`, so it cannot check a client's `authorization: Bearer`. serve-native has no control plane
-    (control=False: no --token-file)."""
+    `authorization`, so it cannot check a client's `authorization: Bearer`."""
     tls_where = where if tls_where is None else tls_where
     p.add_argument("--tls-cert", help=f"PEM certificate: serve TLS{tls_where} (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help=f"PEM CA of client certificates: mutual TLS, every RPC{tls_where} "
                    "needs one")
-    if control:
-        p.add_argument("--token-file", help=f"control-plane bearer token for load / unload / set-default{where} "
-                       "(default: env RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
+    p.add_argument("--token-file", help=f"control-plane bearer token for load / unload / set-default{where} "
+                   "(default: env RECSYS_CONTROL_TOKEN; none: open unless mTLS)")
     if predict:
         p.add_argument("--predict-token-file", help=f"bearer token {predict} require (default: open)")
 
@@ -280,13 +284,14 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
                              ("--grace-s", args.grace_s, 0)):
         if value < low:
             raise SystemExit(f"inference-gateway serve-native: {flag}: must be >= {low}")
-    _, predict_token, tls = _credentials(args)  # checked here (readable, not empty); the frontend reads the files
-    return run(NativeConfig(model=args.model, workers=args.workers, host=args.host, port=args.port,
-                            metrics_port=args.metrics_port, max_batch_requests=args.max_batch_requests,
+    token, predict_token, tls = _credentials(args)  # checked here; the frontend reads the files itself
+    return run(NativeConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
+                            management_port=args.management_port, metrics_port=args.metrics_port,
+                            max_batch_requests=args.max_batch_requests,
                             max_batch_bytes=args.max_batch_bytes, max_wait_ms=args.max_wait_ms,
                             max_queue_wait_ms=args.max_queue_wait_ms, request_cost_us=args.request_cost_us,
                             byte_cost_ns=args.byte_cost_ns, grace_s=args.grace_s, workdir=args.workdir,
-                            table_cache=args.table_cache,
+                            table_cache=args.table_cache, model_store=args.model_store, token=token,
                             predict_token_file=args.predict_token_file if predict_token else None, tls=tls))
 
 

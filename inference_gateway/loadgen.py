@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -47,17 +48,19 @@ def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) 
 
 
 async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds: float, batch: int,
-                      method: str = METHOD) -> dict:
-    """method: any unary method taking the pool's serialized requests (e.g. KServe v2 ModelInfer)."""
+                      method: str = METHOD, until: Callable[[], bool] | None = None) -> dict:
+    """method: any unary method taking the pool's serialized requests (e.g. KServe v2 ModelInfer);
+    until: the measured phase lasts `seconds` and also until it returns True (load across an action)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(method)
         lat: list[float] = []
         errors: dict[str, int] = {}
         stop = time.perf_counter() + min(1.0, seconds)  # warm-up first
+        measuring = False
 
         async def worker(k: int) -> None:
             i = k
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop or (measuring and until is not None and not until()):
                 t0 = time.perf_counter()
                 try:
                     await call(pool[i % len(pool)], timeout=10)
@@ -71,6 +74,7 @@ async def closed_loop(address: str, pool: list[bytes], concurrency: int, seconds
         lat.clear()
         errors.clear()
         stop = time.perf_counter() + seconds
+        measuring = True
         start = time.perf_counter()
         await asyncio.gather(*[worker(k) for k in range(concurrency)])
         return stats(lat, errors, time.perf_counter() - start, batch)

@@ -48,7 +48,6 @@ import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +59,7 @@ from prometheus_client import CollectorRegistry
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
 from inference_gateway.image_state import ImageState, follow_path, remove_files
+from inference_gateway.prepared import Refused, Version, prepare
 from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
@@ -225,36 +225,6 @@ class FrontendConfig:
     snapshots: str | None = None  # where the follower resynchronises from after a gap
 
 
-@dataclass
-class Version:
-    """What shared_tables.prepare reported for one loaded version (the supervisor holds no torch)."""
-
-    facts: dict
-
-    @property
-    def name(self) -> str:
-        return self.facts["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.facts["version"])
-
-    @cached_property
-    def spec(self) -> ModelSpec:
-        from inference_gateway.predict_proxy import ModelSpec
-
-        return ModelSpec(self.facts)
-
-    def info(self, is_default: bool) -> inference_pb2.ModelInfo:
-        return self.spec.info(is_default)
-
-
-class Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 def queue_policy(cfg: FrontendConfig) -> tuple[int, int]:
     """(max_queue_size in requests, queue timeout in µs; 0: none) for Triton's dynamic batcher; (0, 0): no
     queue policy at all, the default.
@@ -413,20 +383,7 @@ class Supervisor:
 
     # --- model management (serialized by self.lock, run off the event loop) -----------------------
     def _prepare(self, path: str, name: str, version: int) -> Version:
-        """Verifies the package and writes its table image in a short-lived child process, so torch and
-        the package's bytes never stay in the supervisor's memory."""
-        out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", path, str(self.table_cache),
-                              name, str(version)], capture_output=True, text=True, env=self.dist.env(), timeout=600)
-        try:
-            facts = json.loads(out.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise Refused(grpc.StatusCode.INTERNAL, f"path: preparing {path} failed: {out.stderr[-2000:]}") from None
-        if "error" in facts:
-            if facts["kind"] == "os":
-                refused = status_of_oserror(OSError(facts.get("errno"), facts["error"]), "path", path)
-                raise Refused(refused.code, refused.message)
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {facts['error']}")
-        return Version(facts)
+        return prepare(path, self.table_cache, name, version, env=self.dist.env())
 
     def add(self, path: str, name: str = "", version: int = 0) -> Version:
         v = self._prepare(path, name, version)

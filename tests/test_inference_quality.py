@@ -114,6 +114,7 @@ def test_export_refuses_a_corrupt_checkpoint(trained, tmp_path):
 @pytest.mark.parametrize("frontend", [
     "serve",
     "serve-triton",
+    "serve-native",
 ])
 def test_serving_demo_exports_serves_swaps_and_measures(trained, tmp_path, frontend):
     import subprocess

@@ -9,7 +9,7 @@ column-wise and table-wise tables), trains it on synthetic teacher data through 
 sync), and compares its held-out AUC with the teacher's, the best reachable. Part 3 runs the job under
 the coordinator (Redis, membership) with two trainer processes and re-shards it live from 2 to 3
 shards a third of the way in (deploy/local/demo_reshard.py). Part 4 exports that job's last checkpoint
-as a quantized package, serves it with `inference-gateway serve-triton` (held-out AUC through Predict
+as a quantized package, serves it with `inference-gateway serve-native` (held-out AUC through Predict
 and through the Open Inference Protocol), measures QPS and latency under load on both, and hot-swaps
 versions under load (deploy/local/demo_serving.py).
 """

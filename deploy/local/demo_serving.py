@@ -1,15 +1,16 @@
 """The serving part of the demo: export a training checkpoint, serve it, drive load, print QPS and latency.
 
-    python -m deploy.local.demo_serving [--steps 300] [--seconds 3] [--frontend serve-triton] [--json]
+    python -m deploy.local.demo_serving [--steps 300] [--seconds 3] [--frontend serve-native] [--json]
 
 Standalone it first trains the tiny DLRM through two shard processes and checkpoints it (or serves
 `--checkpoint DIR --config YAML`); the main demo calls `run_serving_demo` with its own checkpoint.
 Exports the checkpoint at INT8 (and FP32 for comparison) and serves the INT8 package with
-`inference-gateway serve-triton` (tritonserver's frontend over Python workers; `--frontend serve`: the
-pure-Python gateway, whose one port serves all three roles). It checks the held-out AUC through the
-project's Predict (serve-triton's --predict-port proxy) and through the Open Inference Protocol
-(KServe v2 ModelInfer, tritonserver's port), measures one-sample requests on both, and hot-swaps to a
-second version under load through the management port (load v2, unload v1).
+`inference-gateway serve-native` (the native grpc++ frontend over Python workers, Predict and the Open
+Inference Protocol on one port, management on its own; `--frontend serve-triton`: tritonserver's
+frontend, Predict through its --predict-port proxy; `--frontend serve`: the pure-Python gateway, whose
+one port serves all three roles). It checks the held-out AUC through the project's Predict and through
+the Open Inference Protocol (KServe v2 ModelInfer), measures one-sample requests on both, and hot-swaps
+to a second version under load through the management port (load v2 as the default, unload v1).
 """
 
 from __future__ import annotations
@@ -32,19 +33,19 @@ import torch
 from inference_gateway import oip
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.loadgen import OIP_METHOD, closed_loop
-from inference_gateway.process import GatewayProcess, launch, launch_triton
+from inference_gateway.process import GatewayProcess, launch, launch_native, launch_triton
 from protos.model_config import ModelConfig
 from trainer.data import HELDOUT, SyntheticData, auc
 from trainer.export import export_package, read_checkpoint, table_dtypes
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-FRONTENDS = ("serve-triton", "serve")
+FRONTENDS = ("serve-native", "serve-triton", "serve")
 CHUNK = 256  # samples per AUC request: serve-triton's --max-batch-size (a larger request is refused)
 
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where each role is served: serve-triton has three ports, serve one."""
+    """Where each role is served: serve-triton has three ports, serve-native two, serve one."""
 
     predict: str  # recsys.v1 Predict / PredictStream / ListModels
     oip: str  # KServe v2 ModelInfer
@@ -56,9 +57,12 @@ def start_gateway(frontend: str, package: Path, store: Path, workdir: Path) -> t
     if frontend == "serve":
         gw = launch(common, workdir=workdir)
         return gw, Endpoints(gw.address, gw.address, gw.address)
+    local = "127.0.0.1:{}"
+    if frontend == "serve-native":
+        gw = launch_native([*common, "--workers", "2", "--metrics-port", "-1", "--grace-s", "3"], workdir=workdir)
+        return gw, Endpoints(gw.address, gw.address, local.format(gw.announced["management_port"]))
     # two workers, one per core; no queue bound (a bound costs Triton's batch prefetch: --max-queue's help)
     gw = launch_triton([*common, "--workers", "2", "--metrics-port", "-1", "--grace-s", "3"], workdir=workdir)
-    local = "127.0.0.1:{}"
     return gw, Endpoints(local.format(gw.announced["predict_port"]), gw.address,
                          local.format(gw.announced["management_port"]))
 
@@ -75,7 +79,7 @@ def _attempt(result: dict, key: str, say: Callable[[str], None], fn: Callable[[]
 
 def run_serving_demo(checkpoint_dir: Path, plan_path: Path | None, config_path: Path, workdir: Path, *,
                      seconds: float = 3.0, concurrency: int = 32, data_seed: int = 1, quiet: bool = False,
-                     frontend: str = "serve-triton") -> dict:
+                     frontend: str = "serve-native") -> dict:
     """Exports `checkpoint_dir` (FP32 and INT8), serves the INT8 package, and returns what it measured.
 
     `plan_path` is not needed (the checkpoint's shards record their slices) and is accepted for callers
@@ -139,8 +143,8 @@ def run_serving_demo(checkpoint_dir: Path, plan_path: Path | None, config_path: 
             # hot swap: version 2 (FP32) replaces version 1 while requests keep flowing on both protocols
             swap = asyncio.run(_swap_under_load(at, one, one_oip, str(pkgs["fp32"]), concurrency, seconds))
             result["hot_swap"] = swap
-            say(f"hot swap to v2 under load: {swap['ok']} requests, errors {swap['errors'] or 0}; now serving "
-                f"{swap['models']}")
+            say(f"hot swap to v2 under load (load {swap.get('load_s')} s, unload {swap.get('unload_s')} s): "
+                f"{swap['ok']} requests, errors {swap['errors'] or 0}; now serving {swap['models']}")
             _attempt(result, "served_auc_fp32", say, predict_auc)
             say(f"held-out AUC of the FP32 v2: {result['served_auc_fp32']}")
     finally:
@@ -153,25 +157,32 @@ def run_serving_demo(checkpoint_dir: Path, plan_path: Path | None, config_path: 
 async def _swap_under_load(at: Endpoints, pool: list[bytes], oip_pool: list[bytes], path: str, concurrency: int,
                            seconds: float) -> dict:
     timing: dict[str, float] = {}
+    done = False  # the load lasts `seconds` and at least until the swap is over
 
     async def admin() -> list[str]:
+        nonlocal done
         await asyncio.sleep(seconds / 3)
 
         def swap() -> list[str]:
             with GatewayClient(at.management) as c:
                 t0 = time.perf_counter()
-                c.load_model(path)
+                c.load_model(path, make_default=True)  # serve-triton: the highest version is the default
                 timing["load_s"] = round(time.perf_counter() - t0, 1)
-                c.set_default_version("dlrm", 2)  # serve-triton: already so (the highest version is the default)
+                c.set_default_version("dlrm", 2)  # already so: changes nothing
+                t0 = time.perf_counter()
                 c.unload_model("dlrm", 1)
+                timing["unload_s"] = round(time.perf_counter() - t0, 1)
                 return [f"{m.name} v{m.version}" for m in c.list_models()]
 
-        return await asyncio.to_thread(swap)
+        try:
+            return await asyncio.to_thread(swap)
+        finally:
+            done = True
 
     half = max(1, concurrency // 2)
     predict, infer, models = await asyncio.gather(
-        closed_loop(at.predict, pool, half, seconds, 1), closed_loop(at.oip, oip_pool, half, seconds, 1,
-                                                                     method=OIP_METHOD), admin())
+        closed_loop(at.predict, pool, half, seconds, 1, until=lambda: done),
+        closed_loop(at.oip, oip_pool, half, seconds, 1, method=OIP_METHOD, until=lambda: done), admin())
     errors: dict[str, int] = {}
     for name, r in (("Predict", predict), ("ModelInfer", infer)):
         for code, n in r["errors"].items():
@@ -214,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="serve this job checkpoint instead of training one (needs --config)")
     p.add_argument("--config", help="the model YAML of --checkpoint")
     p.add_argument("--data-seed", type=int, default=1, help="synthetic data seed of --checkpoint's job")
-    p.add_argument("--frontend", choices=FRONTENDS, default="serve-triton",
-                   help="serve-triton (default) or the pure-Python serve")
+    p.add_argument("--frontend", choices=FRONTENDS, default="serve-native",
+                   help="serve-native (default), serve-triton or the pure-Python serve")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -26,8 +26,10 @@
 // --grace-ms, exit 0.
 //
 // stdout carries JSON lines for the supervisor: {"event": "serving", "port"} (workers may connect then),
-// {"event": "worker_joined" | "worker_lost", "workers"}, {"event": "stats", ...} (cumulative counters, at
-// most once a second when they changed, and once more after draining), {"event": "draining"}.
+// {"event": "worker_joined" | "worker_lost" | "worker_retired", "pid", "workers"}, {"event": "stats", ...}
+// (cumulative counters, at most once a second when they changed, and once more after draining),
+// {"event": "draining"}. stdin carries the supervisor's orders: `retire PID` (a model swap replaces the
+// workers: that one takes no further batch and is closed once the batch it holds is answered).
 //
 // --echo answers every call with an empty message at once (no workers): grpc++'s own cost per call.
 //
@@ -39,6 +41,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -54,7 +57,9 @@
 #include <deque>
 #include <fstream>
 #include <sstream>
+#include <iostream>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -86,6 +91,7 @@ class Call;
 struct Item { Call* call; int method; std::string body; Clock::time_point deadline; };
 static std::mutex mu;
 static std::condition_variable cv;
+static std::set<long> retiring;  // worker pids the supervisor retired (stdin `retire PID`), under mu
 static std::deque<Item> queue_;
 static long queued_bytes = 0;  // of the requests in queue_ (admission's expected wait)
 static int live_workers = 0;   // dispatchers whose worker still answers
@@ -234,7 +240,7 @@ static bool write_all(int fd, const void* p, size_t n) {
   return true;
 }
 
-static void dispatch(int fd) {
+static void dispatch(int fd, long pid) {
   std::vector<Item> batch, dropped;
   std::string frame, reply;
   for (;;) {
@@ -242,7 +248,18 @@ static void dispatch(int fd) {
     dropped.clear();
     {
       std::unique_lock<std::mutex> lk(mu);
-      cv.wait(lk, [] { return !queue_.empty(); });
+      cv.wait(lk, [pid] { return !queue_.empty() || retiring.count(pid); });
+      if (retiring.count(pid)) {  // between batches: nothing of its is in flight; it sees EOF and exits
+        retiring.erase(pid);
+        int left = --live_workers;
+        if (!queue_.empty()) cv.notify_one();  // a request's wake-up may have gone to this dispatcher
+        lk.unlock();
+        ::close(fd);
+        if (left == 0) set_health(false);
+        emit("{\"event\": \"worker_retired\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
+             std::to_string(left) + "}");
+        return;
+      }
       auto full = [] {
         return static_cast<int>(queue_.size()) >= cfg.max_batch || queued_bytes >= cfg.max_batch_bytes;
       };
@@ -304,7 +321,8 @@ static void dispatch(int fd) {
         left = --live_workers;  // at 0 new calls are refused UNAVAILABLE; queued ones wait for a worker
       }
       if (left == 0) set_health(false);
-      emit("{\"event\": \"worker_lost\", \"workers\": " + std::to_string(left) + "}");
+      emit("{\"event\": \"worker_lost\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
+           std::to_string(left) + "}");
       return;
     }
   }
@@ -314,15 +332,35 @@ static void accept_workers(int ls) {
   for (;;) {
     int fd = ::accept(ls, nullptr, nullptr);
     if (fd < 0) { std::perror("accept"); continue; }
+    struct ucred peer {};
+    socklen_t len = sizeof(peer);
+    long pid = ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &len) == 0 ? peer.pid : -1;
     int now;
     {
       std::lock_guard<std::mutex> lk(mu);
       now = ++live_workers;
     }
-    std::thread(dispatch, fd).detach();
+    std::thread(dispatch, fd, pid).detach();
     if (now == 1) set_health(true);
-    emit("{\"event\": \"worker_joined\", \"workers\": " + std::to_string(now) + "}");
+    emit("{\"event\": \"worker_joined\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
+         std::to_string(now) + "}");
     cv.notify_all();  // requests queued while no worker was connected
+  }
+}
+
+// The supervisor's orders on stdin, one per line: `retire PID` (that worker takes no further batch; its
+// dispatcher closes the socket once the batch it holds is answered).
+static void read_orders() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    long pid = 0;
+    if (std::sscanf(line.c_str(), "retire %ld", &pid) == 1) {
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        retiring.insert(pid);
+      }
+      cv.notify_all();
+    }
   }
 }
 
@@ -421,6 +459,10 @@ int main(int argc, char** argv) {
   // Debian's abseil checks every Mutex for lock-order cycles (GraphCycles: ~4% of the frontend's CPU)
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   std::signal(SIGPIPE, SIG_IGN);  // a worker gone between batches: write() fails, and its dispatcher stops
+  // SIGTERM (a drain) when the supervisor dies, even by SIGKILL; its workers then see their socket close.
+  // Set here, not in a preexec_fn: forking a Python process that runs gRPC threads is not safe.
+  ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (::getppid() == 1) return 1;  // it died before the line above
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
     if (k == "--echo") { cfg.echo = true; continue; }
@@ -494,6 +536,7 @@ int main(int argc, char** argv) {
   if (!cfg.echo) {
     std::thread(accept_workers, ls).detach();
     std::thread(report_stats).detach();
+    std::thread(read_orders).detach();
   }
   emit("{\"event\": \"serving\", \"port\": " + std::to_string(port) + "}");
   server->Wait();

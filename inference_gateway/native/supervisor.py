@@ -1,38 +1,57 @@
-"""serve-native's supervisor: writes the package's table image once, runs the native frontend
+"""serve-native's supervisor: writes each package's table image once, runs the native frontend
 (frontend.cc) and `--workers` Python workers (worker.py) as its children, replaces a worker that dies,
-exports the frontend's counters on /metrics, and drains on SIGTERM.
+serves management on its own address, exports the frontend's counters on /metrics, and drains on SIGTERM.
 
 Why a supervisor in Python: the frontend stays small (accept, batch, answer); what changes rarely
-(starting, replacing, metrics) is here. Children get SIGTERM if the supervisor dies, even by SIGKILL
-(PR_SET_PDEATHSIG), so nothing outlives it.
+(starting, replacing, loading models, metrics) is here. Nothing outlives it: the frontend asks for
+SIGTERM when the supervisor dies, even by SIGKILL (PR_SET_PDEATHSIG), and a worker exits when its
+socket to the frontend closes (or cannot connect).
 
-Prints `{"event": "serving", "port", "metrics_port", "frontend_pid", "worker_pids"}` once every worker
-is connected; then one JSON line per replaced worker.
+Management (LoadModel / UnloadModel / SetDefaultVersion / ListModels on --management-port; the first three
+need the control token and/or a client certificate) changes the model set by rolling the workers: a
+worker's models are fixed for its life (its spec file), so new workers start with the new set, and once
+every one of them is connected each old worker is retired: the frontend hands it no further batch and
+closes its socket after answering the batch it holds. Requests never wait on a loading worker and none
+fails in a swap; while it rolls, a request may be scored by either set.
+
+Prints `{"event": "serving", "port", "management_port", "metrics_port", "frontend_pid", "worker_pids",
+"models"}` once every worker is connected; then one JSON line per replaced worker and per model change.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
+import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from inference_gateway.control_plane import CONTROL_PLANE, SERVICE_NAME, load_path
 from inference_gateway.native.build import BuildError, build
+from inference_gateway.prepared import Refused, Version, prepare
+from inference_gateway.registry import VersionTable
+from inference_gateway.requests import RequestError
+from protos import inference_pb2, inference_pb2_grpc
+from protos.durable import write_file_atomic
 from protos.metrics import serve_metrics
+from protos.paths import PathRefused, status_of_oserror
 from protos.process import child_env, stop_all
-from protos.security import TlsConfig
+from protos.rejects import DecodeGuard, Rejects
+from protos.security import ControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
 
 log = logging.getLogger(__name__)
 CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
@@ -40,10 +59,11 @@ CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 @dataclass
 class NativeConfig:
-    model: str
+    models: list[str] = field(default_factory=list)  # package directories loaded at start
     workers: int = 2
     host: str = "127.0.0.1"
     port: int = 0
+    management_port: int = 0
     metrics_port: int = 0  # -1: none
     max_batch_requests: int = 256
     max_batch_bytes: int = 131072
@@ -54,8 +74,10 @@ class NativeConfig:
     grace_s: float = 10.0
     workdir: str = "native-gateway"
     table_cache: str | None = None
+    model_store: str = "model_store"  # LoadModel reads packages only from here
+    token: str | None = None  # LoadModel / UnloadModel / SetDefaultVersion need it (None: open unless mTLS)
     predict_token_file: str | None = None  # Predict and ModelInfer need `authorization: Bearer <its token>`
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = None  # the inference port's and the management port's
     start_timeout_s: float = 300.0
 
     def frontend_args(self, sock: Path) -> list[str]:
@@ -80,29 +102,13 @@ class StartError(RuntimeError):
     """The gateway could not start (the package, the build, or a child that exited first)."""
 
 
-def image_of(package: str, cache: Path) -> Path:
-    """The package's table image, from shared_tables' own short-lived child (as serve-triton's supervisor
-    prepares one), so this process never holds the tables."""
-    out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", package, str(cache)],
-                         capture_output=True, text=True, check=False, env=child_env(None))
-    lines = out.stdout.strip().splitlines()
-    facts = json.loads(lines[-1]) if lines else {"error": out.stderr[-2000:] or f"exit code {out.returncode}"}
-    if "error" in facts:
-        raise StartError(f"--model {package}: {facts['error']}")
-    return Path(facts["image"])
-
-
-def _die_with_parent() -> None:
-    """In each child: SIGTERM when this process dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
 @dataclass
 class FrontendState:
     """What the frontend's stdout said last (its events and cumulative counters)."""
 
     stats: dict = field(default_factory=dict)
     workers: int = 0
+    connected: set[int] = field(default_factory=set)  # pids of the workers connected now
     events: queue.Queue = field(default_factory=queue.Queue)
 
     def read(self, stream) -> None:
@@ -116,6 +122,10 @@ class FrontendState:
             else:
                 if "workers" in msg:
                     self.workers = int(msg["workers"])
+                if msg.get("event") == "worker_joined":
+                    self.connected = self.connected | {msg["pid"]}
+                elif msg.get("event") in ("worker_lost", "worker_retired"):
+                    self.connected = self.connected - {msg["pid"]}
                 self.events.put(msg)
         self.events.put({"event": "frontend_exited"})
 
@@ -157,10 +167,18 @@ class NativeCollector(Collector):
         c = CounterMetricFamily("gateway_worker_restarts", "workers replaced after they exited")
         c.add_metric([], self.sup.restarts)
         yield c
+        c = CounterMetricFamily("gateway_model_changes", "model sets rolled out to the workers (loads, unloads, "
+                                "default changes)")
+        c.add_metric([], self.sup.changes)
+        yield c
+        g = GaugeMetricFamily("gateway_models_loaded", "model versions loaded in every worker")
+        g.add_metric([], len(self.sup.table))
+        yield g
 
 
 class Supervisor:
-    """The frontend and its workers; `start` returns once every worker is connected."""
+    """The frontend, its workers and the model set they serve; `start` returns once every worker is
+    connected. Changes of the model set and replacements of dead workers hold `lock`."""
 
     RESTART_BACKOFF_S = 1.0  # a worker slot is not restarted more often than this
 
@@ -168,49 +186,158 @@ class Supervisor:
         self.cfg = cfg
         self.work = Path(cfg.workdir)
         self.sock = self.work / "workers.sock"
+        self.cache = Path(cfg.table_cache or self.work / "tables")
         self.state = FrontendState()
         self.frontend: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.started: list[float] = []
         self.restarts = 0
-        self.image: Path | None = None
+        self.changes = 0
+        self.table: VersionTable[Version] = VersionTable()
+        self.spec: Path | None = None  # what the current workers were started with
+        self.lock = threading.Lock()
         self.reader: threading.Thread | None = None
 
     def _worker(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "inference_gateway.native.worker", str(self.sock),
-                                 self.cfg.model, str(self.image)], env=child_env(None), preexec_fn=_die_with_parent)
+                                 str(self.spec)], env=child_env(None))
 
-    def _until(self, event: str, count: int | None = None) -> dict:
-        """The frontend's next `event` (with `workers` >= count), failing at once if any child exits."""
+    def _check_frontend(self) -> None:
+        if self.frontend is not None and self.frontend.poll() is not None:
+            raise StartError(f"the frontend exited with code {self.frontend.returncode}")
+
+    def _until(self, event: str) -> dict:
+        """The frontend's next `event`, failing at once if it exits."""
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while time.monotonic() < deadline:
-            for c in [self.frontend, *self.workers]:
-                if c is not None and c.poll() is not None:
-                    who = "the frontend" if c is self.frontend else f"worker {c.pid}"
-                    raise StartError(f"{who} exited with code {c.returncode} before serving")
+            self._check_frontend()
             try:
                 msg = self.state.events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if msg.get("event") == event and (count is None or msg.get("workers", 0) >= count):
+            if msg.get("event") == event:
                 return msg
         raise StartError(f"not serving within {self.cfg.start_timeout_s} s")
+
+    def _connected(self, procs: list[subprocess.Popen]) -> None:
+        """Waits until every one of `procs` is connected to the frontend; StartError naming the first that
+        exits (or the frontend) before."""
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while not all(p.pid in self.state.connected for p in procs):
+            self._check_frontend()
+            for p in procs:
+                if p.poll() is not None:
+                    raise StartError(f"worker {p.pid} exited with code {p.returncode} before serving")
+            if time.monotonic() > deadline:
+                raise StartError(f"workers not connected within {self.cfg.start_timeout_s} s")
+            time.sleep(0.05)
+
+    def _write_spec(self) -> Path:
+        """The model set as a worker reads it at start (a new file per set: running workers keep theirs)."""
+        spec = {"models": [{"name": v.name, "version": v.version, "path": v.facts["path"], "image": str(v.image)}
+                           for v in self.table.items()],
+                "defaults": self.table.defaults, "default_model": self.table.default_model}
+        path = self.work / f"models-{time.time_ns()}.json"
+        write_file_atomic(path, json.dumps(spec, indent=1).encode())
+        return path
 
     def start(self) -> dict:
         self.work.mkdir(parents=True, exist_ok=True)
         binary = build()
-        self.image = image_of(self.cfg.model, Path(self.cfg.table_cache or self.work / "tables"))
+        for path in self.cfg.models:
+            in_store = os.path.join(self.cfg.model_store, path)
+            where = in_store if not os.path.isabs(path) and os.path.isdir(in_store) else path
+            try:
+                v = prepare(where, self.cache, env=child_env(None))
+                self.table.add(v.name, v.version, v)
+            except (Refused, RequestError) as e:
+                raise StartError(f"--model {path}: {e.message}") from None
+        self.spec = self._write_spec()
         self.frontend = subprocess.Popen([str(binary), *self.cfg.frontend_args(self.sock)], stdout=subprocess.PIPE,
-                                         text=True, preexec_fn=_die_with_parent)
+                                         stdin=subprocess.PIPE, text=True)
         self.reader = threading.Thread(target=self.state.read, args=(self.frontend.stdout,), daemon=True)
         self.reader.start()
         port = self._until("serving")["port"]
         self.workers = [self._worker() for _ in range(self.cfg.workers)]
         self.started = [time.monotonic()] * len(self.workers)
-        self._until("worker_joined", self.cfg.workers)
+        self._connected(self.workers)
         return {"event": "serving", "port": port, "frontend_pid": self.frontend.pid,
-                "worker_pids": [w.pid for w in self.workers], "table_image": str(self.image)}
+                "worker_pids": [w.pid for w in self.workers],
+                "models": [{"name": v.name, "version": v.version, "table_image": str(v.image)}
+                           for v in self.table.items()]}
 
+    # --- the model set (under self.lock) ---------------------------------------------------------------
+    def _roll(self, change: str) -> None:
+        """Starts workers with the current table, then retires the old ones (each after its batch in hand);
+        Refused, with the old workers still serving, when a new one fails to start."""
+        old_spec, self.spec = self.spec, self._write_spec()
+        new = [self._worker() for _ in range(self.cfg.workers)]
+        try:
+            self._connected(new)
+        except StartError as e:
+            stop_all(new, 10)
+            self.spec.unlink(missing_ok=True)
+            self.spec = old_spec
+            raise Refused(grpc.StatusCode.INTERNAL, f"the workers could not start the new model set: {e}") from None
+        old, self.workers, self.started = self.workers, new, [time.monotonic()] * len(new)
+        for w in old:
+            if w.poll() is None:
+                self.frontend.stdin.write(f"retire {w.pid}\n")
+        self.frontend.stdin.flush()
+        deadline = time.monotonic() + self.cfg.grace_s + 10
+        for w in old:  # each exits on its socket's EOF, after its last batch is answered
+            try:
+                w.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not exit after it was retired; killing it", w.pid)
+                w.kill()
+                w.wait()
+        if old_spec is not None:
+            old_spec.unlink(missing_ok=True)
+        self.changes += 1
+        print(json.dumps({"event": "models_changed", "change": change, "worker_pids": [w.pid for w in new],
+                          "models": [[v.name, v.version, d] for v, d in self.table.entries()]}), flush=True)
+
+    def _changed(self, change: str, apply) -> object:
+        """Applies `apply` to the table and rolls the workers; the table as it was when that fails."""
+        saved = (self.table.models, self.table.defaults, self.table.default_model)
+        try:
+            out = apply()
+            self._roll(change)
+            return out
+        except RequestError as e:
+            self.table.models, self.table.defaults, self.table.default_model = saved
+            raise Refused(e.code, e.message) from None
+        except BaseException:
+            self.table.models, self.table.defaults, self.table.default_model = saved
+            raise
+
+    def load(self, path: Path, name: str, version: int, make_default: bool = False) -> Version:
+        if name and version:
+            try:
+                self.table.check_new(name, version)  # before the package is read
+            except RequestError as e:
+                raise Refused(e.code, e.message) from None
+        v = prepare(path, self.cache, name, version, env=child_env(None))
+
+        def add() -> Version:
+            self.table.add(v.name, v.version, v, make_default)
+            return v
+        return self._changed(f"load {v.name} v{v.version}", add)
+
+    def unload(self, name: str, version: int) -> None:
+        self._changed(f"unload {name} v{version}", lambda: self.table.remove(name, version))
+
+    def set_default(self, name: str, version: int) -> Version:
+        v = self.table.resolve(name, version) if version else None
+        if v is not None and self.table.defaults.get(v.name) == version:
+            return v  # already the default: no roll
+        return self._changed(f"default {name} v{version}", lambda: self.table.set_default(name, version))
+
+    def infos(self) -> list[inference_pb2.ModelInfo]:
+        return [v.info(is_default) for v, is_default in self.table.entries()]
+
+    # --- supervision -------------------------------------------------------------------------------------
     def watch_once(self) -> bool:
         """Replaces dead workers; False once the frontend itself has exited."""
         if self.frontend is None or self.frontend.poll() is not None:
@@ -218,15 +345,20 @@ class Supervisor:
         while not self.state.events.empty():
             msg = self.state.events.get()
             if msg.get("event") == "worker_lost":
-                log.warning("a worker left the frontend (%d connected)", msg["workers"])
-        for i, w in enumerate(self.workers):
-            if w.poll() is None or time.monotonic() - self.started[i] < self.RESTART_BACKOFF_S:
-                continue
-            self.workers[i], self.started[i] = self._worker(), time.monotonic()
-            self.restarts += 1
-            log.warning("worker %d exited with code %s; replaced by %d", w.pid, w.returncode, self.workers[i].pid)
-            print(json.dumps({"event": "worker_replaced", "old_pid": w.pid, "returncode": w.returncode,
-                              "pid": self.workers[i].pid}), flush=True)
+                log.warning("worker %s left the frontend (%d connected)", msg.get("pid"), msg["workers"])
+        if not self.lock.acquire(blocking=False):
+            return True  # the model set is being rolled: its workers are checked then
+        try:
+            for i, w in enumerate(self.workers):
+                if w.poll() is None or time.monotonic() - self.started[i] < self.RESTART_BACKOFF_S:
+                    continue
+                self.workers[i], self.started[i] = self._worker(), time.monotonic()
+                self.restarts += 1
+                log.warning("worker %d exited with code %s; replaced by %d", w.pid, w.returncode, self.workers[i].pid)
+                print(json.dumps({"event": "worker_replaced", "old_pid": w.pid, "returncode": w.returncode,
+                                  "pid": self.workers[i].pid}), flush=True)
+        finally:
+            self.lock.release()
         return True
 
     def drain(self) -> int:
@@ -242,13 +374,81 @@ class Supervisor:
                 code = 1
         if self.reader is not None:
             self.reader.join(5)
-        stop_all(self.workers, 10)
+        with self.lock:
+            stop_all(self.workers, 10)
         final = {k: self.state.stats.get(k) for k in ("received", "answered", "expired", "admission_refusals")}
         print(json.dumps({"event": "drained", "frontend_exit_code": code, **final}), flush=True)
         return code
 
     def kill(self) -> None:
         stop_all([p for p in [self.frontend, *self.workers] if p is not None], 10)
+
+
+class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
+    """The control plane on its own address (Predict is UNIMPLEMENTED here); one change at a time."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def ListModels(self, request, context):
+        return inference_pb2.ListModelsResponse(models=self.sup.infos())
+
+    def Predict(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Predict is served on the gateway's --port, not on its "
+                                                     "management address")
+
+    def PredictStream(self, request_iterator, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "PredictStream is not served by serve-native (serve has it)")
+
+    def LoadModel(self, request, context):
+        try:
+            path = load_path(request, self.sup.cfg.model_store)
+            with self.sup.lock:
+                v = self.sup.load(path, request.name, request.version, request.make_default)
+                return v.info(self.sup.table.defaults.get(v.name) == v.version)
+        except (PathRefused, Refused) as e:
+            context.abort(e.code, e.message)
+        except OSError as e:
+            refused = status_of_oserror(e, "path", request.path)
+            context.abort(refused.code, refused.message)
+
+    def UnloadModel(self, request, context):
+        try:
+            with self.sup.lock:
+                self.sup.unload(request.name, request.version)
+        except Refused as e:
+            context.abort(e.code, e.message)
+        return inference_pb2.UnloadModelResponse()
+
+    def SetDefaultVersion(self, request, context):
+        try:
+            with self.sup.lock:
+                return self.sup.set_default(request.name, request.version).info(True)
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        except Refused as e:
+            context.abort(e.code, e.message)
+
+
+def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grpc.Server, int,
+                                                                                health.HealthServicer]:
+    """The management address: InferenceGateway's control plane, gRPC health and reflection."""
+    rejects = Rejects(registry, log)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if sup.cfg.token:
+        interceptors.append(ControlPlaneAuth([TokenRule(sup.cfg.token, full_names(SERVICE_NAME, CONTROL_PLANE))],
+                                             on_refusal=rejects.refused))
+    interceptors.append(DecodeGuard(rejects))
+    server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="management"), interceptors=interceptors)
+    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup), server)
+    checks = health.HealthServicer()
+    for svc in ("", SERVICE_NAME):
+        checks.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = bind(server, f"{sup.cfg.host}:{sup.cfg.management_port}", sup.cfg.tls)
+    server.start()
+    return server, port, checks
 
 
 def run(cfg: NativeConfig) -> int:
@@ -265,14 +465,22 @@ def run(cfg: NativeConfig) -> int:
     except Exception:
         sup.kill()
         raise
+    registry = CollectorRegistry()
+    try:
+        server, msg["management_port"], checks = management_server(sup, registry)
+    except (OSError, RuntimeError) as e:
+        sup.kill()
+        raise SystemExit(f"inference-gateway serve-native: --management-port: {e}") from None
     if cfg.metrics_port >= 0:
-        registry = CollectorRegistry()
         registry.register(NativeCollector(sup.state, sup))
         msg["metrics_port"] = serve_metrics(registry, cfg.host, cfg.metrics_port)
     print(json.dumps(msg), flush=True)
     while not stop.wait(0.2):
         if not sup.watch_once():
             log.error("the frontend exited with code %s; stopping", sup.frontend.returncode if sup.frontend else None)
+            server.stop(0)
             sup.kill()
             return 1
+    checks.enter_graceful_shutdown()
+    server.stop(1)
     return sup.drain()

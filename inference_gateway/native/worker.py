@@ -3,9 +3,13 @@ Protocol's ModelInfer and its metadata calls) in over a unix socket from the fro
 TBE lookup and one dense forward per batch, a status and a serialized response (or an error message) out
 per request. Scores equal `serve`'s; a bad request gets `serve`'s check's error and spoils no other;
 nothing a request holds stops the worker. The tables are mapped read-only from the supervisor's table
-image, so N workers hold one copy.
+images, so N workers hold one copy.
 
-    python -m inference_gateway.native.worker SOCKET PACKAGE TABLE_IMAGE
+    python -m inference_gateway.native.worker SOCKET SPEC_JSON
+
+SPEC_JSON (written by the supervisor, fixed for the worker's life: a model change starts new workers):
+{"models": [{"name", "version", "path", "image"}], "defaults": {name: version}, "default_model": name}.
+Requests resolve their model and version by serve's rules (registry.VersionTable).
 
 Wire (little-endian): batch = u32 n, n x (u8 method: METHODS' index, u32 len, request bytes); reply = u32
 n, n x (u8 gRPC status code, u32 len, response bytes or error message).
@@ -14,6 +18,7 @@ n, n x (u8 gRPC status code, u32 len, response bytes or error message).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import socket
 import struct
 import sys
@@ -29,6 +34,7 @@ from inference_gateway import oip
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
+from inference_gateway.registry import VersionTable
 from inference_gateway.requests import Decoded, Limits, RequestError, decode, segment_reorder, validate
 from protos import common_pb2, inference_pb2
 from protos import open_inference_pb2 as oip_pb
@@ -41,12 +47,10 @@ UNLIMITED = Limits(max_request_samples=1 << 62, max_request_ids=1 << 62)
 
 
 def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, limits: Limits) -> Decoded | None:
-    """Every request of a batch as one, checked once by `validate` (a few numpy calls per batch, not per
-    request); None when the requests are not alike or one is malformed (then each is decoded alone, which
-    also gives a bad one its own error and spoils no other)."""
+    """Every request of a batch (all resolved to `model`) as one, checked once by `validate` (a few numpy
+    calls per batch, not per request); None when the requests are not alike or one is malformed (then
+    each is decoded alone, which also gives a bad one its own error and spoils no other)."""
     first = reqs[0]
-    if any(r.model not in ("", model.name) or r.version not in (0, model.version) for r in reqs):
-        return None  # each alone: NOT_FOUND for another model or version
     names, width, nfeat = list(first.features), model.dense_features, len(model.features)
     ldt, vdt = _INT.get(first.lengths.dtype), _INT.get(first.values.dtype)
     if ldt is None or vdt is None or (names and len(names) != nfeat):
@@ -103,17 +107,25 @@ class Scoring:
     """A request in the batch's forward: where its answer goes, its samples, and how its scores are encoded."""
 
     index: int
+    model: ServingModel
     samples: int
     respond: Callable[[np.ndarray], bytes]
 
 
 class Worker:
-    """One process's model (tables mapped from the shared image) and how it answers a batch."""
+    """One process's models (tables mapped from the shared images) and how it answers a batch."""
 
-    def __init__(self, package: str, image: str) -> None:
+    def __init__(self, spec: dict) -> None:
         torch.set_num_threads(1)  # one core per worker; workers are the parallelism
-        self.model = ServingModel(load_package(package, read_tables=False), table_image=image)
-        self.model.warm_up()
+        self.table: VersionTable[ServingModel] = VersionTable()
+        for m in spec["models"]:
+            pkg = load_package(m["path"], read_tables=False)
+            pkg.manifest["name"], pkg.manifest["version"] = m["name"], int(m["version"])
+            model = ServingModel(pkg, table_image=m["image"])
+            model.warm_up()
+            self.table.add(model.name, model.version, model)
+        self.table.defaults = {k: int(v) for k, v in spec["defaults"].items()}
+        self.table.default_model = spec["default_model"]
         self.limits = Limits()
         try:
             self.server_version = importlib.metadata.version("recsys-ps")
@@ -132,14 +144,15 @@ class Worker:
             try:
                 if method == PREDICT:
                     r = _parse(inference_pb2.PredictRequest, body)
-                    self._check_model(r.model, r.version)
-                    d = decode(r, self.model, self.limits)
-                    scoring.append(Scoring(i, d.batch_size, lambda s, r=r: self._predict_response(r, s)))
+                    m = self.table.resolve(r.model, r.version)
+                    d = decode(r, m, self.limits)
+                    scoring.append(Scoring(i, m, d.batch_size, lambda s, r=r, m=m: _predict_response(r, m, s)))
                 elif method == INFER:
                     r = _parse(oip_pb.ModelInferRequest, body)
-                    self._check_model(r.model_name, oip.parse_version(r.model_version, "model_version"))
-                    d, batched = oip.decode_infer(r, self.model, self.limits)
-                    scoring.append(Scoring(i, d.batch_size, lambda s, r=r, b=batched: self._infer_response(r, s, b)))
+                    m = self.table.resolve(r.model_name, oip.parse_version(r.model_version, "model_version"))
+                    d, batched = oip.decode_infer(r, m, self.limits)
+                    scoring.append(Scoring(i, m, d.batch_size,
+                                           lambda s, r=r, m=m, b=batched: _infer_response(r, m, s, b)))
                 else:
                     out[i] = (0, self._metadata(method, body))
                     continue
@@ -148,11 +161,12 @@ class Worker:
                 out[i] = (e.code.value[0], e.message.encode())
             except Exception as e:  # this request alone fails
                 out[i] = (INTERNAL, f"decoding failed: {type(e).__name__}: {e}".encode())
-        if scoring:
+        for model in {id(sc.model): sc.model for sc in scoring}.values():  # one forward per model version
+            these = [(sc, d) for sc, d in zip(scoring, decoded, strict=True) if sc.model is model]
             try:
-                self._scored(out, scoring, merge(decoded))
-            except Exception as e:  # the batch's requests fail, the worker keeps serving
-                for sc in scoring:
+                _scored(out, [sc for sc, _ in these], model, merge([d for _, d in these]))
+            except Exception as e:  # these requests fail, the worker keeps serving
+                for sc, _ in these:
                     out[sc.index] = (INTERNAL, f"scoring failed: {type(e).__name__}: {e}".encode())
         return out
 
@@ -161,41 +175,21 @@ class Worker:
         request needs the request-by-request path."""
         try:
             reqs = [inference_pb2.PredictRequest.FromString(b) for _, b in items]
-            whole = decode_batch(reqs, self.model, self.limits)
+            models = {id(m): m for m in (self.table.resolve(r.model, r.version) for r in reqs)}
+            if len(models) != 1:
+                return False
+            [model] = models.values()
+            whole = decode_batch(reqs, model, self.limits)
             if whole is None:
                 return False
-            self._scored(out, [Scoring(i, r.dense.shape[0], lambda s, r=r: self._predict_response(r, s))
-                               for i, r in enumerate(reqs)], merge([whole]))
+            _scored(out, [Scoring(i, model, r.dense.shape[0], lambda s, r=r: _predict_response(r, model, s))
+                          for i, r in enumerate(reqs)], model, merge([whole]))
             return True
         except Exception:  # RequestError or worse: the per-request path says which request and why
             return False
 
-    def _check_model(self, name: str, version: int) -> None:
-        m = self.model
-        if name not in ("", m.name):
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model: {name!r} is not loaded (loaded: [{m.name!r}])")
-        if version not in (0, m.version):
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"version: model {m.name!r} has no version {version} "
-                               f"(loaded: [{m.version}])")
-
-    def _predict_response(self, r: inference_pb2.PredictRequest, scores: np.ndarray) -> bytes:
-        m = self.model
-        return inference_pb2.PredictResponse(
-            scores=common_pb2.Tensor(dtype=common_pb2.FLOAT32, shape=[len(scores)], data=scores.tobytes()),
-            model=m.name, version=m.version, request_id=r.request_id).SerializeToString()
-
-    def _infer_response(self, r: oip_pb.ModelInferRequest, scores: np.ndarray, batched: bool) -> bytes:
-        """As serve's ModelInfer answers: `scores` [B, 1] for the batched input form, else [B]."""
-        m = self.model
-        return oip_pb.ModelInferResponse(
-            model_name=m.name, model_version=str(m.version), id=r.id,
-            outputs=[oip_pb.ModelInferResponse.InferOutputTensor(
-                name=oip.OUTPUT, datatype="FP32", shape=[len(scores), 1] if batched else [len(scores)])],
-            raw_output_contents=[scores.tobytes()]).SerializeToString()
-
     def _metadata(self, method: int, body: bytes) -> bytes:
-        """The OIP's model and server metadata, as serve answers them (one model, one version here)."""
-        m = self.model
+        """The OIP's model and server metadata, as serve answers them."""
         if method == SERVER_METADATA:
             _parse(oip_pb.ServerMetadataRequest, body)
             return oip_pb.ServerMetadataResponse(name="recsys-inference-gateway", version=self.server_version,
@@ -204,26 +198,43 @@ class Worker:
             r = _parse(oip_pb.ModelReadyRequest, body)
             version = oip.parse_version(r.version, "version")
             try:
-                self._check_model(r.name, version)
+                self.table.resolve(r.name, version)
             except RequestError:
                 return oip_pb.ModelReadyResponse(ready=False).SerializeToString()
             return oip_pb.ModelReadyResponse(ready=True).SerializeToString()
         if method == MODEL_METADATA:
             r = _parse(oip_pb.ModelMetadataRequest, body)
-            self._check_model(r.name, oip.parse_version(r.version, "version"))
+            m = self.table.resolve(r.name, oip.parse_version(r.version, "version"))
             return oip_pb.ModelMetadataResponse(
-                name=m.name, versions=[str(m.version)], platform=oip.PLATFORM, inputs=oip.input_metadata(m),
+                name=m.name, versions=[str(v) for v in sorted(self.table.models[m.name])], platform=oip.PLATFORM,
+                inputs=oip.input_metadata(m),
                 outputs=[oip_pb.ModelMetadataResponse.TensorMetadata(name=oip.OUTPUT, datatype="FP32", shape=[-1])],
             ).SerializeToString()
         raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"method number {method} is not known to this worker")
 
-    def _scored(self, out: list[tuple[int, bytes]], scoring: list[Scoring],
-                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        scores = self.model.scores(*batch).numpy()
-        start = 0
-        for sc in scoring:
-            out[sc.index] = (0, sc.respond(scores[start:start + sc.samples]))
-            start += sc.samples
+
+def _scored(out: list[tuple[int, bytes]], scoring: list[Scoring], model: ServingModel,
+            batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    scores = model.scores(*batch).numpy()
+    start = 0
+    for sc in scoring:
+        out[sc.index] = (0, sc.respond(scores[start:start + sc.samples]))
+        start += sc.samples
+
+
+def _predict_response(r: inference_pb2.PredictRequest, m: ServingModel, scores: np.ndarray) -> bytes:
+    return inference_pb2.PredictResponse(
+        scores=common_pb2.Tensor(dtype=common_pb2.FLOAT32, shape=[len(scores)], data=scores.tobytes()),
+        model=m.name, version=m.version, request_id=r.request_id).SerializeToString()
+
+
+def _infer_response(r: oip_pb.ModelInferRequest, m: ServingModel, scores: np.ndarray, batched: bool) -> bytes:
+    """As serve's ModelInfer answers: `scores` [B, 1] for the batched input form, else [B]."""
+    return oip_pb.ModelInferResponse(
+        model_name=m.name, model_version=str(m.version), id=r.id,
+        outputs=[oip_pb.ModelInferResponse.InferOutputTensor(
+            name=oip.OUTPUT, datatype="FP32", shape=[len(scores), 1] if batched else [len(scores)])],
+        raw_output_contents=[scores.tobytes()]).SerializeToString()
 
 
 def _parse(kind, body: bytes):
@@ -234,8 +245,9 @@ def _parse(kind, body: bytes):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a {kind.DESCRIPTOR.name} ({e})") from None
 
 
-def serve(sock_path: str, package: str, image: str) -> None:
-    worker = Worker(package, image)
+def serve(sock_path: str, spec_path: str) -> None:
+    with open(spec_path) as f:
+        worker = Worker(json.load(f))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock_path)
     f = s.makefile("rb", buffering=1 << 20)
@@ -252,4 +264,4 @@ def serve(sock_path: str, package: str, image: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(*sys.argv[1:4])
+    serve(*sys.argv[1:3])

@@ -1,0 +1,183 @@
+"""serve-native's management address as real processes: LoadModel / UnloadModel / SetDefaultVersion /
+ListModels served by the supervisor with the control token, applied to every worker by rolling them
+(new workers with the new model set, then the old ones retired after their batch in hand), under load
+from several clients without one failed request; refusals name the field and change nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inference_gateway import proc_memory
+from inference_gateway.client import GatewayClient, build_request, scores_of
+from inference_gateway.model import ServingModel
+from inference_gateway.package import load_package
+from inference_gateway.process import launch_native
+from protos import inference_pb2, inference_pb2_grpc
+from tests import prom
+from tests.test_inference_package import TINY, tiny_model
+from tests.test_oip import ragged
+from trainer.export import export_package, table_dtypes
+
+WORKERS = 2
+TOKEN = "s3cret-control-token"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
+    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "int8", []), version=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gw(store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("native-mgmt")
+    (tmp / "control.token").write_text(TOKEN + "\n")
+    g = launch_native(["--model", "v1", "--model-store", str(store), "--workers", str(WORKERS),
+                       "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1"], workdir=tmp / "gw")
+    yield g
+    g.kill()
+
+
+def admin(g, token: str | None = TOKEN) -> GatewayClient:
+    return GatewayClient(f"127.0.0.1:{g.announced['management_port']}", token=token)
+
+
+def workers(g) -> set[int]:
+    return {p for p in proc_memory.children(g.pid) if p != g.announced["frontend_pid"]}
+
+
+def expected(store, version: int, req) -> np.ndarray:
+    model = ServingModel(load_package(store / f"v{version}"))
+    return model.scores(*(torch.from_numpy(a) for a in req)).numpy()
+
+
+def test_control_rpcs_need_the_token_and_refusals_change_nothing(gw, store):
+    with admin(gw, token=None) as anon:
+        assert [(m.name, m.version, m.is_default) for m in anon.list_models()] == [("dlrm", 1, True)]  # open
+        for call in (lambda: anon.load_model("v2"), lambda: anon.unload_model("dlrm", 1),
+                     lambda: anon.set_default_version("dlrm", 1)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+    with admin(gw, token="nope") as wrong, pytest.raises(grpc.RpcError) as e:
+        wrong.load_model("v2")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "nope" not in e.value.details()
+    before = workers(gw)
+    with admin(gw) as a:
+        cases = [(lambda: a.load_model("../outside"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+                 (lambda: a.load_model(str(store.parent)), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+                 (lambda: a.load_model("no-such-package"), grpc.StatusCode.FAILED_PRECONDITION, "path: package"),
+                 (lambda: a.load_model("v1"), grpc.StatusCode.ALREADY_EXISTS, "version"),
+                 (lambda: a.unload_model("dlrm", 7), grpc.StatusCode.NOT_FOUND, "version"),
+                 (lambda: a.unload_model("", 1), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+                 (lambda: a.set_default_version("other", 1), grpc.StatusCode.NOT_FOUND, "model")]
+        for call, code, words in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == code and words in e.value.details(), (code, e.value.code(), e.value.details())
+        assert [(m.name, m.version, m.is_default) for m in a.list_models()] == [("dlrm", 1, True)]
+        with pytest.raises(grpc.RpcError) as e:  # inference is not served on the management address
+            a.predict_request(build_request(*ragged(1, 1)))
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert workers(gw) == before  # a refused change rolled nothing
+    with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_hot_swap_in_every_worker_fails_no_request(gw, store):
+    """Clients send unversioned requests and requests for v1 throughout LoadModel(v2), SetDefaultVersion(2)
+    and (once the v1 clients stop) UnloadModel(1); every request is answered OK with the scores of the
+    version it names in its answer, and after each call returns every worker serves the new set."""
+    stop, stop_v1 = threading.Event(), threading.Event()
+    answers: list[tuple[int, int, int]] = []  # (seed, version asked, version answered)
+    failures: list[str] = []
+    reqs = {k: ragged(1 + k % 2, 1000 + k) for k in range(16)}
+
+    def drive(k: int, version: int) -> None:
+        s = inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(gw.address))
+        i = 0
+        while not (stop.is_set() or (version and stop_v1.is_set())):
+            seed = (k * 7 + i) % len(reqs)
+            try:
+                a = s.Predict(build_request(*reqs[seed], version=version), timeout=30)
+                answers.append((seed, version, a.version))
+                np.testing.assert_allclose(scores_of(a), want[a.version][seed], rtol=1e-5, atol=1e-6)
+            except grpc.RpcError as e:
+                failures.append(f"v{version}: {e.code().name}: {e.details()}")
+            except AssertionError as e:
+                failures.append(f"v{version} scores: {e}")
+            i += 1
+
+    want = {v: {k: expected(store, v, r) for k, r in reqs.items()} for v in (1, 2)}
+    threads = [threading.Thread(target=drive, args=(k, version)) for k, version in enumerate((0, 0, 0, 1))]
+    first = workers(gw)
+    with admin(gw) as a:
+        try:
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            info = a.load_model("v2")
+            assert (info.name, info.version, info.is_default) == ("dlrm", 2, False)
+            loaded = workers(gw)
+            assert len(loaded) == WORKERS and not loaded & first  # every worker was replaced
+            s = inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(gw.address))
+            for _ in range(8):  # v2 is in every worker now, by name; unversioned requests still go to v1
+                assert s.Predict(build_request(*reqs[0], version=2), timeout=30).version == 2
+                assert s.Predict(build_request(*reqs[0]), timeout=30).version == 1
+            time.sleep(0.5)
+            assert a.set_default_version("dlrm", 2).is_default
+            for _ in range(8):
+                assert s.Predict(build_request(*reqs[0]), timeout=30).version == 2
+            with pytest.raises(grpc.RpcError) as e:  # v2 is the default of a model with another version
+                a.unload_model("dlrm", 2)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "default" in e.value.details()
+            time.sleep(0.5)
+            stop_v1.set()
+            threads[-1].join()
+            a.unload_model("dlrm", 1)
+            time.sleep(0.5)
+            assert [(m.name, m.version, m.is_default) for m in a.list_models()] == [("dlrm", 2, True)]
+            with pytest.raises(grpc.RpcError) as e:
+                s.Predict(build_request(*reqs[0], version=1), timeout=30)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "no version 1" in e.value.details()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    assert not failures, failures[:5]
+    unversioned = [answered for _, asked, answered in answers if asked == 0]
+    assert unversioned[0] == 1 and unversioned[-1] == 2 and unversioned.index(2) > 10  # load across the swaps
+    assert {answered for _, asked, answered in answers if asked == 1} == {1}
+    assert len(workers(gw)) == WORKERS  # the retired workers exited
+    assert prom.value(gw.announced["metrics_port"], "gateway_model_changes_total") == 3
+    assert prom.value(gw.announced["metrics_port"], "gateway_models_loaded") == 1
+    out = (gw.workdir / "stdout.log").read_text()
+    assert out.count('"event": "models_changed"') == 3 and '"worker_replaced"' not in out
+    time.sleep(1.2)  # the frontend's counters reach the supervisor once a second
+    assert prom.value(gw.announced["metrics_port"], "gateway_requests_total", method="Predict", code="OK") >= \
+        len(answers)
+
+
+def test_load_under_another_name_and_make_default(gw, store):
+    with admin(gw) as a:
+        info = a.load_model("v1", name="ranker", version=5, make_default=True)
+        assert (info.name, info.version, info.is_default) == ("ranker", 5, True)
+        s = inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(gw.address))
+        req = ragged(2, 9)
+        r = s.Predict(build_request(*req, model="ranker"), timeout=30)
+        assert (r.model, r.version) == ("ranker", 5)
+        np.testing.assert_allclose(scores_of(r), expected(store, 1, req), rtol=1e-5, atol=1e-6)
+        assert s.Predict(build_request(*req), timeout=30).model == "dlrm"  # the first model stays the default
+        a.unload_model("ranker", 5)
+        listed = a.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30).models
+        assert [(m.name, m.version) for m in listed] == [("dlrm", 2)]
