@@ -23,9 +23,8 @@ from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2, embedding_shard_pb2
 from protos.plan import assignment_from_dict
 from tests import prom
-from tests.test_inference_package import TINY, tiny_model
+from tests.test_inference_package import TINY, two_versions
 from trainer.data import SyntheticData
-from trainer.export import export_package, table_dtypes
 
 TABLES = [{"name": "t", "num_rows": 64, "dim": 8, "features": ["f"],
            "optimizer": {"type": "exact_rowwise_adagrad", "learning_rate": 0.1}}]
@@ -133,10 +132,7 @@ def test_shard_mutual_tls(shard_factory, certs, tmp_path):
 # -- gateway ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("model-store")
-    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "fp32", []), version=1)
-    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "fp32", []), version=2)
-    return root
+    return two_versions(tmp_path_factory.mktemp("model-store"), "fp32", "fp32")
 
 
 def one_request():

@@ -32,9 +32,8 @@ from inference_gateway.process import launch, launch_triton
 from inference_gateway.shared_tables import IMAGE_SUFFIX
 from inference_gateway.triton_frontend import Allocator, FrontendError, preload
 from protos import inference_pb2, inference_pb2_grpc
-from tests.test_inference_package import TINY, tiny_model
+from tests.test_inference_package import TINY, two_versions
 from tests.test_oip import bags_inputs, batched_inputs, ids_inputs, ragged
-from trainer.export import export_package, table_dtypes
 
 WORKERS = 2
 NFEAT, NDENSE = len(TINY.features), TINY.dense_features
@@ -42,10 +41,7 @@ NFEAT, NDENSE = len(TINY.features), TINY.dense_features
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
-    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "int8", []), version=2)
-    return root
+    return two_versions(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")

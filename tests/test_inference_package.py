@@ -27,6 +27,13 @@ def tiny_model(seed: int = 0) -> ExportedModel:
                          {t.name: torch.randn(t.num_rows, t.dim, generator=g) for t in TINY.tables}, step=0)
 
 
+def two_versions(root: Path, v1: str = "int8", v2: str = "int8") -> Path:
+    """A model store with the tiny model's packages `v1` (seed 0, tables at dtype v1) and `v2` (seed 1)."""
+    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, v1, []), version=1)
+    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, v2, []), version=2)
+    return root
+
+
 def reference_scores(model: ExportedModel, batch) -> torch.Tensor:
     blocks = []
     for f in TINY.features:

@@ -21,9 +21,8 @@ from inference_gateway.package import load_package
 from inference_gateway.process import launch_native
 from protos import inference_pb2, inference_pb2_grpc
 from tests import prom
-from tests.test_inference_package import TINY, tiny_model
+from tests.test_inference_package import two_versions
 from tests.test_oip import ragged
-from trainer.export import export_package, table_dtypes
 
 WORKERS = 2
 TOKEN = "s3cret-control-token"
@@ -31,10 +30,7 @@ TOKEN = "s3cret-control-token"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
-    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "int8", []), version=2)
-    return root
+    return two_versions(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,15 @@ from protos import inference_pb2, inference_pb2_grpc
 from protos.process import ServerProcess, start_announced
 from protos.security import bearer_metadata
 from tests import prom
-from tests.test_inference_package import TINY, tiny_model
+from tests.test_inference_package import TINY, two_versions
 from trainer.data import SyntheticData
-from trainer.export import export_package, table_dtypes
 
 FEATURES = [f.name for f in TINY.features]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("proxy-pkgs")
-    export_package(tiny_model(0), root / "v1", dtypes=table_dtypes(TINY, "int8", []), version=1)
-    export_package(tiny_model(1), root / "v2", dtypes=table_dtypes(TINY, "fp32", []), version=2)
-    return root
+    return two_versions(tmp_path_factory.mktemp("proxy-pkgs"), "int8", "fp32")
 
 
 def start_proxy(target: str, models: list, workdir, *extra: str) -> ServerProcess:
