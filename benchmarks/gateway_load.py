@@ -24,7 +24,7 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
             with h2load (a C client: what the gateway itself sustains); then an open loop at 2x.
 A final "targets" record says pass/fail for each of issue 12's targets, per frontend and dtype.
 `--frontend serve-native` measures `inference-gateway serve-native` (a grpc++ frontend over Python batch
-workers; Predict and OIP, no PredictStream, so no stream phase) through the same phases.
+workers; Predict, PredictStream and OIP on one port) through the same phases.
 
 Why h2load for the open loops. One Python asyncio client tops out near the Python echo ceiling (its own
 loop is GIL-bound and shares the 2 cores with the server), so it cannot offer half, let alone twice, the
@@ -370,7 +370,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
             who = max(maxima, key=maxima.__getitem__)
             peak = maxima[who]
             open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak)
-        if "stream" not in skip and frontend != "serve-native":  # it has no PredictStream
+        if "stream" not in skip:
             depth = max(1, a.concurrency // a.streams)
             r = asyncio.run(stream_closed_loop(ep.predict_address, pools["w1"], a.streams, depth, a.seconds, 1))
             rec = {**base, "bench": "W1_stream_closed", "client": "python", "method": "PredictStream",

@@ -108,13 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser(
         "serve-native", help="serve packages on the native frontend (grpc++, built at install) with supervised "
         "Python worker processes; prints one JSON line with the bound ports",
-        description="A native gRPC frontend accepts Predict and Open Inference Protocol (KServe v2) ModelInfer calls, "
+        description="A native gRPC frontend accepts Predict, PredictStream and Open Inference Protocol (KServe v2) "
+        "ModelInfer calls, "
         "batches them together and refuses overload at arrival (RESOURCE_EXHAUSTED); "
         "--workers Python processes score whole batches with serve's model and checks, all mapping one read-only "
         "copy of each package's tables. The supervisor replaces a worker that dies (health stays SERVING while one "
         "is connected) and exports the frontend's counters on /metrics; SIGTERM drains and exits 0. It serves "
         "recsys.v1.InferenceGateway/Predict, inference.GRPCInferenceService (OIP inputs as serve takes them) and "
-        "grpc.health.v1.Health on --port (no PredictStream or reflection there yet: serve has them). Management "
+        "grpc.health.v1.Health on --port (no reflection there: serve has it). Management "
         "(load / unload / set-default / models, versions and defaults as serve has them) is on --management-port: "
         "a change starts workers with the new model set and retires the old ones after their batch in hand, so no "
         "request fails.")

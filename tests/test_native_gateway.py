@@ -108,8 +108,8 @@ def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing
         with pytest.raises(grpc.RpcError) as e:  # a body that is no PredictRequest
             ch.unary_unary(PREDICT)(b"\xff\xff\xff", timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a PredictRequest" in e.value.details()
-        with pytest.raises(grpc.RpcError) as e:  # what serve-native does not serve says so
-            ch.unary_unary("/recsys.v1.InferenceGateway/PredictStream")(b"", timeout=30)
+        with pytest.raises(grpc.RpcError) as e:  # what serve-native does not serve on this port says so
+            ch.unary_unary("/recsys.v1.InferenceGateway/ListModels")(b"", timeout=30)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "serve-native" in e.value.details()
     np.testing.assert_allclose(scores_of(s.Predict(build_request(dense, lengths, values), timeout=30)),
                                want(dense, lengths, values), rtol=1e-5, atol=1e-6)  # still serving
@@ -178,6 +178,43 @@ def test_the_open_inference_protocol_with_tritons_own_client(gw, package):
     assert prom.value(gw.metrics_port, "gateway_requests_total", method="ModelMetadata", code="NOT_FOUND") == 1
 
 
+def test_predict_stream_answers_every_message_and_survives_bad_ones(gw, package):
+    """PredictStream as serve answers it: every message answered once with its request_id and the package's
+    scores (merged into batches with other streams' and unary requests), a bad message answered with
+    `error` set while the stream goes on, and the stream ends OK."""
+    model = ServingModel(load_package(package))
+    reqs = {f"m{i}": ragged(1 + i % 4, 300 + i) for i in range(40)}
+    bad = {f"bad{i}": ragged(2, 900 + i) for i in range(3)}
+    for r in bad.values():
+        r[0][0, 1] = np.nan
+
+    def messages(k: int):
+        for i, (rid, r) in enumerate(reqs.items()):
+            yield build_request(*r, request_id=f"{k}/{rid}")
+            if i % 13 == 5:
+                yield build_request(*bad[f"bad{i // 13}"], request_id=f"{k}/bad{i // 13}")
+
+    def run(k: int) -> dict:
+        return {r.request_id: r for r in stub(gw).PredictStream(messages(k), timeout=60)}
+
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(run, range(3)))
+    for k, out in enumerate(outs):
+        assert sorted(out) == sorted(f"{k}/{rid}" for rid in [*reqs, *bad])  # each message answered once
+        for rid, r in reqs.items():
+            a = out[f"{k}/{rid}"]
+            assert not a.HasField("error") and (a.model, a.version) == ("dlrm", 1)
+            np.testing.assert_allclose(scores_of(a), model.scores(*(torch.from_numpy(x) for x in r)).numpy(),
+                                       rtol=1e-5, atol=1e-6)
+        for rid in bad:
+            e = out[f"{k}/{rid}"].error
+            assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "NaN" in e.message, e
+    time.sleep(1.2)
+    assert prom.value(gw.metrics_port, "gateway_requests_total", method="PredictStream", code="OK") >= 3 * 40
+    assert prom.value(gw.metrics_port, "gateway_requests_total", method="PredictStream",
+                      code="INVALID_ARGUMENT") >= 3 * 3
+
+
 def test_predict_token_and_mutual_tls(package, certs, tmp_path):
     """With --predict-token-file and --tls-*: Predict and ModelInfer need the bearer token (metadata and
     health do not); a client without a certificate of the CA, or in plaintext, gets no connection; the
@@ -197,7 +234,8 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
             assert scores_of(s.Predict(req, timeout=30, metadata=[("authorization", f"Bearer {token}")])).shape == (2,)
             for md, code in (([], grpc.StatusCode.UNAUTHENTICATED), ([("authorization", "Bearer nope")],
                                                                      grpc.StatusCode.PERMISSION_DENIED)):
-                for method in ("/recsys.v1.InferenceGateway/Predict", "/inference.GRPCInferenceService/ModelInfer"):
+                for method in ("/recsys.v1.InferenceGateway/Predict", "/recsys.v1.InferenceGateway/PredictStream",
+                               "/inference.GRPCInferenceService/ModelInfer"):
                     with pytest.raises(grpc.RpcError) as e:
                         ch.unary_unary(method)(b"", timeout=30, metadata=md)
                     assert e.value.code() == code and method in e.value.details(), e.value

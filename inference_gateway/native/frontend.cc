@@ -16,8 +16,9 @@
 // request, ~7 ms for a 120 KB 256-sample one). One whose deadline passes (or whose client cancels) while
 // queued is answered DEADLINE_EXCEEDED without compute.
 //
-// Methods: recsys.v1.InferenceGateway/Predict and inference.GRPCInferenceService/ModelInfer (admitted,
-// batched, scored together; with --predict-token-file both need `authorization: Bearer <token>`), the OIP's
+// Methods: recsys.v1.InferenceGateway/Predict, its PredictStream (each message admitted as a Predict,
+// answered on the stream as it is ready, a failed one with `error` set) and the OIP's ModelInfer (admitted,
+// batched, scored together; with --predict-token-file these need `authorization: Bearer <token>`), the OIP's
 // ModelMetadata, ModelReady and ServerMetadata (answered by a worker, no admission), ServerLive and
 // ServerReady (answered here: ready while a worker is connected), grpc.health.v1.Health. --tls-cert /
 // --tls-key (and --tls-client-ca: mutual TLS) serve TLS; the files are read here, never passed as text.
@@ -46,6 +47,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <chrono>
@@ -73,7 +75,9 @@ static const Method kMethods[] = {  // worker.METHODS: the same order
     {"/inference.GRPCInferenceService/ModelMetadata", "ModelMetadata", false},
     {"/inference.GRPCInferenceService/ModelReady", "ModelReady", false},
     {"/inference.GRPCInferenceService/ServerMetadata", "ServerMetadata", false},
+    {"/recsys.v1.InferenceGateway/PredictStream", "PredictStream", true},  // per message; a worker scores as Predict
 };
+static const int kStream = 5;  // kMethods' PredictStream
 static const int kForwarded = sizeof(kMethods) / sizeof(kMethods[0]);
 static const char* kLocal[] = {"ServerLive", "ServerReady", "other"};  // answered here, after kMethods
 static const int kCounted = kForwarded + 3;
@@ -87,8 +91,14 @@ struct Config {
 };
 static Config cfg;
 
-class Call;
-struct Item { Call* call; int method; std::string body; Clock::time_point deadline; };
+// What a queued request is answered through: a unary call, or one message of a PredictStream.
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  virtual void Answer(int code, const std::string& bytes) = 0;
+  virtual bool Cancelled() const = 0;
+};
+struct Item { Sink* call; int method; std::string body; Clock::time_point deadline; };
 static std::mutex mu;
 static std::condition_variable cv;
 static std::set<long> retiring;  // worker pids the supervisor retired (stdin `retire PID`), under mu
@@ -124,7 +134,74 @@ static bool same(const std::string& a, const std::string& b) {  // constant time
   return d == 0;
 }
 
-class Call : public grpc::ServerGenericBidiReactor {
+static std::string body_of(const grpc::ByteBuffer& buf) {
+  std::vector<grpc::Slice> slices;
+  buf.Dump(&slices);
+  std::string body;
+  for (auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return body;
+}
+
+static Clock::time_point deadline_of(std::chrono::system_clock::duration left) {
+  return left > std::chrono::hours(24) ? Clock::time_point::max()
+                                       : Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+}
+
+// Queues a request for the workers, or refuses it: 0, or the status code with `refusal` set (draining, no
+// worker, or an expected queue wait past --max-queue-us or past the request's deadline).
+static int admit(Sink* sink, int method, std::string body, Clock::time_point deadline, std::string* refusal) {
+  auto now = Clock::now();
+  int code = 8;
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    long wait_us = live_workers == 0 ? 0 :
+        (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
+         (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers;
+    if (draining) {
+      code = 14;
+      *refusal = "the gateway is draining (SIGTERM): send the request to another replica";
+    } else if (live_workers == 0) {
+      code = 14;
+      *refusal = "no worker is serving (the supervisor is replacing them)";
+    } else if (kMethods[method].infer && cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
+      *refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
+                 " ms exceeds max_queue_wait_ms " + std::to_string(cfg.max_queue_us / 1000);
+    } else if (kMethods[method].infer && deadline != Clock::time_point::max() &&
+               now + std::chrono::microseconds(wait_us) > deadline) {
+      *refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
+                 " ms exceeds the request's remaining deadline";
+    } else {
+      queued_bytes += static_cast<long>(body.size());
+      queue_.push_back(Item{sink, method, std::move(body), deadline});
+      code = 0;
+    }
+  }
+  if (code == 0) {
+    cv.notify_one();
+  } else if (code == 8) {
+    ++admission_refusals;
+  }
+  return code;
+}
+
+// `authorization: Bearer <--predict-token-file's token>` on Predict, PredictStream and ModelInfer: 0, or the
+// status code with `refusal` set.
+static int check_token(const grpc::GenericCallbackServerContext* ctx, std::string* refusal) {
+  if (cfg.token.empty()) return 0;
+  auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  std::string value = it == md.end() ? std::string() : std::string(it->second.data(), it->second.size());
+  auto space = value.find(' ');
+  std::string scheme = value.substr(0, space == std::string::npos ? value.size() : space);
+  for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  std::string given = space == std::string::npos ? std::string() : value.substr(space + 1);
+  while (!given.empty() && (given.back() == ' ' || given.back() == '\t')) given.pop_back();
+  if (scheme != "bearer" || given.empty()) { *refusal = "missing bearer token for " + ctx->method(); return 16; }
+  if (!same(given, cfg.token)) { *refusal = "wrong bearer token for " + ctx->method(); return 7; }
+  return 0;
+}
+
+class Call : public grpc::ServerGenericBidiReactor, public Sink {
  public:
   explicit Call(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) { StartRead(&req_); }
   void OnReadDone(bool ok) override {
@@ -138,8 +215,8 @@ class Call : public grpc::ServerGenericBidiReactor {
     if (!ok) { Answer(3, "request: no request message"); return; }
     if (cfg.echo) { Answer(0, std::string()); return; }
     if (method_ == kCounted - 1) {
-      Answer(12, "method " + path + " is not served by serve-native (it serves recsys.v1.InferenceGateway/Predict, "
-                 "inference.GRPCInferenceService and grpc.health.v1.Health)");
+      Answer(12, "method " + path + " is not served by serve-native (it serves recsys.v1.InferenceGateway's Predict "
+                 "and PredictStream, inference.GRPCInferenceService and grpc.health.v1.Health)");
       return;
     }
     if (method_ >= kForwarded) {  // ServerLive, ServerReady: bool field 1
@@ -147,59 +224,16 @@ class Call : public grpc::ServerGenericBidiReactor {
       Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
       return;
     }
-    if (kMethods[method_].infer && !cfg.token.empty()) {
-      auto& md = ctx_->client_metadata();
-      auto it = md.find("authorization");
-      std::string value = it == md.end() ? std::string() : std::string(it->second.data(), it->second.size());
-      auto space = value.find(' ');
-      std::string scheme = value.substr(0, space == std::string::npos ? value.size() : space);
-      for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      std::string given = space == std::string::npos ? std::string() : value.substr(space + 1);
-      while (!given.empty() && (given.back() == ' ' || given.back() == '\t')) given.pop_back();
-      if (scheme != "bearer" || given.empty()) { Answer(16, "missing bearer token for " + path); return; }
-      if (!same(given, cfg.token)) { Answer(7, "wrong bearer token for " + path); return; }
-    }
-    std::vector<grpc::Slice> slices;
-    req_.Dump(&slices);
-    std::string body;
-    for (auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
-    auto now = Clock::now();
-    auto left = ctx_->deadline() - std::chrono::system_clock::now();
-    auto deadline = left > std::chrono::hours(24) ? Clock::time_point::max()
-                                                   : now + std::chrono::duration_cast<Clock::duration>(left);
     std::string refusal;
-    int code = 8;
-    {
-      std::unique_lock<std::mutex> lk(mu);
-      long wait_us = live_workers == 0 ? 0 :
-          (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
-           (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers;
-      if (draining) {
-        code = 14;
-        refusal = "the gateway is draining (SIGTERM): send the request to another replica";
-      } else if (live_workers == 0) {
-        code = 14;
-        refusal = "no worker is serving (the supervisor is replacing them)";
-      } else if (kMethods[method_].infer && cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
-        refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
-                  " ms exceeds max_queue_wait_ms " + std::to_string(cfg.max_queue_us / 1000);
-      } else if (kMethods[method_].infer && deadline != Clock::time_point::max() &&
-                 now + std::chrono::microseconds(wait_us) > deadline) {
-        refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
-                  " ms exceeds the request's remaining deadline";
-      } else {
-        queued_bytes += static_cast<long>(body.size());
-        queue_.push_back(Item{this, method_, std::move(body), deadline});
-      }
+    if (kMethods[method_].infer) {
+      int denied = check_token(ctx_, &refusal);
+      if (denied) { Answer(denied, refusal); return; }
     }
-    if (refusal.empty()) {
-      cv.notify_one();
-      return;
-    }
-    if (code == 8) ++admission_refusals;
-    Answer(code, refusal);
+    auto left = ctx_->deadline() - std::chrono::system_clock::now();
+    int code = admit(this, method_, body_of(req_), deadline_of(left), &refusal);
+    if (code) Answer(code, refusal);
   }
-  void Answer(int code, const std::string& bytes) {
+  void Answer(int code, const std::string& bytes) override {
     ++answered[method_][code < 0 || code > 16 ? 2 : code];
     if (code == 0) {
       grpc::Slice s(bytes);
@@ -210,7 +244,7 @@ class Call : public grpc::ServerGenericBidiReactor {
     }
   }
   void OnDone() override { delete this; }
-  bool Cancelled() const { return ctx_->IsCancelled(); }
+  bool Cancelled() const override { return ctx_->IsCancelled(); }
 
  private:
   static int live_workers_now() {
@@ -222,8 +256,154 @@ class Call : public grpc::ServerGenericBidiReactor {
   int method_ = 0;
 };
 
+// PredictResponse fields: request_id = 4, error = 5 (Status: code = 1, message = 2).
+static void put_varint(std::string* out, uint64_t v) {
+  while (v >= 0x80) { out->push_back(static_cast<char>((v & 0x7f) | 0x80)); v >>= 7; }
+  out->push_back(static_cast<char>(v));
+}
+
+static bool get_varint(const std::string& b, size_t* at, uint64_t* v) {
+  *v = 0;
+  for (int shift = 0; shift < 64 && *at < b.size(); shift += 7) {
+    uint8_t c = static_cast<uint8_t>(b[(*at)++]);
+    *v |= static_cast<uint64_t>(c & 0x7f) << shift;
+    if (!(c & 0x80)) return true;
+  }
+  return false;
+}
+
+// PredictRequest.request_id (field 7) from the serialized request; empty when absent or malformed.
+static std::string request_id_of(const std::string& b) {
+  size_t at = 0;
+  std::string id;
+  while (at < b.size()) {
+    uint64_t key, n;
+    if (!get_varint(b, &at, &key)) return std::string();
+    switch (key & 7) {
+      case 0: if (!get_varint(b, &at, &n)) return std::string(); break;
+      case 1: at += 8; break;
+      case 5: at += 4; break;
+      case 2:
+        if (!get_varint(b, &at, &n) || n > b.size() - std::min(at, b.size())) return std::string();
+        if ((key >> 3) == 7) id = b.substr(at, n);
+        at += n;
+        break;
+      default: return std::string();
+    }
+  }
+  return at == b.size() ? id : std::string();
+}
+
+static std::string error_response(const std::string& request_id, int code, const std::string& message) {
+  std::string status, out;
+  if (code) { status.push_back(0x08); put_varint(&status, static_cast<uint64_t>(code)); }
+  status.push_back(0x12);
+  put_varint(&status, message.size());
+  status += message;
+  if (!request_id.empty()) { out.push_back(0x22); put_varint(&out, request_id.size()); out += request_id; }
+  out.push_back(0x2a);
+  put_varint(&out, status.size());
+  return out + status;
+}
+
+// PredictStream, as serve answers it: each message is admitted and queued as a Predict; answers are written as
+// they are ready (each with its request_id); a refused or failed message gets a response with `error` set and
+// the stream goes on; it finishes OK once the client has half-closed and every message is answered.
+class StreamCall : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit StreamCall(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) {
+    std::string refusal;
+    int denied = check_token(ctx_, &refusal);
+    if (denied) {
+      ++received;
+      ++answered[kStream][denied];
+      finished_ = true;
+      Finish(grpc::Status(static_cast<grpc::StatusCode>(denied), refusal));
+      return;
+    }
+    deadline_ = deadline_of(ctx_->deadline() - std::chrono::system_clock::now());
+    StartRead(&req_);
+  }
+
+  class Message : public Sink {
+   public:
+    Message(StreamCall* call, std::string id) : call_(call), id_(std::move(id)) {}
+    void Answer(int code, const std::string& bytes) override {
+      ++answered[kStream][code < 0 || code > 16 ? 2 : code];
+      call_->Write(code == 0 ? bytes : error_response(id_, code, bytes));
+      delete this;
+    }
+    bool Cancelled() const override { return call_->ctx_->IsCancelled(); }
+
+   private:
+    StreamCall* call_;
+    std::string id_;
+  };
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed (or is gone)
+      std::lock_guard<std::recursive_mutex> lk(smu_);
+      reading_ = false;
+      MaybeFinish();
+      return;
+    }
+    ++received;
+    last_arrival_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+    std::string body = body_of(req_);
+    auto* m = new Message(this, request_id_of(body));
+    {
+      std::lock_guard<std::recursive_mutex> lk(smu_);
+      ++in_flight_;
+    }
+    std::string refusal;
+    int code = cfg.echo ? 0 : admit(m, kStream, std::move(body), deadline_, &refusal);
+    if (cfg.echo) m->Answer(0, std::string());
+    else if (code) m->Answer(code, refusal);
+    StartRead(&req_);
+  }
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::recursive_mutex> lk(smu_);
+    writing_ = false;
+    if (!ok) {  // the client is gone: what is left is dropped
+      failed_ = true;
+      pending_.clear();
+    }
+    StartNext();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Write(std::string out) {
+    std::lock_guard<std::recursive_mutex> lk(smu_);
+    --in_flight_;
+    if (!failed_) pending_.push_back(std::move(out));
+    if (!writing_) StartNext();
+  }
+  void StartNext() {  // under smu_
+    if (pending_.empty()) { MaybeFinish(); return; }
+    writing_ = true;
+    grpc::Slice s(pending_.front());
+    pending_.pop_front();
+    resp_ = grpc::ByteBuffer(&s, 1);
+    StartWrite(&resp_);
+  }
+  void MaybeFinish() {  // under smu_
+    if (reading_ || in_flight_ || writing_ || !pending_.empty() || finished_) return;
+    finished_ = true;
+    Finish(grpc::Status::OK);
+  }
+  grpc::GenericCallbackServerContext* ctx_;
+  grpc::ByteBuffer req_, resp_;
+  Clock::time_point deadline_;
+  std::recursive_mutex smu_;  // guards what follows
+  std::deque<std::string> pending_;
+  int in_flight_ = 0;
+  bool reading_ = true, writing_ = false, failed_ = false, finished_ = false;
+};
+
 class Service : public grpc::CallbackGenericService {
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    if (ctx->method() == kMethods[kStream].path) return new StreamCall(ctx);
     return new Call(ctx);
   }
 };

@@ -398,7 +398,8 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
                                                      "management address")
 
     def PredictStream(self, request_iterator, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "PredictStream is not served by serve-native (serve has it)")
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "PredictStream is served on the gateway's --port, not on its "
+                                                     "management address")
 
     def LoadModel(self, request, context):
         try:

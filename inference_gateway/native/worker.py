@@ -96,8 +96,9 @@ def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, 
                     lambda: lengths.ravel(), lambda: values, model, UNLIMITED)
 
 
-METHODS = ("Predict", "ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata")  # frontend.cc's kMethods
-PREDICT, INFER, MODEL_METADATA, MODEL_READY, SERVER_METADATA = range(len(METHODS))
+# frontend.cc's kMethods; a PredictStream message is scored as a Predict (the frontend writes it to the stream)
+METHODS = ("Predict", "ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata", "PredictStream")
+PREDICT, INFER, MODEL_METADATA, MODEL_READY, SERVER_METADATA, PREDICT_STREAM = range(len(METHODS))
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
@@ -137,6 +138,7 @@ class Worker:
         one forward; a body that does not parse, names another model or fails a check is answered alone; any
         other error fails only the requests it touched (INTERNAL)."""
         out: list[tuple[int, bytes]] = [(0, b"")] * len(items)
+        items = [(PREDICT if m == PREDICT_STREAM else m, body) for m, body in items]
         if all(m == PREDICT for m, _ in items) and self._predict_batch(items, out):
             return out
         scoring, decoded = [], []
