@@ -3,7 +3,8 @@ concurrency C against the Python gRPC echo ceiling, the Python gateway (`serve`)
 frontend over Python workers (`serve-triton`), each driven by the project's Python async client and
 by h2load (native HTTP/2, so the client is not the bottleneck); the servers' CPU-seconds per 1,000 W1
 requests (every process of the server, from /proc); RSS and PSS of each whole gateway, and of
-`serve-triton` with 1 and 2 workers; serve-triton W1 in both single-hot forms (`ids`, per-feature);
+`serve-triton` and `serve-native` with 1 and 2 workers (serve-native's against the issue's bound);
+serve-triton W1 in both single-hot forms (`ids`, per-feature);
 the project's Predict through the proxy (predict_proxy: serve-triton's --predict-port, `new`; and the proxy
 alone in front of `serve`, `proxy`: its CPU is counted with serve's) against `serve`'s own Predict;
 a W16 open loop at twice the maximum against serve-triton's queue bound; and how fast it refuses at
@@ -31,7 +32,7 @@ from benchmarks.gateway_load import ROOT, _load, emit, packages, request_pool, s
 from benchmarks.h2 import ensure_h2load, h2load_with_cpu
 from inference_gateway import proc_memory
 from inference_gateway.loadgen import METHOD, closed_loop, open_loop
-from inference_gateway.process import launch, launch_triton
+from inference_gateway.process import launch, launch_native, launch_triton
 from inference_gateway.requests import lengths_input, values_input
 from protos.model_config import ModelConfig
 from protos.process import start_announced
@@ -167,11 +168,39 @@ def main(argv: list[str] | None = None) -> int:
                         gw.pid, args, workdir, base, has_h2load)
         finally:
             gw.terminate(timeout=120)
+    if "memory" not in skip:
+        native_memory(pkg, workdir, base)
     if "overload" not in skip:
         overload(pkg, cfg, name, args, workdir, base)
     if "refusal" not in skip and has_h2load:
         refusal(pkg, cfg, name, args, workdir, base)
     return 0
+
+
+def native_memory(pkg: Path, workdir: Path, base: dict) -> None:
+    """serve-native idle with the model loaded, 1 and 2 workers, then the issue's bound: the whole gateway
+    with 2 workers <= (one worker's resident + an empty worker's) x 1.1, an empty worker being one worker's
+    resident less the table image it maps (the image is mapped MAP_POPULATE, so all of it is resident)."""
+    worker_rss, image = 0, 0
+    for n in (1, 2):
+        gw = launch_native(["--model", str(pkg), "--workers", str(n), "--metrics-port", "-1"],
+                           workdir=workdir / f"native-gw-{n}")
+        try:
+            image = next((workdir / f"native-gw-{n}" / "native" / "tables").glob("*.tbe")).stat().st_size
+            memory("serve-native", gw.pid, base, workers=n, table_image_mib=round(image / 2**20, 1))
+            if n == 1:
+                worker_rss = proc_memory.rollup(gw.announced["worker_pids"][0])["rss"]
+            else:
+                whole = proc_memory.total(gw.pid)
+        finally:
+            gw.terminate(timeout=120)
+    bound = (worker_rss + (worker_rss - image)) * 1.1
+    emit({**base, "bench": "memory_bound", "server": "serve-native", "workers": 2,
+          "one_worker_rss_mib": round(worker_rss / 2**20, 1),
+          "empty_worker_mib": round((worker_rss - image) / 2**20, 1),
+          "bound_mib": round(bound / 2**20, 1), "rss_mib": round(whole["rss"] / 2**20, 1),
+          "pss_mib": round(whole["pss"] / 2**20, 1), "met_on_pss": whole["pss"] <= bound,
+          "met_on_rss": whole["rss"] <= bound})
 
 
 def refusal(pkg: Path, cfg: ModelConfig, name: str, args, workdir: Path, base: dict) -> None:

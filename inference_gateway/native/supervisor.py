@@ -43,8 +43,8 @@ from prometheus_client.registry import Collector
 from inference_gateway.control_plane import CONTROL_PLANE, SERVICE_NAME, load_path
 from inference_gateway.native.build import BuildError, build
 from inference_gateway.prepared import Refused, Version, prepare
-from inference_gateway.registry import VersionTable
 from inference_gateway.requests import RequestError
+from inference_gateway.versions import VersionTable
 from protos import inference_pb2, inference_pb2_grpc
 from protos.durable import write_file_atomic
 from protos.metrics import serve_metrics

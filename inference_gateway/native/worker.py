@@ -34,8 +34,8 @@ from inference_gateway import oip
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
-from inference_gateway.registry import VersionTable
 from inference_gateway.requests import Decoded, Limits, RequestError, decode, segment_reorder, validate
+from inference_gateway.versions import VersionTable
 from protos import common_pb2, inference_pb2
 from protos import open_inference_pb2 as oip_pb
 
