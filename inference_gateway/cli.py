@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(RESOURCE_EXHAUSTED) when its expected queue wait is past this; 0: no bound of its own (a request "
                    "whose deadline is shorter than the expected wait is refused either way)")
     n.add_argument("--request-cost-us", type=int, default=70, help="a worker's time per queued request, for the "
-                   "expected wait (Criteo INT8 on 2 cores: ~100 us for a one-sample request, both costs together)")
+                   "expected wait (Criteo INT8 on 2 cores: ~100 us for a one-sample request, both costs together); "
+                   "the frontend scales both costs by the batch times it measures")
     n.add_argument("--byte-cost-ns", type=int, default=60, help="a worker's time per queued request byte, for the "
                    "expected wait (Criteo: ~7 ms for a 120 KB request)")
     n.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long queued and in-flight requests "

@@ -259,6 +259,33 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
         g.kill()
 
 
+def test_admission_learns_the_real_cost_from_the_batches(package, tmp_path):
+    """With costs configured far too low (1 us a request, nothing per byte) a flood of 256-sample requests
+    with 20 ms deadlines would be admitted and expire in the queue (DEADLINE_EXCEEDED after waiting); the
+    frontend scales its cost model by the batch times it measures, so it refuses them at arrival instead."""
+    g = launch_native(["--model", str(package), "--workers", "1", "--request-cost-us", "1", "--byte-cost-ns", "0"],
+                      workdir=tmp_path / "gw")
+    try:
+        s = stub(g)
+        big = build_request(*ragged(256, 11))
+        for _ in range(5):  # a few batches measured
+            s.Predict(big, timeout=30)
+
+        def call(_):
+            try:
+                s.Predict(big, timeout=0.02)
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name
+
+        with ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(call, range(400)))
+        assert codes.count("RESOURCE_EXHAUSTED") > codes.count("DEADLINE_EXCEEDED"), \
+            {c: codes.count(c) for c in set(codes)}
+    finally:
+        g.kill()
+
+
 def test_workers_share_one_copy_of_the_tables(gw):
     pids = workers(gw)
     assert len(pids) == WORKERS

@@ -10,10 +10,11 @@
 // lost while scoring a batch fails that batch's calls UNAVAILABLE; the others are answered by the rest.
 //
 // Admission: a request whose expected wait, (queued requests x --cost-us + queued bytes x
-// --cost-ns-per-byte / 1000) / workers, exceeds --max-queue-us (0: no bound of its own) or its own deadline
-// is refused RESOURCE_EXHAUSTED at arrival; with no worker connected, UNAVAILABLE. A request's compute
-// grows with its samples and so do its bytes (Criteo INT8 on 2 cores: ~100 us for a 503-byte one-sample
-// request, ~7 ms for a 120 KB 256-sample one). One whose deadline passes (or whose client cancels) while
+// --cost-ns-per-byte / 1000) / workers, scaled by how the batches' measured times compare with that model
+// (cost_scale), exceeds --max-queue-us (0: no bound of its own) or its own deadline is refused
+// RESOURCE_EXHAUSTED at arrival; with no worker connected, UNAVAILABLE. A request's compute grows with its
+// samples and so do its bytes (Criteo INT8 on 2 cores, quiet: ~100 us for a 503-byte one-sample request,
+// ~7 ms for a 120 KB 256-sample one). One whose deadline passes (or whose client cancels) while
 // queued is answered DEADLINE_EXCEEDED without compute.
 //
 // Methods: recsys.v1.InferenceGateway/Predict, its PredictStream (each message admitted as a Predict,
@@ -104,6 +105,14 @@ static std::condition_variable cv;
 static std::set<long> retiring;  // worker pids the supervisor retired (stdin `retire PID`), under mu
 static std::deque<Item> queue_;
 static long queued_bytes = 0;  // of the requests in queue_ (admission's expected wait)
+// Admission's cost model learns how far off it is: exponentially weighted sums of the measured wall time of
+// the batches and of what --cost-us and --cost-ns-per-byte predicted for them (big batches weigh most); the
+// expected wait is scaled by their ratio, so it follows the CPU the workers really get (under contention a
+// request costs several times its quiet figure, and a fixed bound let the queue grow past it). Under mu.
+static double seen_us = 0, predicted_us = 0;
+static double cost_scale() {
+  return predicted_us > 0 ? std::min(1e4, std::max(0.01, seen_us / predicted_us)) : 1.0;
+}
 static int live_workers = 0;   // dispatchers whose worker still answers
 static grpc::Server* server_ = nullptr;
 static std::mutex out_mu;  // one JSON line at a time on stdout
@@ -152,11 +161,12 @@ static Clock::time_point deadline_of(std::chrono::system_clock::duration left) {
 static int admit(Sink* sink, int method, std::string body, Clock::time_point deadline, std::string* refusal) {
   auto now = Clock::now();
   int code = 8;
+  bool wake = false;
   {
     std::unique_lock<std::mutex> lk(mu);
-    long wait_us = live_workers == 0 ? 0 :
-        (static_cast<long>(queue_.size() + 1) * cfg.cost_us +
-         (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers;
+    long wait_us = live_workers == 0 ? 0 : static_cast<long>(cost_scale() *
+        ((static_cast<long>(queue_.size() + 1) * cfg.cost_us +
+          (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers));
     if (draining) {
       code = 14;
       *refusal = "the gateway is draining (SIGTERM): send the request to another replica";
@@ -174,9 +184,13 @@ static int admit(Sink* sink, int method, std::string body, Clock::time_point dea
       queued_bytes += static_cast<long>(body.size());
       queue_.push_back(Item{sink, method, std::move(body), deadline});
       code = 0;
+      // a dispatcher waits for the first request, then for a full batch (or its --max-delay-us): waking it
+      // for every request in between cost a futex wake-up and a context switch a request
+      wake = queue_.size() == 1 || static_cast<int>(queue_.size()) >= cfg.max_batch ||
+             queued_bytes >= cfg.max_batch_bytes;
     }
   }
-  if (code == 0) {
+  if (wake) {
     cv.notify_one();
   } else if (code == 8) {
     ++admission_refusals;
@@ -492,7 +506,15 @@ static void dispatch(int fd, long pid) {
     }
     ++batches;
     batched_requests += n;
-    batch_us += std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
+    long took = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
+    batch_us += took;
+    if (ok) {
+      double predicted = static_cast<double>(n) * cfg.cost_us +
+                         static_cast<double>(frame.size()) * cfg.cost_ns_per_byte / 1000;
+      std::lock_guard<std::mutex> lk(mu);
+      seen_us = 0.9 * seen_us + 0.1 * static_cast<double>(took);
+      predicted_us = 0.9 * predicted_us + 0.1 * predicted;
+    }
     if (!ok) {
       ::close(fd);
       int left;
