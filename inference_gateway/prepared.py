@@ -61,8 +61,11 @@ def prepare(path: str | Path, cache: str | Path, name: str = "", version: int = 
             env: dict[str, str] | None = None, timeout_s: float = 600) -> Version:
     """Verifies the package and writes its table image (under `cache`) in a child process; Refused
     naming `path` when the package is refused or unreadable."""
-    out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", str(path), str(cache),
-                          name, str(version)], capture_output=True, text=True, env=env, timeout=timeout_s)
+    try:
+        out = subprocess.run([sys.executable, "-m", "inference_gateway.shared_tables", str(path), str(cache),
+                              name, str(version)], capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"path: preparing {path} took over {timeout_s:g} s") from None
     try:
         facts = json.loads(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -6,8 +6,9 @@
 // before any model work; grpc++ spends ~25 us (benchmarks/gateway_frontend.md).
 //
 // Workers connect at any time (the supervisor replaces one that dies); gRPC health (the default health
-// service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. A worker
-// lost while scoring a batch fails that batch's calls UNAVAILABLE; the others are answered by the rest.
+// service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. The
+// requests of a worker lost while scoring (or just before) go back to the front of the queue, once (scoring
+// is pure); a request whose worker is lost a second time is answered UNAVAILABLE, so none crashes them all.
 //
 // Admission: a request whose expected wait, (queued requests x --cost-us + queued bytes x
 // --cost-ns-per-byte / 1000) / workers, scaled by how the batches' measured times compare with that model
@@ -99,7 +100,13 @@ class Sink {
   virtual void Answer(int code, const std::string& bytes) = 0;
   virtual bool Cancelled() const = 0;
 };
-struct Item { Sink* call; int method; std::string body; Clock::time_point deadline; };
+struct Item {
+  Sink* call;
+  int method;
+  std::string body;
+  Clock::time_point deadline;
+  bool retried = false;  // its batch's worker died once already (a request is retried once: no crash loops)
+};
 static std::mutex mu;
 static std::condition_variable cv;
 static std::set<long> retiring;  // worker pids the supervisor retired (stdin `retire PID`), under mu
@@ -110,6 +117,10 @@ static long queued_bytes = 0;  // of the requests in queue_ (admission's expecte
 // expected wait is scaled by their ratio, so it follows the CPU the workers really get (under contention a
 // request costs several times its quiet figure, and a fixed bound let the queue grow past it). Under mu.
 static double seen_us = 0, predicted_us = 0;
+static double busy_us = 0;  // the model's cost of the batches at workers now (half of it is still ahead)
+static double cost_of(const std::string& body) {
+  return static_cast<double>(cfg.cost_us) + static_cast<double>(body.size()) * cfg.cost_ns_per_byte / 1000;
+}
 static double cost_scale() {
   return predicted_us > 0 ? std::min(1e4, std::max(0.01, seen_us / predicted_us)) : 1.0;
 }
@@ -162,17 +173,22 @@ static int admit(Sink* sink, int method, std::string body, Clock::time_point dea
   auto now = Clock::now();
   int code = 8;
   bool wake = false;
+  refusal->clear();
   {
     std::unique_lock<std::mutex> lk(mu);
+    double queued_us = static_cast<double>(queue_.size()) * cfg.cost_us +
+                       static_cast<double>(queued_bytes) * cfg.cost_ns_per_byte / 1000;
     long wait_us = live_workers == 0 ? 0 : static_cast<long>(cost_scale() *
-        ((static_cast<long>(queue_.size() + 1) * cfg.cost_us +
-          (queued_bytes + static_cast<long>(body.size())) * cfg.cost_ns_per_byte / 1000) / live_workers));
+        (queued_us + busy_us / 2 + cost_of(body)) / live_workers);
     if (draining) {
       code = 14;
       *refusal = "the gateway is draining (SIGTERM): send the request to another replica";
     } else if (live_workers == 0) {
       code = 14;
       *refusal = "no worker is serving (the supervisor is replacing them)";
+    } else if (queue_.empty() && busy_us <= 0) {
+      // idle: admitted whatever the estimate says (a scale learned from one slow batch must not refuse every
+      // request of an idle gateway, which would leave no batch to learn better from)
     } else if (kMethods[method].infer && cfg.max_queue_us > 0 && wait_us > cfg.max_queue_us) {
       *refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
                  " ms exceeds max_queue_wait_ms " + std::to_string(cfg.max_queue_us / 1000);
@@ -180,7 +196,8 @@ static int admit(Sink* sink, int method, std::string body, Clock::time_point dea
                now + std::chrono::microseconds(wait_us) > deadline) {
       *refusal = "overloaded: expected queue wait " + std::to_string(wait_us / 1000) +
                  " ms exceeds the request's remaining deadline";
-    } else {
+    }
+    if (refusal->empty() && code == 8) {
       queued_bytes += static_cast<long>(body.size());
       queue_.push_back(Item{sink, method, std::move(body), deadline});
       code = 0;
@@ -323,6 +340,10 @@ static std::string error_response(const std::string& request_id, int code, const
 // PredictStream, as serve answers it: each message is admitted and queued as a Predict; answers are written as
 // they are ready (each with its request_id); a refused or failed message gets a response with `error` set and
 // the stream goes on; it finishes OK once the client has half-closed and every message is answered.
+class StreamCall;
+static std::mutex streams_mu;  // the open streams, for the drain; taken before a stream's own smu_
+static std::set<StreamCall*> streams;
+
 class StreamCall : public grpc::ServerGenericBidiReactor {
  public:
   explicit StreamCall(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) {
@@ -334,6 +355,10 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
       finished_ = true;
       Finish(grpc::Status(static_cast<grpc::StatusCode>(denied), refusal));
       return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(streams_mu);
+      streams.insert(this);
     }
     deadline_ = deadline_of(ctx_->deadline() - std::chrono::system_clock::now());
     StartRead(&req_);
@@ -356,10 +381,18 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the client half-closed (or is gone)
-      std::lock_guard<std::recursive_mutex> lk(smu_);
-      reading_ = false;
-      MaybeFinish();
+      bool finish;
+      {
+        std::lock_guard<std::recursive_mutex> lk(smu_);
+        reading_ = false;
+        finish = Finishing();
+      }
+      if (finish) Finish(grpc::Status::OK);
       return;
+    }
+    {
+      std::lock_guard<std::recursive_mutex> lk(smu_);
+      if (finished_) return;  // drained while this message was on its way: not read, not answered
     }
     ++received;
     last_arrival_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
@@ -376,35 +409,67 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
     StartRead(&req_);
   }
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::recursive_mutex> lk(smu_);
-    writing_ = false;
-    if (!ok) {  // the client is gone: what is left is dropped
-      failed_ = true;
-      pending_.clear();
+    bool finish;
+    {
+      std::lock_guard<std::recursive_mutex> lk(smu_);
+      writing_ = false;
+      if (!ok) {  // the client is gone: what is left is dropped
+        failed_ = true;
+        pending_.clear();
+      }
+      finish = StartNext();
     }
-    StartNext();
+    if (finish) Finish(grpc::Status::OK);
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lk(streams_mu);
+      streams.erase(this);
+    }
+    delete this;
+  }
+
+  // SIGTERM, once everything received is answered: a stream stops reading; one with nothing in flight is
+  // finished UNAVAILABLE now (a client would otherwise hold the drain for the whole grace period), the others
+  // once their last answer is written. Called under streams_mu, so the stream is not deleted meanwhile.
+  void Drain() {
+    bool finish = false;
+    {
+      std::lock_guard<std::recursive_mutex> lk(smu_);
+      if (finished_) return;
+      reading_ = false;
+      if (!in_flight_ && !writing_ && pending_.empty()) finish = finished_ = true;
+    }
+    if (finish) Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the gateway is draining (SIGTERM): reopen the "
+                                                                  "stream on another replica"));
+  }
 
  private:
+  // From a dispatcher thread too: Finish runs after the lock is released and nothing is touched after it (grpc
+  // may run OnDone, which deletes this, on another thread as soon as Finish is called outside a reaction).
   void Write(std::string out) {
-    std::lock_guard<std::recursive_mutex> lk(smu_);
-    --in_flight_;
-    if (!failed_) pending_.push_back(std::move(out));
-    if (!writing_) StartNext();
+    bool finish = false;
+    {
+      std::lock_guard<std::recursive_mutex> lk(smu_);
+      --in_flight_;
+      if (!failed_) pending_.push_back(std::move(out));
+      if (!writing_) finish = StartNext();
+    }
+    if (finish) Finish(grpc::Status::OK);
   }
-  void StartNext() {  // under smu_
-    if (pending_.empty()) { MaybeFinish(); return; }
+  bool StartNext() {  // under smu_; true: the caller finishes the stream
+    if (pending_.empty()) return Finishing();
     writing_ = true;
     grpc::Slice s(pending_.front());
     pending_.pop_front();
     resp_ = grpc::ByteBuffer(&s, 1);
     StartWrite(&resp_);
+    return false;
   }
-  void MaybeFinish() {  // under smu_
-    if (reading_ || in_flight_ || writing_ || !pending_.empty() || finished_) return;
+  bool Finishing() {  // under smu_: whether the stream is done now (then the caller calls Finish, once)
+    if (reading_ || in_flight_ || writing_ || !pending_.empty() || finished_) return false;
     finished_ = true;
-    Finish(grpc::Status::OK);
+    return true;
   }
   grpc::GenericCallbackServerContext* ctx_;
   grpc::ByteBuffer req_, resp_;
@@ -443,6 +508,13 @@ static void dispatch(int fd, long pid) {
     {
       std::unique_lock<std::mutex> lk(mu);
       cv.wait(lk, [pid] { return !queue_.empty() || retiring.count(pid); });
+      auto full = [] {
+        return static_cast<int>(queue_.size()) >= cfg.max_batch || queued_bytes >= cfg.max_batch_bytes;
+      };
+      if (!retiring.count(pid) && cfg.max_delay_us > 0 && !full()) {
+        auto until = Clock::now() + std::chrono::microseconds(cfg.max_delay_us);
+        cv.wait_until(lk, until, [pid, &full] { return full() || retiring.count(pid) > 0; });
+      }
       if (retiring.count(pid)) {  // between batches: nothing of its is in flight; it sees EOF and exits
         retiring.erase(pid);
         int left = --live_workers;
@@ -453,13 +525,6 @@ static void dispatch(int fd, long pid) {
         emit("{\"event\": \"worker_retired\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
              std::to_string(left) + "}");
         return;
-      }
-      auto full = [] {
-        return static_cast<int>(queue_.size()) >= cfg.max_batch || queued_bytes >= cfg.max_batch_bytes;
-      };
-      if (cfg.max_delay_us > 0 && !full()) {
-        auto until = Clock::now() + std::chrono::microseconds(cfg.max_delay_us);
-        cv.wait_until(lk, until, full);
       }
       auto now = Clock::now();
       long bytes = 0;  // a batch is bounded in requests and in bytes (samples), so no worker takes them all
@@ -475,11 +540,14 @@ static void dispatch(int fd, long pid) {
         bytes += static_cast<long>(it.body.size());
         batch.push_back(std::move(it));
       }
+      for (auto& it : batch) busy_us += cost_of(it.body);
       if (!queue_.empty()) cv.notify_one();
     }
     expired += static_cast<long>(dropped.size());
     for (auto& it : dropped) it.call->Answer(4, "deadline passed (or cancelled) while queued; dropped before compute");
     if (batch.empty()) continue;
+    double predicted = 0;
+    for (auto& it : batch) predicted += cost_of(it.body);
     auto start = Clock::now();
     frame.clear();
     uint32_t n = batch.size();
@@ -494,6 +562,7 @@ static void dispatch(int fd, long pid) {
     bool ok = write_all(fd, frame.data(), frame.size());
     uint32_t m = 0;
     ok = ok && read_all(fd, &m, 4) && m == n;
+    std::vector<Item> again;  // the worker died holding them: scoring is pure, so each goes back once
     for (uint32_t i = 0; i < n; ++i) {
       uint8_t code = 13;
       uint32_t len = 0;
@@ -502,15 +571,32 @@ static void dispatch(int fd, long pid) {
         if (read_all(fd, reply.data(), len)) { batch[i].call->Answer(code, reply); continue; }
       }
       ok = false;
-      batch[i].call->Answer(14, "worker lost while scoring this request's batch");
+      if (batch[i].retried) {
+        batch[i].call->Answer(14, "worker lost while scoring this request's batch (twice: not retried again)");
+      } else {
+        batch[i].retried = true;
+        again.push_back(std::move(batch[i]));
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      busy_us = std::max(0.0, busy_us - predicted);
+    }
+    if (!again.empty()) {
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        for (auto it = again.rbegin(); it != again.rend(); ++it) {
+          queued_bytes += static_cast<long>(it->body.size());
+          queue_.push_front(std::move(*it));
+        }
+      }
+      cv.notify_all();
     }
     ++batches;
     batched_requests += n;
     long took = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
     batch_us += took;
     if (ok) {
-      double predicted = static_cast<double>(n) * cfg.cost_us +
-                         static_cast<double>(frame.size()) * cfg.cost_ns_per_byte / 1000;
       std::lock_guard<std::mutex> lk(mu);
       seen_us = 0.9 * seen_us + 0.1 * static_cast<double>(took);
       predicted_us = 0.9 * predicted_us + 0.1 * predicted;
@@ -543,7 +629,7 @@ static void accept_workers(int ls) {
       now = ++live_workers;
     }
     std::thread(dispatch, fd, pid).detach();
-    if (now == 1) set_health(true);
+    if (now == 1 && !draining) set_health(true);
     emit("{\"event\": \"worker_joined\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
          std::to_string(now) + "}");
     cv.notify_all();  // requests queued while no worker was connected
@@ -631,6 +717,20 @@ static void drain_on_signal(sigset_t set) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+  {
+    std::lock_guard<std::mutex> lk(streams_mu);
+    for (auto* stream : streams) stream->Drain();
+  }
+  std::vector<Item> stranded;  // queued at the grace's end with no worker to take them (none is replaced now)
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (live_workers == 0) {
+      stranded.assign(std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
+      queue_.clear();
+      queued_bytes = 0;
+    }
+  }
+  for (auto& it : stranded) it.call->Answer(14, "the gateway is draining (SIGTERM) and no worker is left");
   server_->Shutdown(grace_end);
   emit(stats_line());  // the final counters: received == answered unless the grace ran out
   std::_Exit(0);

@@ -275,28 +275,35 @@ class Supervisor:
         try:
             self._connected(new)
         except StartError as e:
-            stop_all(new, 10)
+            self._retire(new)  # those already connected may be scoring a batch: retired, not killed
             self.spec.unlink(missing_ok=True)
             self.spec = old_spec
             raise Refused(grpc.StatusCode.INTERNAL, f"the workers could not start the new model set: {e}") from None
         old, self.workers, self.started = self.workers, new, [time.monotonic()] * len(new)
-        for w in old:
-            if w.poll() is None:
+        self._retire(old)
+        if old_spec is not None:
+            old_spec.unlink(missing_ok=True)
+        self.changes += 1
+        print(json.dumps({"event": "models_changed", "change": change, "worker_pids": [w.pid for w in new],
+                          "models": [[v.name, v.version, d] for v, d in self.table.entries()]}), flush=True)
+
+    def _retire(self, workers: list[subprocess.Popen]) -> None:
+        """The frontend hands each connected one no further batch and closes its socket after the batch it
+        holds; each then exits on EOF (one never connected is stopped at once)."""
+        for w in workers:
+            if w.poll() is None and w.pid in self.state.connected:
                 self.frontend.stdin.write(f"retire {w.pid}\n")
+            elif w.poll() is None:
+                w.terminate()
         self.frontend.stdin.flush()
         deadline = time.monotonic() + self.cfg.grace_s + 10
-        for w in old:  # each exits on its socket's EOF, after its last batch is answered
+        for w in workers:
             try:
                 w.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("worker %d did not exit after it was retired; killing it", w.pid)
                 w.kill()
                 w.wait()
-        if old_spec is not None:
-            old_spec.unlink(missing_ok=True)
-        self.changes += 1
-        print(json.dumps({"event": "models_changed", "change": change, "worker_pids": [w.pid for w in new],
-                          "models": [[v.name, v.version, d] for v, d in self.table.entries()]}), flush=True)
 
     def _changed(self, change: str, apply) -> object:
         """Applies `apply` to the table and rolls the workers; the table as it was when that fails."""
@@ -312,14 +319,17 @@ class Supervisor:
             self.table.models, self.table.defaults, self.table.default_model = saved
             raise
 
-    def load(self, path: Path, name: str, version: int, make_default: bool = False) -> Version:
+    def prepare(self, path: Path, name: str, version: int) -> Version:
+        """The package verified and its table image written (slow: called without the lock, so dead workers
+        are still replaced meanwhile); `load` then adds it."""
         if name and version:
             try:
                 self.table.check_new(name, version)  # before the package is read
             except RequestError as e:
                 raise Refused(e.code, e.message) from None
-        v = prepare(path, self.cache, name, version, env=child_env(None))
+        return prepare(path, self.cache, name, version, env=child_env(None))
 
+    def load(self, v: Version, make_default: bool = False) -> Version:
         def add() -> Version:
             self.table.add(v.name, v.version, v, make_default)
             return v
@@ -404,8 +414,9 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
     def LoadModel(self, request, context):
         try:
             path = load_path(request, self.sup.cfg.model_store)
+            v = self.sup.prepare(path, request.name, request.version)
             with self.sup.lock:
-                v = self.sup.load(path, request.name, request.version, request.make_default)
+                v = self.sup.load(v, request.make_default)
                 return v.info(self.sup.table.defaults.get(v.name) == v.version)
         except (PathRefused, Refused) as e:
             context.abort(e.code, e.message)
