@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import socket
 import struct
 import sys
@@ -40,7 +39,6 @@ from inference_gateway.versions import VersionTable
 from protos import common_pb2, inference_pb2
 from protos import open_inference_pb2 as oip_pb
 
-NICE = 5  # a worker's niceness above the frontend's
 U32 = struct.Struct("<I")
 HEAD = struct.Struct("<BI")  # a reply: status code, length
 ITEM = struct.Struct("<BI")  # a request: method number, length
@@ -250,9 +248,6 @@ def _parse(kind, body: bytes):
 
 
 def serve(sock_path: str, spec_path: str) -> None:
-    # below the frontend: its threads (accept, refuse, answer) are short and should preempt batch compute
-    # when the cores are full, or refusals and answers wait behind the workers' time slices
-    os.nice(NICE)
     with open(spec_path) as f:
         worker = Worker(json.load(f))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
