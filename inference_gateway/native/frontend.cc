@@ -134,6 +134,15 @@ static std::atomic<bool> draining{false};
 static std::atomic<long> received{0}, admission_refusals{0}, expired{0}, batches{0}, batched_requests{0}, batch_us{0};
 static std::atomic<long> last_arrival_us{0};  // steady clock, for the drain's quiet period
 
+static long steady_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+}
+
+static void arrived() {  // one request (or stream message) read
+  ++received;
+  last_arrival_us = steady_us();
+}
+
 static void emit(const std::string& json) {
   std::lock_guard<std::mutex> lk(out_mu);
   std::fputs(json.c_str(), stdout);
@@ -236,8 +245,7 @@ class Call : public grpc::ServerGenericBidiReactor, public Sink {
  public:
   explicit Call(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) { StartRead(&req_); }
   void OnReadDone(bool ok) override {
-    ++received;
-    last_arrival_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+    arrived();
     const std::string& path = ctx_->method();
     method_ = kCounted - 1;
     for (int i = 0; i < kForwarded; ++i) if (path == kMethods[i].path) method_ = i;
@@ -350,7 +358,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
     std::string refusal;
     int denied = check_token(ctx_, &refusal);
     if (denied) {
-      ++received;
+      arrived();
       ++answered[kStream][denied];
       finished_ = true;
       Finish(grpc::Status(static_cast<grpc::StatusCode>(denied), refusal));
@@ -394,8 +402,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
       std::lock_guard<std::recursive_mutex> lk(smu_);
       if (finished_) return;  // drained while this message was on its way: not read, not answered
     }
-    ++received;
-    last_arrival_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+    arrived();
     std::string body = body_of(req_);
     auto* m = new Message(this, request_id_of(body));
     {
@@ -701,14 +708,11 @@ static void drain_on_signal(sigset_t set) {
   // Keep accepting while the backlog is answered: grpc's Shutdown cancels calls its transport holds but has
   // not handed to us yet, which a client would see as CANCELLED, so it comes once everything received is
   // answered and arrivals paused for 100 ms (or after at most 2 s of refusing, or at the grace's end).
-  auto now_us = [] {
-    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
-  };
   long answered_since = -1;
   while (std::chrono::system_clock::now() < grace_end) {
     long done = 0;
     for (auto& per_method : answered) for (auto& n : per_method) done += n.load();
-    long t = now_us();
+    long t = steady_us();
     if (done < received.load()) {
       answered_since = -1;
     } else {

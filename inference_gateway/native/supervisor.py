@@ -312,11 +312,10 @@ class Supervisor:
             out = apply()
             self._roll(change)
             return out
-        except RequestError as e:
+        except BaseException as e:
             self.table.models, self.table.defaults, self.table.default_model = saved
-            raise Refused(e.code, e.message) from None
-        except BaseException:
-            self.table.models, self.table.defaults, self.table.default_model = saved
+            if isinstance(e, RequestError):
+                raise Refused(e.code, e.message) from None
             raise
 
     def prepare(self, path: Path, name: str, version: int) -> Version:
@@ -436,9 +435,7 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
         try:
             with self.sup.lock:
                 return self.sup.set_default(request.name, request.version).info(True)
-        except RequestError as e:
-            context.abort(e.code, e.message)
-        except Refused as e:
+        except (RequestError, Refused) as e:
             context.abort(e.code, e.message)
 
 

@@ -9,7 +9,7 @@ images, so N workers hold one copy.
 
 SPEC_JSON (written by the supervisor, fixed for the worker's life: a model change starts new workers):
 {"models": [{"name", "version", "path", "image"}], "defaults": {name: version}, "default_model": name}.
-Requests resolve their model and version by serve's rules (registry.VersionTable).
+Requests resolve their model and version by serve's rules (versions.VersionTable).
 
 Wire (little-endian): batch = u32 n, n x (u8 method: METHODS' index, u32 len, request bytes); reply = u32
 n, n x (u8 gRPC status code, u32 len, response bytes or error message).
