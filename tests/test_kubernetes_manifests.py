@@ -288,8 +288,8 @@ def live_servers(tmp_path_factory):
             wd = tmp_path_factory.mktemp(comp)
             if comp == "coordinator":
                 args += [f"--data-dir={wd}"]
-            if comp == "inference-gateway":  # serve-triton
-                args += ["--predict-port=0", "--management-port=0", f"--workdir={wd / 'triton'}"]
+            if comp == "inference-gateway":  # serve-native, without a model (the export has not run)
+                args += ["--management-port=0", f"--workdir={wd / 'native'}"]
             proc, msg = start_announced([modules[comp], *args], wd, what=comp, timeout=300)
             live = {}
             for flag, key in (("--port", "port"), ("--predict-port", "predict_port"),
@@ -383,7 +383,6 @@ BASE_PATHS = {
     ("coordinator", "redis", 6379),
     ("trainer", "trainer", 29500), ("trainer", "trainer", EPHEMERAL_PORT),
     ("external", "inference-gateway", 50052), ("monitoring", "inference-gateway", 50052),  # public to all
-    ("external", "inference-gateway", 8001), ("monitoring", "inference-gateway", 8001),
     ("monitoring", "coordinator", 9090), ("monitoring", "embedding-shard", 9100),
     ("monitoring", "inference-gateway", 9102),
 }
@@ -470,7 +469,7 @@ def test_network_policies_allow_exactly_the_paths_the_system_uses(overlay):
     assert opened - expected == set(), f"{overlay}: open but not needed"
     assert expected - opened == set(), f"{overlay}: needed but closed"
     # each side holds on its own: ingress alone opens nothing more, except the public gateway ports
-    public = {(p.name, "inference-gateway", port) for p in pods.values() for port in (50052, 8001)}
+    public = {(p.name, "inference-gateway", 50052) for p in pods.values()}
     assert _open_paths(overlay, egress=False) == expected | public, f"{overlay}: ingress rules alone"
     for name in ("trainer", "inference-gateway", "embedding-shard"):  # spelled out: the forbidden ones
         assert not policies.allowed(pods[name], pods["redis"], 6379)
@@ -717,15 +716,31 @@ def test_shard_memory_covers_the_plans_tables(overlay):
 def test_termination_grace_outlasts_the_sigterm_drain(overlay):
     from coordinator.server import RunningCoordinator
     from embedding_service import server as shard_server
-    from inference_gateway.triton_frontend import FrontendConfig
+    from inference_gateway.native.supervisor import NativeConfig
 
     shard_drain = float(re.search(r"shard\.stop\(grace=([\d.]+)\)", inspect.getsource(shard_server.serve_forever))[1])
     drains = {"embedding-shard": shard_drain,
               "coordinator": inspect.signature(RunningCoordinator.stop).parameters["grace"].default,
-              # serve-triton: the Predict port's drain, then tritonserver's
-              "inference-gateway": 2 * FrontendConfig.grace_s}
+              # serve-native: the frontend's grace (killed 10 s past it), then 10 s for the workers to exit
+              "inference-gateway": NativeConfig.grace_s + 20}
     for comp, drain in drains.items():
         assert pod_spec(workload_of(overlay, comp))["terminationGracePeriodSeconds"] >= drain + 10, comp
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_is_serve_native_with_oip_clients_default_port(overlay):
+    """serve-native serves Predict and the Open Inference Protocol on one port; the Service offers it as 50052
+    and as 8001 (Triton's and KServe's clients' default), and LoadModel reads from the models volume."""
+    gateway = workload_of(overlay, "inference-gateway")
+    (c,) = containers(gateway, init=False)
+    parsed = parse_container(c)
+    assert parsed.args.command == "serve-native"
+    assert _claim_at(gateway, parsed.args.model_store) == _claim_at(gateway, parsed.args.model[0]) == "models"
+    assert parsed.args.model[0].startswith(parsed.args.model_store.rstrip("/") + "/")
+    (svc,) = [s for s in objects(overlay, "Service") if s["metadata"]["name"] == "inference-gateway"]
+    to = {p["port"]: resolve_port(p["targetPort"], c) for p in svc["spec"]["ports"]}
+    assert to[50052] == to[8001] == parsed.args.port
+    assert parsed.args.management_port not in to.values()  # management: port-forward only
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -842,8 +857,9 @@ def test_the_image_carries_serve_natives_frontend_and_the_libraries_it_links():
 
 
 def test_the_image_carries_tritonserver_as_the_makefile_installs_it():
-    """serve-triton is the image's gateway: the same nvidia-pytriton as `make install`, --no-deps after pip check,
-    and the build fails when tritonserver or its Python stub would miss a library (the check run here too)."""
+    """serve-triton stays in the image beside serve-native: the same nvidia-pytriton as `make install`, --no-deps
+    after pip check, and the build fails when tritonserver or its Python stub would miss a library (the check run
+    here too)."""
     from inference_gateway.triton_frontend import TritonDist
 
     instructions = _dockerfile()

@@ -394,10 +394,19 @@ class Supervisor:
 
 
 class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
-    """The control plane on its own address (Predict is UNIMPLEMENTED here); one change at a time."""
+    """The control plane on its own address (Predict is UNIMPLEMENTED here); one change at a time. Its gRPC
+    health (what a readiness probe asks) is SERVING only while a model is loaded, as serve's is."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    def __init__(self, sup: Supervisor, checks: health.HealthServicer) -> None:
+        self.sup, self.checks = sup, checks
+        self.publish()
+
+    def publish(self) -> None:
+        with self.sup.lock:
+            loaded = bool(self.sup.table.models)
+        status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", SERVICE_NAME):
+            self.checks.set(svc, status)
 
     def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(models=self.sup.infos())
@@ -416,7 +425,9 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
             v = self.sup.prepare(path, request.name, request.version)
             with self.sup.lock:
                 v = self.sup.load(v, request.make_default)
-                return v.info(self.sup.table.defaults.get(v.name) == v.version)
+                info = v.info(self.sup.table.defaults.get(v.name) == v.version)
+            self.publish()
+            return info
         except (PathRefused, Refused) as e:
             context.abort(e.code, e.message)
         except OSError as e:
@@ -429,6 +440,7 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
                 self.sup.unload(request.name, request.version)
         except Refused as e:
             context.abort(e.code, e.message)
+        self.publish()
         return inference_pb2.UnloadModelResponse()
 
     def SetDefaultVersion(self, request, context):
@@ -449,10 +461,8 @@ def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grp
                                              on_refusal=rejects.refused))
     interceptors.append(DecodeGuard(rejects))
     server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="management"), interceptors=interceptors)
-    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup), server)
     checks = health.HealthServicer()
-    for svc in ("", SERVICE_NAME):
-        checks.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup, checks), server)
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = bind(server, f"{sup.cfg.host}:{sup.cfg.management_port}", sup.cfg.tls)
