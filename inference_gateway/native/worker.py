@@ -33,67 +33,16 @@ from google.protobuf.message import DecodeError
 from inference_gateway import oip
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
+from inference_gateway.native.predict_batch import decode_batch, predict_response
 from inference_gateway.package import load_package
-from inference_gateway.requests import Decoded, Limits, RequestError, decode, segment_reorder, validate
+from inference_gateway.requests import Limits, RequestError, decode
 from inference_gateway.versions import VersionTable
-from protos import common_pb2, inference_pb2
+from protos import inference_pb2
 from protos import open_inference_pb2 as oip_pb
 
 U32 = struct.Struct("<I")
 HEAD = struct.Struct("<BI")  # a reply: status code, length
 ITEM = struct.Struct("<BI")  # a request: method number, length
-_INT = {common_pb2.INT64: np.int64, common_pb2.INT32: np.int32}
-UNLIMITED = Limits(max_request_samples=1 << 62, max_request_ids=1 << 62)
-
-
-def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, limits: Limits) -> Decoded | None:
-    """Every request of a batch (all resolved to `model`) as one, checked once by `validate` (a few numpy
-    calls per batch, not per request); None when the requests are not alike or one is malformed (then
-    each is decoded alone, which also gives a bad one its own error and spoils no other)."""
-    first = reqs[0]
-    names, width, nfeat = list(first.features), model.dense_features, len(model.features)
-    ldt, vdt = _INT.get(first.lengths.dtype), _INT.get(first.values.dtype)
-    if ldt is None or vdt is None or (names and len(names) != nfeat):
-        return None
-    lsize, vsize = np.dtype(ldt).itemsize, np.dtype(vdt).itemsize
-    dense, lens, vals, sizes, ids = [], [], [], [], []
-    for r in reqs:
-        if (r.features != first.features or r.dense.dtype != common_pb2.FLOAT32
-                or r.lengths.dtype != first.lengths.dtype or r.values.dtype != first.values.dtype):
-            return None
-        shape = r.dense.shape
-        if len(shape) != 2 or shape[1] != width or not 0 < shape[0] <= limits.max_request_samples:
-            return None
-        b = shape[0]
-        d, ln, v = r.dense.data, r.lengths.data, r.values.data  # upb copies a bytes field per access
-        n = len(v) // vsize
-        if (len(d) != b * width * 4 or len(ln) != nfeat * b * lsize or list(r.lengths.shape) != [nfeat * b]
-                or list(r.values.shape) != [n] or len(v) != n * vsize or n > limits.max_request_ids):
-            return None
-        dense.append(d)
-        lens.append(ln)
-        vals.append(v)
-        sizes.append(b)
-        ids.append(n)
-    flat = np.frombuffer(b"".join(lens), dtype=ldt).astype(np.int64)
-    if (flat < 0).any() or (flat > max(ids)).any():  # a bag larger than its request's ids: before any sum wraps
-        return None
-    if all(b == 1 for b in sizes):
-        counts = flat.reshape(len(reqs), nfeat)  # [request, feature]
-        lengths = counts.T
-    else:
-        parts, at = [], 0
-        for b in sizes:
-            parts.append(flat[at:at + nfeat * b].reshape(nfeat, b))
-            at += nfeat * b
-        lengths = np.concatenate(parts, axis=1)
-        counts = np.stack([p.sum(axis=1) for p in parts])
-    if not np.array_equal(counts.sum(axis=1), np.asarray(ids)):
-        return None
-    order = np.arange(counts.size).reshape(counts.shape).T.ravel()  # request-major segments -> feature-major
-    values = segment_reorder(np.frombuffer(b"".join(vals), dtype=vdt).astype(np.int64), counts.ravel(), order)
-    return validate(np.frombuffer(b"".join(dense), dtype=np.float32).reshape(-1, width), names,
-                    lambda: lengths.ravel(), lambda: values, model, UNLIMITED)
 
 
 # frontend.cc's kMethods; a PredictStream message is scored as a Predict (the frontend writes it to the stream)
@@ -148,7 +97,7 @@ class Worker:
                     r = _parse(inference_pb2.PredictRequest, body)
                     m = self.table.resolve(r.model, r.version)
                     d = decode(r, m, self.limits)
-                    scoring.append(Scoring(i, m, d.batch_size, lambda s, r=r, m=m: _predict_response(r, m, s)))
+                    scoring.append(Scoring(i, m, d.batch_size, lambda s, r=r, m=m: predict_response(r, m, s)))
                 elif method == INFER:
                     r = _parse(oip_pb.ModelInferRequest, body)
                     m = self.table.resolve(r.model_name, oip.parse_version(r.model_version, "model_version"))
@@ -184,7 +133,7 @@ class Worker:
             whole = decode_batch(reqs, model, self.limits)
             if whole is None:
                 return False
-            _scored(out, [Scoring(i, model, r.dense.shape[0], lambda s, r=r: _predict_response(r, model, s))
+            _scored(out, [Scoring(i, model, r.dense.shape[0], lambda s, r=r: predict_response(r, model, s))
                           for i, r in enumerate(reqs)], model, merge([whole]))
             return True
         except Exception:  # RequestError or worse: the per-request path says which request and why
@@ -222,12 +171,6 @@ def _scored(out: list[tuple[int, bytes]], scoring: list[Scoring], model: Serving
     for sc in scoring:
         out[sc.index] = (0, sc.respond(scores[start:start + sc.samples]))
         start += sc.samples
-
-
-def _predict_response(r: inference_pb2.PredictRequest, m: ServingModel, scores: np.ndarray) -> bytes:
-    return inference_pb2.PredictResponse(
-        scores=common_pb2.Tensor(dtype=common_pb2.FLOAT32, shape=[len(scores)], data=scores.tobytes()),
-        model=m.name, version=m.version, request_id=r.request_id).SerializeToString()
 
 
 def _infer_response(r: oip_pb.ModelInferRequest, m: ServingModel, scores: np.ndarray, batched: bool) -> bytes:
