@@ -614,6 +614,7 @@ static void dispatch(int fd, long pid) {
       {
         std::lock_guard<std::mutex> lk(mu);
         left = --live_workers;  // at 0 new calls are refused UNAVAILABLE; queued ones wait for a worker
+        retiring.erase(pid);  // a retire order that crossed the loss: no later worker with this pid inherits it
       }
       if (left == 0) set_health(false);
       emit("{\"event\": \"worker_lost\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
@@ -634,6 +635,7 @@ static void accept_workers(int ls) {
     {
       std::lock_guard<std::mutex> lk(mu);
       now = ++live_workers;
+      retiring.erase(pid);  // an order for an earlier worker with this pid (lost first) is not for this one
     }
     std::thread(dispatch, fd, pid).detach();
     if (now == 1 && !draining) set_health(true);

@@ -290,12 +290,17 @@ class Supervisor:
     def _retire(self, workers: list[subprocess.Popen]) -> None:
         """The frontend hands each connected one no further batch and closes its socket after the batch it
         holds; each then exits on EOF (one never connected is stopped at once)."""
-        for w in workers:
-            if w.poll() is None and w.pid in self.state.connected:
-                self.frontend.stdin.write(f"retire {w.pid}\n")
-            elif w.poll() is None:
-                w.terminate()
-        self.frontend.stdin.flush()
+        try:
+            for w in workers:
+                if w.poll() is None and w.pid in self.state.connected:
+                    self.frontend.stdin.write(f"retire {w.pid}\n")
+                elif w.poll() is None:
+                    w.terminate()
+            self.frontend.stdin.flush()
+        except OSError:  # the frontend is gone (the gateway stops with it): nothing is left to drain
+            for w in workers:
+                if w.poll() is None:
+                    w.terminate()
         deadline = time.monotonic() + self.cfg.grace_s + 10
         for w in workers:
             try:
