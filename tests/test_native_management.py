@@ -177,3 +177,19 @@ def test_load_under_another_name_and_make_default(gw, store):
         a.unload_model("ranker", 5)
         listed = a.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30).models
         assert [(m.name, m.version) for m in listed] == [("dlrm", 2)]
+
+
+def test_health_is_serving_only_while_a_model_is_loaded(gw):
+    """What the Kubernetes readiness probe asks: the management address's health follows the model set."""
+    def status() -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="recsys.v1.InferenceGateway"), timeout=10).status
+
+    assert status() == health_pb2.HealthCheckResponse.SERVING
+    with admin(gw) as a:
+        for m in sorted(a.list_models(), key=lambda m: m.is_default):  # each model's default last
+            a.unload_model(m.name, m.version)
+        assert a.list_models() == [] and status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        a.load_model("v1")
+        assert status() == health_pb2.HealthCheckResponse.SERVING
