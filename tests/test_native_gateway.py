@@ -327,6 +327,32 @@ def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):
     np.testing.assert_array_equal(scores_of(s.Predict(req, timeout=30)), before)
 
 
+def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
+    """The management health (the readiness probe's) also needs a worker: every worker killed, it says
+    NOT_SERVING until the supervisor's replacements connect, then SERVING, and Predict answers again."""
+    def ready() -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="recsys.v1.InferenceGateway"), timeout=10).status
+
+    assert ready() == health_pb2.HealthCheckResponse.SERVING
+    victims = workers(gw)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    seen = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING
+                                               and health_pb2.HealthCheckResponse.NOT_SERVING in seen):
+        seen.append(ready())
+        time.sleep(0.05)
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING
+    assert not set(victims) & set(workers(gw))
+    req = build_request(*ragged(2, 9))
+    np.testing.assert_allclose(scores_of(stub(gw).Predict(req, timeout=30)),
+                               ServingModel(load_package(package)).scores(
+                                   *(torch.from_numpy(a) for a in ragged(2, 9))).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):
     """A request whose deadline is shorter than the expected queue wait is refused RESOURCE_EXHAUSTED at
     once; then SIGTERM while requests are in flight: every accepted one is answered, exit code 0."""

@@ -45,14 +45,21 @@ def scored_alone(model: ServingModel, sample) -> np.ndarray:
     return model.scores(*(torch.from_numpy(a) for a in sample)).numpy()
 
 
-@pytest.mark.parametrize("kind", ["one sample, single-hot", "one sample, multi-hot", "ragged", "int32 ids"])
+@pytest.mark.parametrize("kind", ["one sample, single-hot", "one sample, multi-hot", "ragged", "int32 ids",
+                                  "one and several samples", "features named in reverse"])
 def test_a_batch_decoded_at_once_scores_as_each_request_alone(model, kind):
     samples = {"one sample, single-hot": [single_hot(1, k) for k in range(9)],
                "one sample, multi-hot": [ragged(1, 40 + k) for k in range(9)],
                "ragged": [ragged(1 + k % 4, 60 + k) for k in range(9)],
-               "int32 ids": [single_hot(1, 80 + k) for k in range(9)]}[kind]
+               "int32 ids": [single_hot(1, 80 + k) for k in range(9)],
+               "one and several samples": [single_hot(1, k) if k % 2 else ragged(3, 90 + k) for k in range(9)],
+               "features named in reverse": [single_hot(1, 100 + k) for k in range(9)]}[kind]
     dtype = np.int32 if kind == "int32 ids" else np.int64
-    reqs = [build_request(d, ln.astype(dtype), v.astype(dtype)) for d, ln, v in samples]
+    if kind == "features named in reverse":  # one id per bag: the request's bags in its own feature order
+        names = [f.name for f in reversed(TINY.features)]
+        reqs = [build_request(d, ln, v[::-1], features=names) for d, ln, v in samples]
+    else:
+        reqs = [build_request(d, ln.astype(dtype), v.astype(dtype)) for d, ln, v in samples]
     whole = decode_batch(reqs, model, Limits())
     assert whole is not None  # the fast path took the batch whole
     scores, start = model.scores(*merge([whole])).numpy(), 0

@@ -18,8 +18,9 @@ UNLIMITED = Limits(max_request_samples=1 << 62, max_request_ids=1 << 62)
 
 def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, limits: Limits) -> Decoded | None:
     """Every request of a batch (all resolved to `model`) as one, checked once by `validate` (a few numpy
-    calls per batch, not per request); None when the requests are not alike or one is malformed (then
-    each is decoded alone, which also gives a bad one its own error and spoils no other)."""
+    calls per batch, not per request); None when the requests are not alike or one's arrays do not fit
+    together, and RequestError when `validate` refuses the batch (a NaN, an id out of range): either way
+    the caller decodes each request alone, which gives a bad one its own error and spoils no other."""
     first = reqs[0]
     feats, names, width, nfeat = first.features, list(first.features), model.dense_features, len(model.features)
     ltype, vtype = first.lengths.dtype, first.values.dtype
@@ -49,7 +50,7 @@ def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, 
         ids.append(n)
     flat = np.frombuffer(b"".join(lens), dtype=ldt).astype(np.int64)
     raw = np.frombuffer(b"".join(vals), dtype=vdt).astype(np.int64)
-    if len(sizes) == len(flat) // nfeat:  # one sample a request (W1)
+    if all(b == 1 for b in sizes):  # one sample a request (W1)
         counts = flat.reshape(len(reqs), nfeat)  # [request, feature]
         lengths = counts.T
         if (flat == 1).all():  # single-hot: request-major ids are a [request, feature] matrix

@@ -400,18 +400,22 @@ class Supervisor:
 
 class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
     """The control plane on its own address (Predict is UNIMPLEMENTED here); one change at a time. Its gRPC
-    health (what a readiness probe asks) is SERVING only while a model is loaded, as serve's is."""
+    health (what a readiness probe asks) is SERVING only while a model is loaded, as serve's is, and a
+    worker is connected to score it; published after each change and every watch of the supervisor."""
 
     def __init__(self, sup: Supervisor, checks: health.HealthServicer) -> None:
         self.sup, self.checks = sup, checks
+        self._publishing = threading.Lock()  # read and set together: a late publisher never sets a stale state
         self.publish()
 
     def publish(self) -> None:
-        with self.sup.lock:
-            loaded = bool(self.sup.table.models)
-        status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
-        for svc in ("", SERVICE_NAME):
-            self.checks.set(svc, status)
+        with self._publishing:
+            # the frontend notices a dead worker only when it next sends it a batch: alive processes count
+            alive = {w.pid for w in self.sup.workers if w.poll() is None}
+            ready = bool(self.sup.table.models) and bool(self.sup.state.connected & alive)
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            for svc in ("", SERVICE_NAME):
+                self.checks.set(svc, status)
 
     def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(models=self.sup.infos())
@@ -456,8 +460,7 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
             context.abort(e.code, e.message)
 
 
-def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grpc.Server, int,
-                                                                                health.HealthServicer]:
+def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grpc.Server, int, ManagementServicer]:
     """The management address: InferenceGateway's control plane, gRPC health and reflection."""
     rejects = Rejects(registry, log)
     interceptors: list[grpc.ServerInterceptor] = []
@@ -467,12 +470,13 @@ def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grp
     interceptors.append(DecodeGuard(rejects))
     server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="management"), interceptors=interceptors)
     checks = health.HealthServicer()
-    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(ManagementServicer(sup, checks), server)
+    servicer = ManagementServicer(sup, checks)
+    inference_pb2_grpc.add_InferenceGatewayServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = bind(server, f"{sup.cfg.host}:{sup.cfg.management_port}", sup.cfg.tls)
     server.start()
-    return server, port, checks
+    return server, port, servicer
 
 
 def run(cfg: NativeConfig) -> int:
@@ -491,7 +495,7 @@ def run(cfg: NativeConfig) -> int:
         raise
     registry = CollectorRegistry()
     try:
-        server, msg["management_port"], checks = management_server(sup, registry)
+        server, msg["management_port"], management = management_server(sup, registry)
     except (OSError, RuntimeError) as e:
         sup.kill()
         raise SystemExit(f"inference-gateway serve-native: --management-port: {e}") from None
@@ -505,6 +509,7 @@ def run(cfg: NativeConfig) -> int:
             server.stop(0)
             sup.kill()
             return 1
-    checks.enter_graceful_shutdown()
+        management.publish()
+    management.checks.enter_graceful_shutdown()
     server.stop(1)
     return sup.drain()
