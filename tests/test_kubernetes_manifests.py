@@ -719,10 +719,10 @@ def test_termination_grace_outlasts_the_sigterm_drain(overlay):
     from inference_gateway.native.supervisor import NativeConfig
 
     shard_drain = float(re.search(r"shard\.stop\(grace=([\d.]+)\)", inspect.getsource(shard_server.serve_forever))[1])
+    gateway = parse_container(containers(workload_of(overlay, "inference-gateway"), init=False)[0]).args
     drains = {"embedding-shard": shard_drain,
               "coordinator": inspect.signature(RunningCoordinator.stop).parameters["grace"].default,
-              # serve-native: the frontend's grace (killed 10 s past it), then 10 s for the workers to exit
-              "inference-gateway": NativeConfig.grace_s + 20}
+              "inference-gateway": NativeConfig(grace_s=gateway.grace_s).drain_s}  # with the manifest's --grace-s
     for comp, drain in drains.items():
         assert pod_spec(workload_of(overlay, comp))["terminationGracePeriodSeconds"] >= drain + 10, comp
 

@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
+KILL_AFTER_S = 10.0  # SIGTERM drain: how long past its grace the frontend may take before SIGKILL
+READER_JOIN_S = 5.0  # then its last stdout lines (the final counters)
+WORKER_EXIT_S = 10.0  # then the workers, each
+
+
 @dataclass
 class NativeConfig:
     models: list[str] = field(default_factory=list)  # package directories loaded at start
@@ -79,6 +84,11 @@ class NativeConfig:
     predict_token_file: str | None = None  # Predict and ModelInfer need `authorization: Bearer <its token>`
     tls: TlsConfig | None = None  # the inference port's and the management port's
     start_timeout_s: float = 300.0
+
+    @property
+    def drain_s(self) -> float:
+        """The longest a SIGTERM drain takes (a pod's terminationGracePeriodSeconds must outlast it)."""
+        return self.grace_s + KILL_AFTER_S + READER_JOIN_S + WORKER_EXIT_S
 
     def frontend_args(self, sock: Path) -> list[str]:
         return ["--addr", f"{self.host}:{self.port}", "--socket", str(sock),
@@ -382,14 +392,14 @@ class Supervisor:
         if self.frontend is not None and self.frontend.poll() is None:
             self.frontend.terminate()
             try:
-                code = self.frontend.wait(self.cfg.grace_s + 10)
+                code = self.frontend.wait(self.cfg.grace_s + KILL_AFTER_S)
             except subprocess.TimeoutExpired:
                 self.frontend.kill()
                 code = 1
         if self.reader is not None:
-            self.reader.join(5)
+            self.reader.join(READER_JOIN_S)
         with self.lock:
-            stop_all(self.workers, 10)
+            stop_all(self.workers, WORKER_EXIT_S)
         final = {k: self.state.stats.get(k) for k in ("received", "answered", "expired", "admission_refusals")}
         print(json.dumps({"event": "drained", "frontend_exit_code": code, **final}), flush=True)
         return code
