@@ -52,6 +52,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -536,10 +537,31 @@ static bool write_all(int fd, const void* p, size_t n) {
   return true;
 }
 
+// Between batches a worker sends nothing, so a readable socket means it is gone (EOF or an error). Checked
+// before each batch is taken: a worker that died idle is dropped then, instead of costing its first batch
+// the one retry (with every worker killed at once, that batch could meet two dead ones and fail).
+static bool peer_closed(int fd) {
+  char c;
+  ssize_t r = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 static void dispatch(int fd, long pid) {
   std::vector<Item> batch, dropped;
   std::string frame, reply;
   Reader in(fd);
+  auto lose = [fd, pid] {  // the worker is gone: this dispatcher stops
+    ::close(fd);
+    int left;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      left = --live_workers;  // at 0 new calls are refused UNAVAILABLE; queued ones wait for a worker
+      retiring.erase(pid);  // a retire order that crossed the loss: no later worker with this pid inherits it
+    }
+    if (left == 0) set_health(false);
+    emit("{\"event\": \"worker_lost\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
+         std::to_string(left) + "}");
+  };
   for (;;) {
     batch.clear();
     dropped.clear();
@@ -562,6 +584,12 @@ static void dispatch(int fd, long pid) {
         if (left == 0) set_health(false);
         emit("{\"event\": \"worker_retired\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
              std::to_string(left) + "}");
+        return;
+      }
+      if (peer_closed(fd)) {
+        if (!queue_.empty()) cv.notify_one();  // the wake-up this dispatcher took goes to another
+        lk.unlock();
+        lose();
         return;
       }
       auto now = Clock::now();
@@ -640,16 +668,7 @@ static void dispatch(int fd, long pid) {
       predicted_us = 0.9 * predicted_us + 0.1 * predicted;
     }
     if (!ok) {
-      ::close(fd);
-      int left;
-      {
-        std::lock_guard<std::mutex> lk(mu);
-        left = --live_workers;  // at 0 new calls are refused UNAVAILABLE; queued ones wait for a worker
-        retiring.erase(pid);  // a retire order that crossed the loss: no later worker with this pid inherits it
-      }
-      if (left == 0) set_health(false);
-      emit("{\"event\": \"worker_lost\", \"pid\": " + std::to_string(pid) + ", \"workers\": " +
-           std::to_string(left) + "}");
+      lose();
       return;
     }
   }
