@@ -61,8 +61,9 @@ def stub(g) -> inference_pb2_grpc.InferenceGatewayStub:
     return inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(g.address))
 
 
-def health(g, service: str = "") -> int:
-    with grpc.insecure_channel(g.address) as ch:
+def health(g, service: str = "", port: int | None = None) -> int:
+    """The gRPC health of `service` on the gateway's --port, or on `port` (its management address)."""
+    with grpc.insecure_channel(g.address if port is None else f"127.0.0.1:{port}") as ch:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
@@ -331,9 +332,7 @@ def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
     """The management health (the readiness probe's) also needs a worker: every worker killed, it says
     NOT_SERVING until the supervisor's replacements connect, then SERVING, and Predict answers again."""
     def ready() -> int:
-        with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="recsys.v1.InferenceGateway"), timeout=10).status
+        return health(gw, "recsys.v1.InferenceGateway", gw.announced["management_port"])
 
     assert ready() == health_pb2.HealthCheckResponse.SERVING
     victims = workers(gw)
@@ -347,10 +346,10 @@ def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
         time.sleep(0.05)
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING
     assert not set(victims) & set(workers(gw))
-    req = build_request(*ragged(2, 9))
-    np.testing.assert_allclose(scores_of(stub(gw).Predict(req, timeout=30)),
+    sample = ragged(2, 9)
+    np.testing.assert_allclose(scores_of(stub(gw).Predict(build_request(*sample), timeout=30)),
                                ServingModel(load_package(package)).scores(
-                                   *(torch.from_numpy(a) for a in ragged(2, 9))).numpy(), rtol=1e-5, atol=1e-6)
+                                   *(torch.from_numpy(a) for a in sample)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):

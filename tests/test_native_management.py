@@ -22,6 +22,7 @@ from inference_gateway.process import launch_native
 from protos import inference_pb2, inference_pb2_grpc
 from tests import prom
 from tests.test_inference_package import two_versions
+from tests.test_native_gateway import health
 from tests.test_oip import ragged
 
 WORKERS = 2
@@ -182,9 +183,7 @@ def test_load_under_another_name_and_make_default(gw, store):
 def test_health_is_serving_only_while_a_model_is_loaded(gw):
     """What the Kubernetes readiness probe asks: the management address's health follows the model set."""
     def status() -> int:
-        with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="recsys.v1.InferenceGateway"), timeout=10).status
+        return health(gw, "recsys.v1.InferenceGateway", gw.announced["management_port"])
 
     assert status() == health_pb2.HealthCheckResponse.SERVING
     with admin(gw) as a:

@@ -50,30 +50,30 @@ def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, 
         ids.append(n)
     flat = np.frombuffer(b"".join(lens), dtype=ldt).astype(np.int64)
     raw = np.frombuffer(b"".join(vals), dtype=vdt).astype(np.int64)
-    if all(b == 1 for b in sizes):  # one sample a request (W1)
-        counts = flat.reshape(len(reqs), nfeat)  # [request, feature]
-        lengths = counts.T
-        if (flat == 1).all():  # single-hot: request-major ids are a [request, feature] matrix
-            if ids.count(nfeat) != len(ids):  # one id per bag in each request
-                return None
-            values = raw.reshape(len(reqs), nfeat).T.ravel()
-            return validate(np.frombuffer(b"".join(dense), dtype=np.float32).reshape(-1, width), names,
-                            lambda: lengths.ravel(), lambda: values, model, UNLIMITED)
+    one_each = all(b == 1 for b in sizes)  # one sample a request (W1)
+    if one_each and (flat == 1).all():  # single-hot too: the ids are a [request, feature] matrix
+        if ids.count(nfeat) != len(ids):  # one id per bag in each request
+            return None
+        lengths, values = flat, raw.reshape(len(reqs), nfeat).T.ravel()  # lengths: all ones, in any order
     else:
-        parts, at = [], 0
-        for b in sizes:
-            parts.append(flat[at:at + nfeat * b].reshape(nfeat, b))
-            at += nfeat * b
-        lengths = np.concatenate(parts, axis=1)
-        counts = np.stack([p.sum(axis=1) for p in parts])
-    if (flat < 0).any() or (flat > max(ids)).any():  # a bag larger than its request's ids: before any sum wraps
-        return None
-    if not np.array_equal(counts.sum(axis=1), np.asarray(ids)):
-        return None
-    order = np.arange(counts.size).reshape(counts.shape).T.ravel()  # request-major segments -> feature-major
-    values = segment_reorder(raw, counts.ravel(), order)
+        if one_each:
+            counts = flat.reshape(len(reqs), nfeat)  # [request, feature]
+            lengths = counts.T.ravel()
+        else:
+            parts, at = [], 0
+            for b in sizes:
+                parts.append(flat[at:at + nfeat * b].reshape(nfeat, b))
+                at += nfeat * b
+            lengths = np.concatenate(parts, axis=1).ravel()
+            counts = np.stack([p.sum(axis=1) for p in parts])
+        if (flat < 0).any() or (flat > max(ids)).any():  # a bag larger than its request's ids: before sums wrap
+            return None
+        if not np.array_equal(counts.sum(axis=1), np.asarray(ids)):
+            return None
+        order = np.arange(counts.size).reshape(counts.shape).T.ravel()  # request-major segments -> feature-major
+        values = segment_reorder(raw, counts.ravel(), order)
     return validate(np.frombuffer(b"".join(dense), dtype=np.float32).reshape(-1, width), names,
-                    lambda: lengths.ravel(), lambda: values, model, UNLIMITED)
+                    lambda: lengths, lambda: values, model, UNLIMITED)
 
 
 def _varint(n: int) -> bytes:

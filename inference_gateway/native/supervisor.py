@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
-KILL_AFTER_S = 10.0  # SIGTERM drain: how long past its grace the frontend may take before SIGKILL
-READER_JOIN_S = 5.0  # then its last stdout lines (the final counters)
+KILL_AFTER_S = 10.0  # how long past the grace a process told to stop (frontend, retired worker) has before SIGKILL
+READER_JOIN_S = 5.0  # SIGTERM drain, after the frontend: its last stdout lines (the final counters)
 WORKER_EXIT_S = 10.0  # then the workers, each
 
 
@@ -311,7 +311,7 @@ class Supervisor:
             for w in workers:
                 if w.poll() is None:
                     w.terminate()
-        deadline = time.monotonic() + self.cfg.grace_s + 10
+        deadline = time.monotonic() + self.cfg.grace_s + KILL_AFTER_S
         for w in workers:
             try:
                 w.wait(max(0.0, deadline - time.monotonic()))
