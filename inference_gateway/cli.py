@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "glibc's under concurrency; auto: jemalloc when installed (libjemalloc2), else glibc")
     t.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long in-flight requests may take")
     t.add_argument("--workdir", default="triton-gateway", help="model repository, table images, tritonserver.log")
-    t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
+    t.add_argument("--table-cache", help="where table images are written (default <workdir>/tables); the image "
+                   "of a version this gateway unloads is deleted, so give each running gateway its own")
     t.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
     _follow_flags(t, "a follower process applies the row deltas and dense publishes to the newest version of the "
                   "first --model, in place in its (then private) table image; workers see each delta entry whole",
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long queued and in-flight requests "
                    "may take")
     n.add_argument("--workdir", default="native-gateway", help="the workers' socket and (by default) table images")
-    n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables)")
+    n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables); the image "
+                   "of a version this gateway unloads is deleted, so give each running gateway its own")
     n.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
     _credential_flags(n, " on --management-port", "Predict and ModelInfer",
                       tls_where=" on --port and --management-port")

@@ -387,6 +387,24 @@ class Supervisor:
 
     def add(self, path: str, name: str = "", version: int = 0) -> Version:
         v = self._prepare(path, name, version)
+        try:
+            return self._add(v)
+        except BaseException:
+            self._drop_image(v)
+            raise
+
+    def _drop_image(self, v: Version) -> None:
+        """Deletes `v`'s cached table image (as large as its tables) unless a loaded version names it: the
+        version was unloaded or refused. Workers still draining it keep their mappings (Linux frees the
+        pages with the last one); no new one will map it."""
+        if any(o.image == v.image for vs in self.models.values() for o in vs.values()):
+            return
+        try:
+            v.image.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("could not delete the unused table image %s: %s", v.image, e)
+
+    def _add(self, v: Version) -> Version:
         versions = self.models.get(v.name, {})
         if v.version in versions:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"version: model {v.name!r} version {v.version} is "
@@ -525,7 +543,7 @@ class Supervisor:
         if version not in versions:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"version: model {name!r} has no version {version} loaded "
                                                      f"(loaded: {sorted(versions)})")
-        del versions[version]
+        removed = versions.pop(version)
         if self.followed is not None and (self.followed[0].name, self.followed[0].version) == (name, version):
             log.warning("unloading %s v%d, the followed version: deltas are no longer applied until a newer "
                         "version of %s is loaded", name, version, name)
@@ -543,6 +561,7 @@ class Supervisor:
         # a once-followed version's private image: its draining workers keep their mappings (Linux frees the
         # pages with the last one); no follower writes it any more, so no new dense file is asked for
         remove_files(self._private_image_path(name, version))
+        self._drop_image(removed)
 
     def specs(self) -> dict[str, dict[int, ModelSpec]]:
         """predict_proxy.Catalog: what the Predict proxy validates requests against."""

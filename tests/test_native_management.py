@@ -165,9 +165,17 @@ def test_hot_swap_in_every_worker_fails_no_request(gw, store):
         len(answers)
 
 
+def images(g) -> set[str]:
+    return {p.name for p in (g.workdir / "native" / "tables").glob("*.tbe")}
+
+
 def test_load_under_another_name_and_make_default(gw, store):
+    """...and the unloaded version's table image is deleted, the served one's kept."""
+    before = images(gw)
     with admin(gw) as a:
         info = a.load_model("v1", name="ranker", version=5, make_default=True)
+        [added] = images(gw) - before
+        assert added.startswith("ranker-v5-")
         assert (info.name, info.version, info.is_default) == ("ranker", 5, True)
         s = inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(gw.address))
         req = ragged(2, 9)
@@ -178,6 +186,8 @@ def test_load_under_another_name_and_make_default(gw, store):
         a.unload_model("ranker", 5)
         listed = a.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30).models
         assert [(m.name, m.version) for m in listed] == [("dlrm", 2)]
+        assert images(gw) == before and len(before) == 1 and next(iter(before)).startswith("dlrm-v2-")
+        assert s.Predict(build_request(*req), timeout=30).version == 2  # new workers map the kept image
 
 
 def test_health_is_serving_only_while_a_model_is_loaded(gw):

@@ -80,12 +80,14 @@ def test_serve_triton_follows_row_deltas_and_dense_publishes_in_every_worker(sha
                     np.testing.assert_allclose(scores_of(c.predict_request(req)), exp, rtol=1e-5, atol=1e-6)
             live = tmp_path / "gw" / "triton" / "live"
             assert (live / "dlrm-v1.tbe").exists() and (live / "dlrm-v2.tbe.state").exists()
-            mgmt.unload_model("dlrm", 1)  # a version unloaded leaves no private image behind
+            # the deltas went to the versions' private copies: the cached image is still the package's bytes
+            tables = tmp_path / "gw" / "triton" / "tables"
+            [cached] = tables.glob("dlrm-v1-*.tbe")
+            assert cached.read_bytes() == write_image(load_package(base), tmp_path / "fresh").read_bytes()
+            mgmt.unload_model("dlrm", 1)  # a version unloaded leaves no image behind, private or cached
             assert sorted(p.name for p in live.iterdir()) == ["dlrm-v2.tbe", "dlrm-v2.tbe.dense.pt",
                                                              "dlrm-v2.tbe.follow.json", "dlrm-v2.tbe.state"]
-        # the deltas went to the versions' private copies: the cached image is still the package's bytes
-        [cached] = (tmp_path / "gw" / "triton" / "tables").glob("dlrm-v1-*.tbe")
-        assert cached.read_bytes() == write_image(load_package(base), tmp_path / "fresh").read_bytes()
+            assert [p.name.split("-")[1] for p in tables.glob("*.tbe")] == ["v2"]
     finally:
         gw.kill()
 

@@ -78,6 +78,7 @@ def test_management_needs_the_control_token_over_tls_and_loads_only_from_the_sto
             plain.unary_unary("/recsys.v1.InferenceGateway/ListModels")(b"", timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port fails the handshake
     before = [("dlrm", 1, True)]
+    images = gw.workdir / "triton" / "tables"
     with management(gw, certs) as anonymous, management(gw, certs, "not-" + TOKEN) as wrong:
         assert listed(anonymous) == before  # ListModels (and health) stay open
         for method, call in gateway_control_calls(anonymous).items():
@@ -98,8 +99,10 @@ def test_management_needs_the_control_token_over_tls_and_loads_only_from_the_sto
         assert listed(admin) == before and repository(gw) == ["dlrm/1"]
         assert admin.load_model("v2").version == 2  # the right token works
         assert listed(admin) == [("dlrm", 1, False), ("dlrm", 2, True)]
+        assert sorted(p.name.split("-")[1] for p in images.glob("*.tbe")) == ["v1", "v2"]
         admin.unload_model("dlrm", 2)
         assert listed(admin) == before
+        assert [p.name.split("-")[1] for p in images.glob("*.tbe")] == ["v1"]  # the unloaded one's image deleted
 
 
 def test_the_predict_port_serves_tls_with_the_management_ports_certificate(gw, certs):

@@ -12,7 +12,8 @@ need the control token and/or a client certificate) changes the model set by rol
 worker's models are fixed for its life (its spec file), so new workers start with the new set, and once
 every one of them is connected each old worker is retired: the frontend hands it no further batch and
 closes its socket after answering the batch it holds. Requests never wait on a loading worker and none
-fails in a swap; while it rolls, a request may be scored by either set.
+fails in a swap; while it rolls, a request may be scored by either set. The table image of a version that
+leaves the set is deleted once the workers that mapped it are retired.
 
 Prints `{"event": "serving", "port", "management_port", "metrics_port", "frontend_pid", "worker_pids",
 "models"}` once every worker is connected; then one JSON line per replaced worker and per model change.
@@ -204,6 +205,7 @@ class Supervisor:
         self.restarts = 0
         self.changes = 0
         self.table: VersionTable[Version] = VersionTable()
+        self.prepared: set[Path] = set()  # the table images this supervisor prepared (it deletes only these)
         self.spec: Path | None = None  # what the current workers were started with
         self.lock = threading.Lock()
         self.reader: threading.Thread | None = None
@@ -259,6 +261,7 @@ class Supervisor:
             where = in_store if not os.path.isabs(path) and os.path.isdir(in_store) else path
             try:
                 v = prepare(where, self.cache, env=child_env(None))
+                self.prepared.add(v.image)
                 self.table.add(v.name, v.version, v)
             except (Refused, RequestError) as e:
                 raise StartError(f"--model {path}: {e.message}") from None
@@ -332,6 +335,24 @@ class Supervisor:
             if isinstance(e, RequestError):
                 raise Refused(e.code, e.message) from None
             raise
+        finally:
+            self._drop_unused_images()
+
+    def _drop_unused_images(self) -> None:
+        """Deletes the images this supervisor prepared that no version of the model set names any more (an
+        unloaded version's, a refused load's): each is as large as its package's tables, and a gateway that
+        swaps models daily would otherwise fill its disk. Called after a change, once the workers of the old
+        set are retired (a worker still mapping one keeps its pages; only new workers need the file, and they
+        start with the current set). Images it did not prepare (another run's, in a kept --table-cache) stay."""
+        named = {v.image for v in self.table.items()}
+        for image in list(self.prepared - named):
+            try:
+                image.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not delete the unused table image %s: %s", image, e)
+                continue
+            self.prepared.discard(image)
+            print(json.dumps({"event": "image_deleted", "image": str(image)}), flush=True)
 
     def prepare(self, path: Path, name: str, version: int) -> Version:
         """The package verified and its table image written (slow: called without the lock, so dead workers
@@ -341,9 +362,14 @@ class Supervisor:
                 self.table.check_new(name, version)  # before the package is read
             except RequestError as e:
                 raise Refused(e.code, e.message) from None
-        return prepare(path, self.cache, name, version, env=child_env(None))
+        v = prepare(path, self.cache, name, version, env=child_env(None))
+        self.prepared.add(v.image)
+        return v
 
     def load(self, v: Version, make_default: bool = False) -> Version:
+        if not v.image.exists():  # a change since `prepare` (which holds no lock) deleted it as unused
+            v = self.prepare(Path(v.facts["path"]), v.name, v.version)
+
         def add() -> Version:
             self.table.add(v.name, v.version, v, make_default)
             return v
