@@ -72,7 +72,8 @@ def decode_batch(reqs: list[inference_pb2.PredictRequest], model: ServingModel, 
             return None
         order = np.arange(counts.size).reshape(counts.shape).T.ravel()  # request-major segments -> feature-major
         values = segment_reorder(raw, counts.ravel(), order)
-    return validate(np.frombuffer(b"".join(dense), dtype=np.float32).reshape(-1, width), names,
+    dense_all = np.frombuffer(bytearray().join(dense), dtype=np.float32)  # writable: torch warns on read-only
+    return validate(dense_all.reshape(-1, width), names,
                     lambda: lengths, lambda: values, model, UNLIMITED)
 
 
