@@ -124,6 +124,48 @@ def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing
     assert prom.value(m, "gateway_workers_live") == WORKERS
 
 
+def test_reflection_describes_the_inference_port(gw):
+    """What grpcurl asks the inference port, answered by the frontend from the supervisor's table: the services
+    listed, each described with the files it depends on (v1alpha and v1), unknown symbols NOT_FOUND."""
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(gw.address) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert set(db.get_services()) == {"recsys.v1.InferenceGateway", "inference.GRPCInferenceService",
+                                          "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        pool = DescriptorPool(db)  # its own pool: tritonclient's `inference` stubs live in the default one
+        predict = pool.FindMethodByName("recsys.v1.InferenceGateway.Predict")
+        assert predict.input_type.fields_by_name["dense"].message_type.full_name == "recsys.v1.Tensor"  # a dependency
+        assert pool.FindMethodByName("inference.GRPCInferenceService.ModelInfer").output_type.full_name == \
+            "inference.ModelInferResponse"
+        with pytest.raises(KeyError):
+            pool.FindMessageTypeByName("recsys.v1.NoSuchMessage")
+        v1 = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                              request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+                              response_deserializer=rpb.ServerReflectionResponse.FromString)
+        asked = [rpb.ServerReflectionRequest(host="gw", list_services=""),
+                 rpb.ServerReflectionRequest(file_by_filename="protos/inference.proto"),
+                 rpb.ServerReflectionRequest(all_extension_numbers_of_type="recsys.v1.PredictRequest"),
+                 rpb.ServerReflectionRequest(file_containing_symbol="no.such.Symbol"),
+                 rpb.ServerReflectionRequest()]
+        listed, by_file, ext, missing, empty = v1(iter(asked), timeout=30)
+        assert (listed.valid_host, listed.original_request) == ("gw", asked[0])
+        assert len(listed.list_services_response.service) == 4
+        assert {FileDescriptorProto.FromString(f).name
+                for f in by_file.file_descriptor_response.file_descriptor_proto} == \
+            {"protos/inference.proto", "protos/common.proto"}
+        assert ext.all_extension_numbers_response.base_type_name == "recsys.v1.PredictRequest"
+        assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert empty.error_response.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        raw = ch.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        with pytest.raises(grpc.RpcError) as e:
+            list(raw(iter([b"\xff"]), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ServerReflectionRequest" in e.value.details()
+
+
 def test_the_open_inference_protocol_with_tritons_own_client(gw, package):
     """tritonclient.grpc, unchanged: readiness, metadata, every input form serve takes, the same scores as
     the package, ModelInfer and Predict merged in one batch, and serve's errors."""

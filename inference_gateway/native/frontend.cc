@@ -22,7 +22,9 @@
 // answered on the stream as it is ready, a failed one with `error` set) and the OIP's ModelInfer (admitted,
 // batched, scored together; with --predict-token-file these need `authorization: Bearer <token>`), the OIP's
 // ModelMetadata, ModelReady and ServerMetadata (answered by a worker, no admission), ServerLive and
-// ServerReady (answered here: ready while a worker is connected), grpc.health.v1.Health. --tls-cert /
+// ServerReady (answered here: ready while a worker is connected), grpc.health.v1.Health, and with
+// --reflection FILE gRPC server reflection (grpc.reflection.v1alpha and v1: the supervisor computes every
+// answer once from the Python stubs, native/reflection.py; no admission, not counted). --tls-cert /
 // --tls-key (and --tls-client-ca: mutual TLS) serve TLS; the files are read here, never passed as text.
 //
 // SIGTERM: health NOT_SERVING, new calls refused UNAVAILABLE, queued and in-flight calls answered within
@@ -67,6 +69,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 using Clock = std::chrono::steady_clock;
@@ -86,7 +89,7 @@ static const char* kLocal[] = {"ServerLive", "ServerReady", "other"};  // answer
 static const int kCounted = kForwarded + 3;
 
 struct Config {
-  std::string addr = "127.0.0.1:0", sock, token, tls_cert, tls_key, tls_client_ca;
+  std::string addr = "127.0.0.1:0", sock, token, tls_cert, tls_key, tls_client_ca, reflection;
   int max_batch = 256;
   long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
   long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
@@ -137,6 +140,19 @@ static std::atomic<long> last_arrival_us{0};  // steady clock, for the drain's q
 
 static long steady_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+}
+
+static bool read_file(const std::string& path, std::string* out, bool strip = false) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  *out = ss.str();
+  if (strip) {
+    auto b = out->find_first_not_of(" \t\r\n"), e = out->find_last_not_of(" \t\r\n");
+    *out = b == std::string::npos ? std::string() : out->substr(b, e - b + 1);
+  }
+  return !out->empty();
 }
 
 static void arrived() {  // one request (or stream message) read
@@ -256,7 +272,8 @@ class Call : public grpc::ServerGenericBidiReactor, public Sink {
     if (cfg.echo) { Answer(0, std::string()); return; }
     if (method_ == kCounted - 1) {
       Answer(12, "method " + path + " is not served by serve-native (it serves recsys.v1.InferenceGateway's Predict "
-                 "and PredictStream, inference.GRPCInferenceService and grpc.health.v1.Health)");
+                 "and PredictStream, inference.GRPCInferenceService, grpc.health.v1.Health and, with its table, "
+                 "grpc.reflection)");
       return;
     }
     if (method_ >= kForwarded) {  // ServerLive, ServerReady: bool field 1
@@ -312,26 +329,39 @@ static bool get_varint(const std::string& b, size_t* at, uint64_t* v) {
   return false;
 }
 
+// The next field of a serialized message at `at` (advanced past it): its number, and for a length-delimited
+// one (`delimited`) where its bytes start and how many; false at a malformed field.
+static bool next_field(const std::string& b, size_t* at, uint64_t* field, bool* delimited, size_t* start,
+                       size_t* len) {
+  uint64_t key, n;
+  if (!get_varint(b, at, &key)) return false;
+  *field = key >> 3;
+  *delimited = (key & 7) == 2;
+  switch (key & 7) {
+    case 0: return get_varint(b, at, &n);
+    case 1: if (b.size() - *at < 8) return false; *at += 8; return true;
+    case 5: if (b.size() - *at < 4) return false; *at += 4; return true;
+    case 2:
+      if (!get_varint(b, at, &n) || n > b.size() - *at) return false;
+      *start = *at;
+      *len = n;
+      *at += n;
+      return true;
+    default: return false;
+  }
+}
+
 // PredictRequest.request_id (field 7) from the serialized request; empty when absent or malformed.
 static std::string request_id_of(const std::string& b) {
-  size_t at = 0;
+  size_t at = 0, start = 0, len = 0;
+  uint64_t field;
+  bool delimited;
   std::string id;
   while (at < b.size()) {
-    uint64_t key, n;
-    if (!get_varint(b, &at, &key)) return std::string();
-    switch (key & 7) {
-      case 0: if (!get_varint(b, &at, &n)) return std::string(); break;
-      case 1: at += 8; break;
-      case 5: at += 4; break;
-      case 2:
-        if (!get_varint(b, &at, &n) || n > b.size() - std::min(at, b.size())) return std::string();
-        if ((key >> 3) == 7) id = b.substr(at, n);
-        at += n;
-        break;
-      default: return std::string();
-    }
+    if (!next_field(b, &at, &field, &delimited, &start, &len)) return std::string();
+    if (field == 7 && delimited) id = b.substr(start, len);
   }
-  return at == b.size() ? id : std::string();
+  return id;
 }
 
 static std::string error_response(const std::string& request_id, int code, const std::string& message) {
@@ -488,9 +518,110 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
   bool reading_ = true, writing_ = false, failed_ = false, finished_ = false;
 };
 
+// gRPC server reflection: query key -> ServerReflectionResponse bytes without fields 1 and 2 (reflection.py).
+static std::unordered_map<std::string, std::string> reflection_table;
+
+static bool load_reflection(const std::string& path) {
+  std::string b;
+  if (!read_file(path, &b)) return false;
+  size_t at = 0;
+  auto u32 = [&b, &at](uint32_t* v) {
+    if (b.size() - at < 4) return false;
+    std::memcpy(v, b.data() + at, 4);
+    at += 4;
+    return true;
+  };
+  auto str = [&b, &at, &u32](std::string* v) {
+    uint32_t n;
+    if (!u32(&n) || b.size() - at < n) return false;
+    v->assign(b, at, n);
+    at += n;
+    return true;
+  };
+  uint32_t n;
+  if (!u32(&n)) return false;
+  for (uint32_t i = 0; i < n; ++i) {
+    std::string key, value;
+    if (!str(&key) || !str(&value)) return false;
+    reflection_table.emplace(std::move(key), std::move(value));
+  }
+  return at == b.size() && reflection_table.count("list");
+}
+
+static void put_field(std::string* out, int field, const std::string& bytes) {  // a length-delimited field
+  out->push_back(static_cast<char>(field << 3 | 2));
+  put_varint(out, bytes.size());
+  *out += bytes;
+}
+
+// One ServerReflectionResponse for the serialized request `req` (host 1, file_by_filename 3,
+// file_containing_symbol 4, file_containing_extension 5, all_extension_numbers_of_type 6, list_services 7);
+// false when `req` is not a message at all.
+static bool reflect(const std::string& req, std::string* out) {
+  static const char* kKeys[] = {nullptr, nullptr, nullptr, "file:", "symbol:", "", "ext:", "list"};
+  size_t at = 0, start = 0, len = 0;
+  uint64_t field;
+  bool delimited;
+  std::string host, key;
+  bool asked = false;
+  while (at < req.size()) {
+    if (!next_field(req, &at, &field, &delimited, &start, &len)) return false;
+    if (!delimited) continue;
+    if (field == 1) host = req.substr(start, len);
+    if (field >= 3 && field <= 7) {  // a oneof: the last one set counts
+      asked = true;
+      key = field == 7 ? "list" : field == 5 ? std::string() : kKeys[field] + req.substr(start, len);
+    }
+  }
+  out->clear();
+  if (!host.empty()) put_field(out, 1, host);
+  put_field(out, 2, req);
+  auto found = key.empty() ? reflection_table.end() : reflection_table.find(key);
+  if (found != reflection_table.end()) {
+    *out += found->second;
+    return true;
+  }
+  std::string error;  // ErrorResponse {error_code 1, error_message 2}, as grpc_reflection answers it
+  error.push_back(0x08);
+  put_varint(&error, asked ? 5 : 3);
+  put_field(&error, 2, asked ? "Not found" : "request: names no query (file_by_filename, file_containing_symbol, "
+                                             "all_extension_numbers_of_type or list_services)");
+  put_field(out, 7, error);
+  return true;
+}
+
+// ServerReflectionInfo: each request answered in turn from the table; finishes OK when the client half-closes.
+class ReflectionCall : public grpc::ServerGenericBidiReactor {
+ public:
+  ReflectionCall() { StartRead(&req_); }
+  void OnReadDone(bool ok) override {
+    if (!ok) { Finish(grpc::Status::OK); return; }
+    std::string out;
+    if (!reflect(body_of(req_), &out)) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request: not a ServerReflectionRequest"));
+      return;
+    }
+    grpc::Slice s(out);
+    resp_ = grpc::ByteBuffer(&s, 1);
+    StartWrite(&resp_);
+  }
+  void OnWriteDone(bool ok) override {
+    if (ok) StartRead(&req_);
+    else Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client is gone"));
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  grpc::ByteBuffer req_, resp_;
+};
+
 class Service : public grpc::CallbackGenericService {
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
     if (ctx->method() == kMethods[kStream].path) return new StreamCall(ctx);
+    if (!reflection_table.empty() && (ctx->method() == "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" ||
+                                      ctx->method() == "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")) {
+      return new ReflectionCall();
+    }
     return new Call(ctx);
   }
 };
@@ -792,23 +923,10 @@ static void drain_on_signal(sigset_t set) {
   std::_Exit(0);
 }
 
-static bool read_file(const std::string& path, std::string* out, bool strip = false) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return false;
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  *out = ss.str();
-  if (strip) {
-    auto b = out->find_first_not_of(" \t\r\n"), e = out->find_last_not_of(" \t\r\n");
-    *out = b == std::string::npos ? std::string() : out->substr(b, e - b + 1);
-  }
-  return !out->empty();
-}
-
 static int usage(const std::string& why) {
   std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
                "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N "
-               "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH | --echo)\n",
+               "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH --reflection PATH | --echo)\n",
                why.c_str());
   return 2;
 }
@@ -835,6 +953,7 @@ int main(int argc, char** argv) {
     else if (k == "--tls-cert") { if (!read_file(v, &cfg.tls_cert)) return usage(k + ": cannot read " + v); }
     else if (k == "--tls-key") { if (!read_file(v, &cfg.tls_key)) return usage(k + ": cannot read " + v); }
     else if (k == "--tls-client-ca") { if (!read_file(v, &cfg.tls_client_ca)) return usage(k + ": cannot read " + v); }
+    else if (k == "--reflection") { if (!load_reflection(v)) return usage(k + ": cannot read a reflection table from " + v); }
     else if (!number) return usage(k + ": not a non-negative integer: " + v);
     else if (k == "--max-batch") cfg.max_batch = static_cast<int>(n);
     else if (k == "--max-batch-bytes") cfg.max_batch_bytes = n;

@@ -36,12 +36,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as reflection_v1alpha
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from inference_gateway.control_plane import CONTROL_PLANE, SERVICE_NAME, load_path
+from inference_gateway.native import reflection
 from inference_gateway.native.build import BuildError, build
 from inference_gateway.prepared import Refused, Version, prepare
 from inference_gateway.requests import RequestError
@@ -91,8 +92,8 @@ class NativeConfig:
         """The longest a SIGTERM drain takes (a pod's terminationGracePeriodSeconds must outlast it)."""
         return self.grace_s + KILL_AFTER_S + READER_JOIN_S + WORKER_EXIT_S
 
-    def frontend_args(self, sock: Path) -> list[str]:
-        return ["--addr", f"{self.host}:{self.port}", "--socket", str(sock),
+    def frontend_args(self, sock: Path, reflection_table: Path) -> list[str]:
+        return ["--addr", f"{self.host}:{self.port}", "--socket", str(sock), "--reflection", str(reflection_table),
                 "--max-batch", str(self.max_batch_requests), "--max-batch-bytes", str(self.max_batch_bytes),
                 "--max-delay-us", str(round(self.max_wait_ms * 1000)),
                 "--max-queue-us", str(round(self.max_queue_wait_ms * 1000)),
@@ -266,8 +267,9 @@ class Supervisor:
             except (Refused, RequestError) as e:
                 raise StartError(f"--model {path}: {e.message}") from None
         self.spec = self._write_spec()
-        self.frontend = subprocess.Popen([str(binary), *self.cfg.frontend_args(self.sock)], stdout=subprocess.PIPE,
-                                         stdin=subprocess.PIPE, text=True)
+        table = reflection.write(self.work / "reflection.bin", reflection.inference_port_services())
+        args = self.cfg.frontend_args(self.sock, table)
+        self.frontend = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
         self.reader = threading.Thread(target=self.state.read, args=(self.frontend.stdout,), daemon=True)
         self.reader.start()
         port = self._until("serving")["port"]
@@ -509,7 +511,8 @@ def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grp
     servicer = ManagementServicer(sup, checks)
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection_v1alpha.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection_v1alpha.SERVICE_NAME),
+                                                server)
     port = bind(server, f"{sup.cfg.host}:{sup.cfg.management_port}", sup.cfg.tls)
     server.start()
     return server, port, servicer
