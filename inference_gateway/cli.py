@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables); the image "
                    "of a version this gateway unloads is deleted, so give each running gateway its own")
     n.add_argument("--model-store", default="model_store", help="LoadModel loads packages only from here")
+    n.add_argument("--access-log", action="store_true", help="one JSON line per answered call on stderr, as serve's "
+                   "inference_gateway.access logger writes them (method, request_id, model, version, samples, code, "
+                   "ms, error)")
     _credential_flags(n, " on --management-port", "Predict and ModelInfer",
                       tls_where=" on --port and --management-port")
     n.add_argument("--log-level", default="INFO")
@@ -297,7 +300,8 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
                             max_queue_wait_ms=args.max_queue_wait_ms, request_cost_us=args.request_cost_us,
                             byte_cost_ns=args.byte_cost_ns, grace_s=args.grace_s, workdir=args.workdir,
                             table_cache=args.table_cache, model_store=args.model_store, token=token,
-                            predict_token_file=args.predict_token_file if predict_token else None, tls=tls))
+                            predict_token_file=args.predict_token_file if predict_token else None, tls=tls,
+                            access_log=args.access_log))
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

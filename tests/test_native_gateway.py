@@ -51,8 +51,8 @@ def package(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gw(package, tmp_path_factory):
-    g = launch_native(["--model", str(package), "--workers", str(WORKERS), "--max-wait-ms", "2", "--grace-s", "20"],
-                      workdir=tmp_path_factory.mktemp("native"))
+    g = launch_native(["--model", str(package), "--workers", str(WORKERS), "--max-wait-ms", "2", "--grace-s", "20",
+                       "--access-log"], workdir=tmp_path_factory.mktemp("native"))
     yield g
     g.kill()
 
@@ -122,6 +122,44 @@ def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing
     assert prom.value(m, "gateway_batched_requests_total") < prom.value(m, "gateway_requests_total")
     assert prom.value(m, "gateway_batches_total") < 24 * 3  # merged
     assert prom.value(m, "gateway_workers_live") == WORKERS
+
+
+def access_lines(g, ids: set[str]) -> dict[str, dict]:
+    """The access log's entries by request_id, once each of `ids` is there (a line is written as the call is
+    answered; the log file may lag it by a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        entries = [json.loads(line.split("inference_gateway.access: ", 1)[1]) for line in g.log_text().splitlines()
+                   if "inference_gateway.access: " in line]
+        by_id = {e.get("request_id"): e for e in entries}
+        if ids <= by_id.keys() or time.monotonic() > deadline:
+            return by_id
+        time.sleep(0.1)
+
+
+def test_access_log_has_serves_line_for_every_call(gw):
+    """--access-log: one JSON line per answered call on stderr, with serve's fields, answered or refused."""
+    s = stub(gw)
+    dense, lengths, values = ragged(3, 41)
+    s.Predict(build_request(dense, lengths, values, request_id="log-ok"), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        s.Predict(build_request(dense, lengths, np.full_like(values, 10**6), request_id="log-bad"), timeout=30)
+    [streamed] = s.PredictStream(iter([build_request(dense, lengths, values, request_id="log-stream")]), timeout=30)
+    client = triton.InferenceServerClient(url=gw.address)
+    try:
+        client.infer("dlrm", inputs(dense, lengths, values), request_id="log-oip")
+    finally:
+        client.close()
+    by_id = access_lines(gw, {"log-ok", "log-bad", "log-stream", "log-oip"})
+    fields = ("method", "model", "version", "samples", "code")
+    assert [by_id[i][k] for i in ("log-ok", "log-bad", "log-stream", "log-oip") for k in fields] == [
+        "Predict", "dlrm", 1, 3, "OK",  # the model and version that answered
+        "Predict", "", 0, 3, "INVALID_ARGUMENT",  # as the request named them
+        "PredictStream", "dlrm", 1, 3, "OK",
+        "ModelInfer", "dlrm", "1", 3, "OK"]
+    assert "values" in by_id["log-bad"]["error"] and "error" not in by_id["log-ok"]
+    assert all(by_id[i]["ms"] > 0 for i in by_id if i and i.startswith("log-"))
+    assert streamed.request_id == "log-stream"
 
 
 def test_reflection_describes_the_inference_port(gw):

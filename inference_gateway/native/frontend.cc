@@ -36,6 +36,8 @@
 // {"event": "draining"}. stdin carries the supervisor's orders: `retire PID` (a model swap replaces the
 // workers: that one takes no further batch and is closed once the batch it holds is answered).
 //
+// --access-log writes one JSON line per answered call (not health or reflection) on stderr, as serve's.
+//
 // --echo answers every call with an empty message at once (no workers): grpc++'s own cost per call.
 //
 // Wire to a worker (inference_gateway/native/worker.py), little-endian: batch = u32 n, n x (u8 method,
@@ -61,6 +63,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <fstream>
 #include <sstream>
@@ -93,7 +96,7 @@ struct Config {
   int max_batch = 256;
   long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
   long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
-  bool echo = false;
+  bool echo = false, access_log = false;
 };
 static Config cfg;
 
@@ -258,11 +261,171 @@ static int check_token(const grpc::GenericCallbackServerContext* ctx, std::strin
   return 0;
 }
 
+// PredictResponse fields: request_id = 4, error = 5 (Status: code = 1, message = 2).
+static void put_varint(std::string* out, uint64_t v) {
+  while (v >= 0x80) { out->push_back(static_cast<char>((v & 0x7f) | 0x80)); v >>= 7; }
+  out->push_back(static_cast<char>(v));
+}
+
+static bool get_varint(const std::string& b, size_t* at, uint64_t* v) {
+  *v = 0;
+  for (int shift = 0; shift < 64 && *at < b.size(); shift += 7) {
+    uint8_t c = static_cast<uint8_t>(b[(*at)++]);
+    *v |= static_cast<uint64_t>(c & 0x7f) << shift;
+    if (!(c & 0x80)) return true;
+  }
+  return false;
+}
+
+// A field of a serialized message: its number, a varint's value, or where a length-delimited one's bytes are.
+struct Field {
+  uint64_t number = 0, value = 0;
+  bool delimited = false;
+  size_t start = 0, len = 0;
+};
+
+// The field at `at` (advanced past it); false at a malformed one.
+static bool next_field(const std::string& b, size_t* at, Field* f) {
+  uint64_t key;
+  if (!get_varint(b, at, &key)) return false;
+  f->number = key >> 3;
+  f->delimited = (key & 7) == 2;
+  switch (key & 7) {
+    case 0: return get_varint(b, at, &f->value);
+    case 1: if (b.size() - *at < 8) return false; *at += 8; return true;
+    case 5: if (b.size() - *at < 4) return false; *at += 4; return true;
+    case 2:
+      if (!get_varint(b, at, &f->value) || f->value > b.size() - *at) return false;
+      f->start = *at;
+      f->len = f->value;
+      *at += f->len;
+      return true;
+    default: return false;
+  }
+}
+
+// PredictRequest.request_id (field 7) from the serialized request; empty when absent or malformed.
+static std::string request_id_of(const std::string& b) {
+  size_t at = 0;
+  Field f;
+  std::string id;
+  while (at < b.size()) {
+    if (!next_field(b, &at, &f)) return std::string();
+    if (f.number == 7 && f.delimited) id = b.substr(f.start, f.len);
+  }
+  return id;
+}
+
+// --access-log: one line per answered call on stderr, as serve's `inference_gateway.access` logger writes it
+// ({"method", "request_id", "model", "version", "samples", "code", "ms"}, "error" when not OK).
+struct Access {
+  Clock::time_point start = Clock::now();
+  std::string request_id, model, version;  // version as JSON: Predict's a number, the OIP's a string
+  long samples = -1;
+};
+
+static long first_dim(const std::string& b, const Field& tensor, uint64_t shape_field) {
+  std::string t = b.substr(tensor.start, tensor.len);
+  size_t at = 0;
+  Field f;
+  while (at < t.size() && next_field(t, &at, &f)) {
+    if (f.number != shape_field) continue;
+    if (!f.delimited) return static_cast<long>(f.value);
+    size_t in = f.start;
+    uint64_t v;
+    return f.len && get_varint(t, &in, &v) ? static_cast<long>(v) : -1;  // packed
+  }
+  return -1;
+}
+
+static std::string json_string(const std::string& v) {
+  std::string out = "\"";
+  for (unsigned char c : v) {
+    if (c == '"' || c == '\\') { out.push_back('\\'); out.push_back(static_cast<char>(c)); }
+    else if (c < 0x20) { char e[8]; std::snprintf(e, sizeof(e), "\\u%04x", c); out += e; }
+    else out.push_back(static_cast<char>(c));
+  }
+  return out + "\"";
+}
+
+// The access-log fields a Predict or ModelInfer request, or its OK response, carries. PredictRequest: model 1,
+// version 2, dense 3 (Tensor: shape 2), request_id 7; PredictResponse: scores 1, model 2, version 3,
+// request_id 4; ModelInferRequest / Response: model_name 1, model_version 2, id 3, first input / output 5
+// (shape 3).
+static void access_fields(int method, bool response, const std::string& b, Access* a) {
+  bool predict = method == 0 || method == kStream, infer = method == 1;
+  if (!predict && !infer) return;
+  if (a->version.empty()) a->version = predict ? "0" : "\"\"";  // proto3 leaves defaults out
+  size_t at = 0;
+  Field f;
+  bool tensor_seen = false;
+  while (at < b.size() && next_field(b, &at, &f)) {
+    auto text = [&] { return b.substr(f.start, f.len); };
+    if (predict) {
+      uint64_t model = response ? 2 : 1, version = response ? 3 : 2, tensor = response ? 1 : 3, id = response ? 4 : 7;
+      if (f.number == model && f.delimited) a->model = text();
+      else if (f.number == version && !f.delimited) a->version = std::to_string(static_cast<int64_t>(f.value));
+      else if (f.number == tensor && f.delimited) a->samples = first_dim(b, f, 2);
+      else if (f.number == id && f.delimited) a->request_id = text();
+    } else if (f.delimited) {
+      if (f.number == 1) a->model = text();
+      else if (f.number == 2) a->version = json_string(text());
+      else if (f.number == 3) a->request_id = text();
+      else if (f.number == 5 && !tensor_seen) { a->samples = first_dim(b, f, 3); tensor_seen = true; }
+    }
+  }
+}
+
+static const char* kCodeNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+                                   "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                                   "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+                                   "UNAUTHENTICATED"};
+static std::mutex err_mu;
+
+static void log_access(int method, int code, const std::string& bytes, Access* a) {
+  double ms = std::chrono::duration<double, std::milli>(Clock::now() - a->start).count();
+  if (code == 0) access_fields(method, true, bytes, a);  // the model and version that answered
+  auto now = std::chrono::system_clock::now();
+  std::time_t t = std::chrono::system_clock::to_time_t(now);
+  std::tm tm{};
+  ::localtime_r(&t, &tm);
+  char when[40], took[32];
+  std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+  std::snprintf(took, sizeof(took), "%.3f", ms);
+  long millis = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+  std::string name = method < kForwarded ? kMethods[method].name : kLocal[method - kForwarded];
+  std::string line = std::string(when) + "," + (millis < 100 ? (millis < 10 ? "00" : "0") : "") +
+                     std::to_string(millis) + " INFO inference_gateway.access: {\"method\": " + json_string(name);
+  if (method == 0 || method == 1 || method == kStream) {
+    line += ", \"request_id\": " + json_string(a->request_id) + ", \"model\": " + json_string(a->model) +
+            ", \"version\": " + a->version + ", \"samples\": " +
+            (a->samples < 0 ? "null" : std::to_string(a->samples));
+  }
+  line += ", \"code\": " + json_string(code >= 0 && code <= 16 ? kCodeNames[code] : "UNKNOWN") + ", \"ms\": " + took;
+  if (code != 0) line += ", \"error\": " + json_string(bytes);
+  line += "}\n";
+  std::lock_guard<std::mutex> lk(err_mu);
+  std::fputs(line.c_str(), stderr);
+}
+
+static std::string error_response(const std::string& request_id, int code, const std::string& message) {
+  std::string status, out;
+  if (code) { status.push_back(0x08); put_varint(&status, static_cast<uint64_t>(code)); }
+  status.push_back(0x12);
+  put_varint(&status, message.size());
+  status += message;
+  if (!request_id.empty()) { out.push_back(0x22); put_varint(&out, request_id.size()); out += request_id; }
+  out.push_back(0x2a);
+  put_varint(&out, status.size());
+  return out + status;
+}
+
 class Call : public grpc::ServerGenericBidiReactor, public Sink {
  public:
   explicit Call(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) { StartRead(&req_); }
   void OnReadDone(bool ok) override {
     arrived();
+    access_.start = Clock::now();
     const std::string& path = ctx_->method();
     method_ = kCounted - 1;
     for (int i = 0; i < kForwarded; ++i) if (path == kMethods[i].path) method_ = i;
@@ -287,11 +450,14 @@ class Call : public grpc::ServerGenericBidiReactor, public Sink {
       if (denied) { Answer(denied, refusal); return; }
     }
     auto left = ctx_->deadline() - std::chrono::system_clock::now();
-    int code = admit(this, method_, body_of(req_), deadline_of(left), &refusal);
+    std::string body = body_of(req_);
+    if (cfg.access_log) access_fields(method_, false, body, &access_);
+    int code = admit(this, method_, std::move(body), deadline_of(left), &refusal);
     if (code) Answer(code, refusal);
   }
   void Answer(int code, const std::string& bytes) override {
     ++answered[method_][code < 0 || code > 16 ? 2 : code];
+    if (cfg.access_log) log_access(method_, code, bytes, &access_);
     if (code == 0) {
       grpc::Slice s(bytes);
       resp_ = grpc::ByteBuffer(&s, 1);
@@ -311,70 +477,8 @@ class Call : public grpc::ServerGenericBidiReactor, public Sink {
   grpc::GenericCallbackServerContext* ctx_;
   grpc::ByteBuffer req_, resp_;
   int method_ = 0;
+  Access access_;
 };
-
-// PredictResponse fields: request_id = 4, error = 5 (Status: code = 1, message = 2).
-static void put_varint(std::string* out, uint64_t v) {
-  while (v >= 0x80) { out->push_back(static_cast<char>((v & 0x7f) | 0x80)); v >>= 7; }
-  out->push_back(static_cast<char>(v));
-}
-
-static bool get_varint(const std::string& b, size_t* at, uint64_t* v) {
-  *v = 0;
-  for (int shift = 0; shift < 64 && *at < b.size(); shift += 7) {
-    uint8_t c = static_cast<uint8_t>(b[(*at)++]);
-    *v |= static_cast<uint64_t>(c & 0x7f) << shift;
-    if (!(c & 0x80)) return true;
-  }
-  return false;
-}
-
-// The next field of a serialized message at `at` (advanced past it): its number, and for a length-delimited
-// one (`delimited`) where its bytes start and how many; false at a malformed field.
-static bool next_field(const std::string& b, size_t* at, uint64_t* field, bool* delimited, size_t* start,
-                       size_t* len) {
-  uint64_t key, n;
-  if (!get_varint(b, at, &key)) return false;
-  *field = key >> 3;
-  *delimited = (key & 7) == 2;
-  switch (key & 7) {
-    case 0: return get_varint(b, at, &n);
-    case 1: if (b.size() - *at < 8) return false; *at += 8; return true;
-    case 5: if (b.size() - *at < 4) return false; *at += 4; return true;
-    case 2:
-      if (!get_varint(b, at, &n) || n > b.size() - *at) return false;
-      *start = *at;
-      *len = n;
-      *at += n;
-      return true;
-    default: return false;
-  }
-}
-
-// PredictRequest.request_id (field 7) from the serialized request; empty when absent or malformed.
-static std::string request_id_of(const std::string& b) {
-  size_t at = 0, start = 0, len = 0;
-  uint64_t field;
-  bool delimited;
-  std::string id;
-  while (at < b.size()) {
-    if (!next_field(b, &at, &field, &delimited, &start, &len)) return std::string();
-    if (field == 7 && delimited) id = b.substr(start, len);
-  }
-  return id;
-}
-
-static std::string error_response(const std::string& request_id, int code, const std::string& message) {
-  std::string status, out;
-  if (code) { status.push_back(0x08); put_varint(&status, static_cast<uint64_t>(code)); }
-  status.push_back(0x12);
-  put_varint(&status, message.size());
-  status += message;
-  if (!request_id.empty()) { out.push_back(0x22); put_varint(&out, request_id.size()); out += request_id; }
-  out.push_back(0x2a);
-  put_varint(&out, status.size());
-  return out + status;
-}
 
 // PredictStream, as serve answers it: each message is admitted and queued as a Predict; answers are written as
 // they are ready (each with its request_id); a refused or failed message gets a response with `error` set and
@@ -405,9 +509,12 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
 
   class Message : public Sink {
    public:
-    Message(StreamCall* call, std::string id) : call_(call), id_(std::move(id)) {}
+    Message(StreamCall* call, const std::string& body) : call_(call), id_(request_id_of(body)) {
+      if (cfg.access_log) access_fields(kStream, false, body, &access_);
+    }
     void Answer(int code, const std::string& bytes) override {
       ++answered[kStream][code < 0 || code > 16 ? 2 : code];
+      if (cfg.access_log) log_access(kStream, code, bytes, &access_);
       call_->Write(code == 0 ? bytes : error_response(id_, code, bytes));
       delete this;
     }
@@ -416,6 +523,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
    private:
     StreamCall* call_;
     std::string id_;
+    Access access_;
   };
 
   void OnReadDone(bool ok) override {
@@ -435,7 +543,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
     }
     arrived();
     std::string body = body_of(req_);
-    auto* m = new Message(this, request_id_of(body));
+    auto* m = new Message(this, body);
     {
       std::lock_guard<std::recursive_mutex> lk(smu_);
       ++in_flight_;
@@ -559,18 +667,17 @@ static void put_field(std::string* out, int field, const std::string& bytes) {  
 // false when `req` is not a message at all.
 static bool reflect(const std::string& req, std::string* out) {
   static const char* kKeys[] = {nullptr, nullptr, nullptr, "file:", "symbol:", "", "ext:", "list"};
-  size_t at = 0, start = 0, len = 0;
-  uint64_t field;
-  bool delimited;
+  size_t at = 0;
+  Field f;
   std::string host, key;
   bool asked = false;
   while (at < req.size()) {
-    if (!next_field(req, &at, &field, &delimited, &start, &len)) return false;
-    if (!delimited) continue;
-    if (field == 1) host = req.substr(start, len);
-    if (field >= 3 && field <= 7) {  // a oneof: the last one set counts
+    if (!next_field(req, &at, &f)) return false;
+    if (!f.delimited) continue;
+    if (f.number == 1) host = req.substr(f.start, f.len);
+    if (f.number >= 3 && f.number <= 7) {  // a oneof: the last one set counts
       asked = true;
-      key = field == 7 ? "list" : field == 5 ? std::string() : kKeys[field] + req.substr(start, len);
+      key = f.number == 7 ? "list" : f.number == 5 ? std::string() : kKeys[f.number] + req.substr(f.start, f.len);
     }
   }
   out->clear();
@@ -926,7 +1033,8 @@ static void drain_on_signal(sigset_t set) {
 static int usage(const std::string& why) {
   std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
                "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N "
-               "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH --reflection PATH | --echo)\n",
+               "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH --reflection PATH --access-log | "
+               "--echo)\n",
                why.c_str());
   return 2;
 }
@@ -942,6 +1050,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
     if (k == "--echo") { cfg.echo = true; continue; }
+    if (k == "--access-log") { cfg.access_log = true; continue; }
     if (i + 1 >= argc) return usage(k + " needs a value");
     std::string v = argv[++i];
     char* end = nullptr;

@@ -86,6 +86,7 @@ class NativeConfig:
     predict_token_file: str | None = None  # Predict and ModelInfer need `authorization: Bearer <its token>`
     tls: TlsConfig | None = None  # the inference port's and the management port's
     start_timeout_s: float = 300.0
+    access_log: bool = False  # the frontend writes one JSON line per answered call on stderr
 
     @property
     def drain_s(self) -> float:
@@ -98,7 +99,8 @@ class NativeConfig:
                 "--max-delay-us", str(round(self.max_wait_ms * 1000)),
                 "--max-queue-us", str(round(self.max_queue_wait_ms * 1000)),
                 "--cost-us", str(self.request_cost_us), "--cost-ns-per-byte", str(self.byte_cost_ns),
-                "--grace-ms", str(round(self.grace_s * 1000)), *self.credential_args()]
+                "--grace-ms", str(round(self.grace_s * 1000)), *self.credential_args(),
+                *(["--access-log"] if self.access_log else [])]
 
     def credential_args(self) -> list[str]:
         """File paths only: the frontend reads the token and the PEMs itself (never on its command line)."""
