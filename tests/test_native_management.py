@@ -190,6 +190,26 @@ def test_load_under_another_name_and_make_default(gw, store):
         assert s.Predict(build_request(*req), timeout=30).version == 2  # new workers map the kept image
 
 
+def test_list_models_shows_a_version_only_once_the_workers_serve_it(gw):
+    """ListModels polled while LoadModel rolls the workers: whenever it lists the new version, a Predict naming
+    that version is answered (the table changes before the new workers start; the listing waits for them)."""
+    seen, checked = [], []
+    with admin(gw) as a:
+        loading = threading.Thread(target=a.load_model, args=("v1",), kwargs={"name": "listed", "version": 7})
+        loading.start()
+        s = inference_pb2_grpc.InferenceGatewayStub(grpc.insecure_channel(gw.address))
+        deadline = time.monotonic() + 120
+        while (loading.is_alive() or not checked) and time.monotonic() < deadline:
+            listed = {(m.name, m.version) for m in a.list_models()}
+            seen.append(listed)
+            if ("listed", 7) in listed:
+                r = s.Predict(build_request(*ragged(1, 3), model="listed", version=7), timeout=30)
+                checked.append((r.model, r.version))
+        loading.join()
+        a.unload_model("listed", 7)
+    assert ("listed", 7) not in seen[0] and set(checked) == {("listed", 7)} and len(seen) > 5
+
+
 def test_health_is_serving_only_while_a_model_is_loaded(gw):
     """What the Kubernetes readiness probe asks: the management address's health follows the model set."""
     def status() -> int:

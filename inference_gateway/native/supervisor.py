@@ -186,7 +186,7 @@ class NativeCollector(Collector):
         c.add_metric([], self.sup.changes)
         yield c
         g = GaugeMetricFamily("gateway_models_loaded", "model versions loaded in every worker")
-        g.add_metric([], len(self.sup.table))
+        g.add_metric([], len(self.sup.served))
         yield g
 
 
@@ -208,6 +208,9 @@ class Supervisor:
         self.restarts = 0
         self.changes = 0
         self.table: VersionTable[Version] = VersionTable()
+        # what the workers serve, with each version's default flag: the table once its workers are connected (a
+        # change edits the table first, and ListModels, health and the gauge must not show a set still starting)
+        self.served: list[tuple[Version, bool]] = []
         self.prepared: set[Path] = set()  # the table images this supervisor prepared (it deletes only these)
         self.spec: Path | None = None  # what the current workers were started with
         self.lock = threading.Lock()
@@ -278,6 +281,7 @@ class Supervisor:
         self.workers = [self._worker() for _ in range(self.cfg.workers)]
         self.started = [time.monotonic()] * len(self.workers)
         self._connected(self.workers)
+        self.served = self.table.entries()
         return {"event": "serving", "port": port, "frontend_pid": self.frontend.pid,
                 "worker_pids": [w.pid for w in self.workers],
                 "models": [{"name": v.name, "version": v.version, "table_image": str(v.image)}
@@ -297,6 +301,7 @@ class Supervisor:
             self.spec = old_spec
             raise Refused(grpc.StatusCode.INTERNAL, f"the workers could not start the new model set: {e}") from None
         old, self.workers, self.started = self.workers, new, [time.monotonic()] * len(new)
+        self.served = self.table.entries()  # the old workers take no batch once retired
         self._retire(old)
         if old_spec is not None:
             old_spec.unlink(missing_ok=True)
@@ -389,7 +394,7 @@ class Supervisor:
         return self._changed(f"default {name} v{version}", lambda: self.table.set_default(name, version))
 
     def infos(self) -> list[inference_pb2.ModelInfo]:
-        return [v.info(is_default) for v, is_default in self.table.entries()]
+        return [v.info(is_default) for v, is_default in self.served]
 
     # --- supervision -------------------------------------------------------------------------------------
     def watch_once(self) -> bool:
@@ -452,7 +457,7 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
         with self._publishing:
             # the frontend notices a dead worker only when it next sends it a batch: alive processes count
             alive = {w.pid for w in self.sup.workers if w.poll() is None}
-            ready = bool(self.sup.table.models) and bool(self.sup.state.connected & alive)
+            ready = bool(self.sup.served) and bool(self.sup.state.connected & alive)
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             for svc in ("", SERVICE_NAME):
                 self.checks.set(svc, status)
