@@ -150,7 +150,10 @@ def test_access_log_has_serves_line_for_every_call(gw):
         client.infer("dlrm", inputs(dense, lengths, values), request_id="log-oip")
     finally:
         client.close()
-    by_id = access_lines(gw, {"log-ok", "log-bad", "log-stream", "log-oip"})
+    with grpc.insecure_channel(gw.address) as ch, pytest.raises(grpc.RpcError):  # request_id: not UTF-8
+        ch.unary_unary(PREDICT)(b"\x3a\x06log-\xff\xc0", timeout=30)
+    by_id = access_lines(gw, {"log-ok", "log-bad", "log-stream", "log-oip", "log-\ufffd\ufffd"})
+    assert by_id["log-\ufffd\ufffd"]["code"] == "INVALID_ARGUMENT"  # the line is JSON, the bytes replaced
     fields = ("method", "model", "version", "samples", "code")
     assert [by_id[i][k] for i in ("log-ok", "log-bad", "log-stream", "log-oip") for k in fields] == [
         "Predict", "dlrm", 1, 3, "OK",  # the model and version that answered
@@ -305,7 +308,7 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
     (tmp_path / "predict.token").write_text(token + "\n")
     g = launch_native(["--model", str(package), "--workers", "1", "--predict-token-file",
                        str(tmp_path / "predict.token"), "--tls-cert", certs["cert"], "--tls-key", certs["key"],
-                       "--tls-client-ca", certs["ca"]],
+                       "--tls-client-ca", certs["ca"], "--access-log"],
                       workdir=tmp_path / "gw")
     try:
         pem = {k: Path(certs[k]).read_bytes() for k in ("ca", "cert", "key", "other_ca", "other_key")}
@@ -337,6 +340,14 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (name, e.value)
         for pid in (g.pid, g.announced["frontend_pid"], *g.announced["worker_pids"]):
             assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+        # refusals are logged as JSON too (each line parses), naming the method, never the token
+        lines = [line.split("inference_gateway.access: ", 1)[1] for line in g.log_text().splitlines()
+                 if "inference_gateway.access: " in line]
+        refused = [(e["method"], e["code"]) for e in map(json.loads, lines) if e["code"] != "OK"]
+        for method in ("Predict", "PredictStream", "ModelInfer"):
+            for code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                assert (method, code) in refused, (method, code, refused)
+        assert token not in g.log_text()
     finally:
         g.kill()
 

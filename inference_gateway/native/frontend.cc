@@ -290,6 +290,7 @@ static bool next_field(const std::string& b, size_t* at, Field* f) {
   if (!get_varint(b, at, &key)) return false;
   f->number = key >> 3;
   f->delimited = (key & 7) == 2;
+  f->value = 0;
   switch (key & 7) {
     case 0: return get_varint(b, at, &f->value);
     case 1: if (b.size() - *at < 8) return false; *at += 8; return true;
@@ -338,12 +339,34 @@ static long first_dim(const std::string& b, const Field& tensor, uint64_t shape_
   return -1;
 }
 
+// The length of the valid UTF-8 sequence at v[i], or 0 (a client's strings reach the log unchecked by grpc).
+static size_t utf8_at(const std::string& v, size_t i) {
+  auto c = static_cast<unsigned char>(v[i]);
+  size_t n = c < 0x80                  ? 1
+             : (c >= 0xc2 && c <= 0xdf) ? 2
+             : (c >= 0xe0 && c <= 0xef) ? 3
+             : (c >= 0xf0 && c <= 0xf4) ? 4
+                                        : 0;
+  if (n == 0 || i + n > v.size()) return 0;
+  for (size_t k = 1; k < n; ++k) if ((static_cast<unsigned char>(v[i + k]) >> 6) != 0x2) return 0;
+  auto d = static_cast<unsigned char>(v[i + (n > 1)]);  // no overlong forms, surrogates or code points past U+10FFFF
+  if ((c == 0xe0 && d < 0xa0) || (c == 0xed && d >= 0xa0) || (c == 0xf0 && d < 0x90) || (c == 0xf4 && d >= 0x90)) {
+    return 0;
+  }
+  return n;
+}
+
+// A JSON string of `v`: quotes, backslashes and control characters escaped, a byte that is not UTF-8 as U+FFFD.
 static std::string json_string(const std::string& v) {
   std::string out = "\"";
-  for (unsigned char c : v) {
+  for (size_t i = 0; i < v.size();) {
+    auto c = static_cast<unsigned char>(v[i]);
+    size_t n = utf8_at(v, i);
+    if (n == 0) { out += "\\ufffd"; ++i; continue; }
     if (c == '"' || c == '\\') { out.push_back('\\'); out.push_back(static_cast<char>(c)); }
     else if (c < 0x20) { char e[8]; std::snprintf(e, sizeof(e), "\\u%04x", c); out += e; }
-    else out.push_back(static_cast<char>(c));
+    else out.append(v, i, n);
+    i += n;
   }
   return out + "\"";
 }
@@ -355,7 +378,6 @@ static std::string json_string(const std::string& v) {
 static void access_fields(int method, bool response, const std::string& b, Access* a) {
   bool predict = method == 0 || method == kStream, infer = method == 1;
   if (!predict && !infer) return;
-  if (a->version.empty()) a->version = predict ? "0" : "\"\"";  // proto3 leaves defaults out
   size_t at = 0;
   Field f;
   bool tensor_seen = false;
@@ -397,8 +419,9 @@ static void log_access(int method, int code, const std::string& bytes, Access* a
   std::string line = std::string(when) + "," + (millis < 100 ? (millis < 10 ? "00" : "0") : "") +
                      std::to_string(millis) + " INFO inference_gateway.access: {\"method\": " + json_string(name);
   if (method == 0 || method == 1 || method == kStream) {
+    std::string version = a->version.empty() ? (method == 1 ? "\"\"" : "0") : a->version;  // no request read
     line += ", \"request_id\": " + json_string(a->request_id) + ", \"model\": " + json_string(a->model) +
-            ", \"version\": " + a->version + ", \"samples\": " +
+            ", \"version\": " + version + ", \"samples\": " +
             (a->samples < 0 ? "null" : std::to_string(a->samples));
   }
   line += ", \"code\": " + json_string(code >= 0 && code <= 16 ? kCodeNames[code] : "UNKNOWN") + ", \"ms\": " + took;
@@ -444,14 +467,13 @@ class Call : public grpc::ServerGenericBidiReactor, public Sink {
       Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
       return;
     }
-    std::string refusal;
+    std::string refusal, body = body_of(req_);
+    if (cfg.access_log) access_fields(method_, false, body, &access_);  // a refused call's line names it too
     if (kMethods[method_].infer) {
       int denied = check_token(ctx_, &refusal);
       if (denied) { Answer(denied, refusal); return; }
     }
     auto left = ctx_->deadline() - std::chrono::system_clock::now();
-    std::string body = body_of(req_);
-    if (cfg.access_log) access_fields(method_, false, body, &access_);
     int code = admit(this, method_, std::move(body), deadline_of(left), &refusal);
     if (code) Answer(code, refusal);
   }
@@ -495,6 +517,10 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
     if (denied) {
       arrived();
       ++answered[kStream][denied];
+      if (cfg.access_log) {
+        Access a;
+        log_access(kStream, denied, refusal, &a);
+      }
       finished_ = true;
       Finish(grpc::Status(static_cast<grpc::StatusCode>(denied), refusal));
       return;

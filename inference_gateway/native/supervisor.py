@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,8 @@ class Supervisor:
         # change edits the table first, and ListModels, health and the gauge must not show a set still starting)
         self.served: list[tuple[Version, bool]] = []
         self.prepared: set[Path] = set()  # the table images this supervisor prepared (it deletes only these)
+        self.pending: Counter[Path] = Counter()  # prepared for a LoadModel that has not reached `load` yet
+        self._pending_lock = threading.Lock()
         self.spec: Path | None = None  # what the current workers were started with
         self.lock = threading.Lock()
         self.reader: threading.Thread | None = None
@@ -301,10 +304,17 @@ class Supervisor:
             self.spec = old_spec
             raise Refused(grpc.StatusCode.INTERNAL, f"the workers could not start the new model set: {e}") from None
         old, self.workers, self.started = self.workers, new, [time.monotonic()] * len(new)
-        self.served = self.table.entries()  # the old workers take no batch once retired
-        self._retire(old)
-        if old_spec is not None:
-            old_spec.unlink(missing_ok=True)
+        entries, before = self.table.entries(), {(v.name, v.version) for v, _ in self.served}
+        # until the frontend has read their retire orders the old workers may still take a batch: meanwhile only
+        # the versions both sets serve are listed
+        self.served = [(v, d) for v, d in entries if (v.name, v.version) in before]
+        try:  # the swap is the change's commit point: nothing below may undo it
+            self._retire(old)
+            if old_spec is not None:
+                old_spec.unlink(missing_ok=True)
+        except Exception:
+            log.exception("retiring the workers of the previous model set")
+        self.served = entries
         self.changes += 1
         print(json.dumps({"event": "models_changed", "change": change, "worker_pids": [w.pid for w in new],
                           "models": [[v.name, v.version, d] for v, d in self.table.entries()]}), flush=True)
@@ -352,9 +362,12 @@ class Supervisor:
         unloaded version's, a refused load's): each is as large as its package's tables, and a gateway that
         swaps models daily would otherwise fill its disk. Called after a change, once the workers of the old
         set are retired (a worker still mapping one keeps its pages; only new workers need the file, and they
-        start with the current set). Images it did not prepare (another run's, in a kept --table-cache) stay."""
+        start with the current set), and never one a LoadModel still on its way to `load` holds. An image an
+        earlier run wrote into a kept --table-cache counts as prepared once a version of this run uses it."""
         named = {v.image for v in self.table.items()}
-        for image in list(self.prepared - named):
+        with self._pending_lock:
+            keep = named | set(self.pending)
+        for image in list(self.prepared - keep):
             try:
                 image.unlink(missing_ok=True)
             except OSError as e:
@@ -372,12 +385,20 @@ class Supervisor:
             except RequestError as e:
                 raise Refused(e.code, e.message) from None
         v = prepare(path, self.cache, name, version, env=child_env(None))
+        with self._pending_lock:  # before it counts as prepared: no change deletes it on its way to `load`
+            self.pending[v.image] += 1
         self.prepared.add(v.image)
         return v
 
     def load(self, v: Version, make_default: bool = False) -> Version:
-        if not v.image.exists():  # a change since `prepare` (which holds no lock) deleted it as unused
-            v = self.prepare(Path(v.facts["path"]), v.name, v.version)
+        """Adds a version `prepare` returned and rolls the workers (under the lock)."""
+        with self._pending_lock:
+            self.pending[v.image] -= 1
+            if self.pending[v.image] <= 0:
+                del self.pending[v.image]
+        if not v.image.exists():
+            raise Refused(grpc.StatusCode.ABORTED, f"path: its table image {v.image} was deleted before it was loaded "
+                                                   "(by hand?); load it again")
 
         def add() -> Version:
             self.table.add(v.name, v.version, v, make_default)
