@@ -6,7 +6,9 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
   inprocess the batched limit of the package's model in this process, batch 64 and 256, with 1 and 2
             scoring threads of one torch thread each: `serve`'s ServingModel; for serve-triton the workers'
             own BatchScorer (mapped table image, the batch's checks), W1 batch = 64 one-sample requests,
-            W2 = one 256-sample request. The threads score 16 batches in turn, as many as the W2 pool sends
+            W2 = one 256-sample request; for serve-native its workers' Worker.answer on serialized Predict
+            requests (parsing, checks and answers included, as BatchScorer's limit includes its checks). The
+            threads score 16 batches in turn, as many as the W2 pool sends
             (one batch scored again and again keeps its table rows in cache: ~4% more samples/s, median of
             10 alternating pairs, than the gateway's own samples can have).
   w1        one sample per request, closed loop at concurrency C, on the frontend's unary W1 method
@@ -164,7 +166,25 @@ def in_process_rate(score: Callable[[], object], batch: int, seconds: float, thr
 def scorers(frontend: str, pkg: Path, cfg: ModelConfig, workdir: Path) -> dict[int, Callable[[], object]]:
     """batch -> one call scoring it the way the frontend's workers do."""
     out: dict[int, Callable[[], object]] = {}
-    if frontend in ("serve", "serve-native"):  # serve-native's workers score with serve's ServingModel
+    if frontend == "serve-native":  # its workers' own call: serialized requests in, serialized answers out
+        from inference_gateway import shared_tables
+        from inference_gateway.native.worker import PREDICT, Worker
+
+        facts = shared_tables.prepare(pkg, workdir / "tables")
+        worker = Worker({"models": [{"name": facts["name"], "version": facts["version"], "path": str(pkg),
+                                     "image": facts["image"]}],
+                         "defaults": {facts["name"]: facts["version"]}, "default_model": facts["name"]})
+        w1 = request_pool(cfg, 1, 64 * W2_POOL)
+        for b, bodies in ((64, [w1[i:i + 64] for i in range(0, len(w1), 64)]),
+                          (256, [[r] for r in request_pool(cfg, 256, W2_POOL)])):
+            items = [[(PREDICT, r) for r in batch] for batch in bodies]
+            failed = [code for code, _ in worker.answer(items[0]) if code]
+            if failed:  # a limit of fast refusals would flatter every ratio
+                raise RuntimeError(f"serve-native's worker refused the benchmark's requests: codes {failed}")
+            turn = itertools.cycle(items)
+            out[b] = lambda it=turn: worker.answer(next(it))
+        return out
+    if frontend == "serve":
         model = ServingModel(load_package(pkg))
         for b in (64, 256):
             batches = itertools.cycle([tuple(torch.from_numpy(a) for a in samples(cfg, b, i)) for i in range(W2_POOL)])
@@ -360,7 +380,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
         score = scorers(frontend, pkg, cfg, run.workdir)
         for b, threads in ((64, 1), (64, 2), (256, 1), (256, 2)):
             limits[b, threads] = in_process_rate(score[b], b, a.seconds / 2, threads)
-            scorer = "BatchScorer" if frontend == "serve-triton" else "ServingModel"
+            scorer = {"serve-triton": "BatchScorer", "serve-native": "Worker.answer"}.get(frontend, "ServingModel")
             emit({**base, "bench": "in_process", "scorer": scorer, "batch": b, "threads": threads,
                   "samples_per_s": round(limits[b, threads], 1), "loadavg": _load()})
         w2_score = score[256] if "w2" not in skip else None  # measured again beside each W2 round
