@@ -92,7 +92,7 @@ static const char* kLocal[] = {"ServerLive", "ServerReady", "other"};  // answer
 static const int kCounted = kForwarded + 3;
 
 struct Config {
-  std::string addr = "127.0.0.1:0", sock, token, tls_cert, tls_key, tls_client_ca, reflection;
+  std::string addr = "127.0.0.1:0", sock, token, tls_cert, tls_key, tls_client_ca;
   int max_batch = 256;
   long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
   long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
