@@ -26,7 +26,7 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
             loop; samples/s against the in-process limit (vs_in_process_1t / _2t), with the Python client
             (~0.8 ms of client CPU a W2 call, a tenth of the 2 cores the in-process limit has to itself) and
             with h2load (a C client: what the gateway itself sustains), in --w2-rounds rounds, each after the
-            2-thread limit is measured again (the figure is the median ratio: the limit alone swung 89-108k
+            2-thread limit is measured again (the figure is the median ratio: the limit alone swung 88-112k
             samples/s in one sitting); then an open loop at 2x of the median rate.
 A final "targets" record says pass/fail for each of issue 12's targets, per frontend and dtype.
 `--frontend serve-native` measures `inference-gateway serve-native` (a grpc++ frontend over Python batch

@@ -5,6 +5,7 @@ bytes never stay in the supervisor), and the facts it reported (name, version, f
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import grpc
 
 from protos import inference_pb2
 from protos.paths import status_of_oserror
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # importing it loads package `inference`, which tritonclient's stubs also define
     from inference_gateway.predict_proxy import ModelSpec
@@ -76,3 +79,14 @@ def prepare(path: str | Path, cache: str | Path, name: str = "", version: int = 
             raise Refused(refused.code, refused.message)
         raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"path: package refused: {facts['error']}")
     return Version(facts)
+
+
+def remove_image(image: Path) -> bool:
+    """Deletes a table image no version uses any more (workers still mapping it keep their pages); False,
+    logged, when the file system refuses, so a failed clean-up never fails the change that asked for it."""
+    try:
+        image.unlink(missing_ok=True)
+        return True
+    except OSError as e:
+        log.warning("could not delete the unused table image %s: %s", image, e)
+        return False

@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
 from inference_gateway.image_state import ImageState, follow_path, remove_files
-from inference_gateway.prepared import Refused, Version, prepare
+from inference_gateway.prepared import Refused, Version, prepare, remove_image
 from inference_gateway.requests import IDS, LENGTHS, VALUES, Limits, lengths_input, values_input
 from protos import inference_pb2, inference_pb2_grpc
 from protos import triton_repository_pb2 as repository
@@ -397,12 +397,8 @@ class Supervisor:
         """Deletes `v`'s cached table image (as large as its tables) unless a loaded version names it: the
         version was unloaded or refused. Workers still draining it keep their mappings (Linux frees the
         pages with the last one); no new one will map it."""
-        if any(o.image == v.image for vs in self.models.values() for o in vs.values()):
-            return
-        try:
-            v.image.unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("could not delete the unused table image %s: %s", v.image, e)
+        if not any(o.image == v.image for vs in self.models.values() for o in vs.values()):
+            remove_image(v.image)
 
     def _add(self, v: Version) -> Version:
         versions = self.models.get(v.name, {})

@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 from inference_gateway.control_plane import CONTROL_PLANE, SERVICE_NAME, load_path
 from inference_gateway.native import reflection
 from inference_gateway.native.build import BuildError, build
-from inference_gateway.prepared import Refused, Version, prepare
+from inference_gateway.prepared import Refused, Version, prepare, remove_image
 from inference_gateway.requests import RequestError
 from inference_gateway.versions import VersionTable
 from protos import inference_pb2, inference_pb2_grpc
@@ -368,10 +368,7 @@ class Supervisor:
         with self._pending_lock:
             keep = named | set(self.pending)
         for image in list(self.prepared - keep):
-            try:
-                image.unlink(missing_ok=True)
-            except OSError as e:
-                log.warning("could not delete the unused table image %s: %s", image, e)
+            if not remove_image(image):
                 continue
             self.prepared.discard(image)
             print(json.dumps({"event": "image_deleted", "image": str(image)}), flush=True)
