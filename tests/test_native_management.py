@@ -5,8 +5,11 @@ from several clients without one failed request; refusals name the field and cha
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference_gateway import proc_memory
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.model import ServingModel
+from inference_gateway.native.supervisor import MANAGEMENT_THREADS, MAX_CONCURRENT_CHANGES
 from inference_gateway.package import load_package
 from inference_gateway.process import launch_native
 from protos import inference_pb2, inference_pb2_grpc
@@ -222,3 +226,66 @@ def test_health_is_serving_only_while_a_model_is_loaded(gw):
         assert a.list_models() == [] and status() == health_pb2.HealthCheckResponse.NOT_SERVING
         a.load_model("v1")
         assert status() == health_pb2.HealthCheckResponse.SERVING
+
+
+def _writer_when_read(fifo: Path, timeout: float) -> int:
+    """The write end of `fifo` once a reader has it open (a prepare's child reading the manifest)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_changes_past_the_limit_are_refused_at_once_and_health_keeps_answering(gw, store):
+    """A LoadModel holds a management thread while its package is read. Loads that hang (each package's
+    manifest a FIFO nobody writes yet), one more than the server has threads: past MAX_CONCURRENT_CHANGES
+    they and a SetDefaultVersion are refused RESOURCE_EXHAUSTED at once, changing nothing, while health (the
+    readiness probe, 1 s) and ListModels keep answering; released, the held loads are refused as corrupt."""
+    fifos = []
+    for i in range(MANAGEMENT_THREADS + 1):
+        (store / f"stuck{i}").mkdir()
+        os.mkfifo(store / f"stuck{i}" / "manifest.json")
+        fifos.append(store / f"stuck{i}" / "manifest.json")
+    results: dict[int, tuple[grpc.StatusCode, str]] = {}
+
+    def load(i: int) -> None:
+        with admin(gw) as a:
+            try:
+                a.load_model(f"stuck{i}")
+                results[i] = (grpc.StatusCode.OK, "")
+            except grpc.RpcError as e:
+                results[i] = (e.code(), e.details())
+
+    with admin(gw) as a:
+        before = sorted((m.name, m.version, m.is_default) for m in a.list_models())
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(len(fifos))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(results) < len(fifos) - MAX_CONCURRENT_CHANGES and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = dict(results)
+        assert len(refused) == len(fifos) - MAX_CONCURRENT_CHANGES, results
+        assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED and "in progress" in msg for c, msg in refused.values())
+        with pytest.raises(grpc.RpcError) as e:
+            a.set_default_version(*before[0][:2])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for _ in range(5):  # the held loads still hang: every answer below came from the free threads
+            with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert sorted((m.name, m.version, m.is_default) for m in a.list_models()) == before
+        assert len(results) == len(refused)
+        for i in set(range(len(fifos))) - set(refused):
+            fd = _writer_when_read(fifos[i], 120)
+            os.write(fd, b"not a manifest")
+            os.close(fd)
+        for t in threads:
+            t.join(120)
+        held = [results[i] for i in set(range(len(fifos))) - set(refused)]
+        assert all(code == grpc.StatusCode.FAILED_PRECONDITION and "corrupt" in msg for code, msg in held), held
+        assert sorted((m.name, m.version, m.is_default) for m in a.list_models()) == before

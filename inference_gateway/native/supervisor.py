@@ -21,6 +21,7 @@ Prints `{"event": "serving", "port", "management_port", "metrics_port", "fronten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,12 @@ CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 KILL_AFTER_S = 10.0  # how long past the grace a process told to stop (frontend, retired worker) has before SIGKILL
 READER_JOIN_S = 5.0  # SIGTERM drain, after the frontend: its last stdout lines (the final counters)
 WORKER_EXIT_S = 10.0  # then the workers, each
+# The management server's threads, and how many of them model changes may hold at once: a LoadModel holds
+# its thread while the package is verified and its image written (seconds to minutes for large tables),
+# then while it waits for the roll lock. Changes past the limit are refused at once, so health (the
+# readiness probe: kubelet gives it 1 s) and ListModels always find a free thread.
+MANAGEMENT_THREADS = 4
+MAX_CONCURRENT_CHANGES = MANAGEMENT_THREADS - 2
 
 
 @dataclass
@@ -462,14 +470,30 @@ class Supervisor:
 
 
 class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
-    """The control plane on its own address (Predict is UNIMPLEMENTED here); one change at a time. Its gRPC
+    """The control plane on its own address (Predict is UNIMPLEMENTED here); one change rolls the workers at
+    a time, and at most MAX_CONCURRENT_CHANGES are in progress (more are refused at once). Its gRPC
     health (what a readiness probe asks) is SERVING only while a model is loaded, as serve's is, and a
     worker is connected to score it; published after each change and every watch of the supervisor."""
 
     def __init__(self, sup: Supervisor, checks: health.HealthServicer) -> None:
         self.sup, self.checks = sup, checks
         self._publishing = threading.Lock()  # read and set together: a late publisher never sets a stale state
+        self._changes = threading.BoundedSemaphore(MAX_CONCURRENT_CHANGES)
         self.publish()
+
+    @contextlib.contextmanager
+    def _change(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """A model change's turn; RESOURCE_EXHAUSTED at once (nothing changed) when MAX_CONCURRENT_CHANGES
+        are already in progress, instead of a thread that health checks would wait behind."""
+        if not self._changes.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_CONCURRENT_CHANGES} model changes (LoadModel, UnloadModel, SetDefaultVersion) are "
+                          "already in progress, the most this gateway runs at once; nothing was changed: retry "
+                          "once one has finished")
+        try:
+            yield
+        finally:
+            self._changes.release()
 
     def publish(self) -> None:
         with self._publishing:
@@ -494,10 +518,11 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
     def LoadModel(self, request, context):
         try:
             path = load_path(request, self.sup.cfg.model_store)
-            v = self.sup.prepare(path, request.name, request.version)
-            with self.sup.lock:
-                v = self.sup.load(v, request.make_default)
-                info = v.info(self.sup.table.defaults.get(v.name) == v.version)
+            with self._change(context):
+                v = self.sup.prepare(path, request.name, request.version)
+                with self.sup.lock:
+                    v = self.sup.load(v, request.make_default)
+                    info = v.info(self.sup.table.defaults.get(v.name) == v.version)
             self.publish()
             return info
         except (PathRefused, Refused) as e:
@@ -508,7 +533,7 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
 
     def UnloadModel(self, request, context):
         try:
-            with self.sup.lock:
+            with self._change(context), self.sup.lock:
                 self.sup.unload(request.name, request.version)
         except Refused as e:
             context.abort(e.code, e.message)
@@ -517,7 +542,7 @@ class ManagementServicer(inference_pb2_grpc.InferenceGatewayServicer):
 
     def SetDefaultVersion(self, request, context):
         try:
-            with self.sup.lock:
+            with self._change(context), self.sup.lock:
                 return self.sup.set_default(request.name, request.version).info(True)
         except (RequestError, Refused) as e:
             context.abort(e.code, e.message)
@@ -531,7 +556,8 @@ def management_server(sup: Supervisor, registry: CollectorRegistry) -> tuple[grp
         interceptors.append(ControlPlaneAuth([TokenRule(sup.cfg.token, full_names(SERVICE_NAME, CONTROL_PLANE))],
                                              on_refusal=rejects.refused))
     interceptors.append(DecodeGuard(rejects))
-    server = grpc.server(ThreadPoolExecutor(4, thread_name_prefix="management"), interceptors=interceptors)
+    server = grpc.server(ThreadPoolExecutor(MANAGEMENT_THREADS, thread_name_prefix="management"),
+                         interceptors=interceptors)
     checks = health.HealthServicer()
     servicer = ManagementServicer(sup, checks)
     inference_pb2_grpc.add_InferenceGatewayServicer_to_server(servicer, server)
