@@ -51,8 +51,8 @@ RUN python -m inference_gateway.native.build
 RUN pip install --no-deps "nvidia-pytriton==${PYTRITON_VERSION}"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
-# jemalloc: serve-triton preloads it into tritonserver and its workers (--allocator auto), ~10% less CPU
-# per request than glibc's malloc under concurrency
+# jemalloc: serve-triton preloads it into tritonserver and its workers, serve-native into its frontend and
+# workers (--allocator auto), ~10% less CPU per request than glibc's malloc under concurrency
 # libgrpc++1.51: serve-native's frontend links it (and, through its dependencies, grpc core and abseil)
 RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 libgrpc++1.51 \
     && rm -rf /var/lib/apt/lists/*
@@ -63,8 +63,9 @@ COPY configs /opt/recsys/configs
 # serve-triton: the Python stub links libpython3.x.so by soname. This image's Python is built shared
 # (sysconfig LIBDIR /usr/local/lib, which the supervisor puts first on LD_LIBRARY_PATH: TritonDist.env);
 # fail the build if tritonserver or the stub would miss a library or load another Python's libpython.
-RUN /opt/venv/bin/python -c "from inference_gateway.triton_frontend import Allocator, TritonDist, preload; \
-TritonDist.find().check_libraries(); preload(Allocator.JEMALLOC)"
+RUN /opt/venv/bin/python -c "from inference_gateway.allocator import Allocator, preload; \
+from inference_gateway.triton_frontend import TritonDist; TritonDist.find().check_libraries(); \
+preload(Allocator.JEMALLOC)"
 # and if serve-native's frontend was not built for this source or would miss a library
 RUN frontend="$(/opt/venv/bin/python -c 'from inference_gateway.native.build import binary_path as b; \
 assert b().exists(), b(); print(b())')" && ! ldd "$frontend" | grep "not found"

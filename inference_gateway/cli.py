@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "ms, error)")
     _credential_flags(n, " on --management-port", "Predict and ModelInfer",
                       tls_where=" on --port and --management-port")
+    n.add_argument("--allocator", choices=("auto", "jemalloc", "glibc"), default="auto", help="malloc of the "
+                   "frontend and its workers: jemalloc (LD_PRELOAD) costs ~10%% less CPU per request than glibc's "
+                   "at 512 streams (the same at 64); auto: jemalloc when installed (libjemalloc2, which make "
+                   "install adds), else glibc")
     n.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
@@ -244,7 +248,8 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from inference_gateway.triton_frontend import Allocator, FrontendConfig, FrontendError, run
+    from inference_gateway.allocator import Allocator
+    from inference_gateway.triton_frontend import FrontendConfig, FrontendError, run
     from protos.security import read_token
 
     if args.workers < 1:
@@ -283,6 +288,7 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
 
 
 def serve_native_cmd(args: argparse.Namespace) -> int:
+    from inference_gateway.allocator import Allocator
     from inference_gateway.native.supervisor import NativeConfig, run
 
     for flag, value, low in (("--workers", args.workers, 1), ("--max-batch-requests", args.max_batch_requests, 1),
@@ -301,7 +307,7 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
                             byte_cost_ns=args.byte_cost_ns, grace_s=args.grace_s, workdir=args.workdir,
                             table_cache=args.table_cache, model_store=args.model_store, token=token,
                             predict_token_file=args.predict_token_file if predict_token else None, tls=tls,
-                            access_log=args.access_log))
+                            access_log=args.access_log, allocator=Allocator(args.allocator)))
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

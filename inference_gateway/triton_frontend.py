@@ -34,8 +34,6 @@ only that version; a hot swap is LoadModel(new) then UnloadModel(old).
 from __future__ import annotations
 
 import asyncio
-import ctypes.util
-import enum
 import importlib.util
 import json
 import logging
@@ -56,6 +54,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from inference_gateway.allocator import Allocator, AllocatorMissing, preload, with_preload
 from inference_gateway.control_plane import CONTROL_PLANE, load_path
 from inference_gateway.control_plane import SERVICE_NAME as MANAGEMENT_SERVICE
 from inference_gateway.image_state import ImageState, follow_path, remove_files
@@ -138,9 +137,7 @@ class TritonDist:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, str(self.libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        if allocator_lib:
-            env["LD_PRELOAD"] = " ".join(filter(None, [allocator_lib, env.get("LD_PRELOAD")]))
-        return env
+        return with_preload(env, allocator_lib)
 
     def command(self, repository: Path, workdir: Path, host: str, port: int, pool: int) -> list[str]:
         """tritonserver serving `repository` with this Python's backend, KServe v2 gRPC only on host:port,
@@ -169,27 +166,6 @@ class TritonDist:
 
 
 POOL_CAP = 1024  # most gRPC request/response objects tritonserver keeps (a W2 request's is ~60 KB)
-
-
-class Allocator(enum.Enum):
-    """malloc for tritonserver and its workers. glibc's costs tritonserver ~10% of its CPU per request
-    under concurrency (malloc/free across its gRPC threads: perf); Triton's docs recommend jemalloc or
-    tcmalloc through LD_PRELOAD. tcmalloc_minimal 2.10 measured no better than glibc here."""
-
-    AUTO = "auto"  # jemalloc when the system has it (Debian: libjemalloc2), else glibc
-    JEMALLOC = "jemalloc"  # jemalloc or refuse to start
-    GLIBC = "glibc"
-
-
-def preload(allocator: Allocator) -> str | None:
-    """The library to LD_PRELOAD for `allocator` (None: glibc's malloc); FrontendError when it must be
-    jemalloc and there is none."""
-    if allocator is Allocator.GLIBC:
-        return None
-    found = ctypes.util.find_library("jemalloc")  # its soname: the dynamic loader searches as for DT_NEEDED
-    if found is None and allocator is Allocator.JEMALLOC:
-        raise FrontendError("allocator: jemalloc not found (Debian/Ubuntu: apt-get install libjemalloc2)")
-    return found
 
 
 @dataclass
@@ -299,7 +275,10 @@ class Supervisor:
         self.table_cache = (cfg.table_cache or self.workdir / "tables").resolve()
         self.port = cfg.port or free_port(cfg.host)
         self.metrics_port = (cfg.metrics_port or free_port(cfg.host)) if cfg.metrics_port is not None else None
-        self.allocator = preload(cfg.allocator)  # None: glibc
+        try:
+            self.allocator = preload(cfg.allocator)  # None: glibc
+        except AllocatorMissing as e:
+            raise FrontendError(str(e)) from None
         self.models: dict[str, dict[int, Version]] = {}
         self.proc: subprocess.Popen | None = None
         self.stopping = False

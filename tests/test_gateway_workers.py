@@ -24,13 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.gateway_frontend import model_infer_pool
 from inference_gateway import proc_memory
+from inference_gateway.allocator import Allocator, AllocatorMissing, preload
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.loadgen import OIP_METHOD, closed_loop
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
 from inference_gateway.process import launch, launch_triton
 from inference_gateway.shared_tables import IMAGE_SUFFIX
-from inference_gateway.triton_frontend import Allocator, FrontendError, preload
 from protos import inference_pb2, inference_pb2_grpc
 from tests.test_inference_package import TINY, two_versions
 from tests.test_oip import bags_inputs, batched_inputs, ids_inputs, ragged
@@ -182,7 +182,7 @@ def test_tritonserver_and_its_workers_run_on_jemalloc_when_the_system_has_it(gw)
 def test_allocator_jemalloc_is_refused_with_what_to_install_when_missing(monkeypatch):
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert preload(Allocator.AUTO) is None and preload(Allocator.GLIBC) is None
-    with pytest.raises(FrontendError, match=r"allocator: jemalloc not found .*libjemalloc2"):
+    with pytest.raises(AllocatorMissing, match=r"allocator: jemalloc not found .*libjemalloc2"):
         preload(Allocator.JEMALLOC)
 
 

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from inference_gateway import proc_memory
+from inference_gateway.allocator import Allocator, preload
 from inference_gateway.client import build_request, scores_of
 from inference_gateway.model import ServingModel
 from inference_gateway.package import load_package
@@ -390,6 +391,16 @@ def test_workers_share_one_copy_of_the_tables(gw):
     assert sum(mp["pss"] for mp in maps) <= pages * 1.1, maps  # ... and the page cache holds it once
     supervisor = proc_memory.rollup(gw.pid)  # verifying the package and writing the image ran in a child
     assert supervisor["rss"] < min(proc_memory.rollup(p)["rss"] for p in pids), (supervisor, pids)
+
+
+def test_frontend_and_workers_run_on_jemalloc(gw):
+    """--allocator auto (the default) preloads jemalloc into the frontend and every worker: ~10% less CPU per
+    request than glibc's malloc (benchmarks.native_allocator). make install installs it."""
+    lib = preload(Allocator.AUTO)
+    assert lib is not None, "jemalloc is missing: make install installs libjemalloc2 (as root, with apt-get)"
+    assert gw.announced["allocator"] == lib
+    for pid in (gw.announced["frontend_pid"], *workers(gw)):
+        assert "libjemalloc" in Path(f"/proc/{pid}/maps").read_text(), pid
 
 
 def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):

@@ -43,7 +43,8 @@ def gw(store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native-mgmt")
     (tmp / "control.token").write_text(TOKEN + "\n")
     g = launch_native(["--model", "v1", "--model-store", str(store), "--workers", str(WORKERS),
-                       "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1"], workdir=tmp / "gw")
+                       "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1", "--allocator", "glibc"],
+                      workdir=tmp / "gw")
     yield g
     g.kill()
 
@@ -59,6 +60,12 @@ def workers(g) -> set[int]:
 def expected(store, version: int, req) -> np.ndarray:
     model = ServingModel(load_package(store / f"v{version}"))
     return model.scores(*(torch.from_numpy(a) for a in req)).numpy()
+
+
+def test_allocator_glibc_preloads_nothing(gw):
+    assert gw.announced["allocator"] == "glibc"
+    for pid in (gw.announced["frontend_pid"], *workers(gw)):
+        assert "libjemalloc" not in Path(f"/proc/{pid}/maps").read_text(), pid
 
 
 def test_control_rpcs_need_the_token_and_refusals_change_nothing(gw, store):

@@ -4,7 +4,8 @@ environment's own directory; `make install` runs it so the first start does not.
     python -m inference_gateway.native.build   # prints the binary's path
 
 The compiler and grpc++ are Debian packages, not PyPI's: when they are missing and this runs as root
-with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them.
+with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them. Run as a
+script it also installs jemalloc (libjemalloc2) when missing, which the gateways preload (--allocator auto).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from inference_gateway.allocator import Allocator, preload
+
 SOURCE = Path(__file__).resolve().parent / "frontend.cc"
 DEBIAN = ["g++", "libgrpc++-dev", "pkg-config"]
+RUNTIME_DEBIAN = ["libjemalloc2"]  # the gateways' --allocator auto preloads it (inference_gateway.allocator)
 BUILD_DIR = Path(sys.prefix) / "libexec" / "inference-gateway"
 
 
@@ -33,13 +37,13 @@ def _flags() -> list[str] | None:
     return r.stdout.split() if r.returncode == 0 else None
 
 
-def _install_debian() -> str:
-    """apt-get install DEBIAN (after an `apt-get update` if the first try fails); the tail of its output."""
+def _install_debian(packages: list[str]) -> str:
+    """apt-get install `packages` (after an `apt-get update` if the first try fails); the tail of its output."""
     out = ""
     for update in (False, True):
         if update:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
-        r = subprocess.run(["apt-get", "install", "-y", "-q", *DEBIAN], capture_output=True, text=True, check=False,
+        r = subprocess.run(["apt-get", "install", "-y", "-q", *packages], capture_output=True, text=True, check=False,
                            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         out = (r.stdout + r.stderr)[-2000:]
         if r.returncode == 0:
@@ -58,7 +62,7 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
         return out
     flags, apt = _flags(), ""
     if flags is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        apt = _install_debian()
+        apt = _install_debian(DEBIAN)
         flags = _flags()
     if flags is None:
         raise BuildError(f"serve-native: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})"
@@ -74,7 +78,20 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
     return out
 
 
+def ensure_jemalloc() -> str | None:
+    """jemalloc for --allocator auto, installed as root with apt-get when missing (`make install` runs this);
+    the library, or None (then the gateways run on glibc's malloc)."""
+    found = preload(Allocator.AUTO)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        _install_debian(RUNTIME_DEBIAN)
+        found = preload(Allocator.AUTO)
+    return found
+
+
 if __name__ == "__main__":
+    if ensure_jemalloc() is None:
+        print(f"jemalloc missing (apt-get install {' '.join(RUNTIME_DEBIAN)}): the gateways run on glibc's malloc",
+              file=sys.stderr)
     try:
         print(build())
     except BuildError as e:

@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from inference_gateway.allocator import Allocator, AllocatorMissing, preload, with_preload
 from inference_gateway.control_plane import CONTROL_PLANE, SERVICE_NAME, load_path
 from inference_gateway.native import reflection
 from inference_gateway.native.build import BuildError, build
@@ -96,6 +97,7 @@ class NativeConfig:
     tls: TlsConfig | None = None  # the inference port's and the management port's
     start_timeout_s: float = 300.0
     access_log: bool = False  # the frontend writes one JSON line per answered call on stderr
+    allocator: Allocator = Allocator.AUTO  # malloc of the frontend and its workers
 
     @property
     def drain_s(self) -> float:
@@ -226,10 +228,11 @@ class Supervisor:
         self.spec: Path | None = None  # what the current workers were started with
         self.lock = threading.Lock()
         self.reader: threading.Thread | None = None
+        self.malloc: str | None = None  # the library preloaded into the frontend and workers (None: glibc's)
 
     def _worker(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "inference_gateway.native.worker", str(self.sock),
-                                 str(self.spec)], env=child_env(None))
+                                 str(self.spec)], env=with_preload(child_env(None), self.malloc))
 
     def _check_frontend(self) -> None:
         if self.frontend is not None and self.frontend.poll() is not None:
@@ -272,6 +275,10 @@ class Supervisor:
 
     def start(self) -> dict:
         self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            self.malloc = preload(self.cfg.allocator)
+        except AllocatorMissing as e:
+            raise StartError(str(e)) from None
         binary = build()
         for path in self.cfg.models:
             in_store = os.path.join(self.cfg.model_store, path)
@@ -285,7 +292,8 @@ class Supervisor:
         self.spec = self._write_spec()
         table = reflection.write(self.work / "reflection.bin", reflection.inference_port_services())
         args = self.cfg.frontend_args(self.sock, table)
-        self.frontend = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        self.frontend = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
+                                         env=with_preload(dict(os.environ), self.malloc))
         self.reader = threading.Thread(target=self.state.read, args=(self.frontend.stdout,), daemon=True)
         self.reader.start()
         port = self._until("serving")["port"]
@@ -294,7 +302,7 @@ class Supervisor:
         self._connected(self.workers)
         self.served = self.table.entries()
         return {"event": "serving", "port": port, "frontend_pid": self.frontend.pid,
-                "worker_pids": [w.pid for w in self.workers],
+                "worker_pids": [w.pid for w in self.workers], "allocator": self.malloc or "glibc",
                 "models": [{"name": v.name, "version": v.version, "table_image": str(v.image)}
                            for v in self.table.items()]}
 
