@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	# tritonserver + Python-backend stubs for `inference-gateway serve-triton`; --no-deps: only its binaries are
 	# used, and its numpy<2 pin would downgrade numpy (benchmarks/gateway_frontend.md)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
-	# serve-native's frontend (grpc++; apt-get installs g++ and libgrpc++-dev when missing and run as root) and
-	# jemalloc (libjemalloc2), which both supervised gateways preload into their serving processes
-	$(PY) -m inference_gateway.native.build
+	# serve-native's frontend (grpc++; apt-get installs g++ and libgrpc++-dev when missing and run as root) and,
+	# with --jemalloc, libjemalloc2 the same way: both supervised gateways preload it into their serving processes
+	$(PY) -m inference_gateway.native.build --jemalloc
 	touch $@
 
 demo: install

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--allocator", choices=("auto", "jemalloc", "glibc"), default="auto", help="malloc of the "
                    "frontend and its workers: jemalloc (LD_PRELOAD) costs ~10%% less CPU per request than glibc's "
                    "at 512 streams (the same at 64); auto: jemalloc when installed (libjemalloc2, which make "
-                   "install adds), else glibc")
+                   "install adds as root with apt-get), else glibc")
     n.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '

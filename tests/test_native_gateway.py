@@ -395,9 +395,11 @@ def test_workers_share_one_copy_of_the_tables(gw):
 
 def test_frontend_and_workers_run_on_jemalloc(gw):
     """--allocator auto (the default) preloads jemalloc into the frontend and every worker: ~10% less CPU per
-    request than glibc's malloc (benchmarks.native_allocator). make install installs it."""
+    request than glibc's malloc at 512 streams (benchmarks.native_allocator). make install installs it as root
+    with apt-get; without it this fails, saying so."""
     lib = preload(Allocator.AUTO)
-    assert lib is not None, "jemalloc is missing: make install installs libjemalloc2 (as root, with apt-get)"
+    assert lib is not None, ("jemalloc is missing: `make install` installs libjemalloc2 when run as root with "
+                             "apt-get; else apt-get install libjemalloc2")
     assert gw.announced["allocator"] == lib
     for pid in (gw.announced["frontend_pid"], *workers(gw)):
         assert "libjemalloc" in Path(f"/proc/{pid}/maps").read_text(), pid
@@ -428,6 +430,8 @@ def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):
     assert prom.value(gw.metrics_port, "gateway_worker_restarts_total") == 1
     assert '"event": "worker_replaced"' in (gw.workdir / "stdout.log").read_text()
     np.testing.assert_array_equal(scores_of(s.Predict(req, timeout=30)), before)
+    if gw.announced["allocator"] != "glibc":  # the replacement is started as the first workers were
+        assert all("libjemalloc" in Path(f"/proc/{p}/maps").read_text() for p in workers(gw))
 
 
 def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):

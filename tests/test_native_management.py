@@ -5,6 +5,7 @@ from several clients without one failed request; refusals name the field and cha
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -267,32 +268,47 @@ def test_changes_past_the_limit_are_refused_at_once_and_health_keeps_answering(g
             except grpc.RpcError as e:
                 results[i] = (e.code(), e.details())
 
-    with admin(gw) as a:
-        before = sorted((m.name, m.version, m.is_default) for m in a.list_models())
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(len(fifos))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(results) < len(fifos) - MAX_CONCURRENT_CHANGES and time.monotonic() < deadline:
-            time.sleep(0.05)
-        refused = dict(results)
-        assert len(refused) == len(fifos) - MAX_CONCURRENT_CHANGES, results
-        assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED and "in progress" in msg for c, msg in refused.values())
-        with pytest.raises(grpc.RpcError) as e:
-            a.set_default_version(*before[0][:2])
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        for _ in range(5):  # the held loads still hang: every answer below came from the free threads
-            with grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
+    released: set[int] = set()
+
+    def release(i: int, timeout: float) -> None:  # junk for a held load's manifest: it ends FAILED_PRECONDITION
+        fd = _writer_when_read(fifos[i], timeout)
+        os.write(fd, b"not a manifest")
+        os.close(fd)
+        released.add(i)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(fifos))]
+    try:
+        with admin(gw) as a, grpc.insecure_channel(f"127.0.0.1:{gw.announced['management_port']}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=10)  # the 1 s below is the check's alone
+            before = sorted((m.name, m.version, m.is_default) for m in a.list_models())
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while len(results) < len(fifos) - MAX_CONCURRENT_CHANGES and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused = dict(results)
+            assert len(refused) == len(fifos) - MAX_CONCURRENT_CHANGES, results
+            assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED and "in progress" in msg for c, msg in refused.values())
+            with pytest.raises(grpc.RpcError) as e:
+                a.set_default_version(*before[0][:2])
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for _ in range(5):  # the held loads still hang: every answer below came from the free threads
                 status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            assert status == health_pb2.HealthCheckResponse.SERVING
+                assert status == health_pb2.HealthCheckResponse.SERVING
+                assert sorted((m.name, m.version, m.is_default) for m in a.list_models()) == before
+            assert len(results) == len(refused)
+            held = set(range(len(fifos))) - set(refused)
+            for i in held:
+                release(i, 120)
+            for t in threads:
+                t.join(120)
+            assert all(results[i][0] == grpc.StatusCode.FAILED_PRECONDITION and "corrupt" in results[i][1]
+                       for i in held), results
             assert sorted((m.name, m.version, m.is_default) for m in a.list_models()) == before
-        assert len(results) == len(refused)
-        for i in set(range(len(fifos))) - set(refused):
-            fd = _writer_when_read(fifos[i], 120)
-            os.write(fd, b"not a manifest")
-            os.close(fd)
+    finally:  # a failure above must not leave prepare children blocked on a FIFO for good
+        for i in set(range(len(fifos))) - released:
+            with contextlib.suppress(OSError):  # no reader: that load was refused, its prepare never started
+                release(i, 30 if threads[i].is_alive() else 0)
         for t in threads:
-            t.join(120)
-        held = [results[i] for i in set(range(len(fifos))) - set(refused)]
-        assert all(code == grpc.StatusCode.FAILED_PRECONDITION and "corrupt" in msg for code, msg in held), held
-        assert sorted((m.name, m.version, m.is_default) for m in a.list_models()) == before
+            if t.is_alive():
+                t.join(30)

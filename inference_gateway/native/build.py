@@ -1,11 +1,12 @@
 """Compiles serve-native's frontend (frontend.cc, on Debian's grpc++) once per source version, into the
 environment's own directory; `make install` runs it so the first start does not.
 
-    python -m inference_gateway.native.build   # prints the binary's path
+    python -m inference_gateway.native.build [--jemalloc]   # prints the binary's path
 
 The compiler and grpc++ are Debian packages, not PyPI's: when they are missing and this runs as root
-with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them. Run as a
-script it also installs jemalloc (libjemalloc2) when missing, which the gateways preload (--allocator auto).
+with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them. With
+--jemalloc (make install) it also installs jemalloc (libjemalloc2) that way when missing, which the gateways
+preload (--allocator auto).
 """
 
 from __future__ import annotations
@@ -78,20 +79,23 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
     return out
 
 
-def ensure_jemalloc() -> str | None:
-    """jemalloc for --allocator auto, installed as root with apt-get when missing (`make install` runs this);
-    the library, or None (then the gateways run on glibc's malloc)."""
-    found = preload(Allocator.AUTO)
+def ensure_jemalloc() -> tuple[str | None, str]:
+    """jemalloc for --allocator auto, installed as root with apt-get when missing (`make install` asks for it
+    with --jemalloc; the image's runtime stage installs it itself): the library or None (then the gateways
+    run on glibc's malloc), and what apt-get said."""
+    found, apt = preload(Allocator.AUTO), ""
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        _install_debian(RUNTIME_DEBIAN)
+        apt = _install_debian(RUNTIME_DEBIAN)
         found = preload(Allocator.AUTO)
-    return found
+    return found, apt
 
 
 if __name__ == "__main__":
-    if ensure_jemalloc() is None:
-        print(f"jemalloc missing (apt-get install {' '.join(RUNTIME_DEBIAN)}): the gateways run on glibc's malloc",
-              file=sys.stderr)
+    if "--jemalloc" in sys.argv[1:]:
+        lib, apt = ensure_jemalloc()
+        if lib is None:
+            print(f"jemalloc missing (apt-get install {' '.join(RUNTIME_DEBIAN)}): the gateways run on glibc's "
+                  "malloc" + (f"; apt-get said: {apt}" if apt else ""), file=sys.stderr)
     try:
         print(build())
     except BuildError as e:

@@ -16,7 +16,8 @@ fails in a swap; while it rolls, a request may be scored by either set. The tabl
 leaves the set is deleted once the workers that mapped it are retired.
 
 Prints `{"event": "serving", "port", "management_port", "metrics_port", "frontend_pid", "worker_pids",
-"models"}` once every worker is connected; then one JSON line per replaced worker and per model change.
+"allocator", "models"}` once every worker is connected (`allocator`: the malloc library preloaded into the
+frontend and workers, or "glibc"); then one JSON line per replaced worker and per model change.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ READER_JOIN_S = 5.0  # SIGTERM drain, after the frontend: its last stdout lines 
 WORKER_EXIT_S = 10.0  # then the workers, each
 # The management server's threads, and how many of them model changes may hold at once: a LoadModel holds
 # its thread while the package is verified and its image written (seconds to minutes for large tables),
-# then while it waits for the roll lock. Changes past the limit are refused at once, so health (the
-# readiness probe: kubelet gives it 1 s) and ListModels always find a free thread.
+# then while it waits for the roll lock. Changes past the limit are refused at once, so a unary health check
+# (the readiness probe: kubelet gives it 1 s) and ListModels find a free thread (unless streams, a health
+# Watch or reflection, hold the other two).
 MANAGEMENT_THREADS = 4
 MAX_CONCURRENT_CHANGES = MANAGEMENT_THREADS - 2
 
