@@ -73,10 +73,10 @@ from inference_gateway import proc_memory
 from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.process import GatewayProcess, launch, launch_native, launch_triton
-from inference_gateway.quantize import DenseQuantization
 from protos.model_config import ModelConfig
+from protos.package import load_package
+from protos.quantize import DenseQuantization
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM
 

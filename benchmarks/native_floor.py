@@ -59,11 +59,11 @@ from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD
 from inference_gateway.model import ServingModel
 from inference_gateway.native.build import build
-from inference_gateway.package import load_package
 from inference_gateway.process import launch_native, launch_triton
 from inference_gateway.requests import Limits, decode
 from protos import inference_pb2
 from protos.model_config import ModelConfig
+from protos.package import load_package
 from protos.process import start_announced, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]

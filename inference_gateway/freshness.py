@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 
 from inference_gateway.follower import DeltaFollower, FollowSettings
 from inference_gateway.model import ServingModel
-from inference_gateway.package import PackageError, read_manifest
 from inference_gateway.registry import ModelRegistry
+from protos.package import PackageError, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from inference_gateway.follower import DeltaFollower, FollowSettings
 from inference_gateway.freshness import newest_snapshot, snapshot_step
 from inference_gateway.image_state import follow_path
 from inference_gateway.model import ServingModel
-from inference_gateway.package import PackageError, load_package
 from protos.metrics import serve_metrics
+from protos.package import PackageError, load_package
 
 log = logging.getLogger("inference_gateway.image_follower")
 

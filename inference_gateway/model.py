@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from inference_gateway.image_state import ImageState, dense_path, state_path
-from inference_gateway.package import Package
-from inference_gateway.quantize import dequantize_table, quantize_table
 from inference_gateway.shared_tables import build_tbe, map_image
+from protos.package import Package
+from protos.quantize import dequantize_table, quantize_table
 
 
 class ServingModel:

@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     front of any server of serve's OIP schema; prints one JSON line with its port, drains on SIGTERM."""
     from pathlib import Path
 
-    from inference_gateway.package import load_package
     from inference_gateway.shared_tables import serving_facts
+    from protos.package import load_package
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--target", required=True, help="HOST:PORT of the Open Inference Protocol server")

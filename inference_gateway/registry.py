@@ -17,10 +17,10 @@ from pathlib import Path
 
 from inference_gateway.batching import Batcher, BatchingConfig, Deliver
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.requests import RequestError
 from inference_gateway.versions import VersionTable
 from protos import inference_pb2
+from protos.package import load_package
 
 
 @dataclass

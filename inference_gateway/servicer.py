@@ -22,11 +22,11 @@ from inference_gateway.batching import Batcher, BatchingConfig, Expired, Overloa
 from inference_gateway.control_plane import SERVICE_NAME, load_path
 from inference_gateway.metrics import GatewayMetrics
 from inference_gateway.model import ServingModel
-from inference_gateway.package import PackageError
 from inference_gateway.registry import LoadedModel, ModelRegistry
 from inference_gateway.requests import Decoded, Limits, RequestError, decode
 from inference_gateway.streams import answers
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
+from protos.package import PackageError
 from protos.paths import PathRefused, status_of_oserror
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 
-from inference_gateway.package import MANIFEST, Package, PackageError, load_package
 from protos.durable import fsync_dir
+from protos.package import MANIFEST, Package, PackageError, load_package
 
 IMAGE_SUFFIX = ".tbe"
 

@@ -31,7 +31,6 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.requests import (
     DENSE,
     IDS,
@@ -48,6 +47,7 @@ from inference_gateway.requests import (
     validate,
     values_input,
 )
+from protos.package import load_package
 
 SCORES = "scores"
 Arrays = dict[str, np.ndarray]  # one request's inputs by name

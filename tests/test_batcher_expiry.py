@@ -14,9 +14,9 @@ import torch
 from inference_gateway.batching import Batcher, BatchingConfig, Expired, Pending
 from inference_gateway.client import build_request
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.requests import Limits, decode
 from protos.model_config import ModelConfig
+from protos.package import load_package
 from trainer.data import SyntheticData
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM

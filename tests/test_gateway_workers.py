@@ -28,10 +28,10 @@ from inference_gateway.allocator import Allocator, AllocatorMissing, preload
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.loadgen import OIP_METHOD, closed_loop
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.process import launch, launch_triton
 from inference_gateway.shared_tables import IMAGE_SUFFIX
 from protos import inference_pb2, inference_pb2_grpc
+from protos.package import load_package
 from tests.test_inference_package import TINY, two_versions
 from tests.test_oip import bags_inputs, batched_inputs, ids_inputs, ragged
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from inference_gateway.model import ServingModel
-from inference_gateway.package import PackageError, load_package
-from inference_gateway.quantize import DenseQuantization, TableDType, quantize_table, row_bytes
 from protos.model_config import ModelConfig
+from protos.package import PackageError, load_package
+from protos.quantize import DenseQuantization, TableDType, quantize_table, row_bytes
 from trainer.data import SyntheticData
 from trainer.export import ExportedModel, export_package, table_dtypes
 from trainer.model import DenseDLRM

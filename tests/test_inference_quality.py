@@ -15,9 +15,9 @@ import torch
 
 from embedding_service.process import launch
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from protos import common_pb2
 from protos.model_config import ModelConfig
+from protos.package import load_package
 from protos.plan import shard_config, simple_plan
 from trainer import checkpoint
 from trainer.cli import main as trainer_main

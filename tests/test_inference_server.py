@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from inference_gateway.cli import main as gateway_main
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.process import launch
 from protos import common_pb2
+from protos.package import load_package
 from tests import prom
 from tests.test_inference_package import TINY, tiny_model
 from trainer.data import SyntheticData

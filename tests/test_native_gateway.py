@@ -29,10 +29,10 @@ from inference_gateway import proc_memory
 from inference_gateway.allocator import Allocator, preload
 from inference_gateway.client import build_request, scores_of
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.process import launch_native
 from inference_gateway.shared_tables import IMAGE_SUFFIX
 from protos import inference_pb2_grpc
+from protos.package import load_package
 from tests import prom
 from tests.test_inference_package import TINY, tiny_model
 from tests.test_oip import FEATURES, bags_inputs, batched_inputs, inputs, ragged

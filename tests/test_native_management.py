@@ -22,9 +22,9 @@ from inference_gateway import proc_memory
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.model import ServingModel
 from inference_gateway.native.supervisor import MANAGEMENT_THREADS, MAX_CONCURRENT_CHANGES
-from inference_gateway.package import load_package
 from inference_gateway.process import launch_native
 from protos import inference_pb2, inference_pb2_grpc
+from protos.package import load_package
 from tests import prom
 from tests.test_inference_package import two_versions
 from tests.test_native_gateway import health

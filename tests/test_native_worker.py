@@ -16,9 +16,9 @@ from inference_gateway.batching import merge
 from inference_gateway.client import build_request
 from inference_gateway.model import ServingModel
 from inference_gateway.native.predict_batch import decode_batch, predict_response
-from inference_gateway.package import load_package
 from inference_gateway.requests import Limits, RequestError, decode
 from protos import common_pb2, inference_pb2
+from protos.package import load_package
 from tests.test_inference_package import TINY, tiny_model
 from tests.test_oip import ragged
 from trainer.export import export_package, table_dtypes

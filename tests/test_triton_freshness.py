@@ -20,9 +20,9 @@ import torch
 from inference_gateway.client import GatewayClient, scores_of
 from inference_gateway.image_state import ImageState
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
 from inference_gateway.process import launch_triton
 from inference_gateway.shared_tables import write_image
+from protos.package import load_package
 from tests import prom
 from tests.test_freshness import (  # noqa: F401 - redis_server and shard are fixtures
     expected_scores,
@@ -131,7 +131,7 @@ def test_a_gap_rewrites_the_image_from_a_snapshot_and_a_killed_follower_is_repla
 READER = """
 import json, sys, time, numpy as np, torch
 from inference_gateway.model import ServingModel
-from inference_gateway.package import load_package
+from protos.package import load_package
 from trainer.data import SyntheticData
 from tests.test_inference_package import TINY
 torch.set_num_threads(1)

@@ -198,9 +198,9 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 
 
 def export_cmd(args: argparse.Namespace) -> int:
-    from inference_gateway.package import PackageError, load_package
-    from inference_gateway.quantize import DenseQuantization
     from protos.model_config import ModelConfig
+    from protos.package import PackageError, load_package
+    from protos.quantize import DenseQuantization
     from trainer.export import ExportError, export_package, read_checkpoint, table_dtypes
 
     try:

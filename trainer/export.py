@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from inference_gateway.package import FeatureSpec, write_package
-from inference_gateway.quantize import DenseQuantization, TableDType, pooling_name
 from protos.durable import file_sha256
 from protos.model_config import ModelConfig
+from protos.package import FeatureSpec, write_package
+from protos.quantize import DenseQuantization, TableDType, pooling_name
 from protos.shard_checkpoint import MANIFEST as SHARD_MANIFEST
 from protos.shard_checkpoint import CheckpointFormatError, Problem, read_array, read_manifest
 from trainer import checkpoint

@@ -35,11 +35,11 @@ from inference_gateway import oip
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
 from inference_gateway.native.predict_batch import decode_batch, predict_response
-from inference_gateway.package import load_package
 from inference_gateway.requests import Limits, RequestError, decode
 from inference_gateway.versions import VersionTable
 from protos import inference_pb2
 from protos import open_inference_pb2 as oip_pb
+from protos.package import load_package
 
 U32 = struct.Struct("<I")
 HEAD = struct.Struct("<BI")  # a reply: status code, length

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from inference_gateway.quantize import DenseQuantization, TableDType, quantize_table, row_bytes
 from protos.durable import fsync_dir
+from protos.quantize import DenseQuantization, TableDType, quantize_table, row_bytes
 
 FORMAT = "recsys-ps-model"
 FORMAT_VERSION = 1
