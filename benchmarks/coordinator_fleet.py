@@ -2,7 +2,7 @@
 
 A real coordinator process (embedded Redis) and the members it would see in production, each driven by the
 project's own `protos.member_agent.MemberAgent` (register, then heartbeat every lease/3 +- 10%) and,
-for trainers, `coordinator.client.CoordinatorClient` (a WatchPlan stream held open, GetPlan every
+for trainers, `protos.coordinator_client.CoordinatorClient` (a WatchPlan stream held open, GetPlan every
 `--getplan-every-s`). The members run as threads in a few worker processes. After every member is
 registered and alive, a window of `--window-s` seconds is measured:
 
@@ -34,9 +34,9 @@ import psutil
 import redis
 from tqdm import tqdm
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch
 from protos import common_pb2, coordinator_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.member_agent import MemberAgent
 from protos.plan import dump_plan
 

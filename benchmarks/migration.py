@@ -72,10 +72,10 @@ def table(rows: int, dim: int) -> dict:
 
 
 def migration(args: argparse.Namespace) -> None:
-    from embedding_service.client import ShardClient
     from embedding_service.process import launch
     from protos import embedding_shard_pb2
     from protos.plan import assignment_from_dict
+    from protos.shard_client import ShardClient
 
     work = Path(tempfile.mkdtemp(prefix="bench-migration-"))
     src = launch({"shard_id": 0, "plan_version": 1, "tables": [table(args.rows, args.dim)]}, workdir=work / "src")
@@ -118,10 +118,10 @@ def pause(args: argparse.Namespace) -> None:
     """One trainer, tables big (rows x dim) and small; v2 moves big from shard 0 to a standby shard 2."""
     import yaml
 
-    from coordinator.client import CoordinatorClient, final
     from coordinator.launcher import LocalShards, LocalTrainers
     from coordinator.process import launch
     from protos import common_pb2, coordinator_pb2
+    from protos.coordinator_client import CoordinatorClient, final
     from protos.model_config import ModelConfig
     from protos.plan import dump_plan, simple_plan
 

@@ -32,11 +32,11 @@ import psutil
 import yaml
 from tqdm import tqdm
 
-from coordinator.client import CoordinatorClient
 from coordinator.launcher import LocalShards, LocalTrainers
 from coordinator.process import launch
 from coordinator.rollout import RolloutSettings
 from protos import common_pb2, coordinator_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.model_config import ModelConfig
 from protos.plan import dump_plan, simple_plan
 

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from embedding_service.client import ShardClient
 from protos import common_pb2
 from protos.model_config import ModelConfig
 from protos.plan import simple_plan
+from protos.shard_client import ShardClient
 from trainer.model import DenseDLRM
 from trainer.router import Router
 

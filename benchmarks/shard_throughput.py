@@ -62,7 +62,7 @@ def client_loop(address: str, trainer: int, batch_size: int, pooling: int, steps
                 pipelined: bool, first_step: int, id_dtype: torch.dtype, warmup: int = 5) -> tuple[float, list[float]]:
     """Runs `warmup` + `steps` lookup/update steps; returns (samples/s, lookup latencies in seconds)
     over the last `steps`."""
-    from embedding_service.client import ShardClient
+    from protos.shard_client import ShardClient
 
     table_defs = criteo.tables()
     gen = torch.Generator().manual_seed(100 + trainer)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from embedding_service.allocator import tune_allocator
-    from embedding_service.client import ShardClient
+    from protos.shard_client import ShardClient
 
     tune_allocator()  # the in-process baseline and the client get the same allocator settings as the shard
     from embedding_service.process import launch

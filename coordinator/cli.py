@@ -221,7 +221,7 @@ def _dump(msg) -> dict:
 
 
 def _client(args: argparse.Namespace, admin: bool = False):
-    from coordinator.client import CoordinatorClient
+    from protos.coordinator_client import CoordinatorClient
 
     token = None
     if admin:

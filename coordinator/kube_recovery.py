@@ -31,8 +31,8 @@ from coordinator.kubernetes import ShardPod
 from coordinator.membership import Membership
 from coordinator.plan_store import PlanStore
 from coordinator.rollout import RolloutEngine
-from embedding_service.client import ShardClient
 from protos import coordinator_pb2
+from protos.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2

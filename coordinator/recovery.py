@@ -20,9 +20,9 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.client import CoordinatorClient, final
 from coordinator.launcher import LocalShards, LocalTrainers
 from protos import common_pb2, coordinator_pb2
+from protos.coordinator_client import CoordinatorClient, final
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2

@@ -25,9 +25,9 @@ from coordinator.moves import Move, MoveError, compute_moves, split_moves
 from coordinator.plan_store import PlanConflict, PlanStore, RolloutClaim
 from coordinator.scaling import FixedShards, ScalingError, ShardScaler
 from coordinator.validation import plan_violations
-from embedding_service.client import ShardClient
 from protos import common_pb2, coordinator_pb2, embedding_shard_pb2, failpoints
 from protos.plan import assignment
+from protos.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2

@@ -25,8 +25,8 @@ import grpc
 from coordinator.membership import Membership
 from coordinator.plan_store import PlanStore, claim_of
 from coordinator.rollout import RolloutEngine, commit_all, parallel
-from embedding_service.client import ShardClient
 from protos import coordinator_pb2
+from protos.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 pb = coordinator_pb2

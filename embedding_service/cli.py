@@ -179,7 +179,7 @@ def _main(args: argparse.Namespace) -> int:
         return serve_forever(config)
     from google.protobuf import json_format
 
-    from embedding_service.client import ShardClient
+    from protos.shard_client import ShardClient
 
     with ShardClient(args.address, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         info = client.info()

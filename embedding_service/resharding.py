@@ -16,11 +16,11 @@ import crc32c
 import grpc
 import torch
 
-from embedding_service.client import ShardClient
 from embedding_service.errors import ShardError, data_loss, invalid, precondition
 from embedding_service.tables import ShardTables, SliceState
 from protos import codec, common_pb2, embedding_shard_pb2
 from protos.plan import validate_assignment
+from protos.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 _WEIGHTS = embedding_shard_pb2.RowChunk.DESCRIPTOR.fields_by_name["weights"].number

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch as launch_coordinator
 from protos import coordinator_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.process import free_port
 from tests.coordinated import Job, assert_equals_reference
 from tests.redis_server import RedisServer

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from protos.process import ServerProcess
+from protos.shard_client import ShardClient
 
 
 @pytest.fixture

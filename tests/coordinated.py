@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from coordinator.client import CoordinatorClient
 from coordinator.launcher import LocalShards, LocalTrainers
 from coordinator.process import CoordinatorProcess, launch
-from embedding_service.client import ShardClient
 from protos import codec, common_pb2, coordinator_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.plan import assignment, dump_plan, simple_plan
+from protos.shard_client import ShardClient
 from tests.test_trainer_equivalence import CONFIG, MODEL, SEED, reference
 
 pb = coordinator_pb2

@@ -8,9 +8,9 @@ import grpc
 import pytest
 import torch
 
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from protos import codec, common_pb2, embedding_shard_pb2
+from protos.shard_client import ShardClient
 
 TABLES = [
     {"name": "users", "num_rows": 100, "dim": 8, "features": ["user"],

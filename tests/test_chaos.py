@@ -54,11 +54,11 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch as launch_coordinator
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.process import free_port
 from tests.coordinated import PLAN1, assert_equals_reference
 from tests.redis_server import RedisServer

@@ -33,17 +33,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.client import CoordinatorClient, final
 from coordinator.events import PlanEvents
 from coordinator.membership import Membership
 from coordinator.plan_store import PlanStore
 from coordinator.process import launch as launch_coordinator
 from coordinator.redis_backend import EmbeddedRedis, connect
 from coordinator.rollout import RolloutEngine, RolloutSettings
-from embedding_service.client import ShardClient
 from protos import coordinator_pb2
+from protos.coordinator_client import CoordinatorClient, final
 from protos.failpoints import ENV as FAILPOINTS
 from protos.process import free_port
+from protos.shard_client import ShardClient
 from tests.coordinated import PLAN2, Job, assert_equals_reference
 from trainer.coordination import PlanFollower
 

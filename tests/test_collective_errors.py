@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from protos.model_config import ModelConfig
 from protos.plan import dump_plan, shard_config, simple_plan
 from protos.process import free_port
+from protos.shard_client import ShardClient
 from trainer.job import lost_peer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -170,7 +170,7 @@ def test_bad_requests_get_precise_statuses_and_change_nothing(job):
 def test_a_trainer_that_does_not_fence_aborts_the_rollout(tmp_path):
     """A registered trainer that never stops: the rollout aborts after --fence-timeout-s, the plan stays,
     and the trainer, stopping late, is resumed on the old plan at once instead of hanging."""
-    from coordinator.client import final
+    from protos.coordinator_client import final
     from trainer.coordination import PlanFollower
 
     job = Job(tmp_path, "--fence-timeout-s", "2", standby=1)

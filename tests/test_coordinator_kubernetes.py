@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import final
 from coordinator.kubernetes import (
     KubeErrorKind,
     KubeSettings,
@@ -29,9 +28,10 @@ from coordinator.kubernetes import (
     ordinal_of,
 )
 from coordinator.scaling import FixedShards, ScalingError
-from embedding_service.client import ShardClient
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.channels import open_channel
+from protos.coordinator_client import final
+from protos.shard_client import ShardClient
 from tests.kube_api_double import KubeApiDouble
 
 pb = coordinator_pb2
@@ -350,8 +350,8 @@ def test_a_shard_pod_killed_mid_training_and_the_job_resumes_from_its_checkpoint
 
 
 def test_coordinator_starts_and_serves_while_the_api_server_is_down(double, tmp_path):
-    from coordinator.client import CoordinatorClient
     from coordinator.process import launch
+    from protos.coordinator_client import CoordinatorClient
 
     args = list(_kube_args(double, tmp_path))
     double.stop()

@@ -8,9 +8,9 @@ import threading
 
 import grpc
 
-from coordinator.client import final
 from coordinator.recovery import JobSupervisor
 from protos import coordinator_pb2
+from protos.coordinator_client import final
 from tests.coordinated import PLAN1, PLAN2, assert_equals_reference
 
 pb = coordinator_pb2

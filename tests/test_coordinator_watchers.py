@@ -9,9 +9,9 @@ import uuid
 import grpc
 import pytest
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch
 from protos import coordinator_pb2 as pb
+from protos.coordinator_client import CoordinatorClient
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ import grpc
 import pytest
 import torch
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch as launch_coordinator
-from embedding_service.client import ShardClient
 from inference_gateway.client import GatewayClient, build_request
 from inference_gateway.process import launch as launch_gateway
 from protos import coordinator_pb2, embedding_shard_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.plan import assignment_from_dict
+from protos.shard_client import ShardClient
 from tests import prom
 from tests.test_inference_package import TINY, two_versions
 from trainer.data import SyntheticData
@@ -249,7 +249,7 @@ def test_coordinator_mutual_tls_and_a_member_registering_with_its_certificate(sh
 
 # -- members presenting the token: a rollout with every shard's control plane locked -----------------
 def test_rollout_with_locked_shards_the_coordinator_and_peers_present_the_token(tmp_path, monkeypatch):
-    from coordinator.client import final
+    from protos.coordinator_client import final
     from tests.coordinated import PLAN2, Job
 
     monkeypatch.setenv("RECSYS_CONTROL_TOKEN", TOKEN)  # shards require it; coordinator and shards present it

@@ -12,12 +12,12 @@ import grpc
 import pytest
 import torch
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch as launch_coordinator
-from embedding_service.client import ShardClient
 from embedding_service.process import launch as launch_shard
 from protos import coordinator_pb2 as pb
+from protos.coordinator_client import CoordinatorClient
 from protos.member_agent import Fenced, MemberAgent
+from protos.shard_client import ShardClient
 
 TABLES = [{"name": "users", "num_rows": 100, "dim": 8, "features": ["user"],
            "optimizer": {"type": "exact_sgd", "learning_rate": 0.5}}]

@@ -15,13 +15,13 @@ import torch
 import yaml
 
 from coordinator.redis_backend import EmbeddedRedis
-from embedding_service.client import ShardClient
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.model import ServingModel
 from inference_gateway.process import launch as launch_gateway
 from protos.deltas import decode, stream_key
 from protos.package import load_package
 from protos.plan import shard_config, simple_plan
+from protos.shard_client import ShardClient
 from tests import prom
 from tests.test_inference_package import ROOT, TINY
 from trainer.data import HELDOUT, SyntheticData, auc

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from coordinator.client import CoordinatorClient
 from coordinator.process import launch as launch_coordinator
 from protos import coordinator_pb2 as pb
+from protos.coordinator_client import CoordinatorClient
 from protos.member_agent import JITTER, MemberAgent
 
 LEASE_S = 3.0

@@ -6,8 +6,8 @@ import grpc
 import pytest
 import torch
 
-from embedding_service.client import ShardClient
 from protos import common_pb2, embedding_shard_pb2
+from protos.shard_client import ShardClient
 from tests.test_state_transfer import TABLES, exported, snapshot, train
 
 pb = embedding_shard_pb2

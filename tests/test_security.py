@@ -8,11 +8,11 @@ from concurrent import futures
 import grpc
 import pytest
 
-from embedding_service.client import ShardClient
 from embedding_service.config import ServerConfig
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.channels import open_channel
 from protos.security import BearerTokenInterceptor, TlsConfig, bearer_metadata, bind
+from protos.shard_client import ShardClient
 
 TABLES = [{"name": "t", "num_rows": 64, "dim": 8, "features": ["f"],
            "optimizer": {"type": "exact_sgd", "learning_rate": 0.1}}]
@@ -112,9 +112,9 @@ def test_interceptor_refuses_bad_configuration():
 
 def test_coordinator_and_its_members_speak_tls(certs, tmp_path):
     """The real coordinator over TLS: a TLS client and a TLS shard member work, a plaintext client fails."""
-    from coordinator.client import CoordinatorClient
     from coordinator.process import launch as launch_coordinator
     from embedding_service.process import launch as launch_shard
+    from protos.coordinator_client import CoordinatorClient
     from protos.plan import shard_config
 
     coord = launch_coordinator(["--tls-cert", certs["cert"], "--tls-key", certs["key"]], workdir=tmp_path / "c")

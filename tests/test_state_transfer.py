@@ -10,8 +10,8 @@ import grpc
 import pytest
 import torch
 
-from embedding_service.client import migrate_rows
 from protos import codec
+from protos.shard_client import migrate_rows
 
 TABLES = [
     {"name": "big", "num_rows": 300, "dim": 16, "features": ["u"],

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from embedding_service.tables import ShardTables
 from protos import codec, common_pb2
 from protos.model_config import ModelConfig
 from protos.plan import assignment, assignment_from_dict, dump_plan, shard_config, simple_plan
 from protos.process import free_port
+from protos.shard_client import ShardClient
 from trainer.data import SyntheticData
 from trainer.model import DenseDLRM
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from protos import common_pb2
 from protos.model_config import ModelConfig
 from protos.plan import assignment, simple_plan
 from protos.plan import shard_config as plan_shard_config
+from protos.shard_client import ShardClient
 from trainer.data import SyntheticData
 from trainer.train import ShardedTrainer
 from trainer.transport import GrpcTransport, ShardUnavailable

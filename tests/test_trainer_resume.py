@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
 from protos.plan import assignment
+from protos.shard_client import ShardClient
 from tests.test_trainer_pipeline import MODEL, PLAN, shard_config
 from trainer import checkpoint
 from trainer.data import SyntheticData

@@ -18,8 +18,8 @@ import time
 
 import grpc
 
-from coordinator.client import CoordinatorClient
 from protos import common_pb2, coordinator_pb2
+from protos.coordinator_client import CoordinatorClient
 from protos.member_agent import MemberAgent
 
 log = logging.getLogger(__name__)

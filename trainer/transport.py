@@ -10,8 +10,8 @@ from typing import TypeVar
 import grpc
 import torch
 
-from embedding_service.client import LookupResult, ShardClient
 from protos.collective import PAUSE, STOP, exchange, status_round
+from protos.shard_client import LookupResult, ShardClient
 from trainer.router import ShardRequest
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from embedding_service.allocator import tune_allocator
-from embedding_service.client import ShardClient
 from embedding_service.process import launch
+from protos.shard_client import ShardClient
 from trainer import criteo_kaggle as criteo
 
 WIRE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_reshard_demo(work: Path, *, steps: int = 600, batch_size: int = 256, quiet: bool = False) -> dict:
-    from coordinator.client import CoordinatorClient
     from coordinator.cost import CostModel, ShardCapacity
     from coordinator.launcher import LocalShards, LocalTrainers
     from coordinator.planner import plan_cost, propose
     from coordinator.process import launch
     from protos import common_pb2, coordinator_pb2
+    from protos.coordinator_client import CoordinatorClient
     from protos.model_config import ModelConfig
     from protos.plan import dump_plan, simple_plan
     from trainer.data import SyntheticData
