@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import ctypes.util
 import enum
+import os
+import re
+
+MALLOCS = ("libjemalloc", "libtcmalloc")  # preloads that replace malloc: one allocator per process
 
 
 class Allocator(enum.Enum):
@@ -36,7 +40,14 @@ def preload(allocator: Allocator) -> str | None:
 
 
 def with_preload(env: dict[str, str], lib: str | None) -> dict[str, str]:
-    """`env` with `lib` first on LD_PRELOAD (unchanged for None); children inherit it."""
-    if lib:
-        env["LD_PRELOAD"] = " ".join(filter(None, [lib, env.get("LD_PRELOAD")]))
+    """`env` whose LD_PRELOAD names `lib` first (None: no malloc of its own) and no other malloc replacement:
+    one inherited from the parent (a supervisor started under jemalloc) is dropped, so `--allocator glibc`
+    means glibc; other preloads are kept. Children inherit it."""
+    kept = [p for p in re.split(r"[:\s]+", env.get("LD_PRELOAD", ""))
+            if p and not os.path.basename(p).startswith(MALLOCS)]
+    preloads = [lib, *kept] if lib else kept
+    if preloads:
+        env["LD_PRELOAD"] = " ".join(preloads)
+    else:
+        env.pop("LD_PRELOAD", None)
     return env

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.gateway_frontend import model_infer_pool
 from inference_gateway import proc_memory
-from inference_gateway.allocator import Allocator, AllocatorMissing, preload
+from inference_gateway.allocator import Allocator, AllocatorMissing, preload, with_preload
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.loadgen import OIP_METHOD, closed_loop
 from inference_gateway.model import ServingModel
@@ -184,6 +184,14 @@ def test_allocator_jemalloc_is_refused_with_what_to_install_when_missing(monkeyp
     assert preload(Allocator.AUTO) is None and preload(Allocator.GLIBC) is None
     with pytest.raises(AllocatorMissing, match=r"allocator: jemalloc not found .*libjemalloc2"):
         preload(Allocator.JEMALLOC)
+
+
+def test_a_child_gets_one_malloc_whatever_its_parent_preloaded():
+    inherited = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2:/opt/libtrace.so libtcmalloc_minimal.so.4"}
+    assert with_preload(dict(inherited), None) == {"LD_PRELOAD": "/opt/libtrace.so"}  # glibc: theirs dropped
+    assert with_preload(dict(inherited), "libjemalloc.so.2") == {"LD_PRELOAD": "libjemalloc.so.2 /opt/libtrace.so"}
+    assert with_preload({"LD_PRELOAD": "libjemalloc.so.2", "A": "1"}, None) == {"A": "1"}
+    assert with_preload({}, None) == {} and with_preload({}, "libjemalloc.so.2") == {"LD_PRELOAD": "libjemalloc.so.2"}
 
 
 def _predict_stub(g) -> inference_pb2_grpc.InferenceGatewayStub:

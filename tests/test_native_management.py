@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_gateway import proc_memory
+from inference_gateway.allocator import Allocator, preload
 from inference_gateway.client import GatewayClient, build_request, scores_of
 from inference_gateway.model import ServingModel
 from inference_gateway.native.supervisor import MANAGEMENT_THREADS, MAX_CONCURRENT_CHANGES
@@ -39,13 +40,17 @@ def store(tmp_path_factory):
     return two_versions(tmp_path_factory.mktemp("store"))
 
 
+# the supervisor itself is started under jemalloc, as a parent's LD_PRELOAD would have it
+INHERITED = {**os.environ, "LD_PRELOAD": lib} if (lib := preload(Allocator.AUTO)) else None
+
+
 @pytest.fixture(scope="module")
 def gw(store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native-mgmt")
     (tmp / "control.token").write_text(TOKEN + "\n")
     g = launch_native(["--model", "v1", "--model-store", str(store), "--workers", str(WORKERS),
                        "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1", "--allocator", "glibc"],
-                      workdir=tmp / "gw")
+                      workdir=tmp / "gw", env=INHERITED)
     yield g
     g.kill()
 
@@ -63,7 +68,8 @@ def expected(store, version: int, req) -> np.ndarray:
     return model.scores(*(torch.from_numpy(a) for a in req)).numpy()
 
 
-def test_allocator_glibc_preloads_nothing(gw):
+def test_allocator_glibc_preloads_nothing_even_when_the_supervisor_inherited_jemalloc(gw):
+    assert INHERITED, "jemalloc is missing: run `make install` as root (it apt-gets libjemalloc2)"
     assert gw.announced["allocator"] == "glibc"
     for pid in (gw.announced["frontend_pid"], *workers(gw)):
         assert "libjemalloc" not in Path(f"/proc/{pid}/maps").read_text(), pid
