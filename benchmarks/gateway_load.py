@@ -35,15 +35,17 @@ workers; Predict, PredictStream and OIP on one port) through the same phases.
 Why h2load for the open loops. One Python asyncio client tops out near the Python echo ceiling (its own
 loop is GIL-bound and shares the 2 cores with the server), so it cannot offer half, let alone twice, the
 maximum of a gateway that beats the echo. h2load's rate mode (`--rps` per connection, 4 connections,
-256 streams each) offers the load; a Python open loop at a low probe rate (<= 100/s, so its loop stays
-idle and times calls from their schedule) runs beside it. h2load counts HTTP statuses, and gRPC answers a
-refusal with HTTP 200 too (grpc-status in trailers): from h2load we get the offered and completed rate,
-every request's latency from its own send (refused and answered mixed; a connection with all its streams
-in flight stops sending, so a server that neither answers nor refuses caps h2load's rate) and the
-answered count, estimated from DATA bytes (a refusal is trailers-only); not which code refused, nor how
-fast. The probe gives those: accepted p50/p99, each refusal code and its latency. Goodput = h2load's
-estimated answers + the probe's, per second. W2's overload (hundreds of requests/s) needs no h2load: the
-Python client offers 2x alone. Without h2load (`--skip h2load`, or not installed) the Python client offers every rate.
+256 streams each) offers the load; the native probe (benchmarks/probe.cc, a grpc++ client compiled on first
+use) sends at a low rate (<= 100/s) beside it and times each call from its schedule. h2load counts HTTP
+statuses, and gRPC answers a refusal with HTTP 200 too (grpc-status in trailers): from h2load we get the
+offered and completed rate, every request's latency from its own send (refused and answered mixed; a
+connection with all its streams in flight stops sending, so a server that neither answers nor refuses caps
+h2load's rate) and the answered count, estimated from DATA bytes (a refusal is trailers-only); not which
+code refused, nor how fast. The probe gives those: accepted p50/p99, each refusal code and its latency.
+(Until this probe a Python asyncio one did that; on cores saturated by h2load and the gateway its event loop
+ran tens of ms late, which it counted as the gateway's.) Goodput = h2load's estimated answers + the probe's,
+per second. W2's overload (tens of requests/s) needs no h2load: the native probe offers 2x alone. Without
+h2load (`--skip h2load`, or not installed) the Python client offers every rate.
 
     python -m benchmarks.gateway_load [--frontend both|serve,serve-triton,serve-native] [--dtypes fp32,int8,int4]
         [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2]
@@ -69,6 +71,8 @@ import numpy as np
 import torch
 
 from benchmarks.h2 import answered, ensure_h2load, h2load, h2load_with_cpu, rate_result, start_rate
+from benchmarks.probe import Probe
+from benchmarks.probe import open_loop as probe_open_loop
 from inference_gateway import proc_memory
 from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop, open_loop, stream_closed_loop
@@ -84,7 +88,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FRONTENDS = ("serve", "serve-triton")
 PHASES = "echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2"
 W2_POOL = 16  # distinct W2 requests sent in turn; the in-process limit scores as many distinct batches
-PROBE_MAX_PER_S = 100.0  # the Python open loop beside h2load's rate mode
+PROBE_MAX_PER_S = 100.0  # the native probe beside h2load's rate mode
 
 
 def emit(record: dict) -> None:
@@ -292,23 +296,24 @@ def answer_frame_bytes(address: str, method: str, request: bytes) -> int:
 
 
 def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: float) -> dict:
-    """Open loop at `rate` requests/s: h2load's rate mode plus a Python probe beside it (module docstring),
+    """Open loop at `rate` requests/s: h2load's rate mode plus the native probe beside it (module docstring),
     or the Python client alone without h2load."""
     a = run.args
     if not run.use_h2load:
         r = asyncio.run(open_loop(address, pool, rate, a.seconds, 1, method))
         return {"client": "python", "offered_per_s": round(rate, 1), "goodput_per_s": r["requests_per_s"],
                 "python": r}
-    probe = min(PROBE_MAX_PER_S, rate / 10)
+    probe_rate = min(PROBE_MAX_PER_S, rate / 10)
     frame = answer_frame_bytes(address, method, pool[0])
-    proc, log = start_rate(address, method, pool[0], rate - probe, a.seconds, run.workdir)
+    probe = Probe.start(address, method, pool, probe_rate, a.seconds, 1)
+    proc, log = start_rate(address, method, pool[0], rate - probe_rate, a.seconds, run.workdir)
     try:
-        py = asyncio.run(open_loop(address, pool, probe, a.seconds, 1, method))
+        seen = probe.result()
     finally:
         h2 = rate_result(proc, log, a.seconds, frame)
-    out = {"client": "h2load+python_probe", "offered_per_s": round(rate, 1), "h2load": h2, "python_probe": py}
+    out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "h2load": h2, "probe": seen}
     if "ok_estimated" in h2:
-        out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + py["requests_per_s"], 1)
+        out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + seen["requests_per_s"], 1)
     return out
 
 
@@ -323,7 +328,7 @@ def open_phases(run: Run, base: dict, key: tuple[str, str], address: str, method
         emit({**base, "bench": "W1_open_half_max", "max_per_s": peak, "p99_ms": p99, **r, "loadavg": _load()})
     if "overload" not in run.skip:
         r = rate_phase(run, address, method, pool, peak * 2)
-        py = r.get("python_probe", r.get("python"))
+        py = r.get("probe", r.get("python"))
         rec = {**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r}
         if r.get("goodput_per_s") is not None:
             rec["goodput_vs_max"] = fig["overload_goodput_vs_max"] = round(r["goodput_per_s"] / peak, 3)
@@ -449,11 +454,12 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
                   "each": ratios})
             if "overload" not in skip:  # compute-bound overload: tens of requests/s, the Python client offers 2x
                 peak2 = statistics.median(rates)
-                r = asyncio.run(open_loop(address, pool, peak2 * 2, a.seconds, 256, method))
+                r = (probe_open_loop(address, method, pool, peak2 * 2, a.seconds, 256) if run.use_h2load else
+                     {**asyncio.run(open_loop(address, pool, peak2 * 2, a.seconds, 256, method)), "client": "python"})
                 fig["w2_overload_goodput_vs_max"] = round(r["requests_per_s"] / peak2, 3)
                 fig["w2_overload_accepted_p99_ms"] = r["p99_ms"] if r["ok"] else None
                 fig["w2_overload_refusal_p99_ms"] = r.get("reject_p99_ms")
-                emit({**base, "bench": "W2_open_2x_overload", "client": "python", "candidates": 256,
+                emit({**base, "bench": "W2_open_2x_overload", "candidates": 256,
                       "max_per_s": peak2, **r, "goodput_vs_max": round(r["requests_per_s"] / peak2, 3),
                       "loadavg": _load()})
     finally:

@@ -16,7 +16,7 @@ once and measured in turn per round, h2load at 64 and 512 streams, W1 (one Crite
 Every record gives answered calls/s (DATA bytes over one answer's frame, so admission refusals do not
 count), CPU ms per answered call of the server's processes, and ratios to the echo of the same round;
 then the medians. Then, for native and serve_triton, gateway_load's open loop (h2load's rate
-mode plus a Python probe that sees each status) at half the server's median maximum (512 streams), for
+mode plus the native probe that sees each status) at half the server's median maximum (512 streams), for
 p99, and at twice it: goodput, accepted p99, and how fast and with which code refusals come. The
 native frontend admits by expected queue wait (`--native-args`, default `--max-queue-wait-ms 20`: about
 400 queued W1 requests with 2 workers, or 6 W2 ones) and refuses RESOURCE_EXHAUSTED at arrival.
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak = statistics.median(r["requests_per_s"] for r in figures[(server, 512)])
                 for phase, rate in (("half", peak / 2), ("2x", peak * 2)):
                     r = rate_phase(run, address, method, pool, rate)
-                    probe, h2 = r["python_probe"], r["h2load"]
+                    probe, h2 = r["probe"], r["h2load"]
                     emit({**common, "server": server, "phase": f"open_{phase}", "max_per_s": peak,
                           "p99_ms": h2.get("p99_ms"), "goodput_vs_max": round(r.get("goodput_per_s", 0) / peak, 3),
                           "accepted_p99_ms": probe["p99_ms"] if probe["ok"] else None,

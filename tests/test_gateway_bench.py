@@ -1,6 +1,6 @@
 """The gateway benchmark's own arithmetic: h2load's summary and rate log read right, refusals told from
-answers by DATA bytes (h2load reports HTTP 200 for both), and issue 12's targets judged with the bounds'
-direction."""
+answers by DATA bytes (h2load reports HTTP 200 for both), issue 12's targets judged with the bounds'
+direction, and the native probe (probe.cc) sending on schedule and telling answers from refusals."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import argparse
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks.gateway_load import Run, targets
 from benchmarks.h2 import parse, rate_result
+from benchmarks.native_floor import start_binary
+from benchmarks.probe import open_loop
+from benchmarks.probe import parse as parse_probe
+from inference_gateway.loadgen import METHOD
+from inference_gateway.native.build import build
+from protos.process import free_port, stop_all
 
 SUMMARY = """finished in 3.00s, 5201.67 req/s, 1.02MB/s
 requests: 15605 total, 15605 started, 15605 done, 15605 succeeded, 0 failed, 0 errored, 0 timeout
@@ -56,3 +64,26 @@ def test_targets_judge_each_bound_in_its_direction():
     assert t["cpu_vs_echo"]["value"] == 0.667 and t["cpu_vs_echo"]["pass"] is False
     assert t["half_p99_ms"]["pass"] is True and t["overload_refusal_p99_ms"]["pass"] is False
     assert t["w2_vs_in_process_2t"] == {"value": None, "min": 0.8, "pass": None}  # not measured: no verdict
+
+
+def test_probe_output_is_read_into_open_loops_record():
+    r = parse_probe("sent 1000000\n0 2000\n8 1000\n0 4000\n8 3000\n3 500\n", 5.0, 1.0, 1)
+    assert r["ok"] == 2 and r["errors"] == {"RESOURCE_EXHAUSTED": 2, "INVALID_ARGUMENT": 1}
+    assert r["reject_ms_by_code"]["RESOURCE_EXHAUSTED"]["p50"] == 2.0 and 2.9 < r["reject_p99_ms"] <= 3.0
+    assert r["achieved_send_rate"] == 5.0 and r["rejected_share"] == 0.4 and r["client"] == "native_probe"
+    with pytest.raises(ValueError, match="unexpected output"):
+        parse_probe("usage: probe ...", 5.0, 1.0, 1)
+
+
+def test_probe_sends_on_schedule_and_times_answers_and_refusals(tmp_path: Path):
+    echo, port = start_binary([str(build()), "--echo"], tmp_path, 30)
+    try:
+        r = open_loop(f"127.0.0.1:{port}", METHOD, [b"", b"\x0a\x01x"], 400.0, 1.0, 1)
+        assert r["ok"] == 400 and r["errors"] == {} and 390 <= r["achieved_send_rate"] <= 410
+        assert r["p50_ms"] < 50
+    finally:
+        stop_all([echo], 10)
+    # nobody listens: every call fails UNAVAILABLE, counted and timed as a refusal
+    r = open_loop(f"127.0.0.1:{free_port()}", METHOD, [b""], 50.0, 1.0, 1, timeout_s=2.0)
+    assert r["ok"] == 0 and r["errors"] == {"UNAVAILABLE": 50} and r["rejected_share"] == 1.0
+    assert r["reject_ms_by_code"]["UNAVAILABLE"]["p99"] < 2500

@@ -1,5 +1,6 @@
 """Compiles serve-native's frontend (frontend.cc, on Debian's grpc++) once per source version, into the
-environment's own directory; `make install` runs it so the first start does not.
+environment's own directory; `make install` runs it so the first start does not. The benchmarks' native
+probe (benchmarks/probe.cc) is compiled the same way, on first use.
 
     python -m inference_gateway.native.build [--jemalloc]   # prints the binary's path
 
@@ -52,13 +53,15 @@ def _install_debian(packages: list[str]) -> str:
     return out
 
 
-def binary_path(build_dir: Path = BUILD_DIR) -> Path:
-    return Path(build_dir) / f"frontend-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+def binary_path(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
+    return Path(build_dir) / f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
 
-def build(build_dir: Path = BUILD_DIR) -> Path:
-    """The frontend binary for this frontend.cc, compiled if it is not there yet (written atomically)."""
-    out = binary_path(build_dir)
+def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
+    """The binary of `source` (the frontend's, or another grpc++ program such as the benchmarks' probe.cc),
+    compiled if it is not there for this version of the source yet (written atomically)."""
+    out = binary_path(build_dir, source)
+    what = "serve-native" if source == SOURCE else source.name
     if out.exists():
         return out
     flags, apt = _flags(), ""
@@ -66,15 +69,15 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
         apt = _install_debian(DEBIAN)
         flags = _flags()
     if flags is None:
-        raise BuildError(f"serve-native: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})"
+        raise BuildError(f"{what}: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})"
                          + (f"; apt-get said: {apt}" if apt else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    r = subprocess.run(["g++", "-O2", "-std=c++17", "-Wall", str(SOURCE), "-o", str(tmp), *flags, "-lpthread"],
+    r = subprocess.run(["g++", "-O2", "-std=c++17", "-Wall", str(source), "-o", str(tmp), *flags, "-lpthread"],
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise BuildError(f"serve-native: compiling {SOURCE.name} failed: {r.stderr[-3000:]}")
+        raise BuildError(f"{what}: compiling {source.name} failed: {r.stderr[-3000:]}")
     os.replace(tmp, out)
     return out
 
