@@ -45,7 +45,8 @@ code refused, nor how fast. The probe gives those: accepted p50/p99, each refusa
 (Until this probe a Python asyncio one did that; on cores saturated by h2load and the gateway its event loop
 ran tens of ms late, which it counted as the gateway's.) Goodput = h2load's estimated answers + the probe's,
 per second. W2's overload (tens of requests/s) needs no h2load: the native probe offers 2x alone. Without
-h2load (`--skip h2load`, or not installed) the Python client offers every rate.
+h2load (`--skip h2load`, or not installed) the Python client offers every W1 rate. The probe needs g++ and
+grpc++ (Debian packages, installed as root with apt-get when missing, as h2load is).
 
     python -m benchmarks.gateway_load [--frontend both|serve,serve-triton,serve-native] [--dtypes fp32,int8,int4]
         [--seconds 5] [--concurrency 64] [--skip echo,inprocess,w1,h2load,max,half,overload,stream,oip,predict,w2]
@@ -72,11 +73,13 @@ import torch
 
 from benchmarks.h2 import answered, ensure_h2load, h2load, h2load_with_cpu, rate_result, start_rate
 from benchmarks.probe import Probe
+from benchmarks.probe import binary as probe_binary
 from benchmarks.probe import open_loop as probe_open_loop
 from inference_gateway import proc_memory
 from inference_gateway.client import build_request
 from inference_gateway.loadgen import METHOD, OIP_METHOD, closed_loop, open_loop, stream_closed_loop
 from inference_gateway.model import ServingModel
+from inference_gateway.native.build import BuildError
 from inference_gateway.process import GatewayProcess, launch, launch_native, launch_triton
 from protos.model_config import ModelConfig
 from protos.package import load_package
@@ -305,10 +308,9 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
                 "python": r}
     probe_rate = min(PROBE_MAX_PER_S, rate / 10)
     frame = answer_frame_bytes(address, method, pool[0])
-    probe = Probe.start(address, method, pool, probe_rate, a.seconds, 1)
     proc, log = start_rate(address, method, pool[0], rate - probe_rate, a.seconds, run.workdir)
     try:
-        seen = probe.result()
+        seen = Probe.start(address, method, pool, probe_rate, a.seconds, 1).result()
     finally:
         h2 = rate_result(proc, log, a.seconds, frame)
     out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "h2load": h2, "probe": seen}
@@ -452,10 +454,9 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
             fig["w2_h2load_vs_in_process_2t"] = medians.get("h2load")
             emit({**base, "bench": "W2_median", "rounds": a.w2_rounds, "vs_in_process_2t": medians,
                   "each": ratios})
-            if "overload" not in skip:  # compute-bound overload: tens of requests/s, the Python client offers 2x
+            if "overload" not in skip:  # compute-bound overload: tens of requests/s, the native probe offers 2x
                 peak2 = statistics.median(rates)
-                r = (probe_open_loop(address, method, pool, peak2 * 2, a.seconds, 256) if run.use_h2load else
-                     {**asyncio.run(open_loop(address, pool, peak2 * 2, a.seconds, 256, method)), "client": "python"})
+                r = probe_open_loop(address, method, pool, peak2 * 2, a.seconds, 256)
                 fig["w2_overload_goodput_vs_max"] = round(r["requests_per_s"] / peak2, 3)
                 fig["w2_overload_accepted_p99_ms"] = r["p99_ms"] if r["ok"] else None
                 fig["w2_overload_refusal_p99_ms"] = r.get("reject_p99_ms")
@@ -559,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     name = json.loads((pkgs[dtypes[0]] / "manifest.json").read_text())["name"]
     pools = {"w1": request_pool(cfg, 1, 512), "w2": request_pool(cfg, 256, W2_POOL),
              "w1_oip": infer_pool(cfg, 1, 512, name), "w2_oip": infer_pool(cfg, 256, W2_POOL, name)}
+    if not {"half", "overload"} <= skip:
+        try:  # the open loops' probe: refused now, naming what to install, not after the first phases
+            probe_binary()
+        except BuildError as e:
+            raise SystemExit(f"gateway_load: the native probe cannot be built: {e}") from None
     run = Run(args, workdir, skip, ensure_h2load() is not None, {}, {})
     common = {"model": "criteo_kaggle", "cpus": os.cpu_count(), "h2load": run.use_h2load,
               "dense_quantization": args.dense_quantize}

@@ -17,12 +17,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from inference_gateway.loadgen import REFUSALS, stats
+from inference_gateway.loadgen import REFUSALS, refusal_label, stats
 from inference_gateway.native.build import build
 
 SOURCE = Path(__file__).resolve().parent / "probe.cc"
-NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
-REFUSAL_CODES = {c.value[0] for c in REFUSALS}
+CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def binary() -> Path:
@@ -30,28 +29,30 @@ def binary() -> Path:
 
 
 def parse(text: str, offered: float, seconds: float, batch: int) -> dict:
-    """probe.cc's output -> open_loop's record (latencies from each call's schedule)."""
+    """probe.cc's output -> open_loop's record: latencies from each call's schedule, refusals named by who
+    refused (`refusal_label`), rates over the time from the start to the last answer (as open_loop's)."""
     lines = text.split("\n")
     head = lines[0].split()
-    if len(head) != 2 or head[0] != "sent":
+    if len(head) != 3 or head[0] != "sent":
         raise ValueError(f"probe: unexpected output {text[:200]!r}")
-    sent_for = int(head[1]) / 1e6
+    sent_for, done = int(head[1]) / 1e6, int(head[2]) / 1e6
     lat: list[float] = []
     errors: dict[str, int] = {}
     refused: dict[str, list[float]] = {}
     for line in lines[1:]:
         if not line:
             continue
-        code, us = (int(x) for x in line.split())
-        if code == 0:
-            lat.append(us / 1e6)
+        number, us, details = [*line.split(" ", 2), ""][:3]
+        code = CODES.get(int(number), grpc.StatusCode.UNKNOWN)
+        if code == grpc.StatusCode.OK:
+            lat.append(int(us) / 1e6)
             continue
-        name = NAMES.get(code, str(code))
+        name = refusal_label(code, details)
         errors[name] = errors.get(name, 0) + 1
-        if code in REFUSAL_CODES:
-            refused.setdefault(name, []).append(us / 1e6)
+        if code in REFUSALS:
+            refused.setdefault(name, []).append(int(us) / 1e6)
     total = len(lat) + sum(errors.values())
-    out = {**stats(lat, errors, max(seconds, sent_for), batch), "client": "native_probe",
+    out = {**stats(lat, errors, max(done, 1e-9), batch), "client": "native_probe",
            "offered_per_s": round(offered, 1), "achieved_send_rate": round(total / max(sent_for, 1e-9), 1)}
     every = np.asarray([x for v in refused.values() for x in v]) * 1000
     if every.size:
@@ -78,16 +79,22 @@ class Probe:
     def start(cls, address: str, method: str, pool: list[bytes], rate: float, seconds: float, batch: int,
               timeout_s: float = 10.0) -> Probe:
         """Call i sends pool[i % len(pool)] at start + i / rate, with a deadline of timeout_s."""
+        exe = binary()  # BuildError (what to install) before anything is written
         with tempfile.NamedTemporaryFile("wb", suffix=".bodies", delete=False) as f:
             for body in pool:
                 f.write(struct.pack("<I", len(body)) + body)
-        cmd = [str(binary()), address, method, f.name, repr(rate), repr(seconds), str(max(1, round(timeout_s * 1000)))]
+        cmd = [str(exe), address, method, f.name, f"{float(rate):.9g}", f"{float(seconds):.9g}",
+               str(max(1, round(timeout_s * 1000)))]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return cls(proc, Path(f.name), rate, seconds, batch, timeout_s)
 
     def result(self) -> dict:
         try:
             out, err = self.proc.communicate(timeout=self.seconds + self.timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
         finally:
             self.bodies.unlink(missing_ok=True)
         if self.proc.returncode != 0:

@@ -22,22 +22,21 @@ REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, grpc.
 
 
 def refusal_name(e: grpc.aio.AioRpcError) -> str:
+    return refusal_label(e.code(), e.details() or "")
+
+
+def refusal_label(code: grpc.StatusCode, details: str) -> str:
     """The status code, and for RESOURCE_EXHAUSTED who refused: the gateway's admission (expected wait), its
     full queue, or gRPC's own limit on concurrent RPCs (--max-concurrent-rpcs); for UNAVAILABLE, whether
     Triton's queue was full on arrival or the request timed out in it."""
-    name = e.code().name
-    if e.code() == grpc.StatusCode.UNAVAILABLE:
-        details = e.details() or ""
-        for marker, who in (("Exceeds maximum queue size", "queue_full"), ("Request timeout expired", "queue_timeout")):
-            if marker in details:
-                return f"{name}:{who}"
-    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        details = e.details() or ""
-        for marker, who in (("expected queue wait", "admission"), ("queue full", "queue_full"),
-                            ("Concurrent RPC limit", "rpc_limit")):
-            if marker in details:
-                return f"{name}:{who}"
-    return name
+    markers = {grpc.StatusCode.UNAVAILABLE: (("Exceeds maximum queue size", "queue_full"),
+                                             ("Request timeout expired", "queue_timeout")),
+               grpc.StatusCode.RESOURCE_EXHAUSTED: (("expected queue wait", "admission"), ("queue full", "queue_full"),
+                                                    ("Concurrent RPC limit", "rpc_limit"))}
+    for marker, who in markers.get(code, ()):
+        if marker in details:
+            return f"{code.name}:{who}"
+    return code.name
 
 
 def stats(lat: list[float], errors: dict[str, int], elapsed: float, batch: int) -> dict:

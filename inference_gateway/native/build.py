@@ -28,7 +28,8 @@ BUILD_DIR = Path(sys.prefix) / "libexec" / "inference-gateway"
 
 
 class BuildError(RuntimeError):
-    """The frontend cannot be built here (what is missing, and how to install it)."""
+    """A grpc++ program (the frontend, the benchmarks' probe) cannot be built here (what is missing, and how to
+    install it)."""
 
 
 def _flags() -> list[str] | None:
