@@ -15,7 +15,7 @@ import enum
 import os
 import re
 
-MALLOCS = ("libjemalloc", "libtcmalloc")  # preloads that replace malloc: one allocator per process
+MALLOCS = ("libjemalloc", "libtcmalloc", "libmimalloc", "libtbbmalloc")  # preloads that replace malloc: one a process
 
 
 class Allocator(enum.Enum):
@@ -40,7 +40,7 @@ def preload(allocator: Allocator) -> str | None:
 
 
 def with_preload(env: dict[str, str], lib: str | None) -> dict[str, str]:
-    """`env` whose LD_PRELOAD names `lib` first (None: no malloc of its own) and no other malloc replacement:
+    """`env` whose LD_PRELOAD names `lib` first (None: glibc's malloc) and no other malloc replacement (MALLOCS):
     one inherited from the parent (a supervisor started under jemalloc) is dropped, so `--allocator glibc`
     means glibc; other preloads are kept. Children inherit it."""
     kept = [p for p in re.split(r"[:\s]+", env.get("LD_PRELOAD", ""))
