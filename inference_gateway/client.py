@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
-from protos.channels import open_channel
+from protos.channels import ChannelClient, open_channel
 from protos.security import bearer_metadata
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -59,7 +59,7 @@ def scores_of(resp: inference_pb2.PredictResponse) -> np.ndarray:
     return np.frombuffer(resp.scores.data, dtype=np.float32)
 
 
-class GatewayClient:
+class GatewayClient(ChannelClient):
     """`token`: the gateway's control-plane token (LoadModel, UnloadModel, SetDefaultVersion);
     `predict_token`: sent with Predict when the gateway requires one; `tls_cert` / `tls_key`: this
     client's certificate for a gateway that requires mutual TLS."""
@@ -73,15 +73,6 @@ class GatewayClient:
         self.channel = open_channel(address, tls_ca=tls_ca, max_message_bytes=max_message_bytes, tls_cert=tls_cert,
                                     tls_key=tls_key)
         self.stub = inference_pb2_grpc.InferenceGatewayStub(self.channel)
-
-    def __enter__(self) -> GatewayClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.channel.close()
 
     def predict(self, dense: Any, lengths: Any, values: Any, *, timeout: float | None = 30.0,
                 **kwargs: Any) -> np.ndarray:

@@ -8,7 +8,7 @@ is given the CA that signed the server's certificate (`protos.security` holds th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -40,3 +40,19 @@ def open_channel(address: str, *, tls_ca: str | None = None, max_message_bytes: 
         pair = {"private_key": read_pem(tls_key, "tls key"), "certificate_chain": read_pem(tls_cert, "tls cert")}
     creds = grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, "tls ca"), **pair)
     return grpc.secure_channel(address, creds, options=opts)
+
+
+class ChannelClient:
+    """A client of the project's services over one channel (`self.channel`, set by the subclass): `with`
+    closes it."""
+
+    channel: grpc.Channel
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()

@@ -8,28 +8,19 @@ from collections.abc import Iterator
 import grpc
 
 from protos import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from protos.channels import open_channel
+from protos.channels import ChannelClient, open_channel
 from protos.security import bearer_metadata
 
 pb = coordinator_pb2
 
 
-class CoordinatorClient:
+class CoordinatorClient(ChannelClient):
     def __init__(self, address: str, *, token: str | None = None, tls_ca: str | None = None,
                  timeout: float = 30.0, tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address, self.timeout = address, timeout
         self.channel = open_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self._auth = bearer_metadata(token) if token else ()
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> CoordinatorClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def get_plan(self, version: int = 0) -> tuple[pb.PlanRecord, dict[int, str]]:
         resp = self.stub.GetPlan(pb.GetPlanRequest(version=version), timeout=self.timeout)

@@ -10,7 +10,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
-from protos.channels import open_channel
+from protos.channels import ChannelClient, open_channel
 from protos.security import bearer_metadata
 
 FeatureSpec = str | tuple[str, int]
@@ -49,7 +49,7 @@ def _row_chunk(raw: bytes) -> tuple[embedding_shard_pb2.RowChunk, dict]:
     return wire.decode(raw, embedding_shard_pb2.RowChunk, _CHUNK_WEIGHTS, _CHUNK_STATES)
 
 
-class ShardClient:
+class ShardClient(ChannelClient):
     """`token`: the shard's control-plane bearer token, sent with Checkpoint, Restore, ExportRows,
     ImportRows, Prepare, PullRows, Commit and Abort (never with the hot Lookup / Update). `tls_cert` /
     `tls_key`: this client's certificate, for shards that require mutual TLS."""
@@ -71,15 +71,6 @@ class ShardClient:
         self._lookup = self.channel.unary_unary(f"{_SERVICE}/Lookup", response_deserializer=_lookup_result)
         self._update = self.channel.unary_unary(
             f"{_SERVICE}/Update", response_deserializer=embedding_shard_pb2.UpdateResponse.FromString)
-
-    def __enter__(self) -> ShardClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.channel.close()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
