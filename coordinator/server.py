@@ -10,7 +10,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from coordinator.rollout import RolloutSettings
 from coordinator.rollout_recovery import Recovered, RolloutRecovery
 from coordinator.service import MAX_WATCHERS, UNARY_CONCURRENCY, CoordinatorServicer
 from protos import coordinator_pb2, coordinator_pb2_grpc
+from protos.process import exit_now
 from protos.rejects import DecodeGuard, Rejects, quiet_grpc_decode_logs
 from protos.security import ControlPlaneAuth, TlsConfig, TokenRule, bind
 
@@ -172,6 +172,4 @@ def serve_forever(config: CoordinatorConfig) -> NoReturn:
         pass
     log.info("draining")
     running.stop()
-    sys.stdout.flush()
-    logging.shutdown()
-    os._exit(0)
+    exit_now(0)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from embedding_service.metrics import ShardMetrics
 from embedding_service.servicer import CONTROL_PLANE, ShardServicer, add_to_server
 from protos import embedding_shard_pb2
 from protos.channels import channel_options, open_channel
+from protos.process import exit_now
 from protos.rejects import DecodeGuard, Rejects, quiet_grpc_decode_logs
 from protos.security import CONTROL_TOKEN_ENV, ControlPlaneAuth, TlsConfig, TokenRule, bind, full_names, read_token
 
@@ -133,8 +133,4 @@ def serve_forever(config: ShardConfig) -> NoReturn:
         agent.stop()
     shard.stop(grace=30.0)
     log.info("shard %d stopped", config.assignment.shard_id)
-    sys.stdout.flush()
-    logging.shutdown()
-    # Everything is drained; skip the interpreter's join of idle gRPC/OpenMP worker threads, which
-    # can block exit indefinitely.
-    os._exit(0)
+    exit_now(0)

@@ -9,6 +9,7 @@ import sys
 import time
 
 from protos.cli_errors import quiet_library_info, run_command
+from protos.process import exit_now
 
 log = logging.getLogger("inference_gateway")
 
@@ -245,7 +246,6 @@ def _credentials(args: argparse.Namespace):
 
 def serve_triton_cmd(args: argparse.Namespace) -> int:
     import asyncio
-    import os
     from pathlib import Path
 
     from inference_gateway.allocator import Allocator
@@ -282,9 +282,7 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
         asyncio.run(run(cfg))
     except FrontendError as e:
         raise SystemExit(f"inference-gateway serve-triton: {e}") from None
-    sys.stdout.flush()
-    logging.shutdown()
-    os._exit(0)
+    exit_now(0)
 
 
 def serve_native_cmd(args: argparse.Namespace) -> int:

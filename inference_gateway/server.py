@@ -28,6 +28,7 @@ from inference_gateway.servicer import GatewayServicer
 from protos import inference_pb2_grpc
 from protos.channels import channel_options
 from protos.cli_errors import EXIT_REFUSED, REFUSED, one_line
+from protos.process import exit_now
 from protos.rejects import AioDecodeGuard, Rejects, quiet_grpc_decode_logs
 from protos.security import AioControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
 
@@ -139,7 +140,5 @@ def serve_forever(config: GatewayConfig) -> None:
         asyncio.run(run(config))
     except REFUSED as e:  # a package that does not load: one line, exit 2, not the event loop's teardown noise
         print(one_line("inference-gateway serve", str(e)), file=sys.stderr, flush=True)
-        os._exit(EXIT_REFUSED)
-    sys.stdout.flush()
-    logging.shutdown()
-    os._exit(0)  # drained; skip joining idle gRPC/OpenMP threads at interpreter exit
+        exit_now(EXIT_REFUSED)
+    exit_now(0)  # drained

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from protos.cli_errors import quiet_library_info, run_command
+from protos.process import exit_now
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,13 +161,9 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "done", "steps": result.steps, "last_step": result.last_step, "loss": result.loss,
                           "samples_per_s": result.samples_per_s}), flush=True)
     if settings.world > 1 or settings.transport == "collective":
-        # Everything is written, flushed and the process group destroyed; the interpreter's own teardown is
-        # skipped: with gloo's threads it can still abort ("terminate called without an active exception",
-        # SIGABRT after a complete run: once in a full suite run, test_trainer_equivalence's collective case)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)
+        # everything is written and the process group destroyed; gloo's threads can still abort the
+        # interpreter's teardown (once in a full suite run, test_trainer_equivalence's collective case)
+        exit_now(0)
     return 0
 
 
