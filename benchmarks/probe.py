@@ -19,9 +19,9 @@ import numpy as np
 
 from inference_gateway.loadgen import REFUSALS, refusal_label, stats
 from inference_gateway.native.build import build
+from protos.channels import STATUS_BY_NUMBER
 
 SOURCE = Path(__file__).resolve().parent / "probe.cc"
-CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def binary() -> Path:
@@ -43,7 +43,7 @@ def parse(text: str, offered: float, seconds: float, batch: int) -> dict:
         if not line:
             continue
         number, us, details = [*line.split(" ", 2), ""][:3]
-        code = CODES.get(int(number), grpc.StatusCode.UNKNOWN)
+        code = STATUS_BY_NUMBER.get(int(number), grpc.StatusCode.UNKNOWN)
         if code == grpc.StatusCode.OK:
             lat.append(int(us) / 1e6)
             continue

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
+from protos.channels import status_name
+
 METHOD = "/recsys.v1.InferenceGateway/Predict"
 STREAM_METHOD = "/recsys.v1.InferenceGateway/PredictStream"
-CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # PredictResponse.error.code -> name
 OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # pools of serialized ModelInferRequests
 REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 
@@ -169,7 +170,7 @@ async def stream_closed_loop(address: str, pool: list[bytes], streams: int, dept
                     if now >= warm_until:
                         measuring["on"] = True
                         if resp.error.code:
-                            name = CODE_NAMES.get(resp.error.code, str(resp.error.code))
+                            name = status_name(resp.error.code)
                             errors[name] = errors.get(name, 0) + 1
                         else:
                             lat.append(now - t0)

@@ -15,6 +15,15 @@ import grpc
 from protos.security import read_pem
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# gRPC's status codes by their wire number: what grpc-status, a PredictResponse's error.code and the native
+# frontend's counters carry
+STATUS_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_name(number: int) -> str:
+    """The name of the gRPC status code numbered `number` (the number itself when gRPC defines none)."""
+    code = STATUS_BY_NUMBER.get(number)
+    return code.name if code is not None else str(number)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:

@@ -53,6 +53,7 @@ from inference_gateway.prepared import Refused, Version, prepare, remove_image
 from inference_gateway.requests import RequestError
 from inference_gateway.versions import VersionTable
 from protos import inference_pb2, inference_pb2_grpc
+from protos.channels import status_name
 from protos.durable import write_file_atomic
 from protos.metrics import serve_metrics
 from protos.paths import PathRefused, status_of_oserror
@@ -61,7 +62,6 @@ from protos.rejects import DecodeGuard, Rejects
 from protos.security import ControlPlaneAuth, TlsConfig, TokenRule, bind, full_names
 
 log = logging.getLogger(__name__)
-CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 KILL_AFTER_S = 10.0  # how long past the grace a process told to stop (frontend, retired worker) has before SIGKILL
@@ -169,7 +169,7 @@ class NativeCollector(Collector):
                                   labels=["method", "code"])
         for method, codes in s.get("answered", {}).items():
             for code, n in codes.items():
-                req.add_metric([method, CODE_NAMES.get(int(code), code)], n)
+                req.add_metric([method, status_name(int(code))], n)
         yield req
         refused = CounterMetricFamily("gateway_admission_refusals", "requests answered RESOURCE_EXHAUSTED on "
                                       "arrival: expected queue wait past max_queue_wait_ms or the deadline")
