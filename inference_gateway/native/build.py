@@ -62,9 +62,9 @@ def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     """The binary of `source` (the frontend's, or another grpc++ program such as the benchmarks' probe.cc),
     compiled if it is not there for this version of the source yet (written atomically)."""
     out = binary_path(build_dir, source)
-    what = "serve-native" if source == SOURCE else source.name
     if out.exists():
         return out
+    what = "serve-native" if source == SOURCE else source.name
     flags, apt = _flags(), ""
     if flags is None and os.geteuid() == 0 and shutil.which("apt-get"):
         apt = _install_debian(DEBIAN)
