@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from inference_gateway.native.build import install_debian
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def ensure_h2load() -> str | None:
     """h2load (Debian's nghttp2-client), installed with apt-get when missing and running as root."""
     if shutil.which("h2load") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "nghttp2-client"], capture_output=True, check=False)
+        install_debian(["nghttp2-client"])
     return shutil.which("h2load")
 
 

@@ -40,7 +40,7 @@ def _flags() -> list[str] | None:
     return r.stdout.split() if r.returncode == 0 else None
 
 
-def _install_debian(packages: list[str]) -> str:
+def install_debian(packages: list[str]) -> str:
     """apt-get install `packages` (after an `apt-get update` if the first try fails); the tail of its output."""
     out = ""
     for update in (False, True):
@@ -67,7 +67,7 @@ def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     what = "serve-native" if source == SOURCE else source.name
     flags, apt = _flags(), ""
     if flags is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        apt = _install_debian(DEBIAN)
+        apt = install_debian(DEBIAN)
         flags = _flags()
     if flags is None:
         raise BuildError(f"{what}: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})"
@@ -89,7 +89,7 @@ def ensure_jemalloc() -> tuple[str | None, str]:
     run on glibc's malloc), and what apt-get said."""
     found, apt = preload(Allocator.AUTO), ""
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        apt = _install_debian(RUNTIME_DEBIAN)
+        apt = install_debian(RUNTIME_DEBIAN)
         found = preload(Allocator.AUTO)
     return found, apt
 
