@@ -18,7 +18,8 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
   max       h2load at --max-concurrency (512): the gateway's own W1 maximum (at 64 in flight a batching
             server is latency-bound: serve-triton answered ~1.9x its C=64 rate when offered more).
   half, overload  open loop at half and at twice the gateway's own maximum (the largest W1 figure;
-            h2load's count answered calls only, estimated from DATA bytes).
+            h2load's count answered calls only, estimated from DATA bytes), each with `cores`: the CPU the
+            load generator (h2load + the probe) and the gateway's processes took per second of the phase.
   stream    W1 over PredictStream (serve-triton: its --predict-port).
   oip       serve: W1 over the Open Inference Protocol on the same port (serve-triton's W1 is OIP already).
   predict   serve-triton: W1 Predict through its --predict-port (serve's W1 is Predict already).
@@ -59,11 +60,12 @@ import asyncio
 import itertools
 import json
 import os
+import resource
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +73,7 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.h2 import answered, ensure_h2load, h2load, h2load_with_cpu, rate_result, start_rate
+from benchmarks.h2 import TICK, answered, cpu_ticks, ensure_h2load, h2load, h2load_with_cpu, rate_result, start_rate
 from benchmarks.probe import Probe
 from benchmarks.probe import binary as probe_binary
 from benchmarks.probe import open_loop as probe_open_loop
@@ -298,9 +300,13 @@ def answer_frame_bytes(address: str, method: str, request: bytes) -> int:
     raise RuntimeError(f"{address}{method}: every call refused for 10 s")
 
 
-def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: float) -> dict:
+def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: float,
+               pids: Sequence[int] = ()) -> dict:
     """Open loop at `rate` requests/s: h2load's rate mode plus the native probe beside it (module docstring),
-    or the Python client alone without h2load."""
+    or the Python client alone without h2load. With h2load, `cores`: how the host's cores were shared over the
+    phase, CPU-seconds per second of the load generator (h2load and the probe) and of the server's processes
+    `pids` (in all, and by kind: cpu_ticks). They run on the same cores; at 2x overload the server's share
+    goes to answers and to refusals, each of which costs a whole gRPC call."""
     a = run.args
     if not run.use_h2load:
         r = asyncio.run(open_loop(address, pool, rate, a.seconds, 1, method))
@@ -308,28 +314,42 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
                 "python": r}
     probe_rate = min(PROBE_MAX_PER_S, rate / 10)
     frame = answer_frame_bytes(address, method, pool[0])
+    t0, children, server = time.monotonic(), _children_cpu_s(), cpu_ticks(list(pids))
     proc, log = start_rate(address, method, pool[0], rate - probe_rate, a.seconds, run.workdir)
     try:
         seen = Probe.start(address, method, pool, probe_rate, a.seconds, 1).result()
     finally:
-        h2 = rate_result(proc, log, a.seconds, frame)
-    out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "h2load": h2, "probe": seen}
+        h2 = rate_result(proc, log, a.seconds, frame)  # both generators are waited for: in RUSAGE_CHILDREN now
+    wall = time.monotonic() - t0
+    cores = {"generator": round((_children_cpu_s() - children) / wall, 2)}
+    if pids:
+        by = {k: (v - server.get(k, 0)) / TICK / wall for k, v in cpu_ticks(list(pids)).items()}
+        cores["server"] = round(sum(by.values()), 2)
+        cores["server_by_process"] = {k: round(v, 2) for k, v in by.items()}
+    out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "h2load": h2, "probe": seen,
+           "cores": cores}
     if "ok_estimated" in h2:
         out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + seen["requests_per_s"], 1)
     return out
 
 
+def _children_cpu_s() -> float:
+    """CPU-seconds of this process's children that have exited and been waited for."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def open_phases(run: Run, base: dict, key: tuple[str, str], address: str, method: str, pool: list[bytes],
-                peak: float) -> None:
+                peak: float, pids: Sequence[int] = ()) -> None:
     """W1 open loop at half the gateway's maximum (latency) and at twice it (overload)."""
     fig = run.figures[key]
     if "half" not in run.skip:
-        r = rate_phase(run, address, method, pool, peak / 2)
+        r = rate_phase(run, address, method, pool, peak / 2, pids)
         p99 = r["h2load"].get("p99_ms") if "h2load" in r else r["python"]["p99_ms"]
         fig["half_p99_ms"] = p99
         emit({**base, "bench": "W1_open_half_max", "max_per_s": peak, "p99_ms": p99, **r, "loadavg": _load()})
     if "overload" not in run.skip:
-        r = rate_phase(run, address, method, pool, peak * 2)
+        r = rate_phase(run, address, method, pool, peak * 2, pids)
         py = r.get("probe", r.get("python"))
         rec = {**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r}
         if r.get("goodput_per_s") is not None:
@@ -410,7 +430,7 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
                       "h2load_max": r.get("h2load_max", {}).get("answered_per_s", 0.0)}
             who = max(maxima, key=maxima.__getitem__)
             peak = maxima[who]
-            open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak)
+            open_phases(run, {**base, "max_from": who}, (frontend, q), address, method, pool, peak, pids)
         if "stream" not in skip:
             depth = max(1, a.concurrency // a.streams)
             r = asyncio.run(stream_closed_loop(ep.predict_address, pools["w1"], a.streams, depth, a.seconds, 1))

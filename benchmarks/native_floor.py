@@ -207,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             for server in ("native", "serve_triton"):
                 if server not in servers:
                     continue
-                address, method, pool, _ = servers[server]
+                address, method, pool, pids = servers[server]
                 peak = statistics.median(r["requests_per_s"] for r in figures[(server, 512)])
                 for phase, rate in (("half", peak / 2), ("2x", peak * 2)):
-                    r = rate_phase(run, address, method, pool, rate)
+                    r = rate_phase(run, address, method, pool, rate, pids)
                     probe, h2 = r["probe"], r["h2load"]
                     emit({**common, "server": server, "phase": f"open_{phase}", "max_per_s": peak,
                           "p99_ms": h2.get("p99_ms"), "goodput_vs_max": round(r.get("goodput_per_s", 0) / peak, 3),

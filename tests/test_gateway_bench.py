@@ -1,6 +1,7 @@
 """The gateway benchmark's own arithmetic: h2load's summary and rate log read right, refusals told from
 answers by DATA bytes (h2load reports HTTP 200 for both), issue 12's targets judged with the bounds'
-direction, and the native probe (probe.cc) sending on schedule and telling answers from refusals."""
+direction, the native probe (probe.cc) sending on schedule and telling answers from refusals, and an open-loop
+phase saying how the cores were shared between the load generator and the server."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gateway_load import Run, targets
-from benchmarks.h2 import parse, rate_result
+from benchmarks.gateway_load import Run, rate_phase, targets
+from benchmarks.h2 import ensure_h2load, parse, rate_result
 from benchmarks.native_floor import start_binary
 from benchmarks.probe import open_loop
 from benchmarks.probe import parse as parse_probe
@@ -93,3 +94,20 @@ def test_probe_sends_on_schedule_and_times_answers_and_refusals(tmp_path: Path):
     r = open_loop(f"127.0.0.1:{free_port()}", METHOD, [b""], 50.0, 1.0, 1, timeout_s=2.0)
     assert r["ok"] == 0 and r["errors"] == {"UNAVAILABLE": 50} and r["rejected_share"] == 1.0
     assert r["reject_ms_by_code"]["UNAVAILABLE"]["p99"] < 2500
+
+
+def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
+    """rate_phase's `cores`: CPU-seconds per second of the load generator (h2load and the probe, this
+    process's waited-for children) and of the server's processes, here the native echo at 2,000 requests/s
+    (a few hundredths of a core each; a unit slip would read 100x, a missed wait 0)."""
+    assert ensure_h2load(), "h2load is missing: apt-get install nghttp2-client (done here when run as root)"
+    echo, port = start_binary([str(build()), "--echo"], tmp_path, 30)
+    try:
+        run = Run(argparse.Namespace(seconds=2.0), tmp_path, set(), True, {}, {})
+        r = rate_phase(run, f"127.0.0.1:{port}", METHOD, [b""], 2000.0, [echo.pid])
+    finally:
+        stop_all([echo], 10)
+    assert 1700 <= r["goodput_per_s"] <= 2100, r  # the echo answers every call
+    assert r["probe"]["ok"] > 0 and r["probe"]["errors"] == {}, r["probe"]
+    assert 0 < r["cores"]["generator"] < 1.5 and 0 < r["cores"]["server"] < 1.5, r["cores"]
+    assert sum(r["cores"]["server_by_process"].values()) == pytest.approx(r["cores"]["server"], abs=0.02)
