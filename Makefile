@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	# serve-native's frontend (grpc++; apt-get installs g++ and libgrpc++-dev when missing and run as root) and,
 	# with --jemalloc, libjemalloc2 the same way: both supervised gateways preload it into their serving processes
 	$(PY) -m inference_gateway.native.build --jemalloc
+	# h2load (Debian's nghttp2-client, apt-get as root when missing): the gateway benchmarks' native load generator
+	$(PY) -m benchmarks.h2
 	touch $@
 
 demo: install

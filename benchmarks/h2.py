@@ -141,3 +141,9 @@ def _ms(text: str) -> float:
         if text.endswith(unit):
             return round(float(text[: -len(unit)]) * scale, 3)
     return float(text)
+
+
+if __name__ == "__main__":  # make install: the benchmarks' (and their tests') load generator
+    found = ensure_h2load()
+    print(found or "h2load missing (apt-get install nghttp2-client, as root): the gateway benchmarks and "
+          "tests/test_gateway_bench.py need it")
