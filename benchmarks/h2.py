@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,8 @@ def _ms(text: str) -> float:
 
 
 if __name__ == "__main__":  # make install: the benchmarks' (and their tests') load generator
-    found = ensure_h2load()
-    print(found or "h2load missing (apt-get install nghttp2-client, as root): the gateway benchmarks and "
-          "tests/test_gateway_bench.py need it")
+    if (found := ensure_h2load()) is None:
+        print("h2load missing (apt-get install nghttp2-client, as root): the gateway benchmarks and "
+              "tests/test_gateway_bench.py need it", file=sys.stderr)
+    else:
+        print(found)
