@@ -73,7 +73,16 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.h2 import TICK, answered, cpu_ticks, ensure_h2load, h2load, h2load_with_cpu, rate_result, start_rate
+from benchmarks.h2 import (
+    answered,
+    cpu_seconds_since,
+    cpu_ticks,
+    ensure_h2load,
+    h2load,
+    h2load_with_cpu,
+    rate_result,
+    start_rate,
+)
 from benchmarks.probe import Probe
 from benchmarks.probe import binary as probe_binary
 from benchmarks.probe import open_loop as probe_open_loop
@@ -323,7 +332,7 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
     wall = time.monotonic() - t0
     cores = {"generator": round((_children_cpu_s() - children) / wall, 2)}
     if pids:
-        by = {k: (v - server.get(k, 0)) / TICK / wall for k, v in cpu_ticks(list(pids)).items()}
+        by = {k: v / wall for k, v in cpu_seconds_since(server, list(pids)).items()}
         cores["server"] = round(sum(by.values()), 2)
         cores["server_by_process"] = {k: round(v, 2) for k, v in by.items()}
     out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "h2load": h2, "probe": seen,

@@ -45,6 +45,11 @@ def cpu_ticks(pids: list[int]) -> dict[str, int]:
     return out
 
 
+def cpu_seconds_since(before: dict[str, int], pids: list[int]) -> dict[str, float]:
+    """CPU-seconds per kind of process that `pids` spent since `before` (a `cpu_ticks` of them)."""
+    return {k: (v - before.get(k, 0)) / TICK for k, v in cpu_ticks(pids).items()}
+
+
 def _body(body: bytes, workdir: Path) -> Path:
     path = workdir / f"body-{abs(hash(body))}.bin"
     path.write_bytes(b"\0" + struct.pack(">I", len(body)) + body)  # one gRPC message frame
@@ -97,8 +102,7 @@ def h2load_with_cpu(address: str, method: str, body: bytes, concurrency: int, se
     (estimated from DATA bytes when `ok_frame_bytes` is given, so refusals do not dilute it)."""
     before = cpu_ticks(pids)
     r = answered(h2load(address, method, body, concurrency, seconds, workdir), ok_frame_bytes)
-    after = cpu_ticks(pids)
-    spent = {k: (after[k] - before.get(k, 0)) / TICK for k in after}
+    spent = cpu_seconds_since(before, pids)
     n = r.get("ok_estimated", r.get("ok"))
     if n:
         r["cpu_s_per_1000"] = round(sum(spent.values()) / n * 1000, 4)
