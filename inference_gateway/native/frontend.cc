@@ -502,8 +502,8 @@ class Unary : public grpc::Service {
     int index = 0;
     for (int m = 0; m < kForwarded + 2; ++m) {
       if (m == kStream) continue;
-      std::string path = m < kForwarded ? kMethods[m].path : std::string("/inference.GRPCInferenceService/") + kLocal[m - kForwarded];
-      paths_.push_back(path);
+      paths_.push_back(m < kForwarded ? kMethods[m].path
+                                      : std::string("/inference.GRPCInferenceService/") + kLocal[m - kForwarded]);
       AddMethod(new grpc::internal::RpcServiceMethod(paths_.back().c_str(), grpc::internal::RpcMethod::NORMAL_RPC,
                                                      nullptr));
       MarkMethodRawCallback(index++, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
@@ -526,9 +526,10 @@ class Call : public grpc::ServerGenericBidiReactor {
   void OnReadDone(bool) override {
     arrived();
     int code = cfg.echo ? 0 : 12;
-    std::string why = cfg.echo ? std::string() : "method " + ctx_->method() + " is not served by serve-native (it serves "
-        "recsys.v1.InferenceGateway's Predict and PredictStream, inference.GRPCInferenceService, grpc.health.v1.Health "
-        "and, with its table, grpc.reflection)";
+    std::string why = cfg.echo ? std::string()
+                               : "method " + ctx_->method() + " is not served by serve-native (it serves "
+                                 "recsys.v1.InferenceGateway's Predict and PredictStream, inference.GRPCInferenceService, "
+                                 "grpc.health.v1.Health and, with its table, grpc.reflection)";
     ++answered[kCounted - 1][code];
     if (cfg.access_log) {
       Access a;
