@@ -15,7 +15,7 @@ import torch
 from inference_gateway.batching import merge
 from inference_gateway.client import build_request
 from inference_gateway.model import ServingModel
-from inference_gateway.native.predict_batch import decode_batch, predict_response
+from inference_gateway.native.predict_batch import decode_batch, predict_response, predict_responses
 from inference_gateway.requests import Limits, RequestError, decode
 from protos import common_pb2, inference_pb2
 from protos.package import load_package
@@ -98,3 +98,16 @@ def test_the_written_response_is_byte_equal_to_protobufs(samples):
             got = predict_response(inference_pb2.PredictRequest(request_id=rid),
                                     SimpleNamespace(name=name, version=version), scores)
             assert got == want, (samples, rid, name, version)
+
+
+@pytest.mark.parametrize("sizes", [[1] * 33, [1, 3, 1, 2]])
+def test_a_batchs_answers_are_each_requests_own(sizes):
+    """predict_responses (one score conversion for a batch of one-sample requests) writes what
+    predict_response writes for each request alone, with each request's own scores and request_id."""
+    scores = np.random.default_rng(len(sizes)).random(sum(sizes), dtype=np.float32)
+    reqs = [inference_pb2.PredictRequest(request_id="" if i % 3 == 0 else f"id-{i}", dense=common_pb2.Tensor(
+        dtype=common_pb2.FLOAT32, shape=[b, 4], data=bytes(16 * b))) for i, b in enumerate(sizes)]
+    m = SimpleNamespace(name="dlrm", version=7)
+    starts = np.cumsum([0, *sizes])
+    assert predict_responses(reqs, m, scores) == [
+        predict_response(r, m, scores[a:e]) for r, a, e in zip(reqs, starts, starts[1:], strict=False)]

@@ -113,3 +113,28 @@ def predict_response(r: inference_pb2.PredictRequest, m: ServingModel, scores: n
         enc = rid.encode()
         out += b"\x22" + _varint(len(enc)) + enc
     return out
+
+
+_ONE_SCORE = b"\x0a\x0b\x08\x01\x12\x01\x01\x1a\x04"  # scores = Tensor{FLOAT32, shape [1], 4 data bytes}
+
+
+def predict_responses(reqs: list[inference_pb2.PredictRequest], m: ServingModel, scores: np.ndarray) -> list[bytes]:
+    """Each request's PredictResponse for a batch scored together (`scores` in request order), byte-equal to
+    `predict_response`'s. When every request has one sample (W1) the scores are converted once and each
+    answer is a few byte joins (~0.3 us instead of ~1.6)."""
+    if len(scores) != len(reqs):  # a request has several samples (each has at least one)
+        out, at = [], 0
+        for r in reqs:
+            b = r.dense.shape[0]
+            out.append(predict_response(r, m, scores[at:at + b]))
+            at += b
+        return out
+    data, tail, out = scores.astype(np.float32, copy=False).tobytes(), _response_tail(m.name, m.version), []
+    for i, r in enumerate(reqs):
+        answer = _ONE_SCORE + data[4 * i:4 * i + 4] + tail
+        rid = r.request_id
+        if rid:
+            enc = rid.encode()
+            answer += b"\x22" + _varint(len(enc)) + enc
+        out.append(answer)
+    return out

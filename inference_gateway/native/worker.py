@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from inference_gateway import oip
 from inference_gateway.batching import merge
 from inference_gateway.model import ServingModel
-from inference_gateway.native.predict_batch import decode_batch, predict_response
+from inference_gateway.native.predict_batch import decode_batch, predict_response, predict_responses
 from inference_gateway.requests import Limits, RequestError, decode
 from inference_gateway.versions import VersionTable
 from protos import inference_pb2
@@ -127,15 +127,15 @@ class Worker:
         request needs the request-by-request path."""
         try:
             reqs = [inference_pb2.PredictRequest.FromString(b) for _, b in items]
-            models = {id(m): m for m in (self.table.resolve(r.model, r.version) for r in reqs)}
+            models = {id(m): m for m in (self.table.resolve(*k) for k in {(r.model, r.version) for r in reqs})}
             if len(models) != 1:
                 return False
             [model] = models.values()
             whole = decode_batch(reqs, model, self.limits)
             if whole is None:
                 return False
-            _scored(out, [Scoring(i, model, r.dense.shape[0], lambda s, r=r: predict_response(r, model, s))
-                          for i, r in enumerate(reqs)], model, merge([whole]))
+            for i, answer in enumerate(predict_responses(reqs, model, model.scores(*merge([whole])).numpy())):
+                out[i] = (0, answer)
             return True
         except Exception:  # RequestError or worse: the per-request path says which request and why
             return False
