@@ -405,6 +405,24 @@ def test_frontend_and_workers_run_on_jemalloc(gw):
         assert "libjemalloc" in Path(f"/proc/{pid}/maps").read_text(), pid
 
 
+def policies(pid: int) -> dict[str, set[int]]:
+    """Thread name -> the scheduling policies of a process's threads of that name."""
+    out: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out.setdefault((task / "comm").read_text().strip(), set()).add(os.sched_getscheduler(int(task.name)))
+    return out
+
+
+def test_the_dispatchers_run_under_sched_batch_and_grpcs_threads_do_not(gw):
+    """--frontend-scheduling batch (the default): the frontend's dispatcher threads (one per worker) are
+    SCHED_BATCH, so a woken dispatcher does not preempt a worker's batch; gRPC's threads, which refuse
+    overload, and the workers keep the default policy."""
+    threads = policies(gw.announced["frontend_pid"])
+    assert threads.pop("dispatcher") == {os.SCHED_BATCH}, threads
+    assert len(threads) > 2 and set().union(*threads.values()) == {os.SCHED_OTHER}, threads
+    assert {os.sched_getscheduler(p) for p in workers(gw)} == {os.SCHED_OTHER}
+
+
 def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):
     s = stub(gw)
     req = build_request(*ragged(2, 9))

@@ -49,7 +49,8 @@ def gw(store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native-mgmt")
     (tmp / "control.token").write_text(TOKEN + "\n")
     g = launch_native(["--model", "v1", "--model-store", str(store), "--workers", str(WORKERS),
-                       "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1", "--allocator", "glibc"],
+                       "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1", "--allocator", "glibc",
+                       "--frontend-scheduling", "normal"],
                       workdir=tmp / "gw", env=INHERITED)
     yield g
     g.kill()
@@ -73,6 +74,13 @@ def test_allocator_glibc_preloads_nothing_even_when_the_supervisor_inherited_jem
     assert gw.announced["allocator"] == "glibc"
     for pid in (gw.announced["frontend_pid"], *workers(gw)):
         assert "libjemalloc" not in Path(f"/proc/{pid}/maps").read_text(), pid
+
+
+def test_frontend_scheduling_normal_leaves_every_thread_on_sched_other(gw):
+    """The default (dispatchers under SCHED_BATCH, tests/test_native_gateway.py) is a choice the operator can undo."""
+    tasks = list(Path(f"/proc/{gw.announced['frontend_pid']}/task").iterdir())
+    assert sum((t / "comm").read_text().strip() == "dispatcher" for t in tasks) == WORKERS
+    assert {os.sched_getscheduler(int(t.name)) for t in tasks} == {os.SCHED_OTHER}
 
 
 def test_control_rpcs_need_the_token_and_refusals_change_nothing(gw, store):
