@@ -157,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "at 512 streams (the same at 64); auto: jemalloc when installed (libjemalloc2, which make "
                    "install adds as root with apt-get), else glibc")
     n.add_argument("--frontend-scheduling", choices=("batch", "normal"), default="batch", help="Linux scheduling "
-                   "policy of the native frontend's dispatcher threads (one per worker: they hand it batches and "
-                   "answer its calls). batch (SCHED_BATCH, no privilege needed): a dispatcher woken by a worker's "
-                   "reply does not preempt another worker's batch, which on 2 cores cut the CPU per W1 request by "
-                   "~15%% (gRPC's threads, which refuse overload, keep SCHED_OTHER); normal: SCHED_OTHER")
+                   "policy of the native frontend's dispatcher threads (one per worker: each hands its worker "
+                   "batches and answers the batch's calls). batch (SCHED_BATCH, no privilege needed): a dispatcher "
+                   "woken by a worker's reply does not preempt another worker's batch, which on 2 cores cut the CPU "
+                   "per W1 request by ~15%% (gRPC's threads, which refuse overload, keep SCHED_OTHER); normal: "
+                   "SCHED_OTHER")
     n.add_argument("--log-level", default="INFO")
     pr = sub.add_parser("predict", help="send requests from a JSON-lines file; prints scores",
                         description='Each line: {"dense": [[...]], "sparse": {"feature": [[ids], ...]}, '
