@@ -3,7 +3,7 @@
 // dispatcher thread per connected Python worker (unix socket) hands that worker whole batches (at most
 // --max-batch requests and --max-batch-bytes, waiting at most --max-delay-us for more) and answers each
 // call from the worker's reply. Why native: a Python gRPC server spends ~0.3 ms of CPU per unary call
-// before any model work; grpc++ spends ~25 us (benchmarks/gateway_frontend.md).
+// before any model work; grpc++ spends ~15 us on its unary path (benchmarks/gateway_frontend.md).
 //
 // Workers connect at any time (the supervisor replaces one that dies); gRPC health (the default health
 // service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. The
