@@ -250,7 +250,7 @@ static int admit(Sink* sink, int method, std::string body, Clock::time_point dea
 
 // `authorization: Bearer <--predict-token-file's token>` on Predict, PredictStream and ModelInfer: 0, or the
 // status code with `refusal` set.
-static int check_token(const grpc::ServerContextBase& ctx, const std::string& path, std::string* refusal) {
+static int check_token(const grpc::ServerContextBase& ctx, const char* path, std::string* refusal) {
   if (cfg.token.empty()) return 0;
   auto& md = ctx.client_metadata();
   auto it = md.find("authorization");
@@ -260,8 +260,8 @@ static int check_token(const grpc::ServerContextBase& ctx, const std::string& pa
   for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   std::string given = space == std::string::npos ? std::string() : value.substr(space + 1);
   while (!given.empty() && (given.back() == ' ' || given.back() == '\t')) given.pop_back();
-  if (scheme != "bearer" || given.empty()) { *refusal = "missing bearer token for " + path; return 16; }
-  if (!same(given, cfg.token)) { *refusal = "wrong bearer token for " + path; return 7; }
+  if (scheme != "bearer" || given.empty()) { *refusal = std::string("missing bearer token for ") + path; return 16; }
+  if (!same(given, cfg.token)) { *refusal = std::string("wrong bearer token for ") + path; return 7; }
   return 0;
 }
 
@@ -564,7 +564,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
  public:
   explicit StreamCall(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) {
     std::string refusal;
-    int denied = check_token(*ctx_, ctx_->method(), &refusal);
+    int denied = check_token(*ctx_, ctx_->method().c_str(), &refusal);
     if (denied) {
       arrived();
       ++answered[kStream][denied];
