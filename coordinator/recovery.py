@@ -54,10 +54,24 @@ class JobSupervisor:
         self._stop.set()
 
     def dead_shards(self) -> list[int]:
-        """Shards the current plan needs whose member missed its lease (or never registered)."""
+        """Shards the current plan needs whose process exited (seen at once, as the Kubernetes supervisor
+        sees a deleted pod) or whose member missed its lease (a frozen shard), or never registered.
+
+        The exit matters: trainers can fail on a killed shard within milliseconds (a refused connection
+        during a checkpoint), long before its lease runs out, and must not be taken for a failed job."""
         plan = self.client.get_plan()[0].plan
         alive = {m.id for m in self.client.members() if m.kind == pb.SHARD and m.state == pb.ALIVE}
-        return [i for i in range(plan.num_shards) if i not in alive]
+        exited = {i for i, p in self.shards.procs.items() if p.proc.poll() is not None}
+        return [i for i in range(plan.num_shards) if i not in alive or i in exited]
+
+    def _epochs(self) -> dict[int, int]:
+        """Each shard id's epoch: a replacement process registers with a higher one."""
+        return {m.id: m.epoch for m in self.client.members() if m.kind == pb.SHARD}
+
+    def _waiting(self, restarted: list[int], held: dict[int, int]) -> list[int]:
+        """Plan shards still dead, and restarted ones whose replacement has not registered (epoch unchanged)."""
+        epochs = self._epochs()
+        return sorted(set(self.dead_shards()) | {i for i in restarted if epochs.get(i, 0) <= held.get(i, 0)})
 
     def run(self, resume: bool = False) -> JobResult:
         self.trainers.start(resume=resume)
@@ -70,7 +84,7 @@ class JobSupervisor:
             if code is not None:
                 if code == 0:
                     return JobResult(self.restarts, self.recovered)
-                time.sleep(2 * self.poll_s)  # a shard that just died may not have missed its lease yet
+                time.sleep(2 * self.poll_s)  # a shard process that exited just now may not be reaped yet
                 if not self.dead_shards():
                     raise JobFailed(f"trainers exited with code {code}, every shard alive:\n"
                                     f"{self.trainers.stderr_tail()}")
@@ -86,13 +100,15 @@ class JobSupervisor:
         plan = self.client.get_plan()[0].plan
         has_checkpoint = self.checkpoint_dir is not None and (self.checkpoint_dir / "LATEST").exists()
         # no checkpoint yet: every shard starts over from the seeded initial rows
-        for shard in dead if has_checkpoint else range(plan.num_shards):
+        restarted = list(dead) if has_checkpoint else list(range(plan.num_shards))
+        held = self._epochs()  # a killed shard's record can look ALIVE until its lease runs out
+        for shard in restarted:
             self.shards.start(shard, plan)
         self.recovered.extend(dead)
         deadline = time.monotonic() + self.wait_s
-        while self.dead_shards():
+        while waiting := self._waiting(restarted, held):
             if time.monotonic() > deadline:
-                raise JobFailed(f"replacement shards {self.dead_shards()} did not register within {self.wait_s} s")
+                raise JobFailed(f"replacement shards {waiting} did not register within {self.wait_s} s")
             time.sleep(self.poll_s)
         log.info("replacement shards registered; trainers resume from %s",
                  "the last checkpoint" if has_checkpoint else "step 0")

@@ -32,7 +32,7 @@ from embedding_service.resharding import (
 )
 from embedding_service.steps import StepGroup, StepScheduler
 from embedding_service.tables import ShardTables
-from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, wire
+from protos import codec, common_pb2, embedding_shard_pb2, embedding_shard_pb2_grpc, failpoints, wire
 from protos.paths import PathRefused, confine, ensure_root, status_of_oserror
 from protos.rejects import UNDECODABLE, Rejects
 
@@ -324,6 +324,7 @@ class ShardServicer(embedding_shard_pb2_grpc.EmbeddingShardServicer):
         self._check_version(request.plan_version)
         self._check_writable("Checkpoint")
         directory = self._directory(request.directory)
+        failpoints.hit("shard.checkpoint")
         with self.steps.cond:
             if self.steps.handles:
                 log.warning("checkpoint with %d lookups awaiting updates; it holds the applied state",

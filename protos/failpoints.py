@@ -16,6 +16,7 @@ Unset (production), `hit()` is one dict lookup on an empty dict. The failpoints 
   rollout.migrating     the fence step and phase MIGRATING are logged; before the first pull
   rollout.after_flip    store.commit_rollout made the new plan current; no shard committed
   rollout.commit_shard  one shard committed the new plan (others may not have yet)
+  shard.checkpoint      a shard took a Checkpoint request; nothing of it written yet
 """
 
 from __future__ import annotations

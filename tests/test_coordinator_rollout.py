@@ -5,11 +5,12 @@ and nothing is lost; a shard killed during training is recovered from the last c
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
 from coordinator.recovery import JobSupervisor
-from protos import coordinator_pb2
+from protos import coordinator_pb2, failpoints
 from protos.coordinator_client import final
 from tests.coordinated import PLAN1, PLAN2, assert_equals_reference
 
@@ -85,6 +86,37 @@ def test_shard_killed_during_training_recovers_from_the_checkpoint(job_factory, 
         runner.join(timeout=30)
     assert result["r"].restarts >= 1 and 1 in result["r"].recovered_shards  # (a loaded machine may add one)
     assert (ckpt / "LATEST").exists()
+    assert_equals_reference(job, steps)
+
+
+def test_shard_killed_during_a_checkpoint_is_recovered_before_its_lease_runs_out(job_factory, tmp_path, monkeypatch):
+    """kill -9 while rank 0 checkpoints: the trainers can fail within milliseconds, long before the shard's
+    4 s lease runs out. The supervisor sees the exited process, waits for the replacement to register (the
+    dead one's record still reads ALIVE), and the job ends as if uninterrupted; CI once read this moment as
+    "trainers exited, every shard alive"."""
+    monkeypatch.setenv(failpoints.ENV, "shard.checkpoint=sleep(0.3)")  # each shard's part takes >= 0.3 s
+    steps = 240
+    job = job_factory(standby=0)
+    ckpt = tmp_path / "ckpt"
+    trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40", start=False)
+    supervisor = JobSupervisor(job.client, job.shards, trainers, checkpoint_dir=ckpt, poll_s=0.1)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(r=supervisor.run()))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not (ckpt / ".step-79.tmp" / "shard-0" / "manifest.json").exists():  # shard 1's part is next
+            assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint of step 79"
+            time.sleep(0.005)
+        job.shards.procs[1].kill()
+        runner.join(timeout=300)
+        assert not runner.is_alive()
+    finally:
+        supervisor.stop()
+        runner.join(timeout=30)
+    assert "r" in result, "the supervisor failed (its exception is in the warnings above)"
+    assert result["r"].restarts >= 1 and 1 in result["r"].recovered_shards
+    assert (ckpt / "LATEST").read_text() == f"step-{steps - 1}"
     assert_equals_reference(job, steps)
 
 

@@ -34,7 +34,9 @@ class Resumed:
 
 def save(trainer: ShardedTrainer, root: str | Path, step: int, data_position: int) -> Path:
     """Call on rank 0 at a step boundary, after every trainer's update of `step` was applied. Shards are
-    sent absolute paths (inside their --checkpoint-root, which must contain `root`)."""
+    sent absolute paths (inside their --checkpoint-root, which must contain `root`). A shard that fails
+    raises ShardCallFailed naming it (after the transport's retries); LATEST still names the last complete
+    checkpoint."""
     root = Path(root).absolute()
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -44,7 +46,8 @@ def save(trainer: ShardedTrainer, root: str | Path, step: int, data_position: in
                tmp / "dense.pt")
     shards = {}
     for i, client in enumerate(trainer.transport.clients):
-        client.checkpoint(str(tmp / f"shard-{i}"), step=step)
+        trainer.transport.call(i, f"checkpoint of step {step}",
+                               lambda client=client, i=i: client.checkpoint(str(tmp / f"shard-{i}"), step=step))
         shards[str(i)] = file_sha256(tmp / f"shard-{i}" / "manifest.json")
     manifest = {"step": step, "data_position": data_position, "plan_version": trainer.router.plan.version,
                 "num_shards": len(trainer.transport.clients), "dense_sha256": file_sha256(tmp / "dense.pt"),
@@ -81,7 +84,8 @@ def restore(trainer: ShardedTrainer, path: str | Path) -> Resumed:
         if file_sha256(path / f"shard-{i}" / "manifest.json") != digest:
             raise CheckpointError(f"{path / f'shard-{i}' / 'manifest.json'}: sha256 mismatch")
     for i, client in enumerate(trainer.transport.clients):
-        client.restore(str(path / f"shard-{i}"))
+        trainer.transport.call(i, f"restore from {path.name}",
+                               lambda client=client, i=i: client.restore(str(path / f"shard-{i}")))
     return load_dense(trainer, path)
 
 

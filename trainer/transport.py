@@ -54,9 +54,11 @@ class GrpcTransport:
         for c in self.clients:
             c.close()
 
-    def _retry(self, shard: int, what: str, call: Callable[[], T]) -> T:
-        """Retries only UNAVAILABLE (the connection failed), with exponential backoff: a resent lookup or
-        update the shard already took is refused (FAILED_PRECONDITION / NOT_FOUND), never applied twice. Any
+    def call(self, shard: int, what: str, call: Callable[[], T]) -> T:
+        """One RPC to shard `shard` (`what` names it in errors: "lookup of step 7", "checkpoint of step 39").
+        Retries only UNAVAILABLE (the connection failed), with exponential backoff: a resent lookup or
+        update the shard already took is refused (FAILED_PRECONDITION / NOT_FOUND), never applied twice; a
+        resent checkpoint or restore writes or reads the same files again. Any
         other failure -- DEADLINE_EXCEEDED after `timeout_s` included (a partitioned or frozen shard: the
         request may have arrived) -- is final and raised as ShardCallFailed naming the shard."""
         delay = self.backoff_s
@@ -128,7 +130,7 @@ class Pending:
             self._future = None
             return fut.result()
 
-        return self.transport._retry(self.shard, self.what, call)
+        return self.transport.call(self.shard, self.what, call)
 
 
 class CollectiveError(RuntimeError):
