@@ -41,7 +41,8 @@ use) sends at a low rate (<= 100/s) beside it and times each call from its sched
 statuses, and gRPC answers a refusal with HTTP 200 too (grpc-status in trailers): from h2load we get the
 offered and completed rate, every request's latency from its own send (refused and answered mixed; a
 connection with all its streams in flight stops sending, so a server that neither answers nor refuses caps
-h2load's rate) and the answered count, estimated from DATA bytes (a refusal is trailers-only); not which
+h2load's rate: `sent_per_s` and `sent_vs_max` say what was sent, `offered_per_s` what was asked) and the
+answered count, estimated from DATA bytes (a refusal is trailers-only); not which
 code refused, nor how fast. The probe gives those: accepted p50/p99, each refusal code and its latency.
 (Until this probe a Python asyncio one did that; on cores saturated by h2load and the gateway its event loop
 ran tens of ms late, which it counted as the gateway's.) Goodput = h2load's estimated answers + the probe's,
@@ -324,7 +325,8 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
     probe_rate = min(PROBE_MAX_PER_S, rate / 10)
     frame = answer_frame_bytes(address, method, pool[0])
     t0, children, server = time.monotonic(), _children_cpu_s(), cpu_ticks(list(pids))
-    proc, log = start_rate(address, method, pool[0], rate - probe_rate, a.seconds, run.workdir)
+    proc, log = start_rate(address, method, pool[0], rate - probe_rate, a.seconds, run.workdir,
+                           streams=getattr(a, "rate_streams", 256))
     try:
         seen = Probe.start(address, method, pool, probe_rate, a.seconds, 1).result()
     finally:
@@ -337,6 +339,8 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
         cores["server_by_process"] = {k: round(v, 2) for k, v in by.items()}
     out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "h2load": h2, "probe": seen,
            "cores": cores}
+    if "requests_per_s" in h2:  # what was sent: less than offered once h2load's 4 x 256 streams are all in flight
+        out["sent_per_s"] = round(h2["requests_per_s"] + seen.get("achieved_send_rate", 0.0), 1)
     if "ok_estimated" in h2:
         out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + seen["requests_per_s"], 1)
     return out
@@ -363,6 +367,8 @@ def open_phases(run: Run, base: dict, key: tuple[str, str], address: str, method
         rec = {**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r}
         if r.get("goodput_per_s") is not None:
             rec["goodput_vs_max"] = fig["overload_goodput_vs_max"] = round(r["goodput_per_s"] / peak, 3)
+        if r.get("sent_per_s") is not None:
+            rec["sent_vs_max"] = round(r["sent_per_s"] / peak, 3)
         fig["overload_accepted_p99_ms"] = py["p99_ms"] if py["ok"] else None
         fig["overload_refusal_p99_ms"] = py.get("reject_p99_ms")
         emit({**rec, "accepted_p99_ms": fig["overload_accepted_p99_ms"],
@@ -556,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w2-rounds", type=int, default=5, help="W2 rounds, each with the in-process limit measured "
                    "again just before it (the figure is the median ratio: one sitting's limit swings ~10%%)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gateway-bench"))
+    p.add_argument("--rate-streams", type=int, default=256, help="h2load's streams per connection (4 connections) "
+                   "in the open loops: once all are in flight it sends no more, whatever the rate asked (sent_per_s "
+                   "says what it sent); serve-native bounds them at 256 itself (--max-streams-per-connection)")
     p.add_argument("--streams", type=int, default=8, help="W1 over PredictStream: streams x depth = concurrency")
     p.add_argument("--server-args", default="--max-batch-size 256 --max-wait-ms 2 --workers 2 --max-queue 2048 "
                    "--max-concurrent-rpcs 128 --max-pending-rpcs 128 --max-queue-wait-ms 30",

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "expected wait (Criteo: ~7 ms for a 120 KB request)")
     n.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: how long queued and in-flight requests "
                    "may take")
+    n.add_argument("--max-streams-per-connection", type=int, default=256, help="HTTP/2 streams (calls) one client "
+                   "connection may have in flight at once (SETTINGS_MAX_CONCURRENT_STREAMS); a client past it waits "
+                   "at its end. Past what the frontend can refuse (~40-50k calls/s on 2 cores) an open-loop client "
+                   "without it drives every latency up together; 0: grpc's default (no bound)")
     n.add_argument("--workdir", default="native-gateway", help="the workers' socket and (by default) table images")
     n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables); the image "
                    "of a version this gateway unloads is deleted, so give each running gateway its own")
@@ -299,9 +303,12 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
                              ("--max-batch-bytes", args.max_batch_bytes, 1), ("--max-wait-ms", args.max_wait_ms, 0),
                              ("--max-queue-wait-ms", args.max_queue_wait_ms, 0),
                              ("--request-cost-us", args.request_cost_us, 0), ("--byte-cost-ns", args.byte_cost_ns, 0),
-                             ("--grace-s", args.grace_s, 0)):
+                             ("--grace-s", args.grace_s, 0),
+                             ("--max-streams-per-connection", args.max_streams_per_connection, 0)):
         if value < low:
             raise SystemExit(f"inference-gateway serve-native: {flag}: must be >= {low}")
+    if args.max_streams_per_connection > 2**31 - 1:
+        raise SystemExit("inference-gateway serve-native: --max-streams-per-connection: must be < 2^31")
     token, predict_token, tls = _credentials(args)  # checked here; the frontend reads the files itself
     return run(NativeConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
                             management_port=args.management_port, metrics_port=args.metrics_port,
@@ -312,7 +319,8 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
                             table_cache=args.table_cache, model_store=args.model_store, token=token,
                             predict_token_file=args.predict_token_file if predict_token else None, tls=tls,
                             access_log=args.access_log, allocator=Allocator(args.allocator),
-                            frontend_sched_batch=args.frontend_scheduling == "batch"))
+                            frontend_sched_batch=args.frontend_scheduling == "batch",
+                            max_streams=args.max_streams_per_connection))
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

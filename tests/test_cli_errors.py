@@ -71,6 +71,9 @@ CASES = {
         "mixed_dims.yaml", "not a package"),
     "inference-gateway serve-native: no workers": (
         ["inference_gateway.cli", "serve-native", "--model", "x", "--workers", "0"], None, "--workers: must be >= 1"),
+    "inference-gateway serve-native: negative stream bound": (
+        ["inference_gateway.cli", "serve-native", "--model", "x", "--max-streams-per-connection", "-1"], None,
+        "--max-streams-per-connection: must be >= 0"),
 }
 
 

@@ -97,7 +97,8 @@ def test_probe_sends_on_schedule_and_times_answers_and_refusals(tmp_path: Path):
 
 
 def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
-    """rate_phase's `cores`: CPU-seconds per second of the load generator (h2load and the probe, this
+    """rate_phase's `sent_per_s` (what h2load and the probe sent: an overloaded server can cap it below the
+    offer) and `cores`: CPU-seconds per second of the load generator (h2load and the probe, this
     process's waited-for children) and of the server's processes, here the native echo at 2,000 requests/s
     (a few hundredths of a core each; a unit slip would read 100x, a missed wait 0)."""
     assert ensure_h2load(), "h2load is missing: apt-get install nghttp2-client (done here when run as root)"
@@ -108,6 +109,7 @@ def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
     finally:
         stop_all([echo], 10)
     assert 1700 <= r["goodput_per_s"] <= 2100, r  # the echo answers every call
+    assert 1700 <= r["sent_per_s"] <= 2100 and r["offered_per_s"] == 2000.0, r  # all of the offer sent
     assert r["probe"]["ok"] > 0 and r["probe"]["errors"] == {}, r["probe"]
     assert 0 < r["cores"]["generator"] < 1.5 and 0 < r["cores"]["server"] < 1.5, r["cores"]
     assert sum(r["cores"]["server_by_process"].values()) == pytest.approx(r["cores"]["server"], abs=0.02)

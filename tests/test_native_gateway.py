@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -421,6 +422,31 @@ def test_the_dispatchers_run_under_sched_batch_and_grpcs_threads_do_not(gw):
     assert threads.pop("dispatcher") == {os.SCHED_BATCH}, threads
     assert len(threads) > 2 and set().union(*threads.values()) == {os.SCHED_OTHER}, threads
     assert {os.sched_getscheduler(p) for p in workers(gw)} == {os.SCHED_OTHER}
+
+
+def http2_settings(address: str) -> dict[int, int]:
+    """The SETTINGS a server sends on a new HTTP/2 connection (RFC 9113 6.5: id -> value; 3 is
+    MAX_CONCURRENT_STREAMS), read over a raw socket: what every client is told, not a grpc option's name."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # preface, SETTINGS
+        buf = b""
+        while True:
+            while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
+                chunk = s.recv(65536)
+                assert chunk, f"{address} closed the connection before its SETTINGS"
+                buf += chunk
+            length, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+            payload, buf = buf[9:9 + length], buf[9 + length:]
+            if kind == 4 and not flags & 1:  # SETTINGS, not an ACK
+                return {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
+                        for i in range(0, length, 6)}
+
+
+def test_a_client_connection_may_have_256_calls_in_flight(gw):
+    """--max-streams-per-connection 256 (the default) is what the frontend advertises: an open-loop client past
+    what grpc++ can refuse waits at its end instead of driving every call's latency up."""
+    assert http2_settings(gw.address).get(3) == 256
 
 
 def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):

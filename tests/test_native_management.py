@@ -28,7 +28,7 @@ from protos import inference_pb2, inference_pb2_grpc
 from protos.package import load_package
 from tests import prom
 from tests.test_inference_package import two_versions
-from tests.test_native_gateway import health
+from tests.test_native_gateway import health, http2_settings
 from tests.test_oip import ragged
 
 WORKERS = 2
@@ -50,7 +50,7 @@ def gw(store, tmp_path_factory):
     (tmp / "control.token").write_text(TOKEN + "\n")
     g = launch_native(["--model", "v1", "--model-store", str(store), "--workers", str(WORKERS),
                        "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1", "--allocator", "glibc",
-                       "--frontend-scheduling", "normal"],
+                       "--frontend-scheduling", "normal", "--max-streams-per-connection", "0"],
                       workdir=tmp / "gw", env=INHERITED)
     yield g
     g.kill()
@@ -81,6 +81,11 @@ def test_frontend_scheduling_normal_leaves_every_thread_on_sched_other(gw):
     tasks = list(Path(f"/proc/{gw.announced['frontend_pid']}/task").iterdir())
     assert sum((t / "comm").read_text().strip() == "dispatcher" for t in tasks) == WORKERS
     assert {os.sched_getscheduler(int(t.name)) for t in tasks} == {os.SCHED_OTHER}
+
+
+def test_max_streams_per_connection_0_leaves_grpcs_default(gw):
+    """No bound of ours: grpc++ advertises none (a client may open as many streams as it likes)."""
+    assert 3 not in http2_settings(gw.address)
 
 
 def test_control_rpcs_need_the_token_and_refusals_change_nothing(gw, store):

@@ -42,6 +42,10 @@
 //
 // --sched-batch runs the dispatcher threads under SCHED_BATCH: they do not preempt a worker's batch (dispatch).
 //
+// --max-streams N advertises SETTINGS_MAX_CONCURRENT_STREAMS N: a client connection has at most N calls in flight.
+// A refusal costs grpc++ a whole call, so without it an open-loop client past what the frontend can refuse fills
+// the sockets and every call waits there, refused or not.
+//
 // Wire to a worker (inference_gateway/native/worker.py), little-endian: batch = u32 n, n x (u8 method,
 // u32 len, bytes); reply = u32 n, n x (u8 gRPC status code, u32 len, bytes: the serialized response, or the
 // error). Method numbers are kMethods' order (worker.METHODS).
@@ -100,6 +104,7 @@ struct Config {
   int max_batch = 256;
   long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
   long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
+  long max_streams = 0;  // HTTP/2 streams a client may open at once on one connection (0: grpc's default)
   bool echo = false, access_log = false, sched_batch = false;
 };
 static Config cfg;
@@ -1120,7 +1125,7 @@ static void drain_on_signal(sigset_t set) {
 
 static int usage(const std::string& why) {
   std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
-               "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N "
+               "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N --max-streams N "
                "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH --reflection PATH --access-log "
                "--sched-batch | --echo)\n",
                why.c_str());
@@ -1160,6 +1165,7 @@ int main(int argc, char** argv) {
     else if (k == "--cost-us") cfg.cost_us = n;
     else if (k == "--cost-ns-per-byte") cfg.cost_ns_per_byte = n;
     else if (k == "--grace-ms") cfg.grace_ms = n;
+    else if (k == "--max-streams") cfg.max_streams = n;
     else return usage("unknown flag " + k);
   }
   if (cfg.max_batch < 1) return usage("--max-batch must be at least 1");
@@ -1200,6 +1206,7 @@ int main(int argc, char** argv) {
     creds = grpc::SslServerCredentials(opts);
   }
   b.AddListeningPort(cfg.addr, creds, &port);
+  if (cfg.max_streams > 0) b.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, static_cast<int>(cfg.max_streams));
   b.RegisterService(&unary);
   b.RegisterCallbackGenericService(&svc);
   auto server = b.BuildAndStart();
