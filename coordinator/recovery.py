@@ -84,7 +84,7 @@ class JobSupervisor:
             if code is not None:
                 if code == 0:
                     return JobResult(self.restarts, self.recovered)
-                time.sleep(2 * self.poll_s)  # a shard process that exited just now may not be reaped yet
+                time.sleep(2 * self.poll_s)  # the trainers may have seen a shard die before this poll did
                 if not self.dead_shards():
                     raise JobFailed(f"trainers exited with code {code}, every shard alive:\n"
                                     f"{self.trainers.stderr_tail()}")
