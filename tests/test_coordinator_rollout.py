@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
-from coordinator.recovery import JobSupervisor
+from coordinator.recovery import JobResult, JobSupervisor
 from protos import coordinator_pb2, failpoints
 from protos.coordinator_client import final
 from tests.coordinated import PLAN1, PLAN2, assert_equals_reference
@@ -67,24 +68,36 @@ def test_shard_killed_mid_rollout_aborts_and_training_continues_on_the_old_plan(
     assert [r.plan.version for r in job.client.history().records] == [1]
 
 
-def test_shard_killed_during_training_recovers_from_the_checkpoint(job_factory, tmp_path):
-    steps = 300
-    job = job_factory(standby=0)
-    ckpt = tmp_path / "ckpt"
+def supervised(job, ckpt, steps: int, fault: Callable[[threading.Thread], None]) -> JobResult:
+    """Trains `steps` steps under a JobSupervisor (checkpoints every 40 steps in `ckpt`), with `fault(runner)`
+    called from here while the supervisor runs in `runner`; the supervisor's result."""
     trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40", start=False)
     supervisor = JobSupervisor(job.client, job.shards, trainers, checkpoint_dir=ckpt, poll_s=0.1)
     result = {}
     runner = threading.Thread(target=lambda: result.update(r=supervisor.run()))
     runner.start()
     try:
-        job.wait_step(100)
-        job.shards.procs[1].kill()  # kill -9 during training
+        fault(runner)
         runner.join(timeout=300)
         assert not runner.is_alive()
     finally:
         supervisor.stop()
         runner.join(timeout=30)
-    assert result["r"].restarts >= 1 and 1 in result["r"].recovered_shards  # (a loaded machine may add one)
+    assert "r" in result, "the supervisor failed (its exception is in the warnings above)"
+    return result["r"]
+
+
+def test_shard_killed_during_training_recovers_from_the_checkpoint(job_factory, tmp_path):
+    steps = 300
+    job = job_factory(standby=0)
+    ckpt = tmp_path / "ckpt"
+
+    def kill_at_step_100(_runner: threading.Thread) -> None:
+        job.wait_step(100)
+        job.shards.procs[1].kill()  # kill -9 during training
+
+    result = supervised(job, ckpt, steps, kill_at_step_100)
+    assert result.restarts >= 1 and 1 in result.recovered_shards  # (a loaded machine may add one)
     assert (ckpt / "LATEST").exists()
     assert_equals_reference(job, steps)
 
@@ -98,24 +111,16 @@ def test_shard_killed_during_a_checkpoint_is_recovered_before_its_lease_runs_out
     steps = 240
     job = job_factory(standby=0)
     ckpt = tmp_path / "ckpt"
-    trainers = job.train(steps, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "40", start=False)
-    supervisor = JobSupervisor(job.client, job.shards, trainers, checkpoint_dir=ckpt, poll_s=0.1)
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(r=supervisor.run()))
-    runner.start()
-    try:
+
+    def kill_in_the_checkpoint_of_step_79(runner: threading.Thread) -> None:
         deadline = time.monotonic() + 180
         while not (ckpt / ".step-79.tmp" / "shard-0" / "manifest.json").exists():  # shard 1's part is next
             assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint of step 79"
             time.sleep(0.005)
         job.shards.procs[1].kill()
-        runner.join(timeout=300)
-        assert not runner.is_alive()
-    finally:
-        supervisor.stop()
-        runner.join(timeout=30)
-    assert "r" in result, "the supervisor failed (its exception is in the warnings above)"
-    assert result["r"].restarts >= 1 and 1 in result["r"].recovered_shards
+
+    result = supervised(job, ckpt, steps, kill_in_the_checkpoint_of_step_79)
+    assert result.restarts >= 1 and 1 in result.recovered_shards
     assert (ckpt / "LATEST").read_text() == f"step-{steps - 1}"
     assert_equals_reference(job, steps)
 
