@@ -315,8 +315,9 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
     """Open loop at `rate` requests/s: h2load's rate mode plus the native probe beside it (module docstring),
     or the Python client alone without h2load. With h2load, `cores`: how the host's cores were shared over the
     phase, CPU-seconds per second of the load generator (h2load and the probe) and of the server's processes
-    `pids` (in all, and by kind: cpu_ticks). They run on the same cores; at 2x overload the server's share
-    goes to answers and to refusals, each of which costs a whole gRPC call."""
+    `pids` (in all, and by kind: cpu_ticks), and what the hypervisor stole (`steal`). They run on the same
+    cores; at 2x overload the server's share goes to answers and to refusals, each of which costs a whole
+    gRPC call."""
     a = run.args
     if not run.use_h2load:
         r = asyncio.run(open_loop(address, pool, rate, a.seconds, 1, method))
@@ -324,7 +325,7 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
                 "python": r}
     probe_rate = min(PROBE_MAX_PER_S, rate / 10)
     frame = answer_frame_bytes(address, method, pool[0])
-    t0, children, server = time.monotonic(), _children_cpu_s(), cpu_ticks(list(pids))
+    t0, children, server, stolen = time.monotonic(), _children_cpu_s(), cpu_ticks(list(pids)), steal_s()
     proc, log = start_rate(address, method, pool[0], rate - probe_rate, a.seconds, run.workdir,
                            streams=getattr(a, "rate_streams", 256))
     try:
@@ -332,7 +333,8 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
     finally:
         h2 = rate_result(proc, log, a.seconds, frame)  # both generators are waited for: in RUSAGE_CHILDREN now
     wall = time.monotonic() - t0
-    cores = {"generator": round((_children_cpu_s() - children) / wall, 2)}
+    cores = {"generator": round((_children_cpu_s() - children) / wall, 2),
+             "steal": round((steal_s() - stolen) / wall, 3)}
     if pids:
         by = {k: v / wall for k, v in cpu_seconds_since(server, list(pids)).items()}
         cores["server"] = round(sum(by.values()), 2)
@@ -344,6 +346,18 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
     if "ok_estimated" in h2:
         out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + seen["requests_per_s"], 1)
     return out
+
+
+def steal_s() -> float:
+    """CPU-seconds the hypervisor has taken from this machine's virtual CPUs since boot (/proc/stat's steal;
+    0 on bare metal). Read around a phase: a tail of ~100 ms with steal in it is the host's, not the server's
+    (on this machine kind W2's 2x refusal tails of 80-90 ms came with steal bursts of ~0.1 s)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def _children_cpu_s() -> float:
@@ -491,7 +505,9 @@ def run_frontend(run: Run, frontend: str, q: str, pkg: Path, cfg: ModelConfig, p
                   "each": ratios})
             if "overload" not in skip:  # compute-bound overload: tens of requests/s, the native probe offers 2x
                 peak2 = statistics.median(rates)
+                stolen = steal_s()
                 r = probe_open_loop(address, method, pool, peak2 * 2, a.seconds, 256)
+                r["steal_s"] = round(steal_s() - stolen, 2)
                 fig["w2_overload_goodput_vs_max"] = round(r["requests_per_s"] / peak2, 3)
                 fig["w2_overload_accepted_p99_ms"] = r["p99_ms"] if r["ok"] else None
                 fig["w2_overload_refusal_p99_ms"] = r.get("reject_p99_ms")

@@ -6,12 +6,13 @@ phase saying how the cores were shared between the load generator and the server
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from benchmarks.gateway_load import Run, rate_phase, targets
+from benchmarks.gateway_load import Run, rate_phase, steal_s, targets
 from benchmarks.h2 import ensure_h2load, parse, rate_result
 from benchmarks.native_floor import start_binary
 from benchmarks.probe import open_loop
@@ -96,11 +97,19 @@ def test_probe_sends_on_schedule_and_times_answers_and_refusals(tmp_path: Path):
     assert r["reject_ms_by_code"]["UNAVAILABLE"]["p99"] < 2500
 
 
+def test_steal_is_procs_steal_column_in_seconds():
+    """proc(5): cpu user nice system idle iowait irq softirq steal ...; steal_s reads the 8th, in seconds."""
+    first = steal_s()
+    with open("/proc/stat") as f:
+        ticks = int(f.readline().split()[8])
+    assert first == pytest.approx(ticks / os.sysconf("SC_CLK_TCK"), abs=0.05) and 0 <= first <= steal_s()
+
+
 def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
     """rate_phase's `sent_per_s` (what h2load and the probe sent: an overloaded server can cap it below the
     offer) and `cores`: CPU-seconds per second of the load generator (h2load and the probe, this
     process's waited-for children) and of the server's processes, here the native echo at 2,000 requests/s
-    (a few hundredths of a core each; a unit slip would read 100x, a missed wait 0)."""
+    (a few hundredths of a core each; a unit slip would read 100x, a missed wait 0), and the steal."""
     assert ensure_h2load(), "h2load is missing: apt-get install nghttp2-client (done here when run as root)"
     echo, port = start_binary([str(build()), "--echo"], tmp_path, 30)
     try:
@@ -112,4 +121,5 @@ def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
     assert 1700 <= r["sent_per_s"] <= 2100 and r["offered_per_s"] == 2000.0, r  # all of the offer sent
     assert r["probe"]["ok"] > 0 and r["probe"]["errors"] == {}, r["probe"]
     assert 0 < r["cores"]["generator"] < 1.5 and 0 < r["cores"]["server"] < 1.5, r["cores"]
+    assert 0 <= r["cores"]["steal"] < 1.0, r["cores"]  # the hypervisor's share of the phase (0 on bare metal)
     assert sum(r["cores"]["server_by_process"].values()) == pytest.approx(r["cores"]["server"], abs=0.02)
