@@ -83,6 +83,7 @@ from benchmarks.h2 import (
     h2load_with_cpu,
     rate_result,
     start_rate,
+    steal_s,
 )
 from benchmarks.probe import Probe
 from benchmarks.probe import binary as probe_binary
@@ -346,18 +347,6 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
     if "ok_estimated" in h2:
         out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + seen["requests_per_s"], 1)
     return out
-
-
-def steal_s() -> float:
-    """CPU-seconds the hypervisor has taken from this machine's virtual CPUs since boot (/proc/stat's steal;
-    0 on bare metal). Read around a phase: a tail of ~100 ms with steal in it is the host's, not the server's
-    (on this machine kind W2's 2x refusal tails of 80-90 ms came with steal bursts of ~0.1 s)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return 0.0
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def _children_cpu_s() -> float:
