@@ -9,10 +9,12 @@ import argparse
 import subprocess
 from pathlib import Path
 
+import grpc
 import pytest
 
 from benchmarks.gateway_load import Run, rate_phase, targets
 from benchmarks.h2 import TICK, ensure_h2load, parse, rate_result, steal_s
+from benchmarks.h2_floor import floor_binary
 from benchmarks.native_floor import start_binary
 from benchmarks.probe import open_loop
 from benchmarks.probe import parse as parse_probe
@@ -122,3 +124,24 @@ def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
     assert 0 < r["cores"]["generator"] < 1.5 and 0 < r["cores"]["server"] < 1.5, r["cores"]
     assert 0 <= r["cores"]["steal"] < 1.0, r["cores"]  # the hypervisor's share of the phase (0 on bare metal)
     assert sum(r["cores"]["server_by_process"].values()) == pytest.approx(r["cores"]["server"], abs=0.02)
+
+
+def test_h2_floor_answers_grpc_clients_ok_and_refused(tmp_path: Path):
+    """benchmarks.h2_floor's nghttp2 server speaks gRPC as grpcio reads it: an empty OK message, and a
+    trailers-only RESOURCE_EXHAUSTED with serve-native's admission message (its price is what it measures)."""
+    procs = []
+    try:
+        for mode in ("echo", "refuse"):
+            proc, port = start_binary([str(floor_binary()), "--mode", mode], tmp_path, 30)
+            procs.append(proc)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(METHOD)
+                if mode == "echo":
+                    assert call(b"\x0a\x01x", timeout=10) == b""
+                    continue
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(b"\x0a\x01x", timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "exceeds max_queue_wait_ms" in refused.value.details()
+    finally:
+        stop_all(procs, 10)

@@ -23,6 +23,7 @@ from inference_gateway.allocator import Allocator, preload
 
 SOURCE = Path(__file__).resolve().parent / "frontend.cc"
 DEBIAN = ["g++", "libgrpc++-dev", "pkg-config"]
+NGHTTP2_DEBIAN = ["g++", "libnghttp2-dev", "pkg-config"]  # the benchmarks' h2_floor.cc
 RUNTIME_DEBIAN = ["libjemalloc2"]  # the gateways' --allocator auto preloads it (inference_gateway.allocator)
 BUILD_DIR = Path(sys.prefix) / "libexec" / "inference-gateway"
 
@@ -32,11 +33,11 @@ class BuildError(RuntimeError):
     install it)."""
 
 
-def _flags() -> list[str] | None:
-    """g++'s flags for grpc++, or None when g++, pkg-config or grpc++'s headers are missing."""
+def _flags(library: str) -> list[str] | None:
+    """g++'s flags for `library` (pkg-config's name), or None when g++, pkg-config or its headers are missing."""
     if not (shutil.which("pkg-config") and shutil.which("g++")):
         return None
-    r = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True, check=False)
+    r = subprocess.run(["pkg-config", "--cflags", "--libs", library], capture_output=True, text=True, check=False)
     return r.stdout.split() if r.returncode == 0 else None
 
 
@@ -58,19 +59,21 @@ def binary_path(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     return Path(build_dir) / f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
 
-def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
-    """The binary of `source` (the frontend's, or another grpc++ program such as the benchmarks' probe.cc),
-    compiled if it is not there for this version of the source yet (written atomically)."""
+def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++",
+          debian: list[str] = DEBIAN) -> Path:
+    """The binary of `source` (the frontend's, or another program on `library` such as the benchmarks'
+    probe.cc on grpc++ or h2_floor.cc on nghttp2: `debian` names the packages that provide it), compiled if
+    it is not there for this version of the source yet (written atomically)."""
     out = binary_path(build_dir, source)
     if out.exists():
         return out
     what = "serve-native" if source == SOURCE else source.name
-    flags, apt = _flags(), ""
+    flags, apt = _flags(library), ""
     if flags is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        apt = install_debian(DEBIAN)
-        flags = _flags()
+        apt = install_debian(debian)
+        flags = _flags(library)
     if flags is None:
-        raise BuildError(f"{what}: g++ and grpc++ are missing (Debian: apt-get install {' '.join(DEBIAN)})"
+        raise BuildError(f"{what}: g++ and {library} are missing (Debian: apt-get install {' '.join(debian)})"
                          + (f"; apt-get said: {apt}" if apt else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")

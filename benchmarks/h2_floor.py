@@ -1,0 +1,129 @@
+"""What a gRPC call costs on grpc++ against on bare nghttp2: the price of W1's 2x overload.
+
+serve-native's frontend (frontend.cc) is grpc++; at W1's 2x overload it refuses about as many calls as it
+answers, and a refusal costs grpc++ a whole call (~20 us of CPU, an answer ~26 us of frontend + ~40 us of
+worker), so goodput stays at 0.6-0.8 of the maximum (benchmarks/gateway_frontend.md). This measures what the
+same two answers cost on nghttp2, the HTTP/2 library under h2load, in a single-threaded epoll server
+(h2_floor.cc): in one run, servers measured in turn per round with h2load's closed loop (4 connections, 64
+streams by default), CPU of the server per call from /proc:
+
+- grpc_echo: frontend.cc --echo (an empty OK message at once);
+- grpc_refuse: frontend.cc with no worker connected: every call refused at arrival (UNAVAILABLE, with a
+  message: the path an admission refusal takes);
+- h2_echo / h2_refuse: h2_floor.cc answering OK with an empty message / trailers-only RESOURCE_EXHAUSTED
+  with serve-native's admission message.
+
+A closed loop lets nghttp2 answer ~400k calls/s, where each read and write carries many calls; so each
+round also offers every server the same open-loop rate (--rate, h2load's rate mode, default 40,000 calls/s:
+W1's 2x overload sends ~50k/s to serve-native), where the CPU per call is what a gateway at that rate would
+pay. Then the medians and the ratios nghttp2 / grpc++. Needs g++, libnghttp2-dev and grpc++ (installed with
+apt-get when missing and running as root) and h2load.
+
+    python -m benchmarks.h2_floor [--rounds 3] [--seconds 4] [--concurrency 64] [--rate 40000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from benchmarks.gateway_load import emit
+from benchmarks.h2 import cpu_seconds_since, cpu_ticks, ensure_h2load, h2load_with_cpu, rate_result, start_rate
+from benchmarks.native_floor import start_binary
+from inference_gateway.loadgen import METHOD
+from inference_gateway.native.build import NGHTTP2_DEBIAN, build
+
+SOURCE = Path(__file__).resolve().parent / "h2_floor.cc"
+SERVERS = ("grpc_echo", "grpc_refuse", "h2_echo", "h2_refuse")
+BODY = b"\x1a" + bytes(500)  # a W1 Predict's size; neither server reads it
+
+
+def floor_binary() -> Path:
+    """h2_floor.cc, compiled on first use like serve-native's frontend."""
+    return build(source=SOURCE, library="libnghttp2", debian=NGHTTP2_DEBIAN)
+
+
+def start_servers(work: Path) -> tuple[dict[str, tuple[str, int]], list[subprocess.Popen]]:
+    """Each server of SERVERS: its address and pid."""
+    grpc_binary, h2_binary = build(), floor_binary()
+    commands = {
+        "grpc_echo": [str(grpc_binary), "--echo"],
+        "grpc_refuse": [str(grpc_binary), "--socket", str(work / "no-worker.sock")],
+        "h2_echo": [str(h2_binary), "--mode", "echo"],
+        "h2_refuse": [str(h2_binary), "--mode", "refuse"],
+    }
+    servers, procs = {}, []
+    for name, cmd in commands.items():
+        proc, port = start_binary(cmd, work, 30)
+        procs.append(proc)
+        servers[name] = (f"127.0.0.1:{port}", proc.pid)
+    return servers, procs
+
+
+def at_rate(address: str, pid: int, rate: float, seconds: float, work: Path) -> dict:
+    """h2load offering `rate` calls/s for `seconds`: calls done per second and the server's CPU us per call."""
+    before = cpu_ticks([pid])
+    proc, log = start_rate(address, METHOD, BODY, rate, seconds, work)
+    r = rate_result(proc, log, seconds, 0)
+    spent = sum(cpu_seconds_since(before, [pid]).values())
+    if "error" in r or not r.get("ok"):
+        raise SystemExit(f"h2_floor: h2load's rate mode against {address} failed: {r.get('error')}")
+    return {"calls_per_s": r["requests_per_s"], "cpu_us_per_call": round(spent / r["ok"] * 1e6, 2),
+            "p99_ms": r.get("p99_ms"), "failed": r["failed"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="each server measured once per round; medians at the end")
+    p.add_argument("--seconds", type=float, default=4.0, help="per h2load run")
+    p.add_argument("--concurrency", type=int, default=64, help="streams in flight (4 connections)")
+    p.add_argument("--rate", type=float, default=40000.0, help="calls/s of the open-loop phase (0: none)")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "h2-floor"))
+    args = p.parse_args(argv)
+    if ensure_h2load() is None:
+        raise SystemExit("h2_floor: h2load is missing (Debian: apt-get install nghttp2-client)")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    servers, procs = start_servers(work)
+    common = {"bench": "h2_floor", "cpus": os.cpu_count(), "concurrency": args.concurrency}
+    per_call: dict[str, list[float]] = {s: [] for s in SERVERS}
+    rate: dict[str, list[float]] = {s: [] for s in SERVERS}
+    at: dict[str, list[float]] = {s: [] for s in SERVERS}
+    try:
+        for k in range(args.rounds):
+            for name in SERVERS:
+                address, pid = servers[name]
+                r = h2load_with_cpu(address, METHOD, BODY, args.concurrency, args.seconds, work, [pid])
+                if "error" in r or not r.get("ok"):
+                    raise SystemExit(f"h2_floor: h2load against {name} failed: {r.get('error')}")
+                us = round(r["cpu_s_per_1000"] * 1000, 2)  # CPU-seconds per 1,000 calls -> us per call
+                per_call[name].append(us)
+                rate[name].append(r["requests_per_s"])
+                emit({**common, "round": k, "server": name, "loop": "closed", "calls_per_s": r["requests_per_s"],
+                      "cpu_us_per_call": us, "failed": r["failed"]})
+                if args.rate:
+                    o = at_rate(address, pid, args.rate, args.seconds, work)
+                    at[name].append(o["cpu_us_per_call"])
+                    emit({**common, "round": k, "server": name, "loop": "open", "offered_per_s": args.rate, **o})
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    for loop, figures in (("closed", per_call), ("open", at)):
+        if not figures["h2_echo"]:
+            continue
+        med = {s: statistics.median(figures[s]) for s in SERVERS}
+        emit({**common, "medians": True, "loop": loop, "rounds": args.rounds, "cpu_us_per_call": med,
+              **({"calls_per_s": {s: statistics.median(rate[s]) for s in SERVERS}} if loop == "closed"
+                 else {"offered_per_s": args.rate}),
+              "h2_vs_grpc": {"echo": round(med["h2_echo"] / med["grpc_echo"], 3),
+                             "refuse": round(med["h2_refuse"] / med["grpc_refuse"], 3)}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
