@@ -35,7 +35,7 @@ from benchmarks.gateway_load import emit
 from benchmarks.h2 import cpu_seconds_since, cpu_ticks, ensure_h2load, h2load_with_cpu, rate_result, start_rate
 from benchmarks.native_floor import start_binary
 from inference_gateway.loadgen import METHOD
-from inference_gateway.native.build import NGHTTP2_DEBIAN, build
+from inference_gateway.native.build import build
 
 SOURCE = Path(__file__).resolve().parent / "h2_floor.cc"
 SERVERS = ("grpc_echo", "grpc_refuse", "h2_echo", "h2_refuse")
@@ -44,7 +44,7 @@ BODY = b"\x1a" + bytes(500)  # a W1 Predict's size; neither server reads it
 
 def floor_binary() -> Path:
     """h2_floor.cc, compiled on first use like serve-native's frontend."""
-    return build(source=SOURCE, library="libnghttp2", debian=NGHTTP2_DEBIAN)
+    return build(source=SOURCE, library="libnghttp2")
 
 
 def start_servers(work: Path) -> tuple[dict[str, tuple[str, int]], list[subprocess.Popen]]:

@@ -25,7 +25,7 @@ SOURCE = Path(__file__).resolve().parent / "probe.cc"
 
 
 def binary() -> Path:
-    return build(source=SOURCE)
+    return build(source=SOURCE, library="grpc++")
 
 
 def parse(text: str, offered: float, seconds: float, batch: int) -> dict:

@@ -74,6 +74,12 @@ def workers(g) -> list[int]:
 
 
 def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing(gw, package):
+    answers_match_the_package(gw, package)
+
+
+def answers_match_the_package(gw, package) -> None:
+    """Merged batches score as the package does, a bad request gets serve's error alone, the counters count
+    (tests/test_native_h2.py runs it on the h2 engine too)."""
     s = stub(gw)
     model = ServingModel(load_package(package))
     reqs = [ragged(1 + k % 3, 100 + k) for k in range(24)]
@@ -210,6 +216,10 @@ def test_reflection_describes_the_inference_port(gw):
 
 
 def test_the_open_inference_protocol_with_tritons_own_client(gw, package):
+    oip_answers_as_serve(gw, package)
+
+
+def oip_answers_as_serve(gw, package) -> None:
     """tritonclient.grpc, unchanged: readiness, metadata, every input form serve takes, the same scores as
     the package, ModelInfer and Predict merged in one batch, and serve's errors."""
     client = triton.InferenceServerClient(url=gw.address)
@@ -505,31 +515,8 @@ def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
 def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):
     """A request whose deadline is shorter than the expected queue wait is refused RESOURCE_EXHAUSTED at
     once; then SIGTERM while requests are in flight: every accepted one is answered, exit code 0."""
+    refused_at_arrival(gw)
     s = stub(gw)
-    # a backlog of 4096-sample requests (one a batch, several ms each; sent pre-serialized, so the client
-    # queues them faster than the workers score them) with long deadlines, then probes with 20 ms deadlines
-    # from one thread while it is worked through
-    heavy = build_request(*ragged(4096, 13)).SerializeToString()
-    send = grpc.insecure_channel(gw.address).unary_unary(PREDICT)
-    backlog = [send.future(heavy, timeout=120) for _ in range(120)]
-    backlog[0].result()
-    probe = build_request(*ragged(16, 11))
-    results = []
-    for _ in range(30):
-        t = time.perf_counter()
-        try:
-            s.Predict(probe, timeout=0.02)
-            results.append(("OK", 0.0, ""))
-        except grpc.RpcError as e:
-            results.append((e.code().name, time.perf_counter() - t, e.details()))
-    refused = [(t, d) for c, t, d in results if c == "RESOURCE_EXHAUSTED"]
-    assert len(refused) >= 20, [c for c, _, _ in results]
-    assert all("expected queue wait" in d and "deadline" in d for _, d in refused), refused[:3]
-    assert sorted(t for t, _ in refused)[len(refused) // 2] < 0.01  # median: answered at arrival, not timed out
-    assert {c for c, _, _ in results} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
-    assert all(len(f.result()) > 4096 * 4 for f in backlog)  # the backlog itself is answered
-    time.sleep(1.2)
-    assert prom.value(gw.metrics_port, "gateway_admission_refusals_total") >= len(refused)
     prom_ok = prom.value(gw.metrics_port, "gateway_requests_total", method="Predict", code="OK")
     # SIGTERM with a backlog queued: every request the frontend received is answered (OK), none is cut off;
     # requests that arrive after SIGTERM are refused UNAVAILABLE; no child outlives the supervisor
@@ -553,6 +540,40 @@ def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details(), e.value
     finally:
         opened.put(None)
+    sigterm_answers_what_was_received(gw, prom_ok, futures, sigterm)
+
+
+def refused_at_arrival(gw) -> None:
+    """A backlog of 4096-sample requests (one a batch, several ms each; sent pre-serialized, so the client
+    queues them faster than the workers score them) with long deadlines, then probes with 20 ms deadlines
+    from one thread while it is worked through: most are refused RESOURCE_EXHAUSTED at arrival."""
+    s = stub(gw)
+    heavy = build_request(*ragged(4096, 13)).SerializeToString()
+    send = grpc.insecure_channel(gw.address).unary_unary(PREDICT)
+    backlog = [send.future(heavy, timeout=120) for _ in range(120)]
+    backlog[0].result()
+    probe = build_request(*ragged(16, 11))
+    results = []
+    for _ in range(30):
+        t = time.perf_counter()
+        try:
+            s.Predict(probe, timeout=0.02)
+            results.append(("OK", 0.0, ""))
+        except grpc.RpcError as e:
+            results.append((e.code().name, time.perf_counter() - t, e.details()))
+    refused = [(t, d) for c, t, d in results if c == "RESOURCE_EXHAUSTED"]
+    assert len(refused) >= 20, [c for c, _, _ in results]
+    assert all("expected queue wait" in d and "deadline" in d for _, d in refused), refused[:3]
+    assert sorted(t for t, _ in refused)[len(refused) // 2] < 0.01  # median: answered at arrival, not timed out
+    assert {c for c, _, _ in results} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    assert all(len(f.result()) > 4096 * 4 for f in backlog)  # the backlog itself is answered
+    time.sleep(1.2)
+    assert prom.value(gw.metrics_port, "gateway_admission_refusals_total") >= len(refused)
+
+
+def sigterm_answers_what_was_received(gw, prom_ok: float, futures: list, sigterm: float) -> None:
+    """After SIGTERM with `futures` in flight: each is OK or refused UNAVAILABLE as draining, the frontend and
+    the supervisor exit 0 well inside the grace, nothing received was dropped, no child is left."""
     codes = []
     for f in futures:
         try:

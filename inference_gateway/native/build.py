@@ -1,10 +1,10 @@
-"""Compiles serve-native's frontend (frontend.cc, on Debian's grpc++) once per source version, into the
+"""Compiles serve-native's frontend (frontend.cc, on Debian's grpc++ and nghttp2) once per source version, into the
 environment's own directory; `make install` runs it so the first start does not. The benchmarks' native
 probe (benchmarks/probe.cc) is compiled the same way, on first use.
 
     python -m inference_gateway.native.build [--jemalloc]   # prints the binary's path
 
-The compiler and grpc++ are Debian packages, not PyPI's: when they are missing and this runs as root
+The compiler, grpc++ and nghttp2 are Debian packages, not PyPI's: when they are missing and this runs as root
 with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them. With
 --jemalloc (make install) it also installs jemalloc (libjemalloc2) that way when missing, which the gateways
 preload (--allocator auto).
@@ -22,8 +22,7 @@ from pathlib import Path
 from inference_gateway.allocator import Allocator, preload
 
 SOURCE = Path(__file__).resolve().parent / "frontend.cc"
-DEBIAN = ["g++", "libgrpc++-dev", "pkg-config"]
-NGHTTP2_DEBIAN = ["g++", "libnghttp2-dev", "pkg-config"]  # the benchmarks' h2_floor.cc
+DEBIAN = ["g++", "libgrpc++-dev", "libnghttp2-dev", "pkg-config"]  # the frontend's engines: grpc++ and nghttp2
 RUNTIME_DEBIAN = ["libjemalloc2"]  # the gateways' --allocator auto preloads it (inference_gateway.allocator)
 BUILD_DIR = Path(sys.prefix) / "libexec" / "inference-gateway"
 
@@ -37,7 +36,8 @@ def _flags(library: str) -> list[str] | None:
     """g++'s flags for `library` (pkg-config's name), or None when g++, pkg-config or its headers are missing."""
     if not (shutil.which("pkg-config") and shutil.which("g++")):
         return None
-    r = subprocess.run(["pkg-config", "--cflags", "--libs", library], capture_output=True, text=True, check=False)
+    r = subprocess.run(["pkg-config", "--cflags", "--libs", *library.split()], capture_output=True, text=True,
+                       check=False)
     return r.stdout.split() if r.returncode == 0 else None
 
 
@@ -59,11 +59,11 @@ def binary_path(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     return Path(build_dir) / f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
 
-def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++",
+def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++ libnghttp2",
           debian: list[str] = DEBIAN) -> Path:
-    """The binary of `source` (the frontend's, or another program on `library` such as the benchmarks'
-    probe.cc on grpc++ or h2_floor.cc on nghttp2: `debian` names the packages that provide it), compiled if
-    it is not there for this version of the source yet (written atomically)."""
+    """The binary of `source` (the frontend's, on grpc++ and nghttp2, or another program on `library` (pkg-config
+    names) such as the benchmarks' probe.cc or h2_floor.cc on nghttp2 alone: `debian` names the packages that
+    provide it), compiled if it is not there for this version of the source yet (written atomically)."""
     out = binary_path(build_dir, source)
     if out.exists():
         return out

@@ -54,8 +54,14 @@
 #include <grpcpp/impl/codegen/server_callback_handlers.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <nghttp2/nghttp2.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -105,7 +111,7 @@ struct Config {
   long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
   long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
   long max_streams = 0;  // HTTP/2 streams a client may open at once on one connection (0: grpc's default)
-  bool echo = false, access_log = false, sched_batch = false;
+  bool echo = false, access_log = false, sched_batch = false, h2 = false;  // h2: --engine h2
 };
 static Config cfg;
 
@@ -179,7 +185,10 @@ static void emit(const std::string& json) {
   std::fflush(stdout);
 }
 
+static std::atomic<bool> health_serving{false};  // --engine h2's Health/Check reads it
+
 static void set_health(bool serving) {
+  health_serving = serving;
   if (server_ == nullptr) return;
   auto* h = server_->GetHealthCheckService();
   h->SetServingStatus("", serving);
@@ -255,11 +264,8 @@ static int admit(Sink* sink, int method, std::string body, Clock::time_point dea
 
 // `authorization: Bearer <--predict-token-file's token>` on Predict, PredictStream and ModelInfer: 0, or the
 // status code with `refusal` set.
-static int check_token(const grpc::ServerContextBase& ctx, const char* path, std::string* refusal) {
+static int check_token(const std::string& value, const char* path, std::string* refusal) {
   if (cfg.token.empty()) return 0;
-  auto& md = ctx.client_metadata();
-  auto it = md.find("authorization");
-  std::string value = it == md.end() ? std::string() : std::string(it->second.data(), it->second.size());
   auto space = value.find(' ');
   std::string scheme = value.substr(0, space == std::string::npos ? value.size() : space);
   for (auto& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -268,6 +274,14 @@ static int check_token(const grpc::ServerContextBase& ctx, const char* path, std
   if (scheme != "bearer" || given.empty()) { *refusal = std::string("missing bearer token for ") + path; return 16; }
   if (!same(given, cfg.token)) { *refusal = std::string("wrong bearer token for ") + path; return 7; }
   return 0;
+}
+
+static int check_token(const grpc::ServerContextBase& ctx, const char* path, std::string* refusal) {
+  if (cfg.token.empty()) return 0;
+  auto& md = ctx.client_metadata();
+  auto it = md.find("authorization");
+  return check_token(it == md.end() ? std::string() : std::string(it->second.data(), it->second.size()), path,
+                     refusal);
 }
 
 // PredictResponse fields: request_id = 4, error = 5 (Status: code = 1, message = 2).
@@ -1118,16 +1132,436 @@ static void drain_on_signal(sigset_t set) {
     }
   }
   for (auto& it : stranded) it.call->Answer(14, "the gateway is draining (SIGTERM) and no worker is left");
-  server_->Shutdown(grace_end);
+  if (server_ != nullptr) server_->Shutdown(grace_end);
+  else std::this_thread::sleep_for(std::chrono::milliseconds(100));  // --engine h2: the loop writes the last answers
   emit(stats_line());  // the final counters: received == answered unless the grace ran out
   std::_Exit(0);
 }
+
+// --engine h2: the unary calls served on nghttp2 instead of grpc++ (benchmarks/h2_floor.py: a call costs
+// nghttp2 ~1.5 us of CPU, grpc++ 12-23 us, so W1's refusals and answers cost the frontend a tenth). One epoll
+// thread owns every connection and nghttp2 session; the dispatchers hand their answers to it through a mailbox
+// and an eventfd. Served: Predict, ModelInfer and the OIP's other unary methods, grpc.health.v1.Health/Check,
+// with the same admission, batching, deadlines (grpc-timeout), tokens, counters and access log as grpc++'s;
+// not (yet): TLS, PredictStream, reflection, Health/Watch (UNIMPLEMENTED), so serve-native refuses
+// --engine h2 with TLS.
+namespace h2e {
+struct Conn;
+static const char* kHealthCheck = "/grpc.health.v1.Health/Check";
+static const size_t kMaxMessage = 4 << 20;  // grpc's default receive limit
+
+struct H2Call : public Sink {
+  Conn* conn;
+  int32_t id;
+  int method = -1;  // kMethods' index, kForwarded.. for ServerLive / ServerReady, -2: health, -1: other
+  std::string path, auth, body, out;  // out: the answer's DATA (gRPC frame), sent by the data provider
+  Clock::time_point deadline = Clock::time_point::max();
+  Access access;
+  std::atomic<bool> closed{false};  // the stream ended before the answer (client cancelled, connection lost)
+  bool received = false;            // the whole request is in (END_STREAM): it will be answered once
+  bool submitted = false;           // the loop submitted the answer (then the stream's close deletes it)
+  H2Call(Conn* c, int32_t i) : conn(c), id(i) {}
+  void Answer(int code, const std::string& bytes) override;
+  bool Cancelled() const override { return closed.load(); }
+};
+
+struct Conn {
+  int fd;
+  nghttp2_session* session = nullptr;
+  std::string out;
+  bool watching_out = false, dead = false;
+  std::set<H2Call*> calls;  // every call of this connection not yet deleted
+};
+
+static int epfd = -1, mailfd = -1;
+static thread_local bool in_loop = false;
+static std::mutex mail_mu;
+struct Mail { H2Call* call; int code; std::string bytes; };
+static std::vector<Mail> mailbox;
+
+static void finish(H2Call* call, int code, const std::string& bytes);
+
+void H2Call::Answer(int code, const std::string& bytes) {
+  if (method >= 0) {
+    ++::answered[method][code < 0 || code > 16 ? 2 : code];
+    if (cfg.access_log) log_access(method, code, bytes, &access);
+  }
+  if (in_loop) { finish(this, code, bytes); return; }
+  bool first;
+  {
+    std::lock_guard<std::mutex> lk(mail_mu);
+    first = mailbox.empty();
+    mailbox.push_back(Mail{this, code, bytes});
+  }
+  if (first) { uint64_t one = 1; ssize_t r = ::write(mailfd, &one, 8); (void)r; }
+}
+
+static nghttp2_nv header(const char* name, const std::string& value, bool copy_value) {
+  return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name)),
+                    reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), std::strlen(name), value.size(),
+                    static_cast<uint8_t>(NGHTTP2_NV_FLAG_NO_COPY_NAME | (copy_value ? 0 : NGHTTP2_NV_FLAG_NO_COPY_VALUE))};
+}
+static const std::string k200 = "200", kGrpc = "application/grpc", kZero = "0";
+
+static std::string percent_encoded(const std::string& m) {  // grpc-message: printable ASCII but '%' as is
+  std::string out;
+  for (unsigned char c : m) {
+    if (c >= 0x20 && c <= 0x7e && c != '%') { out.push_back(static_cast<char>(c)); continue; }
+    char e[4];
+    std::snprintf(e, sizeof(e), "%%%02X", c);
+    out += e;
+  }
+  return out;
+}
+
+static ssize_t read_answer(nghttp2_session* session, int32_t id, uint8_t* buf, size_t length, uint32_t* flags,
+                           nghttp2_data_source* source, void*) {
+  auto* call = static_cast<H2Call*>(source->ptr);
+  size_t n = std::min(length, call->out.size());
+  std::memcpy(buf, call->out.data(), n);
+  call->out.erase(0, n);
+  if (call->out.empty()) {
+    *flags = NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    nghttp2_nv trailer[] = {header("grpc-status", kZero, false)};
+    nghttp2_submit_trailer(session, id, trailer, 1);
+  }
+  return static_cast<ssize_t>(n);
+}
+
+static void forget(H2Call* call) {  // under the loop: the call is done with
+  Conn* c = call->conn;
+  c->calls.erase(call);
+  delete call;
+  if (c->dead && c->calls.empty()) delete c;
+}
+
+// The loop thread: the answer on the wire (or, when the stream is gone, the call forgotten).
+static void finish(H2Call* call, int code, const std::string& bytes) {
+  if (call->closed || call->conn->dead) { forget(call); return; }
+  call->submitted = true;
+  nghttp2_session* s = call->conn->session;
+  if (code == 0) {
+    call->out.reserve(5 + bytes.size());
+    call->out.push_back(0);
+    uint32_t len = htonl(static_cast<uint32_t>(bytes.size()));
+    call->out.append(reinterpret_cast<char*>(&len), 4);
+    call->out += bytes;
+    nghttp2_nv h[] = {header(":status", k200, false), header("content-type", kGrpc, false)};
+    nghttp2_data_provider data{};
+    data.source.ptr = call;
+    data.read_callback = read_answer;
+    nghttp2_submit_response(s, call->id, h, 2, &data);
+  } else {
+    std::string status = std::to_string(code), message = percent_encoded(bytes);
+    nghttp2_nv h[] = {header(":status", k200, false), header("content-type", kGrpc, false),
+                      header("grpc-status", status, true), header("grpc-message", message, true)};
+    nghttp2_submit_response(s, call->id, h, 4, nullptr);  // trailers-only
+  }
+}
+
+static long timeout_us(const std::string& v) {  // grpc-timeout: digits and a unit; -1 when malformed
+  if (v.size() < 2 || v.size() > 9) return -1;
+  long n = 0;
+  for (size_t i = 0; i + 1 < v.size(); ++i) {
+    if (!std::isdigit(static_cast<unsigned char>(v[i]))) return -1;
+    n = n * 10 + (v[i] - '0');
+  }
+  switch (v.back()) {
+    case 'H': return n * 3600000000L;
+    case 'M': return n * 60000000L;
+    case 'S': return n * 1000000L;
+    case 'm': return n * 1000L;
+    case 'u': return n;
+    case 'n': return n / 1000;
+    default: return -1;
+  }
+}
+
+static std::unordered_map<std::string, int> method_numbers() {
+  std::unordered_map<std::string, int> m;
+  for (int i = 0; i < kForwarded; ++i) if (i != kStream) m[kMethods[i].path] = i;
+  m[std::string("/inference.GRPCInferenceService/") + kLocal[0]] = kForwarded;
+  m[std::string("/inference.GRPCInferenceService/") + kLocal[1]] = kForwarded + 1;
+  m[kHealthCheck] = -2;
+  return m;
+}
+static const std::unordered_map<std::string, int> kNumbers = method_numbers();
+
+// A whole request received (END_STREAM): answered here, refused, or queued for the workers.
+static void handle(H2Call* call) {
+  call->received = true;
+  auto found = kNumbers.find(call->path);
+  call->method = found == kNumbers.end() ? kCounted - 1 : found->second;
+  if (call->method != -2) arrived();  // health is neither received nor answered in the counters (as grpc++'s)
+  const std::string& b = call->body;
+  uint32_t len = 0;
+  if (b.size() >= 5) { std::memcpy(&len, b.data() + 1, 4); len = ntohl(len); }
+  if (call->method == kCounted - 1) {
+    call->Answer(12, "method " + call->path + " is not served by serve-native's h2 engine (it serves Predict, "
+                     "inference.GRPCInferenceService's unary methods and grpc.health.v1.Health/Check)");
+    return;
+  }
+  std::string message;
+  if (b.size() < 5 || b.size() - 5 != len) {
+    if (call->method == -2) call->method = -1;  // not counted, as grpc++'s health service
+    call->Answer(13, b.size() > kMaxMessage ? "request: larger than 4 MiB" : "request: not one gRPC message");
+    return;
+  }
+  if (b[0] != 0) { call->Answer(12, "request: compressed messages are not served (grpc-encoding identity)"); return; }
+  message.assign(b, 5, len);
+  if (call->method == -2) {  // Health/Check {service 1} -> {status 1: SERVING 1, NOT_SERVING 2}
+    call->method = -1;
+    std::string service;
+    size_t at = 0;
+    Field f;
+    while (at < message.size() && next_field(message, &at, &f)) if (f.number == 1 && f.delimited) service = message.substr(f.start, f.len);
+    if (!service.empty() && service != kService) { call->Answer(5, "unknown service " + service); return; }
+    call->Answer(0, health_serving ? std::string("\x08\x01", 2) : std::string("\x08\x02", 2));
+    return;
+  }
+  if (cfg.echo) { call->Answer(0, std::string()); return; }
+  if (call->method >= kForwarded) {  // ServerLive, ServerReady
+    bool yes = call->method == kForwarded;
+    if (!yes) { std::lock_guard<std::mutex> lk(mu); yes = !draining && live_workers > 0; }
+    call->Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
+    return;
+  }
+  if (cfg.access_log) access_fields(call->method, false, message, &call->access);
+  std::string refusal;
+  if (kMethods[call->method].infer) {
+    int denied = check_token(call->auth, kMethods[call->method].path, &refusal);
+    if (denied) { call->Answer(denied, refusal); return; }
+  }
+  int code = admit(call, call->method, std::move(message), call->deadline, &refusal);
+  if (code) call->Answer(code, refusal);
+}
+
+static int on_begin_headers(nghttp2_session* s, const nghttp2_frame* frame, void* user) {
+  if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  auto* c = static_cast<Conn*>(user);
+  auto* call = new H2Call(c, frame->hd.stream_id);
+  c->calls.insert(call);
+  nghttp2_session_set_stream_user_data(s, frame->hd.stream_id, call);
+  return 0;
+}
+
+static int on_header(nghttp2_session* s, const nghttp2_frame* frame, const uint8_t* name, size_t namelen,
+                     const uint8_t* value, size_t valuelen, uint8_t, void*) {
+  auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, frame->hd.stream_id));
+  if (call == nullptr || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  std::string n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
+  if (n == ":path") call->path = v;
+  else if (n == "authorization") call->auth = v;
+  else if (n == "grpc-timeout") {
+    long us = timeout_us(v);
+    if (us >= 0 && us < 86400L * 1000000) call->deadline = Clock::now() + std::chrono::microseconds(us);
+  }
+  return 0;
+}
+
+static int on_data(nghttp2_session* s, uint8_t, int32_t id, const uint8_t* data, size_t len, void*) {
+  auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, id));
+  if (call != nullptr && call->body.size() <= kMaxMessage + 5) call->body.append(reinterpret_cast<const char*>(data), len);
+  return 0;
+}
+
+static int on_frame_recv(nghttp2_session* s, const nghttp2_frame* frame, void*) {
+  bool request = frame->hd.type == NGHTTP2_DATA ||
+                 (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST);
+  if (!request || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;
+  auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, frame->hd.stream_id));
+  if (call != nullptr && !call->received) handle(call);
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session* s, int32_t id, uint32_t, void* user) {
+  auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, id));
+  if (call == nullptr || static_cast<Conn*>(user)->dead) return 0;  // a dead connection settles its calls itself
+  nghttp2_session_set_stream_user_data(s, id, nullptr);
+  if (!call->received || call->submitted) forget(call);  // nothing else holds it
+  else call->closed = true;  // queued or at a worker: its Answer forgets it
+  return 0;
+}
+
+static void watch(Conn* c, bool out) {
+  if (c->watching_out == out) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN | (out ? EPOLLOUT : 0);
+  ev.data.ptr = c;
+  epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
+  c->watching_out = out;
+}
+
+static bool flush(Conn* c) {  // false: the connection is done
+  for (;;) {
+    const uint8_t* data;
+    ssize_t n = nghttp2_session_mem_send(c->session, &data);
+    if (n < 0) return false;
+    if (n == 0) break;
+    c->out.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
+  }
+  while (!c->out.empty()) {
+    ssize_t w = ::write(c->fd, c->out.data(), c->out.size());
+    if (w < 0) {
+      if (errno == EAGAIN || errno == EINTR) break;
+      return false;
+    }
+    c->out.erase(0, static_cast<size_t>(w));
+  }
+  watch(c, !c->out.empty());
+  return !c->out.empty() || nghttp2_session_want_read(c->session) || nghttp2_session_want_write(c->session);
+}
+
+static void close_conn(Conn* c) {
+  epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, nullptr);
+  ::close(c->fd);
+  c->dead = true;
+  nghttp2_session_del(c->session);
+  c->session = nullptr;
+  std::vector<H2Call*> done;
+  for (H2Call* call : c->calls) {
+    if (!call->received || call->submitted) done.push_back(call);
+    else call->closed = true;  // queued or at a worker: its Answer forgets it
+  }
+  for (H2Call* call : done) { c->calls.erase(call); delete call; }
+  if (c->calls.empty()) delete c;
+}
+
+static int listen_on(const std::string& addr, int* port) {
+  auto colon = addr.rfind(':');
+  std::string host = addr.substr(0, colon);
+  if (host.size() > 1 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  *port = std::atoi(addr.c_str() + colon + 1);
+  bool v6 = host.find(':') != std::string::npos;
+  int fd = ::socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_storage ss{};
+  socklen_t len;
+  if (v6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(static_cast<uint16_t>(*port));
+    if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1) return -1;
+    len = sizeof(*a);
+  } else {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(static_cast<uint16_t>(*port));
+    if (host == "0.0.0.0" || host.empty()) a->sin_addr.s_addr = htonl(INADDR_ANY);
+    else if (host == "localhost") a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1) return -1;
+    len = sizeof(*a);
+  }
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), len) || ::listen(fd, 1024) ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len)) {
+    ::close(fd);
+    return -1;
+  }
+  *port = ntohs(v6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  return fd;
+}
+
+// The loop: never returns.
+static int serve() {
+  int port = 0, ls = listen_on(cfg.addr, &port);
+  if (ls < 0) { std::fprintf(stderr, "frontend: cannot listen on %s\n", cfg.addr.c_str()); return 1; }
+  nghttp2_session_callbacks* cbs;
+  nghttp2_session_callbacks_new(&cbs);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+  epfd = epoll_create1(0);
+  mailfd = eventfd(0, EFD_NONBLOCK);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = &ls;
+  epoll_ctl(epfd, EPOLL_CTL_ADD, ls, &ev);
+  ev.data.ptr = &mailfd;
+  epoll_ctl(epfd, EPOLL_CTL_ADD, mailfd, &ev);
+  in_loop = true;
+  emit("{\"event\": \"serving\", \"port\": " + std::to_string(port) + "}");
+  epoll_event events[128];
+  static char buf[1 << 16];
+  std::vector<Mail> mail;
+  std::set<Conn*> touched;
+  for (;;) {
+    int n = epoll_wait(epfd, events, 128, -1);
+    touched.clear();
+    for (int i = 0; i < n; ++i) {
+      void* p = events[i].data.ptr;
+      if (p == &ls) {
+        int fd;
+        while ((fd = ::accept4(ls, nullptr, nullptr, SOCK_NONBLOCK)) >= 0) {
+          int one = 1;
+          setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+          auto* c = new Conn{fd};
+          nghttp2_session_server_new(&c->session, cbs, c);
+          std::vector<nghttp2_settings_entry> s = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20}};
+          if (cfg.max_streams > 0) s.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, static_cast<uint32_t>(cfg.max_streams)});
+          nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, s.data(), s.size());
+          nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, 16 << 20);
+          epoll_event cev{};
+          cev.events = EPOLLIN;
+          cev.data.ptr = c;
+          epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &cev);
+          touched.insert(c);
+        }
+        continue;
+      }
+      if (p == &mailfd) {
+        uint64_t v;
+        ssize_t r = ::read(mailfd, &v, 8);
+        (void)r;
+        {
+          std::lock_guard<std::mutex> lk(mail_mu);
+          mail.swap(mailbox);
+        }
+        for (auto& m : mail) {
+          Conn* c = m.call->conn;
+          bool alive = !c->dead;
+          finish(m.call, m.code, m.bytes);
+          if (alive) touched.insert(c);
+        }
+        mail.clear();
+        continue;
+      }
+      auto* c = static_cast<Conn*>(p);
+      if (c->dead) continue;
+      bool alive = true;
+      if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        // at most 16 reads (1 MiB) a turn: a client streaming large requests must not starve the others (epoll
+        // is level-triggered, so what is left is read on the next turn)
+        for (int reads = 0; reads < 16; ++reads) {
+          ssize_t r = ::read(c->fd, buf, sizeof(buf));
+          if (r > 0) {
+            if (nghttp2_session_mem_recv(c->session, reinterpret_cast<uint8_t*>(buf), static_cast<size_t>(r)) < 0) {
+              alive = false;
+              break;
+            }
+            if (r < static_cast<ssize_t>(sizeof(buf))) break;
+            continue;
+          }
+          if (r < 0 && (errno == EAGAIN || errno == EINTR)) break;
+          alive = false;
+          break;
+        }
+      }
+      if (alive) touched.insert(c);
+      else close_conn(c);
+    }
+    for (Conn* c : touched) if (!c->dead && !flush(c)) close_conn(c);
+  }
+}
+}  // namespace h2e
 
 static int usage(const std::string& why) {
   std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
                "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N --max-streams N "
                "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH --reflection PATH --access-log "
-               "--sched-batch | --echo)\n",
+               "--sched-batch --engine grpc|h2 | --echo)\n",
                why.c_str());
   return 2;
 }
@@ -1147,6 +1581,11 @@ int main(int argc, char** argv) {
     if (k == "--sched-batch") { cfg.sched_batch = true; continue; }
     if (i + 1 >= argc) return usage(k + " needs a value");
     std::string v = argv[++i];
+    if (k == "--engine") {
+      if (v != "grpc" && v != "h2") return usage("--engine: grpc or h2, not " + v);
+      cfg.h2 = v == "h2";
+      continue;
+    }
     char* end = nullptr;
     long n = std::strtol(v.c_str(), &end, 10);
     bool number = end != v.c_str() && *end == '\0' && n >= 0;
@@ -1172,6 +1611,7 @@ int main(int argc, char** argv) {
   if (!cfg.echo && cfg.sock.empty()) return usage("--socket is required (or --echo)");
   if (cfg.tls_cert.empty() != cfg.tls_key.empty()) return usage("--tls-cert and --tls-key go together");
   if (!cfg.tls_client_ca.empty() && cfg.tls_cert.empty()) return usage("--tls-client-ca needs --tls-cert");
+  if (cfg.h2 && !cfg.tls_cert.empty()) return usage("--engine h2 serves h2c only: no --tls-cert (use --engine grpc)");
   // SIGTERM / SIGINT go to the drain thread only (blocked here, before any thread starts, so all inherit it)
   sigset_t stop;
   sigemptyset(&stop);
@@ -1190,6 +1630,16 @@ int main(int argc, char** argv) {
       std::perror("worker socket");
       return 1;
     }
+  }
+  if (cfg.h2) {
+    set_health(cfg.echo);
+    std::thread(drain_on_signal, stop).detach();
+    if (!cfg.echo) {
+      std::thread(accept_workers, ls).detach();
+      std::thread(report_stats).detach();
+      std::thread(read_orders).detach();
+    }
+    return h2e::serve();
   }
   grpc::EnableDefaultHealthCheckService(true);
   int port = 0;

@@ -102,6 +102,7 @@ class NativeConfig:
     allocator: Allocator = Allocator.AUTO  # malloc of the frontend and its workers
     frontend_sched_batch: bool = True  # the frontend's dispatcher threads under SCHED_BATCH (--sched-batch)
     max_streams: int = 256  # HTTP/2 streams in flight per client connection (0: grpc's default, unbounded)
+    engine: str = "grpc"  # the frontend's HTTP/2 engine: grpc (grpc++) or h2 (nghttp2: h2c, unary methods only)
 
     @property
     def drain_s(self) -> float:
@@ -115,6 +116,7 @@ class NativeConfig:
                 "--max-queue-us", str(round(self.max_queue_wait_ms * 1000)),
                 "--cost-us", str(self.request_cost_us), "--cost-ns-per-byte", str(self.byte_cost_ns),
                 "--grace-ms", str(round(self.grace_s * 1000)), "--max-streams", str(self.max_streams),
+                "--engine", self.engine,
                 *self.credential_args(),
                 *(["--access-log"] if self.access_log else []),
                 *(["--sched-batch"] if self.frontend_sched_batch else [])]
