@@ -1,11 +1,12 @@
-"""`inference-gateway serve-native` as real processes: the native frontend (grpc++, built by
-inference_gateway.native.build) over supervised Python workers. Workers answer what the package
-computes in-process, also for requests merged into one batch; a bad request gets serve's error and
-spoils no other; the Open Inference Protocol works with Triton's own client; Predict and ModelInfer
-need the predict token, and mutual TLS keeps out other clients; the workers map one copy of the
-tables; a worker killed with SIGKILL is replaced while health stays SERVING; overload is refused
-RESOURCE_EXHAUSTED at arrival; SIGTERM drains and exits 0. One gateway serves the module (the suite's
-time budget), so the tests run in file order: the last one stops it."""
+"""`inference-gateway serve-native` as real processes: the native frontend (built by
+inference_gateway.native.build) over supervised Python workers, on each of its HTTP/2 engines (grpc++, and
+nghttp2: --engine h2), every test against both. Workers answer what the package computes in-process, also for
+requests merged into one batch; a bad request gets serve's error and spoils no other; the Open Inference
+Protocol works with Triton's own client; Predict and ModelInfer need the predict token, and mutual TLS keeps
+out other clients; the workers map one copy of the tables; a worker killed with SIGKILL is replaced while
+health stays SERVING; calls a client cancels while queued are dropped before compute; overload is refused
+RESOURCE_EXHAUSTED at arrival; SIGTERM drains and exits 0. One gateway per engine serves the module (the
+suite's time budget), so the tests run in file order: the last one stops it."""
 
 from __future__ import annotations
 
@@ -51,10 +52,12 @@ def package(tmp_path_factory):
     return root / "v1"
 
 
-@pytest.fixture(scope="module")
-def gw(package, tmp_path_factory):
+@pytest.fixture(scope="module", params=["grpc", "h2"])
+def gw(package, tmp_path_factory, request):
     g = launch_native(["--model", str(package), "--workers", str(WORKERS), "--max-wait-ms", "2", "--grace-s", "20",
-                       "--access-log"], workdir=tmp_path_factory.mktemp("native"))
+                       "--access-log", "--engine", request.param], workdir=tmp_path_factory.mktemp("native"))
+    g.engine = request.param
+    assert g.announced["engine"] == request.param
     yield g
     g.kill()
 
@@ -74,12 +77,6 @@ def workers(g) -> list[int]:
 
 
 def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing(gw, package):
-    answers_match_the_package(gw, package)
-
-
-def answers_match_the_package(gw, package) -> None:
-    """Merged batches score as the package does, a bad request gets serve's error alone, the counters count
-    (tests/test_native_h2.py runs it on the h2 engine too)."""
     s = stub(gw)
     model = ServingModel(load_package(package))
     reqs = [ragged(1 + k % 3, 100 + k) for k in range(24)]
@@ -216,10 +213,6 @@ def test_reflection_describes_the_inference_port(gw):
 
 
 def test_the_open_inference_protocol_with_tritons_own_client(gw, package):
-    oip_answers_as_serve(gw, package)
-
-
-def oip_answers_as_serve(gw, package) -> None:
     """tritonclient.grpc, unchanged: readiness, metadata, every input form serve takes, the same scores as
     the package, ModelInfer and Predict merged in one batch, and serve's errors."""
     client = triton.InferenceServerClient(url=gw.address)
@@ -323,6 +316,7 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
                        "--tls-client-ca", certs["ca"], "--access-log"],
                       workdir=tmp_path / "gw")
     try:
+        assert g.announced["engine"] == "grpc"  # --engine auto picks grpc++ for TLS
         pem = {k: Path(certs[k]).read_bytes() for k in ("ca", "cert", "key", "other_ca", "other_key")}
         creds = grpc.ssl_channel_credentials(pem["ca"], private_key=pem["key"], certificate_chain=pem["cert"])
         req = build_request(*ragged(2, 4))
@@ -426,11 +420,12 @@ def policies(pid: int) -> dict[str, set[int]]:
 
 def test_the_dispatchers_run_under_sched_batch_and_grpcs_threads_do_not(gw):
     """--frontend-scheduling batch (the default): the frontend's dispatcher threads (one per worker) are
-    SCHED_BATCH, so a woken dispatcher does not preempt a worker's batch; gRPC's threads, which refuse
-    overload, and the workers keep the default policy."""
+    SCHED_BATCH, so a woken dispatcher does not preempt a worker's batch; the threads that accept and refuse
+    calls (gRPC's, or the h2 engine's loop), and the workers keep the default policy."""
     threads = policies(gw.announced["frontend_pid"])
     assert threads.pop("dispatcher") == {os.SCHED_BATCH}, threads
-    assert len(threads) > 2 and set().union(*threads.values()) == {os.SCHED_OTHER}, threads
+    assert set().union(*threads.values()) == {os.SCHED_OTHER}, threads
+    assert len(threads) > (2 if gw.engine == "grpc" else 0), threads  # grpc++ names its threads
     assert {os.sched_getscheduler(p) for p in workers(gw)} == {os.SCHED_OTHER}
 
 
@@ -490,11 +485,15 @@ def test_a_killed_worker_is_replaced_while_health_stays_serving(gw, package):
 
 def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
     """The management health (the readiness probe's) also needs a worker: every worker killed, it says
-    NOT_SERVING until the supervisor's replacements connect, then SERVING, and Predict answers again."""
+    NOT_SERVING until the supervisor's replacements connect, then SERVING, and Predict answers again; a
+    Health/Watch stream on the inference port is told each change."""
     def ready() -> int:
         return health(gw, "recsys.v1.InferenceGateway", gw.announced["management_port"])
 
     assert ready() == health_pb2.HealthCheckResponse.SERVING
+    watch_channel = grpc.insecure_channel(gw.address)  # Health/Watch on the inference port sees the same turn
+    watched = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(), timeout=90)
+    statuses = [next(watched).status]
     victims = workers(gw)
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -505,6 +504,12 @@ def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
         seen.append(ready())
         time.sleep(0.05)
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING
+    while statuses[-1] != health_pb2.HealthCheckResponse.SERVING or len(statuses) < 3:
+        statuses.append(next(watched).status)
+    watched.cancel()
+    watch_channel.close()
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert statuses == [serving, not_serving, serving], statuses  # each change once, in order
     assert not set(victims) & set(workers(gw))
     sample = ragged(2, 9)
     np.testing.assert_allclose(scores_of(stub(gw).Predict(build_request(*sample), timeout=30)),
@@ -512,11 +517,57 @@ def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
                                    *(torch.from_numpy(a) for a in sample)).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_calls_cancelled_while_queued_are_dropped_before_compute(gw):
+    """A backlog of heavy requests, then light ones on another connection that the client cancels (RST_STREAM)
+    while they wait behind it: they are dropped before compute (counted as expired), the backlog is answered,
+    and the gateway goes on serving."""
+    time.sleep(1.2)
+    expired = prom.value(gw.metrics_port, "gateway_expired_total")
+    heavy = build_request(*ragged(4096, 13)).SerializeToString()
+    light = build_request(*ragged(1, 3)).SerializeToString()
+    own = [("grpc.use_local_subchannel_pool", 1)]  # its own connection: not queued behind the backlog's bytes
+    with grpc.insecure_channel(gw.address) as ch, grpc.insecure_channel(gw.address, options=own) as other:
+        backlog = [ch.unary_unary(PREDICT).future(heavy, timeout=120) for _ in range(200)]  # ~1 s for 2 workers
+        backlog[0].result()
+        gone = [other.unary_unary(PREDICT).future(light, timeout=120) for _ in range(20)]
+        time.sleep(0.05)  # arrived, queued behind the backlog
+        cancelled = [f for f in gone if f.cancel()]
+        assert len(cancelled) >= 10, [f.code() for f in gone if not f.cancelled()]
+        assert all(len(f.result()) > 4096 * 4 for f in backlog)
+        assert scores_of(inference_pb2_grpc.InferenceGatewayStub(other).Predict(
+            build_request(*ragged(3, 4)), timeout=30)).shape == (3,)
+    time.sleep(1.2)
+    assert prom.value(gw.metrics_port, "gateway_expired_total") - expired >= len(cancelled) // 2
+
+
 def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):
     """A request whose deadline is shorter than the expected queue wait is refused RESOURCE_EXHAUSTED at
     once; then SIGTERM while requests are in flight: every accepted one is answered, exit code 0."""
-    refused_at_arrival(gw)
     s = stub(gw)
+    # a backlog of 4096-sample requests (one a batch, several ms each; sent pre-serialized, so the client
+    # queues them faster than the workers score them) with long deadlines, then probes with 20 ms deadlines
+    # from one thread while it is worked through
+    heavy = build_request(*ragged(4096, 13)).SerializeToString()
+    send = grpc.insecure_channel(gw.address).unary_unary(PREDICT)
+    backlog = [send.future(heavy, timeout=120) for _ in range(120)]
+    backlog[0].result()
+    probe = build_request(*ragged(16, 11))
+    results = []
+    for _ in range(30):
+        t = time.perf_counter()
+        try:
+            s.Predict(probe, timeout=0.02)
+            results.append(("OK", 0.0, ""))
+        except grpc.RpcError as e:
+            results.append((e.code().name, time.perf_counter() - t, e.details()))
+    refused = [(t, d) for c, t, d in results if c == "RESOURCE_EXHAUSTED"]
+    assert len(refused) >= 20, [c for c, _, _ in results]
+    assert all("expected queue wait" in d and "deadline" in d for _, d in refused), refused[:3]
+    assert sorted(t for t, _ in refused)[len(refused) // 2] < 0.01  # median: answered at arrival, not timed out
+    assert {c for c, _, _ in results} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    assert all(len(f.result()) > 4096 * 4 for f in backlog)  # the backlog itself is answered
+    time.sleep(1.2)
+    assert prom.value(gw.metrics_port, "gateway_admission_refusals_total") >= len(refused)
     prom_ok = prom.value(gw.metrics_port, "gateway_requests_total", method="Predict", code="OK")
     # SIGTERM with a backlog queued: every request the frontend received is answered (OK), none is cut off;
     # requests that arrive after SIGTERM are refused UNAVAILABLE; no child outlives the supervisor
@@ -540,40 +591,6 @@ def test_overload_is_refused_at_arrival_and_sigterm_drains(gw):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details(), e.value
     finally:
         opened.put(None)
-    sigterm_answers_what_was_received(gw, prom_ok, futures, sigterm)
-
-
-def refused_at_arrival(gw) -> None:
-    """A backlog of 4096-sample requests (one a batch, several ms each; sent pre-serialized, so the client
-    queues them faster than the workers score them) with long deadlines, then probes with 20 ms deadlines
-    from one thread while it is worked through: most are refused RESOURCE_EXHAUSTED at arrival."""
-    s = stub(gw)
-    heavy = build_request(*ragged(4096, 13)).SerializeToString()
-    send = grpc.insecure_channel(gw.address).unary_unary(PREDICT)
-    backlog = [send.future(heavy, timeout=120) for _ in range(120)]
-    backlog[0].result()
-    probe = build_request(*ragged(16, 11))
-    results = []
-    for _ in range(30):
-        t = time.perf_counter()
-        try:
-            s.Predict(probe, timeout=0.02)
-            results.append(("OK", 0.0, ""))
-        except grpc.RpcError as e:
-            results.append((e.code().name, time.perf_counter() - t, e.details()))
-    refused = [(t, d) for c, t, d in results if c == "RESOURCE_EXHAUSTED"]
-    assert len(refused) >= 20, [c for c, _, _ in results]
-    assert all("expected queue wait" in d and "deadline" in d for _, d in refused), refused[:3]
-    assert sorted(t for t, _ in refused)[len(refused) // 2] < 0.01  # median: answered at arrival, not timed out
-    assert {c for c, _, _ in results} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
-    assert all(len(f.result()) > 4096 * 4 for f in backlog)  # the backlog itself is answered
-    time.sleep(1.2)
-    assert prom.value(gw.metrics_port, "gateway_admission_refusals_total") >= len(refused)
-
-
-def sigterm_answers_what_was_received(gw, prom_ok: float, futures: list, sigterm: float) -> None:
-    """After SIGTERM with `futures` in flight: each is OK or refused UNAVAILABLE as draining, the frontend and
-    the supervisor exit 0 well inside the grace, nothing received was dropped, no child is left."""
     codes = []
     for f in futures:
         try:

@@ -1,9 +1,10 @@
-// serve-native's frontend: grpc++ accepts Predict and Open Inference Protocol ModelInfer calls, a dynamic
-// batcher queues their raw bytes, and one
-// dispatcher thread per connected Python worker (unix socket) hands that worker whole batches (at most
-// --max-batch requests and --max-batch-bytes, waiting at most --max-delay-us for more) and answers each
-// call from the worker's reply. Why native: a Python gRPC server spends ~0.3 ms of CPU per unary call
-// before any model work; grpc++ spends ~15 us on its unary path (benchmarks/gateway_frontend.md).
+// serve-native's frontend: an HTTP/2 engine accepts Predict and Open Inference Protocol ModelInfer calls, a
+// dynamic batcher queues their raw bytes, and one dispatcher thread per connected Python worker (unix socket)
+// hands that worker whole batches (at most --max-batch requests and --max-batch-bytes, waiting at most
+// --max-delay-us for more) and answers each call from the worker's reply. Why native: a Python gRPC server
+// spends ~0.3 ms of CPU per unary call before any model work. Two engines serve the same methods: --engine h2
+// (namespace h2e below: one epoll thread on nghttp2, ~1.5 us of CPU a call, h2c only) and --engine grpc
+// (grpc++'s callback API, ~12-23 us a call, also TLS); benchmarks/h2_floor.py and gateway_frontend.md.
 //
 // Workers connect at any time (the supervisor replaces one that dies); gRPC health (the default health
 // service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. The
@@ -55,6 +56,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <nghttp2/nghttp2.h>
@@ -185,10 +187,13 @@ static void emit(const std::string& json) {
   std::fflush(stdout);
 }
 
-static std::atomic<bool> health_serving{false};  // --engine h2's Health/Check reads it
+static std::atomic<bool> health_serving{false};  // --engine h2's health service reads it
+static void (*h2_health_changed)() = nullptr;    // --engine h2: tells its Health/Watch streams (on its loop)
+static void (*h2_drain_streams)() = nullptr;     // --engine h2: SIGTERM's end of its streams (on its loop)
 
 static void set_health(bool serving) {
   health_serving = serving;
+  if (h2_health_changed != nullptr) h2_health_changed();
   if (server_ == nullptr) return;
   auto* h = server_->GetHealthCheckService();
   h->SetServingStatus("", serving);
@@ -912,7 +917,11 @@ static void dispatch(int fd, long pid) {
     dropped.clear();
     {
       std::unique_lock<std::mutex> lk(mu);
-      cv.wait(lk, [pid] { return !queue_.empty() || retiring.count(pid); });
+      // idle, it looks at its worker every 200 ms: one that died between batches is dropped then (health goes
+      // NOT_SERVING with the last one), not when the next request comes
+      while (!cv.wait_for(lk, std::chrono::milliseconds(200), [pid] { return !queue_.empty() || retiring.count(pid); })) {
+        if (peer_closed(fd)) break;
+      }
       auto full = [] {
         return static_cast<int>(queue_.size()) >= cfg.max_batch || queued_bytes >= cfg.max_batch_bytes;
       };
@@ -1122,6 +1131,7 @@ static void drain_on_signal(sigset_t set) {
     std::lock_guard<std::mutex> lk(streams_mu);
     for (auto* stream : streams) stream->Drain();
   }
+  if (h2_drain_streams != nullptr) h2_drain_streams();
   std::vector<Item> stranded;  // queued at the grace's end with no worker to take them (none is replaced now)
   {
     std::lock_guard<std::mutex> lk(mu);
@@ -1138,31 +1148,52 @@ static void drain_on_signal(sigset_t set) {
   std::_Exit(0);
 }
 
-// --engine h2: the unary calls served on nghttp2 instead of grpc++ (benchmarks/h2_floor.py: a call costs
-// nghttp2 ~1.5 us of CPU, grpc++ 12-23 us, so W1's refusals and answers cost the frontend a tenth). One epoll
-// thread owns every connection and nghttp2 session; the dispatchers hand their answers to it through a mailbox
-// and an eventfd. Served: Predict, ModelInfer and the OIP's other unary methods, grpc.health.v1.Health/Check,
-// with the same admission, batching, deadlines (grpc-timeout), tokens, counters and access log as grpc++'s;
-// not (yet): TLS, PredictStream, reflection, Health/Watch (UNIMPLEMENTED), so serve-native refuses
-// --engine h2 with TLS.
+// --engine h2: the same calls served on nghttp2 instead of grpc++ (benchmarks/h2_floor.py: a call costs nghttp2
+// ~1.5 us of CPU, grpc++ 12-23 us, so W1's answers and refusals cost the frontend a tenth). One epoll thread owns
+// every connection and nghttp2 session; the dispatchers hand it their answers through a mailbox and an eventfd.
+// Served as on grpc++: Predict, PredictStream, the OIP's methods, grpc.health.v1.Health (Check and Watch) and,
+// with --reflection, server reflection, with the same admission, batching, deadlines (grpc-timeout), tokens,
+// counters, access log and drain. Not: TLS (serve-native picks grpc++ for it), compressed messages
+// (UNIMPLEMENTED; grpc clients send identity unless asked).
 namespace h2e {
 struct Conn;
-static const char* kHealthCheck = "/grpc.health.v1.Health/Check";
 static const size_t kMaxMessage = 4 << 20;  // grpc's default receive limit
+enum class Kind { kUnary, kStream, kReflect, kWatch };  // kStream: PredictStream
+static const char* kReflectV1a = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+static const char* kReflectV1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+static const char* kWatchPath = "/grpc.health.v1.Health/Watch";
 
-struct H2Call : public Sink {
+// What the dispatchers answer through: Answer from any thread, Deliver on the loop (through the mailbox).
+class LoopSink : public Sink {
+ public:
+  virtual void Deliver(int code, const std::string& bytes) = 0;
+  void Post(int code, const std::string& bytes);
+};
+
+// One HTTP/2 stream: a unary call (its request whole at END_STREAM, one answer) or a streaming one
+// (PredictStream, reflection: each request message answered in turn; Health/Watch: statuses as they change).
+struct H2Call : public LoopSink {
   Conn* conn;
   int32_t id;
-  int method = -1;  // kMethods' index, kForwarded.. for ServerLive / ServerReady, -2: health, -1: other
-  std::string path, auth, body, out;  // out: the answer's DATA (gRPC frame), sent by the data provider
+  Kind kind = Kind::kUnary;
+  int method = -1;  // counted as: kMethods' index, kForwarded.. ServerLive / ServerReady, kCounted-1 other; -1 not
+  std::string path, auth, body, out;  // body: the request bytes so far; out: DATA not yet handed to nghttp2
   Clock::time_point deadline = Clock::time_point::max();
   Access access;
-  std::atomic<bool> closed{false};  // the stream ended before the answer (client cancelled, connection lost)
-  bool received = false;            // the whole request is in (END_STREAM): it will be answered once
-  bool submitted = false;           // the loop submitted the answer (then the stream's close deletes it)
+  std::atomic<bool> closed{false};  // the stream ended first (client cancelled, connection lost): answers dropped
+  bool received = false;    // unary: the whole request is in; streaming: the call started (headers answered)
+  bool submitted = false;   // unary: the answer is with nghttp2; streaming: the response headers are
+  bool half_closed = false; // streaming: the client sent END_STREAM (or no more is read: drain, error)
+  bool deferred = false;    // the data provider found nothing to send and waits for resume
+  int in_flight = 0;        // streaming: messages at the workers (each holds this call)
+  int final_code = -1;      // streaming: the status its trailers carry once `out` is sent (-1: not decided)
+  std::string final_message, watched;  // watched: Health/Watch's service; its last status sent in `watch_sent`
+  int watch_sent = -1;
   H2Call(Conn* c, int32_t i) : conn(c), id(i) {}
   void Answer(int code, const std::string& bytes) override;
+  void Deliver(int code, const std::string& bytes) override;
   bool Cancelled() const override { return closed.load(); }
+  bool pending() const { return kind == Kind::kUnary ? received && !submitted : in_flight > 0; }
 };
 
 struct Conn {
@@ -1176,17 +1207,13 @@ struct Conn {
 static int epfd = -1, mailfd = -1;
 static thread_local bool in_loop = false;
 static std::mutex mail_mu;
-struct Mail { H2Call* call; int code; std::string bytes; };
+struct Mail { LoopSink* sink; int code; std::string bytes; };
 static std::vector<Mail> mailbox;
+static std::set<Conn*> conns, graveyard;  // live connections; dead ones whose calls are still answered
+static std::set<Conn*>* touched_now = nullptr;  // the loop's connections to flush this turn
 
-static void finish(H2Call* call, int code, const std::string& bytes);
-
-void H2Call::Answer(int code, const std::string& bytes) {
-  if (method >= 0) {
-    ++::answered[method][code < 0 || code > 16 ? 2 : code];
-    if (cfg.access_log) log_access(method, code, bytes, &access);
-  }
-  if (in_loop) { finish(this, code, bytes); return; }
+void LoopSink::Post(int code, const std::string& bytes) {
+  if (in_loop) { Deliver(code, bytes); return; }
   bool first;
   {
     std::lock_guard<std::mutex> lk(mail_mu);
@@ -1214,42 +1241,68 @@ static std::string percent_encoded(const std::string& m) {  // grpc-message: pri
   return out;
 }
 
-static ssize_t read_answer(nghttp2_session* session, int32_t id, uint8_t* buf, size_t length, uint32_t* flags,
-                           nghttp2_data_source* source, void*) {
+static void frame_into(std::string* out, const std::string& message) {  // one gRPC message: flag, length, bytes
+  out->push_back(0);
+  uint32_t len = htonl(static_cast<uint32_t>(message.size()));
+  out->append(reinterpret_cast<char*>(&len), 4);
+  *out += message;
+}
+
+static void forget(H2Call* call) {  // on the loop: the call is done with (its connection may be too)
+  Conn* c = call->conn;
+  c->calls.erase(call);
+  delete call;
+  if (c->dead && c->calls.empty()) graveyard.insert(c);
+}
+
+// The DATA of a call: what `out` holds; then, once the call is done, its trailers. A streaming call with nothing
+// to send yet waits (resumed by `kick`).
+static ssize_t read_out(nghttp2_session* session, int32_t id, uint8_t* buf, size_t length, uint32_t* flags,
+                        nghttp2_data_source* source, void*) {
   auto* call = static_cast<H2Call*>(source->ptr);
   size_t n = std::min(length, call->out.size());
   std::memcpy(buf, call->out.data(), n);
   call->out.erase(0, n);
-  if (call->out.empty()) {
-    *flags = NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+  if (!call->out.empty()) return static_cast<ssize_t>(n);
+  bool done = call->kind == Kind::kUnary || call->final_code >= 0 ||
+              (call->kind != Kind::kWatch && call->half_closed && call->in_flight == 0);  // a watch ends on drain
+  if (!done) {
+    if (n) return static_cast<ssize_t>(n);
+    call->deferred = true;
+    return NGHTTP2_ERR_DEFERRED;
+  }
+  *flags = NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+  int code = std::max(0, call->final_code);
+  if (code == 0) {
     nghttp2_nv trailer[] = {header("grpc-status", kZero, false)};
     nghttp2_submit_trailer(session, id, trailer, 1);
+  } else {
+    std::string status = std::to_string(code), message = percent_encoded(call->final_message);
+    nghttp2_nv trailer[] = {header("grpc-status", status, true), header("grpc-message", message, true)};
+    nghttp2_submit_trailer(session, id, trailer, 2);
   }
   return static_cast<ssize_t>(n);
 }
 
-static void forget(H2Call* call) {  // under the loop: the call is done with
-  Conn* c = call->conn;
-  c->calls.erase(call);
-  delete call;
-  if (c->dead && c->calls.empty()) delete c;
+static void kick(H2Call* call) {  // a streaming call has more to send (or is done): its data provider runs again
+  if (call->deferred && !call->conn->dead) {
+    call->deferred = false;
+    nghttp2_session_resume_data(call->conn->session, call->id);
+  }
+  if (!call->conn->dead && touched_now != nullptr) touched_now->insert(call->conn);
 }
 
-// The loop thread: the answer on the wire (or, when the stream is gone, the call forgotten).
+// A unary call's answer, on the loop: DATA and trailers, or trailers only (a refusal, an error).
 static void finish(H2Call* call, int code, const std::string& bytes) {
   if (call->closed || call->conn->dead) { forget(call); return; }
   call->submitted = true;
   nghttp2_session* s = call->conn->session;
   if (code == 0) {
-    call->out.reserve(5 + bytes.size());
-    call->out.push_back(0);
-    uint32_t len = htonl(static_cast<uint32_t>(bytes.size()));
-    call->out.append(reinterpret_cast<char*>(&len), 4);
-    call->out += bytes;
+    frame_into(&call->out, bytes);
     nghttp2_nv h[] = {header(":status", k200, false), header("content-type", kGrpc, false)};
     nghttp2_data_provider data{};
     data.source.ptr = call;
-    data.read_callback = read_answer;
+    data.read_callback = read_out;
     nghttp2_submit_response(s, call->id, h, 2, &data);
   } else {
     std::string status = std::to_string(code), message = percent_encoded(bytes);
@@ -1257,7 +1310,48 @@ static void finish(H2Call* call, int code, const std::string& bytes) {
                       header("grpc-status", status, true), header("grpc-message", message, true)};
     nghttp2_submit_response(s, call->id, h, 4, nullptr);  // trailers-only
   }
+  if (touched_now != nullptr) touched_now->insert(call->conn);
 }
+
+void H2Call::Answer(int code, const std::string& bytes) {
+  if (method >= 0) {
+    ++::answered[method][code < 0 || code > 16 ? 2 : code];
+    if (cfg.access_log) log_access(method, code, bytes, &access);
+  }
+  Post(code, bytes);
+}
+
+void H2Call::Deliver(int code, const std::string& bytes) { finish(this, code, bytes); }
+
+// One PredictStream message: admitted and scored as a Predict, its answer written on the stream in turn.
+class StreamMessage : public LoopSink {
+ public:
+  StreamMessage(H2Call* call, const std::string& body) : call_(call), id_(request_id_of(body)) {
+    if (cfg.access_log) access_fields(kStream, false, body, &access_);
+  }
+  void Answer(int code, const std::string& bytes) override {
+    ++::answered[kStream][code < 0 || code > 16 ? 2 : code];
+    if (cfg.access_log) log_access(kStream, code, bytes, &access_);
+    Post(code, bytes);
+  }
+  void Deliver(int code, const std::string& bytes) override {  // on the loop
+    H2Call* call = call_;
+    --call->in_flight;
+    if (call->closed || call->conn->dead) {
+      if (!call->pending()) forget(call);
+    } else {
+      frame_into(&call->out, code == 0 ? bytes : error_response(id_, code, bytes));
+      kick(call);
+    }
+    delete this;
+  }
+  bool Cancelled() const override { return call_->closed.load(); }
+
+ private:
+  H2Call* call_;
+  std::string id_;
+  Access access_;
+};
 
 static long timeout_us(const std::string& v) {  // grpc-timeout: digits and a unit; -1 when malformed
   if (v.size() < 2 || v.size() > 9) return -1;
@@ -1277,63 +1371,135 @@ static long timeout_us(const std::string& v) {  // grpc-timeout: digits and a un
   }
 }
 
+static const int kHealth = -2;  // Health/Check: answered here, not counted (as grpc++'s health service)
 static std::unordered_map<std::string, int> method_numbers() {
   std::unordered_map<std::string, int> m;
-  for (int i = 0; i < kForwarded; ++i) if (i != kStream) m[kMethods[i].path] = i;
+  for (int i = 0; i < kForwarded; ++i) m[kMethods[i].path] = i;
   m[std::string("/inference.GRPCInferenceService/") + kLocal[0]] = kForwarded;
   m[std::string("/inference.GRPCInferenceService/") + kLocal[1]] = kForwarded + 1;
-  m[kHealthCheck] = -2;
+  m["/grpc.health.v1.Health/Check"] = kHealth;
   return m;
 }
 static const std::unordered_map<std::string, int> kNumbers = method_numbers();
 
-// A whole request received (END_STREAM): answered here, refused, or queued for the workers.
-static void handle(H2Call* call) {
+// The service field (1) of a HealthCheckRequest.
+static std::string service_of(const std::string& message) {
+  std::string service;
+  size_t at = 0;
+  Field f;
+  while (at < message.size() && next_field(message, &at, &f)) {
+    if (f.number == 1 && f.delimited) service = message.substr(f.start, f.len);
+  }
+  return service;
+}
+
+// HealthCheckResponse.status (field 1): SERVING 1, NOT_SERVING 2, SERVICE_UNKNOWN 3 (Watch's answer for another
+// service; Check answers NOT_FOUND).
+static int health_of(const std::string& service) {
+  if (!service.empty() && service != kService) return 3;
+  return health_serving ? 1 : 2;
+}
+
+static void watch_update(H2Call* call) {  // a Health/Watch stream: the status, when it changed
+  int now = health_of(call->watched);
+  if (now == call->watch_sent) return;
+  call->watch_sent = now;
+  frame_into(&call->out, std::string("\x08", 1) + static_cast<char>(now));
+  kick(call);
+}
+
+// A whole unary request (END_STREAM): answered here, refused, or queued for the workers.
+static void handle_unary(H2Call* call) {
   call->received = true;
-  auto found = kNumbers.find(call->path);
-  call->method = found == kNumbers.end() ? kCounted - 1 : found->second;
-  if (call->method != -2) arrived();  // health is neither received nor answered in the counters (as grpc++'s)
+  if (call->method != kHealth) arrived();
   const std::string& b = call->body;
   uint32_t len = 0;
   if (b.size() >= 5) { std::memcpy(&len, b.data() + 1, 4); len = ntohl(len); }
-  if (call->method == kCounted - 1) {
-    call->Answer(12, "method " + call->path + " is not served by serve-native's h2 engine (it serves Predict, "
-                     "inference.GRPCInferenceService's unary methods and grpc.health.v1.Health/Check)");
+  int counted = call->method;
+  if (call->method == kHealth) call->method = -1;
+  if (counted == kCounted - 1) {
+    call->Answer(12, "method " + call->path + " is not served by serve-native (it serves recsys.v1.InferenceGateway's "
+                     "Predict and PredictStream, inference.GRPCInferenceService, grpc.health.v1.Health and, with its "
+                     "table, grpc.reflection)");
     return;
   }
-  std::string message;
   if (b.size() < 5 || b.size() - 5 != len) {
-    if (call->method == -2) call->method = -1;  // not counted, as grpc++'s health service
     call->Answer(13, b.size() > kMaxMessage ? "request: larger than 4 MiB" : "request: not one gRPC message");
     return;
   }
   if (b[0] != 0) { call->Answer(12, "request: compressed messages are not served (grpc-encoding identity)"); return; }
-  message.assign(b, 5, len);
-  if (call->method == -2) {  // Health/Check {service 1} -> {status 1: SERVING 1, NOT_SERVING 2}
-    call->method = -1;
-    std::string service;
-    size_t at = 0;
-    Field f;
-    while (at < message.size() && next_field(message, &at, &f)) if (f.number == 1 && f.delimited) service = message.substr(f.start, f.len);
-    if (!service.empty() && service != kService) { call->Answer(5, "unknown service " + service); return; }
-    call->Answer(0, health_serving ? std::string("\x08\x01", 2) : std::string("\x08\x02", 2));
+  std::string message(b, 5, len);
+  if (counted == kHealth) {
+    int status = health_of(service_of(message));
+    if (status == 3) call->Answer(5, "unknown service " + service_of(message));
+    else call->Answer(0, std::string("\x08", 1) + static_cast<char>(status));
     return;
   }
   if (cfg.echo) { call->Answer(0, std::string()); return; }
-  if (call->method >= kForwarded) {  // ServerLive, ServerReady
-    bool yes = call->method == kForwarded;
+  if (counted >= kForwarded) {  // ServerLive, ServerReady
+    bool yes = counted == kForwarded;
     if (!yes) { std::lock_guard<std::mutex> lk(mu); yes = !draining && live_workers > 0; }
     call->Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
     return;
   }
-  if (cfg.access_log) access_fields(call->method, false, message, &call->access);
+  if (cfg.access_log) access_fields(counted, false, message, &call->access);
   std::string refusal;
-  if (kMethods[call->method].infer) {
-    int denied = check_token(call->auth, kMethods[call->method].path, &refusal);
+  if (kMethods[counted].infer) {
+    int denied = check_token(call->auth, kMethods[counted].path, &refusal);
     if (denied) { call->Answer(denied, refusal); return; }
   }
-  int code = admit(call, call->method, std::move(message), call->deadline, &refusal);
+  int code = admit(call, counted, std::move(message), call->deadline, &refusal);
   if (code) call->Answer(code, refusal);
+}
+
+// A streaming call's request headers: its response headers now (messages follow as they are answered), or a
+// refusal in trailers only.
+static void start_stream(H2Call* call) {
+  call->received = true;
+  if (call->kind == Kind::kStream) {
+    std::string refusal;
+    int denied = check_token(call->auth, kMethods[kStream].path, &refusal);
+    if (denied) {
+      arrived();
+      call->method = kStream;
+      call->Answer(denied, refusal);  // trailers only; the stream is not read further
+      call->half_closed = true;
+      return;
+    }
+  }
+  call->submitted = true;
+  nghttp2_nv h[] = {header(":status", k200, false), header("content-type", kGrpc, false)};
+  nghttp2_data_provider data{};
+  data.source.ptr = call;
+  data.read_callback = read_out;
+  nghttp2_submit_response(call->conn->session, call->id, h, 2, &data);
+}
+
+static void stop_stream(H2Call* call, int code, const std::string& message) {  // trailers once `out` is sent
+  if (call->final_code < 0) { call->final_code = code; call->final_message = message; }
+  call->half_closed = true;
+  kick(call);
+}
+
+// One whole message of a streaming call.
+static void stream_message(H2Call* call, const std::string& message) {
+  if (call->kind == Kind::kStream) {
+    arrived();
+    auto* m = new StreamMessage(call, message);
+    ++call->in_flight;
+    std::string refusal;
+    int code = cfg.echo ? 0 : admit(m, kStream, message, call->deadline, &refusal);
+    if (cfg.echo) m->Answer(0, std::string());
+    else if (code) m->Answer(code, refusal);
+  } else if (call->kind == Kind::kReflect) {
+    std::string answer;
+    if (!reflect(message, &answer)) { stop_stream(call, 3, "request: not a ServerReflectionRequest"); return; }
+    frame_into(&call->out, answer);
+    kick(call);
+  } else if (call->kind == Kind::kWatch && call->watch_sent < 0) {
+    call->watched = service_of(message);
+    watch_update(call);
+  }
 }
 
 static int on_begin_headers(nghttp2_session* s, const nghttp2_frame* frame, void* user) {
@@ -1350,27 +1516,67 @@ static int on_header(nghttp2_session* s, const nghttp2_frame* frame, const uint8
   auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, frame->hd.stream_id));
   if (call == nullptr || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
   std::string n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
-  if (n == ":path") call->path = v;
-  else if (n == "authorization") call->auth = v;
-  else if (n == "grpc-timeout") {
+  if (n == ":path") {
+    call->path = v;
+    auto found = kNumbers.find(v);
+    call->method = found == kNumbers.end() ? kCounted - 1 : found->second;
+    if (call->method == kStream) call->kind = Kind::kStream;
+    else if (!reflection_table.empty() && (v == kReflectV1a || v == kReflectV1)) call->kind = Kind::kReflect;
+    else if (v == kWatchPath) call->kind = Kind::kWatch;
+    if (call->kind != Kind::kUnary) call->method = -1;  // a PredictStream is counted per message
+  } else if (n == "authorization") {
+    call->auth = v;
+  } else if (n == "grpc-timeout") {
     long us = timeout_us(v);
     if (us >= 0 && us < 86400L * 1000000) call->deadline = Clock::now() + std::chrono::microseconds(us);
   }
   return 0;
 }
 
+// Whole messages of a streaming call out of its buffered bytes.
+static void split_messages(H2Call* call) {
+  std::string& b = call->body;
+  size_t at = 0;
+  while (!call->half_closed && b.size() - at >= 5) {
+    uint32_t len;
+    std::memcpy(&len, b.data() + at + 1, 4);
+    len = ntohl(len);
+    if (len > kMaxMessage) { stop_stream(call, 8, "request: a message larger than 4 MiB"); break; }
+    if (b.size() - at - 5 < len) break;
+    if (b[at] != 0) { stop_stream(call, 12, "request: compressed messages are not served (grpc-encoding identity)"); break; }
+    stream_message(call, b.substr(at + 5, len));
+    at += 5 + len;
+  }
+  b.erase(0, at);
+}
+
 static int on_data(nghttp2_session* s, uint8_t, int32_t id, const uint8_t* data, size_t len, void*) {
   auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, id));
-  if (call != nullptr && call->body.size() <= kMaxMessage + 5) call->body.append(reinterpret_cast<const char*>(data), len);
+  if (call == nullptr) return 0;
+  if (call->kind == Kind::kUnary) {
+    if (call->body.size() <= kMaxMessage + 5) call->body.append(reinterpret_cast<const char*>(data), len);
+  } else if (!call->half_closed) {
+    call->body.append(reinterpret_cast<const char*>(data), len);
+    split_messages(call);
+  }
   return 0;
 }
 
 static int on_frame_recv(nghttp2_session* s, const nghttp2_frame* frame, void*) {
-  bool request = frame->hd.type == NGHTTP2_DATA ||
-                 (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST);
-  if (!request || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;
+  bool headers = frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST;
+  if (frame->hd.type != NGHTTP2_DATA && !headers) return 0;
   auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, frame->hd.stream_id));
-  if (call != nullptr && !call->received) handle(call);
+  if (call == nullptr) return 0;
+  bool end = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
+  if (call->kind == Kind::kUnary) {
+    if (end && !call->received) handle_unary(call);
+    return 0;
+  }
+  if (headers && !call->received) start_stream(call);
+  if (end && !call->half_closed) {
+    call->half_closed = true;  // the client sent all its messages: the call ends once they are answered
+    if (call->kind != Kind::kWatch) kick(call);
+  }
   return 0;
 }
 
@@ -1378,10 +1584,46 @@ static int on_stream_close(nghttp2_session* s, int32_t id, uint32_t, void* user)
   auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, id));
   if (call == nullptr || static_cast<Conn*>(user)->dead) return 0;  // a dead connection settles its calls itself
   nghttp2_session_set_stream_user_data(s, id, nullptr);
-  if (!call->received || call->submitted) forget(call);  // nothing else holds it
-  else call->closed = true;  // queued or at a worker: its Answer forgets it
+  call->closed = true;
+  if (!call->pending()) forget(call);  // else the last answer forgets it
   return 0;
 }
+
+// SIGTERM, once everything received is answered (the drain thread posts it): a stream stops reading; one with
+// nothing in flight is finished UNAVAILABLE now, the others once their last answer is written; watches end.
+class DrainStreams : public LoopSink {
+ public:
+  void Answer(int, const std::string&) override {}
+  bool Cancelled() const override { return false; }
+  void Deliver(int, const std::string&) override {
+    for (Conn* c : conns) {
+      for (H2Call* call : c->calls) {
+        if (call->kind == Kind::kUnary || call->closed || !call->submitted || call->final_code >= 0) continue;
+        if (call->in_flight == 0 || call->kind == Kind::kWatch) {
+          stop_stream(call, 14, "the gateway is draining (SIGTERM): reopen the stream on another replica");
+        } else {
+          call->half_closed = true;  // finishes OK once its last answer is written
+        }
+      }
+    }
+  }
+};
+static DrainStreams drain_streams;
+
+// set_health's change, on the loop: every Health/Watch stream is told.
+class HealthChanged : public LoopSink {
+ public:
+  void Answer(int, const std::string&) override {}
+  bool Cancelled() const override { return false; }
+  void Deliver(int, const std::string&) override {
+    for (Conn* c : conns) {
+      for (H2Call* call : c->calls) {
+        if (call->kind == Kind::kWatch && call->watch_sent >= 0 && !call->closed && call->final_code < 0) watch_update(call);
+      }
+    }
+  }
+};
+static HealthChanged health_changed;
 
 static void watch(Conn* c, bool out) {
   if (c->watching_out == out) return;
@@ -1412,54 +1654,84 @@ static bool flush(Conn* c) {  // false: the connection is done
   return !c->out.empty() || nghttp2_session_want_read(c->session) || nghttp2_session_want_write(c->session);
 }
 
-static void close_conn(Conn* c) {
+static void close_conn(Conn* c) {  // its calls at the workers keep it (dead) until they are answered
   epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, nullptr);
   ::close(c->fd);
   c->dead = true;
-  nghttp2_session_del(c->session);
+  conns.erase(c);
+  nghttp2_session_del(c->session);  // calls no callback: the calls are settled here
   c->session = nullptr;
   std::vector<H2Call*> done;
   for (H2Call* call : c->calls) {
-    if (!call->received || call->submitted) done.push_back(call);
-    else call->closed = true;  // queued or at a worker: its Answer forgets it
+    call->closed = true;
+    if (!call->pending()) done.push_back(call);
   }
   for (H2Call* call : done) { c->calls.erase(call); delete call; }
-  if (c->calls.empty()) delete c;
+  graveyard.insert(c);
 }
 
-static int listen_on(const std::string& addr, int* port) {
+static int listen_on(const std::string& addr, int* port) {  // HOST:PORT (a name, IPv4 or [IPv6]): the socket or -1
   auto colon = addr.rfind(':');
-  std::string host = addr.substr(0, colon);
-  if (host.size() > 1 && host.front() == '[') host = host.substr(1, host.size() - 2);
-  *port = std::atoi(addr.c_str() + colon + 1);
-  bool v6 = host.find(':') != std::string::npos;
-  int fd = ::socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-  int one = 1;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (colon == std::string::npos) return -1;
+  std::string host = addr.substr(0, colon), service = addr.substr(colon + 1);
+  if (host.size() > 1 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  addrinfo hints{}, *found = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  if (::getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &found) != 0) return -1;
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK, a->ai_protocol);
+    if (fd < 0) continue;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) || ::listen(fd, 1024)) { ::close(fd); fd = -1; }
+  }
+  ::freeaddrinfo(found);
   sockaddr_storage ss{};
-  socklen_t len;
-  if (v6) {
-    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
-    a->sin6_family = AF_INET6;
-    a->sin6_port = htons(static_cast<uint16_t>(*port));
-    if (inet_pton(AF_INET6, host.c_str(), &a->sin6_addr) != 1) return -1;
-    len = sizeof(*a);
-  } else {
-    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
-    a->sin_family = AF_INET;
-    a->sin_port = htons(static_cast<uint16_t>(*port));
-    if (host == "0.0.0.0" || host.empty()) a->sin_addr.s_addr = htonl(INADDR_ANY);
-    else if (host == "localhost") a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    else if (inet_pton(AF_INET, host.c_str(), &a->sin_addr) != 1) return -1;
-    len = sizeof(*a);
-  }
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), len) || ::listen(fd, 1024) ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len)) {
-    ::close(fd);
-    return -1;
-  }
-  *port = ntohs(v6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  socklen_t len = sizeof(ss);
+  if (fd < 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len)) return -1;
+  *port = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                         : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
   return fd;
+}
+
+static void accept_clients(int ls, nghttp2_session_callbacks* cbs, std::set<Conn*>* touched) {
+  int fd;
+  while ((fd = ::accept4(ls, nullptr, nullptr, SOCK_NONBLOCK)) >= 0) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    auto* c = new Conn{fd};
+    nghttp2_session_server_new(&c->session, cbs, c);
+    // 1 MiB a stream and 16 MiB a connection before a WINDOW_UPDATE: a W2 request (~120 KB) arrives in one go
+    std::vector<nghttp2_settings_entry> s = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20}};
+    if (cfg.max_streams > 0) s.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, static_cast<uint32_t>(cfg.max_streams)});
+    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, s.data(), s.size());
+    nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, 16 << 20);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = c;
+    epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+    conns.insert(c);
+    touched->insert(c);
+  }
+}
+
+static bool read_from(Conn* c) {  // false: the connection is done
+  static char buf[1 << 16];
+  // at most 16 reads (1 MiB) a turn: a client streaming large requests must not starve the others (epoll is
+  // level-triggered, so what is left is read on the next turn)
+  for (int reads = 0; reads < 16; ++reads) {
+    ssize_t r = ::read(c->fd, buf, sizeof(buf));
+    if (r > 0) {
+      if (nghttp2_session_mem_recv(c->session, reinterpret_cast<uint8_t*>(buf), static_cast<size_t>(r)) < 0) return false;
+      if (r < static_cast<ssize_t>(sizeof(buf))) return true;
+      continue;
+    }
+    return r < 0 && (errno == EAGAIN || errno == EINTR);
+  }
+  return true;
 }
 
 // The loop: never returns.
@@ -1482,36 +1754,20 @@ static int serve() {
   ev.data.ptr = &mailfd;
   epoll_ctl(epfd, EPOLL_CTL_ADD, mailfd, &ev);
   in_loop = true;
+  h2_health_changed = [] { health_changed.Post(0, std::string()); };
+  h2_drain_streams = [] { drain_streams.Post(0, std::string()); };
   emit("{\"event\": \"serving\", \"port\": " + std::to_string(port) + "}");
   epoll_event events[128];
-  static char buf[1 << 16];
   std::vector<Mail> mail;
   std::set<Conn*> touched;
+  touched_now = &touched;
   for (;;) {
     int n = epoll_wait(epfd, events, 128, -1);
-    touched.clear();
     for (int i = 0; i < n; ++i) {
       void* p = events[i].data.ptr;
       if (p == &ls) {
-        int fd;
-        while ((fd = ::accept4(ls, nullptr, nullptr, SOCK_NONBLOCK)) >= 0) {
-          int one = 1;
-          setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-          auto* c = new Conn{fd};
-          nghttp2_session_server_new(&c->session, cbs, c);
-          std::vector<nghttp2_settings_entry> s = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20}};
-          if (cfg.max_streams > 0) s.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, static_cast<uint32_t>(cfg.max_streams)});
-          nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, s.data(), s.size());
-          nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, 16 << 20);
-          epoll_event cev{};
-          cev.events = EPOLLIN;
-          cev.data.ptr = c;
-          epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &cev);
-          touched.insert(c);
-        }
-        continue;
-      }
-      if (p == &mailfd) {
+        accept_clients(ls, cbs, &touched);
+      } else if (p == &mailfd) {
         uint64_t v;
         ssize_t r = ::read(mailfd, &v, 8);
         (void)r;
@@ -1519,40 +1775,20 @@ static int serve() {
           std::lock_guard<std::mutex> lk(mail_mu);
           mail.swap(mailbox);
         }
-        for (auto& m : mail) {
-          Conn* c = m.call->conn;
-          bool alive = !c->dead;
-          finish(m.call, m.code, m.bytes);
-          if (alive) touched.insert(c);
-        }
+        for (auto& m : mail) m.sink->Deliver(m.code, m.bytes);  // connections it wrote to are touched
         mail.clear();
-        continue;
+      } else {
+        auto* c = static_cast<Conn*>(p);
+        if (c->dead) continue;
+        if (!(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) || read_from(c)) touched.insert(c);
+        else close_conn(c);
       }
-      auto* c = static_cast<Conn*>(p);
-      if (c->dead) continue;
-      bool alive = true;
-      if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-        // at most 16 reads (1 MiB) a turn: a client streaming large requests must not starve the others (epoll
-        // is level-triggered, so what is left is read on the next turn)
-        for (int reads = 0; reads < 16; ++reads) {
-          ssize_t r = ::read(c->fd, buf, sizeof(buf));
-          if (r > 0) {
-            if (nghttp2_session_mem_recv(c->session, reinterpret_cast<uint8_t*>(buf), static_cast<size_t>(r)) < 0) {
-              alive = false;
-              break;
-            }
-            if (r < static_cast<ssize_t>(sizeof(buf))) break;
-            continue;
-          }
-          if (r < 0 && (errno == EAGAIN || errno == EINTR)) break;
-          alive = false;
-          break;
-        }
-      }
-      if (alive) touched.insert(c);
-      else close_conn(c);
     }
     for (Conn* c : touched) if (!c->dead && !flush(c)) close_conn(c);
+    touched.clear();
+    for (auto it = graveyard.begin(); it != graveyard.end();) {  // dead, and no worker holds a call of theirs
+      if ((*it)->calls.empty()) { delete *it; it = graveyard.erase(it); } else { ++it; }
+    }
   }
 }
 }  // namespace h2e

@@ -16,8 +16,9 @@ fails in a swap; while it rolls, a request may be scored by either set. The tabl
 leaves the set is deleted once the workers that mapped it are retired.
 
 Prints `{"event": "serving", "port", "management_port", "metrics_port", "frontend_pid", "worker_pids",
-"allocator", "models"}` once every worker is connected (`allocator`: the malloc library preloaded into the
-frontend and workers, or "glibc"); then one JSON line per replaced worker and per model change.
+"allocator", "engine", "models"}` once every worker is connected (`allocator`: the malloc library preloaded into
+the frontend and workers, or "glibc"; `engine`: the frontend's HTTP/2 engine, h2 or grpc); then one JSON line
+per replaced worker and per model change.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class NativeConfig:
     allocator: Allocator = Allocator.AUTO  # malloc of the frontend and its workers
     frontend_sched_batch: bool = True  # the frontend's dispatcher threads under SCHED_BATCH (--sched-batch)
     max_streams: int = 256  # HTTP/2 streams in flight per client connection (0: grpc's default, unbounded)
-    engine: str = "grpc"  # the frontend's HTTP/2 engine: grpc (grpc++) or h2 (nghttp2: h2c, unary methods only)
+    engine: str = "h2"  # the frontend's HTTP/2 engine: h2 (nghttp2, h2c) or grpc (grpc++: TLS too)
 
     @property
     def drain_s(self) -> float:
@@ -311,6 +312,7 @@ class Supervisor:
         self.served = self.table.entries()
         return {"event": "serving", "port": port, "frontend_pid": self.frontend.pid,
                 "worker_pids": [w.pid for w in self.workers], "allocator": self.malloc or "glibc",
+                "engine": self.cfg.engine,
                 "models": [{"name": v.name, "version": v.version, "table_image": str(v.image)}
                            for v in self.table.items()]}
 
