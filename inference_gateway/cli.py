@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "may take")
     n.add_argument("--max-streams-per-connection", type=int, default=256, help="HTTP/2 streams (calls) one client "
                    "connection may have in flight at once (SETTINGS_MAX_CONCURRENT_STREAMS); a client past it waits "
-                   "at its end. Past what the frontend can refuse (~40-50k calls/s on 2 cores) an open-loop client "
-                   "without it drives every latency up together; 0: grpc's default (no bound)")
+                   "at its end. Past what the grpc engine can refuse (~40-50k calls/s on 2 cores) an open-loop client "
+                   "without it drives every latency up together; 0: no bound")
     n.add_argument("--engine", choices=["auto", "grpc", "h2"], default="auto", help="the frontend's HTTP/2 engine: "
                    "h2 (nghttp2, h2c: a call costs it ~1.5 us of CPU against grpc++'s 12-23, so W1 answers and "
                    "overload refusals cost the frontend a tenth: benchmarks/h2_floor.py) or grpc (grpc++, also TLS); "

@@ -5,7 +5,7 @@
 Standalone it first trains the tiny DLRM through two shard processes and checkpoints it (or serves
 `--checkpoint DIR --config YAML`); the main demo calls `run_serving_demo` with its own checkpoint.
 Exports the checkpoint at INT8 (and FP32 for comparison) and serves the INT8 package with
-`inference-gateway serve-native` (the native grpc++ frontend over Python workers, Predict and the Open
+`inference-gateway serve-native` (the native frontend, on nghttp2, over Python workers, Predict and the Open
 Inference Protocol on one port, management on its own; `--frontend serve-triton`: tritonserver's
 frontend, Predict through its --predict-port proxy; `--frontend serve`: the pure-Python gateway, whose
 one port serves all three roles). It checks the held-out AUC through the project's Predict and through
