@@ -1176,7 +1176,8 @@ struct H2Call : public LoopSink {
   Conn* conn;
   int32_t id;
   Kind kind = Kind::kUnary;
-  int method = -1;  // counted as: kMethods' index, kForwarded.. ServerLive / ServerReady, kCounted-1 other; -1 not
+  int method = kCounted - 1;  // counted as: kMethods' index, kForwarded.. ServerLive / ServerReady, kCounted-1
+                              // other (also a request without :path, which nghttp2 refuses first); -1 not
   std::string path, auth, body, out;  // body: the request bytes so far; out: DATA not yet handed to nghttp2
   Clock::time_point deadline = Clock::time_point::max();
   Access access;
@@ -1423,10 +1424,8 @@ static void handle_unary(H2Call* call) {
                      "table, grpc.reflection)");
     return;
   }
-  if (b.size() < 5 || b.size() - 5 != len) {
-    call->Answer(13, b.size() > kMaxMessage ? "request: larger than 4 MiB" : "request: not one gRPC message");
-    return;
-  }
+  if (b.size() > kMaxMessage + 5) { call->Answer(8, "request: larger than 4 MiB (grpc's limit)"); return; }
+  if (b.size() < 5 || b.size() - 5 != len) { call->Answer(13, "request: not one gRPC message"); return; }
   if (b[0] != 0) { call->Answer(12, "request: compressed messages are not served (grpc-encoding identity)"); return; }
   std::string message(b, 5, len);
   if (counted == kHealth) {
