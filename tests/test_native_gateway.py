@@ -115,6 +115,9 @@ def test_workers_answer_what_the_package_computes_and_bad_requests_spoil_nothing
         with pytest.raises(grpc.RpcError) as e:  # a body that is no PredictRequest
             ch.unary_unary(PREDICT)(b"\xff\xff\xff", timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a PredictRequest" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # past grpc's 4 MiB limit on a received message, on both engines
+            ch.unary_unary(PREDICT)(bytes(5 << 20), timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
         with pytest.raises(grpc.RpcError) as e:  # what serve-native does not serve on this port says so
             ch.unary_unary("/recsys.v1.InferenceGateway/ListModels")(b"", timeout=30)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "serve-native" in e.value.details()
