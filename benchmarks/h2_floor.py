@@ -1,23 +1,20 @@
-"""What a gRPC call costs on grpc++ against on bare nghttp2: the price of W1's 2x overload.
+"""What a gRPC call costs serve-native's frontend on each HTTP/2 engine: grpc++ (--engine grpc) against nghttp2
+(--engine h2), answered and refused.
 
-serve-native's frontend (frontend.cc) is grpc++; at W1's 2x overload it refuses about as many calls as it
-answers, and a refusal costs grpc++ a whole call (~20 us of CPU, an answer ~26 us of frontend + ~40 us of
-worker), so goodput stays at 0.6-0.8 of the maximum (benchmarks/gateway_frontend.md). This measures what the
-same two answers cost on nghttp2, the HTTP/2 library under h2load, in a single-threaded epoll server
-(h2_floor.cc): in one run, servers measured in turn per round with h2load's closed loop (4 connections, 64
-streams by default), CPU of the server per call from /proc:
+A refusal costs grpc++ a whole call (~20 us of CPU, an answered W1 request ~26 us of frontend + ~40 us of
+worker), which held W1's 2x overload goodput at 0.6-0.8 of the maximum (benchmarks/gateway_frontend.md); this
+priced refusing below gRPC before the h2 engine was built, and keeps measuring it. In one run, frontend.cc on
+each engine, measured in turn per round with h2load's closed loop (4 connections, 64 streams by default) and
+CPU of the server per call from /proc:
 
-- grpc_echo: frontend.cc --echo (an empty OK message at once);
-- grpc_refuse: frontend.cc with no worker connected: every call refused at arrival (UNAVAILABLE, with a
-  message: the path an admission refusal takes);
-- h2_echo / h2_refuse: h2_floor.cc answering OK with an empty message / trailers-only RESOURCE_EXHAUSTED
-  with serve-native's admission message.
+- grpc_echo / h2_echo: `--echo`, an empty OK message at once;
+- grpc_refuse / h2_refuse: no worker connected, every call refused at arrival (UNAVAILABLE with a message,
+  trailers only: the path an admission refusal takes).
 
-A closed loop lets nghttp2 answer ~400k calls/s, where each read and write carries many calls; so each
-round also offers every server the same open-loop rate (--rate, h2load's rate mode, default 40,000 calls/s:
-W1's 2x overload sends ~50k/s to serve-native), where the CPU per call is what a gateway at that rate would
-pay. Then the medians and the ratios nghttp2 / grpc++. Needs g++, libnghttp2-dev and grpc++ (installed with
-apt-get when missing and running as root) and h2load.
+A closed loop lets nghttp2 answer ~400k calls/s, where each read and write carries many calls; so each round
+also offers every server the same open-loop rate (--rate, h2load's rate mode, default 40,000 calls/s: W1's
+2x overload sends ~50-75k/s), where the CPU per call is what a gateway at that rate pays. Then the medians
+and the ratios h2 / grpc. Needs g++, grpc++ and nghttp2 (`make install`) and h2load.
 
     python -m benchmarks.h2_floor [--rounds 3] [--seconds 4] [--concurrency 64] [--rate 40000]
 """
@@ -37,28 +34,19 @@ from benchmarks.native_floor import start_binary
 from inference_gateway.loadgen import METHOD
 from inference_gateway.native.build import build
 
-SOURCE = Path(__file__).resolve().parent / "h2_floor.cc"
 SERVERS = ("grpc_echo", "grpc_refuse", "h2_echo", "h2_refuse")
 BODY = b"\x1a" + bytes(500)  # a W1 Predict's size; neither server reads it
 
 
-def floor_binary() -> Path:
-    """h2_floor.cc, compiled on first use like serve-native's frontend."""
-    return build(source=SOURCE, library="libnghttp2")
-
-
 def start_servers(work: Path) -> tuple[dict[str, tuple[str, int]], list[subprocess.Popen]]:
-    """Each server of SERVERS: its address and pid."""
-    grpc_binary, h2_binary = build(), floor_binary()
-    commands = {
-        "grpc_echo": [str(grpc_binary), "--echo"],
-        "grpc_refuse": [str(grpc_binary), "--socket", str(work / "no-worker.sock")],
-        "h2_echo": [str(h2_binary), "--mode", "echo"],
-        "h2_refuse": [str(h2_binary), "--mode", "refuse"],
-    }
+    """Each server of SERVERS (the frontend on its two engines): its address and pid."""
+    binary = str(build())
+    commands = {f"{engine}_{mode}": [binary, "--engine", engine,
+                                     *(["--echo"] if mode == "echo" else ["--socket", str(work / f"{engine}.sock")])]
+                for engine in ("grpc", "h2") for mode in ("echo", "refuse")}
     servers, procs = {}, []
-    for name, cmd in commands.items():
-        proc, port = start_binary(cmd, work, 30)
+    for name in SERVERS:
+        proc, port = start_binary(commands[name], work, 30)
         procs.append(proc)
         servers[name] = (f"127.0.0.1:{port}", proc.pid)
     return servers, procs

@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "at its end. Past what the grpc engine can refuse (~40-50k calls/s on 2 cores) an open-loop client "
                    "without it drives every latency up together; 0: no bound")
     n.add_argument("--engine", choices=["auto", "grpc", "h2"], default="auto", help="the frontend's HTTP/2 engine: "
-                   "h2 (nghttp2, h2c: a call costs it ~1.5 us of CPU against grpc++'s 12-23, so W1 answers and "
-                   "overload refusals cost the frontend a tenth: benchmarks/h2_floor.py) or grpc (grpc++, also TLS); "
+                   "h2 (nghttp2, h2c: a call costs it 3-5 us of CPU against grpc++'s 17-27, answered or refused: "
+                   "benchmarks/h2_floor.py) or grpc (grpc++, also TLS); "
                    "auto: h2, or grpc with --tls-cert. Both serve every method above")
     n.add_argument("--workdir", default="native-gateway", help="the workers' socket and (by default) table images")
     n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables); the image "

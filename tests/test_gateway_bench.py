@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.gateway_load import Run, rate_phase, targets
 from benchmarks.h2 import TICK, ensure_h2load, parse, rate_result, steal_s
-from benchmarks.h2_floor import floor_binary
+from benchmarks.h2_floor import start_servers
 from benchmarks.native_floor import start_binary
 from benchmarks.probe import open_loop
 from benchmarks.probe import parse as parse_probe
@@ -126,22 +126,23 @@ def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
     assert sum(r["cores"]["server_by_process"].values()) == pytest.approx(r["cores"]["server"], abs=0.02)
 
 
-def test_h2_floor_answers_grpc_clients_ok_and_refused(tmp_path: Path):
-    """benchmarks.h2_floor's nghttp2 server speaks gRPC as grpcio reads it: an empty OK message, and a
-    trailers-only RESOURCE_EXHAUSTED with serve-native's admission message (its price is what it measures)."""
-    procs = []
+def test_h2_floor_runs_the_frontend_on_both_engines_answering_and_refusing(tmp_path: Path):
+    """benchmarks.h2_floor's four servers are the frontend on grpc++ and on nghttp2, each answering every call
+    OK at once (--echo) or refusing it at arrival (no worker: UNAVAILABLE, trailers only), as grpcio reads them."""
+    servers, procs = start_servers(tmp_path)
     try:
-        for mode in ("echo", "refuse"):
-            proc, port = start_binary([str(floor_binary()), "--mode", mode], tmp_path, 30)
-            procs.append(proc)
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert sorted(servers) == ["grpc_echo", "grpc_refuse", "h2_echo", "h2_refuse"]
+        for name, (address, pid) in servers.items():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert cmdline[cmdline.index(b"--engine") + 1].decode() == name.split("_")[0]
+            with grpc.insecure_channel(address) as channel:
                 call = channel.unary_unary(METHOD)
-                if mode == "echo":
-                    assert call(b"\x0a\x01x", timeout=10) == b""
+                if name.endswith("echo"):
+                    assert call(b"\x0a\x01x", timeout=10) == b"", name
                     continue
                 with pytest.raises(grpc.RpcError) as refused:
                     call(b"\x0a\x01x", timeout=10)
-                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "exceeds max_queue_wait_ms" in refused.value.details()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, name
+                assert "no worker" in refused.value.details(), name
     finally:
         stop_all(procs, 10)

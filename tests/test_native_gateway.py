@@ -15,6 +15,8 @@ import os
 import queue
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +43,7 @@ from tests.test_oip import FEATURES, bags_inputs, batched_inputs, inputs, ragged
 from trainer.export import export_package, table_dtypes
 
 WORKERS = 2
+H2_TOKEN = "h2-predict-token"
 NDENSE = TINY.dense_features
 PREDICT = "/recsys.v1.InferenceGateway/Predict"
 
@@ -359,6 +362,44 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
         assert token not in g.log_text()
     finally:
         g.kill()
+
+
+def test_h2_predict_token(package, tmp_path):
+    """--predict-token-file on the h2 engine (the test above runs the grpc engine, as TLS needs it): Predict,
+    PredictStream and ModelInfer need the bearer token, health and metadata do not; refusals never echo it."""
+    (tmp_path / "predict.token").write_text(H2_TOKEN + "\n")
+    g = launch_native(["--model", str(package), "--workers", "1", "--predict-token-file",
+                       str(tmp_path / "predict.token")], workdir=tmp_path / "gw")
+    try:
+        assert g.announced["engine"] == "h2"  # auto: h2 without TLS
+        req = build_request(*ragged(2, 4))
+        with grpc.insecure_channel(g.address) as ch:
+            s = inference_pb2_grpc.InferenceGatewayStub(ch)
+            good = [("authorization", f"Bearer {H2_TOKEN}")]
+            assert scores_of(s.Predict(req, timeout=30, metadata=good)).shape == (2,)
+            [streamed] = s.PredictStream(iter([req]), timeout=30, metadata=good)
+            assert scores_of(streamed).shape == (2,)
+            for md, code in (([], grpc.StatusCode.UNAUTHENTICATED),
+                             ([("authorization", "Bearer nope")], grpc.StatusCode.PERMISSION_DENIED)):
+                for method in (PREDICT, "/recsys.v1.InferenceGateway/PredictStream",
+                               "/inference.GRPCInferenceService/ModelInfer"):
+                    with pytest.raises(grpc.RpcError) as e:
+                        ch.unary_unary(method)(b"", timeout=30, metadata=md)
+                    assert e.value.code() == code and method in e.value.details(), e.value
+                    assert H2_TOKEN not in e.value.details()
+            meta = ch.unary_unary("/inference.GRPCInferenceService/ServerMetadata")(b"", timeout=30)
+            assert b"recsys-inference-gateway" in meta
+        assert health(g) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        g.kill()
+
+
+def test_h2_refuses_tls(package, tmp_path):
+    """TLS is grpc++'s: the CLI refuses --engine h2 with --tls-cert, naming the flag, before starting anything."""
+    r = subprocess.run([sys.executable, "-m", "inference_gateway.cli", "serve-native", "--model", str(package),
+                        "--engine", "h2", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--engine h2" in r.stderr, r.stderr
 
 
 def test_admission_learns_the_real_cost_from_the_batches(package, tmp_path):

@@ -61,9 +61,9 @@ def binary_path(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
 
 def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++ libnghttp2",
           debian: list[str] = DEBIAN) -> Path:
-    """The binary of `source` (the frontend's, on grpc++ and nghttp2, or another program on `library` (pkg-config
-    names) such as the benchmarks' probe.cc or h2_floor.cc on nghttp2 alone: `debian` names the packages that
-    provide it), compiled if it is not there for this version of the source yet (written atomically)."""
+    """The binary of `source` (the frontend's, on grpc++ and nghttp2, or another program on `library`, pkg-config
+    names, such as the benchmarks' probe.cc on grpc++: `debian` names the packages that provide it), compiled if
+    it is not there for this version of the source yet (written atomically)."""
     out = binary_path(build_dir, source)
     if out.exists():
         return out

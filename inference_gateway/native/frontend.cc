@@ -3,8 +3,8 @@
 // hands that worker whole batches (at most --max-batch requests and --max-batch-bytes, waiting at most
 // --max-delay-us for more) and answers each call from the worker's reply. Why native: a Python gRPC server
 // spends ~0.3 ms of CPU per unary call before any model work. Two engines serve the same methods: --engine h2
-// (namespace h2e below: one epoll thread on nghttp2, ~1.5 us of CPU a call, h2c only) and --engine grpc
-// (grpc++'s callback API, ~12-23 us a call, also TLS); benchmarks/h2_floor.py and gateway_frontend.md.
+// (namespace h2e below: one epoll thread on nghttp2, 3-5 us of CPU a call, h2c only) and --engine grpc
+// (grpc++'s callback API, 17-27 us a call, also TLS); benchmarks/h2_floor.py and gateway_frontend.md.
 //
 // Workers connect at any time (the supervisor replaces one that dies); gRPC health (the default health
 // service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. The
@@ -1148,8 +1148,8 @@ static void drain_on_signal(sigset_t set) {
   std::_Exit(0);
 }
 
-// --engine h2: the same calls served on nghttp2 instead of grpc++ (benchmarks/h2_floor.py: a call costs nghttp2
-// ~1.5 us of CPU, grpc++ 12-23 us, so W1's answers and refusals cost the frontend a tenth). One epoll thread owns
+// --engine h2: the same calls served on nghttp2 instead of grpc++ (benchmarks/h2_floor.py: a call costs this
+// engine 3-5 us of CPU, grpc++ 17-27 us, answered or refused). One epoll thread owns
 // every connection and nghttp2 session; the dispatchers hand it their answers through a mailbox and an eventfd.
 // Served as on grpc++: Predict, PredictStream, the OIP's methods, grpc.health.v1.Health (Check and Watch) and,
 // with --reflection, server reflection, with the same admission, batching, deadlines (grpc-timeout), tokens,
@@ -1588,41 +1588,37 @@ static int on_stream_close(nghttp2_session* s, int32_t id, uint32_t, void* user)
   return 0;
 }
 
-// SIGTERM, once everything received is answered (the drain thread posts it): a stream stops reading; one with
-// nothing in flight is finished UNAVAILABLE now, the others once their last answer is written; watches end.
-class DrainStreams : public LoopSink {
+// What the loop does to every call of every connection when another thread asks (through the mailbox).
+class EveryCall : public LoopSink {
  public:
+  explicit EveryCall(void (*fn)(H2Call*)) : fn_(fn) {}
   void Answer(int, const std::string&) override {}
   bool Cancelled() const override { return false; }
   void Deliver(int, const std::string&) override {
-    for (Conn* c : conns) {
-      for (H2Call* call : c->calls) {
-        if (call->kind == Kind::kUnary || call->closed || !call->submitted || call->final_code >= 0) continue;
-        if (call->in_flight == 0 || call->kind == Kind::kWatch) {
-          stop_stream(call, 14, "the gateway is draining (SIGTERM): reopen the stream on another replica");
-        } else {
-          call->half_closed = true;  // finishes OK once its last answer is written
-        }
-      }
-    }
+    for (Conn* c : conns) for (H2Call* call : c->calls) fn_(call);
   }
-};
-static DrainStreams drain_streams;
 
-// set_health's change, on the loop: every Health/Watch stream is told.
-class HealthChanged : public LoopSink {
- public:
-  void Answer(int, const std::string&) override {}
-  bool Cancelled() const override { return false; }
-  void Deliver(int, const std::string&) override {
-    for (Conn* c : conns) {
-      for (H2Call* call : c->calls) {
-        if (call->kind == Kind::kWatch && call->watch_sent >= 0 && !call->closed && call->final_code < 0) watch_update(call);
-      }
-    }
-  }
+ private:
+  void (*fn_)(H2Call*);
 };
-static HealthChanged health_changed;
+
+// SIGTERM, once everything received is answered (the drain thread asks): a stream stops reading; one with
+// nothing in flight is finished UNAVAILABLE now, the others once their last answer is written; watches end.
+static void drain_stream(H2Call* call) {
+  if (call->kind == Kind::kUnary || call->closed || !call->submitted || call->final_code >= 0) return;
+  if (call->in_flight == 0 || call->kind == Kind::kWatch) {
+    stop_stream(call, 14, "the gateway is draining (SIGTERM): reopen the stream on another replica");
+  } else {
+    call->half_closed = true;  // finishes OK once its last answer is written
+  }
+}
+
+// set_health's change: every Health/Watch stream is told.
+static void tell_watch(H2Call* call) {
+  if (call->kind == Kind::kWatch && call->watch_sent >= 0 && !call->closed && call->final_code < 0) watch_update(call);
+}
+
+static EveryCall drain_streams(drain_stream), health_changed(tell_watch);
 
 static void watch(Conn* c, bool out) {
   if (c->watching_out == out) return;
