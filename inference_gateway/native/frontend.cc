@@ -1788,6 +1788,18 @@ static int serve() {
 }
 }  // namespace h2e
 
+// Health as the workers stand, and the threads beside either engine: SIGTERM's drain, the workers' socket, the
+// stats lines, the supervisor's orders.
+static void start_threads(sigset_t stop, int ls) {
+  set_health(cfg.echo);
+  std::thread(drain_on_signal, stop).detach();
+  if (!cfg.echo) {
+    std::thread(accept_workers, ls).detach();
+    std::thread(report_stats).detach();
+    std::thread(read_orders).detach();
+  }
+}
+
 static int usage(const std::string& why) {
   std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
                "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N --max-streams N "
@@ -1863,13 +1875,7 @@ int main(int argc, char** argv) {
     }
   }
   if (cfg.h2) {
-    set_health(cfg.echo);
-    std::thread(drain_on_signal, stop).detach();
-    if (!cfg.echo) {
-      std::thread(accept_workers, ls).detach();
-      std::thread(report_stats).detach();
-      std::thread(read_orders).detach();
-    }
+    start_threads(stop, ls);
     return h2e::serve();
   }
   grpc::EnableDefaultHealthCheckService(true);
@@ -1896,13 +1902,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   server_ = server.get();
-  set_health(cfg.echo);
-  std::thread(drain_on_signal, stop).detach();
-  if (!cfg.echo) {
-    std::thread(accept_workers, ls).detach();
-    std::thread(report_stats).detach();
-    std::thread(read_orders).detach();
-  }
+  start_threads(stop, ls);
   emit("{\"event\": \"serving\", \"port\": " + std::to_string(port) + "}");
   server->Wait();
 }
