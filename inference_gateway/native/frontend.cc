@@ -281,12 +281,12 @@ static int check_token(const std::string& value, const char* path, std::string* 
   return 0;
 }
 
-static int check_token(const grpc::ServerContextBase& ctx, const char* path, std::string* refusal) {
-  if (cfg.token.empty()) return 0;
+// The call's `authorization` header (grpc++), looked up only when --predict-token-file asks for one.
+static std::string authorization_of(const grpc::ServerContextBase& ctx) {
+  if (cfg.token.empty()) return std::string();
   auto& md = ctx.client_metadata();
   auto it = md.find("authorization");
-  return check_token(it == md.end() ? std::string() : std::string(it->second.data(), it->second.size()), path,
-                     refusal);
+  return it == md.end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
 
 // PredictResponse fields: request_id = 4, error = 5 (Status: code = 1, message = 2).
@@ -459,6 +459,46 @@ static void log_access(int method, int code, const std::string& bytes, Access* a
   std::fputs(line.c_str(), stderr);
 }
 
+// One answered call in the counters (by method and status code) and, with --access-log, its line.
+static void account(int method, int code, const std::string& bytes, Access* a) {
+  ++answered[method][code < 0 || code > 16 ? 2 : code];
+  if (cfg.access_log) log_access(method, code, bytes, a);
+}
+
+// What a call to a method neither engine serves is told (UNIMPLEMENTED).
+static std::string not_served(const std::string& path) {
+  return "method " + path + " is not served by serve-native (it serves recsys.v1.InferenceGateway's Predict and "
+         "PredictStream, inference.GRPCInferenceService, grpc.health.v1.Health and, with its table, grpc.reflection)";
+}
+
+// The answers a unary call gets without a worker (either engine): --echo's empty one, ServerLive and ServerReady
+// (bool field 1; ready while a worker is connected and no drain). True when it was answered.
+static bool answered_here(Sink* call, int method) {
+  if (cfg.echo) { call->Answer(0, std::string()); return true; }
+  if (method < kForwarded) return false;
+  bool yes = method == kForwarded;
+  if (!yes) {
+    std::lock_guard<std::mutex> lk(mu);
+    yes = !draining && live_workers > 0;
+  }
+  call->Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
+  return true;
+}
+
+// A unary request for the workers (either engine): its access-log fields (a refused call's line names it too),
+// the bearer token (Predict, ModelInfer), then admission; a refusal is answered here.
+static void take_unary(Sink* call, int method, std::string body, const std::string& authorization,
+                       Clock::time_point deadline, Access* access) {
+  if (cfg.access_log) access_fields(method, false, body, access);
+  std::string refusal;
+  if (kMethods[method].infer) {
+    int denied = check_token(authorization, kMethods[method].path, &refusal);
+    if (denied) { call->Answer(denied, refusal); return; }
+  }
+  int code = admit(call, method, std::move(body), deadline, &refusal);
+  if (code) call->Answer(code, refusal);
+}
+
 static std::string error_response(const std::string& request_id, int code, const std::string& message) {
   std::string status, out;
   if (code) { status.push_back(0x08); put_varint(&status, static_cast<uint64_t>(code)); }
@@ -480,25 +520,12 @@ class UnaryCall : public grpc::ServerUnaryReactor, public Sink {
       : ctx_(ctx), resp_(resp), method_(method) {}
   void Start(const grpc::ByteBuffer& req) {
     arrived();
-    if (cfg.echo) { Answer(0, std::string()); return; }
-    if (method_ >= kForwarded) {  // ServerLive, ServerReady: bool field 1
-      bool yes = method_ == kForwarded || (!draining && live_workers_now() > 0);
-      Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
-      return;
-    }
-    std::string refusal, body = body_of(req);
-    if (cfg.access_log) access_fields(method_, false, body, &access_);  // a refused call's line names it too
-    if (kMethods[method_].infer) {
-      int denied = check_token(*ctx_, kMethods[method_].path, &refusal);
-      if (denied) { Answer(denied, refusal); return; }
-    }
-    auto left = ctx_->deadline() - std::chrono::system_clock::now();
-    int code = admit(this, method_, std::move(body), deadline_of(left), &refusal);
-    if (code) Answer(code, refusal);
+    if (answered_here(this, method_)) return;
+    take_unary(this, method_, body_of(req), authorization_of(*ctx_),
+               deadline_of(ctx_->deadline() - std::chrono::system_clock::now()), &access_);
   }
   void Answer(int code, const std::string& bytes) override {
-    ++answered[method_][code < 0 || code > 16 ? 2 : code];
-    if (cfg.access_log) log_access(method_, code, bytes, &access_);
+    account(method_, code, bytes, &access_);
     if (code == 0) {
       grpc::Slice s(bytes);
       *resp_ = grpc::ByteBuffer(&s, 1);
@@ -511,10 +538,6 @@ class UnaryCall : public grpc::ServerUnaryReactor, public Sink {
   bool Cancelled() const override { return ctx_->IsCancelled(); }
 
  private:
-  static int live_workers_now() {
-    std::lock_guard<std::mutex> lk(mu);
-    return live_workers;
-  }
   grpc::CallbackServerContext* ctx_;
   grpc::ByteBuffer* resp_;  // grpc++'s, alive until OnDone
   int method_;
@@ -553,15 +576,9 @@ class Call : public grpc::ServerGenericBidiReactor {
   void OnReadDone(bool) override {
     arrived();
     int code = cfg.echo ? 0 : 12;
-    std::string why = cfg.echo ? std::string()
-                               : "method " + ctx_->method() + " is not served by serve-native (it serves "
-                                 "recsys.v1.InferenceGateway's Predict and PredictStream, inference.GRPCInferenceService, "
-                                 "grpc.health.v1.Health and, with its table, grpc.reflection)";
-    ++answered[kCounted - 1][code];
-    if (cfg.access_log) {
-      Access a;
-      log_access(kCounted - 1, code, why, &a);
-    }
+    std::string why = cfg.echo ? std::string() : not_served(ctx_->method());
+    Access a;
+    account(kCounted - 1, code, why, &a);
     if (code == 0) {
       grpc::Slice empty("");
       resp_ = grpc::ByteBuffer(&empty, 1);
@@ -588,14 +605,11 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
  public:
   explicit StreamCall(grpc::GenericCallbackServerContext* ctx) : ctx_(ctx) {
     std::string refusal;
-    int denied = check_token(*ctx_, ctx_->method().c_str(), &refusal);
+    int denied = check_token(authorization_of(*ctx_), ctx_->method().c_str(), &refusal);
     if (denied) {
       arrived();
-      ++answered[kStream][denied];
-      if (cfg.access_log) {
-        Access a;
-        log_access(kStream, denied, refusal, &a);
-      }
+      Access a;
+      account(kStream, denied, refusal, &a);
       finished_ = true;
       Finish(grpc::Status(static_cast<grpc::StatusCode>(denied), refusal));
       return;
@@ -614,8 +628,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
       if (cfg.access_log) access_fields(kStream, false, body, &access_);
     }
     void Answer(int code, const std::string& bytes) override {
-      ++answered[kStream][code < 0 || code > 16 ? 2 : code];
-      if (cfg.access_log) log_access(kStream, code, bytes, &access_);
+      account(kStream, code, bytes, &access_);
       call_->Write(code == 0 ? bytes : error_response(id_, code, bytes));
       delete this;
     }
@@ -1315,10 +1328,7 @@ static void finish(H2Call* call, int code, const std::string& bytes) {
 }
 
 void H2Call::Answer(int code, const std::string& bytes) {
-  if (method >= 0) {
-    ++::answered[method][code < 0 || code > 16 ? 2 : code];
-    if (cfg.access_log) log_access(method, code, bytes, &access);
-  }
+  if (method >= 0) account(method, code, bytes, &access);
   Post(code, bytes);
 }
 
@@ -1331,8 +1341,7 @@ class StreamMessage : public LoopSink {
     if (cfg.access_log) access_fields(kStream, false, body, &access_);
   }
   void Answer(int code, const std::string& bytes) override {
-    ++::answered[kStream][code < 0 || code > 16 ? 2 : code];
-    if (cfg.access_log) log_access(kStream, code, bytes, &access_);
+    account(kStream, code, bytes, &access_);
     Post(code, bytes);
   }
   void Deliver(int code, const std::string& bytes) override {  // on the loop
@@ -1419,9 +1428,7 @@ static void handle_unary(H2Call* call) {
   int counted = call->method;
   if (call->method == kHealth) call->method = -1;
   if (counted == kCounted - 1) {
-    call->Answer(12, "method " + call->path + " is not served by serve-native (it serves recsys.v1.InferenceGateway's "
-                     "Predict and PredictStream, inference.GRPCInferenceService, grpc.health.v1.Health and, with its "
-                     "table, grpc.reflection)");
+    call->Answer(12, not_served(call->path));
     return;
   }
   if (b.size() > kMaxMessage + 5) { call->Answer(8, "request: larger than 4 MiB (grpc's limit)"); return; }
@@ -1434,21 +1441,8 @@ static void handle_unary(H2Call* call) {
     else call->Answer(0, std::string("\x08", 1) + static_cast<char>(status));
     return;
   }
-  if (cfg.echo) { call->Answer(0, std::string()); return; }
-  if (counted >= kForwarded) {  // ServerLive, ServerReady
-    bool yes = counted == kForwarded;
-    if (!yes) { std::lock_guard<std::mutex> lk(mu); yes = !draining && live_workers > 0; }
-    call->Answer(0, yes ? std::string("\x08\x01", 2) : std::string());
-    return;
-  }
-  if (cfg.access_log) access_fields(counted, false, message, &call->access);
-  std::string refusal;
-  if (kMethods[counted].infer) {
-    int denied = check_token(call->auth, kMethods[counted].path, &refusal);
-    if (denied) { call->Answer(denied, refusal); return; }
-  }
-  int code = admit(call, counted, std::move(message), call->deadline, &refusal);
-  if (code) call->Answer(code, refusal);
+  if (answered_here(call, counted)) return;
+  take_unary(call, counted, std::move(message), call->auth, call->deadline, &call->access);
 }
 
 // A streaming call's request headers: its response headers now (messages follow as they are answered), or a
