@@ -301,7 +301,7 @@ def serve_triton_cmd(args: argparse.Namespace) -> int:
 
 def serve_native_cmd(args: argparse.Namespace) -> int:
     from inference_gateway.allocator import Allocator
-    from inference_gateway.native.supervisor import NativeConfig, run
+    from inference_gateway.native.supervisor import Engine, NativeConfig, run
 
     for flag, value, low in (("--workers", args.workers, 1), ("--max-batch-requests", args.max_batch_requests, 1),
                              ("--max-batch-bytes", args.max_batch_bytes, 1), ("--max-wait-ms", args.max_wait_ms, 0),
@@ -316,7 +316,7 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
     if args.engine == "h2" and args.tls_cert:
         raise SystemExit("inference-gateway serve-native: --engine h2 serves h2c only: no --tls-cert (use --engine "
                          "grpc, or auto)")
-    engine = args.engine if args.engine != "auto" else ("grpc" if args.tls_cert else "h2")
+    engine = Engine(args.engine) if args.engine != "auto" else (Engine.GRPC if args.tls_cert else Engine.H2)
     token, predict_token, tls = _credentials(args)  # checked here; the frontend reads the files itself
     return run(NativeConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
                             management_port=args.management_port, metrics_port=args.metrics_port,

@@ -59,21 +59,20 @@ def binary_path(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     return Path(build_dir) / f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
 
-def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++ libnghttp2",
-          debian: list[str] = DEBIAN) -> Path:
+def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++ libnghttp2") -> Path:
     """The binary of `source` (the frontend's, on grpc++ and nghttp2, or another program on `library`, pkg-config
-    names, such as the benchmarks' probe.cc on grpc++: `debian` names the packages that provide it), compiled if
-    it is not there for this version of the source yet (written atomically)."""
+    names, such as the benchmarks' probe.cc on grpc++: DEBIAN provides both), compiled if it is not there for this
+    version of the source yet (written atomically)."""
     out = binary_path(build_dir, source)
     if out.exists():
         return out
     what = "serve-native" if source == SOURCE else source.name
     flags, apt = _flags(library), ""
     if flags is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        apt = install_debian(debian)
+        apt = install_debian(DEBIAN)
         flags = _flags(library)
     if flags is None:
-        raise BuildError(f"{what}: g++ and {library} are missing (Debian: apt-get install {' '.join(debian)})"
+        raise BuildError(f"{what}: g++ and {library} are missing (Debian: apt-get install {' '.join(DEBIAN)})"
                          + (f"; apt-get said: {apt}" if apt else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")

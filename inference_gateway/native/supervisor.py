@@ -24,6 +24,7 @@ per replaced worker and per model change.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -77,6 +78,13 @@ MANAGEMENT_THREADS = 4
 MAX_CONCURRENT_CHANGES = MANAGEMENT_THREADS - 2
 
 
+class Engine(enum.Enum):
+    """The frontend's HTTP/2 engine (frontend.cc --engine): both serve every method of the inference port."""
+
+    H2 = "h2"  # nghttp2, h2c only: 3-5 us of CPU a call (benchmarks/h2_floor.py)
+    GRPC = "grpc"  # grpc++: 17-27 us a call; also TLS
+
+
 @dataclass
 class NativeConfig:
     models: list[str] = field(default_factory=list)  # package directories loaded at start
@@ -102,8 +110,8 @@ class NativeConfig:
     access_log: bool = False  # the frontend writes one JSON line per answered call on stderr
     allocator: Allocator = Allocator.AUTO  # malloc of the frontend and its workers
     frontend_sched_batch: bool = True  # the frontend's dispatcher threads under SCHED_BATCH (--sched-batch)
-    max_streams: int = 256  # HTTP/2 streams in flight per client connection (0: grpc's default, unbounded)
-    engine: str = "h2"  # the frontend's HTTP/2 engine: h2 (nghttp2, h2c) or grpc (grpc++: TLS too)
+    max_streams: int = 256  # HTTP/2 streams in flight per client connection (0: unbounded)
+    engine: Engine = Engine.H2
 
     @property
     def drain_s(self) -> float:
@@ -117,7 +125,7 @@ class NativeConfig:
                 "--max-queue-us", str(round(self.max_queue_wait_ms * 1000)),
                 "--cost-us", str(self.request_cost_us), "--cost-ns-per-byte", str(self.byte_cost_ns),
                 "--grace-ms", str(round(self.grace_s * 1000)), "--max-streams", str(self.max_streams),
-                "--engine", self.engine,
+                "--engine", self.engine.value,
                 *self.credential_args(),
                 *(["--access-log"] if self.access_log else []),
                 *(["--sched-batch"] if self.frontend_sched_batch else [])]
@@ -312,7 +320,7 @@ class Supervisor:
         self.served = self.table.entries()
         return {"event": "serving", "port": port, "frontend_pid": self.frontend.pid,
                 "worker_pids": [w.pid for w in self.workers], "allocator": self.malloc or "glibc",
-                "engine": self.cfg.engine,
+                "engine": self.cfg.engine.value,
                 "models": [{"name": v.name, "version": v.version, "table_image": str(v.image)}
                            for v in self.table.items()]}
 
