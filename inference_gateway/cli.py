@@ -147,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "connection may have in flight at once (SETTINGS_MAX_CONCURRENT_STREAMS); a client past it waits "
                    "at its end. Past what the grpc engine can refuse (~40-50k calls/s on 2 cores) an open-loop client "
                    "without it drives every latency up together; 0: no bound")
-    n.add_argument("--engine", choices=["auto", "grpc", "h2"], default="auto", help="the frontend's HTTP/2 engine: "
-                   "h2 (nghttp2, h2c: a call costs it 3-5 us of CPU against grpc++'s 17-27, answered or refused: "
-                   "benchmarks/h2_floor.py) or grpc (grpc++, also TLS); "
-                   "auto: h2, or grpc with --tls-cert. Both serve every method above")
+    n.add_argument("--engine", choices=["grpc", "h2"], default="h2", help="the frontend's HTTP/2 engine: h2 "
+                   "(nghttp2 and OpenSSL on one epoll thread: a call costs it 3-5 us of CPU in plaintext against "
+                   "grpc++'s 17-27, answered or refused: benchmarks/h2_floor.py) or grpc (grpc++). Both serve every "
+                   "method above, in plaintext or TLS")
     n.add_argument("--workdir", default="native-gateway", help="the workers' socket and (by default) table images")
     n.add_argument("--table-cache", help="where table images are written (default <workdir>/tables); the image "
                    "of a version this gateway unloads is deleted, so give each running gateway its own")
@@ -313,10 +313,6 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
             raise SystemExit(f"inference-gateway serve-native: {flag}: must be >= {low}")
     if args.max_streams_per_connection > 2**31 - 1:
         raise SystemExit("inference-gateway serve-native: --max-streams-per-connection: must be < 2^31")
-    if args.engine == "h2" and args.tls_cert:
-        raise SystemExit("inference-gateway serve-native: --engine h2 serves h2c only: no --tls-cert (use --engine "
-                         "grpc, or auto)")
-    engine = Engine(args.engine) if args.engine != "auto" else (Engine.GRPC if args.tls_cert else Engine.H2)
     token, predict_token, tls = _credentials(args)  # checked here; the frontend reads the files itself
     return run(NativeConfig(models=args.model, workers=args.workers, host=args.host, port=args.port,
                             management_port=args.management_port, metrics_port=args.metrics_port,
@@ -328,7 +324,7 @@ def serve_native_cmd(args: argparse.Namespace) -> int:
                             predict_token_file=args.predict_token_file if predict_token else None, tls=tls,
                             access_log=args.access_log, allocator=Allocator(args.allocator),
                             frontend_sched_batch=args.frontend_scheduling == "batch",
-                            max_streams=args.max_streams_per_connection, engine=engine))
+                            max_streams=args.max_streams_per_connection, engine=Engine(args.engine)))
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

@@ -30,6 +30,36 @@ AUTHORIZATION = "authorization"
 CONTROL_TOKEN_ENV = "RECSYS_CONTROL_TOKEN"  # the control-plane token of shards and gateways (and their clients)
 
 
+def write_self_signed(directory: Path, name: str) -> tuple[str, str]:
+    """A fresh P-256 certificate for localhost and 127.0.0.1, its own CA, valid a day: the paths of
+    `<name>.crt` and `<name>.key` in `directory`. For loopback TLS in tests and benchmarks (a client trusts
+    it with the certificate itself as its root), never for a deployment."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = Path(directory) / f"{name}.crt", Path(directory) / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
 def read_pem(path: str, what: str) -> bytes:
     """The bytes of a PEM file; an unreadable one is an OSError naming `what` and the path."""
     try:

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.gateway_load import Run, rate_phase, targets
 from benchmarks.h2 import TICK, ensure_h2load, parse, rate_result, steal_s
-from benchmarks.h2_floor import start_servers
+from benchmarks.h2_floor import SERVERS, start_servers
 from benchmarks.native_floor import start_binary
 from benchmarks.probe import open_loop
 from benchmarks.probe import parse as parse_probe
@@ -127,17 +127,26 @@ def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
 
 
 def test_h2_floor_runs_the_frontend_on_both_engines_answering_and_refusing(tmp_path: Path):
-    """benchmarks.h2_floor's four servers are the frontend on grpc++ and on nghttp2, each answering every call
-    OK at once (--echo) or refusing it at arrival (no worker: UNAVAILABLE, trailers only), as grpcio reads them."""
-    servers, procs = start_servers(tmp_path)
+    """benchmarks.h2_floor's servers are the frontend on grpc++ and on nghttp2, each answering every call OK at
+    once (--echo) or refusing it at arrival (no worker: UNAVAILABLE, trailers only), as grpcio reads them; the
+    _tls ones (--tls) over TLS with the certificate it made, refusing plaintext."""
+    names = [*SERVERS, *(f"{s}_tls" for s in SERVERS)]
+    servers, procs = start_servers(tmp_path, names)
     try:
-        assert sorted(servers) == ["grpc_echo", "grpc_refuse", "h2_echo", "h2_refuse"]
+        assert sorted(servers) == sorted(names) and len(names) == 8
+        creds = grpc.ssl_channel_credentials((tmp_path / "floor.crt").read_bytes())
         for name, (address, pid) in servers.items():
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             assert cmdline[cmdline.index(b"--engine") + 1].decode() == name.split("_")[0]
-            with grpc.insecure_channel(address) as channel:
+            if name.endswith("_tls"):
+                address = address.removeprefix("https://")
+                with grpc.insecure_channel(address) as plain, pytest.raises(grpc.RpcError) as e:
+                    plain.unary_unary(METHOD)(b"\x0a\x01x", timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no worker" not in e.value.details(), name
+            secure = name.endswith("_tls")
+            with grpc.secure_channel(address, creds) if secure else grpc.insecure_channel(address) as channel:
                 call = channel.unary_unary(METHOD)
-                if name.endswith("echo"):
+                if name.split("_")[1] == "echo":
                     assert call(b"\x0a\x01x", timeout=10) == b"", name
                     continue
                 with pytest.raises(grpc.RpcError) as refused:

@@ -836,19 +836,19 @@ def test_dockerfile_copies_existing_paths_and_pins_the_projects_versions():
 
 def test_the_image_carries_serve_natives_frontend_and_the_libraries_it_links():
     """The build stage compiles the frontend after installing the package (the build step finds it there at
-    start), and the runtime stage installs the Debian package of the grpc++ and nghttp2 libraries the binary
-    links here (the image is Debian bookworm like this host)."""
+    start), and the runtime stage installs the Debian package of the grpc++, nghttp2 and OpenSSL libraries the
+    binary links here (the image is Debian bookworm like this host)."""
     from inference_gateway.native.build import build
 
     instructions = _dockerfile()
     text = " ".join(instructions)
     install = text.index("pip install --no-deps .")
     assert text.index("python -m inference_gateway.native.build") > install
-    assert {"libgrpc++-dev", "libnghttp2-dev"} <= set(text.split("FROM ")[1].split())  # the build stage
+    assert {"libgrpc++-dev", "libnghttp2-dev", "libssl-dev"} <= set(text.split("FROM ")[1].split())  # the build stage
     runtime = text.split("FROM ")[2]
     ldd = subprocess.run(["ldd", str(build())], capture_output=True, text=True, timeout=60, check=True).stdout
-    libs = re.findall(r"((?:libgrpc\+\+|libnghttp2)\.so\.[\d.]+) => (\S+)", ldd)
-    assert {name.split(".so")[0] for name, _ in libs} == {"libgrpc++", "libnghttp2"}, ldd
+    libs = re.findall(r"((?:libgrpc\+\+|libnghttp2|libssl)\.so\.[\d.]+) => (\S+)", ldd)
+    assert {name.split(".so")[0] for name, _ in libs} == {"libgrpc++", "libnghttp2", "libssl"}, ldd
     for _, path in libs:
         owner = subprocess.run(["dpkg", "-S", os.path.realpath(path)], capture_output=True, text=True,
                                timeout=60).stdout.split(":")[0]

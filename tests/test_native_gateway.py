@@ -16,7 +16,6 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -311,24 +310,35 @@ def test_predict_stream_answers_every_message_and_survives_bad_ones(gw, package)
                       code="INVALID_ARGUMENT") >= 3 * 3
 
 
-def test_predict_token_and_mutual_tls(package, certs, tmp_path):
-    """With --predict-token-file and --tls-*: Predict and ModelInfer need the bearer token (metadata and
-    health do not); a client without a certificate of the CA, or in plaintext, gets no connection; the
-    frontend reads the token from its file, so no process's command line holds it."""
+@pytest.mark.parametrize("engine", ["grpc", "h2"])
+def test_predict_token_and_mutual_tls(package, certs, tmp_path, engine):
+    """With --predict-token-file and --tls-* on either engine: Predict and ModelInfer need the bearer token
+    (metadata and health do not); a client without a certificate of the CA, or in plaintext, gets no
+    connection; the frontend reads the token from its file, so no process's command line holds it."""
     token = "s3cret-predict-token"
     (tmp_path / "predict.token").write_text(token + "\n")
     g = launch_native(["--model", str(package), "--workers", "1", "--predict-token-file",
                        str(tmp_path / "predict.token"), "--tls-cert", certs["cert"], "--tls-key", certs["key"],
-                       "--tls-client-ca", certs["ca"], "--access-log"],
+                       "--tls-client-ca", certs["ca"], "--access-log", "--engine", engine],
                       workdir=tmp_path / "gw")
     try:
-        assert g.announced["engine"] == "grpc"  # --engine auto picks grpc++ for TLS
+        assert g.announced["engine"] == engine
         pem = {k: Path(certs[k]).read_bytes() for k in ("ca", "cert", "key", "other_ca", "other_key")}
         creds = grpc.ssl_channel_credentials(pem["ca"], private_key=pem["key"], certificate_chain=pem["cert"])
         req = build_request(*ragged(2, 4))
+        model = ServingModel(load_package(package))
+        big = ragged(4096, 5)  # ~0.4 MB each way: many TLS records, written and read in parts
+        want = model.scores(*(torch.from_numpy(a) for a in big)).numpy()
+        good = [("authorization", f"Bearer {token}")]
         with grpc.secure_channel(g.address, creds) as ch:
             s = inference_pb2_grpc.InferenceGatewayStub(ch)
-            assert scores_of(s.Predict(req, timeout=30, metadata=[("authorization", f"Bearer {token}")])).shape == (2,)
+            assert scores_of(s.Predict(req, timeout=30, metadata=good)).shape == (2,)
+            np.testing.assert_allclose(scores_of(s.Predict(build_request(*big), timeout=60, metadata=good)), want,
+                                       rtol=1e-5, atol=1e-6)
+            streamed = list(s.PredictStream(iter([build_request(*big)] * 3), timeout=60, metadata=good))
+            for a in streamed:
+                np.testing.assert_allclose(scores_of(a), want, rtol=1e-5, atol=1e-6)
+            assert len(streamed) == 3
             for md, code in (([], grpc.StatusCode.UNAUTHENTICATED), ([("authorization", "Bearer nope")],
                                                                      grpc.StatusCode.PERMISSION_DENIED)):
                 for method in ("/recsys.v1.InferenceGateway/Predict", "/recsys.v1.InferenceGateway/PredictStream",
@@ -350,6 +360,9 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
                 inference_pb2_grpc.InferenceGatewayStub(ch).Predict(
                     req, timeout=10, metadata=[("authorization", f"Bearer {token}")])
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (name, e.value)
+        with grpc.secure_channel(g.address, creds) as ch:  # still serving after the refused handshakes
+            assert scores_of(inference_pb2_grpc.InferenceGatewayStub(ch).Predict(
+                req, timeout=30, metadata=good)).shape == (2,)
         for pid in (g.pid, g.announced["frontend_pid"], *g.announced["worker_pids"]):
             assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
         # refusals are logged as JSON too (each line parses), naming the method, never the token
@@ -365,13 +378,13 @@ def test_predict_token_and_mutual_tls(package, certs, tmp_path):
 
 
 def test_h2_predict_token(package, tmp_path):
-    """--predict-token-file on the h2 engine (the test above runs the grpc engine, as TLS needs it): Predict,
-    PredictStream and ModelInfer need the bearer token, health and metadata do not; refusals never echo it."""
+    """--predict-token-file on the h2 engine in plaintext (h2c): Predict, PredictStream and ModelInfer need the
+    bearer token, health and metadata do not; refusals never echo it."""
     (tmp_path / "predict.token").write_text(H2_TOKEN + "\n")
     g = launch_native(["--model", str(package), "--workers", "1", "--predict-token-file",
                        str(tmp_path / "predict.token")], workdir=tmp_path / "gw")
     try:
-        assert g.announced["engine"] == "h2"  # auto: h2 without TLS
+        assert g.announced["engine"] == "h2"  # the default
         req = build_request(*ragged(2, 4))
         with grpc.insecure_channel(g.address) as ch:
             s = inference_pb2_grpc.InferenceGatewayStub(ch)
@@ -394,12 +407,19 @@ def test_h2_predict_token(package, tmp_path):
         g.kill()
 
 
-def test_h2_refuses_tls(package, tmp_path):
-    """TLS is grpc++'s: the CLI refuses --engine h2 with --tls-cert, naming the flag, before starting anything."""
-    r = subprocess.run([sys.executable, "-m", "inference_gateway.cli", "serve-native", "--model", str(package),
-                        "--engine", "h2", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "--engine h2" in r.stderr, r.stderr
+def test_h2_engine_names_the_tls_file_it_cannot_use(certs, tmp_path):
+    """The h2 engine loads the PEMs itself (OpenSSL): a key of another certificate, or a file with no
+    certificate, stops it before it serves, naming the flag."""
+    from inference_gateway.native.build import build
+
+    (tmp_path / "empty.pem").write_text("not a certificate\n")
+    for flags, words in ((["--tls-cert", certs["cert"], "--tls-key", certs["other_key"]], "--tls-key: not the key"),
+                         (["--tls-cert", str(tmp_path / "empty.pem"), "--tls-key", certs["key"]], "--tls-cert: no PEM"),
+                         (["--tls-cert", certs["cert"], "--tls-key", certs["key"], "--tls-client-ca",
+                           str(tmp_path / "empty.pem")], "--tls-client-ca: no PEM")):
+        r = subprocess.run([str(build()), "--engine", "h2", "--echo", *flags], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode != 0 and words in r.stderr and '"serving"' not in r.stdout, (flags, r.stderr)
 
 
 def test_admission_learns_the_real_cost_from_the_batches(package, tmp_path):

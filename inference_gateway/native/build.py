@@ -1,11 +1,11 @@
-"""Compiles serve-native's frontend (frontend.cc, on Debian's grpc++ and nghttp2) once per source version, into the
-environment's own directory; `make install` runs it so the first start does not. The benchmarks' native
+"""Compiles serve-native's frontend (frontend.cc, on Debian's grpc++, nghttp2 and OpenSSL) once per source version,
+into the environment's own directory; `make install` runs it so the first start does not. The benchmarks' native
 probe (benchmarks/probe.cc) is compiled the same way, on first use.
 
     python -m inference_gateway.native.build [--jemalloc]   # prints the binary's path
 
-The compiler, grpc++ and nghttp2 are Debian packages, not PyPI's: when they are missing and this runs as root
-with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them. With
+The compiler, grpc++, nghttp2 and OpenSSL are Debian packages, not PyPI's: when they are missing and this runs as
+root with apt-get, it installs them (as the benchmarks install h2load); otherwise it fails naming them. With
 --jemalloc (make install) it also installs jemalloc (libjemalloc2) that way when missing, which the gateways
 preload (--allocator auto).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from inference_gateway.allocator import Allocator, preload
 
 SOURCE = Path(__file__).resolve().parent / "frontend.cc"
-DEBIAN = ["g++", "libgrpc++-dev", "libnghttp2-dev", "pkg-config"]  # the frontend's engines: grpc++ and nghttp2
+DEBIAN = ["g++", "libgrpc++-dev", "libnghttp2-dev", "libssl-dev", "pkg-config"]  # the engines: grpc++; nghttp2, OpenSSL
 RUNTIME_DEBIAN = ["libjemalloc2"]  # the gateways' --allocator auto preloads it (inference_gateway.allocator)
 BUILD_DIR = Path(sys.prefix) / "libexec" / "inference-gateway"
 
@@ -59,10 +59,10 @@ def binary_path(build_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     return Path(build_dir) / f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
 
 
-def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++ libnghttp2") -> Path:
-    """The binary of `source` (the frontend's, on grpc++ and nghttp2, or another program on `library`, pkg-config
-    names, such as the benchmarks' probe.cc on grpc++: DEBIAN provides both), compiled if it is not there for this
-    version of the source yet (written atomically)."""
+def build(build_dir: Path = BUILD_DIR, source: Path = SOURCE, library: str = "grpc++ libnghttp2 openssl") -> Path:
+    """The binary of `source` (the frontend's, on grpc++, nghttp2 and OpenSSL, or another program on `library`,
+    pkg-config names, such as the benchmarks' probe.cc on grpc++: DEBIAN provides them), compiled if it is not
+    there for this version of the source yet (written atomically)."""
     out = binary_path(build_dir, source)
     if out.exists():
         return out

@@ -3,8 +3,8 @@
 // hands that worker whole batches (at most --max-batch requests and --max-batch-bytes, waiting at most
 // --max-delay-us for more) and answers each call from the worker's reply. Why native: a Python gRPC server
 // spends ~0.3 ms of CPU per unary call before any model work. Two engines serve the same methods: --engine h2
-// (namespace h2e below: one epoll thread on nghttp2, 3-5 us of CPU a call, h2c only) and --engine grpc
-// (grpc++'s callback API, 17-27 us a call, also TLS); benchmarks/h2_floor.py and gateway_frontend.md.
+// (namespace h2e below: one epoll thread on nghttp2 and OpenSSL, 3-5 us of CPU a call in plaintext) and --engine
+// grpc (grpc++'s callback API, 17-27 us a call); benchmarks/h2_floor.py and gateway_frontend.md.
 //
 // Workers connect at any time (the supervisor replaces one that dies); gRPC health (the default health
 // service, "" and recsys.v1.InferenceGateway) is SERVING while at least one worker is connected. The
@@ -60,6 +60,9 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/epoll.h>
@@ -1166,8 +1169,9 @@ static void drain_on_signal(sigset_t set) {
 // every connection and nghttp2 session; the dispatchers hand it their answers through a mailbox and an eventfd.
 // Served as on grpc++: Predict, PredictStream, the OIP's methods, grpc.health.v1.Health (Check and Watch) and,
 // with --reflection, server reflection, with the same admission, batching, deadlines (grpc-timeout), tokens,
-// counters, access log and drain. Not: TLS (serve-native picks grpc++ for it), compressed messages
-// (UNIMPLEMENTED; grpc clients send identity unless asked).
+// counters, access log and drain, and TLS (OpenSSL on the same loop: ALPN h2, TLS 1.2 or later, with
+// --tls-client-ca a client certificate of that CA required). Not: compressed messages (UNIMPLEMENTED; grpc
+// clients send identity unless asked).
 namespace h2e {
 struct Conn;
 static const size_t kMaxMessage = 4 << 20;  // grpc's default receive limit
@@ -1213,8 +1217,10 @@ struct H2Call : public LoopSink {
 struct Conn {
   int fd;
   nghttp2_session* session = nullptr;
+  SSL* ssl = nullptr;  // with --tls-cert: `out` goes through it, and what is read comes out of it
   std::string out;
   bool watching_out = false, dead = false;
+  bool write_needs_read = false, read_needs_write = false;  // TLS: the handshake waits for the other direction
   std::set<H2Call*> calls;  // every call of this connection not yet deleted
 };
 
@@ -1235,6 +1241,73 @@ void LoopSink::Post(int code, const std::string& bytes) {
     mailbox.push_back(Mail{this, code, bytes});
   }
   if (first) { uint64_t one = 1; ssize_t r = ::write(mailfd, &one, 8); (void)r; }
+}
+
+static SSL_CTX* tls = nullptr;  // --tls-cert: every connection is TLS
+
+// ALPN: gRPC runs on h2 only (grpc clients offer it, and refuse a server that does not select it).
+static int select_h2(SSL*, const unsigned char** out, unsigned char* outlen, const unsigned char* in, unsigned inlen,
+                     void*) {
+  for (unsigned i = 0; i < inlen; i += 1u + in[i]) {
+    if (in[i] == 2 && i + 3 <= inlen && std::memcmp(in + i + 1, "h2", 2) == 0) {
+      *out = in + i + 1;
+      *outlen = 2;
+      return SSL_TLSEXT_ERR_OK;
+    }
+  }
+  return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
+static std::string ssl_error() {  // OpenSSL's reason, if it gave one
+  unsigned long e = ERR_get_error();
+  char text[256] = "";
+  if (e) ERR_error_string_n(e, text, sizeof(text));
+  ERR_clear_error();
+  return e ? std::string(" (") + text + ")" : std::string();
+}
+
+// The server's context from the PEMs main read (--tls-cert: the leaf, then its chain; --tls-key; --tls-client-ca:
+// the CAs a client's certificate must chain to). False with `why` naming the flag.
+static bool tls_setup(std::string* why) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+  SSL_CTX_set_alpn_select_cb(ctx, select_h2, nullptr);
+  auto certs = [](const std::string& pem) {
+    std::vector<X509*> out;
+    BIO* b = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+    while (X509* x = PEM_read_bio_X509(b, nullptr, nullptr, nullptr)) out.push_back(x);
+    BIO_free(b);
+    ERR_clear_error();  // the end of the PEM reads as an error
+    return out;
+  };
+  auto fail = [ctx, why](const std::string& what) { *why = what + ssl_error(); SSL_CTX_free(ctx); return false; };
+  std::vector<X509*> chain = certs(cfg.tls_cert);
+  if (chain.empty()) return fail("--tls-cert: no PEM certificate in it");
+  if (SSL_CTX_use_certificate(ctx, chain[0]) != 1) return fail("--tls-cert");
+  X509_free(chain[0]);
+  for (size_t i = 1; i < chain.size(); ++i) SSL_CTX_add_extra_chain_cert(ctx, chain[i]);  // takes it
+  BIO* kb = BIO_new_mem_buf(cfg.tls_key.data(), static_cast<int>(cfg.tls_key.size()));
+  EVP_PKEY* key = PEM_read_bio_PrivateKey(kb, nullptr, nullptr, nullptr);
+  BIO_free(kb);
+  if (key == nullptr) return fail("--tls-key: no PEM private key in it");
+  bool used = SSL_CTX_use_PrivateKey(ctx, key) == 1;
+  EVP_PKEY_free(key);
+  if (!used || SSL_CTX_check_private_key(ctx) != 1) return fail("--tls-key: not the key of --tls-cert");
+  if (!cfg.tls_client_ca.empty()) {
+    std::vector<X509*> cas = certs(cfg.tls_client_ca);
+    if (cas.empty()) return fail("--tls-client-ca: no PEM certificate in it");
+    X509_STORE* store = SSL_CTX_get_cert_store(ctx);
+    for (X509* ca : cas) {
+      X509_STORE_add_cert(store, ca);
+      SSL_CTX_add_client_CA(ctx, ca);
+      X509_free(ca);
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  }
+  tls = ctx;
+  return true;
 }
 
 static nghttp2_nv header(const char* name, const std::string& value, bool copy_value) {
@@ -1615,6 +1688,7 @@ static void tell_watch(H2Call* call) {
 static EveryCall drain_streams(drain_stream), health_changed(tell_watch);
 
 static void watch(Conn* c, bool out) {
+  out = (out && !c->write_needs_read) || c->read_needs_write;
   if (c->watching_out == out) return;
   epoll_event ev{};
   ev.events = EPOLLIN | (out ? EPOLLOUT : 0);
@@ -1632,10 +1706,24 @@ static bool flush(Conn* c) {  // false: the connection is done
     c->out.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
   }
   while (!c->out.empty()) {
-    ssize_t w = ::write(c->fd, c->out.data(), c->out.size());
-    if (w < 0) {
-      if (errno == EAGAIN || errno == EINTR) break;
-      return false;
+    ssize_t w;
+    if (c->ssl != nullptr) {  // a record at a time (partial writes); what it cannot take stays in out
+      ERR_clear_error();
+      int r = SSL_write(c->ssl, c->out.data(), static_cast<int>(std::min<size_t>(c->out.size(), 1 << 20)));
+      if (r <= 0) {
+        int e = SSL_get_error(c->ssl, r);
+        if (e == SSL_ERROR_WANT_READ) c->write_needs_read = true;  // the handshake: the client speaks next
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) break;
+        return false;
+      }
+      c->write_needs_read = false;
+      w = r;
+    } else {
+      w = ::write(c->fd, c->out.data(), c->out.size());
+      if (w < 0) {
+        if (errno == EAGAIN || errno == EINTR) break;
+        return false;
+      }
     }
     c->out.erase(0, static_cast<size_t>(w));
   }
@@ -1645,6 +1733,7 @@ static bool flush(Conn* c) {  // false: the connection is done
 
 static void close_conn(Conn* c) {  // its calls at the workers keep it (dead) until they are answered
   epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, nullptr);
+  if (c->ssl != nullptr) { SSL_free(c->ssl); c->ssl = nullptr; }
   ::close(c->fd);
   c->dead = true;
   conns.erase(c);
@@ -1692,6 +1781,11 @@ static void accept_clients(int ls, nghttp2_session_callbacks* cbs, std::set<Conn
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     auto* c = new Conn{fd};
+    if (tls != nullptr) {
+      c->ssl = SSL_new(tls);
+      SSL_set_fd(c->ssl, fd);
+      SSL_set_accept_state(c->ssl);
+    }
     nghttp2_session_server_new(&c->session, cbs, c);
     // 1 MiB a stream and 16 MiB a connection before a WINDOW_UPDATE: a W2 request (~120 KB) arrives in one go
     std::vector<nghttp2_settings_entry> s = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20}};
@@ -1712,13 +1806,23 @@ static bool read_from(Conn* c) {  // false: the connection is done
   // at most 16 reads (1 MiB) a turn: a client streaming large requests must not starve the others (epoll is
   // level-triggered, so what is left is read on the next turn)
   for (int reads = 0; reads < 16; ++reads) {
-    ssize_t r = ::read(c->fd, buf, sizeof(buf));
-    if (r > 0) {
-      if (nghttp2_session_mem_recv(c->session, reinterpret_cast<uint8_t*>(buf), static_cast<size_t>(r)) < 0) return false;
-      if (r < static_cast<ssize_t>(sizeof(buf))) return true;
-      continue;
+    ssize_t r;
+    if (c->ssl != nullptr) {  // one record (<= 16 KB) a read, until the socket has no more
+      ERR_clear_error();
+      int n = SSL_read(c->ssl, buf, sizeof(buf));
+      if (n <= 0) {
+        int e = SSL_get_error(c->ssl, n);
+        c->read_needs_write = e == SSL_ERROR_WANT_WRITE;
+        return e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE;  // else: closed, or a failed handshake
+      }
+      c->read_needs_write = false;
+      r = n;
+    } else {
+      r = ::read(c->fd, buf, sizeof(buf));
+      if (r <= 0) return r < 0 && (errno == EAGAIN || errno == EINTR);
     }
-    return r < 0 && (errno == EAGAIN || errno == EINTR);
+    if (nghttp2_session_mem_recv(c->session, reinterpret_cast<uint8_t*>(buf), static_cast<size_t>(r)) < 0) return false;
+    if (c->ssl == nullptr && r < static_cast<ssize_t>(sizeof(buf))) return true;
   }
   return true;
 }
@@ -1769,7 +1873,9 @@ static int serve() {
       } else {
         auto* c = static_cast<Conn*>(p);
         if (c->dead) continue;
-        if (!(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) || read_from(c)) touched.insert(c);
+        // TLS: a handshake that waited to write goes on from SSL_read as well
+        bool readable = events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR) || c->read_needs_write;
+        if (!readable || read_from(c)) touched.insert(c);
         else close_conn(c);
       }
     }
@@ -1848,7 +1954,6 @@ int main(int argc, char** argv) {
   if (!cfg.echo && cfg.sock.empty()) return usage("--socket is required (or --echo)");
   if (cfg.tls_cert.empty() != cfg.tls_key.empty()) return usage("--tls-cert and --tls-key go together");
   if (!cfg.tls_client_ca.empty() && cfg.tls_cert.empty()) return usage("--tls-client-ca needs --tls-cert");
-  if (cfg.h2 && !cfg.tls_cert.empty()) return usage("--engine h2 serves h2c only: no --tls-cert (use --engine grpc)");
   // SIGTERM / SIGINT go to the drain thread only (blocked here, before any thread starts, so all inherit it)
   sigset_t stop;
   sigemptyset(&stop);
@@ -1869,6 +1974,8 @@ int main(int argc, char** argv) {
     }
   }
   if (cfg.h2) {
+    std::string why;
+    if (!cfg.tls_cert.empty() && !h2e::tls_setup(&why)) return usage(why);
     start_threads(stop, ls);
     return h2e::serve();
   }

@@ -81,8 +81,8 @@ MAX_CONCURRENT_CHANGES = MANAGEMENT_THREADS - 2
 class Engine(enum.Enum):
     """The frontend's HTTP/2 engine (frontend.cc --engine): both serve every method of the inference port."""
 
-    H2 = "h2"  # nghttp2, h2c only: 3-5 us of CPU a call (benchmarks/h2_floor.py)
-    GRPC = "grpc"  # grpc++: 17-27 us a call; also TLS
+    H2 = "h2"  # nghttp2 (and OpenSSL for TLS): 3-5 us of CPU a plaintext call (benchmarks/h2_floor.py)
+    GRPC = "grpc"  # grpc++: 17-27 us a call
 
 
 @dataclass
