@@ -422,6 +422,39 @@ def test_h2_engine_names_the_tls_file_it_cannot_use(certs, tmp_path):
         assert r.returncode != 0 and words in r.stderr and '"serving"' not in r.stdout, (flags, r.stderr)
 
 
+def test_h2_engine_closes_connections_that_never_speak(certs):
+    """A client that connects and sends nothing (plaintext), or stops after its TLS ClientHello, is closed
+    --handshake-timeout-ms after it was accepted, not held for good; a client that speaks is served."""
+    from inference_gateway.native.build import build
+
+    for tls in (False, True):
+        flags = ["--tls-cert", certs["cert"], "--tls-key", certs["key"]] if tls else []
+        proc = subprocess.Popen([str(build()), "--engine", "h2", "--echo", "--handshake-timeout-ms", "400", *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            port = json.loads(proc.stdout.readline())["port"]
+            silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+            t0 = time.monotonic()
+            if tls:  # a ClientHello's record header and nothing more: the handshake stalls at the server
+                stalled.sendall(b"\x16\x03\x01\x02\x00\x01")
+            else:  # the HTTP/2 preface's first bytes: no frame ever arrives
+                stalled.sendall(b"PRI * HTTP/2.0\r\n")
+            with silent, stalled:
+                for conn in (silent, stalled):
+                    while conn.recv(1 << 16):  # until EOF: the server closed it
+                        pass
+            waited = time.monotonic() - t0
+            assert 0.3 < waited < 5, waited
+            creds = grpc.ssl_channel_credentials(Path(certs["ca"]).read_bytes()) if tls else None
+            target = f"127.0.0.1:{port}"
+            with grpc.secure_channel(target, creds) if tls else grpc.insecure_channel(target) as ch:
+                assert ch.unary_unary(PREDICT)(b"", timeout=10) == b""  # still serving, a speaking client
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def test_admission_learns_the_real_cost_from_the_batches(package, tmp_path):
     """With costs configured far too low (1 us a request, nothing per byte) a flood of 1024-sample requests
     with 10 ms deadlines would be admitted and expire in the queue (DEADLINE_EXCEEDED after waiting); the

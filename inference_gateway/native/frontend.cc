@@ -47,6 +47,9 @@
 // A refusal costs grpc++ a whole call, so without it an open-loop client past what the frontend can refuse fills
 // the sockets and every call waits there, refused or not.
 //
+// --handshake-timeout-ms N (--engine h2; default 10 s): a client connection that has sent no HTTP/2 frame N ms
+// after it was accepted (silent, or stalled in the TLS handshake) is closed; grpc++ has its own (120 s).
+//
 // Wire to a worker (inference_gateway/native/worker.py), little-endian: batch = u32 n, n x (u8 method,
 // u32 len, bytes); reply = u32 n, n x (u8 gRPC status code, u32 len, bytes: the serialized response, or the
 // error). Method numbers are kMethods' order (worker.METHODS).
@@ -116,6 +119,7 @@ struct Config {
   long max_batch_bytes = 131072;  // ~256 one-sample Criteo requests, or one of 256 samples
   long max_delay_us = 500, max_queue_us = 0, cost_us = 70, cost_ns_per_byte = 60, grace_ms = 10000;
   long max_streams = 0;  // HTTP/2 streams a client may open at once on one connection (0: grpc's default)
+  long handshake_ms = 10000;  // --engine h2: a connection that sent no HTTP/2 frame by then is closed
   bool echo = false, access_log = false, sched_batch = false, h2 = false;  // h2: --engine h2
 };
 static Config cfg;
@@ -1221,6 +1225,8 @@ struct Conn {
   std::string out;
   bool watching_out = false, dead = false;
   bool write_needs_read = false, read_needs_write = false;  // TLS: the handshake waits for the other direction
+  bool greeted = false;  // a frame (the client's SETTINGS, after its preface and any TLS handshake) arrived
+  uint64_t serial = 0;   // which connection this is, for the greeting deadlines (an address may be reused)
   std::set<H2Call*> calls;  // every call of this connection not yet deleted
 };
 
@@ -1628,7 +1634,8 @@ static int on_data(nghttp2_session* s, uint8_t, int32_t id, const uint8_t* data,
   return 0;
 }
 
-static int on_frame_recv(nghttp2_session* s, const nghttp2_frame* frame, void*) {
+static int on_frame_recv(nghttp2_session* s, const nghttp2_frame* frame, void* user) {
+  static_cast<Conn*>(user)->greeted = true;
   bool headers = frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST;
   if (frame->hd.type != NGHTTP2_DATA && !headers) return 0;
   auto* call = static_cast<H2Call*>(nghttp2_session_get_stream_user_data(s, frame->hd.stream_id));
@@ -1775,12 +1782,20 @@ static int listen_on(const std::string& addr, int* port) {  // HOST:PORT (a name
   return fd;
 }
 
+// Connections yet to send a frame, oldest first, each with its deadline (--handshake-timeout-ms after accept): one
+// that connects and stays silent, or stalls in the TLS handshake, is closed then instead of held for good.
+struct Greeting { Clock::time_point deadline; Conn* conn; uint64_t serial; };
+static std::deque<Greeting> greetings;
+
 static void accept_clients(int ls, nghttp2_session_callbacks* cbs, std::set<Conn*>* touched) {
+  static uint64_t serials = 0;
   int fd;
   while ((fd = ::accept4(ls, nullptr, nullptr, SOCK_NONBLOCK)) >= 0) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     auto* c = new Conn{fd};
+    c->serial = ++serials;
+    greetings.push_back({Clock::now() + std::chrono::milliseconds(cfg.handshake_ms), c, c->serial});
     if (tls != nullptr) {
       c->ssl = SSL_new(tls);
       SSL_set_fd(c->ssl, fd);
@@ -1855,7 +1870,12 @@ static int serve() {
   std::set<Conn*> touched;
   touched_now = &touched;
   for (;;) {
-    int n = epoll_wait(epfd, events, 128, -1);
+    int wait_ms = -1;
+    if (!greetings.empty()) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(greetings.front().deadline - Clock::now());
+      wait_ms = static_cast<int>(std::max<long>(0, left.count() + 1));
+    }
+    int n = epoll_wait(epfd, events, 128, wait_ms);
     for (int i = 0; i < n; ++i) {
       void* p = events[i].data.ptr;
       if (p == &ls) {
@@ -1881,6 +1901,16 @@ static int serve() {
     }
     for (Conn* c : touched) if (!c->dead && !flush(c)) close_conn(c);
     touched.clear();
+    if (!greetings.empty()) {
+      auto now = Clock::now();
+      while (!greetings.empty()) {
+        const Greeting& g = greetings.front();
+        bool waiting = conns.count(g.conn) && g.conn->serial == g.serial && !g.conn->greeted;  // not yet deleted
+        if (waiting && g.deadline > now) break;
+        if (waiting) close_conn(g.conn);
+        greetings.pop_front();
+      }
+    }
     for (auto it = graveyard.begin(); it != graveyard.end();) {  // dead, and no worker holds a call of theirs
       if ((*it)->calls.empty()) { delete *it; it = graveyard.erase(it); } else { ++it; }
     }
@@ -1903,6 +1933,7 @@ static void start_threads(sigset_t stop, int ls) {
 static int usage(const std::string& why) {
   std::fprintf(stderr, "frontend: %s\n(flags: --addr HOST:PORT --socket PATH --max-batch N --max-batch-bytes N "
                "--max-delay-us N --max-queue-us N --cost-us N --cost-ns-per-byte N --grace-ms N --max-streams N "
+               "--handshake-timeout-ms N "
                "--predict-token-file PATH --tls-cert PATH --tls-key PATH --tls-client-ca PATH --reflection PATH --access-log "
                "--sched-batch --engine grpc|h2 | --echo)\n",
                why.c_str());
@@ -1948,9 +1979,11 @@ int main(int argc, char** argv) {
     else if (k == "--cost-ns-per-byte") cfg.cost_ns_per_byte = n;
     else if (k == "--grace-ms") cfg.grace_ms = n;
     else if (k == "--max-streams") cfg.max_streams = n;
+    else if (k == "--handshake-timeout-ms") cfg.handshake_ms = n;
     else return usage("unknown flag " + k);
   }
   if (cfg.max_batch < 1) return usage("--max-batch must be at least 1");
+  if (cfg.handshake_ms < 1) return usage("--handshake-timeout-ms must be at least 1");
   if (!cfg.echo && cfg.sock.empty()) return usage("--socket is required (or --echo)");
   if (cfg.tls_cert.empty() != cfg.tls_key.empty()) return usage("--tls-cert and --tls-key go together");
   if (!cfg.tls_client_ca.empty() && cfg.tls_cert.empty()) return usage("--tls-client-ca needs --tls-cert");
