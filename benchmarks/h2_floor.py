@@ -16,8 +16,7 @@ also offers every server the same open-loop rate (--rate, h2load's rate mode, de
 2x overload sends ~50-75k/s), where the CPU per call is what a gateway at that rate pays. Then the medians
 and the ratios h2 / grpc. With --tls each of the four also runs over TLS beside it (`*_tls`: a self-signed P-256
 certificate made here; h2load over https, ALPN h2), measured in the same rounds: what TLS adds to a call on each
-engine (`tls_vs_plain`). Needs g++, grpc++, nghttp2 and
-OpenSSL (`make install`) and h2load.
+engine (`tls_vs_plain`). Needs g++, grpc++, nghttp2 and OpenSSL (`make install`) and h2load.
 
     python -m benchmarks.h2_floor [--rounds 3] [--seconds 4] [--concurrency 64] [--rate 40000] [--tls]
 """
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="per h2load run")
     p.add_argument("--concurrency", type=int, default=64, help="streams in flight (4 connections)")
     p.add_argument("--rate", type=float, default=40000.0, help="calls/s of the open-loop phase (0: none)")
-    p.add_argument("--tls", action="store_true", help="every server over TLS (h2load over https, ALPN h2)")
+    p.add_argument("--tls", action="store_true", help="each server also over TLS, beside its plaintext twin "
+                   "(h2load over https, ALPN h2)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "h2-floor"))
     args = p.parse_args(argv)
     if ensure_h2load() is None:

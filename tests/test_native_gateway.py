@@ -32,6 +32,7 @@ from inference_gateway import proc_memory
 from inference_gateway.allocator import Allocator, preload
 from inference_gateway.client import build_request, scores_of
 from inference_gateway.model import ServingModel
+from inference_gateway.native.build import build
 from inference_gateway.process import launch_native
 from inference_gateway.shared_tables import IMAGE_SUFFIX
 from protos import inference_pb2_grpc
@@ -410,8 +411,6 @@ def test_h2_predict_token(package, tmp_path):
 def test_h2_engine_names_the_tls_file_it_cannot_use(certs, tmp_path):
     """The h2 engine loads the PEMs itself (OpenSSL): a key of another certificate, or a file with no
     certificate, stops it before it serves, naming the flag."""
-    from inference_gateway.native.build import build
-
     (tmp_path / "empty.pem").write_text("not a certificate\n")
     for flags, words in ((["--tls-cert", certs["cert"], "--tls-key", certs["other_key"]], "--tls-key: not the key"),
                          (["--tls-cert", str(tmp_path / "empty.pem"), "--tls-key", certs["key"]], "--tls-cert: no PEM"),
@@ -425,8 +424,6 @@ def test_h2_engine_names_the_tls_file_it_cannot_use(certs, tmp_path):
 def test_h2_engine_closes_connections_that_never_speak(certs):
     """A client that connects and sends nothing (plaintext), or stops after its TLS ClientHello, is closed
     --handshake-timeout-ms after it was accepted, not held for good; a client that speaks is served."""
-    from inference_gateway.native.build import build
-
     for tls in (False, True):
         flags = ["--tls-cert", certs["cert"], "--tls-key", certs["key"]] if tls else []
         proc = subprocess.Popen([str(build()), "--engine", "h2", "--echo", "--handshake-timeout-ms", "400", *flags],
