@@ -614,18 +614,28 @@ def test_readiness_is_not_serving_while_no_worker_is_connected(gw, package):
 def test_calls_cancelled_while_queued_are_dropped_before_compute(gw):
     """A backlog of heavy requests, then light ones on another connection that the client cancels (RST_STREAM)
     while they wait behind it: they are dropped before compute (counted as expired), the backlog is answered,
-    and the gateway goes on serving."""
+    and the gateway goes on serving. The workers are stopped (SIGSTOP) while the backlog and the light calls
+    arrive, so the light ones are surely still queued when cancelled (a backlog the workers kept up with, as
+    the client sent it, once let them through first in a busy suite)."""
     time.sleep(1.2)
     expired = prom.value(gw.metrics_port, "gateway_expired_total")
     heavy = build_request(*ragged(4096, 13)).SerializeToString()
     light = build_request(*ragged(1, 3)).SerializeToString()
     own = [("grpc.use_local_subchannel_pool", 1)]  # its own connection: not queued behind the backlog's bytes
+    pids = workers(gw)
     with grpc.insecure_channel(gw.address) as ch, grpc.insecure_channel(gw.address, options=own) as other:
-        backlog = [ch.unary_unary(PREDICT).future(heavy, timeout=120) for _ in range(200)]  # ~1 s for 2 workers
-        backlog[0].result()
-        gone = [other.unary_unary(PREDICT).future(light, timeout=120) for _ in range(20)]
-        time.sleep(0.05)  # arrived, queued behind the backlog
-        cancelled = [f for f in gone if f.cancel()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            # one batch a heavy request: each dispatcher hands one to its stopped worker, the rest wait queued
+            backlog = [ch.unary_unary(PREDICT).future(heavy, timeout=120) for _ in range(4 * WORKERS)]
+            time.sleep(0.5)  # the backlog arrived
+            gone = [other.unary_unary(PREDICT).future(light, timeout=120) for _ in range(20)]
+            time.sleep(0.3)  # arrived, queued behind the backlog (nothing is answered meanwhile)
+            cancelled = [f for f in gone if f.cancel()]
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         assert len(cancelled) >= 10, [f.code() for f in gone if not f.cancelled()]
         assert all(len(f.result()) > 4096 * 4 for f in backlog)
         assert scores_of(inference_pb2_grpc.InferenceGatewayStub(other).Predict(
