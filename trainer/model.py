@@ -30,7 +30,10 @@ class DenseDLRM(nn.Module):
             torch.manual_seed(seed)
             self.bottom = mlp([config.dense_features, *config.bottom_mlp], final_relu=True)
             n = self.num_sparse + 1
-            self.register_buffer("triu", torch.triu_indices(n, n, offset=1), persistent=False)
+            i, j = torch.triu_indices(n, n, offset=1)
+            # the upper triangle's places in a row-major [n, n]: one index_select (~0.03 ms at batch 250) where
+            # indexing by (i, j) took ~0.3 ms, a tenth of the forward; the same values in the same order
+            self.register_buffer("pairs", i * n + j, persistent=False)
             interactions = n * (n - 1) // 2
             self.top = mlp([self.dim + interactions, *config.top_mlp], final_relu=False)
 
@@ -38,5 +41,5 @@ class DenseDLRM(nn.Module):
         """dense [B, dense_features], embeddings [B, F * D] -> logits [B]."""
         x = self.bottom(dense)
         feats = torch.cat([x.unsqueeze(1), embeddings.view(-1, self.num_sparse, self.dim)], dim=1)
-        dots = torch.bmm(feats, feats.transpose(1, 2))[:, self.triu[0], self.triu[1]]
+        dots = torch.bmm(feats, feats.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
         return self.top(torch.cat([x, dots], dim=1)).squeeze(1)
