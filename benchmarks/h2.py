@@ -9,6 +9,7 @@ divided by one answer's framed size estimates the answered calls (`ok_estimated`
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
@@ -70,7 +71,11 @@ def _body(body: bytes, workdir: Path) -> Path:
 
 def _command(address: str, method: str, body: bytes, workdir: Path, seconds: float, conns: int,
              streams: int) -> list[str]:
-    return ["h2load", "-D", str(max(1, int(seconds))), "-c", str(conns), "-m", str(streams),
+    return ["h2load", "-D", str(max(1, int(seconds))), *_rest(address, method, body, workdir, conns, streams)]
+
+
+def _rest(address: str, method: str, body: bytes, workdir: Path, conns: int, streams: int) -> list[str]:
+    return ["-c", str(conns), "-m", str(streams),
             "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(_body(body, workdir)),
             f"{address if '://' in address else 'http://' + address}{method}"]  # https://HOST:PORT: over TLS
 
@@ -122,22 +127,46 @@ def h2load_with_cpu(address: str, method: str, body: bytes, concurrency: int, se
     return r
 
 
+class Ticks(enum.Enum):
+    """How the connections of h2load's rate mode share out its send ticks. Each connection sends the requests
+    it is due every max(10 ms, 1/rps) from the moment it connected (nghttp2's `Client::start_rps_timer`), so
+    connections opened together tick together: "R requests/s" arrive as 100 bursts a second of R/100 requests
+    (250 at 25,000/s). Opened a millisecond apart (`-r 1 --rate-period 1ms`, the finest h2load takes) ten
+    connections cover the 10 ms between ticks: a burst of ~R/1,000 each millisecond, nearer an open loop's
+    arrivals as Triton's perf_analyzer (a schedule per request) or a Poisson process make them, though still
+    burstier than either."""
+
+    ALIGNED = "aligned"  # 4 connections opened at once, run for `seconds` (-D)
+    SPREAD = "spread"  # 10 connections opened 1 ms apart, each sending its share of rate x seconds (-n)
+
+
+SPREAD_CONNS = 10
+
+
 def start_rate(address: str, method: str, body: bytes, rate: float, seconds: float, workdir: Path,
-               conns: int = 4, streams: int = 256) -> tuple[subprocess.Popen, Path]:
+               conns: int = 4, streams: int = 256, ticks: Ticks = Ticks.ALIGNED) -> tuple[subprocess.Popen, Path]:
     """h2load offering `rate` requests/s in all (`--rps` per connection) for `seconds`, each request's
     status and latency logged; finish it with `rate_result`. A connection whose `streams` are all in
-    flight waits, so an overloaded server that neither answers nor refuses caps the offered rate."""
+    flight waits, so an overloaded server that neither answers nor refuses caps the offered rate (and a
+    SPREAD run, bounded by its request count rather than by time, then lasts longer). `ticks`: see Ticks;
+    SPREAD opens SPREAD_CONNS connections with the same streams in all (`conns` x `streams`)."""
     log = workdir / f"h2load-rate-{os.getpid()}.log"
     log.unlink(missing_ok=True)
-    cmd = _command(address, method, body, workdir, seconds, conns, streams)
+    if ticks is Ticks.SPREAD:
+        streams, conns = max(1, conns * streams // SPREAD_CONNS), SPREAD_CONNS
+        cmd = ["h2load", "-n", str(max(conns, round(rate * seconds))), "-r", "1", "--rate-period", "1ms",
+               *_rest(address, method, body, workdir, conns, streams)]
+    else:
+        cmd = _command(address, method, body, workdir, seconds, conns, streams)
     cmd[1:1] = ["--rps", f"{max(rate / conns, 0.01):.2f}", "--log-file", str(log)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log
 
 
 def rate_result(proc: subprocess.Popen, log: Path, seconds: float, ok_frame_bytes: int) -> dict:
     """The rate run's summary; latency percentiles of every request (answered and refused alike: h2load
-    logs HTTP status 200 for both, and times each from its own send, not from its schedule), and
-    `ok_estimated` from the DATA bytes (see the module docstring)."""
+    logs HTTP status 200 for both, and times each from its own send, not from its schedule),
+    `ok_estimated` from the DATA bytes (see the module docstring), and how bursty the sends were (`sends`:
+    the most requests sent in one millisecond, and the share of milliseconds with none sent)."""
     text, _ = proc.communicate(timeout=seconds + 120)
     r = parse(text)
     try:
@@ -149,6 +178,8 @@ def rate_result(proc: subprocess.Popen, log: Path, seconds: float, ok_frame_byte
         r["p50_ms"] = round(float(np.percentile(ms, 50)), 2)
         r["p99_ms"] = round(float(np.percentile(ms, 99)), 2)
         r["http_status"] = {str(s): int(n) for s, n in zip(*np.unique(rows[:, 1], return_counts=True), strict=True)}
+        per_ms = np.bincount((rows[:, 0] - rows[:, 0].min()) // 1000)  # requests sent in each millisecond
+        r["sends"] = {"busiest_ms": int(per_ms.max()), "empty_ms_share": round(float((per_ms == 0).mean()), 3)}
     log.unlink(missing_ok=True)
     return answered(r, ok_frame_bytes)
 

@@ -1,7 +1,8 @@
 """The gateway benchmark's own arithmetic: h2load's summary and rate log read right, refusals told from
 answers by DATA bytes (h2load reports HTTP 200 for both), issue 12's targets judged with the bounds'
 direction, the native probe (probe.cc) sending on schedule and telling answers from refusals, and an open-loop
-phase saying how the cores were shared between the load generator and the server."""
+phase saying how the cores were shared between the load generator and the server, and h2load's send ticks
+spread over its 10 ms when asked."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import grpc
 import pytest
 
 from benchmarks.gateway_load import Run, rate_phase, targets
-from benchmarks.h2 import TICK, ensure_h2load, parse, rate_result, steal_s
+from benchmarks.h2 import TICK, Ticks, ensure_h2load, parse, rate_result, start_rate, steal_s
 from benchmarks.h2_floor import SERVERS, start_servers
 from benchmarks.native_floor import start_binary
 from benchmarks.probe import open_loop
@@ -124,6 +125,27 @@ def test_an_open_loop_phase_says_how_the_cores_were_shared(tmp_path: Path):
     assert 0 < r["cores"]["generator"] < 1.5 and 0 < r["cores"]["server"] < 1.5, r["cores"]
     assert 0 <= r["cores"]["steal"] < 1.0, r["cores"]  # the hypervisor's share of the phase (0 on bare metal)
     assert sum(r["cores"]["server_by_process"].values()) == pytest.approx(r["cores"]["server"], abs=0.02)
+
+
+def test_spread_ticks_send_every_millisecond_where_aligned_ones_send_in_bursts(tmp_path: Path):
+    """h2load's rate mode sends each connection's due requests every 10 ms from when it connected: with its
+    connections opened together (ALIGNED) 2,000 calls/s arrive as ~100 bursts of ~20 and ~90% of milliseconds
+    send nothing; opened 1 ms apart (SPREAD) a few go in most milliseconds. Both send the whole offer."""
+    assert ensure_h2load(), "h2load is missing: apt-get install nghttp2-client (done here when run as root)"
+    echo, port = start_binary([str(build()), "--echo"], tmp_path, 30)
+    try:
+        runs = {}
+        for ticks in Ticks:
+            proc, log = start_rate(f"127.0.0.1:{port}", METHOD, b"", 2000.0, 2.0, tmp_path, ticks=ticks)
+            runs[ticks] = rate_result(proc, log, 2.0, 0)
+    finally:
+        stop_all([echo], 10)
+    aligned, spread = runs[Ticks.ALIGNED], runs[Ticks.SPREAD]
+    for r in (aligned, spread):
+        assert 3600 <= r["ok"] <= 4100 and r["failed"] == 0, r
+    assert aligned["sends"]["empty_ms_share"] >= 0.75 and aligned["sends"]["busiest_ms"] >= 15, aligned
+    assert spread["sends"]["empty_ms_share"] <= 0.5, spread  # ~0.3: connects land near, not on, each 1 ms
+    assert spread["sends"]["busiest_ms"] * 2 <= aligned["sends"]["busiest_ms"], (spread, aligned)
 
 
 def test_h2_floor_runs_the_frontend_on_both_engines_answering_and_refusing(tmp_path: Path):
