@@ -20,8 +20,8 @@ frontend over our model in Python-backend workers), per table dtype (FP32, INT8,
   half, overload  open loop at half and at twice the gateway's own maximum (the largest W1 figure;
             h2load's count answered calls only, estimated from DATA bytes), each with `cores`: the CPU the
             load generator (h2load + the probe) and the gateway's processes took per second of the phase.
-            Half is run twice: h2load's connections ticking spread over its 10 ms (the figure), then all
-            together (`aligned`, beside it); see "Why h2load" below.
+            Each is run twice: h2load's connections ticking spread over its 10 ms (the figures), then all
+            together (`aligned`, beside them); see "Why h2load" below.
   stream    W1 over PredictStream (serve-triton: its --predict-port).
   oip       serve: W1 over the Open Inference Protocol on the same port (serve-triton's W1 is OIP already).
   predict   serve-triton: W1 Predict through its --predict-port (serve's W1 is Predict already).
@@ -37,15 +37,16 @@ workers; Predict, PredictStream and OIP on one port) through the same phases.
 
 Why h2load for the open loops. One Python asyncio client tops out near the Python echo ceiling (its own
 loop is GIL-bound and shares the 2 cores with the server), so it cannot offer half, let alone twice, the
-maximum of a gateway that beats the echo. h2load's rate mode (`--rps` per connection) offers the load:
-4 connections of 256 streams opened at once for the 2x, whose 10 ms send ticks coincide (100 bursts a
-second); at half, 10 connections of 102 streams opened 1 ms apart, whose ticks cover the 10 ms (a burst
-each millisecond; benchmarks.h2.Ticks), and the aligned run beside it. A batching server's latency at half
-load is mostly the burst it is handed: aligned, each of ~250 requests waits for one worker to score all
-of them. Each rate record's `h2load.sends` says how bursty the sends were. The native probe
-(benchmarks/probe.cc, a grpc++ client compiled on first use) sends at a low rate (<= 100/s) beside h2load
-and times each call from its schedule. h2load counts HTTP
-statuses, and gRPC answers a refusal with HTTP 200 too (grpc-status in trailers): from h2load we get the
+maximum of a gateway that beats the echo. h2load's rate mode (`--rps` per connection) offers the load,
+from 10 connections of 102 streams opened 1 ms apart, whose 10 ms send ticks cover the interval (a burst
+each millisecond; benchmarks.h2.Ticks), and then from 4 connections of 256 streams opened at once, whose
+ticks coincide (100 bursts a second: h2load's default, and these phases' only run until 2026-12-05),
+reported beside as `aligned`. A batching server's latency at half load is mostly the burst it is handed
+(aligned, each of ~250 requests waits for one worker to score all of them), and its refusals at 2x wait
+behind the burst's others in the frontend's loop. Each rate record's `h2load.sends` says how bursty the
+sends were. The native probe (benchmarks/probe.cc, a grpc++ client compiled on first use) sends at a low
+rate (<= 100/s) beside h2load and times each call from its schedule. h2load counts HTTP statuses, and
+gRPC answers a refusal with HTTP 200 too (grpc-status in trailers): from h2load we get the
 offered and completed rate, every request's latency from its own send (refused and answered mixed; a
 connection with all its streams in flight stops sending, so a server that neither answers nor refuses caps
 h2load's rate: `sent_per_s` and `sent_vs_max` say what was sent, `offered_per_s` what was asked) and the
@@ -363,35 +364,45 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _half_figures(r: dict, peak: float) -> dict:
+    return {"p99_ms": r["h2load"].get("p99_ms") if "h2load" in r else r["python"]["p99_ms"]}
+
+
+def _overload_figures(r: dict, peak: float) -> dict:
+    py = r.get("probe", r.get("python"))
+    out = {"accepted_p99_ms": py["p99_ms"] if py["ok"] else None, "refusal_p99_ms": py.get("reject_p99_ms")}
+    if r.get("goodput_per_s") is not None:
+        out["goodput_vs_max"] = round(r["goodput_per_s"] / peak, 3)
+    if r.get("sent_per_s") is not None:
+        out["sent_vs_max"] = round(r["sent_per_s"] / peak, 3)
+    return out
+
+
+# phase: (record, rate / maximum, its figures; each but sent_vs_max a target's `PHASE_NAME`)
+OPEN_PHASES = {"half": ("W1_open_half_max", 0.5, _half_figures),
+               "overload": ("W1_open_2x_overload", 2.0, _overload_figures)}
+
+
 def open_phases(run: Run, base: dict, key: tuple[str, str], address: str, method: str, pool: list[bytes],
                 peak: float, pids: Sequence[int] = ()) -> None:
-    """W1 open loop at half the gateway's maximum (latency) and at twice it (overload). At half, h2load's
-    connections tick spread over its 10 ms (the figure: `p99_ms`) and then all at once (`aligned`: 100 bursts
-    a second, h2load's default, the figure until this was measured), see benchmarks.h2.Ticks; the 2x runs
-    for `seconds` whatever the server does, so with aligned ticks (-D)."""
+    """W1 open loop at half the gateway's maximum (latency) and at twice it (overload), each with h2load's
+    connections ticking spread over its 10 ms (the figures) and then all at once (`aligned` in the record,
+    `PHASE_aligned_NAME` among the figures: 100 bursts a second, h2load's default and the figures until
+    2026-12-05), see benchmarks.h2.Ticks."""
     fig = run.figures[key]
-    if "half" not in run.skip:
-        r = rate_phase(run, address, method, pool, peak / 2, pids, Ticks.SPREAD)
-        p99 = r["h2load"].get("p99_ms") if "h2load" in r else r["python"]["p99_ms"]
-        fig["half_p99_ms"] = p99
-        rec = {**base, "bench": "W1_open_half_max", "max_per_s": peak, "p99_ms": p99, **r}
+    for phase, (bench, scale, figures) in OPEN_PHASES.items():
+        if phase in run.skip:
+            continue
+        r = rate_phase(run, address, method, pool, peak * scale, pids, Ticks.SPREAD)
+        main = figures(r, peak)
+        fig.update({f"{phase}_{k}": v for k, v in main.items() if k != "sent_vs_max"})
+        rec = {**base, "bench": bench, "max_per_s": peak, **main, **r}
         if run.use_h2load:
-            aligned = rate_phase(run, address, method, pool, peak / 2, pids, Ticks.ALIGNED)
-            fig["half_aligned_p99_ms"] = aligned["h2load"].get("p99_ms")
-            rec["aligned"] = {"p99_ms": fig["half_aligned_p99_ms"], **aligned}
+            aligned = rate_phase(run, address, method, pool, peak * scale, pids, Ticks.ALIGNED)
+            side = figures(aligned, peak)
+            fig.update({f"{phase}_aligned_{k}": v for k, v in side.items() if k != "sent_vs_max"})
+            rec["aligned"] = {**side, **aligned}
         emit({**rec, "loadavg": _load()})
-    if "overload" not in run.skip:
-        r = rate_phase(run, address, method, pool, peak * 2, pids)
-        py = r.get("probe", r.get("python"))
-        rec = {**base, "bench": "W1_open_2x_overload", "max_per_s": peak, **r}
-        if r.get("goodput_per_s") is not None:
-            rec["goodput_vs_max"] = fig["overload_goodput_vs_max"] = round(r["goodput_per_s"] / peak, 3)
-        if r.get("sent_per_s") is not None:
-            rec["sent_vs_max"] = round(r["sent_per_s"] / peak, 3)
-        fig["overload_accepted_p99_ms"] = py["p99_ms"] if py["ok"] else None
-        fig["overload_refusal_p99_ms"] = py.get("reject_p99_ms")
-        emit({**rec, "accepted_p99_ms": fig["overload_accepted_p99_ms"],
-              "refusal_p99_ms": fig["overload_refusal_p99_ms"], "loadavg": _load()})
 
 
 def vs_in_process(samples_per_s: float, limits: dict[tuple[int, int], float]) -> dict[str, float]:
@@ -548,8 +559,10 @@ def targets(run: Run) -> dict:
             v = fig.get(name)
             ok = None if v is None else (v >= bound if kind == "min" else v <= bound)
             res[name] = {"value": v, ("min" if kind == "min" else "max"): round(bound, 3), "pass": ok}
-        if (v := fig.get("half_aligned_p99_ms")) is not None:  # beside the target, not one: benchmarks.h2.Ticks
-            res["half_aligned_p99_ms"] = {"value": v, "max": 15.0, "pass": v <= 15.0, "target": False}
+            phase, _, rest = name.partition("_")
+            if (v := fig.get(side := f"{phase}_aligned_{rest}")) is not None:  # beside the target: benchmarks.h2.Ticks
+                res[side] = {"value": v, ("min" if kind == "min" else "max"): round(bound, 3),
+                             "pass": v >= bound if kind == "min" else v <= bound, "target": False}
         out[f"{frontend}/{q}"] = res
     return out
 

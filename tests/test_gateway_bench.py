@@ -61,13 +61,18 @@ def test_targets_judge_each_bound_in_its_direction():
                                                               "cpu_s_per_1000": 0.3}, {})
     run.figures["serve-triton", "int8"] = {"w1_python_per_s": 1600.0, "w1_h2load_per_s": 3000.0,
                                            "cpu_s_per_1000": 0.2, "half_p99_ms": 12.0,
-                                           "overload_refusal_p99_ms": 7.5}
+                                           "overload_refusal_p99_ms": 7.5, "half_aligned_p99_ms": 16.0,
+                                           "overload_aligned_goodput_vs_max": 0.95}
     t = targets(run)["serve-triton/int8"]
     assert t["w1_vs_echo_python"] == {"value": 1.6, "min": 1.5, "pass": True}
     assert t["w1_vs_echo_h2load"]["pass"] is False  # 1.5x < 2x
     assert t["cpu_vs_echo"]["value"] == 0.667 and t["cpu_vs_echo"]["pass"] is False
     assert t["half_p99_ms"]["pass"] is True and t["overload_refusal_p99_ms"]["pass"] is False
     assert t["w2_vs_in_process_2t"] == {"value": None, "min": 0.8, "pass": None}  # not measured: no verdict
+    # h2load's aligned ticks, reported beside the target with its bound and direction, not as one
+    assert t["half_aligned_p99_ms"] == {"value": 16.0, "max": 15.0, "pass": False, "target": False}
+    assert t["overload_aligned_goodput_vs_max"] == {"value": 0.95, "min": 0.9, "pass": True, "target": False}
+    assert "overload_aligned_refusal_p99_ms" not in t  # not measured: not reported
 
 
 def test_probe_output_is_read_into_open_loops_record():
