@@ -74,6 +74,9 @@ CASES = {
     "inference-gateway serve-native: negative stream bound": (
         ["inference_gateway.cli", "serve-native", "--model", "x", "--max-streams-per-connection", "-1"], None,
         "--max-streams-per-connection: must be >= 0"),
+    "inference-gateway serve-native: niceness past Linux's range": (
+        ["inference_gateway.cli", "serve-native", "--model", "x", "--worker-nice", "20"], None,
+        "--worker-nice: must be <= 19"),
 }
 
 

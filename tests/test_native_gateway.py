@@ -515,12 +515,21 @@ def policies(pid: int) -> dict[str, set[int]]:
 def test_the_dispatchers_run_under_sched_batch_and_grpcs_threads_do_not(gw):
     """--frontend-scheduling batch (the default): the frontend's dispatcher threads (one per worker) are
     SCHED_BATCH, so a woken dispatcher does not preempt a worker's batch; the threads that accept and refuse
-    calls (gRPC's, or the h2 engine's loop), and the workers keep the default policy."""
+    calls (gRPC's, or the h2 engine's loop), and the workers keep the default policy. --worker-nice 10 (the
+    default): every thread of every worker at niceness 10, every thread of the frontend at 0."""
     threads = policies(gw.announced["frontend_pid"])
     assert threads.pop("dispatcher") == {os.SCHED_BATCH}, threads
     assert set().union(*threads.values()) == {os.SCHED_OTHER}, threads
     assert len(threads) > (2 if gw.engine == "grpc" else 0), threads  # grpc++ names its threads
     assert {os.sched_getscheduler(p) for p in workers(gw)} == {os.SCHED_OTHER}
+    assert niceness(gw.announced["frontend_pid"]) == {0}
+    for pid in workers(gw):
+        assert niceness(pid) == {10}, pid
+
+
+def niceness(pid: int) -> set[int]:
+    """The niceness of each thread of a process (Linux keeps one per thread)."""
+    return {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
 
 
 def http2_settings(address: str) -> dict[int, int]:

@@ -50,7 +50,7 @@ def gw(store, tmp_path_factory):
     (tmp / "control.token").write_text(TOKEN + "\n")
     g = launch_native(["--model", "v1", "--model-store", str(store), "--workers", str(WORKERS),
                        "--token-file", str(tmp / "control.token"), "--max-wait-ms", "1", "--allocator", "glibc",
-                       "--frontend-scheduling", "normal", "--max-streams-per-connection", "0"],
+                       "--frontend-scheduling", "normal", "--max-streams-per-connection", "0", "--worker-nice", "3"],
                       workdir=tmp / "gw", env=INHERITED)
     yield g
     g.kill()
@@ -331,3 +331,14 @@ def test_changes_past_the_limit_are_refused_at_once_and_health_keeps_answering(g
         for t in threads:
             if t.is_alive():
                 t.join(30)
+
+
+def test_worker_nice_holds_for_every_worker_the_changes_above_started(gw):
+    """--worker-nice 3: every thread of every worker at niceness 3, those started by the loads and swaps of the
+    tests above too (run alone, the first ones), and the frontend's at 0."""
+    pids = workers(gw)
+    assert len(pids) == WORKERS
+    for pid in pids:
+        assert {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()} == {3}
+    frontend = Path(f"/proc/{gw.announced['frontend_pid']}/task").iterdir()
+    assert {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in frontend} == {0}

@@ -112,6 +112,7 @@ class NativeConfig:
     frontend_sched_batch: bool = True  # the frontend's dispatcher threads under SCHED_BATCH (--sched-batch)
     max_streams: int = 256  # HTTP/2 streams in flight per client connection (0: unbounded)
     engine: Engine = Engine.H2
+    worker_nice: int = 10  # each worker's niceness once loaded: the frontend's threads run first (--worker-nice)
 
     @property
     def drain_s(self) -> float:
@@ -249,7 +250,8 @@ class Supervisor:
 
     def _worker(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "inference_gateway.native.worker", str(self.sock),
-                                 str(self.spec)], env=with_preload(child_env(None), self.malloc))
+                                 str(self.spec), str(self.cfg.worker_nice)],
+                                env=with_preload(child_env(None), self.malloc))
 
     def _check_frontend(self) -> None:
         if self.frontend is not None and self.frontend.poll() is not None:

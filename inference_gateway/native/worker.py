@@ -5,7 +5,7 @@ per request. Scores equal `serve`'s; a bad request gets `serve`'s check's error 
 nothing a request holds stops the worker. The tables are mapped read-only from the supervisor's table
 images, so N workers hold one copy.
 
-    python -m inference_gateway.native.worker SOCKET SPEC_JSON
+    python -m inference_gateway.native.worker SOCKET SPEC_JSON [NICE]
 
 SPEC_JSON (written by the supervisor, fixed for the worker's life: a model change starts new workers):
 {"models": [{"name", "version", "path", "image"}], "defaults": {name: version}, "default_model": name}.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import json
+import os
 import socket
 import struct
 import sys
@@ -191,9 +192,18 @@ def _parse(kind, body: bytes):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a {kind.DESCRIPTOR.name} ({e})") from None
 
 
-def serve(sock_path: str, spec_path: str) -> None:
+def lower_priority(nice: int) -> None:
+    """Every thread of this process at `nice` (Linux's niceness is a thread's): on cores shared with the
+    frontend, a worker that has loaded yields to the frontend's loop and dispatchers, which accept, refuse and
+    answer calls in microseconds, instead of making them wait out its slice (no privilege needed to lower)."""
+    for tid in os.listdir("/proc/self/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
+def serve(sock_path: str, spec_path: str, nice: int = 0) -> None:
     with open(spec_path) as f:
         worker = Worker(json.load(f))
+    lower_priority(nice)  # once loaded: loading at full priority keeps a replacement's start short
     # ~220k objects live once torch, fbgemm and the models are loaded: a full collection would walk them all
     # (~100 ms with a batch's requests waiting); frozen, it skips them (~0 ms). Batches allocate and free in
     # balance (no collection in 3,000 of them, measured), so this guards against the rare one
@@ -215,4 +225,4 @@ def serve(sock_path: str, spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(*sys.argv[1:3])
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
