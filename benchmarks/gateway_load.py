@@ -351,7 +351,7 @@ def rate_phase(run: Run, address: str, method: str, pool: list[bytes], rate: flo
         cores["server_by_process"] = {k: round(v, 2) for k, v in by.items()}
     out = {"client": "h2load+native_probe", "offered_per_s": round(rate, 1), "ticks": ticks.value, "h2load": h2,
            "probe": seen, "cores": cores}
-    if "requests_per_s" in h2:  # what was sent: less than offered once h2load's 4 x 256 streams are all in flight
+    if "requests_per_s" in h2:  # what was sent: less than offered once h2load's streams are all in flight
         out["sent_per_s"] = round(h2["requests_per_s"] + seen.get("achieved_send_rate", 0.0), 1)
     if "ok_estimated" in h2:
         out["goodput_per_s"] = round(h2["ok_estimated"] / h2["seconds"] + seen["requests_per_s"], 1)

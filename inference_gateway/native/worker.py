@@ -17,6 +17,7 @@ n, n x (u8 gRPC status code, u32 len, response bytes or error message).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.metadata
 import json
@@ -197,7 +198,8 @@ def lower_priority(nice: int) -> None:
     frontend, a worker that has loaded yields to the frontend's loop and dispatchers, which accept, refuse and
     answer calls in microseconds, instead of making them wait out its slice (no privilege needed to lower)."""
     for tid in os.listdir("/proc/self/task"):
-        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended since the listing
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
 def serve(sock_path: str, spec_path: str, nice: int = 0) -> None:
