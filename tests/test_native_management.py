@@ -28,7 +28,7 @@ from protos import inference_pb2, inference_pb2_grpc
 from protos.package import load_package
 from tests import prom
 from tests.test_inference_package import two_versions
-from tests.test_native_gateway import health, http2_settings
+from tests.test_native_gateway import health, http2_settings, niceness
 from tests.test_oip import ragged
 
 WORKERS = 2
@@ -339,6 +339,5 @@ def test_worker_nice_holds_for_every_worker_the_changes_above_started(gw):
     pids = workers(gw)
     assert len(pids) == WORKERS
     for pid in pids:
-        assert {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()} == {3}
-    frontend = Path(f"/proc/{gw.announced['frontend_pid']}/task").iterdir()
-    assert {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in frontend} == {0}
+        assert niceness(pid) == {3}, pid
+    assert niceness(gw.announced["frontend_pid"]) == {0}
